@@ -1,0 +1,386 @@
+//! [`ScriptedModel`]: a deterministic model that replays a script.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use inference_core::stop::StopStrings;
+use inference_core::{
+    BatchResult, Error, FinishReason, GenerateMetrics, GenerateOptions, Message, ModelInfo, Result,
+    TextModel, Token, TokenId, TokenSink, TokenStream,
+};
+
+/// The architecture name a scripted model reports.
+pub const MODEL_TYPE: &str = "scripted";
+
+/// Builds a [`ScriptedModel`].
+#[derive(Debug, Clone)]
+pub struct ScriptedModelBuilder {
+    script: Vec<Token>,
+    eos: Option<TokenId>,
+    step_delay: Duration,
+}
+
+impl ScriptedModelBuilder {
+    /// The end-of-sequence id: generation stops there (without yielding it)
+    /// unless `ignore_eos` is set.
+    pub fn eos(mut self, id: TokenId) -> Self {
+        self.eos = Some(id);
+        self
+    }
+
+    /// Sleeps this long before each token, to make cancellation observable.
+    pub fn step_delay(mut self, delay: Duration) -> Self {
+        self.step_delay = delay;
+        self
+    }
+
+    /// The model; fails with [`Error::InvalidInput`] for an empty script.
+    pub fn build(self) -> Result<ScriptedModel> {
+        if self.script.is_empty() {
+            return Err(Error::InvalidInput(
+                "a scripted model needs at least one token".into(),
+            ));
+        }
+        let shared = Arc::new(Shared {
+            script: self.script,
+            eos: self.eos,
+            step_delay: self.step_delay,
+            last_metrics: Mutex::new(None),
+        });
+        let (jobs, queue) = channel::<Job>();
+        let worker_shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("scripted-model".into())
+            .spawn(move || {
+                // Jobs run one at a time, in arrival order; the loop ends when
+                // the model (the only sender) is dropped.
+                for job in queue {
+                    worker_shared.run(job);
+                }
+            })
+            .map_err(|e| Error::backend("stub", format!("cannot start the worker: {e}")))?;
+        Ok(ScriptedModel {
+            shared,
+            jobs: Mutex::new(jobs),
+        })
+    }
+}
+
+/// A deterministic [`TextModel`] for tests: every call replays the script from
+/// its start (cycling when `max_tokens` asks for more), greedy by nature.
+///
+/// A prompt counts one token per whitespace-separated word. Calls queue on one
+/// worker thread the model owns, so concurrent calls never interleave.
+/// Sampling options (temperature above 0 and the filters), chat-template
+/// arguments and `return_logits` are refused with [`Error::Unsupported`].
+///
+/// ```
+/// use backend_stub::ScriptedModel;
+/// use inference_core::{GenerateOptions, TextModel, Token};
+///
+/// let model = ScriptedModel::builder(vec![Token::new(1, "Hi"), Token::new(2, "!"), Token::new(0, "")])
+///     .eos(0)
+///     .build()
+///     .unwrap();
+/// let text = model.generate("hello", &GenerateOptions::new()).unwrap().collect_text().unwrap();
+/// assert_eq!(text, "Hi!");
+/// ```
+#[derive(Debug)]
+pub struct ScriptedModel {
+    shared: Arc<Shared>,
+    jobs: Mutex<Sender<Job>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    script: Vec<Token>,
+    eos: Option<TokenId>,
+    step_delay: Duration,
+    last_metrics: Mutex<Option<GenerateMetrics>>,
+}
+
+struct Job {
+    prompt_tokens: usize,
+    opts: GenerateOptions,
+    sink: TokenSink,
+    queued: Instant,
+}
+
+impl ScriptedModel {
+    /// A builder for a model that replays `script`.
+    pub fn builder(script: Vec<Token>) -> ScriptedModelBuilder {
+        ScriptedModelBuilder {
+            script,
+            eos: None,
+            step_delay: Duration::ZERO,
+        }
+    }
+
+    /// A model replaying `words` as tokens with ids 1, 2, … and then an
+    /// end-of-sequence token (id 0).
+    pub fn from_words(words: &[&str]) -> Result<Self> {
+        let mut script: Vec<Token> = (1..).zip(words).map(|(id, w)| Token::new(id, *w)).collect();
+        script.push(Token::new(0, ""));
+        Self::builder(script).eos(0).build()
+    }
+
+    fn check(&self, opts: &GenerateOptions) -> Result<()> {
+        opts.validate()?;
+        if !opts.is_greedy() || opts.uses_filters() {
+            return Err(Error::unsupported(
+                "sampling (temperature, top-k, top-p, min-p, repeat penalty) on the scripted model",
+            ));
+        }
+        if opts.return_logits {
+            return Err(Error::unsupported("return_logits for generate"));
+        }
+        Ok(())
+    }
+
+    fn submit(&self, prompt: &str, opts: &GenerateOptions) -> Result<TokenStream> {
+        self.check(opts)?;
+        let prompt_tokens = prompt.split_whitespace().count();
+        if prompt_tokens == 0 {
+            return Err(Error::InvalidInput("the prompt is empty".into()));
+        }
+        let (sink, stream) = TokenStream::channel();
+        let job = Job {
+            prompt_tokens,
+            opts: opts.clone(),
+            sink,
+            queued: Instant::now(),
+        };
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(job)
+            .map_err(|_| Error::backend("stub", "the worker has stopped"))?;
+        Ok(stream)
+    }
+}
+
+impl Shared {
+    fn run(&self, job: Job) {
+        let Job {
+            prompt_tokens,
+            opts,
+            sink,
+            queued,
+        } = job;
+        let _span = tracing::debug_span!("generate", model = MODEL_TYPE, prompt_tokens).entered();
+        let started = Instant::now();
+        let mut first_token_at = None;
+        let mut stops = StopStrings::new(&opts.stop_strings);
+        let mut ready = Vec::new();
+        let mut generated = 0;
+        let mut reason = FinishReason::Length;
+        'steps: for token in self.script.iter().cycle().take(opts.max_tokens) {
+            if sink.is_cancelled() {
+                reason = FinishReason::Cancelled;
+                break;
+            }
+            if !self.step_delay.is_zero() {
+                thread::sleep(self.step_delay);
+            }
+            first_token_at.get_or_insert_with(Instant::now);
+            let is_eos = self.eos == Some(token.id) && !opts.ignore_eos;
+            if is_eos || opts.stop_tokens.contains(&token.id) {
+                reason = FinishReason::Stop;
+                break;
+            }
+            generated += 1;
+            let stopped = stops.push(token.clone(), &mut ready);
+            for t in ready.drain(..) {
+                if sink.send(t).is_err() {
+                    reason = FinishReason::Cancelled;
+                    break 'steps;
+                }
+            }
+            if stopped {
+                reason = FinishReason::Stop;
+                break;
+            }
+        }
+        if reason != FinishReason::Cancelled {
+            stops.flush(&mut ready);
+            for t in ready.drain(..) {
+                let _ = sink.send(t);
+            }
+        }
+        let end = Instant::now();
+        let first = first_token_at.unwrap_or(end);
+        let metrics = GenerateMetrics::from_timings(
+            prompt_tokens,
+            generated,
+            first - started,
+            end - first,
+            end - queued.min(started),
+        );
+        *self
+            .last_metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(metrics.clone());
+        sink.finish(metrics, reason);
+    }
+}
+
+impl TextModel for ScriptedModel {
+    fn generate(&self, prompt: &str, opts: &GenerateOptions) -> Result<TokenStream> {
+        self.submit(prompt, opts)
+    }
+
+    fn chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<TokenStream> {
+        if messages.is_empty() {
+            return Err(Error::InvalidInput("no messages to answer".into()));
+        }
+        if !opts.template_args.is_empty() {
+            return Err(Error::unsupported(
+                "chat-template arguments on the scripted model (it has no template)",
+            ));
+        }
+        let rendered: String = messages
+            .iter()
+            .map(|m| format!("{}: {}\n", m.role, m.content))
+            .collect();
+        self.submit(&rendered, opts)
+    }
+
+    fn batch_generate(
+        &self,
+        prompts: &[String],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<BatchResult>> {
+        self.check(opts)?;
+        if prompts.is_empty() {
+            return Err(Error::InvalidInput("no prompts".into()));
+        }
+        let streams: Vec<TokenStream> = prompts
+            .iter()
+            .map(|p| self.submit(p, opts))
+            .collect::<Result<_>>()?;
+        Ok(streams
+            .into_iter()
+            .map(|mut stream| {
+                let mut tokens = Vec::new();
+                let mut error = None;
+                for item in stream.by_ref() {
+                    match item {
+                        Ok(t) => tokens.push(t),
+                        Err(e) => error = Some(e),
+                    }
+                }
+                BatchResult {
+                    tokens,
+                    finish_reason: stream.finish_reason().unwrap_or(FinishReason::Error),
+                    error,
+                }
+            })
+            .collect())
+    }
+
+    fn info(&self) -> ModelInfo {
+        let mut info = ModelInfo::new(MODEL_TYPE);
+        info.vocab_size = self
+            .shared
+            .script
+            .iter()
+            .map(|t| t.id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        info.dtype = "none".into();
+        info
+    }
+
+    fn metrics(&self) -> Option<GenerateMetrics> {
+        self.shared
+            .last_metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn model_type(&self) -> &str {
+        MODEL_TYPE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use inference_core::conformance::{assert_conformance, ConformanceConfig};
+
+    fn words() -> ScriptedModel {
+        ScriptedModel::builder(
+            ["The", " answer", " is", " forty", "-two", ".", " Done", ""]
+                .iter()
+                .zip(10..)
+                .map(|(w, id)| Token::new(id, *w))
+                .collect(),
+        )
+        .eos(17)
+        .step_delay(Duration::from_millis(1))
+        .build()
+        .unwrap()
+    }
+
+    #[test]
+    fn passes_the_conformance_kit() {
+        assert_conformance(&words(), &ConformanceConfig::default());
+    }
+
+    #[test]
+    fn eos_ends_and_is_not_yielded() {
+        let model = words();
+        let mut s = model.generate("q", &GenerateOptions::new()).unwrap();
+        assert_eq!(s.collect_text().unwrap(), "The answer is forty-two. Done");
+        assert_eq!(s.finish_reason(), Some(FinishReason::Stop));
+        assert_eq!(s.metrics().unwrap().generated_tokens, 7);
+        assert_eq!(s.metrics().unwrap().prompt_tokens, 1);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_do() {
+        let model = words();
+        for opts in [
+            GenerateOptions::new().temperature(0.5),
+            GenerateOptions::new().top_k(3),
+            GenerateOptions::new().repeat_penalty(1.3),
+        ] {
+            assert!(matches!(
+                model.generate("q", &opts),
+                Err(Error::Unsupported { .. })
+            ));
+        }
+        let args = GenerateOptions::new().template_arg("enable_thinking", true);
+        assert!(matches!(
+            model.chat(&[Message::user("hi")], &args),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(matches!(
+            model.classify(&["q".into()], &GenerateOptions::new()),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(matches!(
+            model.chat_session(),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(ScriptedModel::builder(Vec::new()).build().is_err());
+    }
+
+    #[test]
+    fn batch_matches_single_runs() {
+        let model = words();
+        let opts = GenerateOptions::new().max_tokens(4);
+        let rows = model
+            .batch_generate(&["a".into(), "b c".into()], &opts)
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+        for row in rows {
+            assert_eq!(row.text(), "The answer is forty");
+            assert_eq!(row.finish_reason, FinishReason::Length);
+            assert!(row.error.is_none());
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! [`Backend`]: something that can load models.
+
+use std::path::Path;
+
+use crate::error::Result;
+use crate::model::TextModel;
+use crate::options::LoadOptions;
+
+/// Whether a backend can run on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Availability {
+    /// It can.
+    Available,
+    /// It cannot, and why.
+    Unavailable(String),
+}
+
+impl Availability {
+    /// Whether this is [`Availability::Available`].
+    pub fn is_available(&self) -> bool {
+        matches!(self, Availability::Available)
+    }
+
+    /// The reason, when unavailable.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Availability::Available => None,
+            Availability::Unavailable(r) => Some(r),
+        }
+    }
+}
+
+/// A family of model implementations on some device.
+///
+/// Register one with [`register_backend!`](crate::register_backend) so that
+/// [`backends`](crate::backends), [`get`](crate::get) and
+/// [`load_model`](crate::load_model) find it.
+pub trait Backend: Send + Sync {
+    /// The unique name, e.g. `mlx`.
+    fn name(&self) -> &str;
+
+    /// Whether this backend can run here, with the reason when not.
+    fn available(&self) -> Availability;
+
+    /// The device it runs on, e.g. `cpu`, `cuda:0` or `metal:0`.
+    fn device(&self) -> String;
+
+    /// How strongly to prefer this backend, decided at run time from the device
+    /// found; [`default_backend`](crate::default_backend) picks the highest.
+    fn priority(&self) -> i32;
+
+    /// Loads the model at `path` (a model directory or a model file).
+    fn load_model(&self, path: &Path, opts: &LoadOptions) -> Result<Box<dyn TextModel>>;
+}

@@ -1,0 +1,57 @@
+//! # inference-core
+//!
+//! The backend-neutral contracts of the inference framework: the [`Backend`]
+//! and [`TextModel`] traits, [`TokenStream`] (a blocking iterator and an async
+//! stream of [`Token`]s), generation and load options, one typed [`Error`], and
+//! a registry of backends collected at link time.
+//!
+//! Nothing here knows about MLX or any other engine; backends live in their own
+//! crates and register themselves with [`register_backend!`].
+//!
+//! ```no_run
+//! use inference_core::{GenerateOptions, LoadOptions, Message};
+//! // use backend_metal as _; // link a backend in, or nothing is registered
+//!
+//! # fn main() -> inference_core::Result<()> {
+//! let model = inference_core::load_model("models/Qwen3-0.6B", &LoadOptions::default())?;
+//! let opts = GenerateOptions::new().max_tokens(64);
+//! for token in model.chat(&[Message::user("What is the capital of France?")], &opts)? {
+//!     print!("{}", token?.text);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! See [`registry`] for the linker caveat of link-time registration.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod backend;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod discover;
+mod error;
+mod model;
+mod options;
+pub mod registry;
+pub mod stop;
+mod stream;
+mod types;
+
+pub use backend::{Availability, Backend};
+pub use discover::{discover, DiscoveredModel, ModelFormat, UNKNOWN_MODEL_TYPE};
+pub use error::{BoxError, Error, Result};
+pub use model::{ChatSession, TextModel};
+pub use options::{DType, GenerateOptions, LoadOptions};
+pub use registry::{backends, default_backend, get, load_model, BackendRegistration};
+pub use stream::{CancelHandle, TokenSink, TokenStream};
+pub use types::{
+    BatchResult, ClassifyResult, FinishReason, GenerateMetrics, Message, ModelInfo, Role, Token,
+    TokenId,
+};
+
+/// Not public API: what [`register_backend!`] expands to needs.
+#[doc(hidden)]
+pub mod __private {
+    pub use inventory;
+}

@@ -1,0 +1,82 @@
+//! [`TextModel`] and [`ChatSession`]: what a loaded model does.
+
+use crate::error::{Error, Result};
+use crate::options::GenerateOptions;
+use crate::stream::TokenStream;
+use crate::types::{BatchResult, ClassifyResult, GenerateMetrics, Message, ModelInfo};
+
+/// A loaded text-generation model.
+///
+/// Object-safe: backends hand it out as `Box<dyn TextModel>`. Methods take
+/// `&self`; a backend runs its engine on a worker it owns, so concurrent calls
+/// on one model queue (or batch) and never interleave in one KV cache.
+/// Dropping the model frees it (once its in-flight streams have ended).
+///
+/// Every method validates its options before any work and returns an
+/// [`Error::InvalidOption`] or [`Error::Unsupported`] at once; errors that
+/// happen during generation are items of the returned [`TokenStream`].
+pub trait TextModel: Send + Sync {
+    /// Streams the continuation of a raw `prompt`, encoded with the
+    /// tokenizer's own special-token rules.
+    fn generate(&self, prompt: &str, opts: &GenerateOptions) -> Result<TokenStream>;
+
+    /// Streams the assistant's reply to `messages`, rendered with the model's
+    /// chat template.
+    fn chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<TokenStream>;
+
+    /// The next token of each prompt (and its logits when `return_logits`),
+    /// from one batched forward pass.
+    fn classify(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<ClassifyResult>> {
+        let _ = (prompts, opts);
+        Err(Error::unsupported(format!(
+            "classify on {}",
+            self.model_type()
+        )))
+    }
+
+    /// Generates a continuation for each prompt, batched; one result per prompt,
+    /// in order.
+    fn batch_generate(
+        &self,
+        prompts: &[String],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<BatchResult>> {
+        let _ = (prompts, opts);
+        Err(Error::unsupported(format!(
+            "batch_generate on {}",
+            self.model_type()
+        )))
+    }
+
+    /// A multi-turn conversation that keeps its history (and, where the backend
+    /// can, its KV cache) between turns.
+    fn chat_session(&self) -> Result<Box<dyn ChatSession>> {
+        Err(Error::unsupported(format!(
+            "chat sessions on {}",
+            self.model_type()
+        )))
+    }
+
+    /// What the model is.
+    fn info(&self) -> ModelInfo;
+
+    /// The metrics of the last finished call, if any call has finished.
+    fn metrics(&self) -> Option<GenerateMetrics>;
+
+    /// The architecture name, e.g. `qwen3`.
+    fn model_type(&self) -> &str;
+}
+
+/// A conversation with a model that remembers its turns.
+pub trait ChatSession: Send {
+    /// Adds a user message and streams the assistant's reply. The reply joins
+    /// the history when its stream ends.
+    fn send(&mut self, user: &str, opts: &GenerateOptions) -> Result<TokenStream>;
+
+    /// The conversation so far (replies still streaming are not included).
+    fn history(&self) -> Vec<Message>;
+
+    /// Forgets the conversation (and any cached state), keeping `system` as the
+    /// first message when given.
+    fn reset(&mut self, system: Option<&str>);
+}

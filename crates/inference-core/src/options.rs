@@ -1,0 +1,494 @@
+//! Generation and load options, with builders and validation.
+//!
+//! Defaults follow go-inference. Every option is honoured or refused: a backend
+//! that cannot do what an option asks returns [`Error::Unsupported`] rather than
+//! ignoring it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::types::TokenId;
+
+/// Options of one generation call.
+///
+/// Sampling applies its filters in this fixed order:
+/// repeat penalty → top-p → min-p → top-k → temperature → categorical draw.
+/// A temperature of 0 means greedy (argmax) decoding and the other filters then
+/// change nothing but the repeat penalty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct GenerateOptions {
+    /// Most tokens to generate (stop tokens not counted). Default 256; at least 1.
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 (the default) is greedy.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 (the default) is off.
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability
+    /// reaches `top_p`; 0 (the default) and 1 are off.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` × the most likely one; 0 is off.
+    pub min_p: f32,
+    /// Penalise tokens seen in the last `repeat_last_n` tokens (prompt included):
+    /// positive logits are divided by it, negative ones multiplied. Values ≤ 1
+    /// are off; the default is 1.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at. Default 64.
+    pub repeat_last_n: usize,
+    /// Token ids that end generation; they are not yielded.
+    pub stop_tokens: Vec<TokenId>,
+    /// Strings that end generation; neither they nor anything after them is yielded.
+    pub stop_strings: Vec<String>,
+    /// Seed of the sampler; `None` (the default) seeds from entropy.
+    pub seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens, up to `max_tokens`.
+    pub ignore_eos: bool,
+    /// Extra variables for chat templates, e.g. `enable_thinking`.
+    pub template_args: BTreeMap<String, serde_json::Value>,
+    /// Return the last-position logits. Meaningful for
+    /// [`classify`](crate::TextModel::classify); `generate` refuses it with
+    /// [`Error::Unsupported`].
+    pub return_logits: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 0.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            stop_tokens: Vec::new(),
+            stop_strings: Vec::new(),
+            seed: None,
+            ignore_eos: false,
+            template_args: BTreeMap::new(),
+            return_logits: false,
+        }
+    }
+}
+
+impl GenerateOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`max_tokens`](Self::max_tokens).
+    pub fn max_tokens(mut self, n: usize) -> Self {
+        self.max_tokens = n;
+        self
+    }
+
+    /// Sets [`temperature`](Self::temperature).
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.temperature = t;
+        self
+    }
+
+    /// Sets [`top_k`](Self::top_k).
+    pub fn top_k(mut self, k: usize) -> Self {
+        self.top_k = k;
+        self
+    }
+
+    /// Sets [`top_p`](Self::top_p).
+    pub fn top_p(mut self, p: f32) -> Self {
+        self.top_p = p;
+        self
+    }
+
+    /// Sets [`min_p`](Self::min_p).
+    pub fn min_p(mut self, p: f32) -> Self {
+        self.min_p = p;
+        self
+    }
+
+    /// Sets [`repeat_penalty`](Self::repeat_penalty).
+    pub fn repeat_penalty(mut self, penalty: f32) -> Self {
+        self.repeat_penalty = penalty;
+        self
+    }
+
+    /// Sets [`repeat_last_n`](Self::repeat_last_n).
+    pub fn repeat_last_n(mut self, n: usize) -> Self {
+        self.repeat_last_n = n;
+        self
+    }
+
+    /// Adds a stop token id.
+    pub fn stop_token(mut self, id: TokenId) -> Self {
+        self.stop_tokens.push(id);
+        self
+    }
+
+    /// Adds a stop string.
+    pub fn stop_string(mut self, s: impl Into<String>) -> Self {
+        self.stop_strings.push(s.into());
+        self
+    }
+
+    /// Sets [`seed`](Self::seed).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Sets [`ignore_eos`](Self::ignore_eos).
+    pub fn ignore_eos(mut self, yes: bool) -> Self {
+        self.ignore_eos = yes;
+        self
+    }
+
+    /// Sets one chat-template variable.
+    pub fn template_arg(
+        mut self,
+        key: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) -> Self {
+        self.template_args.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets [`return_logits`](Self::return_logits).
+    pub fn return_logits(mut self, yes: bool) -> Self {
+        self.return_logits = yes;
+        self
+    }
+
+    /// Whether these options ask for greedy decoding.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// Whether any sampling filter beyond the temperature is switched on.
+    pub fn uses_filters(&self) -> bool {
+        self.top_k > 0
+            || (self.top_p > 0.0 && self.top_p < 1.0)
+            || self.min_p > 0.0
+            || self.repeat_penalty > 1.0
+    }
+
+    /// Rejects out-of-range values with [`Error::InvalidOption`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_tokens == 0 {
+            return Err(Error::invalid_option("max_tokens", "must be at least 1"));
+        }
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(Error::invalid_option(
+                "temperature",
+                format!("must be finite and ≥ 0, got {}", self.temperature),
+            ));
+        }
+        for (field, v) in [("top_p", self.top_p), ("min_p", self.min_p)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::invalid_option(
+                    field,
+                    format!("must be in [0, 1], got {v}"),
+                ));
+            }
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty < 0.0 {
+            return Err(Error::invalid_option(
+                "repeat_penalty",
+                format!("must be finite and ≥ 0, got {}", self.repeat_penalty),
+            ));
+        }
+        if self.repeat_penalty > 1.0 && self.repeat_last_n == 0 {
+            return Err(Error::invalid_option(
+                "repeat_last_n",
+                "must be at least 1 when repeat_penalty is on",
+            ));
+        }
+        if self.stop_strings.iter().any(String::is_empty) {
+            return Err(Error::invalid_option(
+                "stop_strings",
+                "must not contain an empty string",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The dtype weights are converted to (or dequantised to) on load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit IEEE float.
+    F16,
+    /// 16-bit brain float.
+    BF16,
+}
+
+impl DType {
+    /// The dtype's name (`float32`, `float16`, `bfloat16`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" | "half" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            other => Err(Error::invalid_option(
+                "dtype",
+                format!("unknown dtype {other:?} (expected f32, f16 or bf16)"),
+            )),
+        }
+    }
+}
+
+/// Options of [`load_model`](crate::load_model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct LoadOptions {
+    /// The backend to load with; `None` picks [`default_backend`](crate::default_backend).
+    pub backend: Option<String>,
+    /// Bound the context (and KV memory) to this many tokens; `None` keeps the
+    /// model's own `max_position_embeddings`.
+    pub context_len: Option<usize>,
+    /// Layers to place on the GPU: −1 (the default) is the backend's default
+    /// device (the GPU where there is one), 0 is the CPU. Other values are
+    /// refused with [`Error::Unsupported`] by backends that cannot split a model.
+    pub gpu_layers: i32,
+    /// Generations a model may run at once; 1 (the default) queues calls.
+    pub parallel_slots: usize,
+    /// A LoRA adapter to apply on load.
+    pub adapter_path: Option<PathBuf>,
+    /// The dtype to compute in; `None` keeps the checkpoint's.
+    pub dtype: Option<DType>,
+    /// Limit on the device memory the backend may allocate, in bytes.
+    pub memory_limit_bytes: Option<u64>,
+    /// Limit on the backend's buffer cache, in bytes.
+    pub cache_limit_bytes: Option<u64>,
+    /// Limit on wired (resident) memory, in bytes, where the platform has one.
+    pub wired_limit_bytes: Option<u64>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            backend: None,
+            context_len: None,
+            gpu_layers: -1,
+            parallel_slots: 1,
+            adapter_path: None,
+            dtype: None,
+            memory_limit_bytes: None,
+            cache_limit_bytes: None,
+            wired_limit_bytes: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`backend`](Self::backend).
+    pub fn backend(mut self, name: impl Into<String>) -> Self {
+        self.backend = Some(name.into());
+        self
+    }
+
+    /// Sets [`context_len`](Self::context_len).
+    pub fn context_len(mut self, n: usize) -> Self {
+        self.context_len = Some(n);
+        self
+    }
+
+    /// Sets [`gpu_layers`](Self::gpu_layers).
+    pub fn gpu_layers(mut self, n: i32) -> Self {
+        self.gpu_layers = n;
+        self
+    }
+
+    /// Sets [`parallel_slots`](Self::parallel_slots).
+    pub fn parallel_slots(mut self, n: usize) -> Self {
+        self.parallel_slots = n;
+        self
+    }
+
+    /// Sets [`adapter_path`](Self::adapter_path).
+    pub fn adapter_path(mut self, path: impl AsRef<Path>) -> Self {
+        self.adapter_path = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Sets [`dtype`](Self::dtype).
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = Some(dtype);
+        self
+    }
+
+    /// Sets [`memory_limit_bytes`](Self::memory_limit_bytes).
+    pub fn memory_limit_bytes(mut self, bytes: u64) -> Self {
+        self.memory_limit_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets [`cache_limit_bytes`](Self::cache_limit_bytes).
+    pub fn cache_limit_bytes(mut self, bytes: u64) -> Self {
+        self.cache_limit_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets [`wired_limit_bytes`](Self::wired_limit_bytes).
+    pub fn wired_limit_bytes(mut self, bytes: u64) -> Self {
+        self.wired_limit_bytes = Some(bytes);
+        self
+    }
+
+    /// Rejects out-of-range values with [`Error::InvalidOption`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(name) = &self.backend {
+            if name.trim().is_empty() {
+                return Err(Error::invalid_option("backend", "must not be empty"));
+            }
+        }
+        if self.context_len == Some(0) {
+            return Err(Error::invalid_option("context_len", "must be at least 1"));
+        }
+        if self.gpu_layers < -1 {
+            return Err(Error::invalid_option(
+                "gpu_layers",
+                format!(
+                    "must be −1 (default device), 0 (CPU) or a layer count, got {}",
+                    self.gpu_layers
+                ),
+            ));
+        }
+        if self.parallel_slots == 0 {
+            return Err(Error::invalid_option(
+                "parallel_slots",
+                "must be at least 1",
+            ));
+        }
+        if self.memory_limit_bytes == Some(0) {
+            return Err(Error::invalid_option(
+                "memory_limit_bytes",
+                "must be more than 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(e: Error) -> &'static str {
+        match e {
+            Error::InvalidOption { field, .. } => field,
+            other => panic!("expected InvalidOption, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_go_inference() {
+        let g = GenerateOptions::default();
+        assert_eq!(g.max_tokens, 256);
+        assert_eq!(g.temperature, 0.0);
+        assert_eq!((g.top_k, g.top_p, g.min_p), (0, 0.0, 0.0));
+        assert_eq!((g.repeat_penalty, g.repeat_last_n), (1.0, 64));
+        assert!(g.is_greedy() && !g.uses_filters());
+        assert!(g.validate().is_ok());
+        let l = LoadOptions::default();
+        assert_eq!(l.gpu_layers, -1);
+        assert_eq!(l.parallel_slots, 1);
+        assert!(l.validate().is_ok());
+    }
+
+    #[test]
+    fn generate_validation_names_the_field() {
+        let cases: Vec<(GenerateOptions, &str)> = vec![
+            (GenerateOptions::new().max_tokens(0), "max_tokens"),
+            (GenerateOptions::new().temperature(-0.1), "temperature"),
+            (GenerateOptions::new().temperature(f32::NAN), "temperature"),
+            (GenerateOptions::new().top_p(1.5), "top_p"),
+            (GenerateOptions::new().top_p(-0.5), "top_p"),
+            (GenerateOptions::new().min_p(2.0), "min_p"),
+            (
+                GenerateOptions::new().repeat_penalty(-1.0),
+                "repeat_penalty",
+            ),
+            (
+                GenerateOptions::new().repeat_penalty(1.2).repeat_last_n(0),
+                "repeat_last_n",
+            ),
+            (GenerateOptions::new().stop_string(""), "stop_strings"),
+        ];
+        for (opts, field) in cases {
+            assert_eq!(field_of(opts.validate().unwrap_err()), field, "{opts:?}");
+        }
+        let ok = GenerateOptions::new()
+            .temperature(0.7)
+            .top_p(1.0)
+            .top_k(40)
+            .min_p(0.05)
+            .repeat_penalty(1.1);
+        assert!(ok.validate().is_ok());
+        assert!(ok.uses_filters());
+    }
+
+    #[test]
+    fn load_validation_names_the_field() {
+        let cases: Vec<(LoadOptions, &str)> = vec![
+            (LoadOptions::new().context_len(0), "context_len"),
+            (LoadOptions::new().gpu_layers(-2), "gpu_layers"),
+            (LoadOptions::new().parallel_slots(0), "parallel_slots"),
+            (LoadOptions::new().backend(" "), "backend"),
+            (
+                LoadOptions::new().memory_limit_bytes(0),
+                "memory_limit_bytes",
+            ),
+        ];
+        for (opts, field) in cases {
+            assert_eq!(field_of(opts.validate().unwrap_err()), field, "{opts:?}");
+        }
+        assert!(LoadOptions::new()
+            .gpu_layers(0)
+            .context_len(4096)
+            .validate()
+            .is_ok());
+    }
+
+    #[test]
+    fn dtype_parses() {
+        assert_eq!("bf16".parse::<DType>().unwrap(), DType::BF16);
+        assert_eq!("Float32".parse::<DType>().unwrap(), DType::F32);
+        assert_eq!(field_of("int8".parse::<DType>().unwrap_err()), "dtype");
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let g = GenerateOptions::new()
+            .seed(7)
+            .template_arg("enable_thinking", false);
+        let back: GenerateOptions =
+            serde_json::from_str(&serde_json::to_string(&g).unwrap()).unwrap();
+        assert_eq!(g, back);
+    }
+}

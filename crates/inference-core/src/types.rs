@@ -1,0 +1,274 @@
+//! Plain data shared by every backend: tokens, messages, model facts, metrics.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// A token id, as the model's tokenizer numbers it.
+pub type TokenId = u32;
+
+/// One generated token: its id and the text it adds to the output.
+///
+/// `text` is what the token contributes once detokenised in context; it may be
+/// empty (for example while a multi-byte character is incomplete) or shorter
+/// than the token's own text when a stop string begins inside it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Token {
+    /// The token id.
+    pub id: TokenId,
+    /// The text this token adds to the output.
+    pub text: String,
+}
+
+impl Token {
+    /// A token with `id` and `text`.
+    pub fn new(id: TokenId, text: impl Into<String>) -> Self {
+        Self {
+            id,
+            text: text.into(),
+        }
+    }
+}
+
+/// Who wrote a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions that frame the conversation.
+    System,
+    /// The person talking to the model.
+    User,
+    /// The model.
+    Assistant,
+}
+
+impl Role {
+    /// The role's name as chat templates spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Message {
+    /// Who wrote it.
+    pub role: Role,
+    /// What they wrote.
+    pub content: String,
+}
+
+impl Message {
+    /// A message from `role`.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new(Role::System, content)
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new(Role::User, content)
+    }
+
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new(Role::Assistant, content)
+    }
+}
+
+/// What a loaded model is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ModelInfo {
+    /// The architecture, e.g. `qwen3` or `gemma3_text`.
+    pub architecture: String,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Number of decoder layers.
+    pub num_layers: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// Bits per quantised weight, when the weights are quantised.
+    pub quant_bits: Option<u32>,
+    /// Quantisation group size, when the weights are quantised.
+    pub quant_group: Option<u32>,
+    /// The context length the model runs with.
+    pub context_length: usize,
+    /// The compute dtype, e.g. `bfloat16`.
+    pub dtype: String,
+    /// Number of parameters (quantised weights counted unpacked).
+    pub parameter_count: u64,
+}
+
+impl ModelInfo {
+    /// A `ModelInfo` for `architecture`, everything else zero; assign the other
+    /// fields on the returned value.
+    pub fn new(architecture: impl Into<String>) -> Self {
+        Self {
+            architecture: architecture.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token id or a stop string.
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+    /// Cancelled by the caller (stream dropped or cancel handle used).
+    Cancelled,
+    /// An error ended it; the stream's last item is that error.
+    Error,
+}
+
+impl FinishReason {
+    /// The reason as a lowercase word (`stop`, `length`, `cancelled`, `error`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Serde for a [`Duration`] as f64 seconds.
+mod seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Measurements of one finished call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GenerateMetrics {
+    /// Tokens in the prompt (after templating).
+    pub prompt_tokens: usize,
+    /// Tokens generated (stop tokens not counted).
+    pub generated_tokens: usize,
+    /// Time to process the prompt, up to the first sampled token.
+    #[serde(with = "seconds")]
+    pub prefill_duration: Duration,
+    /// Time from the first sampled token to the end.
+    #[serde(with = "seconds")]
+    pub decode_duration: Duration,
+    /// Wall time of the whole call.
+    #[serde(with = "seconds")]
+    pub total_duration: Duration,
+    /// Prompt tokens per second of prefill.
+    pub prefill_tokens_per_sec: f64,
+    /// Generated tokens per second of decode.
+    pub decode_tokens_per_sec: f64,
+    /// Peak device memory during the call, in bytes (0 where unknown).
+    pub peak_memory_bytes: u64,
+    /// Active device memory at the end of the call, in bytes (0 where unknown).
+    pub active_memory_bytes: u64,
+}
+
+impl GenerateMetrics {
+    /// Metrics from counts and durations, with the rates derived from them.
+    ///
+    /// The decode rate counts the tokens after the first, which prefill produces.
+    pub fn from_timings(
+        prompt_tokens: usize,
+        generated_tokens: usize,
+        prefill: Duration,
+        decode: Duration,
+        total: Duration,
+    ) -> Self {
+        let rate = |n: usize, d: Duration| {
+            let s = d.as_secs_f64();
+            if n == 0 || s <= 0.0 {
+                0.0
+            } else {
+                n as f64 / s
+            }
+        };
+        Self {
+            prompt_tokens,
+            generated_tokens,
+            prefill_duration: prefill,
+            decode_duration: decode,
+            total_duration: total,
+            prefill_tokens_per_sec: rate(prompt_tokens, prefill),
+            decode_tokens_per_sec: rate(generated_tokens.saturating_sub(1), decode),
+            peak_memory_bytes: 0,
+            active_memory_bytes: 0,
+        }
+    }
+
+    /// These metrics with the memory figures set.
+    pub fn with_memory(mut self, peak_bytes: u64, active_bytes: u64) -> Self {
+        self.peak_memory_bytes = peak_bytes;
+        self.active_memory_bytes = active_bytes;
+        self
+    }
+}
+
+/// The next token a model predicts for one prompt of [`classify`](crate::TextModel::classify).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassifyResult {
+    /// The sampled next token.
+    pub token: Token,
+    /// The full last-position logits, when `return_logits` was asked for.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// The outcome of one prompt of [`batch_generate`](crate::TextModel::batch_generate).
+#[derive(Debug)]
+pub struct BatchResult {
+    /// The generated tokens.
+    pub tokens: Vec<Token>,
+    /// Why this row ended.
+    pub finish_reason: FinishReason,
+    /// The error that ended this row, if one did.
+    pub error: Option<Error>,
+}
+
+impl BatchResult {
+    /// The concatenated text of the tokens.
+    pub fn text(&self) -> String {
+        self.tokens.iter().map(|t| t.text.as_str()).collect()
+    }
+}

@@ -1,0 +1,144 @@
+//! `cargo xtask`: the project's automation.
+//!
+//! - `cargo xtask setup [--cuda]`: install what the MLX native layer needs (idempotent).
+//! - `cargo xtask test`: set-up, then format check, clippy `-D warnings` and every workspace test.
+//! - `cargo xtask demo "PROMPT"`: the README's main job.
+//! - `cargo xtask bundle-cuda`: a relocatable CUDA build of the MLX smoke tests.
+
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  setup [--cuda]      install libclang, the MLX wheel and the mlx-c source (idempotent)
+  test                set-up, then fmt check, clippy -D warnings, all workspace tests
+  demo [PROMPT]       run the main job: stream an answer to PROMPT
+  bundle-cuda         build a relocatable CUDA bundle of the MLX smoke tests";
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root()?;
+    let Some(cmd) = args.first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "setup" => {
+            let cuda = parse_flags(rest, &["--cuda"])?.contains(&"--cuda");
+            setup::run(&root, cuda)?;
+            Ok(())
+        }
+        "test" => {
+            parse_flags(rest, &[])?;
+            test(&root)
+        }
+        "demo" => demo(&root, rest),
+        "bundle-cuda" => {
+            parse_flags(rest, &[])?;
+            let dir = setup::bundle_cuda(&root)?;
+            println!("bundle: {}", dir.display());
+            Ok(())
+        }
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown command `{other}`\n\n{USAGE}"),
+    }
+}
+
+/// Checks that every argument is one of `allowed` and returns them.
+fn parse_flags<'a>(args: &'a [String], allowed: &[&'a str]) -> Result<Vec<&'a str>> {
+    args.iter()
+        .map(|a| {
+            allowed
+                .iter()
+                .find(|f| **f == a.as_str())
+                .copied()
+                .with_context(|| format!("unexpected argument `{a}`\n\n{USAGE}"))
+        })
+        .collect()
+}
+
+/// The workspace root: the parent of this crate's manifest directory.
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask's manifest directory has no parent")
+}
+
+/// Runs a command, failing with its rendering when it does not succeed.
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    println!("xtask: $ {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+/// A `cargo` command in the workspace root with the MLX environment applied.
+fn cargo(root: &Path, env: &setup::MlxEnv) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    env.apply(&mut cmd);
+    cmd
+}
+
+fn test(root: &Path) -> Result<()> {
+    let env = setup::run(root, false)?;
+    run(cargo(root, &env).args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo(root, &env).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo(root, &env).args(["test", "--workspace", "--all-features"]))?;
+    run(cargo(root, &env)
+        .args(["doc", "--workspace", "--no-deps", "--all-features"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
+    println!("xtask: all checks passed");
+    Ok(())
+}
+
+fn demo(root: &Path, args: &[String]) -> Result<()> {
+    let prompt = if args.is_empty() {
+        "Hello!".to_owned()
+    } else {
+        args.join(" ")
+    };
+    let env = setup::run(root, false)?;
+    run(cargo(root, &env).args([
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "backend-stub",
+        "--example",
+        "demo",
+        "--",
+        &prompt,
+    ]))
+}
