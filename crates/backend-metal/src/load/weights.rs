@@ -1,0 +1,253 @@
+//! Safetensors weights: validated, then copied into MLX arrays.
+//!
+//! Files are memory-mapped and checked with the `safetensors` crate (header,
+//! offsets, sizes) before MLX sees a byte, so a corrupt or truncated file is a
+//! typed error naming the file, never an abort or garbage.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use mlx_rs::{Array, Dtype};
+use safetensors::{Dtype as StDtype, SafeTensors};
+use serde_json::Value;
+
+use crate::error::LoadError;
+use crate::ffi;
+
+/// Prefixes multimodal checkpoints put before the text model's tensor names.
+const TEXT_PREFIXES: &[(&str, &str)] = &[
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.", ""),
+];
+
+/// Tensors of other modalities, skipped when loading the text model.
+const OTHER_MODALITIES: &[&str] = &[
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+    "audio_tower.",
+];
+
+/// The checkpoint's tensors, by (normalised) name. Model code takes what it
+/// needs; [`Weights::finish`] then refuses leftovers.
+pub struct Weights {
+    tensors: HashMap<String, Array>,
+    /// The dtype of the floating-point tensors (the first one seen).
+    pub float_dtype: Option<Dtype>,
+}
+
+/// The weight files of a model directory: the index's shards, or every
+/// `*.safetensors` file.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| LoadError::Io(format!("{}: {e}", index.display())))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| LoadError::CorruptWeights {
+            file: index.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| LoadError::CorruptWeights {
+                file: index.display().to_string(),
+                reason: "no `weight_map`".into(),
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|f| dir.join(f))
+            .collect();
+        files.dedup();
+        for f in &files {
+            if !f.is_file() {
+                return Err(LoadError::Io(format!(
+                    "{} (listed in the index) is missing",
+                    f.display()
+                )));
+            }
+        }
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| LoadError::Io(format!("{}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(LoadError::Io(format!(
+            "no *.safetensors files in {}",
+            dir.display()
+        )));
+    }
+    Ok(files)
+}
+
+fn mlx_dtype(dtype: StDtype) -> Option<Dtype> {
+    Some(match dtype {
+        StDtype::F32 => Dtype::Float32,
+        StDtype::F16 => Dtype::Float16,
+        StDtype::BF16 => Dtype::Bfloat16,
+        StDtype::U32 => Dtype::Uint32,
+        StDtype::I32 => Dtype::Int32,
+        StDtype::U8 => Dtype::Uint8,
+        StDtype::I8 => Dtype::Int8,
+        StDtype::I64 => Dtype::Int64,
+        _ => return None,
+    })
+}
+
+fn normalise(name: &str) -> Option<String> {
+    if OTHER_MODALITIES.iter().any(|p| name.starts_with(p)) {
+        return None;
+    }
+    for (from, to) in TEXT_PREFIXES {
+        if let Some(rest) = name.strip_prefix(from) {
+            return Some(format!("{to}{rest}"));
+        }
+    }
+    Some(name.to_owned())
+}
+
+impl Weights {
+    /// Reads every weight file of `dir`.
+    pub fn load(dir: &Path) -> Result<Self, LoadError> {
+        let mut tensors = HashMap::new();
+        let mut float_dtype = None;
+        for path in weight_files(dir)? {
+            let file_name = path.display().to_string();
+            let corrupt = |reason: String| LoadError::CorruptWeights {
+                file: file_name.clone(),
+                reason,
+            };
+            let file = File::open(&path).map_err(|e| LoadError::Io(format!("{file_name}: {e}")))?;
+            let map =
+                ffi::map_file(&file).map_err(|e| LoadError::Io(format!("{file_name}: {e}")))?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
+            let mut skipped = 0usize;
+            for (name, view) in st.tensors() {
+                let Some(key) = normalise(&name) else {
+                    skipped += 1;
+                    continue;
+                };
+                let dtype = mlx_dtype(view.dtype()).ok_or_else(|| LoadError::WrongDtype {
+                    name: name.clone(),
+                    dtype: format!("{:?}", view.dtype()),
+                })?;
+                if matches!(dtype, Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16) {
+                    float_dtype.get_or_insert(dtype);
+                }
+                let shape: Vec<i32> = view
+                    .shape()
+                    .iter()
+                    .map(|&d| {
+                        i32::try_from(d)
+                            .map_err(|_| corrupt(format!("tensor `{name}` is too large")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let array = ffi::array_from_bytes(view.data(), &shape, dtype)
+                    .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
+                if tensors.insert(key.clone(), array).is_some() {
+                    return Err(corrupt(format!("tensor `{key}` appears twice")));
+                }
+            }
+            if skipped > 0 {
+                tracing::debug!(file = %file_name, skipped, "skipped tensors of other modalities");
+            }
+        }
+        Ok(Self {
+            tensors,
+            float_dtype,
+        })
+    }
+
+    /// Whether `name` is present (and not yet taken).
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Takes `name`, checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[i32]) -> Result<Array, LoadError> {
+        let a = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.to_owned()))?;
+        check_shape(name, &a, shape)?;
+        Ok(a)
+    }
+
+    /// Fails with the first (by name) tensor no model code took.
+    pub fn finish(self) -> Result<(), LoadError> {
+        let left: BTreeMap<_, _> = self.tensors.into_iter().collect();
+        // Rotary caches some exporters save are derived data, not weights.
+        match left
+            .into_keys()
+            .find(|n| !n.ends_with("rotary_emb.inv_freq"))
+        {
+            Some(name) => Err(LoadError::UnexpectedTensor(name)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Checks that `a` has `shape`.
+pub fn check_shape(name: &str, a: &Array, shape: &[i32]) -> Result<(), LoadError> {
+    if a.shape() != shape {
+        return Err(LoadError::WrongShape {
+            name: name.to_owned(),
+            found: a.shape().iter().map(|&d| i64::from(d)).collect(),
+            expected: shape.iter().map(|&d| i64::from(d)).collect(),
+        });
+    }
+    Ok(())
+}
+
+impl Weights {
+    /// Converts every floating-point tensor to `dtype`.
+    pub fn cast_floats(&mut self, dtype: Dtype) -> Result<(), LoadError> {
+        for a in self.tensors.values_mut() {
+            if matches!(a.dtype(), Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16)
+                && a.dtype() != dtype
+            {
+                *a = a.as_dtype(dtype)?;
+            }
+        }
+        self.float_dtype = Some(dtype);
+        Ok(())
+    }
+
+    /// Parameters of the model, quantised weights counted unpacked and their
+    /// scales and biases not counted.
+    pub fn parameter_count(&self, bits: Option<i32>) -> u64 {
+        let quantised = |name: &str| {
+            name.strip_suffix(".weight")
+                .is_some_and(|p| self.tensors.contains_key(&format!("{p}.scales")))
+        };
+        self.tensors
+            .iter()
+            .map(|(name, a)| {
+                let n = a.size() as u64;
+                match bits {
+                    Some(b) if b > 0 && quantised(name) => n * 32 / b as u64,
+                    _ if name.ends_with(".scales") || name.ends_with(".biases") => {
+                        let p = name.rsplit_once('.').map_or("", |(p, _)| p);
+                        if self.tensors.contains_key(&format!("{p}.scales")) && bits.is_some() {
+                            0
+                        } else {
+                            n
+                        }
+                    }
+                    _ => n,
+                }
+            })
+            .sum()
+    }
+}

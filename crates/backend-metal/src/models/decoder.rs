@@ -1,0 +1,218 @@
+//! The Qwen3 / Qwen2 / Llama decoder family: pre-norm decoder layers with
+//! grouped-query attention, RoPE (with Llama 3 scaling when configured),
+//! optional q/k RMSNorm (Qwen3) and q/k/v biases (Qwen2), and a SwiGLU MLP.
+
+use mlx_rs::error::Exception;
+use mlx_rs::fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask};
+use mlx_rs::nn::silu;
+use mlx_rs::{Array, Dtype};
+
+use crate::cache::KvCache;
+use crate::error::LoadError;
+use crate::load::config::ModelConfig;
+use crate::load::weights::Weights;
+use crate::models::layers::{Linear, Matrix, RmsNorm, RotaryEmbedding};
+use crate::models::CausalLm;
+
+type Result<T> = std::result::Result<T, Exception>;
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    scale: f32,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+struct Layer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A loaded decoder-family model.
+pub struct Decoder {
+    embed_tokens: Matrix,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Matrix>,
+    rope: RotaryEmbedding,
+}
+
+impl Attention {
+    fn load(w: &mut Weights, p: &str, c: &ModelConfig) -> std::result::Result<Self, LoadError> {
+        let (h, kv, d, hidden) = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.hidden_size,
+        );
+        let q = c.quantization;
+        let norm =
+            |w: &mut Weights, name: &str| -> std::result::Result<Option<RmsNorm>, LoadError> {
+                if c.qk_norm {
+                    Ok(Some(RmsNorm::load(
+                        w,
+                        &format!("{p}.{name}"),
+                        d,
+                        c.rms_norm_eps,
+                    )?))
+                } else {
+                    Ok(None)
+                }
+            };
+        Ok(Self {
+            q_proj: Linear::load(w, &format!("{p}.q_proj"), h * d, hidden, c.qkv_bias, q)?,
+            k_proj: Linear::load(w, &format!("{p}.k_proj"), kv * d, hidden, c.qkv_bias, q)?,
+            v_proj: Linear::load(w, &format!("{p}.v_proj"), kv * d, hidden, c.qkv_bias, q)?,
+            o_proj: Linear::load(w, &format!("{p}.o_proj"), hidden, h * d, c.o_bias, q)?,
+            q_norm: norm(w, "q_norm")?,
+            k_norm: norm(w, "k_norm")?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        })
+    }
+
+    fn forward(&self, x: &Array, cache: &mut KvCache, rope: &RotaryEmbedding) -> Result<Array> {
+        let (b, l) = (x.dim(0), x.dim(1));
+        let heads = |proj: &Linear, n: i32, norm: &Option<RmsNorm>| -> Result<Array> {
+            let y = proj.forward(x)?.reshape(&[b, l, n, self.head_dim])?;
+            let y = match norm {
+                Some(norm) => norm.forward(&y)?,
+                None => y,
+            };
+            y.transpose_axes(&[0, 2, 1, 3])
+        };
+        let offset = cache.offset();
+        let q = rope.forward(&heads(&self.q_proj, self.heads, &self.q_norm)?, offset)?;
+        let k = rope.forward(&heads(&self.k_proj, self.kv_heads, &self.k_norm)?, offset)?;
+        let v = heads(&self.v_proj, self.kv_heads, &None)?;
+        let (k, v) = cache.update(&k, &v)?;
+        // MLX's causal mode aligns the mask bottom-right, which is what a chunk of
+        // queries after `offset` cached positions needs.
+        let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?;
+        let out =
+            out.transpose_axes(&[0, 2, 1, 3])?
+                .reshape(&[b, l, self.heads * self.head_dim])?;
+        self.o_proj.forward(&out)
+    }
+}
+
+impl Mlp {
+    fn load(w: &mut Weights, p: &str, c: &ModelConfig) -> std::result::Result<Self, LoadError> {
+        let (hidden, inter, q, bias) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.quantization,
+            c.mlp_bias,
+        );
+        Ok(Self {
+            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), inter, hidden, bias, q)?,
+            up_proj: Linear::load(w, &format!("{p}.up_proj"), inter, hidden, bias, q)?,
+            down_proj: Linear::load(w, &format!("{p}.down_proj"), hidden, inter, bias, q)?,
+        })
+    }
+
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let gate = silu(self.gate_proj.forward(x)?)?;
+        self.down_proj
+            .forward(&gate.multiply(self.up_proj.forward(x)?)?)
+    }
+}
+
+impl Decoder {
+    /// Builds the model from `config` and `weights` (taking every tensor it uses).
+    pub fn load(c: &ModelConfig, w: &mut Weights) -> std::result::Result<Self, LoadError> {
+        let q = c.quantization;
+        let embed_tokens = Matrix::load(w, "model.embed_tokens", c.vocab_size, c.hidden_size, q)?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Layer {
+                    input_layernorm: RmsNorm::load(
+                        w,
+                        &format!("{p}.input_layernorm"),
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                    )?,
+                    self_attn: Attention::load(w, &format!("{p}.self_attn"), c)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        w,
+                        &format!("{p}.post_attention_layernorm"),
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                    )?,
+                    mlp: Mlp::load(w, &format!("{p}.mlp"), c)?,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, LoadError>>()?;
+        let norm = RmsNorm::load(w, "model.norm", c.hidden_size, c.rms_norm_eps)?;
+        // Some tied checkpoints still ship an `lm_head.weight`; a tied model uses
+        // the embedding either way, so a redundant copy is dropped, not an error.
+        let lm_head = if c.tie_word_embeddings {
+            if w.contains("lm_head.weight") {
+                let _ = Matrix::load(w, "lm_head", c.vocab_size, c.hidden_size, q)?;
+            }
+            None
+        } else {
+            Some(Matrix::load(w, "lm_head", c.vocab_size, c.hidden_size, q)?)
+        };
+        let rope = RotaryEmbedding::new(c.head_dim, &c.rope)?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+}
+
+impl CausalLm for Decoder {
+    fn hidden(&self, ids: &Array, caches: &mut [KvCache]) -> Result<Array> {
+        let mut h = self.embed_tokens.rows(ids)?;
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            let a =
+                layer
+                    .self_attn
+                    .forward(&layer.input_layernorm.forward(&h)?, cache, &self.rope)?;
+            h = h.add(a)?;
+            let m = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&h)?)?;
+            h = h.add(m)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    fn logits(&self, h: &Array) -> Result<Array> {
+        self.lm_head
+            .as_ref()
+            .unwrap_or(&self.embed_tokens)
+            .matmul_t(h)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn dtype(&self) -> Dtype {
+        self.norm.weight.dtype()
+    }
+}

@@ -1,0 +1,273 @@
+//! Building blocks shared by the model files: linear layers (dense or MLX
+//! affine-quantised), embeddings, RMSNorm and rotary embeddings.
+
+use mlx_rs::error::Exception;
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::ops::{dequantize, matmul, quantized_matmul};
+use mlx_rs::{fast, Array};
+
+use crate::error::LoadError;
+use crate::load::config::{Quantization, Rope, RopeScaling};
+use crate::load::weights::Weights;
+
+type Result<T> = std::result::Result<T, Exception>;
+
+/// A quantised weight in MLX's affine layout.
+#[derive(Debug)]
+pub struct QuantWeight {
+    /// Packed weights, `[out, in × bits / 32]` as uint32.
+    pub weight: Array,
+    /// Per-group scales, `[out, in / group]`.
+    pub scales: Array,
+    /// Per-group biases, `[out, in / group]`.
+    pub biases: Array,
+    /// Elements per group.
+    pub group_size: i32,
+    /// Bits per element.
+    pub bits: i32,
+}
+
+impl QuantWeight {
+    /// Loads `prefix.{weight,scales,biases}` for a logical `[out, in]` matrix.
+    fn load(
+        w: &mut Weights,
+        prefix: &str,
+        out: i32,
+        inp: i32,
+        q: Quantization,
+    ) -> std::result::Result<Self, LoadError> {
+        if q.bits <= 0 || 32 % q.bits != 0 || q.group_size <= 0 || inp % q.group_size != 0 {
+            return Err(LoadError::Config(format!(
+                "quantization bits {} / group {} does not fit `{prefix}` with {inp} inputs",
+                q.bits, q.group_size
+            )));
+        }
+        let packed = inp * q.bits / 32;
+        let groups = inp / q.group_size;
+        Ok(Self {
+            weight: w.take(&format!("{prefix}.weight"), &[out, packed])?,
+            scales: w.take(&format!("{prefix}.scales"), &[out, groups])?,
+            biases: w.take(&format!("{prefix}.biases"), &[out, groups])?,
+            group_size: q.group_size,
+            bits: q.bits,
+        })
+    }
+
+    /// `x @ Wᵀ` with the quantised matrix.
+    fn matmul_t(&self, x: &Array) -> Result<Array> {
+        quantized_matmul(
+            x,
+            &self.weight,
+            &self.scales,
+            &self.biases,
+            true,
+            self.group_size,
+            self.bits,
+        )
+    }
+}
+
+/// A weight matrix `[out, in]`, dense or quantised.
+#[derive(Debug)]
+pub enum Matrix {
+    /// Dense.
+    Dense(Array),
+    /// MLX affine-quantised.
+    Quantized(QuantWeight),
+}
+
+impl Matrix {
+    /// Loads `prefix.weight` (quantised when `prefix.scales` exists and the
+    /// checkpoint is quantised).
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        out: i32,
+        inp: i32,
+        quant: Option<Quantization>,
+    ) -> std::result::Result<Self, LoadError> {
+        match quant {
+            Some(q) if w.contains(&format!("{prefix}.scales")) => Ok(Matrix::Quantized(
+                QuantWeight::load(w, prefix, out, inp, q)?,
+            )),
+            _ => Ok(Matrix::Dense(
+                w.take(&format!("{prefix}.weight"), &[out, inp])?,
+            )),
+        }
+    }
+
+    /// `x @ Wᵀ`.
+    pub fn matmul_t(&self, x: &Array) -> Result<Array> {
+        match self {
+            Matrix::Dense(weight) => matmul(x, weight.t()),
+            Matrix::Quantized(q) => q.matmul_t(x),
+        }
+    }
+
+    /// Rows `ids` of the matrix (an embedding look-up), dense.
+    pub fn rows(&self, ids: &Array) -> Result<Array> {
+        match self {
+            Matrix::Dense(weight) => weight.take_axis(ids, 0),
+            Matrix::Quantized(q) => {
+                let w = q.weight.take_axis(ids, 0)?;
+                let s = q.scales.take_axis(ids, 0)?;
+                let b = q.biases.take_axis(ids, 0)?;
+                dequantize(&w, &s, &b, q.group_size, q.bits)
+            }
+        }
+    }
+}
+
+/// A linear layer `y = x Wᵀ + b`.
+#[derive(Debug)]
+pub struct Linear {
+    /// The weight.
+    pub weight: Matrix,
+    /// The bias, when the layer has one.
+    pub bias: Option<Array>,
+}
+
+impl Linear {
+    /// Loads `prefix.weight` (and `prefix.bias` when `bias`).
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        out: i32,
+        inp: i32,
+        bias: bool,
+        quant: Option<Quantization>,
+    ) -> std::result::Result<Self, LoadError> {
+        let weight = Matrix::load(w, prefix, out, inp, quant)?;
+        let bias = if bias {
+            Some(w.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Applies the layer.
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let y = self.weight.matmul_t(x)?;
+        match &self.bias {
+            Some(b) => y.add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// RMSNorm with a learned scale.
+#[derive(Debug)]
+pub struct RmsNorm {
+    /// The scale (for Gemma, already `1 + w`).
+    pub weight: Array,
+    /// Epsilon.
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    /// Loads `prefix.weight` of size `dim`.
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        dim: i32,
+        eps: f32,
+    ) -> std::result::Result<Self, LoadError> {
+        Ok(Self {
+            weight: w.take(&format!("{prefix}.weight"), &[dim])?,
+            eps,
+        })
+    }
+
+    /// Normalises the last axis of `x`.
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        fast::rms_norm(x, Some(&self.weight), self.eps)
+    }
+}
+
+/// Rotary position embedding with the HF (non-interleaved) layout.
+#[derive(Debug)]
+pub struct RotaryEmbedding {
+    dims: i32,
+    base: Option<f32>,
+    /// MLX's `freqs` (periods, `1 / inv_freq`) when scaling changes them.
+    freqs: Option<Array>,
+    scale: f32,
+}
+
+impl RotaryEmbedding {
+    /// RoPE over `dims` features with `rope`'s base and scaling.
+    pub fn new(dims: i32, rope: &Rope) -> Result<Self> {
+        let half = usize::try_from(dims / 2).unwrap_or(0);
+        // Transformers' inverse frequencies, in f32 like `_compute_default_rope_parameters`.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / rope.theta.powf((2 * i) as f32 / dims as f32))
+            .collect();
+        match &rope.scaling {
+            RopeScaling::None => Ok(Self {
+                dims,
+                base: Some(rope.theta),
+                freqs: None,
+                scale: 1.0,
+            }),
+            RopeScaling::Linear { factor } => Ok(Self {
+                dims,
+                base: Some(rope.theta),
+                freqs: None,
+                scale: 1.0 / factor,
+            }),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let low_wavelen = original_max_position_embeddings / low_freq_factor;
+                let high_wavelen = original_max_position_embeddings / high_freq_factor;
+                let periods: Vec<f32> = inv_freq
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wavelen > low_wavelen {
+                            f / factor
+                        } else if wavelen < high_wavelen {
+                            f
+                        } else {
+                            let smooth = (original_max_position_embeddings / wavelen
+                                - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        };
+                        1.0 / scaled
+                    })
+                    .collect();
+                let freqs = Array::from_slice(&periods, &[dims / 2]);
+                Ok(Self {
+                    dims,
+                    base: None,
+                    freqs: Some(freqs),
+                    scale: 1.0,
+                })
+            }
+        }
+    }
+
+    /// Rotates `x` `[B, H, L, D]` whose first position is `offset`.
+    pub fn forward(&self, x: &Array, offset: i32) -> Result<Array> {
+        fast::rope(
+            x,
+            self.dims,
+            false,
+            self.base,
+            self.scale,
+            offset,
+            self.freqs.as_ref(),
+        )
+    }
+}
+
+/// The last position of `[B, L, V]` logits as `[B, V]`.
+pub fn last_position(x: &Array) -> Array {
+    let l = x.dim(1);
+    x.index((.., l - 1, ..))
+}

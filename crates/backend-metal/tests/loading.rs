@@ -1,0 +1,413 @@
+//! Loading: config variants, checkpoint layouts, quantised checkpoints, and
+//! every kind of bad input giving its typed error.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use common::*;
+use inference_core::{Error, GenerateOptions, LoadOptions, TextModel};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+/// Copies a fixture into a temporary directory.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(fixture(name)).unwrap() {
+        let p = entry.unwrap().path();
+        fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    tmp
+}
+
+/// An owned tensor: dtype, shape, bytes.
+type Owned = (Dtype, Vec<usize>, Vec<u8>);
+
+fn read_tensors(path: &Path) -> BTreeMap<String, Owned> {
+    let bytes = fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect()
+}
+
+fn write_tensors(path: &Path, tensors: &BTreeMap<String, Owned>) {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let p = dir.join("config.json");
+    let mut v: Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    f(v.as_object_mut().unwrap());
+    fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+fn load_err(path: &Path) -> Error {
+    match backend_metal::MlxModel::load(
+        path,
+        &LoadOptions::new().gpu_layers(0),
+        backend_metal::Placement::Cpu,
+    ) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e,
+    }
+}
+
+fn load_cause(path: &Path) -> String {
+    match load_err(path) {
+        Error::ModelLoad { source, .. } => source.to_string(),
+        other => panic!("expected ModelLoad, got {other:?}"),
+    }
+}
+
+fn first_prompt_logits(model: &backend_metal::MlxModel, name: &str) -> Vec<f32> {
+    model.last_logits(&golden(name)[0].ids).unwrap()
+}
+
+#[test]
+fn language_model_prefix_and_missing_head_dim_load_the_same_model() {
+    let tmp = copy_fixture("qwen2-f32");
+    let file = tmp.path().join("model.safetensors");
+    let renamed: BTreeMap<String, Owned> = read_tensors(&file)
+        .into_iter()
+        .map(|(n, t)| (format!("language_model.{n}"), t))
+        .collect();
+    write_tensors(&file, &renamed);
+    edit_config(tmp.path(), |c| {
+        c.remove("head_dim");
+    });
+    let model = load(tmp.path());
+    let (err, scale) = logit_error(
+        &first_prompt_logits(&model, "qwen2-f32"),
+        &golden("qwen2-f32")[0].last_logits,
+    );
+    assert!(err <= 1e-4 * scale, "{err}");
+}
+
+#[test]
+fn config_variants_parse() {
+    // rope_theta written as rope_parameters, dtype as torch_dtype, and back.
+    let tmp = copy_fixture("qwen3-f32");
+    edit_config(tmp.path(), |c| {
+        let theta = c.remove("rope_theta").unwrap();
+        c.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "default", "rope_theta": theta}),
+        );
+        if let Some(d) = c.remove("dtype") {
+            c.insert("torch_dtype".into(), d);
+        }
+    });
+    let model = load(tmp.path());
+    let (err, scale) = logit_error(
+        &first_prompt_logits(&model, "qwen3-f32"),
+        &golden("qwen3-f32")[0].last_logits,
+    );
+    assert!(err <= 1e-4 * scale, "{err}");
+}
+
+#[test]
+fn info_describes_the_model() {
+    let model = load(&fixture("qwen3-f32"));
+    let info = model.info();
+    assert_eq!(info.architecture, "qwen3");
+    assert_eq!(
+        (info.num_layers, info.hidden_size, info.context_length),
+        (3, 64, 256)
+    );
+    assert_eq!(info.dtype, "float32");
+    assert_eq!((info.quant_bits, info.quant_group), (None, None));
+    // Tied embeddings: the output projection is not counted twice.
+    let v = info.vocab_size as u64;
+    let per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 2 * 16 + 3 * 64 * 128 + 2 * 64;
+    assert_eq!(info.parameter_count, v * 64 + 3 * per_layer + 64);
+    assert_eq!(model.model_type(), "qwen3");
+}
+
+#[test]
+fn dtype_option_converts_the_weights() {
+    let model = load_with(
+        &fixture("qwen3-f32"),
+        &LoadOptions::new()
+            .gpu_layers(default_gpu_layers())
+            .dtype(inference_core::DType::BF16),
+    );
+    assert_eq!(model.info().dtype, "bfloat16");
+    let (err, scale) = logit_error(
+        &first_prompt_logits(&model, "qwen3-f32"),
+        &golden("qwen3-f32")[0].last_logits,
+    );
+    assert!(
+        err <= 4e-2 * scale,
+        "bf16 of an f32 model: {err} of {scale}"
+    );
+}
+
+#[test]
+fn corrupt_and_truncated_weights_are_typed_errors() {
+    let tmp = copy_fixture("llama-f32");
+    let file = tmp.path().join("model.safetensors");
+    let bytes = fs::read(&file).unwrap();
+    fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let cause = load_cause(tmp.path());
+    assert!(
+        cause.contains("corrupt weights") && cause.contains("model.safetensors"),
+        "{cause}"
+    );
+
+    fs::write(&file, b"\x08\x00\x00\x00\x00\x00\x00\x00not json").unwrap();
+    let cause = load_cause(tmp.path());
+    assert!(cause.contains("corrupt weights"), "{cause}");
+
+    fs::remove_file(&file).unwrap();
+    let cause = load_cause(tmp.path());
+    assert!(cause.contains("no *.safetensors"), "{cause}");
+}
+
+#[test]
+fn missing_unexpected_and_misshapen_tensors_are_named() {
+    let tmp = copy_fixture("llama-f32");
+    let file = tmp.path().join("model.safetensors");
+    let original = read_tensors(&file);
+
+    let mut t = original.clone();
+    t.remove("model.layers.1.mlp.up_proj.weight");
+    write_tensors(&file, &t);
+    assert_eq!(
+        load_cause(tmp.path()),
+        "missing tensor `model.layers.1.mlp.up_proj.weight`"
+    );
+
+    let mut t = original.clone();
+    let extra = t["model.norm.weight"].clone();
+    t.insert("model.extra.weight".into(), extra);
+    write_tensors(&file, &t);
+    assert_eq!(
+        load_cause(tmp.path()),
+        "unexpected tensor `model.extra.weight`"
+    );
+
+    let mut t = original.clone();
+    let q = t.get_mut("model.layers.0.self_attn.k_proj.weight").unwrap();
+    q.1 = vec![q.1[1], q.1[0]];
+    write_tensors(&file, &t);
+    assert_eq!(
+        load_cause(tmp.path()),
+        "tensor `model.layers.0.self_attn.k_proj.weight` has shape [64, 32], expected [32, 64]"
+    );
+}
+
+#[test]
+fn unknown_architecture_and_bad_config_are_typed_errors() {
+    let tmp = copy_fixture("qwen3-f32");
+    edit_config(tmp.path(), |c| {
+        c.insert("model_type".into(), "mamba".into());
+    });
+    match load_err(tmp.path()) {
+        Error::UnsupportedArchitecture { model_type } => assert_eq!(model_type, "mamba"),
+        other => panic!("{other:?}"),
+    }
+    edit_config(tmp.path(), |c| {
+        c.insert("model_type".into(), "qwen3".into());
+        c.remove("hidden_size");
+    });
+    assert!(load_cause(tmp.path()).contains("missing `hidden_size`"));
+    fs::write(tmp.path().join("config.json"), "{").unwrap();
+    assert!(load_cause(tmp.path()).contains("invalid JSON"));
+    let missing = tmp.path().join("nothing-here");
+    assert!(load_cause(&missing).contains("does not exist"));
+    fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
+    fs::write(
+        tmp.path().join("config.json"),
+        fs::read(fixture("qwen3-f32").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(load_cause(tmp.path()).contains("tokenizer.json is missing"));
+}
+
+#[test]
+fn unsupported_options_and_bad_input_are_refused_before_work() {
+    let path = fixture("qwen3-f32");
+    for (opts, what) in [
+        (LoadOptions::new().gpu_layers(2), "gpu_layers"),
+        (LoadOptions::new().parallel_slots(4), "parallel_slots"),
+        (LoadOptions::new().adapter_path("/tmp/adapter"), "LoRA"),
+    ] {
+        match backend_metal::MlxModel::load(&path, &opts, backend_metal::Placement::Cpu) {
+            Err(Error::Unsupported { feature }) => assert!(feature.contains(what), "{feature}"),
+            Err(other) => panic!("{what}: {other:?}"),
+            Ok(_) => panic!("{what}: accepted"),
+        }
+    }
+    let model = load(&path);
+    assert!(matches!(
+        model.generate("", &GenerateOptions::new()),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        model.generate("hi", &GenerateOptions::new().temperature(-1.0)),
+        Err(Error::InvalidOption {
+            field: "temperature",
+            ..
+        })
+    ));
+    assert!(matches!(
+        model.generate("hi", &GenerateOptions::new().return_logits(true)),
+        Err(Error::Unsupported { .. })
+    ));
+}
+
+#[test]
+fn context_overflow_is_typed() {
+    let model = load_with(
+        &fixture("qwen3-f32"),
+        &LoadOptions::new()
+            .gpu_layers(default_gpu_layers())
+            .context_len(12),
+    );
+    let long = &golden("qwen3-f32")[1].text;
+    match model.generate(long, &GenerateOptions::new()) {
+        Err(Error::ContextOverflow { limit: 12, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    // A prompt that fits, asked for more than fits: the stream ends with the error.
+    let mut stream = model
+        .generate(
+            "The capital",
+            &GenerateOptions::new().max_tokens(50).ignore_eos(true),
+        )
+        .unwrap();
+    let items: Vec<_> = stream.by_ref().collect();
+    let n_ok = items.iter().filter(|i| i.is_ok()).count();
+    let prompt_len = model.encode("The capital").unwrap().len();
+    assert_eq!(n_ok, 12 - prompt_len);
+    assert!(
+        matches!(
+            items.last(),
+            Some(Err(Error::ContextOverflow { limit: 12, .. }))
+        ),
+        "{:?}",
+        items.last()
+    );
+}
+
+#[test]
+fn quantized_checkpoint_matches_its_dequantized_twin() {
+    use mlx_rs::ops::{dequantize, quantize};
+    use mlx_rs::Array;
+
+    // An mlx-community 4-bit layout made from the f32 fixture, and a dense
+    // twin holding exactly the dequantised values.
+    let (group, bits) = (32, 4);
+    let quant_dir = copy_fixture("qwen3-f32");
+    let twin_dir = copy_fixture("qwen3-f32");
+    let file = quant_dir.path().join("model.safetensors");
+    let dense = read_tensors(&file);
+    let mut quant: BTreeMap<String, Owned> = BTreeMap::new();
+    let mut twin: BTreeMap<String, Owned> = BTreeMap::new();
+    let f32_bytes = |a: &Array| -> Vec<u8> {
+        a.as_slice::<f32>()
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect()
+    };
+    for (name, (dtype, shape, bytes)) in dense {
+        let is_matrix = shape.len() == 2 && name.ends_with(".weight");
+        if !is_matrix {
+            quant.insert(name.clone(), (dtype, shape.clone(), bytes.clone()));
+            twin.insert(name, (dtype, shape, bytes));
+            continue;
+        }
+        let values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let w = Array::from_slice(&values, &[shape[0] as i32, shape[1] as i32]);
+        let (qw, scales, biases) = quantize(&w, group, bits).unwrap();
+        let back = dequantize(&qw, &scales, &biases, group, bits).unwrap();
+        back.eval().unwrap();
+        let prefix = name.strip_suffix(".weight").unwrap();
+        let packed: Vec<u8> = qw
+            .as_slice::<u32>()
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        quant.insert(
+            name.clone(),
+            (
+                Dtype::U32,
+                qw.shape().iter().map(|&d| d as usize).collect(),
+                packed,
+            ),
+        );
+        quant.insert(
+            format!("{prefix}.scales"),
+            (
+                Dtype::F32,
+                scales.shape().iter().map(|&d| d as usize).collect(),
+                f32_bytes(&scales),
+            ),
+        );
+        quant.insert(
+            format!("{prefix}.biases"),
+            (
+                Dtype::F32,
+                biases.shape().iter().map(|&d| d as usize).collect(),
+                f32_bytes(&biases),
+            ),
+        );
+        twin.insert(name, (Dtype::F32, shape, f32_bytes(&back)));
+    }
+    write_tensors(&file, &quant);
+    write_tensors(&twin_dir.path().join("model.safetensors"), &twin);
+    edit_config(quant_dir.path(), |c| {
+        c.insert(
+            "quantization".into(),
+            serde_json::json!({"group_size": group, "bits": bits}),
+        );
+    });
+
+    let q = load(quant_dir.path());
+    let t = load(twin_dir.path());
+    assert_eq!(
+        (q.info().quant_bits, q.info().quant_group),
+        (Some(4), Some(32))
+    );
+    assert_eq!(q.info().parameter_count, t.info().parameter_count);
+    for p in golden("qwen3-f32") {
+        let (err, scale) = logit_error(
+            &q.last_logits(&p.ids).unwrap(),
+            &t.last_logits(&p.ids).unwrap(),
+        );
+        assert!(
+            err <= 1e-3 * scale,
+            "{}: quantised vs dequantised logits differ by {err}",
+            p.name
+        );
+        assert_eq!(
+            greedy_ids(&q, &p.text, 16),
+            greedy_ids(&t, &p.text, 16),
+            "{}",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn conformance_kit_passes_on_a_fixture_model() {
+    let model = load(&fixture("qwen3-f32"));
+    inference_core::conformance::assert_conformance(
+        &model,
+        &inference_core::conformance::ConformanceConfig::default()
+            .prompts("The capital of France is", "def add(a, b):")
+            .token_counts(8, 200),
+    );
+}
