@@ -1,8 +1,18 @@
 //! KV caches.
 //!
-//! [`KvCache`] grows in steps of [`KvCache::STEP`] positions: a decode step
-//! writes its keys and values into spare room with a slice update instead of
-//! concatenating (which would copy the whole cache every token).
+//! - [`KvCache`] keeps every position. It grows in steps of [`KvCache::STEP`]
+//!   positions: a decode step writes its keys and values into spare room with
+//!   a slice update instead of concatenating (which would copy the whole cache
+//!   every token).
+//! - [`RotatingKvCache`] keeps the last `window` positions, for sliding-window
+//!   layers (and for every layer when a context length bounds memory). Query
+//!   position `i` attends key position `j` when `i − window < j ≤ i`, the
+//!   semantics of transformers' sliding-window mask, for single-token decode
+//!   steps and for prompt chunks of any length, including chunks longer than
+//!   the window and chunks that cross it.
+//!
+//! [`LayerCache`] is either kind; its `update` returns the keys and values to
+//! attend and the mask to apply.
 
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{IndexOp, TryIndexMutOp};
@@ -73,6 +83,256 @@ impl KvCache {
     }
 }
 
+/// The mask attention applies to the keys a cache returns.
+#[derive(Debug)]
+pub enum AttnMask {
+    /// Every key is visible (a single query after all cached keys).
+    None,
+    /// Causal, aligned to the bottom right (queries are the last positions).
+    Causal,
+    /// An explicit boolean mask `[L, K]` (true = attend).
+    Array(Array),
+}
+
+/// A cache that keeps the last `window` positions.
+///
+/// Storage is a ring of `window` slots. While it is not full, slots hold
+/// positions in order; once full, a decode step overwrites the oldest slot
+/// (the order of keys does not matter to attention without a mask, and every
+/// slot is then inside the window). A chunk of several queries reads the slots
+/// back in temporal order, attends them plus its own keys under an explicit
+/// sliding-window mask, and leaves the last `window` positions in order.
+#[derive(Debug)]
+pub struct RotatingKvCache {
+    window: i32,
+    keys: Option<Array>,
+    values: Option<Array>,
+    /// Valid slots (≤ window).
+    len: i32,
+    /// The oldest slot (the next to overwrite) once full.
+    next: i32,
+    /// Positions seen so far.
+    offset: i32,
+}
+
+impl RotatingKvCache {
+    /// A cache of the last `window` positions (at least 1).
+    pub fn new(window: usize) -> Self {
+        let window = i32::try_from(window.max(1)).unwrap_or(i32::MAX);
+        Self {
+            window,
+            keys: None,
+            values: None,
+            len: 0,
+            next: 0,
+            offset: 0,
+        }
+    }
+
+    /// Positions seen so far.
+    pub fn offset(&self) -> i32 {
+        self.offset
+    }
+
+    /// The valid slots in temporal order.
+    fn ordered(&self, a: &Array) -> Result<Array> {
+        let valid = a.index((.., .., ..self.len, ..));
+        if self.len < self.window || self.next == 0 {
+            return Ok(valid);
+        }
+        concatenate(
+            &[
+                a.index((.., .., self.next.., ..)),
+                a.index((.., .., ..self.next, ..)),
+            ],
+            2,
+        )
+    }
+
+    /// Appends `keys`/`values` `[B, H_kv, L, D]`; returns what the new queries
+    /// attend and the mask.
+    pub fn update(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array, AttnMask)> {
+        let l = keys.dim(2);
+        if l == 1 {
+            return self.update_one(keys, values);
+        }
+        // Context from the cache: the last `window - 1` positions at most (the
+        // first new query needs no more).
+        let m = self.len.min(self.window - 1);
+        let (all_k, all_v) = match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if m > 0 => {
+                let (k, v) = (self.ordered(k)?, self.ordered(v)?);
+                let from = self.len - m;
+                (
+                    concatenate(&[k.index((.., .., from.., ..)), keys.clone()], 2)?,
+                    concatenate(&[v.index((.., .., from.., ..)), values.clone()], 2)?,
+                )
+            }
+            _ => (keys.clone(), values.clone()),
+        };
+        let mask = sliding_mask(l, m, self.window)?;
+        // Keep the last `window` positions, in order.
+        let total = m + l;
+        let keep = total.min(self.window);
+        let (k, v) = (
+            all_k.index((.., .., total - keep.., ..)),
+            all_v.index((.., .., total - keep.., ..)),
+        );
+        self.keys = Some(k);
+        self.values = Some(v);
+        self.len = keep;
+        self.next = 0;
+        self.offset += l;
+        Ok((all_k, all_v, AttnMask::Array(mask)))
+    }
+
+    fn update_one(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array, AttnMask)> {
+        if self.len < self.window {
+            // Not full: append in order, growing in steps up to the window.
+            let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
+            if self.len + 1 > capacity {
+                let grow = KvCache::STEP.min(self.window - capacity).max(1);
+                let new_room =
+                    |a: &Array| zeros_dtype(&[a.dim(0), a.dim(1), grow, a.dim(3)], a.dtype());
+                let (gk, gv) = (new_room(keys)?, new_room(values)?);
+                let len = self.len;
+                let extend = |old: Option<Array>, new: Array| -> Result<Array> {
+                    match old {
+                        Some(old) => concatenate(&[old.index((.., .., ..len, ..)), new], 2),
+                        None => Ok(new),
+                    }
+                };
+                self.keys = Some(extend(self.keys.take(), gk)?);
+                self.values = Some(extend(self.values.take(), gv)?);
+            }
+            let slot = self.len;
+            self.write(slot, keys, values)?;
+            self.len += 1;
+        } else {
+            let slot = self.next;
+            self.write(slot, keys, values)?;
+            self.next = (self.next + 1) % self.window;
+        }
+        self.offset += 1;
+        let len = self.len;
+        let (Some(k), Some(v)) = (self.keys.as_ref(), self.values.as_ref()) else {
+            return Err(Exception::custom(
+                "rotating KV cache has no storage after an update",
+            ));
+        };
+        Ok((
+            k.index((.., .., ..len, ..)),
+            v.index((.., .., ..len, ..)),
+            AttnMask::None,
+        ))
+    }
+
+    fn write(&mut self, slot: i32, keys: &Array, values: &Array) -> Result<()> {
+        let (Some(k), Some(v)) = (self.keys.as_mut(), self.values.as_mut()) else {
+            return Err(Exception::custom("rotating KV cache has no storage"));
+        };
+        k.try_index_mut((.., .., slot..slot + 1, ..), keys)?;
+        v.try_index_mut((.., .., slot..slot + 1, ..), values)?;
+        Ok(())
+    }
+
+    /// The cache's arrays (for evaluation between prefill chunks).
+    pub fn arrays(&self) -> impl Iterator<Item = &Array> {
+        self.keys.iter().chain(self.values.iter())
+    }
+}
+
+/// The boolean mask `[l, m + l]` of `l` queries after `m` context keys: query
+/// `i` (position `m + i` in the key list) attends key `j` when
+/// `m + i − window < j ≤ m + i`.
+fn sliding_mask(l: i32, m: i32, window: i32) -> Result<Array> {
+    let q = Array::from_iter((0..l).map(|i| m + i), &[l, 1]);
+    let k = Array::from_iter(0..m + l, &[1, m + l]);
+    let causal = k.le(&q)?;
+    let recent = k.gt(&q.subtract(Array::from_int(window))?)?;
+    causal.logical_and(&recent)
+}
+
+/// The cache of one attention layer.
+#[derive(Debug)]
+pub enum LayerCache {
+    /// Every position.
+    Full(KvCache),
+    /// The last `window` positions.
+    Rotating(RotatingKvCache),
+}
+
+impl LayerCache {
+    /// A cache keeping every position, or the last `window` when given.
+    pub fn new(window: Option<usize>) -> Self {
+        match window {
+            Some(w) => LayerCache::Rotating(RotatingKvCache::new(w)),
+            None => LayerCache::Full(KvCache::new()),
+        }
+    }
+
+    /// Positions seen so far (the RoPE offset of the next token).
+    pub fn offset(&self) -> i32 {
+        match self {
+            LayerCache::Full(c) => c.offset(),
+            LayerCache::Rotating(c) => c.offset(),
+        }
+    }
+
+    /// Adds `keys`/`values` `[B, H_kv, L, D]`; returns the keys and values to
+    /// attend and the mask for the `L` new queries.
+    pub fn update(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array, AttnMask)> {
+        match self {
+            LayerCache::Full(c) => {
+                let causal = keys.dim(2) > 1;
+                let (k, v) = c.update(keys, values)?;
+                Ok((
+                    k,
+                    v,
+                    if causal {
+                        AttnMask::Causal
+                    } else {
+                        AttnMask::None
+                    },
+                ))
+            }
+            LayerCache::Rotating(c) => c.update(keys, values),
+        }
+    }
+
+    /// The cache's arrays (for evaluation between prefill chunks).
+    pub fn arrays(&self) -> Vec<&Array> {
+        match self {
+            LayerCache::Full(c) => c.arrays().collect(),
+            LayerCache::Rotating(c) => c.arrays().collect(),
+        }
+    }
+}
+
+/// `[B, H, L, D]` attention of queries on keys/values under `mask`, scaled.
+pub fn attend(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttnMask) -> Result<Array> {
+    use mlx_rs::fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask};
+    match mask {
+        AttnMask::None => scaled_dot_product_attention(q, k, v, scale, None, None),
+        AttnMask::Causal => scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            scale,
+            ScaledDotProductAttentionMask::Causal,
+            None,
+        ),
+        AttnMask::Array(m) => scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            scale,
+            ScaledDotProductAttentionMask::Array(m),
+            None,
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +371,110 @@ mod tests {
         // Growth adds whole steps past the filled part: 3 → 256, 304 → 4 + 512,
         // 566 → 506 + 256.
         assert_eq!(cache.keys.as_ref().unwrap().dim(2), 506 + KvCache::STEP);
+    }
+}
+
+#[cfg(test)]
+mod rotating_tests {
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Sliding-window attention computed naively: query at position `p`
+    /// attends keys at positions `j` with `p - window < j <= p`.
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        d: usize,
+        positions: std::ops::Range<usize>,
+        window: usize,
+    ) -> Vec<f32> {
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = Vec::new();
+        for (qi, p) in positions.enumerate() {
+            let qv = &q[qi * d..(qi + 1) * d];
+            let lo = (p + 1).saturating_sub(window);
+            let scores: Vec<f64> = (lo..=p)
+                .map(|j| {
+                    (0..d)
+                        .map(|t| qv[t] as f64 * k[j * d + t] as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for t in 0..d {
+                let acc: f64 = (lo..=p)
+                    .zip(&w)
+                    .map(|(j, wj)| wj * v[j * d + t] as f64)
+                    .sum();
+                out.push((acc / z) as f32);
+            }
+        }
+        out
+    }
+
+    fn check(window: usize, chunks: &[usize]) {
+        let d = 4usize;
+        let total: usize = chunks.iter().sum();
+        let k_all = values(total * d, 1);
+        let v_all = values(total * d, 2);
+        let mut cache = LayerCache::new(Some(window));
+        let mut pos = 0;
+        for (c, &l) in chunks.iter().enumerate() {
+            let q = values(l * d, 100 + c as u64);
+            let qa = Array::from_slice(&q, &[1, 1, l as i32, d as i32]);
+            let ka = Array::from_slice(&k_all[pos * d..(pos + l) * d], &[1, 1, l as i32, d as i32]);
+            let va = Array::from_slice(&v_all[pos * d..(pos + l) * d], &[1, 1, l as i32, d as i32]);
+            let (k, v, mask) = cache.update(&ka, &va).unwrap();
+            let out = attend(&qa, &k, &v, 1.0 / (d as f32).sqrt(), &mask).unwrap();
+            let got = out.as_slice::<f32>().to_vec();
+            let want = naive(&q, &k_all, &v_all, d, pos..pos + l, window);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "window {window}, chunk {c} (len {l} at {pos}), element {i}: {a} vs {b}"
+                );
+            }
+            pos += l;
+            assert_eq!(cache.offset(), pos as i32);
+        }
+    }
+
+    #[test]
+    fn decode_past_the_window() {
+        check(5, &[1; 23]);
+    }
+
+    #[test]
+    fn one_prefill_longer_than_the_window_then_decode() {
+        check(5, &[17, 1, 1, 1, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn chunks_crossing_the_window_mixed_with_decode() {
+        check(5, &[3, 1, 4, 1, 1, 7, 2, 1, 1, 1, 1, 1, 12, 1, 2]);
+        check(8, &[3, 3, 3, 3, 1, 1, 9, 1]);
+    }
+
+    #[test]
+    fn window_of_one_sees_only_itself() {
+        check(1, &[4, 1, 1, 3, 1]);
     }
 }

@@ -266,37 +266,77 @@ fn unsupported_options_and_bad_input_are_refused_before_work() {
 }
 
 #[test]
-fn context_overflow_is_typed() {
-    let model = load_with(
-        &fixture("qwen3-f32"),
-        &LoadOptions::new()
-            .gpu_layers(default_gpu_layers())
-            .context_len(12),
-    );
-    let long = &golden("qwen3-f32")[1].text;
-    match model.generate(long, &GenerateOptions::new()) {
-        Err(Error::ContextOverflow { limit: 12, .. }) => {}
+fn context_overflow_without_context_len_is_typed() {
+    // The fixture's max_position_embeddings is 256.
+    let model = load(&fixture("qwen3-f32"));
+    let long = &golden("qwen3-f32")[1];
+    let twice = format!("{} {}", long.text, long.text);
+    match model.generate(&twice, &GenerateOptions::new()) {
+        Err(Error::ContextOverflow { limit: 256, .. }) => {}
         other => panic!("{other:?}"),
     }
-    // A prompt that fits, asked for more than fits: the stream ends with the error.
-    let mut stream = model
-        .generate(
-            "The capital",
-            &GenerateOptions::new().max_tokens(50).ignore_eos(true),
-        )
-        .unwrap();
+    // A prompt that fits, asked for more than fits: the tokens that fit, then
+    // the error as the stream's last item.
+    let opts = GenerateOptions::new().max_tokens(200).ignore_eos(true);
+    let mut stream = model.generate(&long.text, &opts).unwrap();
     let items: Vec<_> = stream.by_ref().collect();
     let n_ok = items.iter().filter(|i| i.is_ok()).count();
-    let prompt_len = model.encode("The capital").unwrap().len();
-    assert_eq!(n_ok, 12 - prompt_len);
+    assert_eq!(n_ok, 256 - long.ids.len());
     assert!(
         matches!(
             items.last(),
-            Some(Err(Error::ContextOverflow { limit: 12, .. }))
+            Some(Err(Error::ContextOverflow { limit: 256, .. }))
         ),
         "{:?}",
         items.last()
     );
+}
+
+#[test]
+fn context_len_bounds_the_caches_instead() {
+    // With a context length every cache rotates: generation goes on past
+    // max_position_embeddings, attending the last `context_len` positions.
+    let opts = LoadOptions::new()
+        .gpu_layers(default_gpu_layers())
+        .context_len(64);
+    let model = load_with(&fixture("qwen3-f32"), &opts);
+    assert_eq!(model.info().context_length, 64);
+    let long = &golden("qwen3-f32")[1];
+    let gen = GenerateOptions::new().max_tokens(120).ignore_eos(true);
+    let mut stream = model.generate(&long.text, &gen).unwrap();
+    let n = stream.collect_tokens().unwrap().len();
+    assert_eq!(n, 120, "172 prompt + 120 generated > 256 positions");
+    // Inside the bound nothing changes: a short prompt's greedy ids equal the
+    // unbounded model's.
+    let short = &golden("qwen3-f32")[0];
+    let ids = greedy_ids(&model, &short.text, 32);
+    assert_greedy_parity("context_len 64", &ids, &short.greedy, &short.margins, 1e-3);
+}
+
+#[test]
+fn gemma3_multimodal_wrapper_loads_its_text_model() {
+    // A `gemma3` checkpoint: the text config under `text_config`, the weights
+    // under `language_model.`, and vision tensors that the text model skips.
+    let tmp = copy_fixture("gemma3-f32");
+    let cfg_path = tmp.path().join("config.json");
+    let text: Value = serde_json::from_str(&fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let wrapped = serde_json::json!({"model_type": "gemma3", "text_config": text, "vision_config": {"hidden_size": 8}});
+    fs::write(&cfg_path, serde_json::to_string(&wrapped).unwrap()).unwrap();
+    let file = tmp.path().join("model.safetensors");
+    let mut tensors: BTreeMap<String, Owned> = read_tensors(&file)
+        .into_iter()
+        .map(|(n, t)| (format!("language_model.{n}"), t))
+        .collect();
+    tensors.insert(
+        "vision_tower.patch.weight".into(),
+        (Dtype::F32, vec![2], vec![0; 8]),
+    );
+    write_tensors(&file, &tensors);
+    let model = load(tmp.path());
+    assert_eq!(model.model_type(), "gemma3_text");
+    let g = &golden("gemma3-f32")[0];
+    let (err, scale) = logit_error(&model.last_logits(&g.ids).unwrap(), &g.last_logits);
+    assert!(err <= 1e-4 * scale, "{err}");
 }
 
 #[test]
@@ -402,12 +442,14 @@ fn quantized_checkpoint_matches_its_dequantized_twin() {
 }
 
 #[test]
-fn conformance_kit_passes_on_a_fixture_model() {
-    let model = load(&fixture("qwen3-f32"));
-    inference_core::conformance::assert_conformance(
-        &model,
-        &inference_core::conformance::ConformanceConfig::default()
-            .prompts("The capital of France is", "def add(a, b):")
-            .token_counts(8, 200),
-    );
+fn conformance_kit_passes_on_the_fixture_models() {
+    for name in ["qwen3-f32", "llama-f32", "gemma3-f32"] {
+        let model = load(&fixture(name));
+        inference_core::conformance::assert_conformance(
+            &model,
+            &inference_core::conformance::ConformanceConfig::default()
+                .prompts("The capital of France is", "def add(a, b):")
+                .token_counts(8, 200),
+        );
+    }
 }

@@ -105,3 +105,36 @@ fn chunked_prefill_matches_single_pass() {
     assert_eq!(runs[0], runs[1]);
     assert_eq!(runs[1], runs[2]);
 }
+
+#[test]
+fn gemma3_f32() {
+    check("gemma3-f32", F32_LOGIT_TOL, F32_NEAR_TIE);
+}
+
+#[test]
+fn gemma3_bf16() {
+    check("gemma3-bf16", BF16_LOGIT_TOL, BF16_NEAR_TIE);
+}
+
+/// Gemma 3's sliding window (8) with every chunking: one token at a time
+/// (decode-like steps all through the prompt), 5 (chunks that split the
+/// window and cross it), and the whole prompt (one prefill far longer than the
+/// window); then 32 greedy steps past it.
+#[test]
+fn gemma3_sliding_window_under_every_chunking() {
+    let name = "gemma3-f32";
+    let model = load(&fixture(name));
+    for p in golden(name) {
+        for chunk in [1, 5, 4096] {
+            model.set_prefill_chunk(chunk);
+            let label = format!("{name}/{} chunk {chunk}", p.name);
+            let (err, scale) = logit_error(&model.last_logits(&p.ids).unwrap(), &p.last_logits);
+            assert!(
+                err <= F32_LOGIT_TOL * scale,
+                "{label}: logits differ by {err}"
+            );
+            let ours = greedy_ids(&model, &p.text, p.greedy.len());
+            assert_greedy_parity(&label, &ours, &p.greedy, &p.margins, F32_NEAR_TIE);
+        }
+    }
+}

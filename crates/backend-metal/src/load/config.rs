@@ -115,6 +115,8 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// EOS ids, from config.json.
     pub eos_token_ids: Vec<u32>,
+    /// `general.architecture`, when the model comes from a GGUF file.
+    pub gguf_architecture: Option<String>,
 }
 
 /// The fields read with serde; [`ModelConfig::from_value`] resolves the variants.
@@ -144,6 +146,9 @@ struct Raw {
     layer_types: Option<Vec<String>>,
     query_pre_attn_scalar: Option<f32>,
     final_logit_softcapping: Option<f32>,
+    attn_logit_softcapping: Option<f32>,
+    hidden_act: Option<String>,
+    hidden_activation: Option<String>,
     quantization: Option<Quantization>,
     quantization_config: Option<Value>,
     torch_dtype: Option<String>,
@@ -257,11 +262,27 @@ impl ModelConfig {
         let hidden_size = require(raw.hidden_size, "hidden_size")?;
         let num_attention_heads = require(raw.num_attention_heads, "num_attention_heads")?;
         let num_hidden_layers = require(raw.num_hidden_layers, "num_hidden_layers")?;
-        let head_dim = raw.head_dim.unwrap_or(if num_attention_heads > 0 {
-            hidden_size / num_attention_heads
-        } else {
-            0
+        // Gemma's configuration class defaults head_dim to 256; the others
+        // derive it from the hidden size.
+        let head_dim = raw.head_dim.unwrap_or(match family {
+            Family::Gemma3 => 256,
+            Family::Decoder if num_attention_heads > 0 => hidden_size / num_attention_heads,
+            Family::Decoder => 0,
         });
+        let activation = raw
+            .hidden_activation
+            .as_deref()
+            .or(raw.hidden_act.as_deref())
+            .unwrap_or(defaults.activation);
+        let expected_activation = match family {
+            Family::Decoder => &["silu", "swish"][..],
+            Family::Gemma3 => &["gelu_pytorch_tanh", "gelu_tanh"][..],
+        };
+        if !expected_activation.contains(&activation) {
+            return Err(LoadError::Unsupported(format!(
+                "activation {activation:?} for {model_type}"
+            )));
+        }
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
         for (name, v) in [
             ("hidden_size", hidden_size),
@@ -344,6 +365,11 @@ impl ModelConfig {
             ));
         }
 
+        if raw.attn_logit_softcapping.is_some() {
+            return Err(LoadError::Unsupported(
+                "attn_logit_softcapping (Gemma 2 style attention soft-capping)".into(),
+            ));
+        }
         let quantization = raw.quantization.or_else(|| {
             raw.quantization_config
                 .as_ref()
@@ -374,12 +400,16 @@ impl ModelConfig {
             rope_local,
             sliding_window,
             layer_types,
-            query_pre_attn_scalar: raw.query_pre_attn_scalar,
+            query_pre_attn_scalar: match family {
+                Family::Gemma3 => Some(raw.query_pre_attn_scalar.unwrap_or(256.0)),
+                Family::Decoder => raw.query_pre_attn_scalar,
+            },
             final_logit_softcapping: raw.final_logit_softcapping,
             quantization,
             dtype: raw.dtype.or(raw.torch_dtype),
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            gguf_architecture: None,
             model_type,
         })
     }
@@ -406,6 +436,7 @@ struct Defaults {
     max_position_embeddings: usize,
     tie_word_embeddings: bool,
     sliding_window_pattern: Option<usize>,
+    activation: &'static str,
 }
 
 impl Family {
@@ -426,6 +457,7 @@ impl Family {
                 max_position_embeddings: 2048,
                 tie_word_embeddings: false,
                 sliding_window_pattern: None,
+                activation: "silu",
             },
             Family::Gemma3 => Defaults {
                 rope_theta: 1_000_000.0,
@@ -433,6 +465,7 @@ impl Family {
                 max_position_embeddings: 131_072,
                 tie_word_embeddings: true,
                 sliding_window_pattern: Some(6),
+                activation: "gelu_pytorch_tanh",
             },
         }
     }

@@ -3,11 +3,10 @@
 //! optional q/k RMSNorm (Qwen3) and q/k/v biases (Qwen2), and a SwiGLU MLP.
 
 use mlx_rs::error::Exception;
-use mlx_rs::fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask};
 use mlx_rs::nn::silu;
 use mlx_rs::{Array, Dtype};
 
-use crate::cache::KvCache;
+use crate::cache::{attend, LayerCache};
 use crate::error::LoadError;
 use crate::load::config::ModelConfig;
 use crate::load::weights::Weights;
@@ -88,7 +87,7 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Array, cache: &mut KvCache, rope: &RotaryEmbedding) -> Result<Array> {
+    fn forward(&self, x: &Array, cache: &mut LayerCache, rope: &RotaryEmbedding) -> Result<Array> {
         let (b, l) = (x.dim(0), x.dim(1));
         let heads = |proj: &Linear, n: i32, norm: &Option<RmsNorm>| -> Result<Array> {
             let y = proj.forward(x)?.reshape(&[b, l, n, self.head_dim])?;
@@ -102,11 +101,8 @@ impl Attention {
         let q = rope.forward(&heads(&self.q_proj, self.heads, &self.q_norm)?, offset)?;
         let k = rope.forward(&heads(&self.k_proj, self.kv_heads, &self.k_norm)?, offset)?;
         let v = heads(&self.v_proj, self.kv_heads, &None)?;
-        let (k, v) = cache.update(&k, &v)?;
-        // MLX's causal mode aligns the mask bottom-right, which is what a chunk of
-        // queries after `offset` cached positions needs.
-        let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?;
+        let (k, v, mask) = cache.update(&k, &v)?;
+        let out = attend(&q, &k, &v, self.scale, &mask)?;
         let out =
             out.transpose_axes(&[0, 2, 1, 3])?
                 .reshape(&[b, l, self.heads * self.head_dim])?;
@@ -185,7 +181,7 @@ impl Decoder {
 }
 
 impl CausalLm for Decoder {
-    fn hidden(&self, ids: &Array, caches: &mut [KvCache]) -> Result<Array> {
+    fn hidden(&self, ids: &Array, caches: &mut [LayerCache]) -> Result<Array> {
         let mut h = self.embed_tokens.rows(ids)?;
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let a =
@@ -208,8 +204,11 @@ impl CausalLm for Decoder {
             .matmul_t(h)
     }
 
-    fn num_layers(&self) -> usize {
-        self.layers.len()
+    fn new_caches(&self, context: Option<usize>) -> Vec<LayerCache> {
+        self.layers
+            .iter()
+            .map(|_| LayerCache::new(context))
+            .collect()
     }
 
     fn dtype(&self) -> Dtype {

@@ -86,7 +86,7 @@ impl Matrix {
         inp: i32,
         quant: Option<Quantization>,
     ) -> std::result::Result<Self, LoadError> {
-        match quant {
+        match w.quantization_of(prefix).or(quant) {
             Some(q) if w.contains(&format!("{prefix}.scales")) => Ok(Matrix::Quantized(
                 QuantWeight::load(w, prefix, out, inp, q)?,
             )),

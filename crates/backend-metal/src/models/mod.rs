@@ -1,12 +1,13 @@
 //! Model architectures, one file each, and dispatch by `model_type`.
 
 pub mod decoder;
+pub mod gemma3;
 pub mod layers;
 
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 
-use crate::cache::KvCache;
+use crate::cache::LayerCache;
 use crate::error::LoadError;
 use crate::load::config::{Family, ModelConfig};
 use crate::load::weights::Weights;
@@ -15,21 +16,18 @@ use crate::load::weights::Weights;
 pub trait CausalLm: Send {
     /// Final-normed hidden states `[B, L, hidden]` of `ids` `[B, L]`, after the
     /// positions already in `caches` (one cache per layer), which it extends.
-    fn hidden(&self, ids: &Array, caches: &mut [KvCache]) -> Result<Array, Exception>;
+    fn hidden(&self, ids: &Array, caches: &mut [LayerCache]) -> Result<Array, Exception>;
 
     /// Logits `[…, vocab]` of hidden states `[…, hidden]`.
     fn logits(&self, h: &Array) -> Result<Array, Exception>;
 
-    /// Number of decoder layers (one cache each).
-    fn num_layers(&self) -> usize;
-
     /// The compute dtype.
     fn dtype(&self) -> Dtype;
 
-    /// Fresh, empty caches for one sequence.
-    fn new_caches(&self) -> Vec<KvCache> {
-        (0..self.num_layers()).map(|_| KvCache::new()).collect()
-    }
+    /// Fresh, empty caches for one sequence, one per layer. With `context`,
+    /// every cache keeps at most that many positions (a rotating cache), which
+    /// bounds memory; sliding-window layers keep their window either way.
+    fn new_caches(&self, context: Option<usize>) -> Vec<LayerCache>;
 }
 
 /// Builds the model `config` describes from `weights`, then checks that every
@@ -37,12 +35,7 @@ pub trait CausalLm: Send {
 pub fn build(config: &ModelConfig, mut weights: Weights) -> Result<Box<dyn CausalLm>, LoadError> {
     let model: Box<dyn CausalLm> = match config.family() {
         Family::Decoder => Box::new(decoder::Decoder::load(config, &mut weights)?),
-        Family::Gemma3 => {
-            return Err(LoadError::UnsupportedArchitecture(format!(
-                "{} (Gemma 3 is not implemented yet)",
-                config.model_type
-            )))
-        }
+        Family::Gemma3 => Box::new(gemma3::Gemma3::load(config, &mut weights)?),
     };
     weights.finish()?;
     Ok(model)

@@ -1,0 +1,272 @@
+//! Gemma 3 (text): `gemma3_text`, and the text part of `gemma3`.
+//!
+//! As transformers computes it: embeddings scaled by √hidden (the scale cast
+//! to the weights' dtype, so exact in f32); RMSNorm with a `(1 + w)` scale
+//! computed in f32; q/k RMSNorm; attention scaled by `query_pre_attn_scalar^-½`;
+//! sandwich norms around attention and MLP; a GELU-tanh MLP; sliding-window
+//! layers with the local RoPE base and global layers with the global base (and
+//! its scaling); an optional final logit soft-cap.
+
+use mlx_rs::error::Exception;
+use mlx_rs::nn::gelu_approximate;
+use mlx_rs::ops::tanh;
+use mlx_rs::{fast, Array, Dtype};
+
+use crate::cache::{attend, LayerCache};
+use crate::error::LoadError;
+use crate::load::config::{LayerKind, ModelConfig};
+use crate::load::weights::Weights;
+use crate::models::layers::{Linear, Matrix, RotaryEmbedding};
+use crate::models::CausalLm;
+
+type Result<T> = std::result::Result<T, Exception>;
+
+/// Gemma's RMSNorm: `x / rms(x) × (1 + w)`, computed in f32 and cast back.
+struct GemmaNorm {
+    /// `1 + w` in f32.
+    scale: Array,
+    eps: f32,
+}
+
+impl GemmaNorm {
+    fn load(
+        w: &mut Weights,
+        prefix: &str,
+        dim: i32,
+        eps: f32,
+    ) -> std::result::Result<Self, LoadError> {
+        let weight = w.take(&format!("{prefix}.weight"), &[dim])?;
+        let scale = weight.as_dtype(Dtype::Float32)?.add(Array::from_f32(1.0))?;
+        Ok(Self { scale, eps })
+    }
+
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let dtype = x.dtype();
+        let y = fast::rms_norm(x.as_dtype(Dtype::Float32)?, Some(&self.scale), self.eps)?;
+        if dtype == Dtype::Float32 {
+            Ok(y)
+        } else {
+            y.as_dtype(dtype)
+        }
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: GemmaNorm,
+    k_norm: GemmaNorm,
+    heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    scale: f32,
+}
+
+impl Attention {
+    fn load(w: &mut Weights, p: &str, c: &ModelConfig) -> std::result::Result<Self, LoadError> {
+        let (h, kv, d, hidden, q) = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.hidden_size,
+            c.quantization,
+        );
+        let scalar = c.query_pre_attn_scalar.unwrap_or(256.0);
+        Ok(Self {
+            q_proj: Linear::load(w, &format!("{p}.q_proj"), h * d, hidden, c.qkv_bias, q)?,
+            k_proj: Linear::load(w, &format!("{p}.k_proj"), kv * d, hidden, c.qkv_bias, q)?,
+            v_proj: Linear::load(w, &format!("{p}.v_proj"), kv * d, hidden, c.qkv_bias, q)?,
+            o_proj: Linear::load(w, &format!("{p}.o_proj"), hidden, h * d, c.o_bias, q)?,
+            q_norm: GemmaNorm::load(w, &format!("{p}.q_norm"), d, c.rms_norm_eps)?,
+            k_norm: GemmaNorm::load(w, &format!("{p}.k_norm"), d, c.rms_norm_eps)?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+            scale: scalar.powf(-0.5),
+        })
+    }
+
+    fn forward(&self, x: &Array, cache: &mut LayerCache, rope: &RotaryEmbedding) -> Result<Array> {
+        let (b, l) = (x.dim(0), x.dim(1));
+        let split = |proj: &Linear, n: i32| -> Result<Array> {
+            proj.forward(x)?
+                .reshape(&[b, l, n, self.head_dim])?
+                .transpose_axes(&[0, 2, 1, 3])
+        };
+        let offset = cache.offset();
+        let q = rope.forward(
+            &self.q_norm.forward(&split(&self.q_proj, self.heads)?)?,
+            offset,
+        )?;
+        let k = rope.forward(
+            &self.k_norm.forward(&split(&self.k_proj, self.kv_heads)?)?,
+            offset,
+        )?;
+        let v = split(&self.v_proj, self.kv_heads)?;
+        let (k, v, mask) = cache.update(&k, &v)?;
+        let out = attend(&q, &k, &v, self.scale, &mask)?;
+        let out =
+            out.transpose_axes(&[0, 2, 1, 3])?
+                .reshape(&[b, l, self.heads * self.head_dim])?;
+        self.o_proj.forward(&out)
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(w: &mut Weights, p: &str, c: &ModelConfig) -> std::result::Result<Self, LoadError> {
+        let (hidden, inter, q) = (c.hidden_size, c.intermediate_size, c.quantization);
+        Ok(Self {
+            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), inter, hidden, false, q)?,
+            up_proj: Linear::load(w, &format!("{p}.up_proj"), inter, hidden, false, q)?,
+            down_proj: Linear::load(w, &format!("{p}.down_proj"), hidden, inter, false, q)?,
+        })
+    }
+
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let gate = gelu_approximate(self.gate_proj.forward(x)?)?;
+        self.down_proj
+            .forward(&gate.multiply(self.up_proj.forward(x)?)?)
+    }
+}
+
+struct Layer {
+    kind: LayerKind,
+    input_layernorm: GemmaNorm,
+    self_attn: Attention,
+    post_attention_layernorm: GemmaNorm,
+    pre_feedforward_layernorm: GemmaNorm,
+    mlp: Mlp,
+    post_feedforward_layernorm: GemmaNorm,
+}
+
+/// A loaded Gemma 3 text model.
+pub struct Gemma3 {
+    embed_tokens: Matrix,
+    embed_scale: Array,
+    layers: Vec<Layer>,
+    norm: GemmaNorm,
+    lm_head: Option<Matrix>,
+    rope_global: RotaryEmbedding,
+    rope_local: RotaryEmbedding,
+    sliding_window: usize,
+    final_logit_softcapping: Option<f32>,
+    dtype: Dtype,
+}
+
+impl Gemma3 {
+    /// Builds the model from `config` and `weights` (taking every tensor it uses).
+    pub fn load(c: &ModelConfig, w: &mut Weights) -> std::result::Result<Self, LoadError> {
+        let q = c.quantization;
+        let eps = c.rms_norm_eps;
+        let hidden = c.hidden_size;
+        let embed_tokens = Matrix::load(w, "model.embed_tokens", c.vocab_size, hidden, q)?;
+        let dtype = w.float_dtype.unwrap_or(Dtype::Float32);
+        // transformers: `embed * embed_scale.to(weight.dtype)` with the scale a
+        // float32 tensor of the Python float √hidden.
+        let embed_scale = Array::from_f32((f64::from(hidden)).sqrt() as f32).as_dtype(dtype)?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                let norm = |w: &mut Weights, name: &str| {
+                    GemmaNorm::load(w, &format!("{p}.{name}"), hidden, eps)
+                };
+                Ok(Layer {
+                    kind: c.layer_types[i as usize],
+                    input_layernorm: norm(w, "input_layernorm")?,
+                    self_attn: Attention::load(w, &format!("{p}.self_attn"), c)?,
+                    post_attention_layernorm: norm(w, "post_attention_layernorm")?,
+                    pre_feedforward_layernorm: norm(w, "pre_feedforward_layernorm")?,
+                    mlp: Mlp::load(w, &format!("{p}.mlp"), c)?,
+                    post_feedforward_layernorm: norm(w, "post_feedforward_layernorm")?,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, LoadError>>()?;
+        let norm = GemmaNorm::load(w, "model.norm", hidden, eps)?;
+        let lm_head = if c.tie_word_embeddings {
+            if w.contains("lm_head.weight") {
+                let _ = Matrix::load(w, "lm_head", c.vocab_size, hidden, q)?;
+            }
+            None
+        } else {
+            Some(Matrix::load(w, "lm_head", c.vocab_size, hidden, q)?)
+        };
+        let local = c
+            .rope_local
+            .as_ref()
+            .ok_or_else(|| LoadError::Config("Gemma 3 needs a local RoPE base".into()))?;
+        Ok(Self {
+            embed_tokens,
+            embed_scale,
+            layers,
+            norm,
+            lm_head,
+            rope_global: RotaryEmbedding::new(c.head_dim, &c.rope)?,
+            rope_local: RotaryEmbedding::new(c.head_dim, local)?,
+            sliding_window: c
+                .sliding_window
+                .ok_or_else(|| LoadError::Config("Gemma 3 needs `sliding_window`".into()))?,
+            final_logit_softcapping: c.final_logit_softcapping,
+            dtype,
+        })
+    }
+}
+
+impl CausalLm for Gemma3 {
+    fn hidden(&self, ids: &Array, caches: &mut [LayerCache]) -> Result<Array> {
+        let mut h = self.embed_tokens.rows(ids)?.multiply(&self.embed_scale)?;
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            let rope = match layer.kind {
+                LayerKind::Sliding => &self.rope_local,
+                LayerKind::Full => &self.rope_global,
+            };
+            let a = layer
+                .self_attn
+                .forward(&layer.input_layernorm.forward(&h)?, cache, rope)?;
+            h = h.add(layer.post_attention_layernorm.forward(&a)?)?;
+            let m = layer
+                .mlp
+                .forward(&layer.pre_feedforward_layernorm.forward(&h)?)?;
+            h = h.add(layer.post_feedforward_layernorm.forward(&m)?)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    fn logits(&self, h: &Array) -> Result<Array> {
+        let logits = self
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.embed_tokens)
+            .matmul_t(h)?;
+        match self.final_logit_softcapping {
+            Some(cap) => {
+                let cap = Array::from_f32(cap).as_dtype(logits.dtype())?;
+                tanh(logits.divide(&cap)?)?.multiply(&cap)
+            }
+            None => Ok(logits),
+        }
+    }
+
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn new_caches(&self, context: Option<usize>) -> Vec<LayerCache> {
+        self.layers
+            .iter()
+            .map(|layer| match layer.kind {
+                LayerKind::Sliding => LayerCache::new(Some(
+                    context.map_or(self.sliding_window, |c| c.min(self.sliding_window)),
+                )),
+                LayerKind::Full => LayerCache::new(context),
+            })
+            .collect()
+    }
+}
