@@ -16,10 +16,12 @@ use mlx_rs::Device;
 
 use crate::error::LoadError;
 use crate::generate::{self, Request};
+use crate::gguf::{self, reader::GgufFile, GgufTokenizer};
 use crate::load::config::ModelConfig;
 use crate::load::weights::Weights;
 use crate::memory;
 use crate::models::{self, CausalLm};
+use crate::template::ChatTemplate;
 use crate::tokenizer::ModelTokenizer;
 
 /// Work for the model's worker.
@@ -43,11 +45,28 @@ pub struct MlxModel {
 /// What the caller's side and the worker share.
 struct Shared {
     tokenizer: ModelTokenizer,
-    /// Most positions (prompt + generated) one call may use.
+    /// The chat template (the model's or a built-in one), or why `chat`
+    /// cannot run.
+    template: std::result::Result<ChatTemplate, String>,
+    /// Most positions (prompt + generated) one call may use: the model's
+    /// `max_position_embeddings`, or unbounded when `context_len` makes every
+    /// cache rotate.
     context_limit: usize,
+    /// `LoadOptions::context_len`: positions each cache keeps.
+    context_len: Option<usize>,
     last_metrics: Mutex<Option<GenerateMetrics>>,
     /// Prompt tokens per prefill forward pass.
     prefill_chunk: AtomicUsize,
+}
+
+impl Shared {
+    fn bounds(&self) -> generate::Bounds {
+        generate::Bounds {
+            limit: self.context_limit,
+            context: self.context_len,
+            chunk: self.prefill_chunk.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The device a model runs on.
@@ -87,51 +106,49 @@ impl MlxModel {
     /// Loads the model directory `path` on `placement`.
     pub fn load(path: &Path, opts: &LoadOptions, placement: Placement) -> Result<Self> {
         check_load_options(opts)?;
-        if path.is_file()
-            && path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        {
-            return Err(Error::unsupported("GGUF files (not implemented yet)"));
-        }
-        if !path.join("config.json").is_file() {
-            let why = if path.exists() {
-                "has no config.json"
-            } else {
-                "does not exist"
-            };
-            return Err(Error::model_load(
-                path,
-                LoadError::Io(format!("{} {why}", path.display())),
-            ));
-        }
         let started = Instant::now();
-        let config = ModelConfig::load(path).map_err(|e| e.into_error(path))?;
-        let tokenizer = ModelTokenizer::load(path, config.bos_token_id, &config.eos_token_ids)
-            .map_err(|e| e.into_error(path))?;
+        let (config, tokenizer, source) = open(path)?;
         memory::apply_limits(
             opts.memory_limit_bytes,
             opts.cache_limit_bytes,
             opts.wired_limit_bytes,
         )
         .map_err(|e| Error::backend(crate::NAME, format!("memory limits: {e}")))?;
+        let template = tokenizer
+            .chat_template_for(&config.model_type)
+            .map_err(|e| match e {
+                Error::Unsupported { feature } => feature,
+                other => other.to_string(),
+            });
+        match &template {
+            Ok(t) => tracing::debug!(builtin = ?t.builtin_kind(), "chat template ready"),
+            Err(why) => tracing::warn!(%why, "chat is unavailable for this model"),
+        }
         let shared = Arc::new(Shared {
             tokenizer,
-            context_limit: opts.context_len.unwrap_or(config.max_position_embeddings),
+            template,
+            context_limit: if opts.context_len.is_some() {
+                usize::MAX
+            } else {
+                config.max_position_embeddings
+            },
+            context_len: opts.context_len,
             last_metrics: Mutex::new(None),
             prefill_chunk: AtomicUsize::new(generate::PREFILL_CHUNK),
         });
 
         let (ready_tx, ready_rx) = sync_channel::<Ready>(1);
         let (jobs, queue) = channel::<Job>();
-        let dir = path.to_path_buf();
         let dtype = opts.dtype;
         let worker_shared = Arc::clone(&shared);
         thread::Builder::new()
             .name("mlx-model".into())
             .spawn(move || {
                 let body = move || {
-                    let built = build(&dir, &config, dtype, worker_shared.context_limit);
+                    let context = worker_shared
+                        .context_len
+                        .unwrap_or(config.max_position_embeddings);
+                    let built = build(source, &config, dtype, context);
                     match built {
                         Ok((model, info)) => {
                             let _ = ready_tx.send(Ok(info));
@@ -151,7 +168,7 @@ impl MlxModel {
             .map_err(|e| {
                 Error::backend(crate::NAME, format!("cannot start the model worker: {e}"))
             })?;
-        let info = match ready_rx.recv() {
+        let mut info = match ready_rx.recv() {
             Ok(Ok(info)) => info,
             Ok(Err(e)) => return Err(e.into_error(path)),
             Err(_) => {
@@ -161,6 +178,7 @@ impl MlxModel {
                 ))
             }
         };
+        info.chat_template = shared.tokenizer.chat_template.is_some();
         tracing::info!(
             model_type = %info.architecture,
             parameters = info.parameter_count,
@@ -180,6 +198,7 @@ impl MlxModel {
                 "the prompt encodes to no tokens".into(),
             ));
         }
+        self.check_ids(&prompt)?;
         let limit = self.shared.context_limit;
         if prompt.len() >= limit {
             return Err(Error::ContextOverflow {
@@ -230,6 +249,34 @@ impl MlxModel {
             .store(tokens.max(1), Ordering::Relaxed);
     }
 
+    /// The prompt text [`chat`](TextModel::chat) renders for `messages` with
+    /// `opts.template_args` (the assistant's turn header included).
+    pub fn render_chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<String> {
+        self.template()?.render(
+            messages,
+            &self.shared.tokenizer.special,
+            true,
+            &opts.template_args,
+        )
+    }
+
+    /// The prompt ids [`chat`](TextModel::chat) runs for `messages` with
+    /// `opts.template_args`: the rendered template, its special tokens
+    /// parsed, a BOS in front only where the tokenizer adds one and the
+    /// template did not write it.
+    pub fn encode_chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<Vec<u32>> {
+        self.shared
+            .tokenizer
+            .encode_messages(self.template()?, messages, &opts.template_args)
+    }
+
+    fn template(&self) -> Result<&ChatTemplate> {
+        self.shared
+            .template
+            .as_ref()
+            .map_err(|why| Error::unsupported(why.clone()))
+    }
+
     /// Encodes `text` as [`generate`](TextModel::generate) does: with the
     /// tokenizer's own special-token rules.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -239,12 +286,32 @@ impl MlxModel {
             .map_err(|e| Error::InvalidInput(format!("cannot encode the prompt: {e}")))
     }
 
+    /// Refuses ids outside the model's vocabulary (MLX would index out of
+    /// bounds).
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.info.vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(bad) => Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary ({vocab} ids)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Streams the continuation of prompt ids given directly (no tokenizer,
+    /// no template), with the same checks as [`generate`](TextModel::generate).
+    pub fn generate_ids(&self, ids: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
+        check_generate_options(opts)?;
+        self.submit(ids, opts)
+    }
+
     /// The logits (as f32) that the model predicts after `ids`, from one
     /// forward pass over a fresh cache.
     pub fn last_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(Error::InvalidInput("no tokens".into()));
         }
+        self.check_ids(ids)?;
         if ids.len() > self.shared.context_limit {
             return Err(Error::ContextOverflow {
                 needed: ids.len(),
@@ -264,12 +331,19 @@ impl MlxModel {
 
 /// Loads weights and builds the model, on the worker thread.
 fn build(
-    dir: &Path,
+    source: Source,
     config: &ModelConfig,
     dtype: Option<inference_core::DType>,
-    context_limit: usize,
+    context_length: usize,
 ) -> std::result::Result<(Box<dyn CausalLm>, ModelInfo), LoadError> {
-    let mut weights = Weights::load(dir)?;
+    let (mut weights, quant) = match source {
+        Source::Dir(dir) => (Weights::load(&dir)?, config.quantization),
+        Source::Gguf(file) => {
+            let arch = config.gguf_architecture.clone().unwrap_or_default();
+            let (heads, kv) = gguf::head_counts(&file, &arch);
+            gguf::weights(&file, &arch, heads, kv)?
+        }
+    };
     if let Some(d) = dtype {
         weights.cast_floats(crate::load::to_mlx_dtype(d))?;
     }
@@ -277,13 +351,80 @@ fn build(
     info.vocab_size = config.vocab_size as usize;
     info.num_layers = config.num_hidden_layers as usize;
     info.hidden_size = config.hidden_size as usize;
-    info.quant_bits = config.quantization.map(|q| q.bits as u32);
-    info.quant_group = config.quantization.map(|q| q.group_size as u32);
-    info.context_length = context_limit;
-    info.parameter_count = weights.parameter_count(config.quantization.map(|q| q.bits));
+    info.quant_bits = quant.map(|q| q.bits as u32);
+    info.quant_group = quant.map(|q| q.group_size as u32);
+    info.context_length = context_length;
+    info.parameter_count = weights.parameter_count(quant.map(|q| q.bits));
     let model = models::build(config, weights)?;
     info.dtype = crate::load::dtype_name(model.dtype()).to_owned();
     Ok((model, info))
+}
+
+/// Where a model's weights come from.
+enum Source {
+    /// A Hugging Face directory.
+    Dir(std::path::PathBuf),
+    /// A GGUF file (its map travels to the worker).
+    Gguf(GgufFile),
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Reads the configuration and the tokenizer of the model at `path` (cheap:
+/// no weights), on the caller's thread so that errors come back at once.
+fn open(path: &Path) -> Result<(ModelConfig, ModelTokenizer, Source)> {
+    let fail = |e: LoadError| e.into_error(path);
+    if is_gguf(path) {
+        let file = GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
+        let arch = file
+            .get_str("general.architecture")
+            .ok_or_else(|| {
+                fail(LoadError::Config(
+                    "GGUF has no `general.architecture`".into(),
+                ))
+            })?
+            .to_owned();
+        gguf::model_type(&arch).map_err(fail)?;
+        let tok = GgufTokenizer::from_gguf(&file, &arch).map_err(fail)?;
+        let vocab = file
+            .tensor("token_embd.weight")
+            .and_then(|t| t.shape().first().copied())
+            .ok_or_else(|| fail(LoadError::MissingTensor("token_embd.weight".into())))?;
+        let json = gguf::config_json(&file, &arch, vocab as usize).map_err(fail)?;
+        let mut config = ModelConfig::from_value(&json).map_err(fail)?;
+        config.bos_token_id = tok.bos;
+        config.eos_token_ids = tok.eos.clone();
+        config.gguf_architecture = Some(arch);
+        let tokenizer = ModelTokenizer::from_parts(
+            tok.tokenizer,
+            tok.bos,
+            tok.eos,
+            tok.chat_template,
+            tok.unk,
+            tok.pad,
+        );
+        return Ok((config, tokenizer, Source::Gguf(file)));
+    }
+    if !path.join("config.json").is_file() {
+        let why = if path.exists() {
+            "has no config.json (and is not a .gguf file)"
+        } else {
+            "does not exist"
+        };
+        return Err(Error::model_load(
+            path,
+            LoadError::Io(format!("{} {why}", path.display())),
+        ));
+    }
+    let config = ModelConfig::load(path).map_err(fail)?;
+    let tokenizer =
+        ModelTokenizer::load(path, config.bos_token_id, &config.eos_token_ids).map_err(fail)?;
+    Ok((config, tokenizer, Source::Dir(path.to_path_buf())))
 }
 
 /// Runs jobs in arrival order until the model is dropped.
@@ -292,13 +433,11 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Receiver<Job>) {
         let req = match job {
             Job::Generate(req) => req,
             Job::Logits { ids, reply } => {
-                let chunk = shared.prefill_chunk.load(Ordering::Relaxed);
-                let _ = reply.send(generate::last_logits(model, &ids, chunk));
+                let _ = reply.send(generate::last_logits(model, &ids, shared.bounds()));
                 continue;
             }
         };
-        let chunk = shared.prefill_chunk.load(Ordering::Relaxed);
-        let outcome = generate::run(model, &shared.tokenizer, &req, shared.context_limit, chunk);
+        let outcome = generate::run(model, &shared.tokenizer, &req, shared.bounds());
         *shared
             .last_metrics
             .lock()
@@ -310,14 +449,11 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Receiver<Job>) {
     }
 }
 
-/// Refuses generation options this backend does not implement yet.
+/// Refuses generation options that are invalid or that generation does not
+/// implement. Every sampling option is honoured (see `sample.rs`);
+/// `template_args` are used by `chat` and refused by `generate`.
 fn check_generate_options(opts: &GenerateOptions) -> Result<()> {
     opts.validate()?;
-    if !opts.is_greedy() || opts.uses_filters() {
-        return Err(Error::unsupported(
-            "sampling other than greedy (temperature, top-k, top-p, min-p, repeat penalty) on the MLX backend (not implemented yet)",
-        ));
-    }
     if opts.return_logits {
         return Err(Error::unsupported("return_logits for generate"));
     }
@@ -327,6 +463,11 @@ fn check_generate_options(opts: &GenerateOptions) -> Result<()> {
 impl TextModel for MlxModel {
     fn generate(&self, prompt: &str, opts: &GenerateOptions) -> Result<TokenStream> {
         check_generate_options(opts)?;
+        if !opts.template_args.is_empty() {
+            return Err(Error::unsupported(
+                "template_args for generate (a raw prompt is not templated: use chat)",
+            ));
+        }
         if prompt.is_empty() {
             return Err(Error::InvalidInput("the prompt is empty".into()));
         }
@@ -343,9 +484,8 @@ impl TextModel for MlxModel {
         if messages.is_empty() {
             return Err(Error::InvalidInput("no messages to answer".into()));
         }
-        Err(Error::unsupported(
-            "chat templates on the MLX backend (not implemented yet)",
-        ))
+        let ids = self.encode_chat(messages, opts)?;
+        self.submit(ids, opts)
     }
 
     fn info(&self) -> ModelInfo {

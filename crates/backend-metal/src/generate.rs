@@ -1,20 +1,22 @@
 //! The generation loop: chunked prefill, then decode steps kept one ahead of
 //! the consumer by MLX's lazy evaluation.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use inference_core::stop::StopStrings;
 use inference_core::{Error, FinishReason, GenerateMetrics, GenerateOptions, Token, TokenSink};
 use mlx_rs::error::Exception;
-use mlx_rs::ops::indexing::argmax_axis;
+use mlx_rs::ops::concatenate;
 use mlx_rs::transforms::{async_eval, eval};
 use mlx_rs::Array;
 
-use crate::cache::KvCache;
+use crate::cache::LayerCache;
 use crate::error::mlx_error;
 use crate::memory;
 use crate::models::layers::last_position;
 use crate::models::CausalLm;
+use crate::sample::Sampler;
 use crate::tokenizer::{ModelTokenizer, StreamDecoder};
 
 /// Prompt tokens processed per forward pass during prefill.
@@ -40,25 +42,62 @@ pub struct Outcome {
     pub end: Result<FinishReason, Error>,
 }
 
-/// The next token id of the last position of `logits` `[1, V]` (greedy).
-fn sample(logits: &Array) -> Result<Array, Exception> {
-    argmax_axis(logits, -1, false)
-}
-
-/// Runs one forward step for `ids` `[1, L]` and returns the sampled next id, lazily.
-fn step(model: &dyn CausalLm, ids: &Array, caches: &mut [KvCache]) -> Result<Array, Exception> {
+/// Runs one forward step for `ids` `[1, L]` and returns the next id drawn
+/// by `sampler` (with `recent` for its repeat penalty), lazily.
+fn step(
+    model: &dyn CausalLm,
+    ids: &Array,
+    caches: &mut [LayerCache],
+    sampler: &mut Sampler,
+    recent: Option<&Array>,
+) -> Result<Array, Exception> {
     let h = model.hidden(ids, caches)?;
-    sample(&model.logits(&last_position(&h))?)
+    sampler.sample(&model.logits(&last_position(&h))?, recent)
 }
 
-/// Runs `req` to completion, streaming into its sink. `limit` is the most
-/// positions (prompt + generated) the context may hold.
+/// The ids the repeat penalty looks at for the step after `pending`: the
+/// last of `read` (ids already read back) and `pending` (the sampled id
+/// not read yet, `[1]`), `window` in all. `None` when the penalty is off.
+fn recent_ids(
+    read: &VecDeque<u32>,
+    pending: Option<&Array>,
+    window: usize,
+) -> Result<Option<Array>, Exception> {
+    if window == 0 {
+        return Ok(None);
+    }
+    let keep = window - usize::from(pending.is_some());
+    let known: Vec<u32> = read
+        .iter()
+        .skip(read.len().saturating_sub(keep))
+        .copied()
+        .collect();
+    let known_arr = Array::from_slice(&known, &[known.len() as i32]);
+    Ok(Some(match pending {
+        None => known_arr,
+        Some(y) if known.is_empty() => y.reshape(&[1])?,
+        Some(y) => concatenate(&[known_arr, y.reshape(&[1])?], 0)?,
+    }))
+}
+
+/// How a model's calls are bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Most positions (prompt + generated) a call may use before it fails
+    /// with `ContextOverflow` (unbounded when the caches rotate).
+    pub limit: usize,
+    /// Positions each cache keeps, when a context length bounds memory.
+    pub context: Option<usize>,
+    /// Prompt tokens per prefill forward pass.
+    pub chunk: usize,
+}
+
+/// Runs `req` to completion, streaming into its sink.
 pub fn run(
     model: &dyn CausalLm,
     tokenizer: &ModelTokenizer,
     req: &Request,
-    limit: usize,
-    chunk: usize,
+    bounds: Bounds,
 ) -> Outcome {
     let (prompt, queued) = (&req.prompt, req.queued);
     let started = Instant::now();
@@ -67,7 +106,7 @@ pub fn run(
         generated: 0,
         first_token: None,
     };
-    let end = decode_loop(model, tokenizer, req, limit, chunk, &mut state);
+    let end = decode_loop(model, tokenizer, req, bounds, &mut state);
     let now = Instant::now();
     let first = state.first_token.unwrap_or(now);
     let prefill = first.saturating_duration_since(started);
@@ -92,26 +131,42 @@ fn decode_loop(
     model: &dyn CausalLm,
     tokenizer: &ModelTokenizer,
     req: &Request,
-    limit: usize,
-    chunk: usize,
+    bounds: Bounds,
     progress: &mut Progress,
 ) -> Result<FinishReason, Error> {
+    let limit = bounds.limit;
     let Request {
         prompt, opts, sink, ..
     } = req;
+    if sink.prompt(prompt.clone()).is_err() {
+        return Ok(FinishReason::Cancelled);
+    }
     let _span = tracing::debug_span!(
         "generate",
         prompt_tokens = prompt.len(),
         max_tokens = opts.max_tokens
     )
     .entered();
-    let mut caches = model.new_caches();
-    let Some(last) =
-        prefill(model, prompt, &mut caches, chunk, || sink.is_cancelled()).map_err(mlx_error)?
+    let mut caches = model.new_caches(bounds.context);
+    let Some(last) = prefill(model, prompt, &mut caches, bounds.chunk, || {
+        sink.is_cancelled()
+    })
+    .map_err(mlx_error)?
     else {
         return Ok(FinishReason::Cancelled);
     };
-    let mut y = sample(&model.logits(&last).map_err(mlx_error)?).map_err(mlx_error)?;
+    let mut sampler = Sampler::new(opts).map_err(mlx_error)?;
+    let window = sampler.penalty_window();
+    // The ids read back so far (prompt included), as far as the penalty looks.
+    let mut read: VecDeque<u32> = prompt[prompt.len().saturating_sub(window)..]
+        .iter()
+        .copied()
+        .collect();
+    let recent = recent_ids(&read, None, window).map_err(mlx_error)?;
+    let logits = model.logits(&last).map_err(mlx_error)?;
+    let mut y = sampler
+        .sample(&logits, recent.as_ref())
+        .map_err(mlx_error)?;
     async_eval([&y]).map_err(mlx_error)?;
 
     let mut detok = StreamDecoder::new(&tokenizer.inner, prompt);
@@ -125,7 +180,9 @@ fn decode_loop(
         let more = progress.generated + 1 < opts.max_tokens && context_used < limit;
         let next = if more {
             let input = y.reshape(&[1, 1]).map_err(mlx_error)?;
-            let next = step(model, &input, &mut caches).map_err(mlx_error)?;
+            let recent = recent_ids(&read, Some(&y), window).map_err(mlx_error)?;
+            let next = step(model, &input, &mut caches, &mut sampler, recent.as_ref())
+                .map_err(mlx_error)?;
             async_eval([&next]).map_err(mlx_error)?;
             Some(next)
         } else {
@@ -133,13 +190,23 @@ fn decode_loop(
         };
         let id: u32 = y.try_item_exact().map_err(mlx_error)?;
         progress.first_token.get_or_insert_with(Instant::now);
+        if window > 0 {
+            read.push_back(id);
+            if read.len() > window {
+                read.pop_front();
+            }
+        }
 
         if (!opts.ignore_eos && tokenizer.is_eos(id)) || stop_ids.contains(&id) {
             return finish_text(&mut stops, sink, FinishReason::Stop);
         }
-        let text = detok
-            .step(id)
-            .map_err(|e| Error::backend(crate::NAME, format!("detokenising id {id}: {e}")))?;
+        let detok_error = |e| Error::backend(crate::NAME, format!("detokenising id {id}: {e}"));
+        let mut text = detok.step(id).map_err(detok_error)?;
+        if next.is_none() {
+            // The last token: release a character still held back (an
+            // incomplete one as U+FFFD, as a full decode would show it).
+            text.push_str(&detok.finish().map_err(detok_error)?);
+        }
         progress.generated += 1;
         let stopped = stops.push(Token::new(id, text), &mut ready);
         for t in ready.drain(..) {
@@ -192,7 +259,7 @@ fn finish_text(
 fn prefill(
     model: &dyn CausalLm,
     prompt: &[u32],
-    caches: &mut [KvCache],
+    caches: &mut [LayerCache],
     chunk: usize,
     cancelled: impl Fn() -> bool,
 ) -> Result<Option<Array>, Exception> {
@@ -204,7 +271,7 @@ fn prefill(
         }
         let part = &prompt[start..start + chunk];
         model.hidden(&Array::from_slice(part, &[1, part.len() as i32]), caches)?;
-        let state: Vec<&Array> = caches.iter().flat_map(|c| c.arrays()).collect();
+        let state: Vec<&Array> = caches.iter().flat_map(LayerCache::arrays).collect();
         eval(state)?;
         start += chunk;
     }
@@ -214,10 +281,10 @@ fn prefill(
 }
 
 /// The f32 logits after `ids`, from a fresh cache (prefilled in chunks).
-pub fn last_logits(model: &dyn CausalLm, ids: &[u32], chunk: usize) -> Result<Vec<f32>, Error> {
+pub fn last_logits(model: &dyn CausalLm, ids: &[u32], bounds: Bounds) -> Result<Vec<f32>, Error> {
     let run = || -> Result<Vec<f32>, Exception> {
-        let mut caches = model.new_caches();
-        let last = prefill(model, ids, &mut caches, chunk, || false)?
+        let mut caches = model.new_caches(bounds.context);
+        let last = prefill(model, ids, &mut caches, bounds.chunk, || false)?
             .ok_or_else(|| Exception::custom("prefill was cancelled"))?;
         let logits = model.logits(&last)?.as_dtype(mlx_rs::Dtype::Float32)?;
         logits.eval()?;

