@@ -9,11 +9,12 @@ use mlx_rs::{Array, Dtype};
 
 /// Maps `file` read-only.
 pub fn map_file(file: &File) -> std::io::Result<Mmap> {
-    // SAFETY: the map is read-only and lives only while a model loads; the
-    // bytes are validated by `safetensors` and copied into MLX before the map
-    // is dropped. Another process truncating the file meanwhile is the one
-    // hazard no mapping can rule out (the same holds for every loader that
-    // maps weights, MLX's own included).
+    // SAFETY: the map is read-only; its readers (the safetensors loader and
+    // the GGUF reader) bounds-check every range against the mapped length
+    // before reading and copy tensors into MLX buffers, so no reference into
+    // the map outlives it. Another process truncating the file while it is
+    // mapped is the one hazard no mapping can rule out (the same holds for
+    // every loader that maps weights, MLX's own included).
     unsafe { Mmap::map(file) }
 }
 

@@ -19,6 +19,11 @@
 //! Models: the Qwen3 / Qwen2 / Llama decoder family from Hugging Face
 //! safetensors directories (f32, f16, bf16, or MLX affine-quantised).
 //!
+//! Between logits and text: [`sample`] (the sampling chain, on the device),
+//! [`template`] (chat templates with minijinja), [`ModelTokenizer`] (chat
+//! encoding without a doubled BOS) and [`StreamDecoder`] (streaming
+//! detokenisation that never splits a character).
+//!
 //! [MLX]: https://github.com/ml-explore/mlx
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
@@ -29,9 +34,12 @@ mod engine;
 mod error;
 mod ffi;
 mod generate;
+pub mod gguf;
 mod load;
 mod memory;
 mod models;
+pub mod sample;
+pub mod template;
 mod tokenizer;
 
 use std::path::Path;
@@ -41,6 +49,7 @@ use inference_core::{Availability, Backend, LoadOptions, Result, TextModel};
 
 pub use engine::MlxModel;
 pub use mlx_rs;
+pub use tokenizer::{ModelTokenizer, StreamDecoder};
 
 use device::GpuApi;
 pub use engine::Placement;

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::error::LoadError;
 use crate::ffi;
+use crate::load::config::Quantization;
 
 /// Prefixes multimodal checkpoints put before the text model's tensor names.
 const TEXT_PREFIXES: &[(&str, &str)] = &[
@@ -36,6 +37,9 @@ const OTHER_MODALITIES: &[&str] = &[
 /// needs; [`Weights::finish`] then refuses leftovers.
 pub struct Weights {
     tensors: HashMap<String, Array>,
+    /// Quantisation of individual matrices (by name without `.weight`), where
+    /// it differs from the checkpoint's.
+    quant: HashMap<String, Quantization>,
     /// The dtype of the floating-point tensors (the first one seen).
     pub float_dtype: Option<Dtype>,
 }
@@ -165,8 +169,28 @@ impl Weights {
         }
         Ok(Self {
             tensors,
+            quant: HashMap::new(),
             float_dtype,
         })
+    }
+
+    /// Weights from arrays already in memory, with per-matrix quantisation.
+    pub fn from_parts(
+        tensors: HashMap<String, Array>,
+        quant: HashMap<String, Quantization>,
+        float_dtype: Option<Dtype>,
+    ) -> Self {
+        Self {
+            tensors,
+            quant,
+            float_dtype,
+        }
+    }
+
+    /// The quantisation of the matrix `prefix` (its name without `.weight`),
+    /// when it has its own.
+    pub fn quantization_of(&self, prefix: &str) -> Option<Quantization> {
+        self.quant.get(prefix).copied()
     }
 
     /// Whether `name` is present (and not yet taken).
@@ -225,26 +249,26 @@ impl Weights {
     }
 
     /// Parameters of the model, quantised weights counted unpacked and their
-    /// scales and biases not counted.
+    /// scales and biases not counted. `bits` is the checkpoint's quantisation.
     pub fn parameter_count(&self, bits: Option<i32>) -> u64 {
-        let quantised = |name: &str| {
-            name.strip_suffix(".weight")
-                .is_some_and(|p| self.tensors.contains_key(&format!("{p}.scales")))
+        let prefix = |name: &str| {
+            name.rsplit_once('.')
+                .map_or(String::new(), |(p, _)| p.to_owned())
         };
+        let quantised = |p: &str| self.tensors.contains_key(&format!("{p}.scales"));
         self.tensors
             .iter()
             .map(|(name, a)| {
+                let p = prefix(name);
                 let n = a.size() as u64;
-                match bits {
-                    Some(b) if b > 0 && quantised(name) => n * 32 / b as u64,
-                    _ if name.ends_with(".scales") || name.ends_with(".biases") => {
-                        let p = name.rsplit_once('.').map_or("", |(p, _)| p);
-                        if self.tensors.contains_key(&format!("{p}.scales")) && bits.is_some() {
-                            0
-                        } else {
-                            n
-                        }
-                    }
+                if !quantised(&p) {
+                    return n;
+                }
+                if name.ends_with(".scales") || name.ends_with(".biases") {
+                    return 0;
+                }
+                match self.quantization_of(&p).map(|q| q.bits).or(bits) {
+                    Some(b) if b > 0 && name.ends_with(".weight") => n * 32 / b as u64,
                     _ => n,
                 }
             })
