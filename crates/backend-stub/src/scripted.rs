@@ -71,7 +71,11 @@ impl ScriptedModelBuilder {
 /// A deterministic [`TextModel`] for tests: every call replays the script from
 /// its start (cycling when `max_tokens` asks for more), greedy by nature.
 ///
-/// A prompt counts one token per whitespace-separated word. Calls queue on one
+/// A prompt counts one token per whitespace-separated word, and the model has
+/// no vocabulary for prompts: the prompt ids it announces (see
+/// [`TokenStream::prompt_ids`]) are the words' positions, `0, 1, 2, …`
+/// (for [`chat`](TextModel::chat), of the words of the messages rendered as
+/// `role: content` lines). Calls queue on one
 /// worker thread the model owns, so concurrent calls never interleave.
 /// Sampling options (temperature above 0 and the filters), chat-template
 /// arguments and `return_logits` are refused with [`Error::Unsupported`].
@@ -172,12 +176,17 @@ impl Shared {
         let _span = tracing::debug_span!("generate", model = MODEL_TYPE, prompt_tokens).entered();
         let started = Instant::now();
         let mut first_token_at = None;
+        // No vocabulary for prompts: each word's position is its id.
+        let prompt_ids = (0..prompt_tokens)
+            .map(|i| TokenId::try_from(i).unwrap_or(TokenId::MAX))
+            .collect();
+        let announced = sink.prompt(prompt_ids).is_ok();
         let mut stops = StopStrings::new(&opts.stop_strings);
         let mut ready = Vec::new();
         let mut generated = 0;
         let mut reason = FinishReason::Length;
         'steps: for token in self.script.iter().cycle().take(opts.max_tokens) {
-            if sink.is_cancelled() {
+            if !announced || sink.is_cancelled() {
                 reason = FinishReason::Cancelled;
                 break;
             }
@@ -367,6 +376,28 @@ mod tests {
             Err(Error::Unsupported { .. })
         ));
         assert!(ScriptedModel::builder(Vec::new()).build().is_err());
+    }
+
+    #[test]
+    fn announces_word_positions_as_prompt_ids() {
+        let model = words();
+        let mut s = model
+            .generate("what is  the answer", &GenerateOptions::new().max_tokens(2))
+            .unwrap();
+        assert_eq!(s.prompt_ids(), None);
+        assert_eq!(s.collect_text().unwrap(), "The answer");
+        assert_eq!(s.prompt_ids(), Some(&[0, 1, 2, 3][..]));
+        assert_eq!(s.metrics().unwrap().prompt_tokens, 4);
+
+        // chat: the rendered `role: content` lines, word by word.
+        let mut s = model
+            .chat(
+                &[Message::system("be brief"), Message::user("hi there")],
+                &GenerateOptions::new().max_tokens(1),
+            )
+            .unwrap();
+        s.collect_text().unwrap();
+        assert_eq!(s.prompt_ids(), Some(&[0, 1, 2, 3, 4, 5][..]));
     }
 
     #[test]

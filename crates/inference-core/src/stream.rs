@@ -4,6 +4,10 @@
 //! [`TokenStream`] to the caller and feeds the [`TokenSink`] from its engine
 //! worker. The sink sees cancellation (the stream dropped, or a
 //! [`CancelHandle`] used) and the engine checks it at every step.
+//!
+//! Before its first token the engine announces the prompt's token ids with
+//! [`TokenSink::prompt`]; the consumer reads them with
+//! [`TokenStream::prompt_ids`] once the first item has been received.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,11 +18,12 @@ use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::stream::{FusedStream, Stream};
 
 use crate::error::{Error, Result};
-use crate::types::{FinishReason, GenerateMetrics, Token};
+use crate::types::{FinishReason, GenerateMetrics, Token, TokenId};
 
 /// What the engine sends down the channel.
 #[derive(Debug)]
 enum Event {
+    Prompt(Vec<TokenId>),
     Token(Token),
     Finished {
         metrics: GenerateMetrics,
@@ -89,6 +94,7 @@ pub struct TokenStream {
     rx: UnboundedReceiver<Event>,
     cancel: CancelHandle,
     ending: Option<Ending>,
+    prompt: Option<Vec<TokenId>>,
 }
 
 /// The engine's end of a [`TokenStream`].
@@ -112,6 +118,7 @@ impl TokenStream {
                 rx,
                 cancel,
                 ending: None,
+                prompt: None,
             },
         )
     }
@@ -152,6 +159,17 @@ impl TokenStream {
         self.ending.as_ref().map(|e| e.reason)
     }
 
+    /// The token ids the model ran as the prompt (after templating, special
+    /// tokens included), as the engine announced them with
+    /// [`TokenSink::prompt`].
+    ///
+    /// Available once the first item has been received (or the stream has
+    /// ended): the engine announces them before its first token. `None`
+    /// before that, and for backends that do not announce them.
+    pub fn prompt_ids(&self) -> Option<&[TokenId]> {
+        self.prompt.as_deref()
+    }
+
     /// Whether the stream has ended.
     pub fn is_finished(&self) -> bool {
         self.ending.is_some()
@@ -180,28 +198,36 @@ impl Stream for TokenStream {
         if this.ending.is_some() {
             return Poll::Ready(None);
         }
-        let event = match Pin::new(&mut this.rx).poll_next(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(event) => event,
-        };
-        Poll::Ready(match event {
-            Some(Event::Token(token)) => Some(Ok(token)),
-            Some(Event::Finished { metrics, reason }) => {
-                this.end(reason, Some(metrics));
-                None
-            }
-            Some(Event::Failed(error)) => {
-                this.end(FinishReason::Error, None);
-                Some(Err(error))
-            }
-            None => {
-                this.end(FinishReason::Error, None);
-                Some(Err(Error::backend(
-                    "engine",
-                    "the generation ended without reporting a result (worker stopped)",
-                )))
-            }
-        })
+        loop {
+            let event = match Pin::new(&mut this.rx).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(event) => event,
+            };
+            let item = match event {
+                // Not an item: remember the ids and look at the next event.
+                Some(Event::Prompt(ids)) => {
+                    this.prompt = Some(ids);
+                    continue;
+                }
+                Some(Event::Token(token)) => Some(Ok(token)),
+                Some(Event::Finished { metrics, reason }) => {
+                    this.end(reason, Some(metrics));
+                    None
+                }
+                Some(Event::Failed(error)) => {
+                    this.end(FinishReason::Error, None);
+                    Some(Err(error))
+                }
+                None => {
+                    this.end(FinishReason::Error, None);
+                    Some(Err(Error::backend(
+                        "engine",
+                        "the generation ended without reporting a result (worker stopped)",
+                    )))
+                }
+            };
+            return Poll::Ready(item);
+        }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -233,6 +259,17 @@ impl TokenSink {
     /// Whether the consumer dropped the stream or cancelled it.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled() || self.tx.is_closed()
+    }
+
+    /// Announces the prompt's token ids (after templating, special tokens
+    /// included) to the consumer, who reads them with
+    /// [`TokenStream::prompt_ids`]. Call it once, before the first
+    /// [`send`](Self::send); a later call replaces the ids announced before.
+    /// [`Error::Cancelled`] when the consumer is gone.
+    pub fn prompt(&self, ids: Vec<TokenId>) -> Result<()> {
+        self.tx
+            .unbounded_send(Event::Prompt(ids))
+            .map_err(|_| Error::Cancelled)
     }
 
     /// Hands a token to the consumer; [`Error::Cancelled`] when the consumer is
@@ -324,5 +361,58 @@ mod tests {
         sink.finish(GenerateMetrics::default(), FinishReason::Cancelled);
         assert_eq!(stream.collect_text().unwrap(), "x");
         assert_eq!(stream.finish_reason(), Some(FinishReason::Cancelled));
+    }
+
+    #[test]
+    fn prompt_ids_arrive_with_the_first_item() {
+        let (sink, mut stream) = TokenStream::channel();
+        assert_eq!(stream.prompt_ids(), None);
+        sink.prompt(vec![5, 6, 7]).unwrap();
+        sink.send(Token::new(1, "a")).unwrap();
+        // Announced, but not yet received.
+        assert_eq!(stream.prompt_ids(), None);
+        assert_eq!(stream.next().unwrap().unwrap(), Token::new(1, "a"));
+        assert_eq!(stream.prompt_ids(), Some(&[5, 6, 7][..]));
+        sink.finish(GenerateMetrics::default(), FinishReason::Stop);
+        assert!(stream.next().is_none());
+        assert_eq!(stream.prompt_ids(), Some(&[5, 6, 7][..]));
+    }
+
+    #[test]
+    fn prompt_ids_of_a_call_that_yields_no_token() {
+        // The prompt event is not an item: a stream that ends at once still
+        // reports its prompt, and yields nothing for it.
+        let (sink, mut stream) = TokenStream::channel();
+        sink.prompt(vec![1, 2]).unwrap();
+        sink.finish(GenerateMetrics::default(), FinishReason::Stop);
+        assert!(stream.next().is_none());
+        assert_eq!(stream.prompt_ids(), Some(&[1, 2][..]));
+        assert_eq!(stream.finish_reason(), Some(FinishReason::Stop));
+
+        // A later announcement replaces the earlier one.
+        let (sink, mut stream) = TokenStream::channel();
+        sink.prompt(vec![1]).unwrap();
+        sink.prompt(vec![3, 4]).unwrap();
+        sink.finish(GenerateMetrics::default(), FinishReason::Length);
+        assert_eq!(stream.collect_tokens().unwrap(), Vec::new());
+        assert_eq!(stream.prompt_ids(), Some(&[3, 4][..]));
+    }
+
+    #[test]
+    fn prompt_to_a_dropped_stream_is_cancelled() {
+        let (sink, stream) = TokenStream::channel();
+        drop(stream);
+        assert!(matches!(sink.prompt(vec![1]), Err(Error::Cancelled)));
+    }
+
+    #[test]
+    fn async_consumers_see_the_prompt_too() {
+        let (sink, mut stream) = TokenStream::channel();
+        sink.prompt(vec![9]).unwrap();
+        sink.send(Token::new(1, "x")).unwrap();
+        sink.finish(GenerateMetrics::default(), FinishReason::Stop);
+        let first = futures::executor::block_on(stream.recv());
+        assert_eq!(first.unwrap().unwrap().text, "x");
+        assert_eq!(stream.prompt_ids(), Some(&[9][..]));
     }
 }

@@ -118,6 +118,16 @@ pub struct ModelInfo {
     pub dtype: String,
     /// Number of parameters (quantised weights counted unpacked).
     pub parameter_count: u64,
+    /// Whether the model ships its own chat template (for example
+    /// `tokenizer_config.json`'s `chat_template`, a `chat_template.jinja` file
+    /// or GGUF's `tokenizer.chat_template`). A built-in fallback template that
+    /// a backend picks for a model without one does not count.
+    ///
+    /// Front ends use it to choose between [`chat`](crate::TextModel::chat)
+    /// and a raw [`generate`](crate::TextModel::generate) by default.
+    /// Absent from serialised data written before it existed: `false`.
+    #[serde(default)]
+    pub chat_template: bool,
 }
 
 impl ModelInfo {
@@ -270,5 +280,28 @@ impl BatchResult {
     /// The concatenated text of the tokens.
     pub fn text(&self) -> String {
         self.tokens.iter().map(|t| t.text.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_info_chat_template_defaults_to_false_and_round_trips() {
+        let mut info = ModelInfo::new("qwen3");
+        assert!(!info.chat_template);
+        info.chat_template = true;
+        let json = serde_json::to_value(&info).unwrap();
+        assert_eq!(json["chat_template"], serde_json::Value::Bool(true));
+        let back: ModelInfo = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, info);
+
+        // Data written before the field existed still reads, as "no template".
+        let mut old = json;
+        old.as_object_mut().unwrap().remove("chat_template");
+        let back: ModelInfo = serde_json::from_value(old).unwrap();
+        assert!(!back.chat_template);
+        assert_eq!(back.architecture, "qwen3");
     }
 }

@@ -1,0 +1,217 @@
+//! Flags shared by the subcommands that load a model: which model, where,
+//! and how to generate.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use inference_core::{GenerateOptions, LoadOptions};
+
+use crate::error::CliError;
+
+/// How a subcommand writes its result on stdout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Text for people.
+    #[default]
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// Which model to load, with which backend, and how.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// The model: a Hugging Face directory (config.json, tokenizer,
+    /// *.safetensors) or a .gguf file. Default: $INFER_MODEL, else
+    /// .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf of the enclosing
+    /// workspace (of the current directory, then of the binary).
+    #[arg(long, short = 'm', value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// The backend to load with (see `infer backends`); default: the
+    /// available backend of highest priority.
+    #[arg(long, short = 'b', value_name = "NAME")]
+    pub backend: Option<String>,
+
+    /// Layers on the GPU: -1 the backend's default device, 0 the CPU.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub gpu_layers: Option<i32>,
+
+    /// Bound the context (and the KV cache) to N tokens; default: the
+    /// model's own length.
+    #[arg(long, value_name = "N")]
+    pub context_len: Option<usize>,
+}
+
+impl ModelArgs {
+    /// The load options these flags ask for (without the backend, which
+    /// [`crate::load::load`] picks), validated: a bad value is a usage error.
+    pub fn load_options(&self) -> Result<LoadOptions, CliError> {
+        let mut opts = LoadOptions::new();
+        if let Some(n) = self.gpu_layers {
+            opts = opts.gpu_layers(n);
+        }
+        if let Some(n) = self.context_len {
+            opts = opts.context_len(n);
+        }
+        opts.validate()?;
+        Ok(opts)
+    }
+}
+
+/// How to generate: length, sampling, stops and chat-template variables.
+#[derive(Debug, Clone, Args)]
+pub struct GenerationArgs {
+    /// Most tokens to generate [default: 256].
+    #[arg(long, short = 'n', value_name = "N")]
+    pub max_tokens: Option<usize>,
+
+    /// Sampling temperature; 0 is greedy [default: 0].
+    #[arg(long, short = 't', value_name = "T", allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+
+    /// Keep only the K most likely tokens; 0 is off.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+
+    /// Nucleus sampling threshold in [0, 1]; 0 and 1 are off.
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+
+    /// Drop tokens less likely than P × the most likely one; 0 is off.
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+
+    /// Penalise recently seen tokens; values ≤ 1 are off [default: 1].
+    #[arg(long, value_name = "R", allow_negative_numbers = true)]
+    pub repeat_penalty: Option<f32>,
+
+    /// How many recent tokens the repeat penalty looks at [default: 64].
+    #[arg(long, value_name = "N")]
+    pub repeat_last_n: Option<usize>,
+
+    /// Seed of the sampler (the same seed repeats its tokens); default:
+    /// from entropy.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+
+    /// Stop when the output contains TEXT (not printed); repeatable.
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+
+    /// Keep generating past end-of-sequence tokens, up to --max-tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+
+    /// A chat-template variable, e.g. enable_thinking=false; VALUE is read as
+    /// JSON when it is JSON, as a string otherwise; repeatable.
+    #[arg(long = "template-arg", value_name = "KEY=VALUE", value_parser = parse_template_arg)]
+    pub template_args: Vec<(String, serde_json::Value)>,
+}
+
+impl GenerationArgs {
+    /// The generation options these flags ask for, validated: a bad value is
+    /// a usage error.
+    pub fn options(&self) -> Result<GenerateOptions, CliError> {
+        let mut opts = GenerateOptions::new();
+        if let Some(n) = self.max_tokens {
+            opts = opts.max_tokens(n);
+        }
+        if let Some(t) = self.temperature {
+            opts = opts.temperature(t);
+        }
+        if let Some(k) = self.top_k {
+            opts = opts.top_k(k);
+        }
+        if let Some(p) = self.top_p {
+            opts = opts.top_p(p);
+        }
+        if let Some(p) = self.min_p {
+            opts = opts.min_p(p);
+        }
+        if let Some(r) = self.repeat_penalty {
+            opts = opts.repeat_penalty(r);
+        }
+        if let Some(n) = self.repeat_last_n {
+            opts = opts.repeat_last_n(n);
+        }
+        if let Some(s) = self.seed {
+            opts = opts.seed(s);
+        }
+        for s in &self.stop {
+            opts = opts.stop_string(s.clone());
+        }
+        opts = opts.ignore_eos(self.ignore_eos);
+        for (key, value) in &self.template_args {
+            opts = opts.template_arg(key.clone(), value.clone());
+        }
+        opts.validate()?;
+        Ok(opts)
+    }
+}
+
+/// Parses `KEY=VALUE`: VALUE as JSON when it parses (`true`, `3`, `"x"`,
+/// `[1, 2]`), as a plain string otherwise.
+pub fn parse_template_arg(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("the key is empty in {s:?}"));
+    }
+    let value =
+        serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+    Ok((key.to_owned(), value))
+}
+
+/// The command-line flag of an option field that
+/// [`GenerateOptions::validate`] or [`LoadOptions::validate`] names.
+pub fn flag_of(field: &str) -> String {
+    match field {
+        "stop_strings" => "--stop".to_owned(),
+        "template_args" => "--template-arg".to_owned(),
+        "backend" => "--backend".to_owned(),
+        other => format!("--{}", other.replace('_', "-")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn template_args_are_json_or_strings() {
+        assert_eq!(
+            parse_template_arg("enable_thinking=false").unwrap(),
+            ("enable_thinking".to_owned(), json!(false))
+        );
+        assert_eq!(
+            parse_template_arg("n=3").unwrap(),
+            ("n".to_owned(), json!(3))
+        );
+        assert_eq!(
+            parse_template_arg("name=Ada Lovelace").unwrap(),
+            ("name".to_owned(), json!("Ada Lovelace"))
+        );
+        assert_eq!(
+            parse_template_arg("eq=a=b").unwrap(),
+            ("eq".to_owned(), json!("a=b"))
+        );
+        assert_eq!(
+            parse_template_arg("empty=").unwrap(),
+            ("empty".to_owned(), json!(""))
+        );
+        assert!(parse_template_arg("no-equals").is_err());
+        assert!(parse_template_arg("=value").is_err());
+    }
+
+    #[test]
+    fn option_fields_map_to_their_flags() {
+        assert_eq!(flag_of("top_p"), "--top-p");
+        assert_eq!(flag_of("max_tokens"), "--max-tokens");
+        assert_eq!(flag_of("stop_strings"), "--stop");
+        assert_eq!(flag_of("context_len"), "--context-len");
+    }
+}

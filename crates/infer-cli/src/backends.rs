@@ -1,0 +1,102 @@
+//! `infer backends`: every registered backend, available or not.
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::args::Format;
+use crate::error::CliError;
+use crate::output::json_out;
+
+/// Flags of `infer backends`.
+#[derive(Debug, Clone, Args)]
+pub struct BackendsArgs {
+    /// text: a table; json: one object {"default", "backends": [...]}.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+/// One backend, as listed.
+#[derive(Debug, Serialize)]
+struct Row {
+    name: String,
+    available: bool,
+    /// Why it is unavailable; `null` when available.
+    reason: Option<String>,
+    device: String,
+    priority: i32,
+}
+
+/// The `--format json` document.
+#[derive(Debug, Serialize)]
+struct Listing {
+    /// The backend a load without `--backend` uses; `null` when none is
+    /// available.
+    default: Option<String>,
+    backends: Vec<Row>,
+}
+
+fn listing() -> Listing {
+    let backends = inference_core::backends()
+        .iter()
+        .map(|b| {
+            let availability = b.available();
+            Row {
+                name: b.name().to_owned(),
+                available: availability.is_available(),
+                reason: availability.reason().map(str::to_owned),
+                device: b.device(),
+                priority: b.priority(),
+            }
+        })
+        .collect();
+    Listing {
+        default: inference_core::default_backend()
+            .ok()
+            .map(|b| b.name().to_owned()),
+        backends,
+    }
+}
+
+/// Runs `infer backends`.
+pub fn run(args: &BackendsArgs) -> Result<(), CliError> {
+    let listing = listing();
+    match args.format {
+        Format::Json => json_out(&listing),
+        Format::Text => {
+            let name_width = listing
+                .backends
+                .iter()
+                .map(|r| r.name.len())
+                .chain([4])
+                .max()
+                .unwrap_or(4);
+            let device_width = listing
+                .backends
+                .iter()
+                .map(|r| r.device.len())
+                .chain([6])
+                .max()
+                .unwrap_or(6);
+            let mut text = format!(
+                "{:name_width$}  {:9}  {:device_width$}  NOTE\n",
+                "NAME", "AVAILABLE", "DEVICE"
+            );
+            for r in &listing.backends {
+                let note = match (&r.reason, listing.default.as_deref() == Some(&r.name)) {
+                    (Some(reason), _) => reason.clone(),
+                    (None, true) => "default".to_owned(),
+                    (None, false) => String::new(),
+                };
+                let line = format!(
+                    "{:name_width$}  {:9}  {:device_width$}  {note}",
+                    r.name,
+                    if r.available { "yes" } else { "no" },
+                    r.device
+                );
+                text.push_str(line.trim_end());
+                text.push('\n');
+            }
+            crate::output::stream_out(&text).map(|_| ())
+        }
+    }
+}

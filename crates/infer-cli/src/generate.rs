@@ -1,0 +1,330 @@
+//! `infer generate`: one prompt (or conversation) in, one answer out.
+
+use std::fs;
+use std::io::{self, IsTerminal, Read};
+use std::path::PathBuf;
+
+use clap::Args;
+use inference_core::{
+    FinishReason, GenerateMetrics, GenerateOptions, Message, TextModel, TokenId, TokenStream,
+};
+use serde::Serialize;
+
+use crate::args::{Format, GenerationArgs, ModelArgs};
+use crate::error::CliError;
+use crate::interrupt::Interrupt;
+use crate::load;
+use crate::output::{json_out, stats_line, stream_out};
+
+/// Flags of `infer generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+
+    #[command(flatten)]
+    generation: GenerationArgs,
+
+    /// Render the prompt with the model's chat template (a built-in one when
+    /// the model ships none). Default: chat when the model ships a template,
+    /// raw otherwise.
+    #[arg(long, conflicts_with_all = ["raw", "messages"])]
+    chat: bool,
+
+    /// Encode the prompt as is, with the tokenizer's own special-token rules.
+    #[arg(long, conflicts_with_all = ["messages", "system", "template_args"])]
+    raw: bool,
+
+    /// Answer the conversation in FILE: a JSON array of {"role", "content"}
+    /// objects (roles system, user, assistant); implies chat mode.
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["prompt", "system"])]
+    messages: Option<PathBuf>,
+
+    /// A system message before the prompt (chat mode).
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+
+    /// text: stream the answer; json: print one JSON object at the end.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+
+    /// The prompt. Without it (and without --messages) the prompt is read
+    /// from stdin, less one trailing line break.
+    prompt: Option<String>,
+}
+
+/// What to answer.
+#[derive(Debug, Clone, PartialEq)]
+enum Input {
+    /// A prompt from the command line or stdin.
+    Prompt(String),
+    /// A conversation from `--messages`.
+    Messages(Vec<Message>),
+}
+
+/// How the prompt reaches the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Through the chat template ([`TextModel::chat`]).
+    Chat,
+    /// As is ([`TextModel::generate`]).
+    Raw,
+}
+
+/// The `--format json` document.
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    model_type: &'a str,
+    backend: &'a str,
+    device: &'a str,
+    /// `null` when the backend does not announce its prompt ids.
+    prompt_ids: Option<&'a [TokenId]>,
+    ids: &'a [TokenId],
+    text: &'a str,
+    finish_reason: FinishReason,
+    metrics: Option<&'a GenerateMetrics>,
+}
+
+/// Runs `infer generate`.
+pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
+    let opts = args.generation.options()?;
+    let load_opts = args.model.load_options()?;
+    let input = read_input(args)?;
+    let interrupt = Interrupt::install()?;
+    let loaded = load::load(&args.model, load_opts, quiet)?;
+    let model = &*loaded.model;
+    let mode = choose_mode(args, &input, model.info().chat_template)?;
+    tracing::info!(?mode, "generating");
+    let mut stream = start(model, mode, input, args.system.as_deref(), &opts)?;
+
+    let watch = interrupt.watch(stream.cancel_handle());
+    let mut ids = Vec::new();
+    let mut text = String::new();
+    let mut failure = None;
+    for item in stream.by_ref() {
+        match item {
+            Ok(token) => {
+                ids.push(token.id);
+                text.push_str(&token.text);
+                if args.format == Format::Text && !stream_out(&token.text)? {
+                    // Nobody reads stdout any more: stop quietly.
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    drop(watch);
+    let interrupted = interrupt.was_hit();
+    if args.format == Format::Text && !text.is_empty() && !text.ends_with('\n') {
+        stream_out("\n")?;
+    }
+    if let Some(e) = failure {
+        return Err(if interrupted {
+            CliError::Interrupted
+        } else {
+            e.into()
+        });
+    }
+    let reason = match stream.finish_reason() {
+        Some(r) => r,
+        None if interrupted => FinishReason::Cancelled,
+        None => FinishReason::Error,
+    };
+    if args.format == Format::Json {
+        json_out(&Report {
+            model_type: model.model_type(),
+            backend: &loaded.backend,
+            device: &loaded.device,
+            prompt_ids: stream.prompt_ids(),
+            ids: &ids,
+            text: &text,
+            finish_reason: reason,
+            metrics: stream.metrics(),
+        })?;
+    }
+    if let (false, Some(m)) = (quiet, stream.metrics()) {
+        eprintln!("{}", stats_line(m, Some(reason)));
+    }
+    if interrupted {
+        return Err(CliError::Interrupted);
+    }
+    Ok(())
+}
+
+/// The prompt or conversation the flags (or stdin) give.
+fn read_input(args: &GenerateArgs) -> Result<Input, CliError> {
+    if let Some(path) = &args.messages {
+        let what = || format!("cannot read {}", path.display());
+        let text = fs::read_to_string(path).map_err(|e| CliError::io(what(), e))?;
+        let messages: Vec<Message> = serde_json::from_str(&text).map_err(|e| {
+            CliError::Input(format!(
+                "{}: expected a JSON array of {{\"role\", \"content\"}} messages: {e}",
+                path.display()
+            ))
+        })?;
+        if messages.is_empty() {
+            return Err(CliError::Input(format!(
+                "{}: the conversation has no messages",
+                path.display()
+            )));
+        }
+        return Ok(Input::Messages(messages));
+    }
+    let prompt = match &args.prompt {
+        Some(p) => p.clone(),
+        None => {
+            let stdin = io::stdin();
+            if stdin.is_terminal() {
+                return Err(CliError::Usage(
+                    "no prompt: give PROMPT, --messages FILE.json, or pipe the prompt on stdin"
+                        .into(),
+                ));
+            }
+            let mut s = String::new();
+            stdin
+                .lock()
+                .read_to_string(&mut s)
+                .map_err(|e| CliError::io("cannot read the prompt from stdin", e))?;
+            strip_one_line_break(s)
+        }
+    };
+    if prompt.trim().is_empty() {
+        return Err(CliError::Usage("the prompt is empty".into()));
+    }
+    Ok(Input::Prompt(prompt))
+}
+
+/// `s` less one trailing `\n` or `\r\n`.
+fn strip_one_line_break(mut s: String) -> String {
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    s
+}
+
+/// The default-mode rule: `--messages` and `--chat` mean chat, `--raw` raw;
+/// otherwise chat when the model ships a chat template, raw when it does not.
+fn choose_mode(args: &GenerateArgs, input: &Input, ships_template: bool) -> Result<Mode, CliError> {
+    if matches!(input, Input::Messages(_)) || args.chat {
+        return Ok(Mode::Chat);
+    }
+    if args.raw {
+        return Ok(Mode::Raw);
+    }
+    if ships_template {
+        return Ok(Mode::Chat);
+    }
+    if args.system.is_some() || !args.generation.template_args.is_empty() {
+        return Err(CliError::Usage(
+            "the model ships no chat template, so the prompt runs raw, where --system and \
+             --template-arg mean nothing: add --chat to use a built-in template"
+                .into(),
+        ));
+    }
+    Ok(Mode::Raw)
+}
+
+/// Starts the generation.
+fn start(
+    model: &dyn TextModel,
+    mode: Mode,
+    input: Input,
+    system: Option<&str>,
+    opts: &GenerateOptions,
+) -> Result<TokenStream, CliError> {
+    let stream = match (mode, input) {
+        (_, Input::Messages(messages)) => model.chat(&messages, opts),
+        (Mode::Raw, Input::Prompt(prompt)) => model.generate(&prompt, opts),
+        (Mode::Chat, Input::Prompt(prompt)) => {
+            let mut messages = Vec::with_capacity(2);
+            if let Some(s) = system {
+                messages.push(Message::system(s));
+            }
+            messages.push(Message::user(prompt));
+            model.chat(&messages, opts)
+        }
+    };
+    Ok(stream?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GenerateArgs,
+    }
+
+    fn parse(argv: &[&str]) -> GenerateArgs {
+        let mut full = vec!["generate"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full).unwrap().args
+    }
+
+    fn prompt() -> Input {
+        Input::Prompt("hi".into())
+    }
+
+    #[test]
+    fn default_mode_follows_the_template() {
+        let a = parse(&["hi"]);
+        assert_eq!(choose_mode(&a, &prompt(), true).unwrap(), Mode::Chat);
+        assert_eq!(choose_mode(&a, &prompt(), false).unwrap(), Mode::Raw);
+    }
+
+    #[test]
+    fn flags_force_the_mode() {
+        let a = parse(&["--chat", "hi"]);
+        assert_eq!(choose_mode(&a, &prompt(), false).unwrap(), Mode::Chat);
+        let a = parse(&["--raw", "hi"]);
+        assert_eq!(choose_mode(&a, &prompt(), true).unwrap(), Mode::Raw);
+        let a = parse(&["--messages", "m.json"]);
+        let msgs = Input::Messages(vec![Message::user("hi")]);
+        assert_eq!(choose_mode(&a, &msgs, false).unwrap(), Mode::Chat);
+    }
+
+    #[test]
+    fn chat_only_flags_on_a_raw_default_are_usage_errors() {
+        let a = parse(&["--system", "be brief", "hi"]);
+        assert_eq!(choose_mode(&a, &prompt(), true).unwrap(), Mode::Chat);
+        assert!(matches!(
+            choose_mode(&a, &prompt(), false),
+            Err(CliError::Usage(_))
+        ));
+        let a = parse(&["--template-arg", "enable_thinking=false", "hi"]);
+        assert!(matches!(
+            choose_mode(&a, &prompt(), false),
+            Err(CliError::Usage(_))
+        ));
+    }
+
+    #[test]
+    fn conflicting_modes_do_not_parse() {
+        for argv in [
+            &["generate", "--chat", "--raw", "hi"][..],
+            &["generate", "--raw", "--system", "s", "hi"],
+            &["generate", "--raw", "--template-arg", "a=1", "hi"],
+            &["generate", "--messages", "m.json", "hi"],
+            &["generate", "--messages", "m.json", "--chat"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn one_trailing_line_break_is_dropped() {
+        assert_eq!(strip_one_line_break("a\n\n".into()), "a\n");
+        assert_eq!(strip_one_line_break("a\r\n".into()), "a");
+        assert_eq!(strip_one_line_break("a".into()), "a");
+    }
+}

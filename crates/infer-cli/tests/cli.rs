@@ -1,0 +1,780 @@
+//! Integration tests of the `infer` binary, run as a process on the fixture
+//! models of `tests/fixtures/models` with the MLX backend (on the CPU unless
+//! `MLX_DEVICE=gpu`).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+const INFER: &str = env!("CARGO_BIN_EXE_infer");
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+/// `MLX_DEVICE=gpu` runs on MLX's default device; otherwise the CPU.
+fn gpu_layers() -> &'static str {
+    if std::env::var("MLX_DEVICE").is_ok_and(|d| d == "gpu") {
+        "-1"
+    } else {
+        "0"
+    }
+}
+
+/// The binary with a clean environment for the things it reads, and no stdin.
+fn infer() -> Command {
+    let mut c = Command::new(INFER);
+    c.env_remove("INFER_MODEL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    infer().args(args).output().expect("run infer")
+}
+
+/// `infer generate --model <model> --gpu-layers N <args>`.
+fn generate(model: &Path, args: &[&str]) -> Output {
+    let model = model.to_str().expect("UTF-8 path");
+    let mut full = vec!["generate", "--model", model, "--gpu-layers", gpu_layers()];
+    full.extend_from_slice(args);
+    run(&full)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+/// Asserts success and returns stdout parsed as exactly one JSON document.
+fn json_of(o: &Output) -> Value {
+    assert_eq!(code(o), 0, "stderr: {}", stderr(o));
+    let text = stdout(o);
+    assert_eq!(text.lines().count(), 1, "one line of JSON expected: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not one JSON document ({e}): {text}"))
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_u64().expect("an id"))
+        .collect()
+}
+
+/// The `prompt_ids` of a JSON report.
+fn prompt_ids(v: &Value) -> Vec<u64> {
+    assert!(
+        v["prompt_ids"].is_array(),
+        "no prompt_ids: the backend does not announce them (TokenSink::prompt): {v}"
+    );
+    ids(&v["prompt_ids"])
+}
+
+/// Asserts the status and that stderr is one `error: ` line, no panic trace.
+fn assert_error(o: &Output, status: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(code(o), status, "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected: {err:?}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    assert!(o.stdout.is_empty(), "stdout: {}", stdout(o));
+}
+
+/// A copy of fixture `name` whose tokenizer_config.json has no chat template.
+fn without_template(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for entry in fs::read_dir(fixture(name)).expect("fixture") {
+        let path = entry.expect("entry").path();
+        let file = path.file_name().expect("name");
+        fs::copy(&path, tmp.path().join(file)).expect("copy");
+    }
+    let config_path = tmp.path().join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&fs::read_to_string(&config_path).expect("read")).expect("JSON");
+    assert!(config
+        .as_object_mut()
+        .expect("object")
+        .remove("chat_template")
+        .is_some());
+    fs::write(&config_path, config.to_string()).expect("write");
+    tmp
+}
+
+/// The prompt ids of a one-token generation.
+fn prompt_ids_of(model: &Path, args: &[&str]) -> Vec<u64> {
+    let mut full = vec!["--format", "json", "--max-tokens", "1"];
+    full.extend_from_slice(args);
+    let v = json_of(&generate(model, &full));
+    prompt_ids(&v)
+}
+
+#[test]
+fn backends_json_lists_mlx_metal_and_stub_with_availability() {
+    let v = json_of(&run(&["backends", "--format", "json"]));
+    let rows = v["backends"].as_array().expect("backends array");
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
+    for name in ["metal", "mlx", "stub"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    for r in rows {
+        let available = r["available"].as_bool().expect("available is a bool");
+        assert!(r["device"].as_str().is_some_and(|d| !d.is_empty()), "{r}");
+        assert!(r["priority"].is_i64(), "{r}");
+        // A reason exactly when unavailable.
+        match r["reason"].as_str() {
+            Some(reason) => assert!(!available && !reason.is_empty(), "{r}"),
+            None => assert!(available && r["reason"].is_null(), "{r}"),
+        }
+    }
+    let row = |name: &str| rows.iter().find(|r| r["name"] == name).expect("row");
+    assert_eq!(row("stub")["available"], false);
+    assert!(row("stub")["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("runs no models")));
+    // The MLX runtime is linked into this binary and works on this machine.
+    assert_eq!(row("mlx")["available"], true, "{}", row("mlx"));
+    assert_eq!(
+        row("metal")["available"],
+        cfg!(target_os = "macos"),
+        "{}",
+        row("metal")
+    );
+    // The default is the available backend of highest priority, never the stub.
+    let best = rows
+        .iter()
+        .filter(|r| r["available"] == true)
+        .max_by_key(|r| r["priority"].as_i64())
+        .expect("an available backend");
+    assert_eq!(v["default"], best["name"]);
+}
+
+#[test]
+fn backends_text_is_a_table_of_every_backend() {
+    let o = run(&["backends"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = stdout(&o);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("NAME"), "{text}");
+    for name in ["metal", "mlx", "stub"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.split_whitespace().next() == Some(name)),
+            "{name} missing: {text}"
+        );
+    }
+    let stub = lines.iter().find(|l| l.starts_with("stub")).expect("stub");
+    assert!(
+        stub.contains(" no ") && stub.contains("runs no models"),
+        "{stub}"
+    );
+}
+
+/// The JSON contract of `generate --format json`, against the golden greedy
+/// ids of the fixture (computed with transformers).
+#[test]
+fn generate_json_matches_the_contract_and_the_golden_ids() {
+    let model = fixture("qwen3-f32");
+    let golden: Value =
+        serde_json::from_str(&fs::read_to_string(model.join("golden.json")).expect("golden.json"))
+            .expect("golden JSON");
+    let prompt = &golden["prompts"][0];
+    let text = prompt["text"].as_str().expect("text");
+    let n = 6;
+    let max = n.to_string();
+    let args = ["--raw", "--ignore-eos", "--max-tokens", &max];
+    let mut json_args = vec!["--format", "json"];
+    json_args.extend_from_slice(&args);
+    json_args.push(text);
+    let v = json_of(&generate(&model, &json_args));
+
+    let keys: BTreeSet<&str> = v
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let expected: BTreeSet<&str> = [
+        "model_type",
+        "backend",
+        "device",
+        "prompt_ids",
+        "ids",
+        "text",
+        "finish_reason",
+        "metrics",
+    ]
+    .into();
+    assert_eq!(keys, expected);
+    assert_eq!(v["model_type"], "qwen3");
+    assert_eq!(v["backend"], "mlx");
+    if gpu_layers() == "0" {
+        assert_eq!(v["device"], "cpu");
+    }
+    assert_eq!(prompt_ids(&v), ids(&prompt["ids"]));
+    assert_eq!(ids(&v["ids"]), ids(&prompt["greedy"])[..n]);
+    assert_eq!(v["finish_reason"], "length");
+
+    let m = &v["metrics"];
+    assert_eq!(m["generated_tokens"], json!(n));
+    assert_eq!(m["prompt_tokens"], json!(ids(&prompt["ids"]).len()));
+    for key in ["prefill_duration", "decode_duration", "total_duration"] {
+        let secs = m[key].as_f64().unwrap_or_else(|| panic!("{key}: {m}"));
+        assert!((0.0..60.0).contains(&secs), "{key} in seconds: {secs}");
+    }
+    assert!(m["total_duration"].as_f64() >= m["decode_duration"].as_f64());
+    for key in [
+        "prefill_tokens_per_sec",
+        "decode_tokens_per_sec",
+        "peak_memory_bytes",
+        "active_memory_bytes",
+    ] {
+        assert!(m[key].is_number(), "{key}: {m}");
+    }
+
+    // Text mode streams the same text (with a final line break) and puts the
+    // statistics on stderr.
+    let mut text_args = args.to_vec();
+    text_args.push(text);
+    let o = generate(&model, &text_args);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let json_text = v["text"].as_str().expect("text");
+    let mut expected_out = json_text.to_owned();
+    if !expected_out.is_empty() && !expected_out.ends_with('\n') {
+        expected_out.push('\n');
+    }
+    assert_eq!(stdout(&o), expected_out);
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("{} prompt tokens", ids(&prompt["ids"]).len()))
+            && err.contains(&format!("{n} generated"))
+            && err.contains("finish: length"),
+        "{err}"
+    );
+    // --quiet: no statistics.
+    text_args.insert(0, "--quiet");
+    let o = generate(&model, &text_args);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), expected_out);
+    assert_eq!(stderr(&o), "");
+}
+
+#[test]
+fn sampling_and_stop_flags_reach_the_model() {
+    let model = fixture("qwen3-f32");
+    let sample = |seed: &str| {
+        let v = json_of(&generate(
+            &model,
+            &[
+                "--format",
+                "json",
+                "--raw",
+                "--ignore-eos",
+                "--max-tokens",
+                "12",
+                "--temperature",
+                "2",
+                "--seed",
+                seed,
+                "Hello",
+            ],
+        ));
+        ids(&v["ids"])
+    };
+    // A seed repeats its tokens; different seeds draw differently.
+    let first = sample("1");
+    assert_eq!(first, sample("1"));
+    let others: Vec<Vec<u64>> = ["2", "3", "4"].into_iter().map(sample).collect();
+    assert!(others.iter().any(|o| *o != first), "{first:?} {others:?}");
+
+    // A stop string ends the answer before its first occurrence.
+    let greedy = json_of(&generate(
+        &model,
+        &[
+            "--format",
+            "json",
+            "--raw",
+            "--ignore-eos",
+            "--max-tokens",
+            "8",
+            "Hello",
+        ],
+    ));
+    let text = greedy["text"].as_str().expect("text");
+    let stop = text.chars().last().expect("some text").to_string();
+    let v = json_of(&generate(
+        &model,
+        &[
+            "--format",
+            "json",
+            "--raw",
+            "--ignore-eos",
+            "--max-tokens",
+            "8",
+            "--stop",
+            &stop,
+            "Hello",
+        ],
+    ));
+    let cut = text.find(stop.as_str()).expect("the stop is in the text");
+    assert_eq!(v["text"], json!(&text[..cut]), "stop {stop:?} in {text:?}");
+    assert_eq!(v["finish_reason"], "stop");
+}
+
+#[test]
+fn default_mode_is_chat_with_a_template_and_raw_without() {
+    let model = fixture("qwen3-f32");
+    let default = prompt_ids_of(&model, &["Hello"]);
+    let chat = prompt_ids_of(&model, &["--chat", "Hello"]);
+    let raw = prompt_ids_of(&model, &["--raw", "Hello"]);
+    assert_eq!(default, chat);
+    assert_ne!(chat, raw);
+    assert!(chat.len() > raw.len(), "the template adds turn markers");
+
+    let bare = without_template("qwen3-f32");
+    let default = prompt_ids_of(bare.path(), &["Hello"]);
+    let raw = prompt_ids_of(bare.path(), &["--raw", "Hello"]);
+    assert_eq!(default, raw);
+    // Chat-only flags on a raw default are a usage error that names --chat.
+    let o = generate(bare.path(), &["--system", "Be brief.", "Hello"]);
+    assert_error(&o, 2, "--chat");
+}
+
+#[test]
+fn messages_file_and_stdin_give_the_same_prompts_as_arguments() {
+    let model = fixture("qwen3-f32");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("messages.json");
+    fs::write(
+        &file,
+        r#"[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]"#,
+    )
+    .expect("write");
+    let from_file = prompt_ids_of(&model, &["--messages", file.to_str().expect("UTF-8")]);
+    let from_flags = prompt_ids_of(&model, &["--system", "Be brief.", "Hello"]);
+    assert_eq!(from_file, from_flags);
+    assert_ne!(from_flags, prompt_ids_of(&model, &["Hello"]));
+
+    // A prompt on stdin, less its final line break.
+    let mut child = infer()
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args([
+            "--gpu-layers",
+            gpu_layers(),
+            "--raw",
+            "--format",
+            "json",
+            "--max-tokens",
+            "1",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"Hello there\n")
+        .expect("write");
+    let o = child.wait_with_output().expect("wait");
+    assert_eq!(
+        prompt_ids(&json_of(&o)),
+        prompt_ids_of(&model, &["--raw", "Hello there"])
+    );
+}
+
+#[test]
+fn bad_paths_exit_1_with_one_line() {
+    let o = generate(Path::new("/definitely/not/a/model"), &["Hello"]);
+    assert_error(&o, 1, "/definitely/not/a/model");
+
+    let o = infer()
+        .env("INFER_MODEL", "/not/here/either")
+        .args(["generate", "Hello"])
+        .output()
+        .expect("run");
+    assert_error(&o, 1, "INFER_MODEL");
+
+    let empty = tempfile::tempdir().expect("tempdir");
+    let o = generate(empty.path(), &["Hello"]);
+    assert_error(&o, 1, "cannot load model");
+
+    let o = run(&["models", "/definitely/not/a/dir"]);
+    assert_error(&o, 1, "/definitely/not/a/dir");
+
+    let model = fixture("qwen3-f32");
+    let o = generate(&model, &["--messages", "/no/messages.json"]);
+    assert_error(&o, 1, "/no/messages.json");
+    let bad = empty.path().join("bad.json");
+    fs::write(&bad, r#"[{"role": "wizard", "content": "hi"}]"#).expect("write");
+    let o = generate(&model, &["--messages", bad.to_str().expect("UTF-8")]);
+    assert_error(&o, 1, "bad.json");
+
+    // A registered backend that cannot run here is a runtime error.
+    let o = generate(&model, &["--backend", "stub", "Hello"]);
+    assert_error(&o, 1, "runs no models");
+}
+
+#[test]
+fn bad_options_exit_2_with_one_line() {
+    let model = fixture("qwen3-f32");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--temperature", "-1", "Hi"], "--temperature"),
+        (&["--max-tokens", "0", "Hi"], "--max-tokens"),
+        (&["--max-tokens", "lots", "Hi"], "--max-tokens"),
+        (&["--top-p", "1.5", "Hi"], "--top-p"),
+        (&["--min-p", "-0.1", "Hi"], "--min-p"),
+        (&["--stop", "", "Hi"], "--stop"),
+        (&["--context-len", "0", "Hi"], "--context-len"),
+        (&["--gpu-layers", "-7", "Hi"], "--gpu-layers"),
+        (&["--format", "xml", "Hi"], "xml"),
+        (&["--template-arg", "no-equals", "Hi"], "KEY=VALUE"),
+        (&["--chat", "--raw", "Hi"], "--raw"),
+        (&["--no-such-flag", "Hi"], "--no-such-flag"),
+        (&["--backend", "nosuch", "Hi"], "nosuch"),
+        (&[""], "empty"),
+    ];
+    for (args, needle) in cases {
+        let o = generate(&model, args);
+        assert_error(&o, 2, needle);
+    }
+    // Option values are checked before the model is looked for.
+    let o = run(&["generate", "--model", "/missing", "--top-k", "x", "Hi"]);
+    assert_error(&o, 2, "--top-k");
+    let o = run(&[
+        "generate",
+        "--model",
+        "/missing",
+        "--temperature",
+        "-2",
+        "Hi",
+    ]);
+    assert_error(&o, 2, "--temperature");
+    // No prompt at all (stdin is not a terminal but empty).
+    let o = generate(&model, &[]);
+    assert_error(&o, 2, "empty");
+    // Unknown subcommand; no subcommand shows the help, with status 2.
+    assert_error(&run(&["frobnicate"]), 2, "frobnicate");
+    assert_eq!(code(&run(&[])), 2);
+    // Help is not an error.
+    let o = run(&["generate", "--help"]);
+    assert_eq!(code(&o), 0);
+    assert!(stdout(&o).contains("--max-tokens"));
+}
+
+/// The binary copied out of the workspace, so that the default model is not
+/// found beside it.
+fn lone_binary(dir: &Path) -> PathBuf {
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin).expect("mkdir");
+    let copy = bin.join("infer");
+    fs::copy(INFER, &copy).expect("copy the binary");
+    copy
+}
+
+#[test]
+fn without_a_model_the_default_is_looked_for_and_its_absence_explained() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let exe = lone_binary(tmp.path());
+    let work = tmp.path().join("work/sub");
+    fs::create_dir_all(&work).expect("mkdir");
+    let lone = |env: Option<&str>| {
+        let mut c = Command::new(&exe);
+        c.current_dir(&work)
+            .env_remove("INFER_MODEL")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .args(["-v", "generate", "--gpu-layers", gpu_layers(), "Hello"]);
+        if let Some(v) = env {
+            c.env("INFER_MODEL", v);
+        }
+        c.output().expect("run")
+    };
+
+    let o = lone(None);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("cargo xtask fetch-models"), "{err}");
+    assert!(err.contains("SmolLM2-135M-Instruct"), "{err}");
+
+    // A default model in .cache/models of an enclosing directory is used
+    // (this one is not a real model, so loading it fails after choosing it).
+    let models = tmp.path().join("work/.cache/models");
+    fs::create_dir_all(&models).expect("mkdir");
+    let default = models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    fs::write(&default, b"not a model").expect("write");
+    let o = lone(None);
+    let err = stderr(&o);
+    assert_eq!(code(&o), 1, "{err}");
+    assert!(err.contains("model chosen"), "{err}");
+    assert!(
+        err.contains(&default.display().to_string()),
+        "{} not in {err}",
+        default.display()
+    );
+
+    // $INFER_MODEL wins over the default.
+    let o = lone(Some("/from/the/environment"));
+    let err = stderr(&o);
+    assert_eq!(code(&o), 1, "{err}");
+    assert!(err.contains("/from/the/environment"), "{err}");
+    assert!(!err.contains(&default.display().to_string()), "{err}");
+}
+
+#[test]
+fn models_lists_the_fixtures() {
+    let dir = fixture("");
+    let v = json_of(&run(&[
+        "models",
+        dir.to_str().expect("UTF-8"),
+        "--format",
+        "json",
+    ]));
+    let rows = v.as_array().expect("an array");
+    let row = |suffix: &str| {
+        rows.iter()
+            .find(|r| r["path"].as_str().is_some_and(|p| p.ends_with(suffix)))
+            .unwrap_or_else(|| panic!("{suffix} not found in {v}"))
+    };
+    for (name, model_type) in [
+        ("qwen3-f32", "qwen3"),
+        ("llama-f32", "llama"),
+        ("gemma3-f32", "gemma3_text"),
+    ] {
+        let r = row(name);
+        assert_eq!(r["format"], "safetensors");
+        assert_eq!(r["num_files"], 1);
+        let size = fs::metadata(fixture(name).join("model.safetensors"))
+            .expect("weights")
+            .len();
+        assert_eq!(r["size_bytes"], json!(size), "{r}");
+        assert!(
+            r["model_type"]
+                .as_str()
+                .is_some_and(|t| t.starts_with(model_type)),
+            "{r}"
+        );
+    }
+
+    let o = run(&["models", dir.to_str().expect("UTF-8")]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("qwen3-f32"), "{}", stdout(&o));
+}
+
+/// Prompt-token counts from the statistics lines on stderr.
+fn prompt_counts(stderr: &str) -> Vec<usize> {
+    stderr
+        .lines()
+        .filter_map(|l| l.split_once(" prompt tokens").map(|(n, _)| n))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn chat_keeps_the_history_until_reset() {
+    let mut child = infer()
+        .args(["chat", "--model"])
+        .arg(fixture("qwen3-f32"))
+        .args(["--gpu-layers", gpu_layers(), "--max-tokens", "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"Hello\n\nHello\n/reset\nHello\n/quit\nHello\n")
+        .expect("write");
+    let o = child.wait_with_output().expect("wait");
+    let err = stderr(&o);
+    assert_eq!(code(&o), 0, "{err}");
+    let counts = prompt_counts(&err);
+    assert_eq!(counts.len(), 3, "three answered turns: {err}");
+    assert!(
+        counts[1] > counts[0],
+        "the second turn carries the first: {counts:?}"
+    );
+    assert_eq!(counts[2], counts[0], "/reset forgets: {counts:?}");
+    // Each answer ends its line.
+    assert!(stdout(&o).ends_with('\n'), "{}", stdout(&o));
+}
+
+/// A child process that is killed if the test fails before waiting for it.
+struct Running(Option<Child>);
+
+impl Running {
+    fn spawn(command: &mut Command) -> Self {
+        Self(Some(command.spawn().expect("spawn")))
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
+    }
+
+    /// Sends SIGINT.
+    fn interrupt(&mut self) {
+        let pid = self.child().id().to_string();
+        let status = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    fn wait(mut self) -> Output {
+        self.0
+            .take()
+            .expect("running")
+            .wait_with_output()
+            .expect("wait")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Flags that make generation run until it is stopped (or for a long while):
+/// a bounded cache and no end of sequence.
+const ENDLESS: &[&str] = &[
+    "--raw",
+    "--ignore-eos",
+    "--max-tokens",
+    "100000",
+    "--context-len",
+    "64",
+];
+
+/// Reads from `r` until it yields some bytes.
+fn wait_for_output(r: &mut impl Read) -> Vec<u8> {
+    let mut buf = vec![0u8; 64];
+    let n = r.read(&mut buf).expect("read");
+    assert!(n > 0, "the process ended without output");
+    buf.truncate(n);
+    buf
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_generate_with_130_and_keeps_the_output() {
+    let mut run = Running::spawn(
+        infer()
+            .args(["generate", "--model"])
+            .arg(fixture("qwen3-f32"))
+            .args(["--gpu-layers", gpu_layers()])
+            .args(ENDLESS)
+            .arg("Hello")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let mut out = run.child().stdout.take().expect("stdout");
+    let first = wait_for_output(&mut out);
+    run.interrupt();
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).expect("read");
+    let o = run.wait();
+    let err = stderr(&o);
+    assert_eq!(code(&o), 130, "{err}");
+    assert!(first.len() + rest.len() > 1);
+    assert!(err.contains("finish: cancelled"), "{err}");
+    assert!(err.trim_end().ends_with("interrupted"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_in_json_mode_reports_cancelled() {
+    let mut run = Running::spawn(
+        infer()
+            .args(["-v", "generate", "--format", "json", "--model"])
+            .arg(fixture("qwen3-f32"))
+            .args(["--gpu-layers", gpu_layers()])
+            .args(ENDLESS)
+            .arg("Hello")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    // Wait for the load to finish (the info log says so), then let it run.
+    let mut err = BufReader::new(run.child().stderr.take().expect("stderr"));
+    let mut log = String::new();
+    while !log.contains("model loaded") {
+        let mut line = String::new();
+        if err.read_line(&mut line).expect("read") == 0 {
+            panic!("the process ended: {log}");
+        }
+        log.push_str(&line);
+    }
+    thread::sleep(Duration::from_millis(500));
+    run.interrupt();
+    let drain = thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        rest
+    });
+    let o = run.wait();
+    let rest = drain.join().expect("stderr");
+    assert_eq!(code(&o), 130, "{log}{rest}");
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    assert_eq!(v["finish_reason"], "cancelled");
+    let generated = ids(&v["ids"]);
+    assert!(!generated.is_empty());
+    assert_eq!(v["metrics"]["generated_tokens"], json!(generated.len()));
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_in_chat_stops_the_answer_not_the_chat() {
+    let mut run = Running::spawn(
+        infer()
+            .args(["chat", "--model"])
+            .arg(fixture("qwen3-f32"))
+            .args(["--gpu-layers", gpu_layers()])
+            .args(&ENDLESS[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let mut input = run.child().stdin.take().expect("stdin");
+    input.write_all(b"Hello\n").expect("write");
+    input.flush().expect("flush");
+    let mut out = run.child().stdout.take().expect("stdout");
+    wait_for_output(&mut out);
+    run.interrupt();
+    // Still chatting: the next command is read and obeyed.
+    input.write_all(b"/quit\n").expect("write");
+    drop(input);
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).expect("read");
+    let o = run.wait();
+    let err = stderr(&o);
+    assert_eq!(code(&o), 0, "{err}");
+    assert!(err.contains("(stopped)"), "{err}");
+    assert!(err.contains("finish: cancelled"), "{err}");
+}
