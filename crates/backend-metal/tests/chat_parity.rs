@@ -76,3 +76,8 @@ fn qwen2_f32_chat() {
 fn llama_f32_chat() {
     check("llama-f32");
 }
+
+#[test]
+fn gemma3_f32_chat() {
+    check("gemma3-f32");
+}
