@@ -29,6 +29,21 @@ pub struct ModelTokenizer {
     pub adds_bos: bool,
 }
 
+/// Whether encoding a plain prompt puts `bos` in front (the tokenizer's
+/// post-processor adds it), probed on a one-letter text.
+fn adds_bos(inner: &Tokenizer, bos: Option<u32>) -> bool {
+    bos.is_some_and(|bos| {
+        let first = |special| {
+            inner
+                .encode("a", special)
+                .map(|e| e.get_ids().first().copied())
+                .ok()
+                .flatten()
+        };
+        first(true) == Some(bos) && first(false) != Some(bos)
+    })
+}
+
 fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {
     if !path.is_file() {
         return Ok(None);
@@ -107,16 +122,7 @@ impl ModelTokenizer {
             unk_token: text_of("unk_token"),
             pad_token: text_of("pad_token"),
         };
-        let adds_bos = bos.is_some_and(|bos| {
-            let probe = |special| {
-                inner
-                    .encode("a", special)
-                    .map(|e| e.get_ids().first().copied())
-                    .ok()
-                    .flatten()
-            };
-            probe(true) == Some(bos) && probe(false) != Some(bos)
-        });
+        let adds_bos = adds_bos(&inner, bos);
 
         Ok(Self {
             inner,
@@ -145,16 +151,7 @@ impl ModelTokenizer {
             unk_token: text(unk),
             pad_token: text(pad),
         };
-        let adds_bos = bos.is_some_and(|bos| {
-            let probe = |special| {
-                inner
-                    .encode("a", special)
-                    .map(|e| e.get_ids().first().copied())
-                    .ok()
-                    .flatten()
-            };
-            probe(true) == Some(bos) && probe(false) != Some(bos)
-        });
+        let adds_bos = adds_bos(&inner, bos);
         Self {
             inner,
             bos,

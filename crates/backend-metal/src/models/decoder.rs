@@ -3,14 +3,13 @@
 //! optional q/k RMSNorm (Qwen3) and q/k/v biases (Qwen2), and a SwiGLU MLP.
 
 use mlx_rs::error::Exception;
-use mlx_rs::nn::silu;
 use mlx_rs::{Array, Dtype};
 
 use crate::cache::{attend, LayerCache};
 use crate::error::LoadError;
 use crate::load::config::ModelConfig;
 use crate::load::weights::Weights;
-use crate::models::layers::{Linear, Matrix, RmsNorm, RotaryEmbedding};
+use crate::models::layers::{Activation, GatedMlp, Linear, Matrix, RmsNorm, RotaryEmbedding};
 use crate::models::CausalLm;
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -28,17 +27,11 @@ struct Attention {
     scale: f32,
 }
 
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
 struct Layer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    mlp: GatedMlp,
 }
 
 /// A loaded decoder-family model.
@@ -110,28 +103,6 @@ impl Attention {
     }
 }
 
-impl Mlp {
-    fn load(w: &mut Weights, p: &str, c: &ModelConfig) -> std::result::Result<Self, LoadError> {
-        let (hidden, inter, q, bias) = (
-            c.hidden_size,
-            c.intermediate_size,
-            c.quantization,
-            c.mlp_bias,
-        );
-        Ok(Self {
-            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), inter, hidden, bias, q)?,
-            up_proj: Linear::load(w, &format!("{p}.up_proj"), inter, hidden, bias, q)?,
-            down_proj: Linear::load(w, &format!("{p}.down_proj"), hidden, inter, bias, q)?,
-        })
-    }
-
-    fn forward(&self, x: &Array) -> Result<Array> {
-        let gate = silu(self.gate_proj.forward(x)?)?;
-        self.down_proj
-            .forward(&gate.multiply(self.up_proj.forward(x)?)?)
-    }
-}
-
 impl Decoder {
     /// Builds the model from `config` and `weights` (taking every tensor it uses).
     pub fn load(c: &ModelConfig, w: &mut Weights) -> std::result::Result<Self, LoadError> {
@@ -154,7 +125,7 @@ impl Decoder {
                         c.hidden_size,
                         c.rms_norm_eps,
                     )?,
-                    mlp: Mlp::load(w, &format!("{p}.mlp"), c)?,
+                    mlp: GatedMlp::load(w, &format!("{p}.mlp"), c, Activation::Silu)?,
                 })
             })
             .collect::<std::result::Result<Vec<_>, LoadError>>()?;

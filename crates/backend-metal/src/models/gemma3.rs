@@ -8,7 +8,6 @@
 //! its scaling); an optional final logit soft-cap.
 
 use mlx_rs::error::Exception;
-use mlx_rs::nn::gelu_approximate;
 use mlx_rs::ops::tanh;
 use mlx_rs::{fast, Array, Dtype};
 
@@ -16,7 +15,7 @@ use crate::cache::{attend, LayerCache};
 use crate::error::LoadError;
 use crate::load::config::{LayerKind, ModelConfig};
 use crate::load::weights::Weights;
-use crate::models::layers::{Linear, Matrix, RotaryEmbedding};
+use crate::models::layers::{Activation, GatedMlp, Linear, Matrix, RotaryEmbedding};
 use crate::models::CausalLm;
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -114,36 +113,13 @@ impl Attention {
     }
 }
 
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn load(w: &mut Weights, p: &str, c: &ModelConfig) -> std::result::Result<Self, LoadError> {
-        let (hidden, inter, q) = (c.hidden_size, c.intermediate_size, c.quantization);
-        Ok(Self {
-            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), inter, hidden, false, q)?,
-            up_proj: Linear::load(w, &format!("{p}.up_proj"), inter, hidden, false, q)?,
-            down_proj: Linear::load(w, &format!("{p}.down_proj"), hidden, inter, false, q)?,
-        })
-    }
-
-    fn forward(&self, x: &Array) -> Result<Array> {
-        let gate = gelu_approximate(self.gate_proj.forward(x)?)?;
-        self.down_proj
-            .forward(&gate.multiply(self.up_proj.forward(x)?)?)
-    }
-}
-
 struct Layer {
     kind: LayerKind,
     input_layernorm: GemmaNorm,
     self_attn: Attention,
     post_attention_layernorm: GemmaNorm,
     pre_feedforward_layernorm: GemmaNorm,
-    mlp: Mlp,
+    mlp: GatedMlp,
     post_feedforward_layernorm: GemmaNorm,
 }
 
@@ -184,7 +160,7 @@ impl Gemma3 {
                     self_attn: Attention::load(w, &format!("{p}.self_attn"), c)?,
                     post_attention_layernorm: norm(w, "post_attention_layernorm")?,
                     pre_feedforward_layernorm: norm(w, "pre_feedforward_layernorm")?,
-                    mlp: Mlp::load(w, &format!("{p}.mlp"), c)?,
+                    mlp: GatedMlp::load(w, &format!("{p}.mlp"), c, Activation::GeluTanh)?,
                     post_feedforward_layernorm: norm(w, "post_feedforward_layernorm")?,
                 })
             })

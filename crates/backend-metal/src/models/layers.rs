@@ -156,6 +156,58 @@ impl Linear {
     }
 }
 
+/// The activation of a gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (SwiGLU: Qwen, Llama).
+    Silu,
+    /// GELU, tanh approximation (Gemma).
+    GeluTanh,
+}
+
+/// A gated MLP: `down(act(gate(x)) × up(x))`.
+#[derive(Debug)]
+pub struct GatedMlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    activation: Activation,
+}
+
+impl GatedMlp {
+    /// Loads `prefix.{gate,up,down}_proj` for `config`'s sizes.
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        c: &crate::load::config::ModelConfig,
+        activation: Activation,
+    ) -> std::result::Result<Self, LoadError> {
+        let (hidden, inter, q, bias) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.quantization,
+            c.mlp_bias,
+        );
+        Ok(Self {
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), inter, hidden, bias, q)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), inter, hidden, bias, q)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), hidden, inter, bias, q)?,
+            activation,
+        })
+    }
+
+    /// Applies the MLP.
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let gate = self.gate_proj.forward(x)?;
+        let gate = match self.activation {
+            Activation::Silu => mlx_rs::nn::silu(gate)?,
+            Activation::GeluTanh => mlx_rs::nn::gelu_approximate(gate)?,
+        };
+        self.down_proj
+            .forward(&gate.multiply(self.up_proj.forward(x)?)?)
+    }
+}
+
 /// RMSNorm with a learned scale.
 #[derive(Debug)]
 pub struct RmsNorm {
