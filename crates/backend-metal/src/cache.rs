@@ -77,6 +77,18 @@ impl KvCache {
 }
 
 impl KvCache {
+    /// Forgets every position from `n` on; `false` (and no change) when the
+    /// cache holds fewer than `n` positions.
+    pub fn trim_to(&mut self, n: i32) -> bool {
+        if n < 0 || n > self.offset {
+            return false;
+        }
+        // Room past the offset is overwritten by the next update and never
+        // returned before.
+        self.offset = n;
+        true
+    }
+
     /// The cache's arrays (for evaluation between prefill chunks).
     pub fn arrays(&self) -> impl Iterator<Item = &Array> {
         self.keys.iter().chain(self.values.iter())
@@ -90,7 +102,8 @@ pub enum AttnMask {
     None,
     /// Causal, aligned to the bottom right (queries are the last positions).
     Causal,
-    /// An explicit boolean mask `[L, K]` (true = attend).
+    /// An explicit boolean mask (true = attend), `[L, K]` or, for a batch,
+    /// `[B, 1, L, K]`.
     Array(Array),
 }
 
@@ -227,6 +240,36 @@ impl RotatingKvCache {
         ))
     }
 
+    /// Forgets every position from `n` on, keeping what later queries need
+    /// (the last `window − 1` positions before `n`, in order). `Ok(false)`
+    /// and no change when the cache no longer holds those positions or holds
+    /// fewer than `n`.
+    pub fn trim_to(&mut self, n: i32) -> Result<bool> {
+        if n < 0 || n > self.offset {
+            return Ok(false);
+        }
+        if n == self.offset {
+            return Ok(true);
+        }
+        let held_from = self.offset - self.len;
+        let need_from = (n - (self.window - 1)).max(0);
+        if held_from > need_from {
+            return Ok(false);
+        }
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+            return Ok(false);
+        };
+        let (from, to) = (need_from - held_from, n - held_from);
+        let k = self.ordered(k)?.index((.., .., from..to, ..));
+        let v = self.ordered(v)?.index((.., .., from..to, ..));
+        self.keys = Some(k);
+        self.values = Some(v);
+        self.len = to - from;
+        self.next = 0;
+        self.offset = n;
+        Ok(true)
+    }
+
     fn write(&mut self, slot: i32, keys: &Array, values: &Array) -> Result<()> {
         let (Some(k), Some(v)) = (self.keys.as_mut(), self.values.as_mut()) else {
             return Err(Exception::custom("rotating KV cache has no storage"));
@@ -260,6 +303,15 @@ pub enum LayerCache {
     Full(KvCache),
     /// The last `window` positions.
     Rotating(RotatingKvCache),
+    /// No storage: one forward pass over a whole (batched, padded) prompt
+    /// under an explicit mask, starting at position 0 (see
+    /// [`LayerCache::one_shot`]).
+    OneShot {
+        /// The boolean mask `[B, 1, L, L]` (true = attend).
+        mask: Array,
+        /// Whether the pass has run (a second pass is refused).
+        used: bool,
+    },
 }
 
 impl LayerCache {
@@ -271,11 +323,39 @@ impl LayerCache {
         }
     }
 
+    /// A cache-less layer for one forward pass of `[B, L]` ids at positions
+    /// `0..L`: the keys and values of the pass are attended under `mask`
+    /// `[B, 1, L, L]` and nothing is kept.
+    pub fn one_shot(mask: Array) -> Self {
+        LayerCache::OneShot { mask, used: false }
+    }
+
+    /// The sliding window this cache applies (`None` for every position).
+    pub fn window(&self) -> Option<usize> {
+        match self {
+            LayerCache::Rotating(c) => usize::try_from(c.window).ok(),
+            LayerCache::Full(_) | LayerCache::OneShot { .. } => None,
+        }
+    }
+
+    /// Forgets every position from `n` on, so that the next update continues
+    /// at position `n`; `Ok(false)` (and no change) where the cache cannot
+    /// (it holds fewer positions, a sliding window has already dropped what
+    /// position `n` needs, or it is a one-shot cache).
+    pub fn trim_to(&mut self, n: i32) -> Result<bool> {
+        match self {
+            LayerCache::Full(c) => Ok(c.trim_to(n)),
+            LayerCache::Rotating(c) => c.trim_to(n),
+            LayerCache::OneShot { .. } => Ok(false),
+        }
+    }
+
     /// Positions seen so far (the RoPE offset of the next token).
     pub fn offset(&self) -> i32 {
         match self {
             LayerCache::Full(c) => c.offset(),
             LayerCache::Rotating(c) => c.offset(),
+            LayerCache::OneShot { .. } => 0,
         }
     }
 
@@ -297,6 +377,14 @@ impl LayerCache {
                 ))
             }
             LayerCache::Rotating(c) => c.update(keys, values),
+            LayerCache::OneShot { mask, used } => {
+                if std::mem::replace(used, true) {
+                    return Err(Exception::custom(
+                        "a one-shot layer cache takes a single forward pass",
+                    ));
+                }
+                Ok((keys.clone(), values.clone(), AttnMask::Array(mask.clone())))
+            }
         }
     }
 
@@ -305,6 +393,7 @@ impl LayerCache {
         match self {
             LayerCache::Full(c) => c.arrays().collect(),
             LayerCache::Rotating(c) => c.arrays().collect(),
+            LayerCache::OneShot { .. } => Vec::new(),
         }
     }
 }
@@ -471,6 +560,80 @@ mod rotating_tests {
     fn chunks_crossing_the_window_mixed_with_decode() {
         check(5, &[3, 1, 4, 1, 1, 7, 2, 1, 1, 1, 1, 1, 12, 1, 2]);
         check(8, &[3, 3, 3, 3, 1, 1, 9, 1]);
+    }
+
+    /// Positions `pos..pos + l` through `cache`, checked against naive
+    /// attention over `k_all`/`v_all`.
+    fn feed(
+        cache: &mut LayerCache,
+        k_all: &[f32],
+        v_all: &[f32],
+        pos: usize,
+        l: usize,
+        window: usize,
+        seed: u64,
+    ) {
+        let d = 4usize;
+        let q = values(l * d, seed);
+        let qa = Array::from_slice(&q, &[1, 1, l as i32, d as i32]);
+        let ka = Array::from_slice(&k_all[pos * d..(pos + l) * d], &[1, 1, l as i32, d as i32]);
+        let va = Array::from_slice(&v_all[pos * d..(pos + l) * d], &[1, 1, l as i32, d as i32]);
+        let (k, v, mask) = cache.update(&ka, &va).unwrap();
+        let out = attend(&qa, &k, &v, 0.5, &mask).unwrap();
+        let want = naive(&q, k_all, v_all, d, pos..pos + l, window);
+        for (a, b) in out.as_slice::<f32>().iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "at {pos} (len {l}): {a} vs {b}");
+        }
+    }
+
+    /// Trimming goes back to a position and continues with other keys as
+    /// if the dropped positions had never been there; a trim that needs
+    /// positions the window has dropped is refused without change.
+    #[test]
+    fn trim_then_continue_differently() {
+        let (window, d) = (5usize, 4usize);
+        for full in [false, true] {
+            let w = if full { None } else { Some(window) };
+            let eff = if full { usize::MAX / 2 } else { window };
+            let old_k = values(20 * d, 1);
+            let old_v = values(20 * d, 2);
+            let mut cache = LayerCache::new(w);
+            feed(&mut cache, &old_k, &old_v, 0, 7, eff, 10);
+            for p in 7..10 {
+                feed(&mut cache, &old_k, &old_v, p, 1, eff, 10 + p as u64);
+            }
+            if !full {
+                // Held: positions 5..10; position 8 needs 4..8.
+                assert!(!cache.trim_to(8).unwrap());
+                assert_eq!(cache.offset(), 10);
+            }
+            assert!(!cache.trim_to(11).unwrap());
+            // Back to 9, then new keys from there.
+            let cut: usize = if full { 6 } else { 9 };
+            assert!(cache.trim_to(cut as i32).unwrap());
+            assert_eq!(cache.offset(), cut as i32);
+            let mut new_k = old_k[..cut * d].to_vec();
+            new_k.extend(values((20 - cut) * d, 3));
+            let mut new_v = old_v[..cut * d].to_vec();
+            new_v.extend(values((20 - cut) * d, 4));
+            feed(&mut cache, &new_k, &new_v, cut, 3, eff, 40);
+            for p in cut + 3..cut + 8 {
+                feed(&mut cache, &new_k, &new_v, p, 1, eff, 50 + p as u64);
+            }
+        }
+        // A cache that never filled its window trims anywhere.
+        let k = values(20 * d, 5);
+        let v = values(20 * d, 6);
+        let mut cache = LayerCache::new(Some(window));
+        feed(&mut cache, &k, &v, 0, 4, window, 60);
+        assert!(cache.trim_to(1).unwrap());
+        let mut k2 = k[..d].to_vec();
+        k2.extend(values(19 * d, 7));
+        let mut v2 = v[..d].to_vec();
+        v2.extend(values(19 * d, 8));
+        for p in 1..9 {
+            feed(&mut cache, &k2, &v2, p, 1, window, 70 + p as u64);
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! [`MlxModel`]: a loaded model served by a worker thread that owns every MLX
 //! array of the model, so calls queue and never share a KV cache.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
@@ -9,8 +10,8 @@ use std::thread;
 use std::time::Instant;
 
 use inference_core::{
-    Error, GenerateMetrics, GenerateOptions, LoadOptions, Message, ModelInfo, Result, TextModel,
-    TokenStream,
+    BatchResult, ChatSession, ClassifyResult, Error, GenerateMetrics, GenerateOptions, LoadOptions,
+    Message, ModelInfo, Result, TextModel, TokenStream,
 };
 use mlx_rs::Device;
 
@@ -21,11 +22,12 @@ use crate::load::config::ModelConfig;
 use crate::load::weights::Weights;
 use crate::memory;
 use crate::models::{self, CausalLm};
+use crate::session;
 use crate::template::ChatTemplate;
 use crate::tokenizer::ModelTokenizer;
 
 /// Work for the model's worker.
-enum Job {
+pub(crate) enum Job {
     /// A streamed generation.
     Generate(Request),
     /// The last-position logits of a prompt.
@@ -33,18 +35,82 @@ enum Job {
         ids: Vec<u32>,
         reply: Sender<Result<Vec<f32>>>,
     },
+    /// The next token of each prompt, from one batched forward pass.
+    Classify {
+        prompts: Vec<Vec<u32>>,
+        opts: GenerateOptions,
+        reply: Sender<Result<Vec<ClassifyResult>>>,
+    },
+    /// A continuation of each prompt, batched.
+    Batch {
+        prompts: Vec<Vec<u32>>,
+        opts: GenerateOptions,
+        reply: Sender<Vec<BatchResult>>,
+    },
+    /// One turn of a chat session, on the session's KV cache.
+    Turn(session::TurnJob),
+    /// A chat session ended or was reset: its KV cache is freed.
+    EndSession(u64),
 }
 
 /// A model loaded by the MLX backend.
 pub struct MlxModel {
-    jobs: Mutex<Sender<Job>>,
+    worker: Arc<Worker>,
     shared: Arc<Shared>,
     info: ModelInfo,
 }
 
+/// The model's worker thread and the only sender of its jobs.
+///
+/// When the last holder (the model, or a chat session that outlives it) drops
+/// it, the job channel closes, the worker finishes the call in flight and
+/// frees the model's arrays, and the drop waits for that: no MLX work may
+/// still be running when the process exits and MLX's own globals are torn
+/// down (that race corrupted the heap at exit).
+pub(crate) struct Worker {
+    jobs: Mutex<Option<Sender<Job>>>,
+    thread: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+impl Worker {
+    /// Queues `job`; fails when the worker has stopped.
+    pub(crate) fn send(&self, job: Job) -> Result<()> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .ok_or_else(|| Error::backend(crate::NAME, "the model worker has stopped"))?
+            .send(job)
+            .map_err(|_| Error::backend(crate::NAME, "the model worker has stopped"))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        drop(
+            self.jobs
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let handle = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            // The worker never holds its own handle, but guard against joining
+            // ourselves all the same.
+            if handle.thread().id() != thread::current().id() && handle.join().is_err() {
+                tracing::warn!("the model worker panicked");
+            }
+        }
+    }
+}
+
 /// What the caller's side and the worker share.
-struct Shared {
-    tokenizer: ModelTokenizer,
+pub(crate) struct Shared {
+    pub(crate) tokenizer: ModelTokenizer,
     /// The chat template (the model's or a built-in one), or why `chat`
     /// cannot run.
     template: std::result::Result<ChatTemplate, String>,
@@ -57,10 +123,13 @@ struct Shared {
     last_metrics: Mutex<Option<GenerateMetrics>>,
     /// Prompt tokens per prefill forward pass.
     prefill_chunk: AtomicUsize,
+    /// Prompt tokens chat-session turns took from their KV caches.
+    reused_tokens: AtomicUsize,
 }
 
 impl Shared {
-    fn bounds(&self) -> generate::Bounds {
+    /// How calls are bounded now.
+    pub(crate) fn bounds(&self) -> generate::Bounds {
         generate::Bounds {
             limit: self.context_limit,
             context: self.context_len,
@@ -135,13 +204,14 @@ impl MlxModel {
             context_len: opts.context_len,
             last_metrics: Mutex::new(None),
             prefill_chunk: AtomicUsize::new(generate::PREFILL_CHUNK),
+            reused_tokens: AtomicUsize::new(0),
         });
 
         let (ready_tx, ready_rx) = sync_channel::<Ready>(1);
         let (jobs, queue) = channel::<Job>();
         let dtype = opts.dtype;
         let worker_shared = Arc::clone(&shared);
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name("mlx-model".into())
             .spawn(move || {
                 let body = move || {
@@ -168,6 +238,10 @@ impl MlxModel {
             .map_err(|e| {
                 Error::backend(crate::NAME, format!("cannot start the model worker: {e}"))
             })?;
+        let worker = Arc::new(Worker {
+            jobs: Mutex::new(Some(jobs)),
+            thread: Mutex::new(Some(handle)),
+        });
         let mut info = match ready_rx.recv() {
             Ok(Ok(info)) => info,
             Ok(Err(e)) => return Err(e.into_error(path)),
@@ -186,26 +260,14 @@ impl MlxModel {
             "loaded"
         );
         Ok(Self {
-            jobs: Mutex::new(jobs),
+            worker,
             shared,
             info,
         })
     }
 
     fn submit(&self, prompt: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
-        if prompt.is_empty() {
-            return Err(Error::InvalidInput(
-                "the prompt encodes to no tokens".into(),
-            ));
-        }
-        self.check_ids(&prompt)?;
-        let limit = self.shared.context_limit;
-        if prompt.len() >= limit {
-            return Err(Error::ContextOverflow {
-                needed: prompt.len() + 1,
-                limit,
-            });
-        }
+        self.shared.check_prompt(&prompt, self.info.vocab_size)?;
         let (sink, stream) = TokenStream::channel();
         self.send(Job::Generate(Request {
             prompt,
@@ -217,11 +279,7 @@ impl MlxModel {
     }
 
     fn send(&self, job: Job) -> Result<()> {
-        self.jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .send(job)
-            .map_err(|_| Error::backend(crate::NAME, "the model worker has stopped"))
+        self.worker.send(job)
     }
 
     /// The chat template the model ships (`tokenizer_config.json` or
@@ -238,6 +296,12 @@ impl MlxModel {
     /// Every end-of-sequence id.
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.shared.tokenizer.eos
+    }
+
+    /// How many prompt tokens the turns of this model's chat sessions took
+    /// from their KV caches instead of prefilling them, in all so far.
+    pub fn reused_prompt_tokens(&self) -> usize {
+        self.shared.reused_tokens.load(Ordering::Relaxed)
     }
 
     /// Sets how many prompt tokens one prefill forward pass takes (default
@@ -265,9 +329,7 @@ impl MlxModel {
     /// parsed, a BOS in front only where the tokenizer adds one and the
     /// template did not write it.
     pub fn encode_chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<Vec<u32>> {
-        self.shared
-            .tokenizer
-            .encode_messages(self.template()?, messages, &opts.template_args)
+        self.shared.encode_chat(messages, opts)
     }
 
     fn template(&self) -> Result<&ChatTemplate> {
@@ -289,13 +351,39 @@ impl MlxModel {
     /// Refuses ids outside the model's vocabulary (MLX would index out of
     /// bounds).
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        let vocab = self.info.vocab_size;
-        match ids.iter().find(|&&id| id as usize >= vocab) {
-            Some(bad) => Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary ({vocab} ids)"
-            ))),
-            None => Ok(()),
+        check_ids(ids, self.info.vocab_size)
+    }
+
+    /// Encodes each of `prompts` as [`generate`](TextModel::generate) does,
+    /// refusing an empty list and empty prompts.
+    fn encode_all(&self, prompts: &[String]) -> Result<Vec<Vec<u32>>> {
+        if prompts.is_empty() {
+            return Err(Error::InvalidInput("no prompts".into()));
         }
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if p.is_empty() {
+                    return Err(Error::InvalidInput(format!("prompt {i} is empty")));
+                }
+                let ids = self.encode(p)?;
+                if ids.is_empty() {
+                    return Err(Error::InvalidInput(format!(
+                        "prompt {i} encodes to no tokens"
+                    )));
+                }
+                self.check_ids(&ids)?;
+                Ok(ids)
+            })
+            .collect()
+    }
+
+    /// Waits for the worker's answer on `answer`.
+    fn await_reply<T>(answer: &Receiver<T>) -> Result<T> {
+        answer
+            .recv()
+            .map_err(|_| Error::backend(crate::NAME, "the model worker stopped"))
     }
 
     /// Streams the continuation of prompt ids given directly (no tokenizer,
@@ -427,8 +515,68 @@ fn open(path: &Path) -> Result<(ModelConfig, ModelTokenizer, Source)> {
     Ok((config, tokenizer, Source::Dir(path.to_path_buf())))
 }
 
-/// Runs jobs in arrival order until the model is dropped.
+impl Shared {
+    /// Refuses a prompt that is empty, holds ids outside a vocabulary of
+    /// `vocab` ids, or leaves no room for a token in the context.
+    pub(crate) fn check_prompt(&self, prompt: &[u32], vocab: usize) -> Result<()> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidInput(
+                "the prompt encodes to no tokens".into(),
+            ));
+        }
+        check_ids(prompt, vocab)?;
+        let limit = self.context_limit;
+        if prompt.len() >= limit {
+            return Err(Error::ContextOverflow {
+                needed: prompt.len() + 1,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// The prompt ids [`chat`](TextModel::chat) runs for `messages`.
+    pub(crate) fn encode_chat(
+        &self,
+        messages: &[Message],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<u32>> {
+        let template = self
+            .template
+            .as_ref()
+            .map_err(|why| Error::unsupported(why.clone()))?;
+        self.tokenizer
+            .encode_messages(template, messages, &opts.template_args)
+    }
+
+    /// Counts `tokens` prompt tokens a session turn did not prefill.
+    pub(crate) fn note_reused(&self, tokens: usize) {
+        self.reused_tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    fn set_metrics(&self, metrics: &GenerateMetrics) {
+        *self
+            .last_metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(metrics.clone());
+    }
+}
+
+/// Refuses ids outside a vocabulary of `vocab` ids (MLX would index out of
+/// bounds).
+fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(bad) => Err(Error::InvalidInput(format!(
+            "token id {bad} is outside the vocabulary ({vocab} ids)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Runs jobs in arrival order until the model (and every chat session) is
+/// dropped. Chat sessions' KV caches live here, by session id.
 fn serve(model: &dyn CausalLm, shared: &Shared, queue: Receiver<Job>) {
+    let mut sessions: HashMap<u64, session::SessionCache> = HashMap::new();
     for job in queue {
         let req = match job {
             Job::Generate(req) => req,
@@ -436,12 +584,48 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Receiver<Job>) {
                 let _ = reply.send(generate::last_logits(model, &ids, shared.bounds()));
                 continue;
             }
+            Job::Classify {
+                prompts,
+                opts,
+                reply,
+            } => {
+                let _ = reply.send(crate::batch::classify(
+                    model,
+                    &shared.tokenizer,
+                    &prompts,
+                    &opts,
+                    shared.bounds(),
+                ));
+                continue;
+            }
+            Job::Batch {
+                prompts,
+                opts,
+                reply,
+            } => {
+                let (results, metrics) = crate::batch::batch_generate(
+                    model,
+                    &shared.tokenizer,
+                    &prompts,
+                    &opts,
+                    shared.bounds(),
+                );
+                shared.set_metrics(&metrics);
+                let _ = reply.send(results);
+                continue;
+            }
+            Job::Turn(turn) => {
+                let metrics = session::run(model, shared, &mut sessions, turn);
+                shared.set_metrics(&metrics);
+                continue;
+            }
+            Job::EndSession(id) => {
+                sessions.remove(&id);
+                continue;
+            }
         };
         let outcome = generate::run(model, &shared.tokenizer, &req, shared.bounds());
-        *shared
-            .last_metrics
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(outcome.metrics.clone());
+        shared.set_metrics(&outcome.metrics);
         match outcome.end {
             Ok(reason) => req.sink.finish(outcome.metrics, reason),
             Err(e) => req.sink.fail(e),
@@ -452,7 +636,7 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Receiver<Job>) {
 /// Refuses generation options that are invalid or that generation does not
 /// implement. Every sampling option is honoured (see `sample.rs`);
 /// `template_args` are used by `chat` and refused by `generate`.
-fn check_generate_options(opts: &GenerateOptions) -> Result<()> {
+pub(crate) fn check_generate_options(opts: &GenerateOptions) -> Result<()> {
     opts.validate()?;
     if opts.return_logits {
         return Err(Error::unsupported("return_logits for generate"));
@@ -486,6 +670,76 @@ impl TextModel for MlxModel {
         }
         let ids = self.encode_chat(messages, opts)?;
         self.submit(ids, opts)
+    }
+
+    /// Runs every prompt (right-padded to the longest) through one masked
+    /// forward pass and returns each prompt's next token: the argmax, or a
+    /// draw by the options' sampler (its repeat penalty looking at each
+    /// prompt's own last ids); with `return_logits`, also its f32
+    /// last-position logits. Equal to running each prompt alone.
+    fn classify(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<ClassifyResult>> {
+        opts.validate()?;
+        if !opts.template_args.is_empty() {
+            return Err(Error::unsupported(
+                "template_args for classify (raw prompts are not templated)",
+            ));
+        }
+        let prompts = self.encode_all(prompts)?;
+        let limit = self.shared.context_limit;
+        if let Some(p) = prompts.iter().find(|p| p.len() > limit) {
+            return Err(Error::ContextOverflow {
+                needed: p.len(),
+                limit,
+            });
+        }
+        let (reply, answer) = channel();
+        self.send(Job::Classify {
+            prompts,
+            opts: opts.clone(),
+            reply,
+        })?;
+        Self::await_reply(&answer)?
+    }
+
+    /// Generates a continuation of each prompt. Prompts of equal length (in
+    /// tokens) decode together as one batch with per-row stop, EOS and
+    /// `max_tokens` handling; batches of different lengths run one after
+    /// another on the worker. Each row's greedy ids equal the prompt's
+    /// single [`generate`](TextModel::generate); with sampling, each row has
+    /// its own sampler seeded from `opts.seed`, as a single call would.
+    fn batch_generate(
+        &self,
+        prompts: &[String],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<BatchResult>> {
+        check_generate_options(opts)?;
+        if !opts.template_args.is_empty() {
+            return Err(Error::unsupported(
+                "template_args for batch_generate (raw prompts are not templated)",
+            ));
+        }
+        let prompts = self.encode_all(prompts)?;
+        for p in &prompts {
+            self.shared.check_prompt(p, self.info.vocab_size)?;
+        }
+        let (reply, answer) = channel();
+        self.send(Job::Batch {
+            prompts,
+            opts: opts.clone(),
+            reply,
+        })?;
+        Self::await_reply(&answer)
+    }
+
+    /// A chat session that keeps its KV cache on the model's worker between
+    /// turns (the session module describes when a turn reuses it). The session keeps the worker
+    /// alive while it lives.
+    fn chat_session(&self) -> Result<Box<dyn ChatSession>> {
+        Ok(Box::new(session::MlxChatSession::new(
+            Arc::clone(&self.shared),
+            Arc::clone(&self.worker),
+            self.info.vocab_size,
+        )))
     }
 
     fn info(&self) -> ModelInfo {

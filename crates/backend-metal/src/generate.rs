@@ -58,7 +58,7 @@ fn step(
 /// The ids the repeat penalty looks at for the step after `pending`: the
 /// last of `read` (ids already read back) and `pending` (the sampled id
 /// not read yet, `[1]`), `window` in all. `None` when the penalty is off.
-fn recent_ids(
+pub(crate) fn recent_ids(
     read: &VecDeque<u32>,
     pending: Option<&Array>,
     window: usize,
@@ -92,12 +92,39 @@ pub struct Bounds {
     pub chunk: usize,
 }
 
+/// The state a chat-session turn runs on and what it leaves behind.
+pub struct Turn {
+    /// The KV caches the turn continues (empty caches for a full prefill).
+    pub caches: Vec<LayerCache>,
+    /// How many leading prompt ids `caches` already hold; only the rest is
+    /// prefilled.
+    pub cached: usize,
+    /// Every id the turn read back, stop and end-of-sequence ids included,
+    /// in order.
+    pub sampled: Vec<u32>,
+    /// The text the turn streamed.
+    pub reply: String,
+}
+
 /// Runs `req` to completion, streaming into its sink.
 pub fn run(
     model: &dyn CausalLm,
     tokenizer: &ModelTokenizer,
     req: &Request,
     bounds: Bounds,
+) -> Outcome {
+    run_turn(model, tokenizer, req, bounds, None)
+}
+
+/// Runs `req` to completion, streaming into its sink; with `turn`, on the
+/// turn's caches (prefilling the prompt after `turn.cached`), recording
+/// what was sampled and streamed.
+pub fn run_turn(
+    model: &dyn CausalLm,
+    tokenizer: &ModelTokenizer,
+    req: &Request,
+    bounds: Bounds,
+    turn: Option<&mut Turn>,
 ) -> Outcome {
     let (prompt, queued) = (&req.prompt, req.queued);
     let started = Instant::now();
@@ -106,7 +133,7 @@ pub fn run(
         generated: 0,
         first_token: None,
     };
-    let end = decode_loop(model, tokenizer, req, bounds, &mut state);
+    let end = decode_loop(model, tokenizer, req, bounds, &mut state, turn);
     let now = Instant::now();
     let first = state.first_token.unwrap_or(now);
     let prefill = first.saturating_duration_since(started);
@@ -133,6 +160,7 @@ fn decode_loop(
     req: &Request,
     bounds: Bounds,
     progress: &mut Progress,
+    turn: Option<&mut Turn>,
 ) -> Result<FinishReason, Error> {
     let limit = bounds.limit;
     let Request {
@@ -147,8 +175,19 @@ fn decode_loop(
         max_tokens = opts.max_tokens
     )
     .entered();
-    let mut caches = model.new_caches(bounds.context);
-    let Some(last) = prefill(model, prompt, &mut caches, bounds.chunk, || {
+    let mut fresh: Vec<LayerCache>;
+    let (caches, cached, mut record) = match turn {
+        Some(t) => (
+            &mut t.caches,
+            t.cached,
+            Some((&mut t.sampled, &mut t.reply)),
+        ),
+        None => {
+            fresh = model.new_caches(bounds.context);
+            (&mut fresh, 0, None)
+        }
+    };
+    let Some(last) = prefill(model, &prompt[cached..], caches, bounds.chunk, || {
         sink.is_cancelled()
     })
     .map_err(mlx_error)?
@@ -181,8 +220,8 @@ fn decode_loop(
         let next = if more {
             let input = y.reshape(&[1, 1]).map_err(mlx_error)?;
             let recent = recent_ids(&read, Some(&y), window).map_err(mlx_error)?;
-            let next = step(model, &input, &mut caches, &mut sampler, recent.as_ref())
-                .map_err(mlx_error)?;
+            let next =
+                step(model, &input, caches, &mut sampler, recent.as_ref()).map_err(mlx_error)?;
             async_eval([&next]).map_err(mlx_error)?;
             Some(next)
         } else {
@@ -190,6 +229,9 @@ fn decode_loop(
         };
         let id: u32 = y.try_item_exact().map_err(mlx_error)?;
         progress.first_token.get_or_insert_with(Instant::now);
+        if let Some((sampled, _)) = record.as_mut() {
+            sampled.push(id);
+        }
         if window > 0 {
             read.push_back(id);
             if read.len() > window {
@@ -198,7 +240,7 @@ fn decode_loop(
         }
 
         if (!opts.ignore_eos && tokenizer.is_eos(id)) || stop_ids.contains(&id) {
-            return finish_text(&mut stops, sink, FinishReason::Stop);
+            return finish_text(&mut stops, sink, FinishReason::Stop, reply_of(&mut record));
         }
         let detok_error = |e| Error::backend(crate::NAME, format!("detokenising id {id}: {e}"));
         let mut text = detok.step(id).map_err(detok_error)?;
@@ -208,8 +250,14 @@ fn decode_loop(
             text.push_str(&detok.finish().map_err(detok_error)?);
         }
         progress.generated += 1;
+        if progress.generated % memory::CLEAR_CACHE_EVERY == 0 {
+            memory::clear_cache();
+        }
         let stopped = stops.push(Token::new(id, text), &mut ready);
         for t in ready.drain(..) {
+            if let Some((_, reply)) = record.as_mut() {
+                reply.push_str(&t.text);
+            }
             if sink.send(t).is_err() {
                 return Ok(FinishReason::Cancelled);
             }
@@ -223,10 +271,20 @@ fn decode_loop(
         match next {
             Some(next) => y = next,
             None if progress.generated >= opts.max_tokens => {
-                return finish_text(&mut stops, sink, FinishReason::Length);
+                return finish_text(
+                    &mut stops,
+                    sink,
+                    FinishReason::Length,
+                    reply_of(&mut record),
+                );
             }
             None => {
-                finish_text(&mut stops, sink, FinishReason::Length)?;
+                finish_text(
+                    &mut stops,
+                    sink,
+                    FinishReason::Length,
+                    reply_of(&mut record),
+                )?;
                 return Err(Error::ContextOverflow {
                     needed: context_used + 1,
                     limit,
@@ -236,15 +294,25 @@ fn decode_loop(
     }
 }
 
-/// Releases text held back for stop strings, then ends with `reason`.
+/// The reply text a turn records, if the run records one.
+fn reply_of<'a>(record: &'a mut Option<(&mut Vec<u32>, &mut String)>) -> Option<&'a mut String> {
+    record.as_mut().map(|(_, reply)| &mut **reply)
+}
+
+/// Releases text held back for stop strings (recording it in `reply`), then
+/// ends with `reason`.
 fn finish_text(
     stops: &mut StopStrings,
     sink: &TokenSink,
     reason: FinishReason,
+    mut reply: Option<&mut String>,
 ) -> Result<FinishReason, Error> {
     let mut rest = Vec::new();
     stops.flush(&mut rest);
     for t in rest {
+        if let Some(r) = reply.as_deref_mut() {
+            r.push_str(&t.text);
+        }
         if sink.send(t).is_err() {
             return Ok(FinishReason::Cancelled);
         }
@@ -256,7 +324,7 @@ fn finish_text(
 /// `caches`, and returns the last position's hidden state `[1, hidden]`.
 /// Every chunk but the last is evaluated at once so the graph stays small;
 /// `cancelled` is asked between chunks (`None` when it said yes).
-fn prefill(
+pub fn prefill(
     model: &dyn CausalLm,
     prompt: &[u32],
     caches: &mut [LayerCache],

@@ -28,6 +28,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod batch;
 mod cache;
 pub mod device;
 mod engine;
@@ -36,9 +37,10 @@ mod ffi;
 mod generate;
 pub mod gguf;
 mod load;
-mod memory;
+pub mod memory;
 mod models;
 pub mod sample;
+mod session;
 pub mod template;
 mod tokenizer;
 

@@ -1,0 +1,260 @@
+//! Chat sessions that keep their KV cache between turns.
+//!
+//! A [`MlxChatSession`] holds the conversation on the caller's side and its KV
+//! cache on the model's worker (a map from session id to [`SessionCache`]),
+//! so MLX is only touched on the worker. Each turn renders the whole
+//! conversation with the chat template and encodes it; when those ids extend
+//! the ids the cache holds (the previous turn's prompt and the reply ids fed
+//! back through the model), only the new suffix is prefilled; otherwise the
+//! turn starts from an empty cache. Either way the reply is the one a fresh
+//! [`chat`](inference_core::TextModel::chat) with the full history gives.
+//! The cache is kept only after a turn that ends on a stop or on
+//! `max_tokens`; a cancelled or failed turn leaves the conversation as it
+//! was and the next turn prefills in full. Dropping or resetting the session
+//! frees its cache.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use inference_core::{
+    ChatSession, Error, FinishReason, GenerateMetrics, GenerateOptions, Message, Result,
+    TokenStream,
+};
+
+use crate::cache::LayerCache;
+use crate::engine::{check_generate_options, Job, Shared, Worker};
+use crate::generate::{self, Request, Turn};
+use crate::models::CausalLm;
+
+/// Session ids, unique in the process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A session's KV cache on the worker and the ids it holds.
+pub(crate) struct SessionCache {
+    caches: Vec<LayerCache>,
+    ids: Vec<u32>,
+}
+
+/// The conversation, with a counter that a reset advances (a turn that
+/// finishes after a reset does not join the new conversation).
+struct History {
+    epoch: u64,
+    messages: Vec<Message>,
+}
+
+/// What a session and its turns on the worker share.
+struct SessionState {
+    history: Mutex<History>,
+    /// A turn is queued or streaming.
+    busy: AtomicBool,
+}
+
+/// One turn, ready to run on the worker.
+pub(crate) struct TurnJob {
+    id: u64,
+    epoch: u64,
+    user: Message,
+    req: Request,
+    state: Arc<SessionState>,
+}
+
+/// A chat session on an [`MlxModel`](crate::MlxModel).
+pub(crate) struct MlxChatSession {
+    id: u64,
+    shared: Arc<Shared>,
+    worker: Arc<Worker>,
+    vocab: usize,
+    state: Arc<SessionState>,
+}
+
+impl MlxChatSession {
+    /// An empty session sending its turns to `worker`.
+    pub(crate) fn new(shared: Arc<Shared>, worker: Arc<Worker>, vocab: usize) -> Self {
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            shared,
+            worker,
+            vocab,
+            state: Arc::new(SessionState {
+                history: Mutex::new(History {
+                    epoch: 0,
+                    messages: Vec::new(),
+                }),
+                busy: AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+impl ChatSession for MlxChatSession {
+    /// Adds `user` and streams the reply. The user message and the reply join
+    /// the history together when the reply's stream ends on a stop or on
+    /// `max_tokens`. Refused with `InvalidInput` while the previous reply is
+    /// still streaming.
+    fn send(&mut self, user: &str, opts: &GenerateOptions) -> Result<TokenStream> {
+        check_generate_options(opts)?;
+        if self.state.busy.load(Ordering::Acquire) {
+            return Err(Error::InvalidInput(
+                "the previous reply of this chat session is still streaming".into(),
+            ));
+        }
+        let (epoch, mut messages) = {
+            let h = self
+                .state
+                .history
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            (h.epoch, h.messages.clone())
+        };
+        let user = Message::user(user);
+        messages.push(user.clone());
+        let prompt = self.shared.encode_chat(&messages, opts)?;
+        self.shared.check_prompt(&prompt, self.vocab)?;
+        let (sink, stream) = TokenStream::channel();
+        self.state.busy.store(true, Ordering::Release);
+        let job = Job::Turn(TurnJob {
+            id: self.id,
+            epoch,
+            user,
+            req: Request {
+                prompt,
+                opts: opts.clone(),
+                sink,
+                queued: Instant::now(),
+            },
+            state: Arc::clone(&self.state),
+        });
+        if self.worker.send(job).is_err() {
+            self.state.busy.store(false, Ordering::Release);
+            return Err(Error::backend(crate::NAME, "the model worker has stopped"));
+        }
+        Ok(stream)
+    }
+
+    fn history(&self) -> Vec<Message> {
+        self.state
+            .history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .messages
+            .clone()
+    }
+
+    fn reset(&mut self, system: Option<&str>) {
+        {
+            let mut h = self
+                .state
+                .history
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            h.epoch += 1;
+            h.messages = system.map(Message::system).into_iter().collect();
+        }
+        // A worker that has stopped holds no cache to free.
+        let _ = self.worker.send(Job::EndSession(self.id));
+    }
+}
+
+impl Drop for MlxChatSession {
+    fn drop(&mut self) {
+        let _ = self.worker.send(Job::EndSession(self.id));
+    }
+}
+
+/// The session's caches cut back to the longest prefix they share with
+/// `prompt` (leaving at least one prompt id to prefill), and that prefix's
+/// length; `None` when nothing can be reused.
+fn reuse(mut cache: SessionCache, prompt: &[u32]) -> Option<(Vec<LayerCache>, usize)> {
+    let common = cache
+        .ids
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(prompt.len().saturating_sub(1));
+    tracing::debug!(common, cached = cache.ids.len(), "chat session prefix");
+    if common == 0 {
+        return None;
+    }
+    let n = i32::try_from(common).ok()?;
+    for c in &mut cache.caches {
+        match c.trim_to(n) {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot trim a session cache");
+                return None;
+            }
+        }
+    }
+    Some((cache.caches, common))
+}
+
+/// Runs one turn on the worker: on the session's cache when the prompt
+/// extends the ids it holds, else on empty caches; keeps the cache and
+/// extends the history when the turn ends well. Returns the turn's metrics.
+pub(crate) fn run(
+    model: &dyn CausalLm,
+    shared: &Shared,
+    sessions: &mut HashMap<u64, SessionCache>,
+    job: TurnJob,
+) -> GenerateMetrics {
+    let TurnJob {
+        id,
+        epoch,
+        user,
+        req,
+        state,
+    } = job;
+    let prompt = &req.prompt;
+    let bounds = shared.bounds();
+    let (caches, cached) = match sessions.remove(&id).and_then(|c| reuse(c, prompt)) {
+        Some(reused) => reused,
+        None => (model.new_caches(bounds.context), 0),
+    };
+    tracing::debug!(
+        session = id,
+        cached,
+        prompt_tokens = prompt.len(),
+        "chat session turn"
+    );
+    shared.note_reused(cached);
+    let mut turn = Turn {
+        caches,
+        cached,
+        sampled: Vec::new(),
+        reply: String::new(),
+    };
+    let outcome = generate::run_turn(model, &shared.tokenizer, &req, bounds, Some(&mut turn));
+    if matches!(outcome.end, Ok(FinishReason::Stop | FinishReason::Length)) {
+        let offset = turn
+            .caches
+            .first()
+            .map_or(0, |c| usize::try_from(c.offset()).unwrap_or(0));
+        if offset >= prompt.len() && offset <= prompt.len() + turn.sampled.len() {
+            let mut ids = prompt.clone();
+            ids.extend_from_slice(&turn.sampled[..offset - prompt.len()]);
+            sessions.insert(
+                id,
+                SessionCache {
+                    caches: turn.caches,
+                    ids,
+                },
+            );
+        }
+        let mut h = state.history.lock().unwrap_or_else(PoisonError::into_inner);
+        if h.epoch == epoch {
+            h.messages.push(user);
+            h.messages.push(Message::assistant(turn.reply));
+        }
+    }
+    state.busy.store(false, Ordering::Release);
+    let metrics = outcome.metrics.clone();
+    match outcome.end {
+        Ok(reason) => req.sink.finish(outcome.metrics, reason),
+        Err(e) => req.sink.fail(e),
+    }
+    metrics
+}

@@ -1,0 +1,68 @@
+//! Chat sessions: every reply of a multi-turn conversation equals `chat()`
+//! with the full history from a fresh cache, while later turns prefill only
+//! what the session's KV cache does not hold (where its caches allow).
+
+mod common;
+
+use common::*;
+use inference_core::{GenerateOptions, Message, Role, TextModel};
+
+fn reply_ids(stream: &mut inference_core::TokenStream) -> (Vec<u32>, String) {
+    let tokens = stream.collect_tokens().unwrap();
+    (
+        tokens.iter().map(|t| t.id).collect(),
+        tokens.iter().map(|t| t.text.as_str()).collect(),
+    )
+}
+
+/// `expect_reuse`: the model's caches can be cut back to a shared prefix
+/// (every layer keeps every position; Gemma's 8-token sliding layers have
+/// dropped what an earlier position needs, so its turns reuse the cache only
+/// where the conversation's ids extend the cached ones exactly).
+fn check(name: &str, expect_reuse: bool) {
+    let model = load(&fixture(name));
+    let opts = GenerateOptions::new().max_tokens(6);
+    let mut session = model.chat_session().unwrap();
+    session.reset(Some("You are terse."));
+    let mut history = vec![Message::system("You are terse.")];
+    let before = model.reused_prompt_tokens();
+    for user in ["Hello there", "What is the capital of France?", "Thanks!"] {
+        let (ours, text) = reply_ids(&mut session.send(user, &opts).unwrap());
+        history.push(Message::user(user));
+        let (fresh, fresh_text) = reply_ids(&mut model.chat(&history, &opts).unwrap());
+        assert_eq!(ours, fresh, "{name}: reply to {user:?}");
+        assert_eq!(text, fresh_text, "{name}: reply text to {user:?}");
+        history.push(Message::assistant(text));
+        assert_eq!(session.history(), history, "{name}: history");
+    }
+    assert_eq!(session.history().len(), 7);
+    let reused = model.reused_prompt_tokens() - before;
+    eprintln!("{name}: {reused} prompt tokens taken from the session cache");
+    if expect_reuse {
+        assert!(reused > 0, "{name}: later turns reuse the session's cache");
+    }
+
+    // A reset forgets the conversation and the cache.
+    session.reset(None);
+    assert!(session.history().is_empty());
+    let before = model.reused_prompt_tokens();
+    let (ours, _) = reply_ids(&mut session.send("Hello there", &opts).unwrap());
+    let (fresh, _) = reply_ids(&mut model.chat(&[Message::user("Hello there")], &opts).unwrap());
+    assert_eq!(ours, fresh, "{name}: after reset");
+    assert_eq!(
+        model.reused_prompt_tokens(),
+        before,
+        "{name}: nothing reused"
+    );
+    assert_eq!(session.history()[0].role, Role::User);
+}
+
+#[test]
+fn qwen3_three_turns() {
+    check("qwen3-f32", true);
+}
+
+#[test]
+fn gemma3_three_turns() {
+    check("gemma3-f32", false);
+}
