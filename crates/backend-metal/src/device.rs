@@ -108,3 +108,89 @@ pub fn synchronize() -> bool {
     // SAFETY: the function takes no arguments and reports failure through its status.
     unsafe { mlx_sys::mlx_synchronize_default() == 0 }
 }
+
+/// One value of MLX's device information.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InfoValue {
+    /// A text value (e.g. `device_name`, `architecture`).
+    Text(String),
+    /// A size or count (e.g. `memory_size`, `max_recommended_working_set_size`).
+    Size(u64),
+}
+
+/// The device a question is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// The CPU.
+    Cpu,
+    /// The first GPU.
+    Gpu,
+}
+
+/// What MLX reports about a device: keys such as `device_name`,
+/// `architecture`, `memory_size` and `max_recommended_working_set_size`,
+/// where MLX has them for that device (they differ between Metal, CUDA and
+/// the CPU). Fails with MLX's message for a device MLX does not have.
+pub fn device_info(which: Which) -> Result<std::collections::BTreeMap<String, InfoValue>, String> {
+    use std::collections::BTreeMap;
+    use std::ffi::CString;
+
+    let kind = match which {
+        Which::Cpu => mlx_sys::mlx_device_type__MLX_CPU,
+        Which::Gpu => mlx_sys::mlx_device_type__MLX_GPU,
+    };
+    let mut out = BTreeMap::new();
+    // SAFETY: every handle created here (device, info, key vector) is freed
+    // exactly once below, on every path; string pointers MLX hands out are read
+    // (and copied) while the object owning them is alive; status codes are
+    // checked before outputs are used.
+    unsafe {
+        let dev = mlx_sys::mlx_device_new_type(kind, 0);
+        let mut info = mlx_sys::mlx_device_info_new();
+        let status = mlx_sys::mlx_device_info_get(&mut info, dev);
+        if status != 0 {
+            mlx_sys::mlx_device_info_free(info);
+            mlx_sys::mlx_device_free(dev);
+            return Err(format!(
+                "MLX has no {which:?} device information (status {status})"
+            ));
+        }
+        let mut keys = mlx_sys::mlx_vector_string_new();
+        if mlx_sys::mlx_device_info_get_keys(&mut keys, info) == 0 {
+            for i in 0..mlx_sys::mlx_vector_string_size(keys) {
+                let mut key_ptr: *mut std::os::raw::c_char = std::ptr::null_mut();
+                if mlx_sys::mlx_vector_string_get(&mut key_ptr, keys, i) != 0 || key_ptr.is_null() {
+                    continue;
+                }
+                let key = CStr::from_ptr(key_ptr).to_string_lossy().into_owned();
+                let Ok(c_key) = CString::new(key.clone()) else {
+                    continue;
+                };
+                let mut is_string = false;
+                if mlx_sys::mlx_device_info_is_string(&mut is_string, info, c_key.as_ptr()) != 0 {
+                    continue;
+                }
+                if is_string {
+                    let mut value: *const std::os::raw::c_char = std::ptr::null();
+                    if mlx_sys::mlx_device_info_get_string(&mut value, info, c_key.as_ptr()) == 0
+                        && !value.is_null()
+                    {
+                        out.insert(
+                            key,
+                            InfoValue::Text(CStr::from_ptr(value).to_string_lossy().into_owned()),
+                        );
+                    }
+                } else {
+                    let mut value: usize = 0;
+                    if mlx_sys::mlx_device_info_get_size(&mut value, info, c_key.as_ptr()) == 0 {
+                        out.insert(key, InfoValue::Size(value as u64));
+                    }
+                }
+            }
+        }
+        mlx_sys::mlx_vector_string_free(keys);
+        mlx_sys::mlx_device_info_free(info);
+        mlx_sys::mlx_device_free(dev);
+    }
+    Ok(out)
+}

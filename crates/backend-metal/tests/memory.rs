@@ -70,3 +70,60 @@ fn wrappers_read_and_set_limits() {
     assert_eq!(memory::set_memory_limit(old).unwrap(), 1 << 40);
     assert_eq!(memory::memory_limit(), old);
 }
+
+/// Cancelling a generation mid-stream releases what the call held: once the
+/// call has finished, active memory is back at its level before the call.
+#[test]
+fn cancelling_mid_stream_releases_the_calls_memory() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let model = load(&fixture("qwen3-f32"));
+    // Warm up (first-call allocations), then measure the idle level.
+    model
+        .generate("warm up", &GenerateOptions::new().max_tokens(4))
+        .unwrap()
+        .collect_tokens()
+        .unwrap();
+    let idle = memory::active();
+    let before = model.metrics();
+    let gen = GenerateOptions::new().max_tokens(200).ignore_eos(true);
+    let mut stream = model.generate("The capital of France is", &gen).unwrap();
+    for _ in 0..20 {
+        stream.next().unwrap().unwrap();
+    }
+    let during = memory::active();
+    stream.cancel();
+    drop(stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while model.metrics() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled call did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let m = model.metrics().unwrap();
+    assert!(m.generated_tokens < 200, "cancel did not stop the call");
+    let after = memory::active();
+    assert!(during > idle, "the call held memory: {during} vs {idle}");
+    assert!(
+        after <= idle + 16 * 1024,
+        "active memory {after} after cancel, {idle} before the call"
+    );
+}
+
+/// MLX's device information answers for the CPU.
+#[test]
+fn device_information_is_reported() {
+    let info = backend_metal::device::device_info(backend_metal::device::Which::Cpu).unwrap();
+    eprintln!("CPU device information: {info:?}");
+    // MLX 0.32 reports the CPU's architecture and name.
+    let arch = info.get("architecture");
+    assert!(
+        matches!(arch, Some(backend_metal::device::InfoValue::Text(a)) if a == std::env::consts::ARCH),
+        "architecture {arch:?}, expected {}",
+        std::env::consts::ARCH
+    );
+    assert!(
+        matches!(info.get("device_name"), Some(backend_metal::device::InfoValue::Text(n)) if !n.is_empty())
+    );
+}
