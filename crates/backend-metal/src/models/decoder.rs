@@ -5,31 +5,18 @@
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 
-use crate::cache::{attend, LayerCache};
+use crate::cache::LayerCache;
 use crate::error::LoadError;
 use crate::load::config::ModelConfig;
 use crate::load::weights::Weights;
-use crate::models::layers::{Activation, GatedMlp, Linear, Matrix, RmsNorm, RotaryEmbedding};
+use crate::models::layers::{Activation, Attention, GatedMlp, Matrix, RmsNorm, RotaryEmbedding};
 use crate::models::CausalLm;
 
 type Result<T> = std::result::Result<T, Exception>;
 
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    heads: i32,
-    kv_heads: i32,
-    head_dim: i32,
-    scale: f32,
-}
-
 struct Layer {
     input_layernorm: RmsNorm,
-    self_attn: Attention,
+    self_attn: Attention<RmsNorm>,
     post_attention_layernorm: RmsNorm,
     mlp: GatedMlp,
 }
@@ -42,65 +29,6 @@ pub struct Decoder {
     /// `None` when tied to the embedding.
     lm_head: Option<Matrix>,
     rope: RotaryEmbedding,
-}
-
-impl Attention {
-    fn load(w: &mut Weights, p: &str, c: &ModelConfig) -> std::result::Result<Self, LoadError> {
-        let (h, kv, d, hidden) = (
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.hidden_size,
-        );
-        let q = c.quantization;
-        let norm =
-            |w: &mut Weights, name: &str| -> std::result::Result<Option<RmsNorm>, LoadError> {
-                if c.qk_norm {
-                    Ok(Some(RmsNorm::load(
-                        w,
-                        &format!("{p}.{name}"),
-                        d,
-                        c.rms_norm_eps,
-                    )?))
-                } else {
-                    Ok(None)
-                }
-            };
-        Ok(Self {
-            q_proj: Linear::load(w, &format!("{p}.q_proj"), h * d, hidden, c.qkv_bias, q)?,
-            k_proj: Linear::load(w, &format!("{p}.k_proj"), kv * d, hidden, c.qkv_bias, q)?,
-            v_proj: Linear::load(w, &format!("{p}.v_proj"), kv * d, hidden, c.qkv_bias, q)?,
-            o_proj: Linear::load(w, &format!("{p}.o_proj"), hidden, h * d, c.o_bias, q)?,
-            q_norm: norm(w, "q_norm")?,
-            k_norm: norm(w, "k_norm")?,
-            heads: h,
-            kv_heads: kv,
-            head_dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
-        })
-    }
-
-    fn forward(&self, x: &Array, cache: &mut LayerCache, rope: &RotaryEmbedding) -> Result<Array> {
-        let (b, l) = (x.dim(0), x.dim(1));
-        let heads = |proj: &Linear, n: i32, norm: &Option<RmsNorm>| -> Result<Array> {
-            let y = proj.forward(x)?.reshape(&[b, l, n, self.head_dim])?;
-            let y = match norm {
-                Some(norm) => norm.forward(&y)?,
-                None => y,
-            };
-            y.transpose_axes(&[0, 2, 1, 3])
-        };
-        let offset = cache.offset();
-        let q = rope.forward(&heads(&self.q_proj, self.heads, &self.q_norm)?, offset)?;
-        let k = rope.forward(&heads(&self.k_proj, self.kv_heads, &self.k_norm)?, offset)?;
-        let v = heads(&self.v_proj, self.kv_heads, &None)?;
-        let (k, v, mask) = cache.update(&k, &v)?;
-        let out = attend(&q, &k, &v, self.scale, &mask)?;
-        let out =
-            out.transpose_axes(&[0, 2, 1, 3])?
-                .reshape(&[b, l, self.heads * self.head_dim])?;
-        self.o_proj.forward(&out)
-    }
 }
 
 impl Decoder {
@@ -118,7 +46,16 @@ impl Decoder {
                         c.hidden_size,
                         c.rms_norm_eps,
                     )?,
-                    self_attn: Attention::load(w, &format!("{p}.self_attn"), c)?,
+                    self_attn: Attention::load(
+                        w,
+                        &format!("{p}.self_attn"),
+                        c,
+                        1.0 / (c.head_dim as f32).sqrt(),
+                        |w, name| match c.qk_norm {
+                            true => RmsNorm::load(w, name, c.head_dim, c.rms_norm_eps).map(Some),
+                            false => Ok(None),
+                        },
+                    )?,
                     post_attention_layernorm: RmsNorm::load(
                         w,
                         &format!("{p}.post_attention_layernorm"),

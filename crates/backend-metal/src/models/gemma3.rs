@@ -11,11 +11,11 @@ use mlx_rs::error::Exception;
 use mlx_rs::ops::tanh;
 use mlx_rs::{fast, Array, Dtype};
 
-use crate::cache::{attend, LayerCache};
+use crate::cache::LayerCache;
 use crate::error::LoadError;
 use crate::load::config::{LayerKind, ModelConfig};
 use crate::load::weights::Weights;
-use crate::models::layers::{Activation, GatedMlp, Linear, Matrix, RotaryEmbedding};
+use crate::models::layers::{Activation, Attention, GatedMlp, Matrix, Norm, RotaryEmbedding};
 use crate::models::CausalLm;
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -25,6 +25,12 @@ struct GemmaNorm {
     /// `1 + w` in f32.
     scale: Array,
     eps: f32,
+}
+
+impl Norm for GemmaNorm {
+    fn forward(&self, x: &Array) -> Result<Array> {
+        GemmaNorm::forward(self, x)
+    }
 }
 
 impl GemmaNorm {
@@ -50,73 +56,10 @@ impl GemmaNorm {
     }
 }
 
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: GemmaNorm,
-    k_norm: GemmaNorm,
-    heads: i32,
-    kv_heads: i32,
-    head_dim: i32,
-    scale: f32,
-}
-
-impl Attention {
-    fn load(w: &mut Weights, p: &str, c: &ModelConfig) -> std::result::Result<Self, LoadError> {
-        let (h, kv, d, hidden, q) = (
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.hidden_size,
-            c.quantization,
-        );
-        let scalar = c.query_pre_attn_scalar.unwrap_or(256.0);
-        Ok(Self {
-            q_proj: Linear::load(w, &format!("{p}.q_proj"), h * d, hidden, c.qkv_bias, q)?,
-            k_proj: Linear::load(w, &format!("{p}.k_proj"), kv * d, hidden, c.qkv_bias, q)?,
-            v_proj: Linear::load(w, &format!("{p}.v_proj"), kv * d, hidden, c.qkv_bias, q)?,
-            o_proj: Linear::load(w, &format!("{p}.o_proj"), hidden, h * d, c.o_bias, q)?,
-            q_norm: GemmaNorm::load(w, &format!("{p}.q_norm"), d, c.rms_norm_eps)?,
-            k_norm: GemmaNorm::load(w, &format!("{p}.k_norm"), d, c.rms_norm_eps)?,
-            heads: h,
-            kv_heads: kv,
-            head_dim: d,
-            scale: scalar.powf(-0.5),
-        })
-    }
-
-    fn forward(&self, x: &Array, cache: &mut LayerCache, rope: &RotaryEmbedding) -> Result<Array> {
-        let (b, l) = (x.dim(0), x.dim(1));
-        let split = |proj: &Linear, n: i32| -> Result<Array> {
-            proj.forward(x)?
-                .reshape(&[b, l, n, self.head_dim])?
-                .transpose_axes(&[0, 2, 1, 3])
-        };
-        let offset = cache.offset();
-        let q = rope.forward(
-            &self.q_norm.forward(&split(&self.q_proj, self.heads)?)?,
-            offset,
-        )?;
-        let k = rope.forward(
-            &self.k_norm.forward(&split(&self.k_proj, self.kv_heads)?)?,
-            offset,
-        )?;
-        let v = split(&self.v_proj, self.kv_heads)?;
-        let (k, v, mask) = cache.update(&k, &v)?;
-        let out = attend(&q, &k, &v, self.scale, &mask)?;
-        let out =
-            out.transpose_axes(&[0, 2, 1, 3])?
-                .reshape(&[b, l, self.heads * self.head_dim])?;
-        self.o_proj.forward(&out)
-    }
-}
-
 struct Layer {
     kind: LayerKind,
     input_layernorm: GemmaNorm,
-    self_attn: Attention,
+    self_attn: Attention<GemmaNorm>,
     post_attention_layernorm: GemmaNorm,
     pre_feedforward_layernorm: GemmaNorm,
     mlp: GatedMlp,
@@ -157,7 +100,13 @@ impl Gemma3 {
                 Ok(Layer {
                     kind: c.layer_types[i as usize],
                     input_layernorm: norm(w, "input_layernorm")?,
-                    self_attn: Attention::load(w, &format!("{p}.self_attn"), c)?,
+                    self_attn: Attention::load(
+                        w,
+                        &format!("{p}.self_attn"),
+                        c,
+                        c.query_pre_attn_scalar.unwrap_or(256.0).powf(-0.5),
+                        |w, name| GemmaNorm::load(w, name, c.head_dim, c.rms_norm_eps).map(Some),
+                    )?,
                     post_attention_layernorm: norm(w, "post_attention_layernorm")?,
                     pre_feedforward_layernorm: norm(w, "pre_feedforward_layernorm")?,
                     mlp: GatedMlp::load(w, &format!("{p}.mlp"), c, Activation::GeluTanh)?,

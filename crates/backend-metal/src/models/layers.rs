@@ -6,8 +6,9 @@ use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::ops::{dequantize, matmul, quantized_matmul};
 use mlx_rs::{fast, Array};
 
+use crate::cache::{attend, LayerCache};
 use crate::error::LoadError;
-use crate::load::config::{Quantization, Rope, RopeScaling};
+use crate::load::config::{ModelConfig, Quantization, Rope, RopeScaling};
 use crate::load::weights::Weights;
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -179,7 +180,7 @@ impl GatedMlp {
     pub fn load(
         w: &mut Weights,
         prefix: &str,
-        c: &crate::load::config::ModelConfig,
+        c: &ModelConfig,
         activation: Activation,
     ) -> std::result::Result<Self, LoadError> {
         let (hidden, inter, q, bias) = (
@@ -208,6 +209,109 @@ impl GatedMlp {
     }
 }
 
+/// A normalisation over the last axis (queries' and keys' per-head norms).
+pub trait Norm {
+    /// Normalises the last axis of `x`.
+    fn forward(&self, x: &Array) -> Result<Array>;
+}
+
+/// Grouped-query self-attention with RoPE and optional per-head q/k norms,
+/// attending through a [`LayerCache`].
+#[derive(Debug)]
+pub struct Attention<N> {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<N>,
+    k_norm: Option<N>,
+    heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    scale: f32,
+}
+
+impl<N: Norm> Attention<N> {
+    /// Loads `prefix.{q,k,v,o}_proj` for `c`'s sizes and biases; `norm` loads
+    /// `prefix.q_norm` / `prefix.k_norm` (or answers `None` where the
+    /// architecture has none). Scores are scaled by `scale`.
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        c: &ModelConfig,
+        scale: f32,
+        norm: impl Fn(&mut Weights, &str) -> std::result::Result<Option<N>, LoadError>,
+    ) -> std::result::Result<Self, LoadError> {
+        let (h, kv, d, hidden, q) = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.hidden_size,
+            c.quantization,
+        );
+        Ok(Self {
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), h * d, hidden, c.qkv_bias, q)?,
+            k_proj: Linear::load(
+                w,
+                &format!("{prefix}.k_proj"),
+                kv * d,
+                hidden,
+                c.qkv_bias,
+                q,
+            )?,
+            v_proj: Linear::load(
+                w,
+                &format!("{prefix}.v_proj"),
+                kv * d,
+                hidden,
+                c.qkv_bias,
+                q,
+            )?,
+            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), hidden, h * d, c.o_bias, q)?,
+            q_norm: norm(w, &format!("{prefix}.q_norm"))?,
+            k_norm: norm(w, &format!("{prefix}.k_norm"))?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+            scale,
+        })
+    }
+
+    /// Attends `x` `[B, L, hidden]` after the positions in `cache`, which it extends.
+    pub fn forward(
+        &self,
+        x: &Array,
+        cache: &mut LayerCache,
+        rope: &RotaryEmbedding,
+    ) -> Result<Array> {
+        let (b, l) = (x.dim(0), x.dim(1));
+        let heads = |proj: &Linear, n: i32, norm: Option<&N>| -> Result<Array> {
+            let y = proj.forward(x)?.reshape(&[b, l, n, self.head_dim])?;
+            let y = match norm {
+                Some(norm) => norm.forward(&y)?,
+                None => y,
+            };
+            y.transpose_axes(&[0, 2, 1, 3])
+        };
+        let offset = cache.offset();
+        let q = rope.forward(
+            &heads(&self.q_proj, self.heads, self.q_norm.as_ref())?,
+            offset,
+        )?;
+        let k = rope.forward(
+            &heads(&self.k_proj, self.kv_heads, self.k_norm.as_ref())?,
+            offset,
+        )?;
+        let v = heads(&self.v_proj, self.kv_heads, None)?;
+        let (k, v, mask) = cache.update(&k, &v)?;
+        let out = attend(&q, &k, &v, self.scale, &mask)?;
+        let out =
+            out.transpose_axes(&[0, 2, 1, 3])?
+                .reshape(&[b, l, self.heads * self.head_dim])?;
+        self.o_proj.forward(&out)
+    }
+}
+
 /// RMSNorm with a learned scale.
 #[derive(Debug)]
 pub struct RmsNorm {
@@ -215,6 +319,12 @@ pub struct RmsNorm {
     pub weight: Array,
     /// Epsilon.
     pub eps: f32,
+}
+
+impl Norm for RmsNorm {
+    fn forward(&self, x: &Array) -> Result<Array> {
+        RmsNorm::forward(self, x)
+    }
 }
 
 impl RmsNorm {
