@@ -10,8 +10,8 @@ use std::thread;
 use std::time::Instant;
 
 use inference_core::{
-    BatchResult, ChatSession, ClassifyResult, Error, GenerateMetrics, GenerateOptions, LoadOptions,
-    Message, ModelInfo, Result, TextModel, TokenStream,
+    BatchResult, ChatSession, ClassifyResult, Error, GenerateMetrics, GenerateOptions, LastMetrics,
+    LoadOptions, Message, ModelInfo, Result, TextModel, TokenStream,
 };
 use mlx_rs::Device;
 
@@ -120,7 +120,7 @@ pub(crate) struct Shared {
     context_limit: usize,
     /// `LoadOptions::context_len`: positions each cache keeps.
     context_len: Option<usize>,
-    last_metrics: Mutex<Option<GenerateMetrics>>,
+    last_metrics: LastMetrics,
     /// Prompt tokens per prefill forward pass.
     prefill_chunk: AtomicUsize,
     /// Prompt tokens chat-session turns took from their KV caches.
@@ -202,7 +202,7 @@ impl MlxModel {
                 config.max_position_embeddings
             },
             context_len: opts.context_len,
-            last_metrics: Mutex::new(None),
+            last_metrics: LastMetrics::new(),
             prefill_chunk: AtomicUsize::new(generate::PREFILL_CHUNK),
             reused_tokens: AtomicUsize::new(0),
         });
@@ -555,10 +555,7 @@ impl Shared {
     }
 
     fn set_metrics(&self, metrics: &GenerateMetrics) {
-        *self
-            .last_metrics
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(metrics.clone());
+        self.last_metrics.set(metrics);
     }
 }
 
@@ -747,11 +744,7 @@ impl TextModel for MlxModel {
     }
 
     fn metrics(&self) -> Option<GenerateMetrics> {
-        self.shared
-            .last_metrics
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.shared.last_metrics.get()
     }
 
     fn model_type(&self) -> &str {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use inference_core::stop::StopStrings;
 use inference_core::{
-    BatchResult, Error, FinishReason, GenerateMetrics, GenerateOptions, Message, ModelInfo, Result,
-    TextModel, Token, TokenId, TokenSink, TokenStream,
+    BatchResult, Error, FinishReason, GenerateMetrics, GenerateOptions, LastMetrics, Message,
+    ModelInfo, Result, TextModel, Token, TokenId, TokenSink, TokenStream,
 };
 
 /// The architecture name a scripted model reports.
@@ -47,7 +47,7 @@ impl ScriptedModelBuilder {
             script: self.script,
             eos: self.eos,
             step_delay: self.step_delay,
-            last_metrics: Mutex::new(None),
+            last_metrics: LastMetrics::new(),
         });
         let (jobs, queue) = channel::<Job>();
         let worker_shared = Arc::clone(&shared);
@@ -102,7 +102,7 @@ struct Shared {
     script: Vec<Token>,
     eos: Option<TokenId>,
     step_delay: Duration,
-    last_metrics: Mutex<Option<GenerateMetrics>>,
+    last_metrics: LastMetrics,
 }
 
 struct Job {
@@ -227,10 +227,7 @@ impl Shared {
             end - first,
             end - queued.min(started),
         );
-        *self
-            .last_metrics
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(metrics.clone());
+        self.last_metrics.set(&metrics);
         sink.finish(metrics, reason);
     }
 }
@@ -303,11 +300,7 @@ impl TextModel for ScriptedModel {
     }
 
     fn metrics(&self) -> Option<GenerateMetrics> {
-        self.shared
-            .last_metrics
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.shared.last_metrics.get()
     }
 
     fn model_type(&self) -> &str {

@@ -46,8 +46,8 @@ pub use options::{DType, GenerateOptions, LoadOptions};
 pub use registry::{backends, default_backend, get, load_model, BackendRegistration};
 pub use stream::{CancelHandle, TokenSink, TokenStream};
 pub use types::{
-    BatchResult, ClassifyResult, FinishReason, GenerateMetrics, Message, ModelInfo, Role, Token,
-    TokenId,
+    BatchResult, ClassifyResult, FinishReason, GenerateMetrics, LastMetrics, Message, ModelInfo,
+    Role, Token, TokenId,
 };
 
 /// Not public API: what [`register_backend!`] expands to needs.

@@ -305,3 +305,31 @@ mod tests {
         assert_eq!(back.architecture, "qwen3");
     }
 }
+
+/// The metrics of a model's last finished call, shared between the model's
+/// worker (which sets them) and its callers ([`TextModel::metrics`](crate::TextModel::metrics)).
+#[derive(Debug, Default)]
+pub struct LastMetrics(std::sync::Mutex<Option<GenerateMetrics>>);
+
+impl LastMetrics {
+    /// Nothing recorded yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records the metrics of a call that finished.
+    pub fn set(&self, metrics: &GenerateMetrics) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(metrics.clone());
+    }
+
+    /// The last recorded metrics.
+    pub fn get(&self) -> Option<GenerateMetrics> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
