@@ -18,6 +18,10 @@ struct Fake {
 
 static LOADS: AtomicUsize = AtomicUsize::new(0);
 
+/// Held by the tests that load through the fake backends, so that one test's
+/// loads never land between another's readings of [`LOADS`].
+static LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl Backend for Fake {
     fn name(&self) -> &str {
         self.name
@@ -123,6 +127,9 @@ fn lookup_errors_name_what_was_asked_and_what_exists() {
 
 #[test]
 fn load_model_validates_options_before_touching_a_backend() {
+    let _serial = LOADING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let before = LOADS.load(Ordering::SeqCst);
     let err = inference_core::load_model("/m", &LoadOptions::new().parallel_slots(0))
         .err()
@@ -142,6 +149,9 @@ fn load_model_validates_options_before_touching_a_backend() {
 
 #[test]
 fn load_model_uses_the_named_or_the_default_backend() {
+    let _serial = LOADING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let opts = GenerateOptions::new();
     let model = inference_core::load_model("/m", &LoadOptions::default()).unwrap();
     let text = model.generate("hi", &opts).unwrap().collect_text().unwrap();

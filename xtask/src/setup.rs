@@ -51,6 +51,11 @@ pub struct MlxEnv {
 }
 
 impl MlxEnv {
+    /// The wheel's `mlx` directory.
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+
     /// Sets `MLX_PREFIX`, `MLX_C_SRC` and, for CUDA, `CARGO_TARGET_DIR` on `cmd`.
     ///
     /// For the CPU build the values equal those `.cargo/config.toml` gives plain `cargo`
@@ -620,6 +625,27 @@ pub fn bundle_cuda(root: &Path) -> Result<PathBuf> {
     write_executable(&bundle.join("run.sh"), RUN_SCRIPT)?;
 
     // The wheel itself, in pieces beside the bundle.
+    let wheel_name = cuda_wheel_pieces(&root, &target)?;
+    fs::write(bundle.join("wheel.name"), format!("{wheel_name}\n"))?;
+    let sha = Command::new("sha256sum")
+        .arg(&wheel_name)
+        .current_dir(root.join(".cache/mlx/wheels"))
+        .output()
+        .context("running sha256sum")?;
+    ensure!(sha.status.success(), "sha256sum {wheel_name} failed");
+    fs::write(bundle.join("wheel.sha256"), &sha.stdout)?;
+    println!(
+        "setup: bundle {} ({} MB executable)",
+        bundle.display(),
+        fs::metadata(bundle.join("mlx_smoke"))?.len() / 1_000_000
+    );
+    Ok(bundle)
+}
+
+/// Downloads the mlx-cuda-13 wheel (once) and cuts it into pieces of at most
+/// 44 MB in `target/bundle-wheel/` (a machine that cannot reach PyPI gets one
+/// piece per transfer); returns the wheel's file name.
+pub fn cuda_wheel_pieces(root: &Path, target: &Path) -> Result<String> {
     let wheels = root.join(".cache/mlx/wheels");
     let wheel = download_wheel(&wheels, CUDA_WHEEL)?;
     let wheel_name = wheel
@@ -627,15 +653,6 @@ pub fn bundle_cuda(root: &Path) -> Result<PathBuf> {
         .and_then(|n| n.to_str())
         .context("wheel file name")?
         .to_owned();
-    fs::write(bundle.join("wheel.name"), format!("{wheel_name}\n"))?;
-    let sha = Command::new("sha256sum")
-        .arg(&wheel_name)
-        .current_dir(&wheels)
-        .output()
-        .context("running sha256sum")?;
-    ensure!(sha.status.success(), "sha256sum {wheel_name} failed");
-    fs::write(bundle.join("wheel.sha256"), &sha.stdout)?;
-
     let pieces = target.join("bundle-wheel");
     if pieces.exists() {
         fs::remove_dir_all(&pieces).with_context(|| format!("removing {}", pieces.display()))?;
@@ -652,12 +669,7 @@ pub fn bundle_cuda(root: &Path) -> Result<PathBuf> {
         fs::write(pieces.join(&name), chunk)?;
         println!("setup: wheel piece {}", pieces.join(&name).display());
     }
-    println!(
-        "setup: bundle {} ({} MB executable)",
-        bundle.display(),
-        fs::metadata(bundle.join("mlx_smoke"))?.len() / 1_000_000
-    );
-    Ok(bundle)
+    Ok(wheel_name)
 }
 
 /// Downloads a wheel of MLX [`MLX_VERSION`] into `dir` (once) and returns its path.

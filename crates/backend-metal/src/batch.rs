@@ -336,10 +336,11 @@ fn decode_group(
     let last = loop {
         let end = (start + chunk).min(len);
         let part = ids.index((.., start as i32..end as i32));
-        let h = model.hidden(&part, &mut caches).map_err(mlx_error)?;
         if end == len {
+            let h = model.hidden_last(&part, &mut caches).map_err(mlx_error)?;
             break last_position(&h);
         }
+        model.hidden(&part, &mut caches).map_err(mlx_error)?;
         let state: Vec<&Array> = caches.iter().flat_map(LayerCache::arrays).collect();
         eval(state).map_err(mlx_error)?;
         start = end;

@@ -399,6 +399,23 @@ impl LayerCache {
 }
 
 /// `[B, H, L, D]` attention of queries on keys/values under `mask`, scaled.
+impl AttnMask {
+    /// The mask of the last query alone (the queries are the mask's
+    /// second-to-last axis).
+    pub fn last_query(self) -> Result<AttnMask> {
+        Ok(match self {
+            // The last query sees every key.
+            AttnMask::None | AttnMask::Causal => AttnMask::None,
+            AttnMask::Array(m) => {
+                let axis = m.ndim() as i32 - 2;
+                let l = m.dim(axis);
+                let last = Array::from_int(l - 1);
+                AttnMask::Array(m.take_axis(&last.reshape(&[1])?, axis)?)
+            }
+        })
+    }
+}
+
 pub fn attend(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttnMask) -> Result<Array> {
     use mlx_rs::fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask};
     match mask {

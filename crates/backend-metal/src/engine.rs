@@ -393,6 +393,36 @@ impl MlxModel {
         self.submit(ids, opts)
     }
 
+    /// [`batch_generate`](TextModel::batch_generate) on prompt ids given
+    /// directly (no tokenizer), with the same checks and batching.
+    pub fn batch_generate_ids(
+        &self,
+        prompts: Vec<Vec<u32>>,
+        opts: &GenerateOptions,
+    ) -> Result<Vec<BatchResult>> {
+        check_generate_options(opts)?;
+        for p in &prompts {
+            self.shared.check_prompt(p, self.info.vocab_size)?;
+        }
+        let (reply, answer) = channel();
+        self.send(Job::Batch {
+            prompts,
+            opts: opts.clone(),
+            reply,
+        })?;
+        Self::await_reply(&answer)
+    }
+
+    /// A session driven by token ids, reusing its KV cache between turns
+    /// (see [`IdSession`](crate::IdSession)).
+    pub fn id_session(&self) -> crate::IdSession {
+        crate::IdSession::new(
+            Arc::clone(&self.shared),
+            Arc::clone(&self.worker),
+            self.info.vocab_size,
+        )
+    }
+
     /// The logits (as f32) that the model predicts after `ids`, from one
     /// forward pass over a fresh cache.
     pub fn last_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
@@ -425,7 +455,11 @@ fn build(
     context_length: usize,
 ) -> std::result::Result<(Box<dyn CausalLm>, ModelInfo), LoadError> {
     let (mut weights, quant) = match source {
-        Source::Dir(dir) => (Weights::load(&dir)?, config.quantization),
+        Source::Dir(dir) => {
+            let mut w = Weights::load(&dir)?;
+            w.set_quantization(&config.quantization_overrides);
+            (w, config.quantization)
+        }
         Source::Gguf(file) => {
             let arch = config.gguf_architecture.clone().unwrap_or_default();
             let (heads, kv) = gguf::head_counts(&file, &arch);
@@ -716,16 +750,7 @@ impl TextModel for MlxModel {
             ));
         }
         let prompts = self.encode_all(prompts)?;
-        for p in &prompts {
-            self.shared.check_prompt(p, self.info.vocab_size)?;
-        }
-        let (reply, answer) = channel();
-        self.send(Job::Batch {
-            prompts,
-            opts: opts.clone(),
-            reply,
-        })?;
-        Self::await_reply(&answer)
+        self.batch_generate_ids(prompts, opts)
     }
 
     /// A chat session that keeps its KV cache on the model's worker between

@@ -344,7 +344,7 @@ pub fn prefill(
         start += chunk;
     }
     let part = &prompt[start..];
-    let h = model.hidden(&Array::from_slice(part, &[1, part.len() as i32]), caches)?;
+    let h = model.hidden_last(&Array::from_slice(part, &[1, part.len() as i32]), caches)?;
     Ok(Some(last_position(&h)))
 }
 

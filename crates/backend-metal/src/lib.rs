@@ -51,6 +51,7 @@ use inference_core::{Availability, Backend, LoadOptions, Result, TextModel};
 
 pub use engine::MlxModel;
 pub use mlx_rs;
+pub use session::IdSession;
 pub use tokenizer::{ModelTokenizer, StreamDecoder};
 
 use device::GpuApi;

@@ -55,7 +55,8 @@ struct SessionState {
 pub(crate) struct TurnJob {
     id: u64,
     epoch: u64,
-    user: Message,
+    /// The user message joining the history (none for an [`IdSession`]).
+    user: Option<Message>,
     req: Request,
     state: Arc<SessionState>,
 }
@@ -117,7 +118,7 @@ impl ChatSession for MlxChatSession {
         let job = Job::Turn(TurnJob {
             id: self.id,
             epoch,
-            user,
+            user: Some(user),
             req: Request {
                 prompt,
                 opts: opts.clone(),
@@ -158,6 +159,82 @@ impl ChatSession for MlxChatSession {
 }
 
 impl Drop for MlxChatSession {
+    fn drop(&mut self) {
+        let _ = self.worker.send(Job::EndSession(self.id));
+    }
+}
+
+/// A session driven by token ids: each [`send`](IdSession::send) takes the
+/// whole conversation as ids (templated by the caller) and reuses the KV
+/// cache for the longest prefix it shares with the ids the previous turn
+/// left behind (its prompt and the reply ids fed back through the model),
+/// exactly as a [`ChatSession`] turn does after templating. Dropping the
+/// session frees its cache.
+pub struct IdSession {
+    id: u64,
+    shared: Arc<Shared>,
+    worker: Arc<Worker>,
+    vocab: usize,
+    state: Arc<SessionState>,
+}
+
+impl IdSession {
+    /// An empty session sending its turns to `worker`.
+    pub(crate) fn new(shared: Arc<Shared>, worker: Arc<Worker>, vocab: usize) -> Self {
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            shared,
+            worker,
+            vocab,
+            state: Arc::new(SessionState {
+                history: Mutex::new(History {
+                    epoch: 0,
+                    messages: Vec::new(),
+                }),
+                busy: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Streams the continuation of `ids`, the whole conversation so far.
+    /// Refused with `InvalidInput` while the previous turn is still
+    /// streaming, for no ids, or for ids outside the vocabulary.
+    pub fn send(&mut self, ids: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
+        check_generate_options(opts)?;
+        if self.state.busy.load(Ordering::Acquire) {
+            return Err(Error::InvalidInput(
+                "the previous turn of this session is still streaming".into(),
+            ));
+        }
+        self.shared.check_prompt(&ids, self.vocab)?;
+        let (sink, stream) = TokenStream::channel();
+        self.state.busy.store(true, Ordering::Release);
+        let job = Job::Turn(TurnJob {
+            id: self.id,
+            epoch: 0,
+            user: None,
+            req: Request {
+                prompt: ids,
+                opts: opts.clone(),
+                sink,
+                queued: Instant::now(),
+            },
+            state: Arc::clone(&self.state),
+        });
+        if self.worker.send(job).is_err() {
+            self.state.busy.store(false, Ordering::Release);
+            return Err(Error::backend(crate::NAME, "the model worker has stopped"));
+        }
+        Ok(stream)
+    }
+
+    /// Forgets the cached state; the next turn prefills in full.
+    pub fn reset(&mut self) {
+        let _ = self.worker.send(Job::EndSession(self.id));
+    }
+}
+
+impl Drop for IdSession {
     fn drop(&mut self) {
         let _ = self.worker.send(Job::EndSession(self.id));
     }
@@ -245,7 +322,7 @@ pub(crate) fn run(
             );
         }
         let mut h = state.history.lock().unwrap_or_else(PoisonError::into_inner);
-        if h.epoch == epoch {
+        if let (true, Some(user)) = (h.epoch == epoch, user) {
             h.messages.push(user);
             h.messages.push(Message::assistant(turn.reply));
         }

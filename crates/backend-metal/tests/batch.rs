@@ -231,3 +231,34 @@ fn eight_threads_generate_at_once() {
         assert_eq!(tokens, expected[i % texts.len()], "thread {i}");
     }
 }
+
+/// `batch_generate_ids`: rows given as ids decode together and each equals
+/// its lone `generate_ids`; ids outside the vocabulary are refused up front.
+#[test]
+fn batch_generate_ids_rows_equal_lone_runs() {
+    let model = load(&fixture("qwen3-f32"));
+    let opts = GenerateOptions::new().max_tokens(6).ignore_eos(true);
+    let prompts: Vec<Vec<u32>> = (0..3)
+        .map(|r| (0..12).map(|i| 50 + r * 31 + i * 3).collect())
+        .collect();
+    let rows = model.batch_generate_ids(prompts.clone(), &opts).unwrap();
+    assert_eq!(rows.len(), 3);
+    for (p, row) in prompts.into_iter().zip(rows) {
+        let alone: Vec<u32> = model
+            .generate_ids(p, &opts)
+            .unwrap()
+            .collect_tokens()
+            .unwrap()
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        let got: Vec<u32> = row.tokens.iter().map(|t| t.id).collect();
+        assert_eq!(got, alone);
+        assert_eq!(row.finish_reason, FinishReason::Length);
+    }
+    let vocab = model.info().vocab_size as u32;
+    assert!(matches!(
+        model.batch_generate_ids(vec![vec![1, vocab]], &opts),
+        Err(Error::InvalidInput(_))
+    ));
+}

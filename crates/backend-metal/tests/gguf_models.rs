@@ -160,3 +160,48 @@ fn gemma3_270m_q4_k_m_matches_transformers() {
         );
     }
 }
+
+/// The GGUF written out as an mlx-community directory (what mlx-lm reads in
+/// the benchmarks) is the same model: the 8-bit embedding is declared per
+/// module, and the last-position logits equal those of the GGUF load exactly
+/// (the same arrays, only stored and read back).
+#[test]
+fn smollm2_exported_as_an_mlx_directory_is_the_same_model() {
+    let gguf = model_file("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-mlx");
+    let exported = backend_metal::gguf::export_mlx_dir(&gguf, &out).unwrap();
+    assert_eq!(exported.model_type, "llama");
+    assert_eq!(exported.quantized, vec![(4, 210), (8, 1)]);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization"]["bits"], 4);
+    assert_eq!(config["quantization"]["group_size"], 32);
+    assert_eq!(config["quantization"]["model.embed_tokens"]["bits"], 8);
+
+    let from_gguf = load(&gguf);
+    let from_dir = load(&out);
+    assert_eq!(from_dir.info().quant_bits, Some(4));
+    assert_eq!(
+        from_dir.info().parameter_count,
+        from_gguf.info().parameter_count
+    );
+    for case in cases("smollm2") {
+        let prompt = ids(&case["ids"]);
+        assert_eq!(
+            from_dir.last_logits(&prompt).unwrap(),
+            from_gguf.last_logits(&prompt).unwrap()
+        );
+        assert_eq!(
+            greedy_from(&from_dir, &prompt, 8),
+            greedy_from(&from_gguf, &prompt, 8)
+        );
+    }
+    // The tokenizer and chat template travel too.
+    let text = "The capital of France is";
+    assert_eq!(
+        from_dir.encode(text).unwrap(),
+        from_gguf.encode(text).unwrap()
+    );
+    assert_eq!(from_dir.chat_template(), from_gguf.chat_template());
+}

@@ -453,3 +453,32 @@ fn conformance_kit_passes_on_the_fixture_models() {
         );
     }
 }
+
+/// Quantisation modes other than MLX's affine one are refused by name, and a
+/// malformed per-module entry is a config error naming the module.
+#[test]
+fn unsupported_quantization_modes_are_refused() {
+    let tmp = copy_fixture("qwen3-f32");
+    edit_config(tmp.path(), |c| {
+        c.insert(
+            "quantization".into(),
+            serde_json::json!({"group_size": 32, "bits": 4, "mode": "mxfp4"}),
+        );
+    });
+    let cause = load_cause(tmp.path());
+    assert!(
+        cause.contains("unsupported") && cause.contains("mxfp4"),
+        "{cause}"
+    );
+    edit_config(tmp.path(), |c| {
+        c.insert(
+            "quantization".into(),
+            serde_json::json!({"group_size": 32, "bits": 4, "model.embed_tokens": {"bits": "eight"}}),
+        );
+    });
+    assert!(
+        load_cause(tmp.path()).contains("model.embed_tokens"),
+        "{}",
+        load_cause(tmp.path())
+    );
+}

@@ -66,3 +66,46 @@ fn qwen3_three_turns() {
 fn gemma3_three_turns() {
     check("gemma3-f32", false);
 }
+
+/// An id-driven session: the second turn (the first turn's prompt, its reply
+/// and new ids) reuses the cache for everything the first turn fed through
+/// the model and gives the ids a fresh call gives; ids that do not extend the
+/// cache are prefilled in full.
+#[test]
+fn id_session_reuses_its_cache_and_matches_a_fresh_call() {
+    let model = load(&fixture("qwen3-f32"));
+    let opts = GenerateOptions::new().max_tokens(5).ignore_eos(true);
+    let ids = |s: &mut inference_core::TokenStream| -> Vec<u32> {
+        s.collect_tokens().unwrap().iter().map(|t| t.id).collect()
+    };
+    let mut session = model.id_session();
+    let first: Vec<u32> = (0..20).map(|i| 100 + i * 7).collect();
+    let reply = ids(&mut session.send(first.clone(), &opts).unwrap());
+    assert_eq!(
+        reply,
+        ids(&mut model.generate_ids(first.clone(), &opts).unwrap())
+    );
+
+    let mut second = first.clone();
+    second.extend_from_slice(&reply);
+    second.extend([300, 301, 302]);
+    let before = model.reused_prompt_tokens();
+    let got = ids(&mut session.send(second.clone(), &opts).unwrap());
+    // Every prompt id and every reply id but the last (never fed back).
+    assert_eq!(
+        model.reused_prompt_tokens() - before,
+        first.len() + reply.len() - 1
+    );
+    assert_eq!(
+        got,
+        ids(&mut model.generate_ids(second.clone(), &opts).unwrap())
+    );
+
+    // A different conversation shares no prefix: nothing reused.
+    let before = model.reused_prompt_tokens();
+    let other: Vec<u32> = (0..10).map(|i| 350 + i).collect();
+    let got = ids(&mut session.send(other.clone(), &opts).unwrap());
+    assert_eq!(model.reused_prompt_tokens(), before);
+    assert_eq!(got, ids(&mut model.generate_ids(other, &opts).unwrap()));
+    assert!(session.send(Vec::new(), &opts).is_err(), "no ids");
+}

@@ -1,11 +1,14 @@
 //! GGUF files: our own reader ([`reader`]), (de)quantisation ([`quant`]),
 //! the mapping onto our models (`model`) and tokenizers from metadata
-//! (`tokenizer`).
+//! (`tokenizer`), and [`export_mlx_dir`], which writes a GGUF model out as an
+//! mlx-community style directory.
 
+mod export;
 mod model;
 pub mod quant;
 pub mod reader;
 mod tokenizer;
 
+pub use export::{export_mlx_dir, Exported};
 pub(crate) use model::{config_json, head_counts, model_type, weights};
 pub(crate) use tokenizer::GgufTokenizer;

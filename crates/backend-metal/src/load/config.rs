@@ -109,6 +109,10 @@ pub struct ModelConfig {
     pub final_logit_softcapping: Option<f32>,
     /// MLX quantisation, when the checkpoint is quantised.
     pub quantization: Option<Quantization>,
+    /// Matrices quantised differently from [`quantization`](Self::quantization)
+    /// (mlx-community's per-module entries, e.g. an 8-bit embedding in a 4-bit
+    /// model), by module path.
+    pub quantization_overrides: Vec<(String, Quantization)>,
     /// The checkpoint's dtype as written (`float32`, `bfloat16`, …).
     pub dtype: Option<String>,
     /// BOS id, from config.json.
@@ -149,12 +153,47 @@ struct Raw {
     attn_logit_softcapping: Option<f32>,
     hidden_act: Option<String>,
     hidden_activation: Option<String>,
-    quantization: Option<Quantization>,
+    quantization: Option<Value>,
     quantization_config: Option<Value>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
+}
+
+/// Per-module quantisation entries, by module path.
+type QuantOverrides = Vec<(String, Quantization)>;
+
+/// The checkpoint-wide MLX quantisation of a `quantization` object and its
+/// per-module entries (objects with `group_size` and `bits`; `false` entries
+/// mean "not quantised", which the weights already say by having no scales).
+/// A quantisation mode other than affine is refused.
+fn parse_quantization(q: &Value) -> Result<(Option<Quantization>, QuantOverrides), LoadError> {
+    let Some(obj) = q.as_object() else {
+        return Err(LoadError::Config("`quantization` is not an object".into()));
+    };
+    if let Some(mode) = obj.get("mode").and_then(Value::as_str) {
+        if mode != "affine" {
+            return Err(LoadError::Unsupported(format!(
+                "MLX quantisation mode {mode:?} (only affine is supported)"
+            )));
+        }
+    }
+    let one = |v: &Value, what: &str| -> Result<Quantization, LoadError> {
+        serde_json::from_value(v.clone())
+            .map_err(|e| LoadError::Config(format!("quantization of {what}: {e}")))
+    };
+    let top = match (obj.get("group_size"), obj.get("bits")) {
+        (Some(_), Some(_)) => Some(one(q, "the checkpoint")?),
+        _ => None,
+    };
+    let mut overrides = Vec::new();
+    for (key, v) in obj {
+        if v.is_object() {
+            overrides.push((key.clone(), one(v, key)?));
+        }
+    }
+    Ok((top, overrides))
 }
 
 /// Token ids from a JSON number or array of numbers.
@@ -370,11 +409,14 @@ impl ModelConfig {
                 "attn_logit_softcapping (Gemma 2 style attention soft-capping)".into(),
             ));
         }
-        let quantization = raw.quantization.or_else(|| {
-            raw.quantization_config
-                .as_ref()
-                .and_then(|q| serde_json::from_value(q.clone()).ok())
-        });
+        let (quantization, quantization_overrides) = match raw
+            .quantization
+            .as_ref()
+            .or(raw.quantization_config.as_ref())
+        {
+            Some(q) => parse_quantization(q)?,
+            None => (None, Vec::new()),
+        };
         let attention_bias = raw.attention_bias.unwrap_or(false);
         Ok(Self {
             vocab_size: require(raw.vocab_size, "vocab_size")?,
@@ -406,6 +448,7 @@ impl ModelConfig {
             },
             final_logit_softcapping: raw.final_logit_softcapping,
             quantization,
+            quantization_overrides,
             dtype: raw.dtype.or(raw.torch_dtype),
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),

@@ -235,6 +235,21 @@ pub fn check_shape(name: &str, a: &Array, shape: &[i32]) -> Result<(), LoadError
 }
 
 impl Weights {
+    /// The tensors by name and the per-matrix quantisation, for writing out.
+    pub fn into_parts(self) -> (HashMap<String, Array>, HashMap<String, Quantization>) {
+        (self.tensors, self.quant)
+    }
+
+    /// Sets the quantisation of individual matrices, by module path as a
+    /// checkpoint's config names them (normalised like tensor names).
+    pub fn set_quantization(&mut self, overrides: &[(String, Quantization)]) {
+        for (path, q) in overrides {
+            if let Some(key) = normalise(path) {
+                self.quant.insert(key, *q);
+            }
+        }
+    }
+
     /// Converts every floating-point tensor to `dtype`.
     pub fn cast_floats(&mut self, dtype: Dtype) -> Result<(), LoadError> {
         for a in self.tensors.values_mut() {

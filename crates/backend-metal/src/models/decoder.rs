@@ -9,7 +9,9 @@ use crate::cache::LayerCache;
 use crate::error::LoadError;
 use crate::load::config::ModelConfig;
 use crate::load::weights::Weights;
-use crate::models::layers::{Activation, Attention, GatedMlp, Matrix, RmsNorm, RotaryEmbedding};
+use crate::models::layers::{
+    last_keepdim, Activation, Attention, GatedMlp, Matrix, RmsNorm, RotaryEmbedding,
+};
 use crate::models::CausalLm;
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -89,13 +91,20 @@ impl Decoder {
 }
 
 impl CausalLm for Decoder {
-    fn hidden(&self, ids: &Array, caches: &mut [LayerCache]) -> Result<Array> {
+    fn forward(&self, ids: &Array, caches: &mut [LayerCache], last_only: bool) -> Result<Array> {
         let mut h = self.embed_tokens.rows(ids)?;
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            let a =
-                layer
-                    .self_attn
-                    .forward(&layer.input_layernorm.forward(&h)?, cache, &self.rope)?;
+        let n = self.layers.len();
+        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+            let last = last_only && i + 1 == n;
+            let a = layer.self_attn.forward(
+                &layer.input_layernorm.forward(&h)?,
+                cache,
+                &self.rope,
+                last,
+            )?;
+            if last {
+                h = last_keepdim(&h);
+            }
             h = h.add(a)?;
             let m = layer
                 .mlp

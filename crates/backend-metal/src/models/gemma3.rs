@@ -15,7 +15,9 @@ use crate::cache::LayerCache;
 use crate::error::LoadError;
 use crate::load::config::{LayerKind, ModelConfig};
 use crate::load::weights::Weights;
-use crate::models::layers::{Activation, Attention, GatedMlp, Matrix, Norm, RotaryEmbedding};
+use crate::models::layers::{
+    last_keepdim, Activation, Attention, GatedMlp, Matrix, Norm, RotaryEmbedding,
+};
 use crate::models::CausalLm;
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -145,16 +147,22 @@ impl Gemma3 {
 }
 
 impl CausalLm for Gemma3 {
-    fn hidden(&self, ids: &Array, caches: &mut [LayerCache]) -> Result<Array> {
+    fn forward(&self, ids: &Array, caches: &mut [LayerCache], last_only: bool) -> Result<Array> {
         let mut h = self.embed_tokens.rows(ids)?.multiply(&self.embed_scale)?;
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+        let n = self.layers.len();
+        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             let rope = match layer.kind {
                 LayerKind::Sliding => &self.rope_local,
                 LayerKind::Full => &self.rope_global,
             };
-            let a = layer
-                .self_attn
-                .forward(&layer.input_layernorm.forward(&h)?, cache, rope)?;
+            let last = last_only && i + 1 == n;
+            let a =
+                layer
+                    .self_attn
+                    .forward(&layer.input_layernorm.forward(&h)?, cache, rope, last)?;
+            if last {
+                h = last_keepdim(&h);
+            }
             h = h.add(layer.post_attention_layernorm.forward(&a)?)?;
             let m = layer
                 .mlp

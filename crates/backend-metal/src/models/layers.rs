@@ -277,16 +277,21 @@ impl<N: Norm> Attention<N> {
         })
     }
 
-    /// Attends `x` `[B, L, hidden]` after the positions in `cache`, which it extends.
+    /// Attends `x` `[B, L, hidden]` after the positions in `cache`, which it
+    /// extends with every position's keys and values. With `last_only`, only
+    /// the last position queries (the output is `[B, 1, hidden]`): what the
+    /// final layer of a prefill needs, since only the last position's hidden
+    /// state is read.
     pub fn forward(
         &self,
         x: &Array,
         cache: &mut LayerCache,
         rope: &RotaryEmbedding,
+        last_only: bool,
     ) -> Result<Array> {
         let (b, l) = (x.dim(0), x.dim(1));
-        let heads = |proj: &Linear, n: i32, norm: Option<&N>| -> Result<Array> {
-            let y = proj.forward(x)?.reshape(&[b, l, n, self.head_dim])?;
+        let heads = |x: &Array, proj: &Linear, n: i32, norm: Option<&N>| -> Result<Array> {
+            let y = proj.forward(x)?.reshape(&[b, x.dim(1), n, self.head_dim])?;
             let y = match norm {
                 Some(norm) => norm.forward(&y)?,
                 None => y,
@@ -294,22 +299,33 @@ impl<N: Norm> Attention<N> {
             y.transpose_axes(&[0, 2, 1, 3])
         };
         let offset = cache.offset();
+        let trim = last_only && l > 1;
+        let xq = if trim { last_keepdim(x) } else { x.clone() };
         let q = rope.forward(
-            &heads(&self.q_proj, self.heads, self.q_norm.as_ref())?,
-            offset,
+            &heads(&xq, &self.q_proj, self.heads, self.q_norm.as_ref())?,
+            offset + l - xq.dim(1),
         )?;
         let k = rope.forward(
-            &heads(&self.k_proj, self.kv_heads, self.k_norm.as_ref())?,
+            &heads(x, &self.k_proj, self.kv_heads, self.k_norm.as_ref())?,
             offset,
         )?;
-        let v = heads(&self.v_proj, self.kv_heads, None)?;
+        let v = heads(x, &self.v_proj, self.kv_heads, None)?;
         let (k, v, mask) = cache.update(&k, &v)?;
+        let mask = if trim { mask.last_query()? } else { mask };
         let out = attend(&q, &k, &v, self.scale, &mask)?;
-        let out =
-            out.transpose_axes(&[0, 2, 1, 3])?
-                .reshape(&[b, l, self.heads * self.head_dim])?;
+        let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[
+            b,
+            xq.dim(1),
+            self.heads * self.head_dim,
+        ])?;
         self.o_proj.forward(&out)
     }
+}
+
+/// The last position of `x` `[B, L, …]`, keeping the axis: `[B, 1, …]`.
+pub fn last_keepdim(x: &Array) -> Array {
+    let l = x.dim(1);
+    x.index((.., l - 1..))
 }
 
 /// RMSNorm with a learned scale.

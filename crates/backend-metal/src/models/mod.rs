@@ -16,7 +16,26 @@ use crate::load::weights::Weights;
 pub trait CausalLm: Send {
     /// Final-normed hidden states `[B, L, hidden]` of `ids` `[B, L]`, after the
     /// positions already in `caches` (one cache per layer), which it extends.
-    fn hidden(&self, ids: &Array, caches: &mut [LayerCache]) -> Result<Array, Exception>;
+    fn hidden(&self, ids: &Array, caches: &mut [LayerCache]) -> Result<Array, Exception> {
+        self.forward(ids, caches, false)
+    }
+
+    /// The final-normed hidden state of the last position only, `[B, 1,
+    /// hidden]`, extending `caches` with every position: the final layer
+    /// attends, projects and runs its MLP for that position alone, which is
+    /// all a prefill needs.
+    fn hidden_last(&self, ids: &Array, caches: &mut [LayerCache]) -> Result<Array, Exception> {
+        self.forward(ids, caches, true)
+    }
+
+    /// [`hidden`](Self::hidden) (`last_only` false) or
+    /// [`hidden_last`](Self::hidden_last) (true).
+    fn forward(
+        &self,
+        ids: &Array,
+        caches: &mut [LayerCache],
+        last_only: bool,
+    ) -> Result<Array, Exception>;
 
     /// Logits `[…, vocab]` of hidden states `[…, hidden]`.
     fn logits(&self, h: &Array) -> Result<Array, Exception>;

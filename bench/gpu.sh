@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: EUPL-1.2
+#
+# The GPU half of `cargo xtask bench`, run from the bundle that
+# `cargo xtask bench gpu-bundle` writes (target/cuda/bench-bundle/), on a Linux
+# machine with an NVIDIA GPU, a Python 3.12 environment with the NVIDIA CUDA 13
+# libraries (VENV, default /opt/torch/.venv), and neither Rust nor internet.
+#
+#   gpu.sh setup PIECES_DIR   join the mlx-cuda-13 wheel pieces found in
+#                             PIECES_DIR, check them, install mlx, mlx-cuda-13
+#                             and mlx-lm into /tmp/mlx-site, unpack the binary
+#                             and the tokenizers
+#   gpu.sh models SHAPE...    write random bf16 models (qwen3-0.6b, qwen3-1.7b,
+#                             qwen3-4b, gemma3-1b) under /tmp/bench/models
+#   gpu.sh run OUT.jsonl MODEL SCENARIO-ARGS...
+#                             one scenario on both engines (ours first), each
+#                             appending records to OUT.jsonl (RUNS, WARMUP)
+#
+# Raw records go through `cargo xtask bench report` back on the build machine.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+VENV=${VENV:-/opt/torch/.venv}
+PY=$VENV/bin/python
+SITE=/tmp/mlx-site
+WORK=/tmp/bench
+RUNS=${RUNS:-5}
+WARMUP=${WARMUP:-1}
+
+# The CUDA libraries of the environment and MLX's own.
+libs=$SITE/mlx/lib
+for d in "$VENV"/lib/python3*/site-packages/nvidia/*/lib; do libs=$libs:$d; done
+export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+CUDA_HOME=$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -1 || true)
+export CUDA_HOME
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+
+unxz_to() { # FILE.xz DEST
+    "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+setup)
+    pieces=$1
+    wheel=$(cat "$HERE/wheel.name")
+    mkdir -p "$WORK"
+    if [ ! -f "$SITE/.installed" ]; then
+        cat "$pieces/$wheel".part-a* >"$WORK/$wheel"
+        (cd "$WORK" && sha256sum -c "$HERE/wheel.sha256")
+        "$PY" -m pip install -q --no-index --no-deps --target "$SITE" \
+            "$WORK/$wheel" "$HERE"/wheels/*.whl
+        rm -f "$WORK/$wheel"
+        touch "$SITE/.installed"
+    fi
+    unxz_to "$HERE/infer-bench.xz" "$WORK/infer-bench"
+    chmod +x "$WORK/infer-bench"
+    "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+        "$HERE/tokenizers.tar.xz" "$WORK/tokenizers"
+    "$PY" -c 'import mlx.core as mx, mlx_lm; print("mlx", mx.__version__, mx.default_device(), "mlx-lm", mlx_lm.__version__)'
+    ;;
+models)
+    for shape in "$@"; do
+        case "$shape" in gemma3*) tok=gemma3 ;; *) tok=qwen3 ;; esac
+        [ -f "$WORK/models/$shape/model.safetensors" ] ||
+            "$WORK/infer-bench" random-model --shape "$shape" --dtype bfloat16 \
+                --tokenizer "$WORK/tokenizers/$tok" --out "$WORK/models/$shape"
+    done
+    ;;
+run)
+    out=$1 model=$2
+    shift 2
+    "$WORK/infer-bench" run --model "$WORK/models/$model" --runs "$RUNS" --warmup "$WARMUP" \
+        --out "$out" "$@"
+    "$PY" "$HERE/mlx_lm_bench.py" --model "$WORK/models/$model" --runs "$RUNS" \
+        --warmup "$WARMUP" --out "$out" "$@"
+    ;;
+*)
+    sed -n '4,21p' "$0"
+    exit 2
+    ;;
+esac

@@ -1,0 +1,303 @@
+//! Timed runs of our engine, measured exactly as `bench/mlx_lm_bench.py`
+//! measures mlx-lm: the same prompt ids, greedy sampling, exactly the
+//! requested number of tokens (end-of-sequence ignored), and times taken
+//! where the caller receives tokens.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use backend_metal::{memory, MlxModel, Placement};
+use inference_core::{Backend, GenerateOptions, LoadOptions, TextModel, TokenStream};
+use serde_json::{json, Map, Value};
+
+/// The prompt ids of row `row`: `n` ids spread over the ordinary part of a
+/// vocabulary of `vocab` ids (the same formula as the Python driver).
+pub fn prompt_ids(n: usize, row: usize, vocab: usize) -> Vec<u32> {
+    let lo = 100.min(vocab / 4);
+    let span = 29_000.min(vocab - lo).max(1);
+    (0..n)
+        .map(|i| (lo + ((i + 1009 * row) * 7919) % span) as u32)
+        .collect()
+}
+
+/// What to measure.
+#[derive(Debug, Clone, Copy)]
+pub enum Scenario {
+    /// One stream: prefill `prompt` ids, then decode `decode` tokens.
+    Single {
+        /// Prompt length.
+        prompt: usize,
+        /// Tokens generated.
+        decode: usize,
+    },
+    /// `batch` prompts generated together, then one after another.
+    Batch {
+        /// Prompt length of every row.
+        prompt: usize,
+        /// Tokens generated per row.
+        decode: usize,
+        /// Rows.
+        batch: usize,
+    },
+    /// A second chat turn's time to first token, with and without reusing
+    /// the first turn's KV cache.
+    Chat {
+        /// First-turn prompt length.
+        history: usize,
+        /// First-turn reply length.
+        reply: usize,
+        /// New ids of the second turn.
+        new: usize,
+    },
+}
+
+impl Scenario {
+    fn name(&self) -> &'static str {
+        match self {
+            Scenario::Single { .. } => "single",
+            Scenario::Batch { .. } => "batch",
+            Scenario::Chat { .. } => "chat",
+        }
+    }
+
+    fn params(&self) -> Value {
+        match *self {
+            Scenario::Single { prompt, decode } => json!({"prompt": prompt, "decode": decode}),
+            Scenario::Batch {
+                prompt,
+                decode,
+                batch,
+            } => json!({"prompt": prompt, "decode": decode, "batch": batch}),
+            Scenario::Chat {
+                history,
+                reply,
+                new,
+            } => json!({"history": history, "reply": reply, "new": new}),
+        }
+    }
+}
+
+/// Greedy options that generate exactly `n` tokens.
+fn exactly(n: usize) -> GenerateOptions {
+    GenerateOptions::new()
+        .max_tokens(n)
+        .temperature(0.0)
+        .ignore_eos(true)
+}
+
+/// A stream's timings: (time to first token, first-to-last, ids).
+fn drain(started: Instant, stream: TokenStream) -> Result<(f64, f64, Vec<u32>)> {
+    let mut first = None;
+    let mut last = started;
+    let mut ids = Vec::new();
+    for tok in stream {
+        let tok = tok.context("generation failed")?;
+        let now = Instant::now();
+        first.get_or_insert(now);
+        last = now;
+        ids.push(tok.id);
+    }
+    let first = first.context("the stream produced no token")?;
+    Ok((
+        first.duration_since(started).as_secs_f64(),
+        last.duration_since(first).as_secs_f64(),
+        ids,
+    ))
+}
+
+fn single(model: &MlxModel, ids: Vec<u32>, decode: usize) -> Result<(f64, f64, Vec<u32>)> {
+    let started = Instant::now();
+    let stream = model.generate_ids(ids, &exactly(decode))?;
+    let out = drain(started, stream)?;
+    if out.2.len() != decode {
+        bail!("generated {} tokens, not {decode}", out.2.len());
+    }
+    Ok(out)
+}
+
+fn measure(model: &MlxModel, scenario: Scenario, vocab: usize) -> Result<Map<String, Value>> {
+    let mut m = Map::new();
+    match scenario {
+        Scenario::Single { prompt, decode } => {
+            let (ttft, dec, ids) = single(model, prompt_ids(prompt, 0, vocab), decode)?;
+            m.insert("ttft_s".into(), json!(ttft));
+            m.insert("prefill_tps".into(), json!(prompt as f64 / ttft));
+            m.insert("decode_s".into(), json!(dec));
+            m.insert(
+                "decode_tps".into(),
+                json!(decode.saturating_sub(1) as f64 / dec),
+            );
+            m.insert("generated".into(), json!(ids.len()));
+            m.insert("first_ids".into(), json!(&ids[..ids.len().min(16)]));
+        }
+        Scenario::Batch {
+            prompt,
+            decode,
+            batch,
+        } => {
+            let prompts: Vec<Vec<u32>> = (0..batch).map(|r| prompt_ids(prompt, r, vocab)).collect();
+            let started = Instant::now();
+            let results = model.batch_generate_ids(prompts.clone(), &exactly(decode))?;
+            let batch_s = started.elapsed().as_secs_f64();
+            for (r, res) in results.iter().enumerate() {
+                if let Some(e) = &res.error {
+                    bail!("batch row {r} failed: {e}");
+                }
+                if res.tokens.len() != decode {
+                    bail!("batch row {r} generated {}, not {decode}", res.tokens.len());
+                }
+            }
+            // Each row timed as `single` times it, summed (the Python driver
+            // does the same).
+            let mut seq_s = 0.0;
+            let mut same = true;
+            for (p, res) in prompts.into_iter().zip(&results) {
+                memory::clear_cache();
+                let (ttft, dec, ids) = single(model, p, decode)?;
+                seq_s += ttft + dec;
+                same &= res.tokens.iter().map(|t| t.id).eq(ids.iter().copied());
+            }
+            let total = (batch * decode) as f64;
+            m.insert("batch_s".into(), json!(batch_s));
+            m.insert("batch_tps".into(), json!(total / batch_s));
+            m.insert("sequential_s".into(), json!(seq_s));
+            m.insert("sequential_tps".into(), json!(total / seq_s));
+            m.insert("speedup".into(), json!(seq_s / batch_s));
+            m.insert("rows_match_single".into(), json!(same));
+        }
+        Scenario::Chat {
+            history,
+            reply,
+            new,
+        } => {
+            let mut session = model.id_session();
+            let first = prompt_ids(history, 0, vocab);
+            let stream = session.send(first.clone(), &exactly(reply))?;
+            let (_, _, reply_ids) = drain(Instant::now(), stream)?;
+            let mut second = first;
+            second.extend_from_slice(&reply_ids);
+            second.extend(prompt_ids(new, 1, vocab));
+            let before = model.reused_prompt_tokens();
+            let started = Instant::now();
+            let stream = session.send(second.clone(), &exactly(1))?;
+            let (reuse_ttft, _, reuse_ids) = drain(started, stream)?;
+            let reused = model.reused_prompt_tokens() - before;
+            let started = Instant::now();
+            let stream = model.generate_ids(second.clone(), &exactly(1))?;
+            let (fresh_ttft, _, fresh_ids) = drain(started, stream)?;
+            m.insert("reuse_ttft_s".into(), json!(reuse_ttft));
+            m.insert("fresh_ttft_s".into(), json!(fresh_ttft));
+            m.insert("cached_positions".into(), json!(reused));
+            m.insert("reuse_prefilled".into(), json!(second.len() - reused));
+            m.insert("fresh_prefilled".into(), json!(second.len()));
+            m.insert("speedup".into(), json!(fresh_ttft / reuse_ttft));
+            m.insert("first_tokens_match".into(), json!(reuse_ids == fresh_ids));
+        }
+    }
+    Ok(m)
+}
+
+/// How [`run`] is asked to work.
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    /// The model directory (or GGUF file).
+    pub model: PathBuf,
+    /// What to measure.
+    pub scenario: Scenario,
+    /// Measured runs.
+    pub runs: usize,
+    /// Unrecorded runs first.
+    pub warmup: usize,
+    /// JSON-lines file the records are appended to.
+    pub out: PathBuf,
+    /// The model's name in the records.
+    pub label: Option<String>,
+    /// Prompt tokens per prefill pass (our default when absent).
+    pub prefill_chunk: Option<usize>,
+}
+
+/// Loads the model, runs the scenario `warmup + runs` times and appends one
+/// JSON record per measured run to `args.out`.
+pub fn run(args: &RunArgs) -> Result<()> {
+    let model = MlxModel::load(&args.model, &LoadOptions::new(), Placement::Default)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    if let Some(c) = args.prefill_chunk {
+        model.set_prefill_chunk(c);
+    }
+    let vocab = model.info().vocab_size;
+    let label = args.label.clone().unwrap_or_else(|| file_name(&args.model));
+    let device = backend_metal::MlxBackend.device();
+    let weight_bytes = weight_bytes(&args.model);
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.out)
+        .with_context(|| format!("opening {}", args.out.display()))?;
+    for i in 0..args.warmup + args.runs {
+        memory::clear_cache();
+        let m = measure(&model, args.scenario, vocab)?;
+        let warm = i < args.warmup;
+        let mut rec = Map::new();
+        rec.insert("engine".into(), json!("ours"));
+        rec.insert("label".into(), json!(label));
+        rec.insert("scenario".into(), json!(args.scenario.name()));
+        if let Value::Object(p) = args.scenario.params() {
+            rec.extend(p);
+        }
+        rec.insert("run".into(), json!(i as i64 - args.warmup as i64));
+        rec.extend(m);
+        rec.insert(
+            "mlx_version".into(),
+            json!(backend_metal::device::mlx_version()),
+        );
+        rec.insert("device".into(), json!(device));
+        rec.insert("weight_bytes".into(), json!(weight_bytes));
+        let line = serde_json::to_string(&Value::Object(rec))?;
+        eprintln!("{}{line}", if warm { "(warm-up) " } else { "" });
+        if !warm {
+            writeln!(out, "{line}")?;
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of the model's weight files: what a decode step reads (a tied
+/// embedding is read once, as the output projection).
+fn weight_bytes(model: &Path) -> u64 {
+    std::fs::read_dir(model)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prompt_ids;
+
+    #[test]
+    fn prompt_ids_stay_in_the_ordinary_vocabulary_and_rows_differ() {
+        for vocab in [64, 1000, 49_152, 151_936] {
+            let lo = 100.min(vocab / 4) as u32;
+            let a = prompt_ids(300, 0, vocab);
+            let b = prompt_ids(300, 1, vocab);
+            assert_eq!(a.len(), 300);
+            assert!(a.iter().chain(&b).all(|&i| i >= lo && (i as usize) < vocab));
+            assert_ne!(a, b);
+            // Rows are shifted windows of one sequence (as in the Python driver).
+            assert_eq!(prompt_ids(10, 0, vocab)[..], prompt_ids(20, 0, vocab)[..10]);
+        }
+    }
+}

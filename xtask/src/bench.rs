@@ -1,0 +1,466 @@
+//! `cargo xtask bench`: our engine and mlx-lm side by side, on the same MLX
+//! build, the same model files and the same prompt ids.
+//!
+//! - `bench cpu [--quick]` runs the CPU plan here: it installs mlx-lm
+//!   [`MLX_LM_VERSION`] with the `mlx-cpu` wheel our build links (checked to be
+//!   the same `libmlx.so`), writes the models (a random Qwen3-0.6B-shaped f32
+//!   model and SmolLM2-135M-Instruct converted from its Q4_1 GGUF), runs each
+//!   scenario on both engines one after the other, and reports.
+//! - `bench gpu-bundle` builds what a GPU machine without Rust or internet needs
+//!   (`target/cuda/bench-bundle/`; `bench/gpu.sh` runs it there).
+//! - `bench report RAW.jsonl --machine TEXT --out NAME` turns raw records into
+//!   `bench/results/NAME.json` (medians, min/max, ratios) and prints a Markdown
+//!   table.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Map, Value};
+
+use crate::setup::{self, MLX_VERSION};
+use crate::{cargo, models, run};
+
+/// The mlx-lm release compared against.
+pub const MLX_LM_VERSION: &str = "0.32.2";
+
+const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S]>";
+
+/// Entry point of `cargo xtask bench …`.
+pub fn main(root: &Path, args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("cpu") => {
+            let quick = match &args[1..] {
+                [] => false,
+                [q] if q == "--quick" => true,
+                _ => bail!("{USAGE}"),
+            };
+            cpu(root, quick)
+        }
+        Some("gpu-bundle") => gpu_bundle(root),
+        Some("report") => {
+            let mut raw = None;
+            let mut machine = None;
+            let mut out = None;
+            let mut bandwidth = None;
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--machine" => machine = it.next().cloned(),
+                    "--out" => out = it.next().cloned(),
+                    "--bandwidth" => bandwidth = it.next().and_then(|b| b.parse::<f64>().ok()),
+                    other if raw.is_none() => raw = Some(PathBuf::from(other)),
+                    _ => bail!("{USAGE}"),
+                }
+            }
+            let (Some(raw), Some(machine), Some(out)) = (raw, machine, out) else {
+                bail!("{USAGE}");
+            };
+            report(root, &raw, &machine, &out, bandwidth)
+        }
+        _ => bail!("{USAGE}"),
+    }
+}
+
+/// The Python environment with mlx-lm, `.cache/bench/venv`; returns its
+/// interpreter.
+fn venv(root: &Path) -> Result<PathBuf> {
+    let dir = root.join(".cache/bench/venv");
+    let py = dir.join("bin/python");
+    let ready = Command::new(&py)
+        .args([
+            "-c",
+            "import mlx.core as mx, mlx_lm; print(mx.__version__, mlx_lm.__version__)",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let want = format!("{MLX_VERSION} {MLX_LM_VERSION}");
+    if ready.as_deref() != Some(want.as_str()) {
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        run(Command::new(python).args(["-m", "venv"]).arg(&dir))?;
+        run(Command::new(&py)
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .arg(format!("mlx[cpu]=={MLX_VERSION}"))
+            .arg(format!("mlx-lm=={MLX_LM_VERSION}")))?;
+    }
+    Ok(py)
+}
+
+/// The SHA-256 of a file.
+fn sha256(path: &Path) -> Result<String> {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .context("running sha256sum")?;
+    ensure!(out.status.success(), "sha256sum {} failed", path.display());
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Builds `infer-bench` (release) for `env` and returns its path.
+fn build_bench(root: &Path, env: &setup::MlxEnv) -> Result<PathBuf> {
+    run(cargo(root, env).args(["build", "--release", "--package", "infer-bench"]))?;
+    let target = env
+        .target_dir()
+        .map_or_else(|| root.join("target"), Path::to_path_buf);
+    Ok(target.join("release/infer-bench"))
+}
+
+/// One scenario of a plan: a model label and the arguments both drivers take.
+struct Step {
+    label: &'static str,
+    args: Vec<String>,
+}
+
+fn step(label: &'static str, scenario: &str, params: &[(&str, usize)]) -> Step {
+    let mut args = vec!["--scenario".to_owned(), scenario.to_owned()];
+    for (k, v) in params {
+        args.push(format!("--{k}"));
+        args.push(v.to_string());
+    }
+    Step { label, args }
+}
+
+fn cpu(root: &Path, quick: bool) -> Result<()> {
+    let env = setup::run(root, false)?;
+    crate::fetch::tokenizers(root)?;
+    let gguf = models::fetch_default(root)?;
+    let py = venv(root)?;
+    let ours_lib = env.prefix().join("lib/libmlx.so");
+    let theirs_lib = root.join(".cache/bench/venv/lib");
+    let theirs = fs::read_dir(&theirs_lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages/mlx/lib/libmlx.so"))
+        .find(|p| p.is_file())
+        .context("mlx-lm's environment has no libmlx.so")?;
+    ensure!(
+        sha256(&ours_lib)? == sha256(&theirs)?,
+        "{} and {} differ: the comparison needs the same MLX build",
+        ours_lib.display(),
+        theirs.display()
+    );
+    println!(
+        "bench: both engines load the same libmlx.so ({})",
+        ours_lib.display()
+    );
+    let bin = build_bench(root, &env)?;
+
+    let models = root.join(".cache/bench/models");
+    let smol = models.join("smollm2-135m-q4");
+    if !smol.join("model.safetensors").is_file() {
+        run(Command::new(&bin)
+            .args(["convert-gguf", "--gguf"])
+            .arg(&gguf)
+            .arg("--out")
+            .arg(&smol))?;
+    }
+    let qwen = models.join("qwen3-0.6b-f32");
+    if !quick && !qwen.join("model.safetensors").is_file() {
+        run(Command::new(&bin)
+            .args([
+                "random-model",
+                "--shape",
+                "qwen3-0.6b",
+                "--dtype",
+                "float32",
+            ])
+            .arg("--tokenizer")
+            .arg(root.join(".cache/tokenizers/qwen3"))
+            .arg("--out")
+            .arg(&qwen))?;
+    }
+
+    let mut plan = vec![
+        step(
+            "smollm2-135m-q4",
+            "single",
+            &[("prompt", 128), ("decode", 128)],
+        ),
+        step(
+            "smollm2-135m-q4",
+            "single",
+            &[("prompt", 512), ("decode", 16)],
+        ),
+    ];
+    if !quick {
+        plan.push(step(
+            "qwen3-0.6b-f32",
+            "single",
+            &[("prompt", 128), ("decode", 128)],
+        ));
+        plan.push(step(
+            "qwen3-0.6b-f32",
+            "single",
+            &[("prompt", 512), ("decode", 8)],
+        ));
+    }
+    let stamp = Command::new("date")
+        .arg("+%Y%m%d-%H%M%S")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "run".into());
+    let raw_dir = root.join("bench/results/raw");
+    fs::create_dir_all(&raw_dir)?;
+    let raw = raw_dir.join(format!("cpu-{stamp}.jsonl"));
+    for s in &plan {
+        let model = models.join(s.label);
+        let common = |cmd: &mut Command| {
+            cmd.arg("--model")
+                .arg(&model)
+                .args(&s.args)
+                .args(["--runs", "3", "--warmup", "1", "--label", s.label, "--out"])
+                .arg(&raw);
+        };
+        let mut ours = Command::new(&bin);
+        ours.arg("run");
+        common(&mut ours);
+        run(&mut ours)?;
+        let mut theirs = Command::new(&py);
+        theirs.arg(root.join("bench/mlx_lm_bench.py"));
+        common(&mut theirs);
+        run(&mut theirs)?;
+    }
+    let machine = cpu_name();
+    report(
+        root,
+        &raw,
+        &machine,
+        if quick { "cpu-quick" } else { "cpu" },
+        None,
+    )
+}
+
+/// This machine's CPU model and core count.
+fn cpu_name() -> String {
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{model}, {cores} cores, MLX CPU backend")
+}
+
+/// What a GPU machine without Rust and internet needs to run `bench/gpu.sh`:
+/// the CUDA build of `infer-bench`, the driver, the tokenizers, and the
+/// mlx / mlx-lm wheels (the mlx-cuda-13 wheel in pieces, as for the smoke
+/// tests).
+fn gpu_bundle(root: &Path) -> Result<()> {
+    let env = setup::run(root, true)?;
+    crate::fetch::tokenizers(root)?;
+    let bin = build_bench(root, &env)?;
+    let target = env
+        .target_dir()
+        .context("the CUDA environment has no target directory")?
+        .to_path_buf();
+    let bundle = target.join("bench-bundle");
+    if bundle.exists() {
+        fs::remove_dir_all(&bundle)?;
+    }
+    fs::create_dir_all(&bundle)?;
+    run(Command::new("sh").arg("-c").arg(format!(
+        "strip -o '{b}/infer-bench' '{bin}' && xz -T2 -6 -f '{b}/infer-bench' && \
+         tar -C '{tok}' -cJf '{b}/tokenizers.tar.xz' qwen3 gemma3 && \
+         cp '{root}/bench/mlx_lm_bench.py' '{root}/bench/gpu.sh' '{b}/'",
+        b = bundle.display(),
+        bin = bin.display(),
+        tok = root.join(".cache/tokenizers").display(),
+        root = root.display(),
+    )))?;
+    let wheels = bundle.join("wheels");
+    fs::create_dir_all(&wheels)?;
+    run(Command::new(venv(root)?)
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+        ])
+        .args([
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+        ])
+        .args(["--platform", "manylinux_2_35_x86_64", "--dest"])
+        .arg(&wheels)
+        .arg(format!("mlx=={MLX_VERSION}"))
+        .arg(format!("mlx-lm=={MLX_LM_VERSION}")))?;
+    let wheel = setup::cuda_wheel_pieces(root, &target)?;
+    fs::write(bundle.join("wheel.name"), format!("{wheel}\n"))?;
+    println!(
+        "bench: bundle {} (carry it with the pieces of {wheel} in {}; bench/gpu.sh says how)",
+        bundle.display(),
+        target.join("bundle-wheel").display()
+    );
+    Ok(())
+}
+
+/// Median, min and max of `v` (non-empty).
+fn stats(v: &mut [f64]) -> Value {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    json!({"median": median, "min": v[0], "max": v[n - 1], "runs": n})
+}
+
+/// The figures of a scenario, as (key, higher is better).
+fn metrics(scenario: &str) -> &'static [(&'static str, bool)] {
+    match scenario {
+        "single" => &[
+            ("prefill_tps", true),
+            ("decode_tps", true),
+            ("ttft_s", false),
+        ],
+        "batch" => &[
+            ("batch_tps", true),
+            ("sequential_tps", true),
+            ("speedup", true),
+        ],
+        _ => &[
+            ("reuse_ttft_s", false),
+            ("fresh_ttft_s", false),
+            ("speedup", true),
+        ],
+    }
+}
+
+const PARAMS: &[&str] = &["prompt", "decode", "batch", "history", "reply", "new"];
+
+/// Aggregates raw records into `bench/results/{out}.json` and prints a
+/// Markdown summary.
+fn report(root: &Path, raw: &Path, machine: &str, out: &str, bandwidth: Option<f64>) -> Result<()> {
+    let text = fs::read_to_string(raw).with_context(|| format!("reading {}", raw.display()))?;
+    // (label, scenario, params) → engine → records.
+    let mut groups: BTreeMap<(String, String, String), BTreeMap<String, Vec<Value>>> =
+        BTreeMap::new();
+    let mut versions = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let r: Value = serde_json::from_str(line).context("a raw record is not JSON")?;
+        let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+        let params: Vec<String> = PARAMS
+            .iter()
+            .filter_map(|p| r[*p].as_u64().map(|v| format!("{p}={v}")))
+            .collect();
+        for k in ["mlx_version", "mlx_lm_version", "device"] {
+            if let Some(v) = r[k].as_str() {
+                versions.insert(format!("{}.{k}", s("engine")), v.to_owned());
+            }
+        }
+        groups
+            .entry((s("label"), s("scenario"), params.join(" ")))
+            .or_default()
+            .entry(s("engine"))
+            .or_default()
+            .push(r);
+    }
+    let mut rows = Vec::new();
+    let mut table = String::from(
+        "| model | scenario | figure | ours (median [min–max]) | mlx-lm (median [min–max]) | ours ÷ mlx-lm |\n|---|---|---|---|---|---|\n",
+    );
+    for ((label, scenario, params), engines) in &groups {
+        let mut row = Map::new();
+        row.insert("model".into(), json!(label));
+        row.insert("scenario".into(), json!(scenario));
+        row.insert("params".into(), json!(params));
+        let weight_bytes = engines
+            .get("ours")
+            .and_then(|v| v.first())
+            .and_then(|r| r["weight_bytes"].as_u64());
+        for (key, higher) in metrics(scenario) {
+            let mut per = Map::new();
+            let mut medians = BTreeMap::new();
+            for (engine, recs) in engines {
+                let mut v: Vec<f64> = recs.iter().filter_map(|r| r[*key].as_f64()).collect();
+                if v.is_empty() {
+                    continue;
+                }
+                let st = stats(&mut v);
+                medians.insert(engine.clone(), st["median"].as_f64().unwrap_or(0.0));
+                per.insert(engine.clone(), st);
+            }
+            let ratio = match (medians.get("ours"), medians.get("mlx-lm")) {
+                (Some(o), Some(m)) if *o > 0.0 && *m > 0.0 => {
+                    Some(if *higher { o / m } else { m / o })
+                }
+                _ => None,
+            };
+            if let Some(r) = ratio {
+                per.insert("ratio".into(), json!(r));
+            }
+            if let (true, Some(b), Some(bw)) = (*key == "decode_tps", weight_bytes, bandwidth) {
+                for (engine, m) in &medians {
+                    per.insert(
+                        format!("{engine}_bandwidth_fraction"),
+                        json!(b as f64 * m / bw),
+                    );
+                }
+            }
+            let cell = |e: &str| {
+                per.get(e).map_or("–".to_owned(), |s| {
+                    format!(
+                        "{} [{}–{}]",
+                        fmt(s["median"].as_f64()),
+                        fmt(s["min"].as_f64()),
+                        fmt(s["max"].as_f64())
+                    )
+                })
+            };
+            table.push_str(&format!(
+                "| {label} | {scenario} {params} | {key} | {} | {} | {} |\n",
+                cell("ours"),
+                cell("mlx-lm"),
+                ratio.map_or("–".into(), |r| format!("{r:.2}×"))
+            ));
+            row.insert((*key).into(), Value::Object(per));
+        }
+        if let Some(b) = weight_bytes {
+            row.insert("weight_bytes".into(), json!(b));
+        }
+        rows.push(Value::Object(row));
+    }
+    let doc = json!({
+        "machine": machine,
+        "versions": versions,
+        "bandwidth_bytes_per_s": bandwidth,
+        "raw": raw.strip_prefix(root).unwrap_or(raw).display().to_string(),
+        "note": "ratio: ours ÷ mlx-lm for rates, mlx-lm ÷ ours for times (above 1 = ours faster)",
+        "results": rows,
+    });
+    let dir = root.join("bench/results");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{out}.json"));
+    fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    println!("{table}");
+    println!("bench: wrote {}", path.display());
+    Ok(())
+}
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) if x >= 1.0 => format!("{x:.2}"),
+        Some(x) => format!("{x:.4}"),
+        None => "–".into(),
+    }
+}
