@@ -15,6 +15,10 @@
 #   gpu.sh run OUT.jsonl MODEL SCENARIO-ARGS...
 #                             one scenario on both engines (ours first), each
 #                             appending records to OUT.jsonl (RUNS, WARMUP)
+#   gpu.sh plan OUT.jsonl MODEL PLAN.json
+#                             a plan (bench/plans/) in two rounds: ours then
+#                             mlx-lm, then mlx-lm then ours, so that drift of
+#                             the machine falls on both engines alike
 #
 # Raw records go through `cargo xtask bench report` back on the build machine.
 set -euo pipefail
@@ -76,8 +80,14 @@ run)
     "$PY" "$HERE/mlx_lm_bench.py" --model "$WORK/models/$model" --runs "$RUNS" \
         --warmup "$WARMUP" --out "$out" "$@"
     ;;
+plan)
+    out=$1 model=$2 plan=$3
+    ours() { "$WORK/infer-bench" run --model "$WORK/models/$model" --plan "$plan" --out "$out"; }
+    theirs() { "$PY" "$HERE/mlx_lm_bench.py" --model "$WORK/models/$model" --plan "$plan" --out "$out"; }
+    ours && theirs && theirs && ours
+    ;;
 *)
-    sed -n '4,21p' "$0"
+    sed -n '4,25p' "$0"
     exit 2
     ;;
 esac

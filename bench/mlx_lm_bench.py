@@ -84,10 +84,48 @@ def timed_stream(model, ids, max_tokens, cache=None):
     return t0, t_first, t_last, tokens
 
 
+class Profiled:
+    """A model wrapper that sums the time spent building forward graphs
+    (calls of the model) and the time `mx.async_eval` takes, the two host-side
+    costs of a decode step (the Rust engine logs the same split)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.build = 0.0
+        self.dispatch = 0.0
+        self.steps = 0
+        self._async_eval = mx.async_eval
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = self._model(*args, **kwargs)
+        self.build += time.perf_counter() - t
+        self.steps += 1
+        return out
+
+    def async_eval(self, *args):
+        t = time.perf_counter()
+        self._async_eval(*args)
+        self.dispatch += time.perf_counter() - t
+
+
 def run_single(model, args, vocab):
     """One single-stream run: P prompt ids, D greedy tokens."""
     settle()
-    t0, t_first, t_last, ids = timed_stream(model, prompt_ids(args.prompt, 0, vocab), args.decode)
+    prof = None
+    if args.profile:
+        prof = Profiled(model)
+        mx.async_eval = prof.async_eval
+        model = prof
+    try:
+        t0, t_first, t_last, ids = timed_stream(
+            model, prompt_ids(args.prompt, 0, vocab), args.decode)
+    finally:
+        if prof is not None:
+            mx.async_eval = prof._async_eval
     settle()
     ttft = t_first - t0
     decode_s = t_last - t_first
@@ -99,6 +137,10 @@ def run_single(model, args, vocab):
         "generated": args.decode,
         "first_ids": list(ids[:16]),
     }
+    if prof is not None and prof.steps > 1:
+        # The prompt's forward and each decode step's (the first is prefill).
+        rec["build_us"] = prof.build / prof.steps * 1e6
+        rec["dispatch_us"] = prof.dispatch / prof.steps * 1e6
     summary = (f"ttft {ttft * 1e3:.1f} ms, prefill {rec['prefill_tps']:.1f} tok/s, "
                f"decode {rec['decode_tps'] or 0:.1f} tok/s")
     return rec, summary
@@ -230,52 +272,72 @@ def parse_args(argv=None):
     """Parse and check the command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, type=Path, help="model directory")
-    p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
-    p.add_argument("--runs", required=True, type=int, help="measured runs")
+    p.add_argument("--scenario", choices=sorted(SCENARIOS))
+    p.add_argument("--plan", type=Path,
+                   help="a JSON list of steps ({scenario, its parameters, optional runs "
+                        "and warmup}) run one after another on one loaded model, "
+                        "instead of --scenario")
+    p.add_argument("--runs", type=int, default=3, help="measured runs (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="unrecorded runs first (default 1)")
     p.add_argument("--out", required=True, type=Path, help="JSON lines file to append to")
     p.add_argument("--label", help="label for the records (default: model dir name)")
+    p.add_argument("--profile", action="store_true",
+                   help="single: also record the mean host time per model call "
+                        "spent building graphs and in mx.async_eval")
     for name, what in (("prompt", "prompt ids per row"), ("decode", "tokens to generate"),
                        ("batch", "rows in the batch"), ("history", "chat history ids"),
                        ("reply", "turn-1 reply tokens"), ("new", "turn-2 new ids")):
         p.add_argument(f"--{name}", type=int, help=f"{what}")
     args = p.parse_args(argv)
-    missing = [f"--{k}" for k in SCENARIOS[args.scenario][1] if getattr(args, k) is None]
-    if missing:
-        p.error(f"scenario {args.scenario} needs {' '.join(missing)}")
-    for k in SCENARIOS[args.scenario][1]:
-        if getattr(args, k) < 1:
-            p.error(f"--{k} must be at least 1")
-    return args
+    if (args.plan is None) == (args.scenario is None):
+        p.error("give either --scenario or --plan")
+    steps = []
+    if args.plan is not None:
+        for item in json.loads(args.plan.read_text()):
+            step = argparse.Namespace(**{**vars(args), **item})
+            if step.scenario not in SCENARIOS:
+                p.error(f"unknown scenario in the plan: {step.scenario!r}")
+            steps.append(step)
+    else:
+        steps.append(args)
+    for step in steps:
+        missing = [f"--{k}" for k in SCENARIOS[step.scenario][1] if getattr(step, k) is None]
+        if missing:
+            p.error(f"scenario {step.scenario} needs {' '.join(missing)}")
+        for k in SCENARIOS[step.scenario][1]:
+            if getattr(step, k) < 1:
+                p.error(f"--{k} must be at least 1")
+    return args, steps
 
 
 def main(argv=None):
-    """Load the model, run the scenario, append one JSON line per measured run."""
-    args = parse_args(argv)
-    run, params = SCENARIOS[args.scenario]
+    """Load the model once, run each step, append one JSON line per measured run."""
+    args, steps = parse_args(argv)
     model, _ = load_model(args.model)
     vocab = vocab_size(args.model)
-    common = {
-        "engine": "mlx-lm",
-        "label": args.label or args.model.resolve().name,
-        "scenario": args.scenario,
-        **{k: getattr(args, k) for k in params},
-    }
+    label = args.label or args.model.resolve().name
     env = {
         "mlx_version": mx.__version__,
         "mlx_lm_version": mlx_lm.__version__,
         "device": str(mx.default_device()),
     }
     with open(args.out, "a", encoding="utf-8") as out:
-        for i in range(args.warmup + args.runs):
-            rec, summary = run(model, args, vocab)
-            measured = i >= args.warmup
-            tag = f"run {i - args.warmup}" if measured else f"warm-up {i}"
-            print(f"[mlx-lm {common['label']} {args.scenario}] {tag}: {summary}",
-                  file=sys.stderr)
-            if measured:
-                out.write(json.dumps({**common, "run": i - args.warmup, **rec, **env}) + "\n")
-                out.flush()
+        for step in steps:
+            run, params = SCENARIOS[step.scenario]
+            common = {
+                "engine": "mlx-lm",
+                "label": label,
+                "scenario": step.scenario,
+                **{k: getattr(step, k) for k in params},
+            }
+            for i in range(step.warmup + step.runs):
+                rec, summary = run(model, step, vocab)
+                measured = i >= step.warmup
+                tag = f"run {i - step.warmup}" if measured else f"warm-up {i}"
+                print(f"[mlx-lm {label} {step.scenario}] {tag}: {summary}", file=sys.stderr)
+                if measured:
+                    out.write(json.dumps({**common, "run": i - step.warmup, **rec, **env}) + "\n")
+                    out.flush()
 
 
 if __name__ == "__main__":

@@ -114,21 +114,6 @@ fn build_bench(root: &Path, env: &setup::MlxEnv) -> Result<PathBuf> {
     Ok(target.join("release/infer-bench"))
 }
 
-/// One scenario of a plan: a model label and the arguments both drivers take.
-struct Step {
-    label: &'static str,
-    args: Vec<String>,
-}
-
-fn step(label: &'static str, scenario: &str, params: &[(&str, usize)]) -> Step {
-    let mut args = vec!["--scenario".to_owned(), scenario.to_owned()];
-    for (k, v) in params {
-        args.push(format!("--{k}"));
-        args.push(v.to_string());
-    }
-    Step { label, args }
-}
-
 fn cpu(root: &Path, quick: bool) -> Result<()> {
     let env = setup::run(root, false)?;
     crate::fetch::tokenizers(root)?;
@@ -178,29 +163,9 @@ fn cpu(root: &Path, quick: bool) -> Result<()> {
             .arg(&qwen))?;
     }
 
-    let mut plan = vec![
-        step(
-            "smollm2-135m-q4",
-            "single",
-            &[("prompt", 128), ("decode", 128)],
-        ),
-        step(
-            "smollm2-135m-q4",
-            "single",
-            &[("prompt", 512), ("decode", 16)],
-        ),
-    ];
+    let mut plan = vec![("smollm2-135m-q4", "cpu-smollm2.json")];
     if !quick {
-        plan.push(step(
-            "qwen3-0.6b-f32",
-            "single",
-            &[("prompt", 128), ("decode", 128)],
-        ));
-        plan.push(step(
-            "qwen3-0.6b-f32",
-            "single",
-            &[("prompt", 512), ("decode", 8)],
-        ));
+        plan.push(("qwen3-0.6b-f32", "cpu-qwen3.json"));
     }
     let stamp = Command::new("date")
         .arg("+%Y%m%d-%H%M%S")
@@ -210,13 +175,15 @@ fn cpu(root: &Path, quick: bool) -> Result<()> {
     let raw_dir = root.join("bench/results/raw");
     fs::create_dir_all(&raw_dir)?;
     let raw = raw_dir.join(format!("cpu-{stamp}.jsonl"));
-    for s in &plan {
-        let model = models.join(s.label);
+    for (label, plan_file) in plan {
+        let plan_file = root.join("bench/plans").join(plan_file);
+        let model = models.join(label);
         let common = |cmd: &mut Command| {
             cmd.arg("--model")
                 .arg(&model)
-                .args(&s.args)
-                .args(["--runs", "3", "--warmup", "1", "--label", s.label, "--out"])
+                .arg("--plan")
+                .arg(&plan_file)
+                .args(["--label", label, "--out"])
                 .arg(&raw);
         };
         let mut ours = Command::new(&bin);
@@ -273,7 +240,7 @@ fn gpu_bundle(root: &Path) -> Result<()> {
     run(Command::new("sh").arg("-c").arg(format!(
         "strip -o '{b}/infer-bench' '{bin}' && xz -T2 -6 -f '{b}/infer-bench' && \
          tar -C '{tok}' -cJf '{b}/tokenizers.tar.xz' qwen3 gemma3 && \
-         cp '{root}/bench/mlx_lm_bench.py' '{root}/bench/gpu.sh' '{b}/'",
+         cp -r '{root}/bench/mlx_lm_bench.py' '{root}/bench/gpu.sh' '{root}/bench/plans' '{b}/'",
         b = bundle.display(),
         bin = bin.display(),
         tok = root.join(".cache/tokenizers").display(),
@@ -304,6 +271,8 @@ fn gpu_bundle(root: &Path) -> Result<()> {
         .arg(format!("mlx-lm=={MLX_LM_VERSION}")))?;
     let wheel = setup::cuda_wheel_pieces(root, &target)?;
     fs::write(bundle.join("wheel.name"), format!("{wheel}\n"))?;
+    let sha = sha256(&root.join(".cache/mlx/wheels").join(&wheel))?;
+    fs::write(bundle.join("wheel.sha256"), format!("{sha}  {wheel}\n"))?;
     println!(
         "bench: bundle {} (carry it with the pieces of {wheel} in {}; bench/gpu.sh says how)",
         bundle.display(),

@@ -305,8 +305,8 @@ impl MlxModel {
     }
 
     /// Sets how many prompt tokens one prefill forward pass takes (default
-    /// 512); calls already
-    /// queued may use either value. Values below 1 count as 1.
+    /// 2,048, as mlx-lm); calls already queued may use either value. Values
+    /// below 1 count as 1.
     pub fn set_prefill_chunk(&self, tokens: usize) {
         self.shared
             .prefill_chunk

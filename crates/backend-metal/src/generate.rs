@@ -19,8 +19,8 @@ use crate::models::CausalLm;
 use crate::sample::Sampler;
 use crate::tokenizer::{ModelTokenizer, StreamDecoder};
 
-/// Prompt tokens processed per forward pass during prefill.
-pub const PREFILL_CHUNK: usize = 512;
+/// Prompt tokens processed per forward pass during prefill (as mlx-lm).
+pub const PREFILL_CHUNK: usize = 2048;
 
 /// One generation call, ready to run on the model's worker.
 pub struct Request {
@@ -208,6 +208,7 @@ fn decode_loop(
         .map_err(mlx_error)?;
     async_eval([&y]).map_err(mlx_error)?;
 
+    let mut profile = StepProfile::default();
     let mut detok = StreamDecoder::new(&tokenizer.inner, prompt);
     let mut stops = StopStrings::new(&opts.stop_strings);
     let mut ready = Vec::new();
@@ -218,16 +219,23 @@ fn decode_loop(
         let context_used = prompt.len() + progress.generated + 1;
         let more = progress.generated + 1 < opts.max_tokens && context_used < limit;
         let next = if more {
+            let t0 = Instant::now();
             let input = y.reshape(&[1, 1]).map_err(mlx_error)?;
             let recent = recent_ids(&read, Some(&y), window).map_err(mlx_error)?;
             let next =
                 step(model, &input, caches, &mut sampler, recent.as_ref()).map_err(mlx_error)?;
+            let t1 = Instant::now();
             async_eval([&next]).map_err(mlx_error)?;
+            profile.build += t1 - t0;
+            profile.dispatch += t1.elapsed();
             Some(next)
         } else {
             None
         };
+        let t0 = Instant::now();
         let id: u32 = y.try_item_exact().map_err(mlx_error)?;
+        profile.wait += t0.elapsed();
+        profile.steps += 1;
         progress.first_token.get_or_insert_with(Instant::now);
         if let Some((sampled, _)) = record.as_mut() {
             sampled.push(id);
@@ -291,6 +299,33 @@ fn decode_loop(
                 });
             }
         }
+    }
+}
+
+/// Where a decode loop's time goes, summed over its steps: building the next
+/// step's graph, handing it to MLX, and waiting for the current token.
+/// Reported at `debug` level when the loop ends (the rest of the wall time
+/// is detokenising, stop strings and streaming).
+#[derive(Debug, Default)]
+struct StepProfile {
+    steps: u32,
+    build: Duration,
+    dispatch: Duration,
+    wait: Duration,
+}
+
+/// Logged when dropped, on every way out of the loop.
+impl Drop for StepProfile {
+    fn drop(&mut self) {
+        let p = &*self;
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(p.steps.max(1));
+        tracing::debug!(
+            steps = p.steps,
+            build_us = per(p.build),
+            dispatch_us = per(p.dispatch),
+            wait_us = per(p.wait),
+            "decode step profile (means)"
+        );
     }
 }
 

@@ -62,8 +62,12 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
         /// single, batch or chat.
+        #[arg(long, required_unless_present = "plan", conflicts_with = "plan")]
+        scenario: Option<String>,
+        /// A JSON list of steps (`{scenario, its parameters, runs?,
+        /// warmup?}`) run on one loaded model, instead of `--scenario`.
         #[arg(long)]
-        scenario: String,
+        plan: Option<PathBuf>,
         /// Prompt tokens (single, batch).
         #[arg(long, default_value_t = 128)]
         prompt: usize,
@@ -138,6 +142,7 @@ fn main() -> Result<()> {
         Command::Run {
             model,
             scenario,
+            plan,
             prompt,
             decode,
             batch,
@@ -150,25 +155,36 @@ fn main() -> Result<()> {
             label,
             prefill_chunk,
         } => {
-            let scenario = match scenario.as_str() {
-                "single" => run::Scenario::Single { prompt, decode },
-                "batch" => run::Scenario::Batch {
-                    prompt,
-                    decode,
-                    batch,
-                },
-                "chat" => run::Scenario::Chat {
-                    history,
-                    reply,
-                    new,
-                },
-                other => anyhow::bail!("unknown scenario {other:?} (single, batch or chat)"),
+            let steps = match (scenario.as_deref(), plan) {
+                (_, Some(plan)) => run::read_plan(&plan, runs, warmup)?,
+                (Some(name), None) => {
+                    let scenario = match name {
+                        "single" => run::Scenario::Single { prompt, decode },
+                        "batch" => run::Scenario::Batch {
+                            prompt,
+                            decode,
+                            batch,
+                        },
+                        "chat" => run::Scenario::Chat {
+                            history,
+                            reply,
+                            new,
+                        },
+                        other => {
+                            anyhow::bail!("unknown scenario {other:?} (single, batch or chat)")
+                        }
+                    };
+                    vec![run::Step {
+                        scenario,
+                        runs,
+                        warmup,
+                    }]
+                }
+                (None, None) => anyhow::bail!("give --scenario or --plan"),
             };
             run::run(&run::RunArgs {
                 model,
-                scenario,
-                runs,
-                warmup,
+                steps,
                 out,
                 label,
                 prefill_chunk,

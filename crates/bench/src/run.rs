@@ -199,17 +199,72 @@ fn measure(model: &MlxModel, scenario: Scenario, vocab: usize) -> Result<Map<Str
     Ok(m)
 }
 
-/// How [`run`] is asked to work.
-#[derive(Debug, Clone)]
-pub struct RunArgs {
-    /// The model directory (or GGUF file).
-    pub model: PathBuf,
+/// One step of a plan: a scenario with its run counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
     /// What to measure.
     pub scenario: Scenario,
     /// Measured runs.
     pub runs: usize,
     /// Unrecorded runs first.
     pub warmup: usize,
+}
+
+/// Reads a plan: a JSON list of `{scenario, its parameters, runs?, warmup?}`
+/// (the file `bench/mlx_lm_bench.py --plan` reads too); `runs` and `warmup`
+/// default to the given values.
+pub fn read_plan(path: &Path, runs: usize, warmup: usize) -> Result<Vec<Step>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let items: Vec<Map<String, Value>> =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a plan", path.display()))?;
+    items
+        .iter()
+        .map(|item| {
+            let num = |k: &str| -> Result<usize> {
+                item.get(k)
+                    .and_then(Value::as_u64)
+                    .map(|v| v as usize)
+                    .with_context(|| format!("plan step {item:?} has no `{k}`"))
+            };
+            let or = |k: &str, d: usize| {
+                item.get(k)
+                    .and_then(Value::as_u64)
+                    .map_or(d, |v| v as usize)
+            };
+            let scenario = match item.get("scenario").and_then(Value::as_str) {
+                Some("single") => Scenario::Single {
+                    prompt: num("prompt")?,
+                    decode: num("decode")?,
+                },
+                Some("batch") => Scenario::Batch {
+                    prompt: num("prompt")?,
+                    decode: num("decode")?,
+                    batch: num("batch")?,
+                },
+                Some("chat") => Scenario::Chat {
+                    history: num("history")?,
+                    reply: num("reply")?,
+                    new: num("new")?,
+                },
+                other => bail!("plan step with unknown scenario {other:?}"),
+            };
+            Ok(Step {
+                scenario,
+                runs: or("runs", runs),
+                warmup: or("warmup", warmup),
+            })
+        })
+        .collect()
+}
+
+/// How [`run`] is asked to work.
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    /// The model directory (or GGUF file).
+    pub model: PathBuf,
+    /// What to measure, in order, on one loaded model.
+    pub steps: Vec<Step>,
     /// JSON-lines file the records are appended to.
     pub out: PathBuf,
     /// The model's name in the records.
@@ -218,8 +273,8 @@ pub struct RunArgs {
     pub prefill_chunk: Option<usize>,
 }
 
-/// Loads the model, runs the scenario `warmup + runs` times and appends one
-/// JSON record per measured run to `args.out`.
+/// Loads the model once, runs each step `warmup + runs` times and appends
+/// one JSON record per measured run to `args.out`.
 pub fn run(args: &RunArgs) -> Result<()> {
     let model = MlxModel::load(&args.model, &LoadOptions::new(), Placement::Default)
         .with_context(|| format!("loading {}", args.model.display()))?;
@@ -235,30 +290,32 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .append(true)
         .open(&args.out)
         .with_context(|| format!("opening {}", args.out.display()))?;
-    for i in 0..args.warmup + args.runs {
-        memory::clear_cache();
-        let m = measure(&model, args.scenario, vocab)?;
-        let warm = i < args.warmup;
-        let mut rec = Map::new();
-        rec.insert("engine".into(), json!("ours"));
-        rec.insert("label".into(), json!(label));
-        rec.insert("scenario".into(), json!(args.scenario.name()));
-        if let Value::Object(p) = args.scenario.params() {
-            rec.extend(p);
-        }
-        rec.insert("run".into(), json!(i as i64 - args.warmup as i64));
-        rec.extend(m);
-        rec.insert(
-            "mlx_version".into(),
-            json!(backend_metal::device::mlx_version()),
-        );
-        rec.insert("device".into(), json!(device));
-        rec.insert("weight_bytes".into(), json!(weight_bytes));
-        let line = serde_json::to_string(&Value::Object(rec))?;
-        eprintln!("{}{line}", if warm { "(warm-up) " } else { "" });
-        if !warm {
-            writeln!(out, "{line}")?;
-            out.flush()?;
+    for step in &args.steps {
+        for i in 0..step.warmup + step.runs {
+            memory::clear_cache();
+            let m = measure(&model, step.scenario, vocab)?;
+            let warm = i < step.warmup;
+            let mut rec = Map::new();
+            rec.insert("engine".into(), json!("ours"));
+            rec.insert("label".into(), json!(label));
+            rec.insert("scenario".into(), json!(step.scenario.name()));
+            if let Value::Object(p) = step.scenario.params() {
+                rec.extend(p);
+            }
+            rec.insert("run".into(), json!(i as i64 - step.warmup as i64));
+            rec.extend(m);
+            rec.insert(
+                "mlx_version".into(),
+                json!(backend_metal::device::mlx_version()),
+            );
+            rec.insert("device".into(), json!(device));
+            rec.insert("weight_bytes".into(), json!(weight_bytes));
+            let line = serde_json::to_string(&Value::Object(rec))?;
+            eprintln!("{}{line}", if warm { "(warm-up) " } else { "" });
+            if !warm {
+                writeln!(out, "{line}")?;
+                out.flush()?;
+            }
         }
     }
     Ok(())

@@ -91,6 +91,20 @@ pub const SHAPES: &[Shape] = &[
         kv_heads: 1,
         head_dim: 256,
     },
+    // Not a real checkpoint: Qwen3-0.6B's depth with tiny matrices, so that a
+    // step costs what building and dispatching its graph costs (the per-token
+    // overhead that bounds small models on a GPU), measurable on a CPU.
+    Shape {
+        name: "qwen3-overhead",
+        family: Family::Qwen3,
+        vocab: 1024,
+        hidden: 64,
+        intermediate: 128,
+        layers: 28,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 32,
+    },
 ];
 
 /// The shape called `name`.

@@ -3,7 +3,9 @@
 
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::IndexOp;
-use mlx_rs::ops::{dequantize, matmul, quantized_matmul};
+use mlx_rs::ops::{concatenate, dequantize, matmul, quantized_matmul, sigmoid, tanh};
+use mlx_rs::transforms::compile::compile;
+use mlx_rs::transforms::eval;
 use mlx_rs::{fast, Array};
 
 use crate::cache::{attend, LayerCache};
@@ -147,6 +149,49 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// One layer computing `a` and `b` together (`a`'s outputs first), when
+    /// both store their weights alike (both dense of one dtype, or both
+    /// quantised with the same bits and group) and both or neither have a
+    /// bias; `None` otherwise. The stacked arrays are evaluated at once, so
+    /// the parts' memory is freed when the caller drops them.
+    pub fn stack(a: &Linear, b: &Linear) -> Result<Option<Linear>> {
+        let cat = |x: &Array, y: &Array| concatenate(&[x, y], 0);
+        let weight = match (&a.weight, &b.weight) {
+            (Matrix::Dense(x), Matrix::Dense(y)) if x.dtype() == y.dtype() => {
+                Matrix::Dense(cat(x, y)?)
+            }
+            (Matrix::Quantized(x), Matrix::Quantized(y))
+                if (x.bits, x.group_size) == (y.bits, y.group_size) =>
+            {
+                Matrix::Quantized(QuantWeight {
+                    weight: cat(&x.weight, &y.weight)?,
+                    scales: cat(&x.scales, &y.scales)?,
+                    biases: cat(&x.biases, &y.biases)?,
+                    group_size: x.group_size,
+                    bits: x.bits,
+                })
+            }
+            _ => return Ok(None),
+        };
+        let bias = match (&a.bias, &b.bias) {
+            (Some(x), Some(y)) => Some(cat(x, y)?),
+            (None, None) => None,
+            _ => return Ok(None),
+        };
+        let stacked = Linear { weight, bias };
+        eval(stacked.arrays())?;
+        Ok(Some(stacked))
+    }
+
+    fn arrays(&self) -> Vec<&Array> {
+        let mut v = match &self.weight {
+            Matrix::Dense(w) => vec![w],
+            Matrix::Quantized(q) => vec![&q.weight, &q.scales, &q.biases],
+        };
+        v.extend(self.bias.iter());
+        v
+    }
+
     /// Applies the layer.
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let y = self.weight.matmul_t(x)?;
@@ -166,13 +211,23 @@ pub enum Activation {
     GeluTanh,
 }
 
+/// The gate and up projections of a gated MLP.
+#[derive(Debug)]
+enum GateUp {
+    /// Stacked into one `[2 × inner, hidden]` matmul (one kernel instead of
+    /// two per layer and step).
+    Stacked(Linear),
+    /// Kept apart (their weights are stored differently).
+    Apart(Linear, Linear),
+}
+
 /// A gated MLP: `down(act(gate(x)) × up(x))`.
 #[derive(Debug)]
 pub struct GatedMlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
     activation: Activation,
+    inner: i32,
 }
 
 impl GatedMlp {
@@ -189,24 +244,57 @@ impl GatedMlp {
             c.quantization,
             c.mlp_bias,
         );
+        let gate = Linear::load(w, &format!("{prefix}.gate_proj"), inter, hidden, bias, q)?;
+        let up = Linear::load(w, &format!("{prefix}.up_proj"), inter, hidden, bias, q)?;
+        let stacked = Linear::stack(&gate, &up)
+            .map_err(|e| LoadError::Config(format!("stacking `{prefix}` gate and up: {e}")))?;
         Ok(Self {
-            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), inter, hidden, bias, q)?,
-            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), inter, hidden, bias, q)?,
+            gate_up: match stacked {
+                Some(s) => GateUp::Stacked(s),
+                None => GateUp::Apart(gate, up),
+            },
             down_proj: Linear::load(w, &format!("{prefix}.down_proj"), hidden, inter, bias, q)?,
             activation,
+            inner: inter,
         })
     }
 
     /// Applies the MLP.
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        let gate = self.gate_proj.forward(x)?;
-        let gate = match self.activation {
-            Activation::Silu => mlx_rs::nn::silu(gate)?,
-            Activation::GeluTanh => mlx_rs::nn::gelu_approximate(gate)?,
+        let (gate, up) = match &self.gate_up {
+            GateUp::Stacked(s) => {
+                let y = s.forward(x)?;
+                (
+                    y.index((.., .., ..self.inner)),
+                    y.index((.., .., self.inner..)),
+                )
+            }
+            GateUp::Apart(g, u) => (g.forward(x)?, u.forward(x)?),
         };
-        self.down_proj
-            .forward(&gate.multiply(self.up_proj.forward(x)?)?)
+        let hidden = match self.activation {
+            Activation::Silu => compile(silu_mul, true)((&gate, &up))?,
+            Activation::GeluTanh => compile(gelu_tanh_mul, true)((&gate, &up))?,
+        };
+        self.down_proj.forward(&hidden)
     }
+}
+
+/// `silu(gate) × up`, compiled into one kernel.
+fn silu_mul((gate, up): (&Array, &Array)) -> Result<Array> {
+    gate.multiply(sigmoid(gate)?)?.multiply(up)
+}
+
+/// `gelu_tanh(gate) × up`, compiled into one kernel. The constants take the
+/// inputs' dtype, so a bf16 MLP stays bf16 (an f32 constant would promote
+/// the result, and every later matmul with it).
+fn gelu_tanh_mul((gate, up): (&Array, &Array)) -> Result<Array> {
+    let c = |v: f32| Array::from_f32(v).as_dtype(gate.dtype());
+    let cube = gate.multiply(gate)?.multiply(gate)?;
+    let inner = gate
+        .add(cube.multiply(c(0.044_715)?)?)?
+        .multiply(c((2.0 / std::f32::consts::PI).sqrt())?)?;
+    let one_plus = tanh(&inner)?.add(c(1.0)?)?;
+    gate.multiply(c(0.5)?)?.multiply(one_plus)?.multiply(up)
 }
 
 /// A normalisation over the last axis (queries' and keys' per-head norms).

@@ -59,3 +59,42 @@ pub fn build(config: &ModelConfig, mut weights: Weights) -> Result<Box<dyn Causa
     weights.finish()?;
     Ok(model)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use mlx_rs::{Array, Dtype};
+
+    use super::*;
+
+    /// A bf16 model computes in bf16 from end to end: a stray f32 constant
+    /// (an activation's coefficients, say) would promote the hidden states,
+    /// and every matmul after it would convert its bf16 weights to f32 on
+    /// each step.
+    #[test]
+    fn bf16_models_keep_their_hidden_states_in_bf16() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+        for name in ["qwen3-bf16", "gemma3-bf16"] {
+            let dir = fixtures.join(name);
+            let config = ModelConfig::load(&dir).unwrap();
+            let model = build(&config, Weights::load(&dir).unwrap()).unwrap();
+            assert_eq!(model.dtype(), Dtype::Bfloat16, "{name}");
+            let mut caches = model.new_caches(None);
+            let ids = Array::from_slice(&[1u32, 2, 3, 4], &[1, 4]);
+            let h = model.hidden(&ids, &mut caches).unwrap();
+            assert_eq!(h.dtype(), Dtype::Bfloat16, "{name}: prefill");
+            let last = model.hidden_last(&ids, &mut caches).unwrap();
+            assert_eq!(last.shape(), &[1, 1, config.hidden_size], "{name}");
+            let step = model
+                .hidden(&Array::from_slice(&[5u32], &[1, 1]), &mut caches)
+                .unwrap();
+            assert_eq!(step.dtype(), Dtype::Bfloat16, "{name}: decode");
+            assert_eq!(
+                model.logits(&step).unwrap().dtype(),
+                Dtype::Bfloat16,
+                "{name}"
+            );
+        }
+    }
+}
