@@ -229,8 +229,12 @@ impl MlxModel {
                         }
                     }
                 };
+                // Every placement runs on a stream of the worker's own (as
+                // mlx-lm generates on a stream of its own): MLX operations then
+                // take the thread's scoped stream instead of looking up the
+                // default device and stream for each operation.
                 match placement {
-                    Placement::Default => body(),
+                    Placement::Default => mlx_rs::with_device(Device::default(), body),
                     Placement::Cpu => mlx_rs::with_device(Device::cpu(), body),
                     Placement::Gpu => mlx_rs::with_device(Device::gpu(), body),
                 }

@@ -22,9 +22,9 @@ use crate::models::CausalLm;
 
 type Result<T> = std::result::Result<T, Exception>;
 
-/// Gemma's RMSNorm: `x / rms(x) × (1 + w)`, computed in f32 and cast back.
+/// Gemma's RMSNorm: `x / rms(x) × (1 + w)`.
 struct GemmaNorm {
-    /// `1 + w` in f32.
+    /// `1 + w`, in the weights' dtype.
     scale: Array,
     eps: f32,
 }
@@ -43,18 +43,20 @@ impl GemmaNorm {
         eps: f32,
     ) -> std::result::Result<Self, LoadError> {
         let weight = w.take(&format!("{prefix}.weight"), &[dim])?;
-        let scale = weight.as_dtype(Dtype::Float32)?.add(Array::from_f32(1.0))?;
+        // `1 + w` in f32, rounded once to the weights' dtype.
+        let scale = weight
+            .as_dtype(Dtype::Float32)?
+            .add(Array::from_f32(1.0))?
+            .as_dtype(weight.dtype())?;
+        scale.eval()?;
         Ok(Self { scale, eps })
     }
 
+    /// MLX's fused RMS norm (it accumulates in f32 whatever the dtype), in
+    /// the input's dtype: one kernel per norm, where casting to f32 and back
+    /// as transformers does would take three.
     fn forward(&self, x: &Array) -> Result<Array> {
-        let dtype = x.dtype();
-        let y = fast::rms_norm(x.as_dtype(Dtype::Float32)?, Some(&self.scale), self.eps)?;
-        if dtype == Dtype::Float32 {
-            Ok(y)
-        } else {
-            y.as_dtype(dtype)
-        }
+        fast::rms_norm(x, Some(&self.scale), self.eps)
     }
 }
 
