@@ -229,12 +229,12 @@ impl MlxModel {
                         }
                     }
                 };
-                // Every placement runs on a stream of the worker's own (as
-                // mlx-lm generates on a stream of its own): MLX operations then
-                // take the thread's scoped stream instead of looking up the
-                // default device and stream for each operation.
+                // The default placement stays on MLX's default stream: a
+                // stream of the worker's own (as mlx-lm generates on) made
+                // each decode step's dispatch 2–4× slower on the CUDA backend
+                // (measured on an H200; docs/benchmarks.md).
                 match placement {
-                    Placement::Default => mlx_rs::with_device(Device::default(), body),
+                    Placement::Default => body(),
                     Placement::Cpu => mlx_rs::with_device(Device::cpu(), body),
                     Placement::Gpu => mlx_rs::with_device(Device::gpu(), body),
                 }
