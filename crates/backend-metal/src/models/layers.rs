@@ -1,6 +1,8 @@
 //! Building blocks shared by the model files: linear layers (dense or MLX
 //! affine-quantised), embeddings, RMSNorm and rotary embeddings.
 
+use std::cell::RefCell;
+
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::ops::{concatenate, dequantize, matmul, quantized_matmul, sigmoid, tanh};
@@ -221,13 +223,29 @@ enum GateUp {
     Apart(Linear, Linear),
 }
 
+/// `act(gate) × up` as one compiled MLX function.
+type FusedActivation = Box<dyn for<'a> FnMut((&'a Array, &'a Array)) -> Result<Array>>;
+
 /// A gated MLP: `down(act(gate(x)) × up(x))`.
-#[derive(Debug)]
 pub struct GatedMlp {
     gate_up: GateUp,
     down_proj: Linear,
     activation: Activation,
     inner: i32,
+    /// Compiled once per layer: a compiled function traces its graph on the
+    /// first call and replays it after, where compiling at each call would
+    /// trace (and fuse) it again on every step.
+    fused: RefCell<FusedActivation>,
+}
+
+impl std::fmt::Debug for GatedMlp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatedMlp")
+            .field("gate_up", &self.gate_up)
+            .field("down_proj", &self.down_proj)
+            .field("activation", &self.activation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl GatedMlp {
@@ -256,6 +274,10 @@ impl GatedMlp {
             down_proj: Linear::load(w, &format!("{prefix}.down_proj"), hidden, inter, bias, q)?,
             activation,
             inner: inter,
+            fused: RefCell::new(match activation {
+                Activation::Silu => Box::new(compile(silu_mul, true)),
+                Activation::GeluTanh => Box::new(compile(gelu_tanh_mul, true)),
+            }),
         })
     }
 
@@ -271,10 +293,7 @@ impl GatedMlp {
             }
             GateUp::Apart(g, u) => (g.forward(x)?, u.forward(x)?),
         };
-        let hidden = match self.activation {
-            Activation::Silu => compile(silu_mul, true)((&gate, &up))?,
-            Activation::GeluTanh => compile(gelu_tanh_mul, true)((&gate, &up))?,
-        };
+        let hidden = (self.fused.borrow_mut())((&gate, &up))?;
         self.down_proj.forward(&hidden)
     }
 }

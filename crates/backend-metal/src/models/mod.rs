@@ -13,7 +13,10 @@ use crate::load::config::{Family, ModelConfig};
 use crate::load::weights::Weights;
 
 /// A causal language model: token ids in, hidden states and logits out.
-pub trait CausalLm: Send {
+///
+/// Not `Send`: a model holds compiled MLX functions, which belong to the
+/// thread that made them; each model is built on, and stays on, its worker.
+pub trait CausalLm {
     /// Final-normed hidden states `[B, L, hidden]` of `ids` `[B, L]`, after the
     /// positions already in `caches` (one cache per layer), which it extends.
     fn hidden(&self, ids: &Array, caches: &mut [LayerCache]) -> Result<Array, Exception> {
