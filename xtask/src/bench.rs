@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: our engine and mlx-lm side by side, on the same MLX
 //! build, the same model files and the same prompt ids.
 //!
-//! - `bench cpu [--quick]` runs the CPU plan here: it installs mlx-lm
+//! - `bench cpu [--quick]` runs the CPU plan here (`--quick`: one short plan on
+//!   SmolLM2, to check the set-up): it installs mlx-lm
 //!   [`MLX_LM_VERSION`] with the `mlx-cpu` wheel our build links (checked to be
 //!   the same `libmlx.so`), writes the models (a random Qwen3-0.6B-shaped f32
 //!   model and SmolLM2-135M-Instruct converted from its Q4_1 GGUF), runs each
@@ -163,10 +164,15 @@ fn cpu(root: &Path, quick: bool) -> Result<()> {
             .arg(&qwen))?;
     }
 
-    let mut plan = vec![("smollm2-135m-q4", "cpu-smollm2.json")];
-    if !quick {
-        plan.push(("qwen3-0.6b-f32", "cpu-qwen3.json"));
-    }
+    // `--quick`: one short plan on SmolLM2 (about a minute), to check the set-up.
+    let plan = if quick {
+        vec![("smollm2-135m-q4", "quick.json")]
+    } else {
+        vec![
+            ("smollm2-135m-q4", "cpu-smollm2.json"),
+            ("qwen3-0.6b-f32", "cpu-qwen3.json"),
+        ]
+    };
     let stamp = Command::new("date")
         .arg("+%Y%m%d-%H%M%S")
         .output()
