@@ -214,6 +214,17 @@ impl MlxModel {
         let handle = thread::Builder::new()
             .name("mlx-model".into())
             .spawn(move || {
+                let on_cpu = match placement {
+                    Placement::Cpu => true,
+                    Placement::Gpu => false,
+                    Placement::Default => !crate::mlx().default_is_gpu,
+                };
+                if on_cpu {
+                    // MLX's CPU matmuls use one core each: split them over
+                    // the machine's cores (at most 8).
+                    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+                    crate::models::layers::split_cpu_matmuls(cores.min(8));
+                }
                 let body = move || {
                     let context = worker_shared
                         .context_len

@@ -8,7 +8,7 @@ use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::ops::{concatenate, dequantize, matmul, quantized_matmul, sigmoid, tanh};
 use mlx_rs::transforms::compile::compile;
 use mlx_rs::transforms::eval;
-use mlx_rs::{fast, Array};
+use mlx_rs::{fast, with_stream, Array, Device, Stream};
 
 use crate::cache::{attend, LayerCache};
 use crate::error::LoadError;
@@ -72,6 +72,27 @@ impl QuantWeight {
     }
 }
 
+thread_local! {
+    /// The CPU streams matmuls are split over on this thread (none: no split).
+    static CPU_STREAMS: RefCell<Vec<Stream>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Splits every matmul later computed on this thread over `n` new CPU
+/// streams, so that `n` cores work on each one (`n` below 2: no split). The
+/// worker of a model that runs on the CPU calls it once, with the number of
+/// cores.
+pub fn split_cpu_matmuls(n: usize) {
+    CPU_STREAMS.with_borrow_mut(|streams| {
+        *streams = if n < 2 {
+            Vec::new()
+        } else {
+            (0..n)
+                .map(|_| Stream::new_with_device(&Device::cpu()))
+                .collect()
+        };
+    });
+}
+
 /// A weight matrix `[out, in]`, dense or quantised.
 #[derive(Debug)]
 pub enum Matrix {
@@ -101,12 +122,58 @@ impl Matrix {
         }
     }
 
-    /// `x @ Wᵀ`.
+    /// `x @ Wᵀ`. On a thread that [`split_cpu_matmuls`] set up, the output
+    /// features are split into one part per CPU stream, each part computed
+    /// on its own stream (MLX runs each CPU stream on a thread of its own, and
+    /// its CPU matmuls are single-threaded), and the parts concatenated. Each
+    /// output element is the same dot product either way.
     pub fn matmul_t(&self, x: &Array) -> Result<Array> {
+        CPU_STREAMS.with_borrow(|streams| {
+            let n = i32::try_from(streams.len()).unwrap_or(0);
+            let rows = self.out_features();
+            if n < 2 || rows < n {
+                return self.matmul_t_here(x);
+            }
+            let parts = streams
+                .iter()
+                .zip(0..n)
+                .map(|(stream, i)| {
+                    let (lo, hi) = (rows * i / n, rows * (i + 1) / n);
+                    with_stream(stream, || self.row_range(lo, hi)?.matmul_t_here(x))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            concatenate(&parts, -1)
+        })
+    }
+
+    /// `x @ Wᵀ` on the current stream.
+    fn matmul_t_here(&self, x: &Array) -> Result<Array> {
         match self {
             Matrix::Dense(weight) => matmul(x, weight.t()),
             Matrix::Quantized(q) => q.matmul_t(x),
         }
+    }
+
+    /// Output features (rows of the logical matrix).
+    fn out_features(&self) -> i32 {
+        match self {
+            Matrix::Dense(w) => w.dim(0),
+            Matrix::Quantized(q) => q.weight.dim(0),
+        }
+    }
+
+    /// Rows `lo..hi` (views, no copy).
+    fn row_range(&self, lo: i32, hi: i32) -> Result<Matrix> {
+        Ok(match self {
+            Matrix::Dense(w) => Matrix::Dense(w.index(lo..hi)),
+            Matrix::Quantized(q) => Matrix::Quantized(QuantWeight {
+                weight: q.weight.index(lo..hi),
+                scales: q.scales.index(lo..hi),
+                biases: q.biases.index(lo..hi),
+                group_size: q.group_size,
+                bits: q.bits,
+            }),
+        })
     }
 
     /// Rows `ids` of the matrix (an embedding look-up), dense.
@@ -555,4 +622,45 @@ impl RotaryEmbedding {
 pub fn last_position(x: &Array) -> Array {
     let l = x.dim(1);
     x.index((.., l - 1, ..))
+}
+
+#[cfg(test)]
+mod split_tests {
+    use mlx_rs::ops::quantize;
+    use mlx_rs::random;
+
+    use super::*;
+
+    /// A matmul split over CPU streams gives exactly the unsplit result,
+    /// dense and quantised, for row counts that do and do not divide evenly.
+    #[test]
+    fn split_matmuls_equal_whole_ones() {
+        let key = random::key(7).unwrap();
+        let x = random::normal::<f32>(&[3, 64], None, None, &key).unwrap();
+        for rows in [8, 37, 130] {
+            let w = random::normal::<f32>(&[rows, 64], None, None, &key).unwrap();
+            let (qw, scales, biases) = quantize(&w, 32, 4).unwrap();
+            let matrices = [
+                Matrix::Dense(w),
+                Matrix::Quantized(QuantWeight {
+                    weight: qw,
+                    scales,
+                    biases,
+                    group_size: 32,
+                    bits: 4,
+                }),
+            ];
+            for m in &matrices {
+                let whole = m.matmul_t_here(&x).unwrap();
+                split_cpu_matmuls(3);
+                let split = m.matmul_t(&x).unwrap();
+                split_cpu_matmuls(0);
+                assert_eq!(split.shape(), whole.shape());
+                whole.eval().unwrap();
+                split.eval().unwrap();
+                let (a, b) = (whole.as_slice::<f32>(), split.as_slice::<f32>());
+                assert_eq!(a, b, "{rows} rows");
+            }
+        }
+    }
 }
