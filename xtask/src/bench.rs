@@ -92,20 +92,6 @@ fn venv(root: &Path) -> Result<PathBuf> {
     Ok(py)
 }
 
-/// The SHA-256 of a file.
-fn sha256(path: &Path) -> Result<String> {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .context("running sha256sum")?;
-    ensure!(out.status.success(), "sha256sum {} failed", path.display());
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned())
-}
-
 /// Builds `infer-bench` (release) for `env` and returns its path.
 fn build_bench(root: &Path, env: &setup::MlxEnv) -> Result<PathBuf> {
     run(cargo(root, env).args(["build", "--release", "--package", "infer-bench"]))?;
@@ -128,7 +114,7 @@ fn cpu(root: &Path, quick: bool) -> Result<()> {
         .find(|p| p.is_file())
         .context("mlx-lm's environment has no libmlx.so")?;
     ensure!(
-        sha256(&ours_lib)? == sha256(&theirs)?,
+        models::sha256(&ours_lib)? == models::sha256(&theirs)?,
         "{} and {} differ: the comparison needs the same MLX build",
         ours_lib.display(),
         theirs.display()
@@ -277,7 +263,7 @@ fn gpu_bundle(root: &Path) -> Result<()> {
         .arg(format!("mlx-lm=={MLX_LM_VERSION}")))?;
     let wheel = setup::cuda_wheel_pieces(root, &target)?;
     fs::write(bundle.join("wheel.name"), format!("{wheel}\n"))?;
-    let sha = sha256(&root.join(".cache/mlx/wheels").join(&wheel))?;
+    let sha = models::sha256(&root.join(".cache/mlx/wheels").join(&wheel))?;
     fs::write(bundle.join("wheel.sha256"), format!("{sha}  {wheel}\n"))?;
     println!(
         "bench: bundle {} (carry it with the pieces of {wheel} in {}; bench/gpu.sh says how)",

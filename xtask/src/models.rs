@@ -67,7 +67,8 @@ fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned())
 }
 
-fn sha256(path: &Path) -> Result<String> {
+/// The SHA-256 of a file, as hex.
+pub(crate) fn sha256(path: &Path) -> Result<String> {
     let out = Command::new("sha256sum")
         .arg(path)
         .output()

@@ -17,7 +17,7 @@ use mlx_rs::Device;
 
 use crate::error::LoadError;
 use crate::generate::{self, Request};
-use crate::gguf::{self, reader::GgufFile, GgufTokenizer};
+use crate::gguf::{self, reader::GgufFile};
 use crate::load::config::ModelConfig;
 use crate::load::weights::Weights;
 use crate::memory;
@@ -518,21 +518,12 @@ fn open(path: &Path) -> Result<(ModelConfig, ModelTokenizer, Source)> {
     let fail = |e: LoadError| e.into_error(path);
     if is_gguf(path) {
         let file = GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
-        let arch = file
-            .get_str("general.architecture")
-            .ok_or_else(|| {
-                fail(LoadError::Config(
-                    "GGUF has no `general.architecture`".into(),
-                ))
-            })?
-            .to_owned();
-        gguf::model_type(&arch).map_err(fail)?;
-        let tok = GgufTokenizer::from_gguf(&file, &arch).map_err(fail)?;
-        let vocab = file
-            .tensor("token_embd.weight")
-            .and_then(|t| t.shape().first().copied())
-            .ok_or_else(|| fail(LoadError::MissingTensor("token_embd.weight".into())))?;
-        let json = gguf::config_json(&file, &arch, vocab as usize).map_err(fail)?;
+        let gguf::Opened {
+            architecture: arch,
+            tokenizer: tok,
+            config: json,
+            ..
+        } = gguf::open(&file).map_err(fail)?;
         let mut config = ModelConfig::from_value(&json).map_err(fail)?;
         config.bos_token_id = tok.bos;
         config.eos_token_ids = tok.eos.clone();

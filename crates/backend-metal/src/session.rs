@@ -61,8 +61,9 @@ pub(crate) struct TurnJob {
     state: Arc<SessionState>,
 }
 
-/// A chat session on an [`MlxModel`](crate::MlxModel).
-pub(crate) struct MlxChatSession {
+/// What both kinds of session hold: an id, the model's worker, and the
+/// state the worker's turns share with the caller.
+struct SessionCore {
     id: u64,
     shared: Arc<Shared>,
     worker: Arc<Worker>,
@@ -70,9 +71,8 @@ pub(crate) struct MlxChatSession {
     state: Arc<SessionState>,
 }
 
-impl MlxChatSession {
-    /// An empty session sending its turns to `worker`.
-    pub(crate) fn new(shared: Arc<Shared>, worker: Arc<Worker>, vocab: usize) -> Self {
+impl SessionCore {
+    fn new(shared: Arc<Shared>, worker: Arc<Worker>, vocab: usize) -> Self {
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             shared,
@@ -87,38 +87,33 @@ impl MlxChatSession {
             }),
         }
     }
-}
 
-impl ChatSession for MlxChatSession {
-    /// Adds `user` and streams the reply. The user message and the reply join
-    /// the history together when the reply's stream ends on a stop or on
-    /// `max_tokens`. Refused with `InvalidInput` while the previous reply is
-    /// still streaming.
-    fn send(&mut self, user: &str, opts: &GenerateOptions) -> Result<TokenStream> {
-        check_generate_options(opts)?;
+    /// Refused with `InvalidInput` while the previous turn still streams.
+    fn check_idle(&self) -> Result<()> {
         if self.state.busy.load(Ordering::Acquire) {
             return Err(Error::InvalidInput(
-                "the previous reply of this chat session is still streaming".into(),
+                "the previous turn of this session is still streaming".into(),
             ));
         }
-        let (epoch, mut messages) = {
-            let h = self
-                .state
-                .history
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            (h.epoch, h.messages.clone())
-        };
-        let user = Message::user(user);
-        messages.push(user.clone());
-        let prompt = self.shared.encode_chat(&messages, opts)?;
+        Ok(())
+    }
+
+    /// Queues a turn on `prompt`; `user` joins the history with the reply
+    /// (for a conversation of this `epoch`).
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        user: Option<Message>,
+        epoch: u64,
+        opts: &GenerateOptions,
+    ) -> Result<TokenStream> {
         self.shared.check_prompt(&prompt, self.vocab)?;
         let (sink, stream) = TokenStream::channel();
         self.state.busy.store(true, Ordering::Release);
         let job = Job::Turn(TurnJob {
             id: self.id,
             epoch,
-            user: Some(user),
+            user,
             req: Request {
                 prompt,
                 opts: opts.clone(),
@@ -134,8 +129,59 @@ impl ChatSession for MlxChatSession {
         Ok(stream)
     }
 
+    /// Frees the session's cache on the worker.
+    fn end(&self) {
+        // A worker that has stopped holds no cache to free.
+        let _ = self.worker.send(Job::EndSession(self.id));
+    }
+}
+
+impl Drop for SessionCore {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// A chat session on an [`MlxModel`](crate::MlxModel).
+pub(crate) struct MlxChatSession {
+    core: SessionCore,
+}
+
+impl MlxChatSession {
+    /// An empty session sending its turns to `worker`.
+    pub(crate) fn new(shared: Arc<Shared>, worker: Arc<Worker>, vocab: usize) -> Self {
+        Self {
+            core: SessionCore::new(shared, worker, vocab),
+        }
+    }
+}
+
+impl ChatSession for MlxChatSession {
+    /// Adds `user` and streams the reply. The user message and the reply join
+    /// the history together when the reply's stream ends on a stop or on
+    /// `max_tokens`. Refused with `InvalidInput` while the previous reply is
+    /// still streaming.
+    fn send(&mut self, user: &str, opts: &GenerateOptions) -> Result<TokenStream> {
+        check_generate_options(opts)?;
+        self.core.check_idle()?;
+        let (epoch, mut messages) = {
+            let h = self
+                .core
+                .state
+                .history
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            (h.epoch, h.messages.clone())
+        };
+        let user = Message::user(user);
+        messages.push(user.clone());
+        let prompt = self.core.shared.encode_chat(&messages, opts)?;
+        self.core.submit(prompt, Some(user), epoch, opts)
+    }
+
     fn history(&self) -> Vec<Message> {
-        self.state
+        self.core
+            .state
             .history
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -146,6 +192,7 @@ impl ChatSession for MlxChatSession {
     fn reset(&mut self, system: Option<&str>) {
         {
             let mut h = self
+                .core
                 .state
                 .history
                 .lock()
@@ -153,14 +200,7 @@ impl ChatSession for MlxChatSession {
             h.epoch += 1;
             h.messages = system.map(Message::system).into_iter().collect();
         }
-        // A worker that has stopped holds no cache to free.
-        let _ = self.worker.send(Job::EndSession(self.id));
-    }
-}
-
-impl Drop for MlxChatSession {
-    fn drop(&mut self) {
-        let _ = self.worker.send(Job::EndSession(self.id));
+        self.core.end();
     }
 }
 
@@ -171,28 +211,14 @@ impl Drop for MlxChatSession {
 /// exactly as a [`ChatSession`] turn does after templating. Dropping the
 /// session frees its cache.
 pub struct IdSession {
-    id: u64,
-    shared: Arc<Shared>,
-    worker: Arc<Worker>,
-    vocab: usize,
-    state: Arc<SessionState>,
+    core: SessionCore,
 }
 
 impl IdSession {
     /// An empty session sending its turns to `worker`.
     pub(crate) fn new(shared: Arc<Shared>, worker: Arc<Worker>, vocab: usize) -> Self {
         Self {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            shared,
-            worker,
-            vocab,
-            state: Arc::new(SessionState {
-                history: Mutex::new(History {
-                    epoch: 0,
-                    messages: Vec::new(),
-                }),
-                busy: AtomicBool::new(false),
-            }),
+            core: SessionCore::new(shared, worker, vocab),
         }
     }
 
@@ -201,42 +227,13 @@ impl IdSession {
     /// streaming, for no ids, or for ids outside the vocabulary.
     pub fn send(&mut self, ids: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
         check_generate_options(opts)?;
-        if self.state.busy.load(Ordering::Acquire) {
-            return Err(Error::InvalidInput(
-                "the previous turn of this session is still streaming".into(),
-            ));
-        }
-        self.shared.check_prompt(&ids, self.vocab)?;
-        let (sink, stream) = TokenStream::channel();
-        self.state.busy.store(true, Ordering::Release);
-        let job = Job::Turn(TurnJob {
-            id: self.id,
-            epoch: 0,
-            user: None,
-            req: Request {
-                prompt: ids,
-                opts: opts.clone(),
-                sink,
-                queued: Instant::now(),
-            },
-            state: Arc::clone(&self.state),
-        });
-        if self.worker.send(job).is_err() {
-            self.state.busy.store(false, Ordering::Release);
-            return Err(Error::backend(crate::NAME, "the model worker has stopped"));
-        }
-        Ok(stream)
+        self.core.check_idle()?;
+        self.core.submit(ids, None, 0, opts)
     }
 
     /// Forgets the cached state; the next turn prefills in full.
     pub fn reset(&mut self) {
-        let _ = self.worker.send(Job::EndSession(self.id));
-    }
-}
-
-impl Drop for IdSession {
-    fn drop(&mut self) {
-        let _ = self.worker.send(Job::EndSession(self.id));
+        self.core.end();
     }
 }
 

@@ -18,7 +18,6 @@ use mlx_rs::Array;
 use serde_json::{json, Value};
 
 use super::reader::GgufFile;
-use super::GgufTokenizer;
 use crate::error::LoadError;
 
 /// What [`export_mlx_dir`] wrote.
@@ -42,21 +41,12 @@ fn io(path: &Path, e: impl std::fmt::Display) -> Error {
 pub fn export_mlx_dir(gguf: &Path, out: &Path) -> Result<Exported> {
     let fail = |e: LoadError| e.into_error(gguf);
     let file = GgufFile::open(gguf).map_err(|e| Error::model_load(gguf, e))?;
-    let arch = file
-        .get_str("general.architecture")
-        .ok_or_else(|| {
-            fail(LoadError::Config(
-                "GGUF has no `general.architecture`".into(),
-            ))
-        })?
-        .to_owned();
-    let model_type = super::model_type(&arch).map_err(fail)?;
-    let tok = GgufTokenizer::from_gguf(&file, &arch).map_err(fail)?;
-    let vocab = file
-        .tensor("token_embd.weight")
-        .and_then(|t| t.shape().first().copied())
-        .ok_or_else(|| fail(LoadError::MissingTensor("token_embd.weight".into())))?;
-    let mut config = super::config_json(&file, &arch, vocab as usize).map_err(fail)?;
+    let super::Opened {
+        architecture: arch,
+        model_type,
+        tokenizer: tok,
+        mut config,
+    } = super::open(&file).map_err(fail)?;
     let (heads, kv) = super::head_counts(&file, &arch);
     let (weights, dominant) = super::weights(&file, &arch, heads, kv).map_err(fail)?;
     let (tensors, quant) = weights.into_parts();

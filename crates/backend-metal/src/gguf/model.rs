@@ -26,6 +26,41 @@ use crate::ffi;
 use crate::load::config::Quantization;
 use crate::load::weights::Weights;
 
+/// What a GGUF file says of its model before any weights are read: the
+/// architecture, our `model_type` for it, the tokenizer and a Hugging Face
+/// style `config.json`.
+pub struct Opened {
+    /// `general.architecture`.
+    pub architecture: String,
+    /// Our `model_type`.
+    pub model_type: &'static str,
+    /// The tokenizer from the metadata.
+    pub tokenizer: super::GgufTokenizer,
+    /// The configuration (vocabulary size from the embedding's rows).
+    pub config: Value,
+}
+
+/// Reads [`Opened`] from `file`.
+pub fn open(file: &GgufFile) -> Result<Opened, LoadError> {
+    let architecture = file
+        .get_str("general.architecture")
+        .ok_or_else(|| LoadError::Config("GGUF has no `general.architecture`".into()))?
+        .to_owned();
+    let model_type = model_type(&architecture)?;
+    let tokenizer = super::GgufTokenizer::from_gguf(file, &architecture)?;
+    let vocab = file
+        .tensor("token_embd.weight")
+        .and_then(|t| t.shape().first().copied())
+        .ok_or_else(|| LoadError::MissingTensor("token_embd.weight".into()))?;
+    let config = config_json(file, &architecture, usize_of(vocab, "token_embd.weight")?)?;
+    Ok(Opened {
+        architecture,
+        model_type,
+        tokenizer,
+        config,
+    })
+}
+
 /// Our `model_type` for a GGUF `general.architecture`.
 pub fn model_type(architecture: &str) -> Result<&'static str, LoadError> {
     match architecture {
