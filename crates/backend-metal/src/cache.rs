@@ -15,7 +15,7 @@
 //! attend and the mask to apply.
 
 use mlx_rs::error::Exception;
-use mlx_rs::ops::indexing::{IndexOp, TryIndexMutOp};
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::ops::{concatenate, zeros_dtype};
 use mlx_rs::Array;
 
@@ -70,8 +70,8 @@ impl KvCache {
         let (Some(k), Some(v)) = (self.keys.as_mut(), self.values.as_mut()) else {
             return Err(Exception::custom("KV cache has no storage after growing"));
         };
-        k.try_index_mut((.., .., prev..end, ..), keys)?;
-        v.try_index_mut((.., .., prev..end, ..), values)?;
+        *k = write_positions(k, keys, prev)?;
+        *v = write_positions(v, values, prev)?;
         Ok((k.index((.., .., ..end, ..)), v.index((.., .., ..end, ..))))
     }
 }
@@ -93,6 +93,14 @@ impl KvCache {
     pub fn arrays(&self) -> impl Iterator<Item = &Array> {
         self.keys.iter().chain(self.values.iter())
     }
+}
+
+/// `cache` `[B, H, T, D]` with `new` `[B, H, L, D]` written at positions
+/// `at..at + L`.
+fn write_positions(cache: &Array, new: &Array, at: i32) -> Result<Array> {
+    let s = cache.shape();
+    let l = new.dim(2);
+    crate::ffi::slice_update(cache, new, &[0, 0, at, 0], &[s[0], s[1], at + l, s[3]])
 }
 
 /// The mask attention applies to the keys a cache returns.
@@ -274,8 +282,8 @@ impl RotatingKvCache {
         let (Some(k), Some(v)) = (self.keys.as_mut(), self.values.as_mut()) else {
             return Err(Exception::custom("rotating KV cache has no storage"));
         };
-        k.try_index_mut((.., .., slot..slot + 1, ..), keys)?;
-        v.try_index_mut((.., .., slot..slot + 1, ..), values)?;
+        *k = write_positions(k, keys, slot)?;
+        *v = write_positions(v, values, slot)?;
         Ok(())
     }
 

@@ -464,13 +464,21 @@ impl<N: Norm> Attention<N> {
         last_only: bool,
     ) -> Result<Array> {
         let (b, l) = (x.dim(0), x.dim(1));
+        // `[B, L, n × D]` → `[B, n, L, D]`, normed per head. With one position
+        // (a decode step) both layouts hold the same bytes in the same order,
+        // so a reshape alone does it: one graph node fewer per projection
+        // and step, and host time per node is what bounds small models.
         let heads = |x: &Array, proj: &Linear, n: i32, norm: Option<&N>| -> Result<Array> {
-            let y = proj.forward(x)?.reshape(&[b, x.dim(1), n, self.head_dim])?;
-            let y = match norm {
-                Some(norm) => norm.forward(&y)?,
-                None => y,
+            let y = proj.forward(x)?;
+            let lx = x.dim(1);
+            let norm = |y: Array| match norm {
+                Some(norm) => norm.forward(&y),
+                None => Ok(y),
             };
-            y.transpose_axes(&[0, 2, 1, 3])
+            if lx == 1 {
+                return norm(y.reshape(&[b, n, 1, self.head_dim])?);
+            }
+            norm(y.reshape(&[b, lx, n, self.head_dim])?)?.transpose_axes(&[0, 2, 1, 3])
         };
         let offset = cache.offset();
         let trim = last_only && l > 1;
@@ -487,11 +495,13 @@ impl<N: Norm> Attention<N> {
         let (k, v, mask) = cache.update(&k, &v)?;
         let mask = if trim { mask.last_query()? } else { mask };
         let out = attend(&q, &k, &v, self.scale, &mask)?;
-        let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[
-            b,
-            xq.dim(1),
-            self.heads * self.head_dim,
-        ])?;
+        let lq = xq.dim(1);
+        // Back to `[B, Lq, H × D]` (again a reshape alone for one query).
+        let out = match lq {
+            1 => out,
+            _ => out.transpose_axes(&[0, 2, 1, 3])?,
+        }
+        .reshape(&[b, lq, self.heads * self.head_dim])?;
         self.o_proj.forward(&out)
     }
 }
