@@ -218,33 +218,71 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// One layer computing `a` and `b` together (`a`'s outputs first), when
-    /// both store their weights alike (both dense of one dtype, or both
-    /// quantised with the same bits and group) and both or neither have a
-    /// bias; `None` otherwise. The stacked arrays are evaluated at once, so
+    /// One layer computing every part together (the first part's outputs
+    /// first), when all store their weights alike (all dense of one dtype,
+    /// or all quantised with the same bits and group) and all or none have
+    /// a bias; `None` otherwise. The stacked arrays are evaluated at once, so
     /// the parts' memory is freed when the caller drops them.
-    pub fn stack(a: &Linear, b: &Linear) -> Result<Option<Linear>> {
-        let cat = |x: &Array, y: &Array| concatenate(&[x, y], 0);
-        let weight = match (&a.weight, &b.weight) {
-            (Matrix::Dense(x), Matrix::Dense(y)) if x.dtype() == y.dtype() => {
-                Matrix::Dense(cat(x, y)?)
-            }
-            (Matrix::Quantized(x), Matrix::Quantized(y))
-                if (x.bits, x.group_size) == (y.bits, y.group_size) =>
-            {
-                Matrix::Quantized(QuantWeight {
-                    weight: cat(&x.weight, &y.weight)?,
-                    scales: cat(&x.scales, &y.scales)?,
-                    biases: cat(&x.biases, &y.biases)?,
-                    group_size: x.group_size,
-                    bits: x.bits,
-                })
-            }
-            _ => return Ok(None),
+    pub fn stack(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let Some((first, rest)) = parts.split_first() else {
+            return Ok(None);
         };
-        let bias = match (&a.bias, &b.bias) {
-            (Some(x), Some(y)) => Some(cat(x, y)?),
-            (None, None) => None,
+        let cat = |pick: &dyn Fn(&Linear) -> Option<&Array>| -> Result<Option<Array>> {
+            let arrays: Option<Vec<&Array>> = parts.iter().map(|p| pick(p)).collect();
+            arrays.map(|a| concatenate(&a, 0)).transpose()
+        };
+        let weight = match &first.weight {
+            Matrix::Dense(w0) => {
+                let alike = rest
+                    .iter()
+                    .all(|p| matches!(&p.weight, Matrix::Dense(w) if w.dtype() == w0.dtype()));
+                if !alike {
+                    return Ok(None);
+                }
+                cat(&|p| match &p.weight {
+                    Matrix::Dense(w) => Some(w),
+                    Matrix::Quantized(_) => None,
+                })?
+                .map(Matrix::Dense)
+            }
+            Matrix::Quantized(q0) => {
+                let alike = rest.iter().all(|p| {
+                    matches!(&p.weight, Matrix::Quantized(q)
+                        if (q.bits, q.group_size) == (q0.bits, q0.group_size))
+                });
+                if !alike {
+                    return Ok(None);
+                }
+                let quant = |f: fn(&QuantWeight) -> &Array| {
+                    cat(&|p| match &p.weight {
+                        Matrix::Quantized(q) => Some(f(q)),
+                        Matrix::Dense(_) => None,
+                    })
+                };
+                match (
+                    quant(|q| &q.weight)?,
+                    quant(|q| &q.scales)?,
+                    quant(|q| &q.biases)?,
+                ) {
+                    (Some(weight), Some(scales), Some(biases)) => {
+                        Some(Matrix::Quantized(QuantWeight {
+                            weight,
+                            scales,
+                            biases,
+                            group_size: q0.group_size,
+                            bits: q0.bits,
+                        }))
+                    }
+                    _ => None,
+                }
+            }
+        };
+        let Some(weight) = weight else {
+            return Ok(None);
+        };
+        let bias = match parts.iter().filter(|p| p.bias.is_some()).count() {
+            0 => None,
+            n if n == parts.len() => cat(&|p| p.bias.as_ref())?,
             _ => return Ok(None),
         };
         let stacked = Linear { weight, bias };
@@ -331,7 +369,7 @@ impl GatedMlp {
         );
         let gate = Linear::load(w, &format!("{prefix}.gate_proj"), inter, hidden, bias, q)?;
         let up = Linear::load(w, &format!("{prefix}.up_proj"), inter, hidden, bias, q)?;
-        let stacked = Linear::stack(&gate, &up)
+        let stacked = Linear::stack(&[&gate, &up])
             .map_err(|e| LoadError::Config(format!("stacking `{prefix}` gate and up: {e}")))?;
         Ok(Self {
             gate_up: match stacked {
@@ -393,9 +431,7 @@ pub trait Norm {
 /// attending through a [`LayerCache`].
 #[derive(Debug)]
 pub struct Attention<N> {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     q_norm: Option<N>,
     k_norm: Option<N>,
@@ -423,24 +459,21 @@ impl<N: Norm> Attention<N> {
             c.hidden_size,
             c.quantization,
         );
+        let proj = |w: &mut Weights, name: &str, out: i32| {
+            Linear::load(w, &format!("{prefix}.{name}"), out, hidden, c.qkv_bias, q)
+        };
+        let (q_proj, k_proj, v_proj) = (
+            proj(w, "q_proj", h * d)?,
+            proj(w, "k_proj", kv * d)?,
+            proj(w, "v_proj", kv * d)?,
+        );
+        let stacked = Linear::stack(&[&q_proj, &k_proj, &v_proj])
+            .map_err(|e| LoadError::Config(format!("stacking `{prefix}` q, k and v: {e}")))?;
         Ok(Self {
-            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), h * d, hidden, c.qkv_bias, q)?,
-            k_proj: Linear::load(
-                w,
-                &format!("{prefix}.k_proj"),
-                kv * d,
-                hidden,
-                c.qkv_bias,
-                q,
-            )?,
-            v_proj: Linear::load(
-                w,
-                &format!("{prefix}.v_proj"),
-                kv * d,
-                hidden,
-                c.qkv_bias,
-                q,
-            )?,
+            qkv: match stacked {
+                Some(s) => Qkv::Stacked(s),
+                None => Qkv::Apart(q_proj, k_proj, v_proj),
+            },
             o_proj: Linear::load(w, &format!("{prefix}.o_proj"), hidden, h * d, c.o_bias, q)?,
             q_norm: norm(w, &format!("{prefix}.q_norm"))?,
             k_norm: norm(w, &format!("{prefix}.k_norm"))?,
@@ -464,38 +497,34 @@ impl<N: Norm> Attention<N> {
         last_only: bool,
     ) -> Result<Array> {
         let (b, l) = (x.dim(0), x.dim(1));
+        let trim = last_only && l > 1;
+        let (q, k, v) = self.project(x, trim)?;
+        let lq = q.dim(1);
         // `[B, L, n × D]` → `[B, n, L, D]`, normed per head. With one position
         // (a decode step) both layouts hold the same bytes in the same order,
         // so a reshape alone does it: one graph node fewer per projection
         // and step, and host time per node is what bounds small models.
-        let heads = |x: &Array, proj: &Linear, n: i32, norm: Option<&N>| -> Result<Array> {
-            let y = proj.forward(x)?;
-            let lx = x.dim(1);
+        let heads = |y: Array, n: i32, norm: Option<&N>| -> Result<Array> {
+            let ly = y.dim(1);
             let norm = |y: Array| match norm {
                 Some(norm) => norm.forward(&y),
                 None => Ok(y),
             };
-            if lx == 1 {
+            if ly == 1 {
                 return norm(y.reshape(&[b, n, 1, self.head_dim])?);
             }
-            norm(y.reshape(&[b, lx, n, self.head_dim])?)?.transpose_axes(&[0, 2, 1, 3])
+            norm(y.reshape(&[b, ly, n, self.head_dim])?)?.transpose_axes(&[0, 2, 1, 3])
         };
         let offset = cache.offset();
-        let trim = last_only && l > 1;
-        let xq = if trim { last_keepdim(x) } else { x.clone() };
         let q = rope.forward(
-            &heads(&xq, &self.q_proj, self.heads, self.q_norm.as_ref())?,
-            offset + l - xq.dim(1),
+            &heads(q, self.heads, self.q_norm.as_ref())?,
+            offset + l - lq,
         )?;
-        let k = rope.forward(
-            &heads(x, &self.k_proj, self.kv_heads, self.k_norm.as_ref())?,
-            offset,
-        )?;
-        let v = heads(x, &self.v_proj, self.kv_heads, None)?;
+        let k = rope.forward(&heads(k, self.kv_heads, self.k_norm.as_ref())?, offset)?;
+        let v = heads(v, self.kv_heads, None)?;
         let (k, v, mask) = cache.update(&k, &v)?;
         let mask = if trim { mask.last_query()? } else { mask };
         let out = attend(&q, &k, &v, self.scale, &mask)?;
-        let lq = xq.dim(1);
         // Back to `[B, Lq, H × D]` (again a reshape alone for one query).
         let out = match lq {
             1 => out,
@@ -504,6 +533,40 @@ impl<N: Norm> Attention<N> {
         .reshape(&[b, lq, self.heads * self.head_dim])?;
         self.o_proj.forward(&out)
     }
+}
+
+impl<N> Attention<N> {
+    /// The queries, keys and values of `x` `[B, L, hidden]`, each
+    /// `[B, L, n × D]`; with `last_only`, the queries of the last position
+    /// alone (`[B, 1, H × D]`).
+    fn project(&self, x: &Array, last_only: bool) -> Result<(Array, Array, Array)> {
+        let last = |y: Array| if last_only { last_keepdim(&y) } else { y };
+        match &self.qkv {
+            Qkv::Stacked(s) => {
+                let y = s.forward(x)?;
+                let (qd, kd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                Ok((
+                    last(y.index((.., .., ..qd))),
+                    y.index((.., .., qd..qd + kd)),
+                    y.index((.., .., qd + kd..)),
+                ))
+            }
+            Qkv::Apart(q, k, v) => {
+                let xq = last(x.clone());
+                Ok((q.forward(&xq)?, k.forward(x)?, v.forward(x)?))
+            }
+        }
+    }
+}
+
+/// The query, key and value projections of an attention layer.
+#[derive(Debug)]
+enum Qkv {
+    /// Stacked into one `[(H + 2 × H_kv) × D, hidden]` matmul: one kernel
+    /// instead of three per layer and step.
+    Stacked(Linear),
+    /// Kept apart (their weights are stored differently).
+    Apart(Linear, Linear, Linear),
 }
 
 /// The last position of `x` `[B, L, …]`, keeping the axis: `[B, 1, …]`.
