@@ -737,3 +737,69 @@ mod split_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod stack_tests {
+    use mlx_rs::ops::quantize;
+    use mlx_rs::random;
+
+    use super::*;
+
+    fn dense(rows: i32, seed: u64, bias: bool) -> Linear {
+        let key = random::key(seed).unwrap();
+        Linear {
+            weight: Matrix::Dense(random::normal::<f32>(&[rows, 64], None, None, &key).unwrap()),
+            bias: bias.then(|| random::normal::<f32>(&[rows], None, None, &key).unwrap()),
+        }
+    }
+
+    fn quantised(rows: i32, seed: u64, bits: i32) -> Linear {
+        let Matrix::Dense(w) = dense(rows, seed, false).weight else {
+            unreachable!()
+        };
+        let (weight, scales, biases) = quantize(&w, 32, bits).unwrap();
+        Linear {
+            weight: Matrix::Quantized(QuantWeight {
+                weight,
+                scales,
+                biases,
+                group_size: 32,
+                bits,
+            }),
+            bias: None,
+        }
+    }
+
+    fn values(a: &Array) -> Vec<f32> {
+        a.eval().unwrap();
+        a.as_slice::<f32>().to_vec()
+    }
+
+    /// A stack of alike parts computes exactly the parts' outputs side by
+    /// side, dense (with biases) and quantised; parts stored differently, or
+    /// with a bias on some only, are not stacked.
+    #[test]
+    fn stacked_layers_equal_their_parts_and_unlike_parts_stay_apart() {
+        let key = random::key(3).unwrap();
+        let x = random::normal::<f32>(&[1, 2, 64], None, None, &key).unwrap();
+        let groups = [
+            vec![dense(16, 1, true), dense(8, 2, true), dense(8, 3, true)],
+            vec![quantised(16, 4, 4), quantised(8, 5, 4), quantised(8, 6, 4)],
+        ];
+        for parts in &groups {
+            let refs: Vec<&Linear> = parts.iter().collect();
+            let stacked = Linear::stack(&refs).unwrap().expect("alike parts stack");
+            let apart: Vec<Array> = parts.iter().map(|p| p.forward(&x).unwrap()).collect();
+            let expected = concatenate(&apart, -1).unwrap();
+            assert_eq!(values(&stacked.forward(&x).unwrap()), values(&expected));
+        }
+        let unlike = [
+            [dense(8, 1, false), quantised(8, 2, 4)],
+            [quantised(8, 1, 4), quantised(8, 2, 8)],
+            [dense(8, 1, true), dense(8, 2, false)],
+        ];
+        for pair in &unlike {
+            assert!(Linear::stack(&[&pair[0], &pair[1]]).unwrap().is_none());
+        }
+    }
+}
