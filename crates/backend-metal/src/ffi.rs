@@ -65,8 +65,12 @@ pub fn slice_update(
     starts: &[i32],
     stops: &[i32],
 ) -> Result<Array, Exception> {
+    // Unit strides, without an allocation per call (a decode step makes two
+    // calls per layer). The caches have 4 axes; more than 8 is refused.
+    const UNIT: [i32; 8] = [1; 8];
     let n = src.ndim();
-    let fits = starts.len() == n
+    let fits = n <= UNIT.len()
+        && starts.len() == n
         && stops.len() == n
         && update.ndim() == n
         && update.dtype() == src.dtype()
@@ -83,7 +87,7 @@ pub fn slice_update(
             src.dtype()
         )));
     }
-    let strides = vec![1i32; n];
+    let strides = &UNIT[..n];
     let stream = Stream::thread_local_or_default();
     // SAFETY: `src`, `update` and `stream` are live MLX handles for the whole
     // call; the three index slices each hold `n` elements, matching the

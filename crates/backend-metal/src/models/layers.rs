@@ -309,6 +309,55 @@ impl Linear {
     }
 }
 
+/// Linear layers applied to one input, stacked into a single matmul whose
+/// output is split where their weights allow it ([`Linear::stack`]): one
+/// kernel instead of `N` per layer and step.
+#[derive(Debug)]
+enum LinearGroup<const N: usize> {
+    /// One matmul, and each part's output columns `start..end`.
+    Stacked(Linear, [(i32, i32); N]),
+    /// Kept apart (their weights are stored differently).
+    Apart([Linear; N]),
+}
+
+impl<const N: usize> LinearGroup<N> {
+    /// Stacks `parts` where they allow it; `what` names them in an error.
+    fn new(parts: [Linear; N], what: &str) -> std::result::Result<Self, LoadError> {
+        let stacked = Linear::stack(&parts.each_ref())
+            .map_err(|e| LoadError::Config(format!("stacking {what}: {e}")))?;
+        Ok(match stacked {
+            Some(s) => {
+                let mut at = 0;
+                let columns = parts.each_ref().map(|p| {
+                    let start = at;
+                    at += p.weight.out_features();
+                    (start, at)
+                });
+                LinearGroup::Stacked(s, columns)
+            }
+            None => LinearGroup::Apart(parts),
+        })
+    }
+
+    /// Each part's output for `x` `[B, L, in]`, in order.
+    fn forward(&self, x: &Array) -> Result<[Array; N]> {
+        match self {
+            LinearGroup::Stacked(s, columns) => {
+                let y = s.forward(x)?;
+                Ok(columns.map(|(start, end)| y.index((.., .., start..end))))
+            }
+            LinearGroup::Apart(parts) => {
+                let ys = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                <[Array; N]>::try_from(ys)
+                    .map_err(|_| Exception::custom("a linear group lost a part"))
+            }
+        }
+    }
+}
+
 /// The activation of a gated MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -318,25 +367,14 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// The gate and up projections of a gated MLP.
-#[derive(Debug)]
-enum GateUp {
-    /// Stacked into one `[2 × inner, hidden]` matmul (one kernel instead of
-    /// two per layer and step).
-    Stacked(Linear),
-    /// Kept apart (their weights are stored differently).
-    Apart(Linear, Linear),
-}
-
 /// `act(gate) × up` as one compiled MLX function.
 type FusedActivation = Box<dyn for<'a> FnMut((&'a Array, &'a Array)) -> Result<Array>>;
 
 /// A gated MLP: `down(act(gate(x)) × up(x))`.
 pub struct GatedMlp {
-    gate_up: GateUp,
+    gate_up: LinearGroup<2>,
     down_proj: Linear,
     activation: Activation,
-    inner: i32,
     /// Compiled once per layer: a compiled function traces its graph on the
     /// first call and replays it after, where compiling at each call would
     /// trace (and fuse) it again on every step.
@@ -369,16 +407,10 @@ impl GatedMlp {
         );
         let gate = Linear::load(w, &format!("{prefix}.gate_proj"), inter, hidden, bias, q)?;
         let up = Linear::load(w, &format!("{prefix}.up_proj"), inter, hidden, bias, q)?;
-        let stacked = Linear::stack(&[&gate, &up])
-            .map_err(|e| LoadError::Config(format!("stacking `{prefix}` gate and up: {e}")))?;
         Ok(Self {
-            gate_up: match stacked {
-                Some(s) => GateUp::Stacked(s),
-                None => GateUp::Apart(gate, up),
-            },
+            gate_up: LinearGroup::new([gate, up], &format!("`{prefix}` gate and up"))?,
             down_proj: Linear::load(w, &format!("{prefix}.down_proj"), hidden, inter, bias, q)?,
             activation,
-            inner: inter,
             fused: RefCell::new(match activation {
                 Activation::Silu => Box::new(compile(silu_mul, true)),
                 Activation::GeluTanh => Box::new(compile(gelu_tanh_mul, true)),
@@ -388,16 +420,7 @@ impl GatedMlp {
 
     /// Applies the MLP.
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        let (gate, up) = match &self.gate_up {
-            GateUp::Stacked(s) => {
-                let y = s.forward(x)?;
-                (
-                    y.index((.., .., ..self.inner)),
-                    y.index((.., .., self.inner..)),
-                )
-            }
-            GateUp::Apart(g, u) => (g.forward(x)?, u.forward(x)?),
-        };
+        let [gate, up] = self.gate_up.forward(x)?;
         let hidden = (self.fused.borrow_mut())((&gate, &up))?;
         self.down_proj.forward(&hidden)
     }
@@ -431,7 +454,8 @@ pub trait Norm {
 /// attending through a [`LayerCache`].
 #[derive(Debug)]
 pub struct Attention<N> {
-    qkv: Qkv,
+    /// The query, key and value projections.
+    qkv: LinearGroup<3>,
     o_proj: Linear,
     q_norm: Option<N>,
     k_norm: Option<N>,
@@ -462,18 +486,13 @@ impl<N: Norm> Attention<N> {
         let proj = |w: &mut Weights, name: &str, out: i32| {
             Linear::load(w, &format!("{prefix}.{name}"), out, hidden, c.qkv_bias, q)
         };
-        let (q_proj, k_proj, v_proj) = (
+        let qkv = [
             proj(w, "q_proj", h * d)?,
             proj(w, "k_proj", kv * d)?,
             proj(w, "v_proj", kv * d)?,
-        );
-        let stacked = Linear::stack(&[&q_proj, &k_proj, &v_proj])
-            .map_err(|e| LoadError::Config(format!("stacking `{prefix}` q, k and v: {e}")))?;
+        ];
         Ok(Self {
-            qkv: match stacked {
-                Some(s) => Qkv::Stacked(s),
-                None => Qkv::Apart(q_proj, k_proj, v_proj),
-            },
+            qkv: LinearGroup::new(qkv, &format!("`{prefix}` q, k and v"))?,
             o_proj: Linear::load(w, &format!("{prefix}.o_proj"), hidden, h * d, c.o_bias, q)?,
             q_norm: norm(w, &format!("{prefix}.q_norm"))?,
             k_norm: norm(w, &format!("{prefix}.k_norm"))?,
@@ -498,7 +517,9 @@ impl<N: Norm> Attention<N> {
     ) -> Result<Array> {
         let (b, l) = (x.dim(0), x.dim(1));
         let trim = last_only && l > 1;
-        let (q, k, v) = self.project(x, trim)?;
+        let [q, k, v] = self.qkv.forward(x)?;
+        // With `last_only`, the last position alone queries.
+        let q = if trim { last_keepdim(&q) } else { q };
         let lq = q.dim(1);
         // `[B, L, n × D]` → `[B, n, L, D]`, normed per head. With one position
         // (a decode step) both layouts hold the same bytes in the same order,
@@ -533,40 +554,6 @@ impl<N: Norm> Attention<N> {
         .reshape(&[b, lq, self.heads * self.head_dim])?;
         self.o_proj.forward(&out)
     }
-}
-
-impl<N> Attention<N> {
-    /// The queries, keys and values of `x` `[B, L, hidden]`, each
-    /// `[B, L, n × D]`; with `last_only`, the queries of the last position
-    /// alone (`[B, 1, H × D]`).
-    fn project(&self, x: &Array, last_only: bool) -> Result<(Array, Array, Array)> {
-        let last = |y: Array| if last_only { last_keepdim(&y) } else { y };
-        match &self.qkv {
-            Qkv::Stacked(s) => {
-                let y = s.forward(x)?;
-                let (qd, kd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-                Ok((
-                    last(y.index((.., .., ..qd))),
-                    y.index((.., .., qd..qd + kd)),
-                    y.index((.., .., qd + kd..)),
-                ))
-            }
-            Qkv::Apart(q, k, v) => {
-                let xq = last(x.clone());
-                Ok((q.forward(&xq)?, k.forward(x)?, v.forward(x)?))
-            }
-        }
-    }
-}
-
-/// The query, key and value projections of an attention layer.
-#[derive(Debug)]
-enum Qkv {
-    /// Stacked into one `[(H + 2 × H_kv) × D, hidden]` matmul: one kernel
-    /// instead of three per layer and step.
-    Stacked(Linear),
-    /// Kept apart (their weights are stored differently).
-    Apart(Linear, Linear, Linear),
 }
 
 /// The last position of `x` `[B, L, …]`, keeping the axis: `[B, 1, …]`.
