@@ -23,7 +23,7 @@ use mlx_rs::ops::stack;
 use mlx_rs::transforms::{async_eval, eval};
 use mlx_rs::{Array, Dtype};
 
-use crate::cache::LayerCache;
+use crate::cache::{LayerCache, Rotation};
 use crate::error::mlx_error;
 use crate::generate::{recent_ids, Bounds};
 use crate::models::layers::last_position;
@@ -33,18 +33,28 @@ use crate::tokenizer::{ModelTokenizer, StreamDecoder};
 
 /// The boolean attention mask `[B, 1, L, L]` of right-padded rows of lengths
 /// `lens`: query `i` of row `b` attends key `j` when `j ≤ i`, `j` is inside
-/// `window` (`i − window < j`) and `j` is a real token of the row. A padding
+/// `rotation` (one of its sinks, `j < sinks`, or recent enough,
+/// `i − (window − sinks) < j`) and `j` is a real token of the row. A padding
 /// query also attends itself, so that no row of the mask is empty (an empty
 /// row would make NaNs that the next layer's keys would carry); real queries
 /// never see padding, as padding comes after them.
-pub fn padded_mask(lens: &[usize], l: usize, window: Option<usize>) -> Result<Array, Exception> {
+pub fn padded_mask(
+    lens: &[usize],
+    l: usize,
+    rotation: Option<Rotation>,
+) -> Result<Array, Exception> {
     let (b, l) = (lens.len() as i32, l as i32);
     let q = Array::from_iter(0..l, &[1, 1, l, 1]);
     let k = Array::from_iter(0..l, &[1, 1, 1, l]);
     let mut keep = k.le(&q)?;
-    if let Some(w) = window {
-        let w = i32::try_from(w).unwrap_or(i32::MAX);
-        keep = keep.logical_and(&k.gt(&q.subtract(Array::from_int(w))?)?)?;
+    if let Some(r) = rotation {
+        let w = i32::try_from(r.window).unwrap_or(i32::MAX).max(1);
+        let sinks = i32::try_from(r.sinks).unwrap_or(i32::MAX).min(w - 1);
+        let mut visible = k.gt(&q.subtract(Array::from_int(w - sinks))?)?;
+        if sinks > 0 {
+            visible = visible.logical_or(&k.lt(Array::from_int(sinks))?)?;
+        }
+        keep = keep.logical_and(&visible)?;
     }
     let lens = Array::from_iter(lens.iter().map(|&n| n as i32), &[b, 1, 1, 1]);
     let real = k.lt(&lens)?.logical_or(&k.eq(&q)?)?;
@@ -79,10 +89,10 @@ pub fn classify(
             row[..p.len()].copy_from_slice(p);
         }
         // One mask per distinct window, shared by the layers that use it.
-        let mut masks: Vec<(Option<usize>, Array)> = Vec::new();
+        let mut masks: Vec<(Option<Rotation>, Array)> = Vec::new();
         let mut caches = Vec::new();
         for cache in model.new_caches(bounds.context) {
-            let w = cache.window();
+            let w = cache.rotation();
             let mask = match masks.iter().find(|(mw, _)| *mw == w) {
                 Some((_, m)) => m.clone(),
                 None => {
@@ -417,17 +427,10 @@ fn decode_group(
         match next {
             Some(next) => y = next,
             None => {
-                let overflow = generated < opts.max_tokens;
+                // `max_tokens` or the end of the context: both are a normal
+                // end with the tokens kept.
                 for row in rows.iter_mut().filter(|r| r.done.is_none()) {
-                    if overflow {
-                        let e = Error::ContextOverflow {
-                            needed: context_used + 1,
-                            limit: bounds.limit,
-                        };
-                        row.finish(FinishReason::Error, Some(e));
-                    } else {
-                        row.finish(FinishReason::Length, None);
-                    }
+                    row.finish(FinishReason::Length, None);
                 }
                 return Ok(());
             }
@@ -445,8 +448,17 @@ mod tests {
     fn padded_mask_follows_the_rule() {
         let lens = [3usize, 5, 1];
         let l = 5usize;
-        for window in [None, Some(2), Some(1)] {
-            let m = padded_mask(&lens, l, window).unwrap();
+        let rotations = [
+            None,
+            Some(Rotation::sliding(2)),
+            Some(Rotation::sliding(1)),
+            Some(Rotation {
+                window: 3,
+                sinks: 1,
+            }),
+        ];
+        for rotation in rotations {
+            let m = padded_mask(&lens, l, rotation).unwrap();
             assert_eq!(m.shape(), &[3, 1, 5, 5]);
             let got = m.as_dtype(Dtype::Uint8).unwrap();
             let got = got.as_slice::<u8>();
@@ -454,9 +466,10 @@ mod tests {
             for &len in &lens {
                 for i in 0..l {
                     for j in 0..l {
-                        let want =
-                            j <= i && window.is_none_or(|w| i < j + w) && (j < len || j == i);
-                        assert_eq!(got[n] != 0, want, "len {len}, window {window:?}, {i}, {j}");
+                        let inside =
+                            rotation.is_none_or(|r| j < r.sinks || i < j + (r.window - r.sinks));
+                        let want = j <= i && inside && (j < len || j == i);
+                        assert_eq!(got[n] != 0, want, "len {len}, {rotation:?}, {i}, {j}");
                         if i < len && j >= len {
                             assert!(!want, "a real query sees padding");
                         }

@@ -115,37 +115,68 @@ pub enum AttnMask {
     Array(Array),
 }
 
-/// A cache that keeps the last `window` positions.
+/// How a rotating cache bounds a layer's context: it holds `window`
+/// positions, of which the first `sinks` positions of the sequence are never
+/// dropped (attention sinks, after StreamingLLM, as mlx-lm's `keep`) and the
+/// rest are the most recent ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// Positions held (at least 1, and more than `sinks`).
+    pub window: usize,
+    /// Leading positions never dropped.
+    pub sinks: usize,
+}
+
+impl Rotation {
+    /// A sliding window of `window` positions without sinks (transformers'
+    /// sliding-window attention).
+    pub fn sliding(window: usize) -> Self {
+        Self { window, sinks: 0 }
+    }
+}
+
+/// A cache that keeps the first `sinks` positions and the last
+/// `window − sinks`.
 ///
-/// Storage is a ring of `window` slots. While it is not full, slots hold
-/// positions in order; once full, a decode step overwrites the oldest slot
-/// (the order of keys does not matter to attention without a mask, and every
-/// slot is then inside the window). A chunk of several queries reads the slots
-/// back in temporal order, attends them plus its own keys under an explicit
-/// sliding-window mask, and leaves the last `window` positions in order.
+/// Query position `p` attends key position `j ≤ p` when `j < sinks` or
+/// `p − (window − sinks) < j`. Storage is `window` slots: the sinks in the
+/// first slots, then a ring of the recent positions. While it is not full,
+/// slots hold positions in order; once full, a decode step overwrites the
+/// oldest recent slot (the order of keys does not matter to attention without
+/// a mask, and every slot is then inside the window). A chunk of several
+/// queries reads the slots back in temporal order, attends them plus its own
+/// keys under an explicit mask, and leaves the sinks and the last positions
+/// in order.
 #[derive(Debug)]
 pub struct RotatingKvCache {
     window: i32,
+    sinks: i32,
     keys: Option<Array>,
     values: Option<Array>,
     /// Valid slots (≤ window).
     len: i32,
-    /// The oldest slot (the next to overwrite) once full.
+    /// The oldest recent slot (the next to overwrite) once full; `sinks`
+    /// when the slots are in temporal order.
     next: i32,
     /// Positions seen so far.
     offset: i32,
 }
 
 impl RotatingKvCache {
-    /// A cache of the last `window` positions (at least 1).
-    pub fn new(window: usize) -> Self {
-        let window = i32::try_from(window.max(1)).unwrap_or(i32::MAX);
+    /// A cache bounded by `rotation`; `sinks` is cut to `window − 1` so that
+    /// at least one recent position fits.
+    pub fn with_sinks(rotation: Rotation) -> Self {
+        let window = i32::try_from(rotation.window.max(1)).unwrap_or(i32::MAX);
+        let sinks = i32::try_from(rotation.sinks)
+            .unwrap_or(i32::MAX)
+            .min(window - 1);
         Self {
             window,
+            sinks,
             keys: None,
             values: None,
             len: 0,
-            next: 0,
+            next: sinks,
             offset: 0,
         }
     }
@@ -155,19 +186,29 @@ impl RotatingKvCache {
         self.offset
     }
 
+    /// Sink positions held (all of `0..min(sinks, offset)`, always).
+    fn sinks_held(&self) -> i32 {
+        self.sinks.min(self.offset)
+    }
+
+    /// Recent positions a query may attend besides the sinks.
+    fn recent_window(&self) -> i32 {
+        self.window - self.sinks
+    }
+
     /// The valid slots in temporal order.
     fn ordered(&self, a: &Array) -> Result<Array> {
         let valid = a.index((.., .., ..self.len, ..));
-        if self.len < self.window || self.next == 0 {
+        if self.len < self.window || self.next == self.sinks {
             return Ok(valid);
         }
-        concatenate(
-            &[
-                a.index((.., .., self.next.., ..)),
-                a.index((.., .., ..self.next, ..)),
-            ],
-            2,
-        )
+        let mut parts = Vec::with_capacity(3);
+        if self.sinks > 0 {
+            parts.push(a.index((.., .., ..self.sinks, ..)));
+        }
+        parts.push(a.index((.., .., self.next.., ..)));
+        parts.push(a.index((.., .., self.sinks..self.next, ..)));
+        concatenate(&parts, 2)
     }
 
     /// Appends `keys`/`values` `[B, H_kv, L, D]`; returns what the new queries
@@ -177,33 +218,62 @@ impl RotatingKvCache {
         if l == 1 {
             return self.update_one(keys, values);
         }
-        // Context from the cache: the last `window - 1` positions at most (the
-        // first new query needs no more).
-        let m = self.len.min(self.window - 1);
+        // Context from the cache: the sinks, and the last `recent − 1`
+        // positions at most (the first new query needs no more).
+        let sinks_held = self.sinks_held();
+        let recent_held = self.len - sinks_held;
+        let m = recent_held.min(self.recent_window() - 1);
         let (all_k, all_v) = match (&self.keys, &self.values) {
-            (Some(k), Some(v)) if m > 0 => {
-                let (k, v) = (self.ordered(k)?, self.ordered(v)?);
-                let from = self.len - m;
-                (
-                    concatenate(&[k.index((.., .., from.., ..)), keys.clone()], 2)?,
-                    concatenate(&[v.index((.., .., from.., ..)), values.clone()], 2)?,
-                )
+            (Some(k), Some(v)) if sinks_held + m > 0 => {
+                let join = |a: &Array, new: &Array| -> Result<Array> {
+                    let a = self.ordered(a)?;
+                    let mut parts = Vec::with_capacity(3);
+                    if sinks_held > 0 {
+                        parts.push(a.index((.., .., ..sinks_held, ..)));
+                    }
+                    if m > 0 {
+                        parts.push(a.index((.., .., self.len - m.., ..)));
+                    }
+                    parts.push(new.clone());
+                    concatenate(&parts, 2)
+                };
+                (join(k, keys)?, join(v, values)?)
             }
             _ => (keys.clone(), values.clone()),
         };
-        let mask = sliding_mask(l, m, self.window)?;
-        // Keep the last `window` positions, in order.
-        let total = m + l;
-        let keep = total.min(self.window);
-        let (k, v) = (
-            all_k.index((.., .., total - keep.., ..)),
-            all_v.index((.., .., total - keep.., ..)),
-        );
+        let key_positions: Vec<i32> = (0..sinks_held)
+            .chain(self.offset - m..self.offset + l)
+            .collect();
+        let mask = rotation_mask(
+            self.offset,
+            l,
+            &key_positions,
+            self.sinks,
+            self.recent_window(),
+        )?;
+        // Keep the sinks and the last positions, in order.
+        let total = sinks_held + m + l;
+        let new_offset = self.offset + l;
+        let sinks_after = self.sinks.min(new_offset);
+        let keep = (total - sinks_after).min(self.window - sinks_after);
+        let (k, v) = if sinks_after + keep == total {
+            (all_k.clone(), all_v.clone())
+        } else {
+            let cut = |a: &Array| -> Result<Array> {
+                let tail = a.index((.., .., total - keep.., ..));
+                if sinks_after == 0 {
+                    Ok(tail)
+                } else {
+                    concatenate(&[a.index((.., .., ..sinks_after, ..)), tail], 2)
+                }
+            };
+            (cut(&all_k)?, cut(&all_v)?)
+        };
         self.keys = Some(k);
         self.values = Some(v);
-        self.len = keep;
-        self.next = 0;
-        self.offset += l;
+        self.len = sinks_after + keep;
+        self.next = self.sinks;
+        self.offset = new_offset;
         Ok((all_k, all_v, AttnMask::Array(mask)))
     }
 
@@ -232,7 +302,7 @@ impl RotatingKvCache {
         } else {
             let slot = self.next;
             self.write(slot, keys, values)?;
-            self.next = (self.next + 1) % self.window;
+            self.next = self.sinks + (self.next - self.sinks + 1) % self.recent_window();
         }
         self.offset += 1;
         let len = self.len;
@@ -249,9 +319,9 @@ impl RotatingKvCache {
     }
 
     /// Forgets every position from `n` on, keeping what later queries need
-    /// (the last `window − 1` positions before `n`, in order). `Ok(false)`
-    /// and no change when the cache no longer holds those positions or holds
-    /// fewer than `n`.
+    /// (the sinks before `n`, and the last `window − sinks − 1` positions
+    /// before `n`, in order). `Ok(false)` and no change when the cache no
+    /// longer holds those positions or holds fewer than `n`.
     pub fn trim_to(&mut self, n: i32) -> Result<bool> {
         if n < 0 || n > self.offset {
             return Ok(false);
@@ -259,21 +329,36 @@ impl RotatingKvCache {
         if n == self.offset {
             return Ok(true);
         }
-        let held_from = self.offset - self.len;
-        let need_from = (n - (self.window - 1)).max(0);
-        if held_from > need_from {
+        let sinks_held = self.sinks_held();
+        let recent_from = self.offset - (self.len - sinks_held);
+        let sinks_after = self.sinks.min(n);
+        let need_from = self.sinks.max(n - (self.recent_window() - 1));
+        let need_recent = need_from < n;
+        if need_recent && recent_from > need_from {
             return Ok(false);
         }
         let (Some(k), Some(v)) = (&self.keys, &self.values) else {
             return Ok(false);
         };
-        let (from, to) = (need_from - held_from, n - held_from);
-        let k = self.ordered(k)?.index((.., .., from..to, ..));
-        let v = self.ordered(v)?.index((.., .., from..to, ..));
+        let cut = |a: &Array| -> Result<Array> {
+            let a = self.ordered(a)?;
+            let head = a.index((.., .., ..sinks_after, ..));
+            if !need_recent {
+                return Ok(head);
+            }
+            let at = |p: i32| sinks_held + (p - recent_from);
+            let tail = a.index((.., .., at(need_from)..at(n), ..));
+            if sinks_after == 0 {
+                Ok(tail)
+            } else {
+                concatenate(&[head, tail], 2)
+            }
+        };
+        let (k, v) = (cut(k)?, cut(v)?);
         self.keys = Some(k);
         self.values = Some(v);
-        self.len = to - from;
-        self.next = 0;
+        self.len = sinks_after + if need_recent { n - need_from } else { 0 };
+        self.next = self.sinks;
         self.offset = n;
         Ok(true)
     }
@@ -293,15 +378,27 @@ impl RotatingKvCache {
     }
 }
 
-/// The boolean mask `[l, m + l]` of `l` queries after `m` context keys: query
-/// `i` (position `m + i` in the key list) attends key `j` when
-/// `m + i − window < j ≤ m + i`.
-fn sliding_mask(l: i32, m: i32, window: i32) -> Result<Array> {
-    let q = Array::from_iter((0..l).map(|i| m + i), &[l, 1]);
-    let k = Array::from_iter(0..m + l, &[1, m + l]);
+/// The boolean mask `[l, K]` of `l` queries at positions `first..first + l`
+/// over keys at `key_positions`: query `p` attends key `j` when `j ≤ p` and
+/// either `j < sinks` or `p − recent < j`.
+fn rotation_mask(
+    first: i32,
+    l: i32,
+    key_positions: &[i32],
+    sinks: i32,
+    recent: i32,
+) -> Result<Array> {
+    let n = key_positions.len() as i32;
+    let q = Array::from_iter(first..first + l, &[l, 1]);
+    let k = Array::from_slice(key_positions, &[1, n]);
     let causal = k.le(&q)?;
-    let recent = k.gt(&q.subtract(Array::from_int(window))?)?;
-    causal.logical_and(&recent)
+    let recent_ok = k.gt(&q.subtract(Array::from_int(recent))?)?;
+    let visible = if sinks > 0 {
+        recent_ok.logical_or(&k.lt(Array::from_int(sinks))?)?
+    } else {
+        recent_ok
+    };
+    causal.logical_and(&visible)
 }
 
 /// The cache of one attention layer.
@@ -323,10 +420,10 @@ pub enum LayerCache {
 }
 
 impl LayerCache {
-    /// A cache keeping every position, or the last `window` when given.
-    pub fn new(window: Option<usize>) -> Self {
-        match window {
-            Some(w) => LayerCache::Rotating(RotatingKvCache::new(w)),
+    /// A cache keeping every position, or the positions `rotation` keeps.
+    pub fn new(rotation: Option<Rotation>) -> Self {
+        match rotation {
+            Some(r) => LayerCache::Rotating(RotatingKvCache::with_sinks(r)),
             None => LayerCache::Full(KvCache::new()),
         }
     }
@@ -338,10 +435,13 @@ impl LayerCache {
         LayerCache::OneShot { mask, used: false }
     }
 
-    /// The sliding window this cache applies (`None` for every position).
-    pub fn window(&self) -> Option<usize> {
+    /// The rotation this cache applies (`None` for every position).
+    pub fn rotation(&self) -> Option<Rotation> {
         match self {
-            LayerCache::Rotating(c) => usize::try_from(c.window).ok(),
+            LayerCache::Rotating(c) => Some(Rotation {
+                window: usize::try_from(c.window).ok()?,
+                sinks: usize::try_from(c.sinks).ok()?,
+            }),
             LayerCache::Full(_) | LayerCache::OneShot { .. } => None,
         }
     }
@@ -507,23 +607,26 @@ mod rotating_tests {
             .collect()
     }
 
-    /// Sliding-window attention computed naively: query at position `p`
-    /// attends keys at positions `j` with `p - window < j <= p`.
+    /// Attention computed naively: query at position `p` attends keys at
+    /// positions `j <= p` with `j < sinks` or `p - (window - sinks) < j`.
     fn naive(
         q: &[f32],
         k: &[f32],
         v: &[f32],
         d: usize,
         positions: std::ops::Range<usize>,
-        window: usize,
+        rotation: Rotation,
     ) -> Vec<f32> {
+        let (window, sinks) = (rotation.window, rotation.sinks.min(rotation.window - 1));
         let scale = 1.0 / (d as f64).sqrt();
         let mut out = Vec::new();
         for (qi, p) in positions.enumerate() {
             let qv = &q[qi * d..(qi + 1) * d];
-            let lo = (p + 1).saturating_sub(window);
-            let scores: Vec<f64> = (lo..=p)
-                .map(|j| {
+            let lo = (p + 1).saturating_sub(window - sinks);
+            let seen: Vec<usize> = (0..=p).filter(|&j| j < sinks || j >= lo).collect();
+            let scores: Vec<f64> = seen
+                .iter()
+                .map(|&j| {
                     (0..d)
                         .map(|t| qv[t] as f64 * k[j * d + t] as f64)
                         .sum::<f64>()
@@ -534,7 +637,9 @@ mod rotating_tests {
             let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let z: f64 = w.iter().sum();
             for t in 0..d {
-                let acc: f64 = (lo..=p)
+                let acc: f64 = seen
+                    .iter()
+                    .copied()
                     .zip(&w)
                     .map(|(j, wj)| wj * v[j * d + t] as f64)
                     .sum();
@@ -545,11 +650,15 @@ mod rotating_tests {
     }
 
     fn check(window: usize, chunks: &[usize]) {
+        check_rotation(Rotation::sliding(window), chunks);
+    }
+
+    fn check_rotation(rotation: Rotation, chunks: &[usize]) {
         let d = 4usize;
         let total: usize = chunks.iter().sum();
         let k_all = values(total * d, 1);
         let v_all = values(total * d, 2);
-        let mut cache = LayerCache::new(Some(window));
+        let mut cache = LayerCache::new(Some(rotation));
         let mut pos = 0;
         for (c, &l) in chunks.iter().enumerate() {
             let q = values(l * d, 100 + c as u64);
@@ -559,11 +668,11 @@ mod rotating_tests {
             let (k, v, mask) = cache.update(&ka, &va).unwrap();
             let out = attend(&qa, &k, &v, 1.0 / (d as f32).sqrt(), &mask).unwrap();
             let got = out.as_slice::<f32>().to_vec();
-            let want = naive(&q, &k_all, &v_all, d, pos..pos + l, window);
+            let want = naive(&q, &k_all, &v_all, d, pos..pos + l, rotation);
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() < 1e-5,
-                    "window {window}, chunk {c} (len {l} at {pos}), element {i}: {a} vs {b}"
+                    "{rotation:?}, chunk {c} (len {l} at {pos}), element {i}: {a} vs {b}"
                 );
             }
             pos += l;
@@ -587,6 +696,25 @@ mod rotating_tests {
         check(8, &[3, 3, 3, 3, 1, 1, 9, 1]);
     }
 
+    #[test]
+    fn sinks_stay_while_the_rest_rotates() {
+        for sinks in [1, 2, 4] {
+            let r = Rotation { window: 7, sinks };
+            check_rotation(r, &[1; 30]);
+            check_rotation(r, &[20, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
+            check_rotation(r, &[3, 1, 4, 1, 1, 9, 2, 1, 1, 1, 1, 1, 12, 1, 2, 1, 1]);
+            check_rotation(r, &[2, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
+        }
+        // Sinks are cut to leave one recent position.
+        check_rotation(
+            Rotation {
+                window: 3,
+                sinks: 5,
+            },
+            &[2, 1, 1, 4, 1, 1],
+        );
+    }
+
     /// Positions `pos..pos + l` through `cache`, checked against naive
     /// attention over `k_all`/`v_all`.
     fn feed(
@@ -595,7 +723,7 @@ mod rotating_tests {
         v_all: &[f32],
         pos: usize,
         l: usize,
-        window: usize,
+        rotation: Rotation,
         seed: u64,
     ) {
         let d = 4usize;
@@ -605,7 +733,7 @@ mod rotating_tests {
         let va = Array::from_slice(&v_all[pos * d..(pos + l) * d], &[1, 1, l as i32, d as i32]);
         let (k, v, mask) = cache.update(&ka, &va).unwrap();
         let out = attend(&qa, &k, &v, 0.5, &mask).unwrap();
-        let want = naive(&q, k_all, v_all, d, pos..pos + l, window);
+        let want = naive(&q, k_all, v_all, d, pos..pos + l, rotation);
         for (a, b) in out.as_slice::<f32>().iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "at {pos} (len {l}): {a} vs {b}");
         }
@@ -618,8 +746,12 @@ mod rotating_tests {
     fn trim_then_continue_differently() {
         let (window, d) = (5usize, 4usize);
         for full in [false, true] {
-            let w = if full { None } else { Some(window) };
-            let eff = if full { usize::MAX / 2 } else { window };
+            let w = if full {
+                None
+            } else {
+                Some(Rotation::sliding(window))
+            };
+            let eff = Rotation::sliding(if full { usize::MAX / 2 } else { window });
             let old_k = values(20 * d, 1);
             let old_v = values(20 * d, 2);
             let mut cache = LayerCache::new(w);
@@ -649,15 +781,58 @@ mod rotating_tests {
         // A cache that never filled its window trims anywhere.
         let k = values(20 * d, 5);
         let v = values(20 * d, 6);
-        let mut cache = LayerCache::new(Some(window));
-        feed(&mut cache, &k, &v, 0, 4, window, 60);
+        let mut cache = LayerCache::new(Some(Rotation::sliding(window)));
+        let sliding = Rotation::sliding(window);
+        feed(&mut cache, &k, &v, 0, 4, sliding, 60);
         assert!(cache.trim_to(1).unwrap());
         let mut k2 = k[..d].to_vec();
         k2.extend(values(19 * d, 7));
         let mut v2 = v[..d].to_vec();
         v2.extend(values(19 * d, 8));
         for p in 1..9 {
-            feed(&mut cache, &k2, &v2, p, 1, window, 70 + p as u64);
+            feed(&mut cache, &k2, &v2, p, 1, sliding, 70 + p as u64);
+        }
+    }
+
+    /// With sinks, a trim keeps them and the recent positions the next
+    /// query needs; it is refused once those have rotated out.
+    #[test]
+    fn trim_with_sinks() {
+        let d = 4usize;
+        let r = Rotation {
+            window: 8,
+            sinks: 2,
+        };
+        let old_k = values(40 * d, 11);
+        let old_v = values(40 * d, 12);
+        let mut cache = LayerCache::new(Some(r));
+        feed(&mut cache, &old_k, &old_v, 0, 5, r, 1);
+        for p in 5..20 {
+            feed(&mut cache, &old_k, &old_v, p, 1, r, 100 + p as u64);
+        }
+        // Held: 0, 1 and 14..20; position 18 needs 13..18.
+        assert!(!cache.trim_to(18).unwrap());
+        assert_eq!(cache.offset(), 20);
+        for cut in [19usize, 1] {
+            let mut c = LayerCache::new(Some(r));
+            feed(&mut c, &old_k, &old_v, 0, 5, r, 1);
+            for p in 5..20 {
+                feed(&mut c, &old_k, &old_v, p, 1, r, 100 + p as u64);
+            }
+            if cut == 1 {
+                // Only the sinks before 1 are needed.
+                assert!(c.trim_to(1).unwrap());
+            } else {
+                assert!(c.trim_to(cut as i32).unwrap());
+            }
+            let mut new_k = old_k[..cut * d].to_vec();
+            new_k.extend(values((40 - cut) * d, 13));
+            let mut new_v = old_v[..cut * d].to_vec();
+            new_v.extend(values((40 - cut) * d, 14));
+            feed(&mut c, &new_k, &new_v, cut, 3, r, 200);
+            for p in cut + 3..cut + 15 {
+                feed(&mut c, &new_k, &new_v, p, 1, r, 300 + p as u64);
+            }
         }
     }
 

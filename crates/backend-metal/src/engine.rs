@@ -15,6 +15,7 @@ use inference_core::{
 };
 use mlx_rs::Device;
 
+use crate::cache::Rotation;
 use crate::error::LoadError;
 use crate::generate::{self, Request};
 use crate::gguf::{self, reader::GgufFile};
@@ -32,6 +33,11 @@ pub(crate) enum Job {
     Generate(Request),
     /// The last-position logits of a prompt.
     Logits {
+        ids: Vec<u32>,
+        reply: Sender<Result<Vec<f32>>>,
+    },
+    /// The log-probability of each prompt id after the ones before it.
+    Score {
         ids: Vec<u32>,
         reply: Sender<Result<Vec<f32>>>,
     },
@@ -115,11 +121,11 @@ pub(crate) struct Shared {
     /// cannot run.
     template: std::result::Result<ChatTemplate, String>,
     /// Most positions (prompt + generated) one call may use: the model's
-    /// `max_position_embeddings`, or unbounded when `context_len` makes every
-    /// cache rotate.
+    /// `max_position_embeddings`, or unbounded where the load allowed
+    /// positions past it.
     context_limit: usize,
-    /// `LoadOptions::context_len`: positions each cache keeps.
-    context_len: Option<usize>,
+    /// `LoadOptions::context_len` and `sink_tokens`: what each cache keeps.
+    context: Option<Rotation>,
     last_metrics: LastMetrics,
     /// Prompt tokens per prefill forward pass.
     prefill_chunk: AtomicUsize,
@@ -128,11 +134,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Most positions one call may use.
+    pub(crate) fn context_limit(&self) -> usize {
+        self.context_limit
+    }
+
     /// How calls are bounded now.
     pub(crate) fn bounds(&self) -> generate::Bounds {
         generate::Bounds {
             limit: self.context_limit,
-            context: self.context_len,
+            context: self.context,
             chunk: self.prefill_chunk.load(Ordering::Relaxed),
         }
     }
@@ -176,7 +187,27 @@ impl MlxModel {
     pub fn load(path: &Path, opts: &LoadOptions, placement: Placement) -> Result<Self> {
         check_load_options(opts)?;
         let started = Instant::now();
+        let path = &inference_core::resolve_model_path(path)?;
         let (config, tokenizer, source) = open(path)?;
+        let max_positions = config.max_position_embeddings;
+        if let Some(n) = opts.context_len {
+            if n > max_positions && !opts.allow_past_max_positions {
+                return Err(Error::invalid_option(
+                    "context_len",
+                    format!(
+                        "{n} is more than the model's max_position_embeddings ({max_positions}); \
+                         allow_past_max_positions lets positions go past it"
+                    ),
+                ));
+            }
+        }
+        if opts.allow_past_max_positions {
+            tracing::warn!(
+                max_positions,
+                "positions may pass the model's max_position_embeddings: RoPE extrapolates \
+                 and quality usually falls"
+            );
+        }
         memory::apply_limits(
             opts.memory_limit_bytes,
             opts.cache_limit_bytes,
@@ -189,19 +220,24 @@ impl MlxModel {
                 Error::Unsupported { feature } => feature,
                 other => other.to_string(),
             });
+        // Not a warning: `chat` reports it as its error, in one line, and
+        // `generate` does not need a template.
         match &template {
             Ok(t) => tracing::debug!(builtin = ?t.builtin_kind(), "chat template ready"),
-            Err(why) => tracing::warn!(%why, "chat is unavailable for this model"),
+            Err(why) => tracing::debug!(%why, "chat is unavailable for this model"),
         }
         let shared = Arc::new(Shared {
             tokenizer,
             template,
-            context_limit: if opts.context_len.is_some() {
+            context_limit: if opts.allow_past_max_positions {
                 usize::MAX
             } else {
-                config.max_position_embeddings
+                max_positions
             },
-            context_len: opts.context_len,
+            context: opts.context_len.map(|window| Rotation {
+                window,
+                sinks: opts.sink_tokens,
+            }),
             last_metrics: LastMetrics::new(),
             prefill_chunk: AtomicUsize::new(generate::PREFILL_CHUNK),
             reused_tokens: AtomicUsize::new(0),
@@ -227,8 +263,8 @@ impl MlxModel {
                 }
                 let body = move || {
                     let context = worker_shared
-                        .context_len
-                        .unwrap_or(config.max_position_embeddings);
+                        .context
+                        .map_or(config.max_position_embeddings, |r| r.window);
                     let built = build(source, &config, dtype, context);
                     match built {
                         Ok((model, info)) => {
@@ -394,6 +430,32 @@ impl MlxModel {
             .collect()
     }
 
+    /// The log-probability (natural log) the model gives each of `ids[1..]`
+    /// after the ids before it, from its raw distribution (log-softmax of
+    /// the logits: no sampling options apply), computed as generation would
+    /// see it (through rotating caches under a context length). Needs at
+    /// least two ids inside the vocabulary and the context.
+    pub fn prompt_logprobs(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if ids.len() < 2 {
+            return Err(Error::InvalidInput(
+                "scoring needs at least two tokens".into(),
+            ));
+        }
+        self.check_ids(ids)?;
+        if ids.len() > self.shared.context_limit {
+            return Err(Error::ContextOverflow {
+                needed: ids.len(),
+                limit: self.shared.context_limit,
+            });
+        }
+        let (reply, answer) = channel();
+        self.send(Job::Score {
+            ids: ids.to_vec(),
+            reply,
+        })?;
+        Self::await_reply(&answer)?
+    }
+
     /// Waits for the worker's answer on `answer`.
     fn await_reply<T>(answer: &Receiver<T>) -> Result<T> {
         answer
@@ -469,16 +531,25 @@ fn build(
     dtype: Option<inference_core::DType>,
     context_length: usize,
 ) -> std::result::Result<(Box<dyn CausalLm>, ModelInfo), LoadError> {
-    let (mut weights, quant) = match source {
+    let (mut weights, quant, stored_dtype, quant_type) = match source {
         Source::Dir(dir) => {
             let mut w = Weights::load(&dir)?;
             w.set_quantization(&config.quantization_overrides);
-            (w, config.quantization)
+            let stored = w
+                .float_dtype
+                .map(|d| crate::load::dtype_name(d).to_owned())
+                .or_else(|| config.dtype.clone())
+                .unwrap_or_default();
+            let scheme = config.quantization.map(|_| "affine".to_owned());
+            (w, config.quantization, stored, scheme)
         }
         Source::Gguf(file) => {
             let arch = config.gguf_architecture.clone().unwrap_or_default();
             let (heads, kv) = gguf::head_counts(&file, &arch);
-            gguf::weights(&file, &arch, heads, kv)?
+            let (stored, quantised) = gguf::stored_type(&file);
+            let (w, q) = gguf::weights(&file, &arch, heads, kv)?;
+            let scheme = quantised.then(|| stored.clone());
+            (w, q, stored, scheme)
         }
     };
     if let Some(d) = dtype {
@@ -490,6 +561,8 @@ fn build(
     info.hidden_size = config.hidden_size as usize;
     info.quant_bits = quant.map(|q| q.bits as u32);
     info.quant_group = quant.map(|q| q.group_size as u32);
+    info.stored_dtype = stored_dtype;
+    info.quant_type = quant_type;
     info.context_length = context_length;
     info.parameter_count = weights.parameter_count(quant.map(|q| q.bits));
     let model = models::build(config, weights)?;
@@ -518,6 +591,13 @@ fn open(path: &Path) -> Result<(ModelConfig, ModelTokenizer, Source)> {
     let fail = |e: LoadError| e.into_error(path);
     if is_gguf(path) {
         let file = GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
+        if let Some(n) = file.get_u64("split.count").filter(|&n| n > 1) {
+            return Err(Error::unsupported(format!(
+                "split GGUF files ({} is one of {n} parts): merge them into one file with \
+                 llama.cpp's `llama-gguf-split --merge`",
+                path.display()
+            )));
+        }
         let gguf::Opened {
             architecture: arch,
             tokenizer: tok,
@@ -621,6 +701,10 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Receiver<Job>) {
                 let _ = reply.send(generate::last_logits(model, &ids, shared.bounds()));
                 continue;
             }
+            Job::Score { ids, reply } => {
+                let _ = reply.send(generate::prompt_logprobs(model, &ids, shared.bounds()));
+                continue;
+            }
             Job::Classify {
                 prompts,
                 opts,
@@ -714,11 +798,20 @@ impl TextModel for MlxModel {
     /// draw by the options' sampler (its repeat penalty looking at each
     /// prompt's own last ids); with `return_logits`, also its f32
     /// last-position logits. Equal to running each prompt alone.
+    ///
+    /// Stop ids and stop strings are refused with `Unsupported` (classify
+    /// returns the next token whatever it is); `max_tokens` bounds nothing
+    /// here (one token is always within it) and `ignore_eos` changes nothing.
     fn classify(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<ClassifyResult>> {
         opts.validate()?;
         if !opts.template_args.is_empty() {
             return Err(Error::unsupported(
                 "template_args for classify (raw prompts are not templated)",
+            ));
+        }
+        if !opts.stop_tokens.is_empty() || !opts.stop_strings.is_empty() {
+            return Err(Error::unsupported(
+                "stop_tokens and stop_strings for classify (it returns the next token, whatever it is)",
             ));
         }
         let prompts = self.encode_all(prompts)?;

@@ -72,6 +72,9 @@ impl LoadError {
             LoadError::UnsupportedArchitecture(model_type) => {
                 Error::UnsupportedArchitecture { model_type }
             }
+            LoadError::Unsupported(what) => {
+                Error::unsupported(format!("{what} (in {})", path.display()))
+            }
             other => Error::model_load(path, other),
         }
     }

@@ -11,7 +11,7 @@ use mlx_rs::ops::concatenate;
 use mlx_rs::transforms::{async_eval, eval};
 use mlx_rs::Array;
 
-use crate::cache::LayerCache;
+use crate::cache::{LayerCache, Rotation};
 use crate::error::mlx_error;
 use crate::memory;
 use crate::models::layers::last_position;
@@ -83,11 +83,14 @@ pub(crate) fn recent_ids(
 /// How a model's calls are bounded.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
-    /// Most positions (prompt + generated) a call may use before it fails
-    /// with `ContextOverflow` (unbounded when the caches rotate).
+    /// Most positions (prompt + generated) a call may use: a prompt that
+    /// leaves no room is a `ContextOverflow`, a generation that reaches it
+    /// ends with `length` (the model's `max_position_embeddings`, or
+    /// unbounded where the load allowed positions past it with rotating
+    /// caches).
     pub limit: usize,
-    /// Positions each cache keeps, when a context length bounds memory.
-    pub context: Option<usize>,
+    /// What each cache keeps, when a context length bounds memory.
+    pub context: Option<Rotation>,
     /// Prompt tokens per prefill forward pass.
     pub chunk: usize,
 }
@@ -278,25 +281,19 @@ fn decode_loop(
         }
         match next {
             Some(next) => y = next,
-            None if progress.generated >= opts.max_tokens => {
+            // `max_tokens`, or the end of the context after a prompt that
+            // fitted: a normal end with the tokens kept (OpenAI's and
+            // llama.cpp's `length`).
+            None => {
+                if progress.generated < opts.max_tokens {
+                    tracing::debug!(positions = context_used, limit, "the context is full");
+                }
                 return finish_text(
                     &mut stops,
                     sink,
                     FinishReason::Length,
                     reply_of(&mut record),
                 );
-            }
-            None => {
-                finish_text(
-                    &mut stops,
-                    sink,
-                    FinishReason::Length,
-                    reply_of(&mut record),
-                )?;
-                return Err(Error::ContextOverflow {
-                    needed: context_used + 1,
-                    limit,
-                });
             }
         }
     }
@@ -395,6 +392,51 @@ pub fn last_logits(model: &dyn CausalLm, ids: &[u32], bounds: Bounds) -> Result<
             .try_as_slice::<f32>()
             .map_err(|e| Exception::custom(e.to_string()))?
             .to_vec())
+    };
+    run().map_err(mlx_error)
+}
+
+/// Positions scored per forward pass by [`prompt_logprobs`] (the logits of a
+/// whole chunk are held at once, `chunk × vocab` floats).
+const SCORE_CHUNK: usize = 256;
+
+/// The log-probability the model gives each of `ids[1..]` after the ids
+/// before it (`ids.len() − 1` values, natural log), from one pass over a
+/// fresh cache bounded as generation is (a rotating cache under a context
+/// length, so every position attends what a decode step at that position
+/// would).
+pub fn prompt_logprobs(
+    model: &dyn CausalLm,
+    ids: &[u32],
+    bounds: Bounds,
+) -> Result<Vec<f32>, Error> {
+    let run = || -> Result<Vec<f32>, Exception> {
+        let mut caches = model.new_caches(bounds.context);
+        let mut out = Vec::with_capacity(ids.len().saturating_sub(1));
+        let chunk = bounds.chunk.clamp(1, SCORE_CHUNK);
+        let mut start = 0;
+        while start + 1 < ids.len() {
+            // Positions `start..end` predict `start + 1..=end`.
+            let end = (start + chunk).min(ids.len() - 1);
+            let part = &ids[start..end];
+            let h = model.hidden(
+                &Array::from_slice(part, &[1, part.len() as i32]),
+                &mut caches,
+            )?;
+            let logits = model.logits(&h)?.as_dtype(mlx_rs::Dtype::Float32)?;
+            let norm = logits.logsumexp_axis(-1, true)?;
+            let targets = Array::from_slice(&ids[start + 1..=end], &[1, part.len() as i32, 1]);
+            let picked = logits.take_along_axis(&targets, -1)?.subtract(&norm)?;
+            let state: Vec<&Array> = caches.iter().flat_map(LayerCache::arrays).collect();
+            eval(state.into_iter().chain([&picked]))?;
+            out.extend_from_slice(
+                picked
+                    .try_as_slice::<f32>()
+                    .map_err(|e| Exception::custom(e.to_string()))?,
+            );
+            start = end;
+        }
+        Ok(out)
     };
     run().map_err(mlx_error)
 }

@@ -84,7 +84,9 @@ impl Sampler {
     /// How many recent tokens [`sample`](Self::sample) wants to see: 0 when
     /// the repeat penalty is off.
     pub fn penalty_window(&self) -> usize {
-        if self.repeat_penalty > 1.0 {
+        // Any penalty but 1 changes logits: above 1 it discourages the
+        // recent tokens, between 0 and 1 it favours them (transformers).
+        if self.repeat_penalty != 1.0 {
             self.repeat_last_n
         } else {
             0

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use inference_core::{
-    ChatSession, Error, FinishReason, GenerateMetrics, GenerateOptions, Message, Result,
-    TokenStream,
+    ChatSession, Error, FinishReason, GenerateMetrics, GenerateOptions, HistoryOverflow, Message,
+    Result, Role, TokenStream,
 };
 
 use crate::cache::LayerCache;
@@ -145,6 +145,9 @@ impl Drop for SessionCore {
 /// A chat session on an [`MlxModel`](crate::MlxModel).
 pub(crate) struct MlxChatSession {
     core: SessionCore,
+    overflow: HistoryOverflow,
+    /// Turns dropped so far to fit the context.
+    dropped: usize,
 }
 
 impl MlxChatSession {
@@ -152,8 +155,25 @@ impl MlxChatSession {
     pub(crate) fn new(shared: Arc<Shared>, worker: Arc<Worker>, vocab: usize) -> Self {
         Self {
             core: SessionCore::new(shared, worker, vocab),
+            overflow: HistoryOverflow::default(),
+            dropped: 0,
         }
     }
+}
+
+/// Removes the oldest turn of `messages` (the first message after the
+/// leading system messages, and every message up to the next user message);
+/// `false` when there is no turn to drop.
+fn drop_oldest_turn(messages: &mut Vec<Message>) -> bool {
+    let Some(first) = messages.iter().position(|m| m.role != Role::System) else {
+        return false;
+    };
+    let end = messages[first + 1..]
+        .iter()
+        .position(|m| m.role == Role::User)
+        .map_or(messages.len(), |i| first + 1 + i);
+    messages.drain(first..end);
+    true
 }
 
 impl ChatSession for MlxChatSession {
@@ -174,9 +194,51 @@ impl ChatSession for MlxChatSession {
             (h.epoch, h.messages.clone())
         };
         let user = Message::user(user);
-        messages.push(user.clone());
-        let prompt = self.core.shared.encode_chat(&messages, opts)?;
+        let limit = self.core.shared.context_limit();
+        let mut dropped = 0;
+        let prompt = loop {
+            messages.push(user.clone());
+            let prompt = self.core.shared.encode_chat(&messages, opts)?;
+            messages.pop();
+            // `check_prompt` refuses a prompt that leaves no room for a token.
+            if prompt.len() < limit
+                || self.overflow == HistoryOverflow::Error
+                || !drop_oldest_turn(&mut messages)
+            {
+                break prompt;
+            }
+            dropped += 1;
+        };
+        if dropped > 0 {
+            // Checked before the history changes: a refused prompt drops
+            // nothing.
+            self.core.shared.check_prompt(&prompt, self.core.vocab)?;
+            tracing::info!(
+                dropped,
+                kept_messages = messages.len(),
+                "the conversation outgrew the context: dropped its oldest turns"
+            );
+            let mut h = self
+                .core
+                .state
+                .history
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if h.epoch == epoch {
+                h.messages = messages;
+            }
+            self.dropped += dropped;
+        }
         self.core.submit(prompt, Some(user), epoch, opts)
+    }
+
+    fn set_history_overflow(&mut self, overflow: HistoryOverflow) -> Result<()> {
+        self.overflow = overflow;
+        Ok(())
+    }
+
+    fn dropped_turns(&self) -> usize {
+        self.dropped
     }
 
     fn history(&self) -> Vec<Message> {

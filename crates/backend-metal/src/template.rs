@@ -23,6 +23,15 @@ use serde::Serialize;
 /// The name the template is stored under in its environment.
 const NAME: &str = "chat_template";
 
+/// Instructions one render may run (minijinja's fuel). A real template
+/// renders a long conversation in well under a million; a runaway one
+/// (nested loops over huge ranges) stops here with an error instead of
+/// hanging the call.
+pub const RENDER_FUEL: u64 = 20_000_000;
+
+/// Bytes one render may write: far beyond any real prompt.
+pub const RENDER_MAX_BYTES: usize = 64 << 20;
+
 /// Built-in templates for models that ship none, written for this crate from
 /// the published prompt formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -175,6 +184,7 @@ impl ChatTemplate {
             .build()
             .map_err(|e| Error::backend(crate::NAME, format!("template syntax: {e}")))?;
         env.set_syntax(syntax);
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -231,9 +241,47 @@ impl ChatTemplate {
             .env
             .get_template(NAME)
             .map_err(|e| Error::backend(crate::NAME, format!("chat template: {e}")))?;
-        template
-            .render(Value::from(ctx))
-            .map_err(|e| Error::InvalidInput(format!("chat template: {}", describe(&e))))
+        let mut out = Bounded(Vec::new());
+        match template.render_captured_to(Value::from(ctx), &mut out) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(Error::InvalidInput(format!(
+                    "chat template: rendering ran more than {RENDER_FUEL} instructions \
+                     (a runaway template?)"
+                )))
+            }
+            Err(e) if e.kind() == ErrorKind::WriteFailure => {
+                return Err(Error::InvalidInput(format!(
+                    "chat template: the rendered prompt passed {} MiB (a runaway template?)",
+                    RENDER_MAX_BYTES >> 20
+                )))
+            }
+            Err(e) => {
+                return Err(Error::InvalidInput(format!(
+                    "chat template: {}",
+                    describe(&e)
+                )))
+            }
+        }
+        String::from_utf8(out.0)
+            .map_err(|e| Error::InvalidInput(format!("chat template: output is not UTF-8: {e}")))
+    }
+}
+
+/// A buffer that refuses to grow past [`RENDER_MAX_BYTES`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > RENDER_MAX_BYTES {
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -64,6 +64,53 @@ fn token_text(v: Option<&Value>) -> Option<&str> {
     }
 }
 
+/// The chat template a `tokenizer_config.json` (at `file`) ships in its
+/// `chat_template` value: a string, or a list of named templates of which the
+/// `default` one is taken. `null` is no template; anything else, an empty
+/// template or a list without a `default` entry is a config error naming the
+/// file.
+fn shipped_template(v: &Value, file: &Path) -> Result<Option<String>, LoadError> {
+    let bad = |why: String| LoadError::Config(format!("{}: `chat_template` {why}", file.display()));
+    let text = match v {
+        Value::Null => return Ok(None),
+        Value::String(t) => t.as_str(),
+        Value::Array(list) => {
+            let named = |name: &str| {
+                list.iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some(name))
+            };
+            let Some(entry) = named("default") else {
+                let names: Vec<&str> = list
+                    .iter()
+                    .filter_map(|t| t.get("name").and_then(Value::as_str))
+                    .collect();
+                return Err(bad(format!(
+                    "is a list of named templates without a `default` one (names: {})",
+                    names.join(", ")
+                )));
+            };
+            entry
+                .get("template")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("`default` entry has no `template` string".into()))?
+        }
+        other => {
+            let kind = match other {
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                _ => "an object",
+            };
+            return Err(bad(format!(
+                "must be a string or a list of named templates, got {kind} ({other})"
+            )));
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(bad("is empty".into()));
+    }
+    Ok(Some(text.to_owned()))
+}
+
 impl ModelTokenizer {
     /// Reads `tokenizer.json`, `tokenizer_config.json` and
     /// `generation_config.json` from `dir`; `config_bos` / `config_eos` come
@@ -103,14 +150,8 @@ impl ModelTokenizer {
             .or(config_bos);
 
         let chat_template = match tok_config.as_ref().and_then(|c| c.get("chat_template")) {
-            Some(Value::String(t)) => Some(t.clone()),
-            // A list of named templates: take the default one.
-            Some(Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .and_then(|t| t.get("template").and_then(Value::as_str))
-                .map(str::to_owned),
-            _ => None,
+            Some(v) => shipped_template(v, &dir.join("tokenizer_config.json"))?,
+            None => None,
         }
         .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
 

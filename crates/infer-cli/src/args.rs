@@ -37,10 +37,29 @@ pub struct ModelArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub gpu_layers: Option<i32>,
 
-    /// Bound the context (and the KV cache) to N tokens; default: the
-    /// model's own length.
+    /// Bound the KV cache to N positions per layer: the first --sink-tokens
+    /// positions and the most recent ones stay, older ones are dropped, and
+    /// generation goes on past N (a rotating cache, as mlx-lm's
+    /// --max-kv-size). Default: every position, up to the model's
+    /// max_position_embeddings (which N may not exceed).
     #[arg(long, value_name = "N")]
     pub context_len: Option<usize>,
+
+    /// With --context-len: leading positions the rotating cache never drops
+    /// (attention sinks, as mlx-lm keeps) [default: 4].
+    #[arg(long, value_name = "N")]
+    pub sink_tokens: Option<usize>,
+
+    /// Let positions pass the model's max_position_embeddings (RoPE then
+    /// extrapolates; quality usually falls). Without it generation ends
+    /// there with finish reason `length`.
+    #[arg(long)]
+    pub allow_past_max_positions: bool,
+
+    /// The dtype to compute in: f32, f16 or bf16 (a bf16 checkpoint runs in
+    /// f32, the fast path on MLX's CPU); default: the checkpoint's.
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
 }
 
 impl ModelArgs {
@@ -53,6 +72,18 @@ impl ModelArgs {
         }
         if let Some(n) = self.context_len {
             opts = opts.context_len(n);
+        }
+        if let Some(n) = self.sink_tokens {
+            if self.context_len.is_none() {
+                return Err(CliError::Usage(
+                    "--sink-tokens needs --context-len (sinks are kept by a rotating cache)".into(),
+                ));
+            }
+            opts = opts.sink_tokens(n);
+        }
+        opts = opts.allow_past_max_positions(self.allow_past_max_positions);
+        if let Some(d) = &self.dtype {
+            opts = opts.dtype(d.parse()?);
         }
         opts.validate()?;
         Ok(opts)
@@ -82,7 +113,9 @@ pub struct GenerationArgs {
     #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub min_p: Option<f32>,
 
-    /// Penalise recently seen tokens; values ≤ 1 are off [default: 1].
+    /// Penalise recently seen tokens (transformers' semantics): above 1
+    /// discourages them, between 0 and 1 favours them, 1 is off; must be
+    /// more than 0 [default: 1].
     #[arg(long, value_name = "R", allow_negative_numbers = true)]
     pub repeat_penalty: Option<f32>,
 

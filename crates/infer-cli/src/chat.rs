@@ -12,12 +12,17 @@
 //! the history itself and sends the whole conversation to
 //! [`TextModel::chat`] every turn. Either way a turn that fails leaves no
 //! trace in the history, and an answer stopped with Ctrl-C stays in it as far
-//! as it got.
+//! as it got. A conversation that outgrows the context drops its oldest turns
+//! (the system message stays) and says so on stderr, or, with
+//! `--history-overflow error`, fails the turn. The command exits with status
+//! 1 when its last turn failed.
 
 use std::io::{self, BufRead, IsTerminal};
 
-use clap::Args;
-use inference_core::{ChatSession, Error, GenerateOptions, Message, TextModel, TokenStream};
+use clap::{Args, ValueEnum};
+use inference_core::{
+    ChatSession, Error, GenerateOptions, HistoryOverflow, Message, TextModel, TokenStream,
+};
 
 use crate::args::{GenerationArgs, ModelArgs};
 use crate::error::CliError;
@@ -37,6 +42,30 @@ pub struct ChatArgs {
     /// A system message that opens the conversation (kept by /reset).
     #[arg(long, value_name = "TEXT")]
     system: Option<String>,
+
+    /// When the conversation outgrows the context: drop its oldest turns
+    /// (the system message stays), or fail the turn.
+    #[arg(long, value_enum, default_value_t = Overflow::Drop)]
+    history_overflow: Overflow,
+}
+
+/// `--history-overflow`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+enum Overflow {
+    /// Drop the oldest turns.
+    #[default]
+    Drop,
+    /// Fail the turn.
+    Error,
+}
+
+impl Overflow {
+    fn policy(self) -> HistoryOverflow {
+        match self {
+            Overflow::Drop => HistoryOverflow::DropOldest,
+            Overflow::Error => HistoryOverflow::Error,
+        }
+    }
 }
 
 /// The conversation and where its history is kept.
@@ -47,16 +76,32 @@ enum Conversation {
     Manual {
         system: Option<String>,
         history: Vec<Message>,
+        overflow: HistoryOverflow,
+        dropped: usize,
     },
 }
 
 impl Conversation {
     /// The backend's session when it has one, the CLI's own history otherwise.
-    fn start(model: &dyn TextModel, system: Option<&str>) -> Result<Self, CliError> {
+    fn start(
+        model: &dyn TextModel,
+        system: Option<&str>,
+        overflow: HistoryOverflow,
+    ) -> Result<Self, CliError> {
         match model.chat_session() {
             Ok(mut session) => {
                 tracing::debug!("using the backend's chat session");
                 session.reset(system);
+                match session.set_history_overflow(overflow) {
+                    Ok(()) => {}
+                    // The default asks for nothing the session must do.
+                    Err(Error::Unsupported { feature })
+                        if overflow == HistoryOverflow::default() =>
+                    {
+                        tracing::debug!(%feature, "the session keeps its own overflow rule");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 Ok(Conversation::Session(session))
             }
             Err(Error::Unsupported { feature }) => {
@@ -64,9 +109,19 @@ impl Conversation {
                 Ok(Conversation::Manual {
                     system: system.map(str::to_owned),
                     history: Vec::new(),
+                    overflow,
+                    dropped: 0,
                 })
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Turns dropped so far to fit the context.
+    fn dropped_turns(&self) -> usize {
+        match self {
+            Conversation::Session(session) => session.dropped_turns(),
+            Conversation::Manual { dropped, .. } => *dropped,
         }
     }
 
@@ -79,13 +134,27 @@ impl Conversation {
     ) -> inference_core::Result<TokenStream> {
         match self {
             Conversation::Session(session) => session.send(user, opts),
-            Conversation::Manual { system, history } => {
+            Conversation::Manual {
+                system,
+                history,
+                overflow,
+                dropped,
+            } => loop {
                 let mut messages = Vec::with_capacity(history.len() + 2);
                 messages.extend(system.as_deref().map(Message::system));
                 messages.extend(history.iter().cloned());
                 messages.push(Message::user(user));
-                model.chat(&messages, opts)
-            }
+                match model.chat(&messages, opts) {
+                    // The oldest turn (a user message and its reply) goes.
+                    Err(Error::ContextOverflow { .. })
+                        if *overflow == HistoryOverflow::DropOldest && history.len() >= 2 =>
+                    {
+                        history.drain(..2);
+                        *dropped += 1;
+                    }
+                    other => return other,
+                }
+            },
         }
     }
 
@@ -152,7 +221,14 @@ pub fn run(args: &ChatArgs, quiet: bool) -> Result<(), CliError> {
     let interrupt = Interrupt::install()?;
     let loaded = load::load(&args.model, load_opts, quiet)?;
     let model = &*loaded.model;
-    let mut conversation = Conversation::start(model, args.system.as_deref())?;
+    let mut conversation = Conversation::start(
+        model,
+        args.system.as_deref(),
+        args.history_overflow.policy(),
+    )?;
+    // The error of the last turn, when it failed: the exit status says so.
+    let mut last_failure: Option<CliError> = None;
+    let finish = |failure: Option<CliError>| failure.map_or(Ok(()), Err);
     let stdin = io::stdin();
     let interactive = stdin.is_terminal();
     if interactive && !quiet {
@@ -177,11 +253,11 @@ pub fn run(args: &ChatArgs, quiet: bool) -> Result<(), CliError> {
             if interactive {
                 stream_out("\n")?;
             }
-            return Ok(());
+            return finish(last_failure);
         }
         let user = match parse_line(&line) {
             Line::Empty => continue,
-            Line::Quit => return Ok(()),
+            Line::Quit => return finish(last_failure),
             Line::Reset => {
                 conversation.reset();
                 if !quiet {
@@ -199,12 +275,27 @@ pub fn run(args: &ChatArgs, quiet: bool) -> Result<(), CliError> {
             }
             Line::Turn(user) => user,
         };
-        let mut stream = match conversation.send(model, user, &opts) {
+        let dropped_before = conversation.dropped_turns();
+        let sent = conversation.send(model, user, &opts);
+        let dropped = conversation.dropped_turns() - dropped_before;
+        if dropped > 0 {
+            eprintln!(
+                "(the conversation outgrew the context: dropped its oldest {})",
+                if dropped == 1 {
+                    "turn".to_owned()
+                } else {
+                    format!("{dropped} turns")
+                }
+            );
+        }
+        let mut stream = match sent {
             Ok(s) => s,
             // The model cannot chat at all: no later turn would do better.
             Err(e @ Error::Unsupported { .. }) => return Err(e.into()),
             Err(e) => {
-                eprintln!("error: {}", CliError::from(e).one_line());
+                let e = CliError::from(e);
+                eprintln!("error: {}", e.one_line());
+                last_failure = Some(e);
                 continue;
             }
         };
@@ -233,12 +324,15 @@ pub fn run(args: &ChatArgs, quiet: bool) -> Result<(), CliError> {
         match failure {
             Some(_) if stopped => eprintln!("(stopped)"),
             Some(e) => {
-                eprintln!("error: {}", CliError::from(e).one_line());
+                let e = CliError::from(e);
+                eprintln!("error: {}", e.one_line());
+                last_failure = Some(e);
                 continue;
             }
             None if stopped => eprintln!("(stopped)"),
             None => {}
         }
+        last_failure = None;
         if let (false, Some(m)) = (quiet, stream.metrics()) {
             eprintln!("{}", stats_line(m, stream.finish_reason()));
         }
@@ -273,7 +367,8 @@ mod tests {
         // The scripted model has no chat sessions: the CLI keeps the history,
         // and each turn's prompt holds the whole conversation.
         let model = ScriptedModel::from_words(&["ok"]).unwrap();
-        let mut conv = Conversation::start(&model, Some("be brief")).unwrap();
+        let mut conv =
+            Conversation::start(&model, Some("be brief"), HistoryOverflow::DropOldest).unwrap();
         assert!(matches!(conv, Conversation::Manual { .. }));
         let opts = GenerateOptions::new();
         let mut prompt_words = Vec::new();

@@ -83,6 +83,10 @@ struct Report<'a> {
     text: &'a str,
     finish_reason: FinishReason,
     metrics: Option<&'a GenerateMetrics>,
+    /// The error that ended the generation (`finish_reason` is then
+    /// `error`); absent when it ended well.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// Runs `infer generate`.
@@ -122,19 +126,20 @@ pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
     if args.format == Format::Text && !text.is_empty() && !text.ends_with('\n') {
         stream_out("\n")?;
     }
-    if let Some(e) = failure {
-        return Err(if interrupted {
-            CliError::Interrupted
-        } else {
-            e.into()
-        });
-    }
+    let failure = match failure {
+        Some(_) if interrupted => return Err(CliError::Interrupted),
+        Some(e) => Some(CliError::from(e)),
+        None => None,
+    };
     let reason = match stream.finish_reason() {
+        _ if failure.is_some() => FinishReason::Error,
         Some(r) => r,
         None if interrupted => FinishReason::Cancelled,
         None => FinishReason::Error,
     };
     if args.format == Format::Json {
+        // The document is printed whatever ended the generation, so the
+        // tokens already made are never lost.
         json_out(&Report {
             model_type: model.model_type(),
             backend: &loaded.backend,
@@ -144,7 +149,11 @@ pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
             text: &text,
             finish_reason: reason,
             metrics: stream.metrics(),
+            error: failure.as_ref().map(CliError::one_line),
         })?;
+    }
+    if let Some(e) = failure {
+        return Err(e);
     }
     if let (false, Some(m)) = (quiet, stream.metrics()) {
         eprintln!("{}", stats_line(m, Some(reason)));

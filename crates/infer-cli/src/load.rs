@@ -120,26 +120,15 @@ fn display_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-/// The weight files of a model: the file itself, or a directory's
-/// `*.safetensors`, with their sizes.
+/// The weight files of a model, with their sizes: the file itself (a GGUF
+/// file, or the one a directory holds), or the safetensors files a directory
+/// loads ([`inference_core::safetensors_files`]). Empty when there are none.
 pub fn weight_files(path: &Path) -> Vec<(PathBuf, u64)> {
+    let path = inference_core::resolve_model_path(path).unwrap_or_else(|_| path.to_path_buf());
     let files: Vec<PathBuf> = if path.is_file() {
-        vec![path.to_path_buf()]
+        vec![path]
     } else {
-        let mut v: Vec<PathBuf> = fs::read_dir(path)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| {
-                        p.is_file()
-                            && p.extension()
-                                .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        inference_core::safetensors_files(&path).unwrap_or_default()
     };
     files
         .into_iter()
@@ -232,20 +221,23 @@ mod tests {
     fn weight_files_of_a_directory_and_of_a_file() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        fs::write(dir.join("b.safetensors"), [0u8; 3]).unwrap();
-        fs::write(dir.join("a.safetensors"), [0u8; 5]).unwrap();
+        fs::write(dir.join("model-00002-of-00002.safetensors"), [0u8; 3]).unwrap();
+        fs::write(dir.join("model-00001-of-00002.safetensors"), [0u8; 5]).unwrap();
+        // Not weights of the model: not read.
+        fs::write(dir.join("adapters.safetensors"), [0u8; 7]).unwrap();
         fs::write(dir.join("config.json"), b"{}").unwrap();
         let files = weight_files(dir);
         assert_eq!(
             files,
             vec![
-                (dir.join("a.safetensors"), 5),
-                (dir.join("b.safetensors"), 3)
+                (dir.join("model-00001-of-00002.safetensors"), 5),
+                (dir.join("model-00002-of-00002.safetensors"), 3)
             ]
         );
+        assert_eq!(weight_files(&dir.join("config.json")), files);
         assert_eq!(
-            weight_files(&dir.join("b.safetensors")),
-            vec![(dir.join("b.safetensors"), 3)]
+            weight_files(&dir.join("adapters.safetensors")),
+            vec![(dir.join("adapters.safetensors"), 7)]
         );
         assert!(weight_files(&dir.join("missing")).is_empty());
     }

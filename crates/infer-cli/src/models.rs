@@ -52,20 +52,31 @@ pub fn run(args: &ModelsArgs, quiet: bool) -> Result<(), CliError> {
                 }
                 return Ok(());
             }
-            let mut text = String::from("FORMAT       TYPE          QUANT     SIZE        PATH\n");
+            let mut text = String::from(
+                "FORMAT       TYPE          STORED     QUANT          SIZE        PATH\n",
+            );
             for r in &rows {
                 let m = &r.model;
                 let format = match m.format {
                     ModelFormat::Safetensors => "safetensors",
                     ModelFormat::Gguf => "gguf",
                 };
-                let quant = match (m.quant_bits, m.quant_group) {
+                let bits = match (m.quant_bits, m.quant_group) {
                     (Some(b), Some(g)) => format!("{b}-bit/{g}"),
                     (Some(b), None) => format!("{b}-bit"),
-                    _ => "-".to_owned(),
+                    _ => String::new(),
                 };
+                let quant = match (m.quant_type.as_deref(), bits.is_empty()) {
+                    // GGUF types name their bits already.
+                    (Some(t), _) if m.format == ModelFormat::Gguf => t.to_owned(),
+                    (Some(t), false) => format!("{t} {bits}"),
+                    (Some(t), true) => t.to_owned(),
+                    (None, false) => bits,
+                    (None, true) => "-".to_owned(),
+                };
+                let stored = m.stored_dtype.as_deref().unwrap_or("-");
                 text.push_str(&format!(
-                    "{format:11}  {:12}  {quant:8}  {:>10}  {}\n",
+                    "{format:11}  {:12}  {stored:9}  {quant:13}  {:>10}  {}\n",
                     m.model_type,
                     HumanBytes(r.size_bytes).to_string(),
                     m.path.display()

@@ -29,19 +29,262 @@ pub struct DiscoveredModel {
     /// `model_type` from `config.json`, or `general.architecture` from GGUF
     /// metadata; `unknown` when it cannot be read.
     pub model_type: String,
-    /// Quantisation bits from `config.json`, when quantised.
+    /// How the weights are stored: the checkpoint's dtype from `config.json`
+    /// (`bfloat16`, …), or a GGUF file's type from `general.file_type`
+    /// (`Q4_1`, `Q4_K_M`, `F16`, …); `None` when it cannot be read.
+    pub stored_dtype: Option<String>,
+    /// The quantisation scheme, when quantised: `affine` (MLX) or the GGUF
+    /// file type (`Q4_1`, …).
+    pub quant_type: Option<String>,
+    /// Quantisation bits (nominal for GGUF's mixed K-quant types), when
+    /// quantised.
     pub quant_bits: Option<u32>,
-    /// Quantisation group size from `config.json`, when quantised.
+    /// Quantisation group size (for GGUF K-quants, the sub-block), when
+    /// quantised.
     pub quant_group: Option<u32>,
-    /// Number of weight files (`*.safetensors`, or 1 for GGUF).
+    /// Number of weight files (as [`safetensors_files`] chooses them, or 1 for
+    /// GGUF).
     pub num_files: usize,
+}
+
+/// Why a directory's weight files cannot be listed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WeightFilesError {
+    /// The directory (or the index) cannot be read.
+    #[error("{path}: {reason}")]
+    Unreadable {
+        /// What could not be read.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// `model.safetensors.index.json` is not a valid index.
+    #[error("{file} is not a valid safetensors index: {reason}")]
+    BadIndex {
+        /// The index file.
+        file: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A shard the index lists is missing.
+    #[error("{file} (listed in the index) is missing")]
+    MissingShard {
+        /// The missing shard.
+        file: PathBuf,
+    },
+    /// No weight files.
+    #[error("no model*.safetensors files (and no model.safetensors.index.json) in {dir}")]
+    NoWeights {
+        /// The directory.
+        dir: PathBuf,
+    },
+}
+
+/// The safetensors weight files of a Hugging Face directory, chosen as
+/// transformers and mlx-lm choose them: the shards that
+/// `model.safetensors.index.json` lists when it is there, else every
+/// `model*.safetensors` file (`model.safetensors`, or unindexed shards
+/// `model-00001-of-00002.safetensors`, …), sorted. Other tensor files beside
+/// them (`adapters.safetensors`, `consolidated.safetensors`, …) are not
+/// weights of the model and are left alone.
+pub fn safetensors_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, WeightFilesError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = fs::read_to_string(&index).map_err(|e| WeightFilesError::Unreadable {
+            path: index.clone(),
+            reason: e.to_string(),
+        })?;
+        let bad = |reason: String| WeightFilesError::BadIndex {
+            file: index.clone(),
+            reason,
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let mut names = std::collections::BTreeSet::new();
+        for (tensor, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("the file of `{tensor}` is not a string")))?;
+            // A shard name is a file beside the index, never a path elsewhere.
+            if file.is_empty() || file.contains(['/', '\\']) || file == ".." {
+                return Err(bad(format!("`{file}` is not a file name")));
+            }
+            names.insert(file);
+        }
+        if names.is_empty() {
+            return Err(bad("`weight_map` is empty".into()));
+        }
+        let files: Vec<PathBuf> = names.into_iter().map(|f| dir.join(f)).collect();
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            return Err(WeightFilesError::MissingShard {
+                file: missing.clone(),
+            });
+        }
+        return Ok(files);
+    }
+    let entries = read_dir_sorted(dir).map_err(|e| WeightFilesError::Unreadable {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let files: Vec<PathBuf> = entries.into_iter().filter(|p| is_model_shard(p)).collect();
+    if files.is_empty() {
+        return Err(WeightFilesError::NoWeights {
+            dir: dir.to_path_buf(),
+        });
+    }
+    Ok(files)
+}
+
+/// `model*.safetensors`, a file.
+fn is_model_shard(p: &Path) -> bool {
+    has_ext(p, "safetensors")
+        && p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("model"))
+}
+
+/// Where a model path given by a user leads: a `config.json` file means its
+/// directory; a directory without `config.json` that holds exactly one
+/// `.gguf` file means that file. Everything else is returned as given (the
+/// backend reports what is wrong with it).
+///
+/// Refused: a directory holding several `.gguf` files (which one is
+/// ambiguous), and split GGUF files (`…-00001-of-00003.gguf`), which no
+/// backend here loads, with [`Error::Unsupported`] naming the way to merge
+/// them.
+pub fn resolve_model_path(path: &Path) -> Result<PathBuf> {
+    if path.is_file() && path.file_name().and_then(|n| n.to_str()) == Some("config.json") {
+        return Ok(path.parent().unwrap_or(Path::new(".")).to_path_buf());
+    }
+    if path.is_dir() && !path.join("config.json").exists() {
+        let ggufs: Vec<PathBuf> = read_dir_sorted(path)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| has_ext(p, "gguf"))
+            .collect();
+        match ggufs.as_slice() {
+            [] => {}
+            [one] => return check_not_split(one).map(|()| one.clone()),
+            several => {
+                if let Some(first) = several.iter().find(|p| split_part(p).is_some()) {
+                    check_not_split(first)?;
+                }
+                let names: Vec<String> = several
+                    .iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect();
+                return Err(Error::ModelLoad {
+                    path: path.to_path_buf(),
+                    source: format!(
+                        "the directory has no config.json and holds {} .gguf files ({}): name one",
+                        several.len(),
+                        names.join(", ")
+                    )
+                    .into(),
+                });
+            }
+        }
+    }
+    if has_ext(path, "gguf") {
+        check_not_split(path)?;
+    }
+    Ok(path.to_path_buf())
+}
+
+/// `(part, parts)` of a split GGUF file name (`…-00001-of-00003.gguf`).
+fn split_part(path: &Path) -> Option<(u32, u32)> {
+    let stem = path.file_stem()?.to_str()?;
+    let (rest, total) = stem.rsplit_once("-of-")?;
+    let (_, part) = rest.rsplit_once('-')?;
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(part) || !digits(total) {
+        return None;
+    }
+    Some((part.parse().ok()?, total.parse().ok()?))
+}
+
+/// Refuses one part of a split GGUF model.
+fn check_not_split(path: &Path) -> Result<()> {
+    match split_part(path) {
+        Some((_, total)) if total > 1 => Err(Error::unsupported(format!(
+            "split GGUF files ({} is one of {total} parts): merge them into one file with \
+             llama.cpp's `llama-gguf-split --merge FIRST-PART OUT.gguf`",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A GGUF file type (`general.file_type`, llama.cpp's `llama_ftype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgufFileType {
+    /// The name llama.cpp gives it (`Q4_1`, `Q4_K_M`, `F16`, …).
+    pub name: &'static str,
+    /// Bits per quantised weight (nominal for mixed K-quant types); `None`
+    /// for float types.
+    pub bits: Option<u32>,
+    /// Weights sharing one scale (for K-quants, the sub-block); `None` for
+    /// float types.
+    pub group: Option<u32>,
+}
+
+impl GgufFileType {
+    /// The type of `general.file_type = id`, if known.
+    pub fn from_id(id: u32) -> Option<Self> {
+        let (name, bits, group) = match id {
+            0 => ("F32", None, None),
+            1 => ("F16", None, None),
+            2 => ("Q4_0", Some(4), Some(32)),
+            3 => ("Q4_1", Some(4), Some(32)),
+            7 => ("Q8_0", Some(8), Some(32)),
+            8 => ("Q5_0", Some(5), Some(32)),
+            9 => ("Q5_1", Some(5), Some(32)),
+            10 => ("Q2_K", Some(2), Some(16)),
+            11 => ("Q3_K_S", Some(3), Some(16)),
+            12 => ("Q3_K_M", Some(3), Some(16)),
+            13 => ("Q3_K_L", Some(3), Some(16)),
+            14 => ("Q4_K_S", Some(4), Some(32)),
+            15 => ("Q4_K_M", Some(4), Some(32)),
+            16 => ("Q5_K_S", Some(5), Some(32)),
+            17 => ("Q5_K_M", Some(5), Some(32)),
+            18 => ("Q6_K", Some(6), Some(16)),
+            19 => ("IQ2_XXS", Some(2), Some(256)),
+            20 => ("IQ2_XS", Some(2), Some(256)),
+            21 => ("Q2_K_S", Some(2), Some(16)),
+            22 => ("IQ3_XS", Some(3), Some(256)),
+            23 => ("IQ3_XXS", Some(3), Some(256)),
+            24 => ("IQ1_S", Some(1), Some(256)),
+            25 => ("IQ4_NL", Some(4), Some(32)),
+            26 => ("IQ3_S", Some(3), Some(256)),
+            27 => ("IQ3_M", Some(3), Some(256)),
+            28 => ("IQ2_S", Some(2), Some(256)),
+            29 => ("IQ2_M", Some(2), Some(256)),
+            30 => ("IQ4_XS", Some(4), Some(256)),
+            31 => ("IQ1_M", Some(1), Some(256)),
+            32 => ("BF16", None, None),
+            36 => ("TQ1_0", Some(1), Some(256)),
+            37 => ("TQ2_0", Some(2), Some(256)),
+            _ => return None,
+        };
+        Some(Self { name, bits, group })
+    }
+
+    /// Whether the type is quantised.
+    pub fn is_quantized(&self) -> bool {
+        self.bits.is_some()
+    }
 }
 
 /// The `model_type` given to models whose type cannot be read.
 pub const UNKNOWN_MODEL_TYPE: &str = "unknown";
 
 /// Finds models in `dir` itself and one level below it: Hugging Face
-/// directories (a `config.json` beside at least one `*.safetensors`) and
+/// directories (a `config.json` beside the weight files that
+/// [`safetensors_files`] chooses) and
 /// `*.gguf` files. Results are sorted by path. A `config.json` that is not valid
 /// JSON keeps its entry, with model type [`UNKNOWN_MODEL_TYPE`].
 ///
@@ -83,62 +326,84 @@ fn has_ext(p: &Path, ext: &str) -> bool {
 
 /// Adds the models stored directly in `dir` (whose entries are `entries`).
 fn scan_one(dir: &Path, entries: &[PathBuf], found: &mut Vec<DiscoveredModel>) {
-    let weights = entries.iter().filter(|p| has_ext(p, "safetensors")).count();
     let config = dir.join("config.json");
-    if weights > 0 && config.is_file() {
-        let (model_type, quant_bits, quant_group) = read_config(&config);
-        found.push(DiscoveredModel {
-            path: dir.to_path_buf(),
-            format: ModelFormat::Safetensors,
-            model_type,
-            quant_bits,
-            quant_group,
-            num_files: weights,
-        });
+    if config.is_file() {
+        if let Ok(weights) = safetensors_files(dir) {
+            let mut model = read_config(&config);
+            model.path = dir.to_path_buf();
+            model.num_files = weights.len();
+            found.push(model);
+        }
     }
     for gguf in entries.iter().filter(|p| has_ext(p, "gguf")) {
-        let model_type = gguf_architecture(gguf).unwrap_or_else(|| UNKNOWN_MODEL_TYPE.to_owned());
+        let (arch, file_type) = gguf_summary(gguf).unwrap_or((None, None));
+        let ty = file_type.and_then(GgufFileType::from_id);
         found.push(DiscoveredModel {
             path: gguf.clone(),
             format: ModelFormat::Gguf,
-            model_type,
-            quant_bits: None,
-            quant_group: None,
+            model_type: arch.unwrap_or_else(|| UNKNOWN_MODEL_TYPE.to_owned()),
+            stored_dtype: ty.map(|t| t.name.to_owned()),
+            quant_type: ty
+                .filter(GgufFileType::is_quantized)
+                .map(|t| t.name.to_owned()),
+            quant_bits: ty.and_then(|t| t.bits),
+            quant_group: ty.and_then(|t| t.group),
             num_files: 1,
         });
     }
 }
 
-/// `model_type` and quantisation from a `config.json`; unknown when invalid.
-fn read_config(path: &Path) -> (String, Option<u32>, Option<u32>) {
+/// What a `config.json` says of a Hugging Face model; unknown when invalid.
+fn read_config(path: &Path) -> DiscoveredModel {
+    let mut model = DiscoveredModel {
+        path: PathBuf::new(),
+        format: ModelFormat::Safetensors,
+        model_type: UNKNOWN_MODEL_TYPE.to_owned(),
+        stored_dtype: None,
+        quant_type: None,
+        quant_bits: None,
+        quant_group: None,
+        num_files: 0,
+    };
     let parsed: Option<serde_json::Value> = fs::read_to_string(path)
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok());
     let Some(v) = parsed else {
         tracing::warn!(path = %path.display(), "config.json is not valid JSON");
-        return (UNKNOWN_MODEL_TYPE.to_owned(), None, None);
+        return model;
     };
-    let model_type = v
-        .get("model_type")
-        .and_then(|t| t.as_str())
-        .unwrap_or(UNKNOWN_MODEL_TYPE)
-        .to_owned();
-    let quant = v
-        .get("quantization")
-        .or_else(|| v.get("quantization_config"));
+    let text = v.get("text_config").filter(|t| t.is_object());
+    let get = |key: &str| v.get(key).or_else(|| text.and_then(|t| t.get(key)));
+    if let Some(t) = get("model_type").and_then(|t| t.as_str()) {
+        t.clone_into(&mut model.model_type);
+    }
+    model.stored_dtype = get("dtype")
+        .or_else(|| get("torch_dtype"))
+        .and_then(|d| d.as_str())
+        .map(str::to_owned);
+    let quant = get("quantization").or_else(|| get("quantization_config"));
     let field = |name: &str| {
         quant
             .and_then(|q| q.get(name))
             .and_then(|x| x.as_u64())
             .and_then(|x| u32::try_from(x).ok())
     };
-    (model_type, field("bits"), field("group_size"))
+    model.quant_bits = field("bits");
+    model.quant_group = field("group_size");
+    if quant.is_some() {
+        let mode = quant
+            .and_then(|q| q.get("mode").or_else(|| q.get("quant_method")))
+            .and_then(|m| m.as_str())
+            .unwrap_or("affine");
+        model.quant_type = Some(mode.to_owned());
+    }
+    model
 }
 
-/// Reads `general.architecture` from a GGUF file's metadata, scanning at most
-/// the first few keys (it is normally the first). `None` when the file is not
-/// GGUF v2/v3 or the key is not found early.
-fn gguf_architecture(path: &Path) -> Option<String> {
+/// Reads `general.architecture` and `general.file_type` from a GGUF file's
+/// metadata. `None` when the file is not GGUF v2/v3 or its metadata cannot
+/// be read.
+fn gguf_summary(path: &Path) -> Option<(Option<String>, Option<u32>)> {
     let mut r = BufReader::new(fs::File::open(path).ok()?);
     let mut magic = [0u8; 4];
     r.read_exact(&mut magic).ok()?;
@@ -151,16 +416,25 @@ fn gguf_architecture(path: &Path) -> Option<String> {
     }
     let _tensors = read_u64(&mut r)?;
     let kv_count = read_u64(&mut r)?;
-    for _ in 0..kv_count.min(32) {
+    let (mut arch, mut file_type) = (None, None);
+    // Both keys come early in files llama.cpp writes; the scan ends when
+    // both are found.
+    for _ in 0..kv_count.min(1 << 16) {
         let key = read_string(&mut r)?;
         let ty = read_u32(&mut r)?;
-        if key == "general.architecture" && ty == GGUF_STRING {
-            return read_string(&mut r);
+        match (key.as_str(), ty) {
+            ("general.architecture", GGUF_STRING) => arch = Some(read_string(&mut r)?),
+            ("general.file_type", GGUF_U32) => file_type = Some(read_u32(&mut r)?),
+            _ => skip_value(&mut r, ty)?,
         }
-        skip_value(&mut r, ty)?;
+        if arch.is_some() && file_type.is_some() {
+            break;
+        }
     }
-    None
+    Some((arch, file_type))
 }
+
+const GGUF_U32: u32 = 4;
 
 const GGUF_STRING: u32 = 8;
 const GGUF_ARRAY: u32 = 9;
@@ -229,7 +503,7 @@ mod tests {
         let mut b = b"GGUF".to_vec();
         b.extend(3u32.to_le_bytes());
         b.extend(0u64.to_le_bytes()); // tensors
-        b.extend(3u64.to_le_bytes()); // kv pairs
+        b.extend(4u64.to_le_bytes()); // kv pairs
         let s = |b: &mut Vec<u8>, s: &str| {
             b.extend((s.len() as u64).to_le_bytes());
             b.extend(s.as_bytes());
@@ -246,6 +520,9 @@ mod tests {
         s(&mut b, "general.architecture");
         b.extend(GGUF_STRING.to_le_bytes());
         s(&mut b, arch);
+        s(&mut b, "general.file_type");
+        b.extend(GGUF_U32.to_le_bytes());
+        b.extend(3u32.to_le_bytes()); // Q4_1
         b
     }
 
@@ -254,8 +531,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         // The directory itself is a model.
-        fs::write(root.join("config.json"), r#"{"model_type":"llama"}"#).unwrap();
+        fs::write(
+            root.join("config.json"),
+            r#"{"model_type":"llama","torch_dtype":"bfloat16"}"#,
+        )
+        .unwrap();
         fs::write(root.join("model.safetensors"), b"").unwrap();
+        // Tensor files that are not the model's weights are not counted.
+        fs::write(root.join("adapters.safetensors"), b"").unwrap();
+        fs::write(root.join("consolidated.safetensors"), b"").unwrap();
         // A quantised one below it, with two shards.
         let q = root.join("qwen-4bit");
         fs::create_dir(&q).unwrap();
@@ -306,6 +590,20 @@ mod tests {
                 )
             })
             .collect();
+        let types: Vec<(Option<&str>, Option<&str>)> = found
+            .iter()
+            .map(|m| (m.stored_dtype.as_deref(), m.quant_type.as_deref()))
+            .collect();
+        assert_eq!(
+            types,
+            vec![
+                (Some("bfloat16"), None),
+                (None, None),
+                (None, Some("affine")),
+                (None, None),
+                (Some("Q4_1"), Some("Q4_1")),
+            ]
+        );
         assert_eq!(
             summary,
             vec![
@@ -338,12 +636,122 @@ mod tests {
                     "smol.gguf".into(),
                     ModelFormat::Gguf,
                     "llama",
-                    None,
-                    None,
+                    Some(4),
+                    Some(32),
                     1
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn weight_files_follow_the_index_or_the_model_prefix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        for f in ["model.safetensors", "adapters.safetensors", "x.safetensors"] {
+            fs::write(dir.join(f), b"").unwrap();
+        }
+        assert_eq!(
+            safetensors_files(dir).unwrap(),
+            vec![dir.join("model.safetensors")]
+        );
+        // Unindexed shards.
+        fs::remove_file(dir.join("model.safetensors")).unwrap();
+        for f in [
+            "model-00002-of-00002.safetensors",
+            "model-00001-of-00002.safetensors",
+        ] {
+            fs::write(dir.join(f), b"").unwrap();
+        }
+        assert_eq!(
+            safetensors_files(dir).unwrap(),
+            vec![
+                dir.join("model-00001-of-00002.safetensors"),
+                dir.join("model-00002-of-00002.safetensors")
+            ]
+        );
+        // The index wins, and names what it needs.
+        let index = dir.join("model.safetensors.index.json");
+        fs::write(
+            &index,
+            r#"{"weight_map": {"a": "x.safetensors", "b": "x.safetensors"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            safetensors_files(dir).unwrap(),
+            vec![dir.join("x.safetensors")]
+        );
+        fs::write(&index, r#"{"weight_map": {"a": "gone.safetensors"}}"#).unwrap();
+        assert!(matches!(
+            safetensors_files(dir),
+            Err(WeightFilesError::MissingShard { .. })
+        ));
+        for bad in [
+            "{not json",
+            "{}",
+            r#"{"weight_map": {}}"#,
+            r#"{"weight_map": {"a": 3}}"#,
+            r#"{"weight_map": {"a": "../elsewhere.safetensors"}}"#,
+        ] {
+            fs::write(&index, bad).unwrap();
+            assert!(
+                matches!(
+                    safetensors_files(dir),
+                    Err(WeightFilesError::BadIndex { .. })
+                ),
+                "{bad}"
+            );
+        }
+        let empty = tempfile::tempdir().unwrap();
+        fs::write(empty.path().join("adapters.safetensors"), b"").unwrap();
+        let e = safetensors_files(empty.path()).unwrap_err();
+        assert!(matches!(e, WeightFilesError::NoWeights { .. }));
+        assert!(e.to_string().contains("model*.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn model_paths_resolve_to_the_model() {
+        let tmp = tempfile::tempdir().unwrap();
+        let hf = tmp.path().join("hf");
+        fs::create_dir(&hf).unwrap();
+        fs::write(hf.join("config.json"), "{}").unwrap();
+        assert_eq!(resolve_model_path(&hf.join("config.json")).unwrap(), hf);
+        assert_eq!(resolve_model_path(&hf).unwrap(), hf);
+        // A directory with one GGUF file and no config.json.
+        let one = tmp.path().join("one");
+        fs::create_dir(&one).unwrap();
+        fs::write(one.join("m.gguf"), b"GGUF").unwrap();
+        assert_eq!(resolve_model_path(&one).unwrap(), one.join("m.gguf"));
+        // Several: ambiguous, and the error names them.
+        fs::write(one.join("n.gguf"), b"GGUF").unwrap();
+        let e = resolve_model_path(&one).unwrap_err().to_string();
+        assert!(e.contains("m.gguf") && e.contains("n.gguf"), "{e}");
+        // Split files are refused, alone or in a directory.
+        let split = tmp.path().join("split");
+        fs::create_dir(&split).unwrap();
+        for part in ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"] {
+            fs::write(split.join(part), b"GGUF").unwrap();
+        }
+        for p in [split.clone(), split.join("m-00001-of-00002.gguf")] {
+            let e = resolve_model_path(&p).unwrap_err();
+            assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+            assert!(e.to_string().contains("llama-gguf-split"), "{e}");
+        }
+        // A single-part "split" is an ordinary file; missing paths pass through.
+        let single = tmp.path().join("s-00001-of-00001.gguf");
+        fs::write(&single, b"GGUF").unwrap();
+        assert_eq!(resolve_model_path(&single).unwrap(), single);
+        let missing = tmp.path().join("missing");
+        assert_eq!(resolve_model_path(&missing).unwrap(), missing);
+    }
+
+    #[test]
+    fn gguf_file_types() {
+        let t = GgufFileType::from_id(3).unwrap();
+        assert_eq!((t.name, t.bits, t.group), ("Q4_1", Some(4), Some(32)));
+        assert_eq!(GgufFileType::from_id(15).unwrap().name, "Q4_K_M");
+        assert!(!GgufFileType::from_id(1).unwrap().is_quantized());
+        assert!(GgufFileType::from_id(9999).is_none());
     }
 
     #[test]

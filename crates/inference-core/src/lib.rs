@@ -39,9 +39,12 @@ mod stream;
 mod types;
 
 pub use backend::{Availability, Backend};
-pub use discover::{discover, DiscoveredModel, ModelFormat, UNKNOWN_MODEL_TYPE};
+pub use discover::{
+    discover, resolve_model_path, safetensors_files, DiscoveredModel, GgufFileType, ModelFormat,
+    WeightFilesError, UNKNOWN_MODEL_TYPE,
+};
 pub use error::{BoxError, Error, Result};
-pub use model::{ChatSession, TextModel};
+pub use model::{ChatSession, HistoryOverflow, TextModel};
 pub use options::{DType, GenerateOptions, LoadOptions};
 pub use registry::{backends, default_backend, get, load_model, BackendRegistration};
 pub use stream::{CancelHandle, TokenSink, TokenStream};

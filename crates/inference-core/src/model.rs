@@ -79,4 +79,35 @@ pub trait ChatSession: Send {
     /// Forgets the conversation (and any cached state), keeping `system` as the
     /// first message when given.
     fn reset(&mut self, system: Option<&str>);
+
+    /// Chooses what [`send`](Self::send) does when the conversation no longer
+    /// fits the model's context (default [`HistoryOverflow::DropOldest`]).
+    /// Backends whose sessions cannot drop turns refuse it with
+    /// [`Error::Unsupported`].
+    fn set_history_overflow(&mut self, overflow: HistoryOverflow) -> Result<()> {
+        let _ = overflow;
+        Err(Error::unsupported(
+            "a history overflow policy for this chat session",
+        ))
+    }
+
+    /// How many turns (a user message and its reply) this session has dropped
+    /// so far to fit the context (see [`HistoryOverflow`]); a reset does not
+    /// count them back.
+    fn dropped_turns(&self) -> usize {
+        0
+    }
+}
+
+/// What a [`ChatSession`] does when its conversation outgrows the context.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HistoryOverflow {
+    /// Drop the oldest turns (the system message stays) until the prompt
+    /// fits, logging it; fail only when the system message and the new user
+    /// message alone do not fit.
+    #[default]
+    DropOldest,
+    /// Fail the turn with [`Error::ContextOverflow`].
+    Error,
 }

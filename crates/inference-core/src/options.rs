@@ -18,8 +18,11 @@ use crate::types::TokenId;
 /// repeat penalty → top-p → min-p → top-k → temperature → categorical draw.
 /// A temperature of 0 means greedy (argmax) decoding and the other filters then
 /// change nothing but the repeat penalty.
+///
+/// Deserialising refuses unknown keys, so a misspelt option is an error rather
+/// than a default silently used.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct GenerateOptions {
     /// Most tokens to generate (stop tokens not counted). Default 256; at least 1.
@@ -33,9 +36,10 @@ pub struct GenerateOptions {
     pub top_p: f32,
     /// Drop tokens less likely than `min_p` × the most likely one; 0 is off.
     pub min_p: f32,
-    /// Penalise tokens seen in the last `repeat_last_n` tokens (prompt included):
-    /// positive logits are divided by it, negative ones multiplied. Values ≤ 1
-    /// are off; the default is 1.
+    /// Penalise tokens seen in the last `repeat_last_n` tokens (prompt included)
+    /// with transformers' semantics: positive logits of those tokens are
+    /// divided by it, negative ones multiplied. 1 (the default) is off; above 1
+    /// discourages repetition, between 0 and 1 encourages it. Must be > 0.
     pub repeat_penalty: f32,
     /// How many recent tokens the repeat penalty looks at. Default 64.
     pub repeat_last_n: usize,
@@ -168,12 +172,17 @@ impl GenerateOptions {
         self.temperature == 0.0
     }
 
+    /// Whether the repeat penalty changes anything (it is not 1).
+    pub fn uses_repeat_penalty(&self) -> bool {
+        self.repeat_penalty != 1.0
+    }
+
     /// Whether any sampling filter beyond the temperature is switched on.
     pub fn uses_filters(&self) -> bool {
         self.top_k > 0
             || (self.top_p > 0.0 && self.top_p < 1.0)
             || self.min_p > 0.0
-            || self.repeat_penalty > 1.0
+            || self.uses_repeat_penalty()
     }
 
     /// Rejects out-of-range values with [`Error::InvalidOption`] naming the field.
@@ -195,13 +204,14 @@ impl GenerateOptions {
                 ));
             }
         }
-        if !self.repeat_penalty.is_finite() || self.repeat_penalty < 0.0 {
+        // transformers refuses a penalty that is not strictly positive too.
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
             return Err(Error::invalid_option(
                 "repeat_penalty",
-                format!("must be finite and ≥ 0, got {}", self.repeat_penalty),
+                format!("must be finite and > 0, got {}", self.repeat_penalty),
             ));
         }
-        if self.repeat_penalty > 1.0 && self.repeat_last_n == 0 {
+        if self.uses_repeat_penalty() && self.repeat_last_n == 0 {
             return Err(Error::invalid_option(
                 "repeat_last_n",
                 "must be at least 1 when repeat_penalty is on",
@@ -257,15 +267,37 @@ impl std::str::FromStr for DType {
 }
 
 /// Options of [`load_model`](crate::load_model).
+///
+/// Deserialising refuses unknown keys, so a misspelt option is an error rather
+/// than a default silently used.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct LoadOptions {
     /// The backend to load with; `None` picks [`default_backend`](crate::default_backend).
     pub backend: Option<String>,
-    /// Bound the context (and KV memory) to this many tokens; `None` keeps the
-    /// model's own `max_position_embeddings`.
+    /// Bound the KV memory to this many positions per layer: every cache
+    /// keeps the first [`sink_tokens`](Self::sink_tokens) positions and the
+    /// most recent `context_len − sink_tokens`, and generation goes on past
+    /// `context_len` with each token attending those positions (a rotating
+    /// cache, as mlx-lm's `--max-kv-size`). Layers with a sliding window of
+    /// their own no longer than this keep it. Positions still count up, so a
+    /// call ends at the model's `max_position_embeddings` unless
+    /// [`allow_past_max_positions`](Self::allow_past_max_positions). `None`
+    /// (the default) keeps every position up to `max_position_embeddings`.
+    /// Must not exceed `max_position_embeddings` (unless allowed past it).
     pub context_len: Option<usize>,
+    /// Attention sinks: with [`context_len`](Self::context_len), how many
+    /// leading positions a rotating cache never drops (after StreamingLLM;
+    /// mlx-lm keeps 4). Default 4; must be below `context_len`; 0 keeps the
+    /// most recent positions alone.
+    pub sink_tokens: usize,
+    /// Let positions pass the model's `max_position_embeddings` (with a
+    /// rotating cache, or a `context_len` above it); a warning is logged at
+    /// load. RoPE extrapolates there, and quality usually falls. Default
+    /// false: a call that reaches the limit ends with
+    /// [`FinishReason::Length`](crate::FinishReason::Length).
+    pub allow_past_max_positions: bool,
     /// Layers to place on the GPU: −1 (the default) is the backend's default
     /// device (the GPU where there is one), 0 is the CPU. Other values are
     /// refused with [`Error::Unsupported`] by backends that cannot split a model.
@@ -289,6 +321,8 @@ impl Default for LoadOptions {
         Self {
             backend: None,
             context_len: None,
+            sink_tokens: Self::DEFAULT_SINK_TOKENS,
+            allow_past_max_positions: false,
             gpu_layers: -1,
             parallel_slots: 1,
             adapter_path: None,
@@ -301,9 +335,24 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
+    /// Attention sinks a rotating cache keeps by default (as mlx-lm).
+    pub const DEFAULT_SINK_TOKENS: usize = 4;
+
     /// The defaults.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets [`sink_tokens`](Self::sink_tokens).
+    pub fn sink_tokens(mut self, n: usize) -> Self {
+        self.sink_tokens = n;
+        self
+    }
+
+    /// Sets [`allow_past_max_positions`](Self::allow_past_max_positions).
+    pub fn allow_past_max_positions(mut self, yes: bool) -> Self {
+        self.allow_past_max_positions = yes;
+        self
     }
 
     /// Sets [`backend`](Self::backend).
@@ -370,6 +419,17 @@ impl LoadOptions {
         if self.context_len == Some(0) {
             return Err(Error::invalid_option("context_len", "must be at least 1"));
         }
+        if let Some(n) = self.context_len {
+            if self.sink_tokens >= n {
+                return Err(Error::invalid_option(
+                    "sink_tokens",
+                    format!(
+                        "must be below context_len ({n}) so that recent positions fit, got {}",
+                        self.sink_tokens
+                    ),
+                ));
+            }
+        }
         if self.gpu_layers < -1 {
             return Err(Error::invalid_option(
                 "gpu_layers",
@@ -434,6 +494,11 @@ mod tests {
                 GenerateOptions::new().repeat_penalty(-1.0),
                 "repeat_penalty",
             ),
+            (GenerateOptions::new().repeat_penalty(0.0), "repeat_penalty"),
+            (
+                GenerateOptions::new().repeat_penalty(0.5).repeat_last_n(0),
+                "repeat_last_n",
+            ),
             (
                 GenerateOptions::new().repeat_penalty(1.2).repeat_last_n(0),
                 "repeat_last_n",
@@ -457,6 +522,11 @@ mod tests {
     fn load_validation_names_the_field() {
         let cases: Vec<(LoadOptions, &str)> = vec![
             (LoadOptions::new().context_len(0), "context_len"),
+            (LoadOptions::new().context_len(4), "sink_tokens"),
+            (
+                LoadOptions::new().context_len(8).sink_tokens(8),
+                "sink_tokens",
+            ),
             (LoadOptions::new().gpu_layers(-2), "gpu_layers"),
             (LoadOptions::new().parallel_slots(0), "parallel_slots"),
             (LoadOptions::new().backend(" "), "backend"),
@@ -480,6 +550,26 @@ mod tests {
         assert_eq!("bf16".parse::<DType>().unwrap(), DType::BF16);
         assert_eq!("Float32".parse::<DType>().unwrap(), DType::F32);
         assert_eq!(field_of("int8".parse::<DType>().unwrap_err()), "dtype");
+    }
+
+    #[test]
+    fn a_penalty_below_one_is_on() {
+        let o = GenerateOptions::new().repeat_penalty(0.8);
+        assert!(o.uses_repeat_penalty() && o.uses_filters());
+        assert!(o.validate().is_ok());
+        assert!(!GenerateOptions::new().uses_repeat_penalty());
+    }
+
+    #[test]
+    fn misspelt_keys_do_not_deserialise() {
+        let e = serde_json::from_str::<GenerateOptions>(r#"{"max_token": 3}"#).unwrap_err();
+        assert!(e.to_string().contains("max_token"), "{e}");
+        let e = serde_json::from_str::<LoadOptions>(r#"{"context_length": 3}"#).unwrap_err();
+        assert!(e.to_string().contains("context_length"), "{e}");
+        let ok: GenerateOptions = serde_json::from_str(r#"{"max_tokens": 3}"#).unwrap();
+        assert_eq!(ok.max_tokens, 3);
+        let ok: LoadOptions = serde_json::from_str(r#"{"sink_tokens": 0}"#).unwrap();
+        assert_eq!((ok.sink_tokens, ok.gpu_layers), (0, -1));
     }
 
     #[test]

@@ -116,6 +116,18 @@ pub struct ModelInfo {
     pub context_length: usize,
     /// The compute dtype, e.g. `bfloat16`.
     pub dtype: String,
+    /// How the weights are stored on disk, before any conversion at load:
+    /// the checkpoint's float dtype (`bfloat16`, …) for a Hugging Face
+    /// directory (its quantised matrices are described by
+    /// [`quant_type`](Self::quant_type)), or the GGUF file type (`Q4_1`,
+    /// `Q4_K_M`, `F16`, …). Empty when unknown.
+    #[serde(default)]
+    pub stored_dtype: String,
+    /// The quantisation scheme of the stored weights, when quantised:
+    /// `affine` for MLX-quantised directories, the GGUF file type (`Q4_1`,
+    /// …) for GGUF files.
+    #[serde(default)]
+    pub quant_type: Option<String>,
     /// Number of parameters (quantised weights counted unpacked).
     pub parameter_count: u64,
     /// Whether the model ships its own chat template (for example

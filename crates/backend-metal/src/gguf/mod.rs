@@ -10,5 +10,5 @@ pub mod reader;
 mod tokenizer;
 
 pub use export::{export_mlx_dir, Exported};
-pub(crate) use model::{head_counts, open, weights, Opened};
+pub(crate) use model::{head_counts, open, stored_type, weights, Opened};
 pub(crate) use tokenizer::GgufTokenizer;

@@ -380,3 +380,30 @@ pub fn head_counts(file: &GgufFile, architecture: &str) -> (usize, usize) {
         .map_or(heads, |v| v as usize);
     (heads, kv)
 }
+
+/// How a GGUF file stores its weights: the name of its `general.file_type`
+/// (`Q4_1`, `Q4_K_M`, `F16`, …), or else the type holding most weight
+/// elements; and whether that type is quantised.
+pub fn stored_type(file: &GgufFile) -> (String, bool) {
+    let declared = file
+        .get_u64("general.file_type")
+        .and_then(|id| u32::try_from(id).ok())
+        .and_then(inference_core::GgufFileType::from_id);
+    if let Some(t) = declared {
+        return (t.name.to_owned(), t.is_quantized());
+    }
+    let mut by_type: Vec<(crate::gguf::reader::GgmlType, u64)> = Vec::new();
+    for t in file.tensors() {
+        match by_type.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
+            Some((_, n)) => *n = n.saturating_add(t.n_elements()),
+            None => by_type.push((t.ggml_type, t.n_elements())),
+        }
+    }
+    match by_type.into_iter().max_by_key(|&(_, n)| n) {
+        Some((ty, _)) => {
+            let quantised = !matches!(ty.name(), "F32" | "F16" | "BF16" | "F64");
+            (ty.name().to_owned(), quantised)
+        }
+        None => (String::new(), false),
+    }
+}

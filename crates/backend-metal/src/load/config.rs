@@ -151,6 +151,8 @@ struct Raw {
     query_pre_attn_scalar: Option<f32>,
     final_logit_softcapping: Option<f32>,
     attn_logit_softcapping: Option<f32>,
+    use_sliding_window: Option<bool>,
+    partial_rotary_factor: Option<f32>,
     hidden_act: Option<String>,
     hidden_activation: Option<String>,
     quantization: Option<Value>,
@@ -223,11 +225,13 @@ fn parse_rope(theta: f32, scaling: Option<&Value>) -> Result<Rope, LoadError> {
             scaling: RopeScaling::None,
         });
     };
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let named = s.get("rope_type").or_else(|| s.get("type"));
+    if named.is_none() && s.get("factor").is_some() {
+        return Err(LoadError::Unsupported(
+            "config key `rope_scaling` with a `factor` but no `rope_type`".into(),
+        ));
+    }
+    let kind = named.and_then(Value::as_str).unwrap_or("default");
     let num = |k: &str| -> Result<f32, LoadError> {
         s.get(k)
             .and_then(Value::as_f64)
@@ -247,11 +251,53 @@ fn parse_rope(theta: f32, scaling: Option<&Value>) -> Result<Rope, LoadError> {
         },
         other => {
             return Err(LoadError::Unsupported(format!(
-                "rope scaling type {other:?}"
+                "config key `rope_scaling` of type {other:?}"
             )));
         }
     };
     Ok(Rope { theta, scaling })
+}
+
+/// Refuses config keys that change the maths of a `family` model in a way its
+/// model file does not implement, naming the key: the Qwen/Llama decoder has
+/// no sliding-window attention, no final-logit soft-capping and no
+/// `query_pre_attn_scalar`; no family has partial rotary embeddings.
+fn refuse_unimplemented(
+    family: Family,
+    model_type: &str,
+    raw: &Raw,
+    layer_types: &[LayerKind],
+) -> Result<(), LoadError> {
+    let refuse = |what: String| Err(LoadError::Unsupported(what));
+    if let Some(f) = raw.partial_rotary_factor.filter(|&f| f != 1.0) {
+        return refuse(format!(
+            "config key `partial_rotary_factor` = {f} (partial rotary embeddings) for {model_type}"
+        ));
+    }
+    if family != Family::Decoder {
+        return Ok(());
+    }
+    if raw.use_sliding_window == Some(true) {
+        return refuse(format!(
+            "config key `use_sliding_window: true` (sliding-window attention) for {model_type}"
+        ));
+    }
+    if layer_types.contains(&LayerKind::Sliding) {
+        return refuse(format!(
+            "config key `layer_types` with `sliding_attention` layers for {model_type}"
+        ));
+    }
+    if raw.final_logit_softcapping.is_some() {
+        return refuse(format!(
+            "config key `final_logit_softcapping` (logit soft-capping) for {model_type}"
+        ));
+    }
+    if raw.query_pre_attn_scalar.is_some() {
+        return refuse(format!(
+            "config key `query_pre_attn_scalar` (a non-standard attention scale) for {model_type}"
+        ));
+    }
+    Ok(())
 }
 
 /// `rope_parameters` as transformers 5.x writes it: either one set of
@@ -406,9 +452,10 @@ impl ModelConfig {
 
         if raw.attn_logit_softcapping.is_some() {
             return Err(LoadError::Unsupported(
-                "attn_logit_softcapping (Gemma 2 style attention soft-capping)".into(),
+                "config key `attn_logit_softcapping` (attention soft-capping)".into(),
             ));
         }
+        refuse_unimplemented(family, &model_type, &raw, &layer_types)?;
         let (quantization, quantization_overrides) = match raw
             .quantization
             .as_ref()

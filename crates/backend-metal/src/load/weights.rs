@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use mlx_rs::{Array, Dtype};
 use safetensors::{Dtype as StDtype, SafeTensors};
-use serde_json::Value;
 
 use crate::error::LoadError;
 use crate::ffi;
@@ -44,55 +43,17 @@ pub struct Weights {
     pub float_dtype: Option<Dtype>,
 }
 
-/// The weight files of a model directory: the index's shards, or every
-/// `*.safetensors` file.
+/// The weight files of a model directory, chosen as transformers and mlx-lm
+/// choose them ([`inference_core::safetensors_files`]).
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let text = std::fs::read_to_string(&index)
-            .map_err(|e| LoadError::Io(format!("{}: {e}", index.display())))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| LoadError::CorruptWeights {
-            file: index.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| LoadError::CorruptWeights {
-                file: index.display().to_string(),
-                reason: "no `weight_map`".into(),
-            })?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(Value::as_str)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .map(|f| dir.join(f))
-            .collect();
-        files.dedup();
-        for f in &files {
-            if !f.is_file() {
-                return Err(LoadError::Io(format!(
-                    "{} (listed in the index) is missing",
-                    f.display()
-                )));
-            }
-        }
-        return Ok(files);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| LoadError::Io(format!("{}: {e}", dir.display())))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(LoadError::Io(format!(
-            "no *.safetensors files in {}",
-            dir.display()
-        )));
-    }
-    Ok(files)
+    use inference_core::WeightFilesError as E;
+    inference_core::safetensors_files(dir).map_err(|e| match e {
+        E::BadIndex { file, reason } => LoadError::CorruptWeights {
+            file: file.display().to_string(),
+            reason,
+        },
+        other => LoadError::Io(other.to_string()),
+    })
 }
 
 fn mlx_dtype(dtype: StDtype) -> Option<Dtype> {

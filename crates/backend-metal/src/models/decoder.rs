@@ -5,7 +5,7 @@
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 
-use crate::cache::LayerCache;
+use crate::cache::{LayerCache, Rotation};
 use crate::error::LoadError;
 use crate::load::config::ModelConfig;
 use crate::load::weights::Weights;
@@ -121,7 +121,7 @@ impl CausalLm for Decoder {
             .matmul_t(h)
     }
 
-    fn new_caches(&self, context: Option<usize>) -> Vec<LayerCache> {
+    fn new_caches(&self, context: Option<Rotation>) -> Vec<LayerCache> {
         self.layers
             .iter()
             .map(|_| LayerCache::new(context))

@@ -11,7 +11,7 @@ use mlx_rs::error::Exception;
 use mlx_rs::ops::tanh;
 use mlx_rs::{fast, Array, Dtype};
 
-use crate::cache::LayerCache;
+use crate::cache::{LayerCache, Rotation};
 use crate::error::LoadError;
 use crate::load::config::{LayerKind, ModelConfig};
 use crate::load::weights::Weights;
@@ -193,13 +193,16 @@ impl CausalLm for Gemma3 {
         self.dtype
     }
 
-    fn new_caches(&self, context: Option<usize>) -> Vec<LayerCache> {
+    fn new_caches(&self, context: Option<Rotation>) -> Vec<LayerCache> {
         self.layers
             .iter()
             .map(|layer| match layer.kind {
-                LayerKind::Sliding => LayerCache::new(Some(
-                    context.map_or(self.sliding_window, |c| c.min(self.sliding_window)),
-                )),
+                // A sliding layer keeps its own window unless the context
+                // bound is shorter.
+                LayerKind::Sliding => LayerCache::new(Some(match context {
+                    Some(c) if c.window < self.sliding_window => c,
+                    _ => Rotation::sliding(self.sliding_window),
+                })),
                 LayerKind::Full => LayerCache::new(context),
             })
             .collect()

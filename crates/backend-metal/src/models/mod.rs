@@ -7,7 +7,7 @@ pub mod layers;
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 
-use crate::cache::LayerCache;
+use crate::cache::{LayerCache, Rotation};
 use crate::error::LoadError;
 use crate::load::config::{Family, ModelConfig};
 use crate::load::weights::Weights;
@@ -47,9 +47,10 @@ pub trait CausalLm {
     fn dtype(&self) -> Dtype;
 
     /// Fresh, empty caches for one sequence, one per layer. With `context`,
-    /// every cache keeps at most that many positions (a rotating cache), which
-    /// bounds memory; sliding-window layers keep their window either way.
-    fn new_caches(&self, context: Option<usize>) -> Vec<LayerCache>;
+    /// every cache keeps the positions it says (a rotating cache with
+    /// attention sinks), which bounds memory; sliding-window layers keep
+    /// their own window where it is shorter.
+    fn new_caches(&self, context: Option<Rotation>) -> Vec<LayerCache>;
 }
 
 /// Builds the model `config` describes from `weights`, then checks that every
