@@ -115,6 +115,19 @@ fn classify_gemma3_past_the_sliding_window() {
 fn classify_samples_per_the_options_and_refuses_empty_input() {
     let model = load(&fixture("qwen3-f32"));
     let texts = prompts(&model, "qwen3-f32");
+    // Options classify cannot honour are refused, not ignored.
+    for opts in [
+        GenerateOptions::new().stop_string("."),
+        GenerateOptions::new().stop_token(3),
+    ] {
+        assert!(
+            matches!(
+                model.classify(&texts, &opts),
+                Err(inference_core::Error::Unsupported { .. })
+            ),
+            "{opts:?}"
+        );
+    }
     let greedy = model.classify(&texts, &GenerateOptions::new()).unwrap();
     // top-k 1 leaves only the argmax to draw, at any temperature.
     let sampled = model

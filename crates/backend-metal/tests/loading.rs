@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 
 use common::*;
-use inference_core::{Error, GenerateOptions, LoadOptions, TextModel};
+use inference_core::{Error, FinishReason, GenerateOptions, LoadOptions, TextModel};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -169,7 +169,7 @@ fn corrupt_and_truncated_weights_are_typed_errors() {
 
     fs::remove_file(&file).unwrap();
     let cause = load_cause(tmp.path());
-    assert!(cause.contains("no *.safetensors"), "{cause}");
+    assert!(cause.contains("no model*.safetensors"), "{cause}");
 }
 
 #[test]
@@ -266,36 +266,32 @@ fn unsupported_options_and_bad_input_are_refused_before_work() {
 }
 
 #[test]
-fn context_overflow_without_context_len_is_typed() {
+fn the_end_of_the_context_is_a_normal_end() {
     // The fixture's max_position_embeddings is 256.
     let model = load(&fixture("qwen3-f32"));
     let long = &golden("qwen3-f32")[1];
     let twice = format!("{} {}", long.text, long.text);
+    // A prompt that alone does not fit stays an error.
     match model.generate(&twice, &GenerateOptions::new()) {
         Err(Error::ContextOverflow { limit: 256, .. }) => {}
         other => panic!("{other:?}"),
     }
     // A prompt that fits, asked for more than fits: the tokens that fit, then
-    // the error as the stream's last item.
+    // a normal end with finish reason `length`.
     let opts = GenerateOptions::new().max_tokens(200).ignore_eos(true);
     let mut stream = model.generate(&long.text, &opts).unwrap();
-    let items: Vec<_> = stream.by_ref().collect();
-    let n_ok = items.iter().filter(|i| i.is_ok()).count();
-    assert_eq!(n_ok, 256 - long.ids.len());
-    assert!(
-        matches!(
-            items.last(),
-            Some(Err(Error::ContextOverflow { limit: 256, .. }))
-        ),
-        "{:?}",
-        items.last()
-    );
+    let tokens = stream.collect_tokens().unwrap();
+    assert_eq!(tokens.len(), 256 - long.ids.len());
+    assert_eq!(stream.finish_reason(), Some(FinishReason::Length));
+    let m = stream.metrics().unwrap();
+    assert_eq!(m.prompt_tokens + m.generated_tokens, 256);
 }
 
 #[test]
-fn context_len_bounds_the_caches_instead() {
+fn context_len_rotates_the_caches_up_to_the_models_positions() {
     // With a context length every cache rotates: generation goes on past
-    // max_position_embeddings, attending the last `context_len` positions.
+    // `context_len`, attending the sinks and the last positions, until the
+    // model's max_position_embeddings (256).
     let opts = LoadOptions::new()
         .gpu_layers(default_gpu_layers())
         .context_len(64);
@@ -305,12 +301,82 @@ fn context_len_bounds_the_caches_instead() {
     let gen = GenerateOptions::new().max_tokens(120).ignore_eos(true);
     let mut stream = model.generate(&long.text, &gen).unwrap();
     let n = stream.collect_tokens().unwrap().len();
-    assert_eq!(n, 120, "172 prompt + 120 generated > 256 positions");
+    assert_eq!(n, 256 - long.ids.len(), "stops at 256 positions");
+    assert_eq!(stream.finish_reason(), Some(FinishReason::Length));
+    // Allowed past it, generation goes on to max_tokens.
+    let past = load_with(
+        &fixture("qwen3-f32"),
+        &opts.clone().allow_past_max_positions(true),
+    );
+    let mut stream = past.generate(&long.text, &gen).unwrap();
+    assert_eq!(stream.collect_tokens().unwrap().len(), 120);
     // Inside the bound nothing changes: a short prompt's greedy ids equal the
     // unbounded model's.
     let short = &golden("qwen3-f32")[0];
     let ids = greedy_ids(&model, &short.text, 32);
     assert_greedy_parity("context_len 64", &ids, &short.greedy, &short.margins, 1e-3);
+    // A context longer than the model's positions is refused, unless allowed.
+    let too_long = LoadOptions::new().gpu_layers(0).context_len(300);
+    match backend_metal::MlxModel::load(
+        &fixture("qwen3-f32"),
+        &too_long,
+        backend_metal::Placement::Cpu,
+    ) {
+        Err(Error::InvalidOption {
+            field: "context_len",
+            reason,
+        }) => assert!(reason.contains("256"), "{reason}"),
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("context_len 300 > 256 accepted"),
+    }
+    let allowed = load_with(
+        &fixture("qwen3-f32"),
+        &too_long.allow_past_max_positions(true),
+    );
+    assert_eq!(allowed.info().context_length, 300);
+}
+
+/// Scoring through a rotating cache equals scoring through a full one while
+/// the text fits, and sinks change what later positions see once it rotates.
+#[test]
+fn prompt_logprobs_follow_the_cache_rules() {
+    let full = load(&fixture("qwen3-f32"));
+    let ids = golden("qwen3-f32")[1].ids.clone();
+    assert!(ids.len() > 100);
+    let lp = full.prompt_logprobs(&ids).unwrap();
+    assert_eq!(lp.len(), ids.len() - 1);
+    assert!(lp.iter().all(|x| x.is_finite() && *x <= 0.0));
+    // The last value equals the log-softmax of the last logits at the last id.
+    let last = full.last_logits(&ids[..ids.len() - 1]).unwrap();
+    let max = last.iter().cloned().fold(f32::MIN, f32::max);
+    let z: f64 = last.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let want = (last[*ids.last().unwrap() as usize] - max) as f64 - z.ln();
+    assert!((lp[lp.len() - 1] as f64 - want).abs() < 1e-4, "{want}");
+    let bounded = |sinks| {
+        load_with(
+            &fixture("qwen3-f32"),
+            &LoadOptions::new()
+                .gpu_layers(default_gpu_layers())
+                .context_len(32)
+                .sink_tokens(sinks),
+        )
+        .prompt_logprobs(&ids)
+        .unwrap()
+    };
+    let (with, without) = (bounded(4), bounded(0));
+    for (i, ((a, b), c)) in with.iter().zip(&without).zip(&lp).enumerate().take(31) {
+        assert!((a - c).abs() < 1e-4 && (b - c).abs() < 1e-4, "position {i}");
+    }
+    let differs = with
+        .iter()
+        .zip(&without)
+        .skip(40)
+        .any(|(a, b)| (a - b).abs() > 1e-4);
+    assert!(differs, "sinks changed nothing once the cache rotated");
+    assert!(matches!(
+        full.prompt_logprobs(&ids[..1]),
+        Err(Error::InvalidInput(_))
+    ));
 }
 
 #[test]
@@ -465,11 +531,10 @@ fn unsupported_quantization_modes_are_refused() {
             serde_json::json!({"group_size": 32, "bits": 4, "mode": "mxfp4"}),
         );
     });
-    let cause = load_cause(tmp.path());
-    assert!(
-        cause.contains("unsupported") && cause.contains("mxfp4"),
-        "{cause}"
-    );
+    match load_err(tmp.path()) {
+        Error::Unsupported { feature } => assert!(feature.contains("mxfp4"), "{feature}"),
+        other => panic!("{other:?}"),
+    }
     edit_config(tmp.path(), |c| {
         c.insert(
             "quantization".into(),
@@ -480,5 +545,107 @@ fn unsupported_quantization_modes_are_refused() {
         load_cause(tmp.path()).contains("model.embed_tokens"),
         "{}",
         load_cause(tmp.path())
+    );
+}
+
+/// Config keys that change the maths and that the model does not implement
+/// are refused with `Unsupported`, naming the key.
+#[test]
+fn unimplemented_config_keys_are_unsupported_by_name() {
+    let cases: Vec<(&str, &str, Value)> = vec![
+        ("qwen3-f32", "use_sliding_window", Value::Bool(true)),
+        (
+            "qwen3-f32",
+            "final_logit_softcapping",
+            serde_json::json!(30.0),
+        ),
+        (
+            "llama-f32",
+            "attn_logit_softcapping",
+            serde_json::json!(50.0),
+        ),
+        ("llama-f32", "query_pre_attn_scalar", serde_json::json!(64)),
+        ("llama-f32", "partial_rotary_factor", serde_json::json!(0.5)),
+        (
+            "llama-f32",
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+        ),
+        (
+            "llama-f32",
+            "rope_scaling",
+            serde_json::json!({"factor": 4.0}),
+        ),
+    ];
+    for (name, key, value) in cases {
+        let tmp = copy_fixture(name);
+        edit_config(tmp.path(), |c| {
+            c.remove("rope_parameters");
+            c.insert(key.into(), value.clone());
+        });
+        match load_err(tmp.path()) {
+            Error::Unsupported { feature } => {
+                assert!(feature.contains(key), "{key}: {feature}")
+            }
+            other => panic!("{name} {key}: {other:?}"),
+        }
+    }
+    // Sliding layers in a decoder's layer_types are refused too.
+    let tmp = copy_fixture("qwen3-f32");
+    edit_config(tmp.path(), |c| {
+        let n = c["num_hidden_layers"].as_u64().unwrap() as usize;
+        let mut types = vec![Value::from("full_attention"); n];
+        types[0] = Value::from("sliding_attention");
+        c.insert("layer_types".into(), Value::Array(types));
+    });
+    assert!(
+        matches!(load_err(tmp.path()), Error::Unsupported { feature } if feature.contains("layer_types"))
+    );
+    // Keys that say "off" are fine.
+    let tmp = copy_fixture("qwen3-f32");
+    edit_config(tmp.path(), |c| {
+        c.insert("use_sliding_window".into(), Value::Bool(false));
+        c.insert("final_logit_softcapping".into(), Value::Null);
+        c.insert("partial_rotary_factor".into(), serde_json::json!(1.0));
+    });
+    load(tmp.path());
+}
+
+/// Without an index only `model*.safetensors` are weights: other tensor
+/// files beside them are left alone. What the weights are stored as is
+/// reported.
+#[test]
+fn other_tensor_files_are_not_weights() {
+    let tmp = copy_fixture("qwen3-f32");
+    let junk: BTreeMap<String, Owned> =
+        [("lora_a".to_owned(), (Dtype::F32, vec![2], vec![0u8; 8]))].into();
+    write_tensors(&tmp.path().join("adapters.safetensors"), &junk);
+    fs::write(tmp.path().join("consolidated.safetensors"), b"not tensors").unwrap();
+    let model = load(tmp.path());
+    let info = model.info();
+    assert_eq!(info.stored_dtype, "float32");
+    assert_eq!(info.quant_type, None);
+    let found = inference_core::discover(tmp.path()).unwrap();
+    assert_eq!(found[0].num_files, 1);
+    // `-m DIR/config.json` is the directory.
+    let via_config = inference_core::load_model(
+        tmp.path().join("config.json"),
+        &LoadOptions::new().backend("mlx").gpu_layers(0),
+    )
+    .unwrap();
+    assert_eq!(via_config.model_type(), "qwen3");
+    // Weights converted at load: the storage and the compute dtypes apart.
+    let model = load_with(
+        &fixture("qwen3-f32"),
+        &LoadOptions::new()
+            .gpu_layers(0)
+            .dtype(inference_core::DType::F16),
+    );
+    assert_eq!(
+        (
+            model.info().stored_dtype.as_str(),
+            model.info().dtype.as_str()
+        ),
+        ("float32", "float16")
     );
 }

@@ -321,13 +321,24 @@ fn seeded_generation_repeats_and_top_k_1_is_greedy() {
 
 #[test]
 fn repeat_penalty_in_generation_matches_a_host_computation() {
+    penalty_in_generation_matches_the_host(4.0);
+}
+
+/// A penalty between 0 and 1 favours recent tokens, as in transformers
+/// (their positive logits multiplied up, negative ones shrunk).
+#[test]
+fn a_penalty_below_one_favours_recent_tokens() {
+    penalty_in_generation_matches_the_host(0.25);
+}
+
+fn penalty_in_generation_matches_the_host(penalty: f32) {
     // At each step: the model's logits after the ids so far, penalised on
     // the host over the last `n` ids, then argmax. The decode loop queues a
     // step before reading the previous id back, so this checks that the id
     // still on the device is part of the penalty's window.
     let model = load(&fixture("llama-f32"));
     let prompt = &golden("llama-f32")[1];
-    let (penalty, n, steps) = (4.0f32, 48, 20);
+    let (n, steps) = (48, 20);
     let opts = GenerateOptions::new()
         .max_tokens(steps)
         .ignore_eos(true)
@@ -350,7 +361,7 @@ fn repeat_penalty_in_generation_matches_a_host_computation() {
         if got != order[0] as u32 {
             assert!(
                 margin < 1e-3,
-                "step {step}: ours {got}, host {} (margin {margin})",
+                "penalty {penalty}, step {step}: ours {got}, host {} (margin {margin})",
                 order[0]
             );
             break;

@@ -109,3 +109,63 @@ fn id_session_reuses_its_cache_and_matches_a_fresh_call() {
     assert_eq!(got, ids(&mut model.generate_ids(other, &opts).unwrap()));
     assert!(session.send(Vec::new(), &opts).is_err(), "no ids");
 }
+
+/// A conversation that outgrows the context (256 positions on the fixture)
+/// drops its oldest turns, keeping the system message, and the reply equals
+/// a fresh `chat()` of what is kept; with `HistoryOverflow::Error` the turn
+/// fails instead, and a user message that cannot fit even alone fails too.
+#[test]
+fn outgrowing_the_context_drops_the_oldest_turns() {
+    use inference_core::{Error, HistoryOverflow};
+    let model = load(&fixture("qwen3-f32"));
+    let opts = GenerateOptions::new().max_tokens(8).ignore_eos(true);
+    let long = golden("qwen3-f32")[1].text.clone();
+    let turn = &long[..long.len() / 3];
+    let mut session = model.chat_session().unwrap();
+    session.reset(Some("Be brief."));
+    let mut turns_sent = 0;
+    while session.dropped_turns() == 0 {
+        let mut s = session.send(turn, &opts).unwrap();
+        s.collect_tokens().unwrap();
+        turns_sent += 1;
+        assert!(turns_sent < 20, "never outgrew the context");
+    }
+    let history = session.history();
+    assert_eq!(history[0], Message::system("Be brief."));
+    // Dropped before the last turn, which then joined the history.
+    assert!(history.len() < 1 + 2 * turns_sent, "{}", history.len());
+    assert_eq!(history[history.len() - 2], Message::user(turn));
+    // The last reply is the one a fresh chat of the kept history gives.
+    let kept = history[..history.len() - 1].to_vec();
+    let (fresh, fresh_text) = reply_ids(&mut model.chat(&kept, &opts).unwrap());
+    assert_eq!(fresh_text, history[history.len() - 1].content);
+    assert_eq!(fresh.len(), 8);
+
+    // The same conversation with the error policy fails the turn instead.
+    let mut strict = model.chat_session().unwrap();
+    strict.set_history_overflow(HistoryOverflow::Error).unwrap();
+    strict.reset(Some("Be brief."));
+    let mut failed = false;
+    for _ in 0..turns_sent {
+        match strict.send(turn, &opts) {
+            Ok(mut s) => {
+                s.collect_tokens().unwrap();
+            }
+            Err(Error::ContextOverflow { limit: 256, .. }) => {
+                failed = true;
+                break;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert!(failed && strict.dropped_turns() == 0);
+    // A message that does not fit alone is an error under either policy,
+    // and the history is left as it was.
+    let before = session.history();
+    let huge = format!("{long} {long}");
+    assert!(matches!(
+        session.send(&huge, &opts),
+        Err(Error::ContextOverflow { .. })
+    ));
+    assert_eq!(session.history(), before);
+}

@@ -181,3 +181,82 @@ fn chat_refuses_bad_input_with_typed_errors() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A runaway template (nested loops over huge ranges, or an endless output)
+/// ends with a typed error instead of hanging the call; a long real
+/// conversation still renders.
+#[test]
+fn runaway_templates_are_bounded() {
+    let special = ModelTokenizer::from_dir(&fixture("qwen3-f32"))
+        .unwrap()
+        .special;
+    let user = [Message::user("hi")];
+    let none = BTreeMap::new();
+    let loops = ChatTemplate::new(
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    match loops.render(&user, &special, true, &none) {
+        Err(Error::InvalidInput(m)) => assert!(m.contains("instructions"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Generous wall-clock bound: an unbounded render would take hours.
+    assert!(started.elapsed().as_secs() < 120, "{:?}", started.elapsed());
+    let big = ChatTemplate::new(
+        "{% for i in range(99999) %}{{ messages[0].content * 10000 }}{% endfor %}",
+    )
+    .unwrap();
+    match big.render(&user, &special, true, &none) {
+        Err(Error::InvalidInput(m)) => assert!(m.contains("MiB"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The official Qwen3 template over 400 messages is well inside the bound.
+    let qwen = ModelTokenizer::from_dir(&real_tokenizer("qwen3")).unwrap();
+    let t = qwen.chat_template_for("qwen3").unwrap();
+    let long: Vec<Message> = (0..400)
+        .map(|i| {
+            if i % 2 == 0 {
+                Message::user(format!("question {i}"))
+            } else {
+                Message::assistant(format!("answer {i}"))
+            }
+        })
+        .collect();
+    let text = t.render(&long, &qwen.special, true, &none).unwrap();
+    assert!(text.contains("question 398"));
+}
+
+/// A `chat_template` that is not a string, or is empty, is a load error
+/// naming `tokenizer_config.json`; the template's own failures are the
+/// error of `chat` alone (no warning logged before it).
+#[test]
+fn malformed_chat_template_values_name_the_file() {
+    for bad in [
+        serde_json::json!(12),
+        serde_json::json!(""),
+        serde_json::json!(true),
+        serde_json::json!([{"name": "tool_use", "template": "x"}]),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(real_tokenizer("qwen3").join(f), tmp.path().join(f)).unwrap();
+        }
+        let config = tmp.path().join("tokenizer_config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        v["chat_template"] = bad.clone();
+        std::fs::write(&config, v.to_string()).unwrap();
+        match ModelTokenizer::from_dir(tmp.path()) {
+            Err(Error::ModelLoad { source, .. }) => {
+                let m = source.to_string();
+                assert!(
+                    m.contains("tokenizer_config.json") && m.contains("chat_template"),
+                    "{bad}: {m}"
+                );
+            }
+            Err(other) => panic!("{bad}: {other:?}"),
+            Ok(_) => panic!("{bad}: accepted"),
+        }
+    }
+}
