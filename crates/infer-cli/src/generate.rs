@@ -102,25 +102,10 @@ pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
     let mut stream = start(model, mode, input, args.system.as_deref(), &opts)?;
 
     let watch = interrupt.watch(stream.cancel_handle());
-    let mut ids = Vec::new();
-    let mut text = String::new();
-    let mut failure = None;
-    for item in stream.by_ref() {
-        match item {
-            Ok(token) => {
-                ids.push(token.id);
-                text.push_str(&token.text);
-                if args.format == Format::Text && !stream_out(&token.text)? {
-                    // Nobody reads stdout any more: stop quietly.
-                    return Ok(());
-                }
-            }
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        }
-    }
+    let Some(Collected { ids, text, failure }) = collect(&mut stream, args.format)? else {
+        // Nobody reads stdout any more: stop quietly.
+        return Ok(());
+    };
     drop(watch);
     let interrupted = interrupt.was_hit();
     if args.format == Format::Text && !text.is_empty() && !text.ends_with('\n') {
@@ -162,6 +147,39 @@ pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
         return Err(CliError::Interrupted);
     }
     Ok(())
+}
+
+/// What a generation streamed, and the error that ended it, if one did.
+struct Collected {
+    ids: Vec<TokenId>,
+    text: String,
+    failure: Option<inference_core::Error>,
+}
+
+/// Reads `stream` to its end, streaming the text to stdout in text mode;
+/// `None` when stdout was closed (nobody reads the answer any more).
+fn collect(stream: &mut TokenStream, format: Format) -> Result<Option<Collected>, CliError> {
+    let mut got = Collected {
+        ids: Vec::new(),
+        text: String::new(),
+        failure: None,
+    };
+    for item in stream.by_ref() {
+        match item {
+            Ok(token) => {
+                got.ids.push(token.id);
+                got.text.push_str(&token.text);
+                if format == Format::Text && !stream_out(&token.text)? {
+                    return Ok(None);
+                }
+            }
+            Err(e) => {
+                got.failure = Some(e);
+                break;
+            }
+        }
+    }
+    Ok(Some(got))
 }
 
 /// The prompt or conversation the flags (or stdin) give.
@@ -328,6 +346,54 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
         }
+    }
+
+    /// An error after generation started still gives the JSON document,
+    /// with the tokens so far and the error.
+    #[test]
+    fn a_failed_generation_keeps_its_tokens_in_the_report() {
+        let (sink, mut stream) = TokenStream::channel();
+        sink.prompt(vec![1, 2]).unwrap();
+        sink.send(inference_core::Token::new(7, "Hel")).unwrap();
+        sink.send(inference_core::Token::new(8, "lo")).unwrap();
+        sink.fail(inference_core::Error::backend(
+            "mlx",
+            "the device went away",
+        ));
+        let got = collect(&mut stream, Format::Json).unwrap().unwrap();
+        assert_eq!(
+            (got.ids.as_slice(), got.text.as_str()),
+            (&[7, 8][..], "Hello")
+        );
+        let failure = got.failure.map(CliError::from);
+        let report = Report {
+            model_type: "qwen3",
+            backend: "mlx",
+            device: "cpu",
+            prompt_ids: stream.prompt_ids(),
+            ids: &got.ids,
+            text: &got.text,
+            finish_reason: FinishReason::Error,
+            metrics: stream.metrics(),
+            error: failure.as_ref().map(CliError::one_line),
+        };
+        let v = serde_json::to_value(&report).unwrap();
+        assert_eq!(v["ids"], serde_json::json!([7, 8]));
+        assert_eq!(v["finish_reason"], "error");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("the device went away"),
+            "{v}"
+        );
+        // A generation that ended well has no `error` field.
+        let fine = Report {
+            error: None,
+            finish_reason: FinishReason::Stop,
+            ..report
+        };
+        assert!(serde_json::to_value(&fine).unwrap().get("error").is_none());
     }
 
     #[test]

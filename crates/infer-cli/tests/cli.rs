@@ -671,6 +671,7 @@ const ENDLESS: &[&str] = &[
     "100000",
     "--context-len",
     "64",
+    "--allow-past-max-positions",
 ];
 
 /// Reads from `r` until it yields some bytes.
@@ -777,4 +778,197 @@ fn ctrl_c_in_chat_stops_the_answer_not_the_chat() {
     assert_eq!(code(&o), 0, "{err}");
     assert!(err.contains("(stopped)"), "{err}");
     assert!(err.contains("finish: cancelled"), "{err}");
+}
+
+/// A copy of fixture `name` (files copied, so the copy can be edited).
+fn copy_of(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for entry in fs::read_dir(fixture(name)).expect("fixture") {
+        let path = entry.expect("entry").path();
+        fs::copy(&path, tmp.path().join(path.file_name().expect("name"))).expect("copy");
+    }
+    tmp
+}
+
+/// The default model, fetched by `cargo xtask fetch-models`.
+fn smollm2() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run cargo xtask fetch-models",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn the_end_of_the_context_ends_with_length_and_keeps_every_token() {
+    // The fixture holds 256 positions; the answer runs into the end.
+    let model = fixture("qwen3-f32");
+    let v = json_of(&generate(
+        &model,
+        &[
+            "--format",
+            "json",
+            "--ignore-eos",
+            "-n",
+            "1000",
+            "Hello there",
+        ],
+    ));
+    assert_eq!(v["finish_reason"], "length", "{v}");
+    assert_eq!(prompt_ids(&v).len() + ids(&v["ids"]).len(), 256, "{v}");
+    assert!(v.get("error").is_none(), "{v}");
+    let o = generate(&model, &["--ignore-eos", "-n", "1000", "Hello there"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stderr(&o).contains("finish: length"), "{}", stderr(&o));
+    // A rotating cache goes on past its length but not past the model's
+    // positions.
+    let v = json_of(&generate(
+        &model,
+        &[
+            "--format",
+            "json",
+            "--ignore-eos",
+            "-n",
+            "1000",
+            "--context-len",
+            "32",
+            "--sink-tokens",
+            "2",
+            "Hello there",
+        ],
+    ));
+    assert_eq!(v["finish_reason"], "length", "{v}");
+    assert_eq!(prompt_ids(&v).len() + ids(&v["ids"]).len(), 256, "{v}");
+}
+
+#[test]
+fn context_dtype_and_sink_flags_are_checked() {
+    let model = fixture("qwen3-f32");
+    // Above the model's 256 positions.
+    let o = generate(&model, &["--context-len", "300", "Hello"]);
+    assert_error(&o, 2, "--context-len");
+    let o = generate(&model, &["--sink-tokens", "2", "Hello"]);
+    assert_error(&o, 2, "--context-len");
+    let o = generate(&model, &["--context-len", "4", "Hello"]);
+    assert_error(&o, 2, "--sink-tokens");
+    let o = generate(&model, &["--dtype", "int3", "Hello"]);
+    assert_error(&o, 2, "--dtype");
+    let v = json_of(&generate(
+        &model,
+        &["--format", "json", "-n", "2", "--dtype", "f16", "Hi"],
+    ));
+    assert_eq!(ids(&v["ids"]).len(), 2, "{v}");
+}
+
+#[test]
+fn model_paths_a_user_gives_are_understood() {
+    // DIR/config.json is the directory.
+    let config = fixture("qwen3-f32").join("config.json");
+    let v = json_of(&generate(&config, &["--format", "json", "-n", "1", "Hi"]));
+    assert_eq!(v["model_type"], "qwen3");
+    // A directory holding one .gguf file is that file; `models` reports the
+    // file's type and quantisation.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(smollm2(), dir.path().join("smol.gguf")).expect("link");
+    let v = json_of(&generate(
+        dir.path(),
+        &["--format", "json", "--raw", "-n", "1", "Hi"],
+    ));
+    assert_eq!(v["model_type"], "llama", "{v}");
+    let rows = json_of(&run(&[
+        "models",
+        dir.path().to_str().expect("UTF-8"),
+        "--format",
+        "json",
+    ]));
+    assert_eq!(rows[0]["stored_dtype"], "Q4_1", "{rows}");
+    assert_eq!(rows[0]["quant_type"], "Q4_1", "{rows}");
+    assert_eq!(
+        (
+            rows[0]["quant_bits"].clone(),
+            rows[0]["quant_group"].clone()
+        ),
+        (json!(4), json!(32))
+    );
+    let o = run(&["models", dir.path().to_str().expect("UTF-8")]);
+    assert!(stdout(&o).contains("Q4_1"), "{}", stdout(&o));
+    // Split GGUF files are refused with the way to merge them.
+    let split = tempfile::tempdir().expect("tempdir");
+    for part in ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"] {
+        std::os::unix::fs::symlink(smollm2(), split.path().join(part)).expect("link");
+    }
+    let o = generate(&split.path().join("m-00001-of-00002.gguf"), &["Hi"]);
+    assert_error(&o, 1, "llama-gguf-split");
+}
+
+#[test]
+fn a_broken_template_is_one_line_of_error() {
+    let tmp = copy_of("qwen3-f32");
+    let config_path = tmp.path().join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&fs::read_to_string(&config_path).expect("read")).expect("JSON");
+    config["chat_template"] = json!("{% for %}");
+    fs::write(&config_path, config.to_string()).expect("write");
+    let o = generate(tmp.path(), &["--chat", "Hello"]);
+    assert_error(&o, 1, "chat template");
+    config["chat_template"] = json!(12);
+    fs::write(&config_path, config.to_string()).expect("write");
+    let o = generate(tmp.path(), &["Hello"]);
+    assert_error(&o, 1, "tokenizer_config.json");
+}
+
+/// Runs `infer chat` on the qwen3 fixture with `lines` on stdin.
+fn chat(extra: &[&str], lines: &str) -> Output {
+    let mut child = infer()
+        .args(["chat", "--model"])
+        .arg(fixture("qwen3-f32"))
+        .args([
+            "--gpu-layers",
+            gpu_layers(),
+            "--max-tokens",
+            "8",
+            "--ignore-eos",
+        ])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write");
+    child.wait_with_output().expect("wait")
+}
+
+#[test]
+fn chat_drops_its_oldest_turns_or_fails_when_the_context_is_full() {
+    let turn =
+        "The lighthouse keeper climbed the stairs every night and wrote the weather in the log. ";
+    let lines: String = (0..8).map(|_| format!("{}\n", turn.repeat(2))).collect();
+    let o = chat(&["--system", "Be brief."], &lines);
+    let err = stderr(&o);
+    assert_eq!(code(&o), 0, "{err}");
+    assert!(err.contains("dropped its oldest"), "{err}");
+    assert_eq!(prompt_counts(&err).len(), 8, "every turn answered: {err}");
+    assert!(prompt_counts(&err).iter().all(|&n| n < 256), "{err}");
+    // With the error policy the turns that do not fit fail, and so does the
+    // command when its last turn failed.
+    let o = chat(&["--history-overflow", "error"], &lines);
+    let err = stderr(&o);
+    assert_eq!(code(&o), 1, "{err}");
+    assert!(err.contains("context overflow"), "{err}");
+    assert!(!err.contains("dropped"), "{err}");
+    // A turn that fails and a later one that succeeds: status 0.
+    let huge = turn.repeat(40);
+    let o = chat(&[], &format!("{huge}\nHello\n"));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = chat(&[], &format!("Hello\n{huge}\n"));
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
 }
