@@ -441,6 +441,16 @@ impl MlxModel {
                 "scoring needs at least two tokens".into(),
             ));
         }
+        self.ask_about(ids, |ids, reply| Job::Score { ids, reply })
+    }
+
+    /// Checks `ids` (inside the vocabulary and the context), sends the job
+    /// `job` makes of them and waits for its answer.
+    fn ask_about(
+        &self,
+        ids: &[u32],
+        job: impl FnOnce(Vec<u32>, Sender<Result<Vec<f32>>>) -> Job,
+    ) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         if ids.len() > self.shared.context_limit {
             return Err(Error::ContextOverflow {
@@ -449,10 +459,7 @@ impl MlxModel {
             });
         }
         let (reply, answer) = channel();
-        self.send(Job::Score {
-            ids: ids.to_vec(),
-            reply,
-        })?;
+        self.send(job(ids.to_vec(), reply))?;
         Self::await_reply(&answer)?
     }
 
@@ -506,21 +513,7 @@ impl MlxModel {
         if ids.is_empty() {
             return Err(Error::InvalidInput("no tokens".into()));
         }
-        self.check_ids(ids)?;
-        if ids.len() > self.shared.context_limit {
-            return Err(Error::ContextOverflow {
-                needed: ids.len(),
-                limit: self.shared.context_limit,
-            });
-        }
-        let (reply, answer) = channel();
-        self.send(Job::Logits {
-            ids: ids.to_vec(),
-            reply,
-        })?;
-        answer
-            .recv()
-            .map_err(|_| Error::backend(crate::NAME, "the model worker stopped"))?
+        self.ask_about(ids, |ids, reply| Job::Logits { ids, reply })
     }
 }
 
