@@ -51,6 +51,13 @@ struct SessionState {
     busy: AtomicBool,
 }
 
+impl SessionState {
+    /// The conversation, locked (a poisoned lock still holds it).
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// One turn, ready to run on the worker.
 pub(crate) struct TurnJob {
     id: u64,
@@ -185,12 +192,7 @@ impl ChatSession for MlxChatSession {
         check_generate_options(opts)?;
         self.core.check_idle()?;
         let (epoch, mut messages) = {
-            let h = self
-                .core
-                .state
-                .history
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let h = self.core.state.history();
             (h.epoch, h.messages.clone())
         };
         let user = Message::user(user);
@@ -218,12 +220,7 @@ impl ChatSession for MlxChatSession {
                 kept_messages = messages.len(),
                 "the conversation outgrew the context: dropped its oldest turns"
             );
-            let mut h = self
-                .core
-                .state
-                .history
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut h = self.core.state.history();
             if h.epoch == epoch {
                 h.messages = messages;
             }
@@ -242,23 +239,12 @@ impl ChatSession for MlxChatSession {
     }
 
     fn history(&self) -> Vec<Message> {
-        self.core
-            .state
-            .history
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .messages
-            .clone()
+        self.core.state.history().messages.clone()
     }
 
     fn reset(&mut self, system: Option<&str>) {
         {
-            let mut h = self
-                .core
-                .state
-                .history
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut h = self.core.state.history();
             h.epoch += 1;
             h.messages = system.map(Message::system).into_iter().collect();
         }
@@ -380,7 +366,7 @@ pub(crate) fn run(
                 },
             );
         }
-        let mut h = state.history.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut h = state.history();
         if let (true, Some(user)) = (h.epoch == epoch, user) {
             h.messages.push(user);
             h.messages.push(Message::assistant(turn.reply));
