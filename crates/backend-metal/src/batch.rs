@@ -13,10 +13,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use inference_core::stop::StopStrings;
 use inference_core::{
     BatchResult, ClassifyResult, Error, FinishReason, GenerateMetrics, GenerateOptions, Token,
 };
+use inference_runtime::Sequence;
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::ops::stack;
@@ -29,7 +29,7 @@ use crate::generate::{recent_ids, Bounds};
 use crate::models::layers::last_position;
 use crate::models::CausalLm;
 use crate::sample::Sampler;
-use crate::tokenizer::{ModelTokenizer, StreamDecoder};
+use inference_text::{ModelTokenizer, StreamDecoder};
 
 /// The boolean attention mask `[B, 1, L, L]` of right-padded rows of lengths
 /// `lens`: query `i` of row `b` attends key `j` when `j ≤ i`, `j` is inside
@@ -155,7 +155,8 @@ pub fn classify(
     let mut out = Vec::with_capacity(prompts.len());
     for (r, (p, &id)) in prompts.iter().zip(&picks).enumerate() {
         let mut detok = StreamDecoder::new(&tokenizer.inner, p);
-        let detok_error = |e| Error::backend(crate::NAME, format!("detokenising id {id}: {e}"));
+        let detok_error =
+            |e| Error::backend(crate::error::NAME, format!("detokenising id {id}: {e}"));
         let mut text = detok.step(id).map_err(detok_error)?;
         text.push_str(&detok.finish().map_err(detok_error)?);
         out.push(ClassifyResult {
@@ -171,8 +172,8 @@ pub fn classify(
 /// One row of a decoding batch.
 struct Row<'t> {
     prompt: &'t [u32],
-    detok: StreamDecoder<'t>,
-    stops: StopStrings,
+    /// Ids to tokens: end and stop ids, detokenising, stop strings.
+    seq: Sequence<StreamDecoder<'t>>,
     tokens: Vec<Token>,
     /// The ids the repeat penalty looks at (prompt included).
     read: VecDeque<u32>,
@@ -185,7 +186,7 @@ struct Row<'t> {
 impl Row<'_> {
     /// Releases held-back text and ends the row with `reason`.
     fn finish(&mut self, reason: FinishReason, error: Option<Error>) {
-        self.stops.flush(&mut self.tokens);
+        self.seq.finish(&mut self.tokens);
         self.done = Some((reason, error));
     }
 }
@@ -223,7 +224,10 @@ pub fn batch_generate(
             r.unwrap_or_else(|| BatchResult {
                 tokens: Vec::new(),
                 finish_reason: FinishReason::Error,
-                error: Some(Error::backend(crate::NAME, "a batch row was not run")),
+                error: Some(Error::backend(
+                    crate::error::NAME,
+                    "a batch row was not run",
+                )),
             })
         })
         .collect();
@@ -255,8 +259,11 @@ fn run_group(
         .iter()
         .map(|&prompt| Row {
             prompt,
-            detok: StreamDecoder::new(&tokenizer.inner, prompt),
-            stops: StopStrings::new(&opts.stop_strings),
+            seq: Sequence::new(
+                opts,
+                &tokenizer.eos,
+                StreamDecoder::new(&tokenizer.inner, prompt),
+            ),
             tokens: Vec::new(),
             read: prompt[prompt.len().saturating_sub(window)..]
                 .iter()
@@ -267,14 +274,12 @@ fn run_group(
         })
         .collect();
     let mut first = None;
-    if let Err(e) = decode_group(
-        model, tokenizer, &mut rows, opts, bounds, together, &mut first,
-    ) {
+    if let Err(e) = decode_group(model, &mut rows, opts, bounds, together, &mut first) {
         let message = e.to_string();
         for row in rows.iter_mut().filter(|r| r.done.is_none()) {
             row.done = Some((
                 FinishReason::Error,
-                Some(Error::backend(crate::NAME, message.clone())),
+                Some(Error::backend(crate::error::NAME, message.clone())),
             ));
         }
     }
@@ -320,7 +325,6 @@ fn sample_rows(
 
 fn decode_group(
     model: &dyn CausalLm,
-    tokenizer: &ModelTokenizer,
     rows: &mut [Row],
     opts: &GenerateOptions,
     bounds: Bounds,
@@ -359,7 +363,6 @@ fn decode_group(
     let mut y = sample_rows(rows, &logits, None, together, window).map_err(mlx_error)?;
     async_eval([&y]).map_err(mlx_error)?;
     let mut generated = 0usize;
-    let mut ready = Vec::new();
     loop {
         let context_used = len + generated + 1;
         let more = generated + 1 < opts.max_tokens && context_used < bounds.limit;
@@ -397,28 +400,13 @@ fn decode_group(
                     row.read.pop_front();
                 }
             }
-            if (!opts.ignore_eos && tokenizer.is_eos(id)) || opts.stop_tokens.contains(&id) {
-                row.finish(FinishReason::Stop, None);
-                continue;
-            }
-            let text = row.detok.step(id).and_then(|mut t| {
-                if next.is_none() {
-                    t.push_str(&row.detok.finish()?);
-                }
-                Ok(t)
-            });
-            let text = match text {
-                Ok(t) => t,
+            match row.seq.push(id, next.is_none(), &mut row.tokens) {
+                Ok(None) => {}
+                Ok(Some(reason)) => row.done = Some((reason, None)),
                 Err(e) => {
-                    let e = Error::backend(crate::NAME, format!("detokenising id {id}: {e}"));
+                    let e = Error::backend(crate::error::NAME, e.to_string());
                     row.finish(FinishReason::Error, Some(e));
-                    continue;
                 }
-            };
-            let stopped = row.stops.push(Token::new(id, text), &mut ready);
-            row.tokens.append(&mut ready);
-            if stopped {
-                row.done = Some((FinishReason::Stop, None));
             }
         }
         if rows.iter().all(|r| r.done.is_some()) {

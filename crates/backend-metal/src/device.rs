@@ -194,3 +194,24 @@ pub fn device_info(which: Which) -> Result<std::collections::BTreeMap<String, In
     }
     Ok(out)
 }
+
+/// What MLX reported about this machine, asked once.
+pub fn mlx() -> &'static MlxInfo {
+    static INFO: std::sync::OnceLock<MlxInfo> = std::sync::OnceLock::new();
+    INFO.get_or_init(describe)
+}
+
+/// Whether MLX's default device is a GPU.
+pub fn default_is_gpu() -> bool {
+    mlx().default_is_gpu
+}
+
+/// The device string of MLX's default device, e.g. `cuda:0`, `metal:0` or `cpu`.
+pub fn default_device() -> String {
+    let info = mlx();
+    match (info.default_is_gpu, info.gpu) {
+        (true, Some(GpuApi::Metal)) => "metal:0".to_owned(),
+        (true, Some(GpuApi::Cuda)) => "cuda:0".to_owned(),
+        _ => "cpu".to_owned(),
+    }
+}

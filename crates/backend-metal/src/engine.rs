@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
@@ -16,137 +16,26 @@ use inference_core::{
 use mlx_rs::Device;
 
 use crate::cache::Rotation;
-use crate::error::LoadError;
+use inference_formats::gguf::{hf, GgufFile};
+use inference_runtime::{check, Jobs};
+
+use crate::error::{FormatError, LoadError};
 use crate::generate::{self, Request};
-use crate::gguf::{self, reader::GgufFile};
-use crate::load::config::ModelConfig;
+use crate::gguf;
 use crate::load::weights::Weights;
 use crate::memory;
-use crate::models::{self, CausalLm};
+use crate::models::{self, CausalLm, ModelSpec};
 use crate::session;
-use crate::template::ChatTemplate;
-use crate::tokenizer::ModelTokenizer;
-
-/// Work for the model's worker.
-pub(crate) enum Job {
-    /// A streamed generation.
-    Generate(Request),
-    /// The last-position logits of a prompt.
-    Logits {
-        ids: Vec<u32>,
-        reply: Sender<Result<Vec<f32>>>,
-    },
-    /// The log-probability of each prompt id after the ones before it.
-    Score {
-        ids: Vec<u32>,
-        reply: Sender<Result<Vec<f32>>>,
-    },
-    /// The next token of each prompt, from one batched forward pass.
-    Classify {
-        prompts: Vec<Vec<u32>>,
-        opts: GenerateOptions,
-        reply: Sender<Result<Vec<ClassifyResult>>>,
-    },
-    /// A continuation of each prompt, batched.
-    Batch {
-        prompts: Vec<Vec<u32>>,
-        opts: GenerateOptions,
-        reply: Sender<Vec<BatchResult>>,
-    },
-    /// One turn of a chat session, on the session's KV cache.
-    Turn(session::TurnJob),
-    /// A chat session ended or was reset: its KV cache is freed.
-    EndSession(u64),
-}
+use crate::worker::{check_generate_options, Job, Shared, Worker};
+use inference_formats::config::HfConfig;
+use inference_text::ChatTemplate;
+use inference_text::ModelTokenizer;
 
 /// A model loaded by the MLX backend.
 pub struct MlxModel {
     worker: Arc<Worker>,
     shared: Arc<Shared>,
     info: ModelInfo,
-}
-
-/// The model's worker thread and the only sender of its jobs.
-///
-/// When the last holder (the model, or a chat session that outlives it) drops
-/// it, the job channel closes, the worker finishes the call in flight and
-/// frees the model's arrays, and the drop waits for that: no MLX work may
-/// still be running when the process exits and MLX's own globals are torn
-/// down (that race corrupted the heap at exit).
-pub(crate) struct Worker {
-    jobs: Mutex<Option<Sender<Job>>>,
-    thread: Mutex<Option<thread::JoinHandle<()>>>,
-}
-
-impl Worker {
-    /// Queues `job`; fails when the worker has stopped.
-    pub(crate) fn send(&self, job: Job) -> Result<()> {
-        self.jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .ok_or_else(|| Error::backend(crate::NAME, "the model worker has stopped"))?
-            .send(job)
-            .map_err(|_| Error::backend(crate::NAME, "the model worker has stopped"))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        drop(
-            self.jobs
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
-        let handle = self
-            .thread
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            // The worker never holds its own handle, but guard against joining
-            // ourselves all the same.
-            if handle.thread().id() != thread::current().id() && handle.join().is_err() {
-                tracing::warn!("the model worker panicked");
-            }
-        }
-    }
-}
-
-/// What the caller's side and the worker share.
-pub(crate) struct Shared {
-    pub(crate) tokenizer: ModelTokenizer,
-    /// The chat template (the model's or a built-in one), or why `chat`
-    /// cannot run.
-    template: std::result::Result<ChatTemplate, String>,
-    /// Most positions (prompt + generated) one call may use: the model's
-    /// `max_position_embeddings`, or unbounded where the load allowed
-    /// positions past it.
-    context_limit: usize,
-    /// `LoadOptions::context_len` and `sink_tokens`: what each cache keeps.
-    context: Option<Rotation>,
-    last_metrics: LastMetrics,
-    /// Prompt tokens per prefill forward pass.
-    prefill_chunk: AtomicUsize,
-    /// Prompt tokens chat-session turns took from their KV caches.
-    reused_tokens: AtomicUsize,
-}
-
-impl Shared {
-    /// Most positions one call may use.
-    pub(crate) fn context_limit(&self) -> usize {
-        self.context_limit
-    }
-
-    /// How calls are bounded now.
-    pub(crate) fn bounds(&self) -> generate::Bounds {
-        generate::Bounds {
-            limit: self.context_limit,
-            context: self.context,
-            chunk: self.prefill_chunk.load(Ordering::Relaxed),
-        }
-    }
 }
 
 /// The device a model runs on.
@@ -187,9 +76,9 @@ impl MlxModel {
     pub fn load(path: &Path, opts: &LoadOptions, placement: Placement) -> Result<Self> {
         check_load_options(opts)?;
         let started = Instant::now();
-        let path = &inference_core::resolve_model_path(path)?;
+        let path = &inference_formats::resolve_model_path(path)?;
         let (config, tokenizer, source) = open(path)?;
-        let max_positions = config.max_position_embeddings;
+        let max_positions = config.text().max_position_embeddings;
         if let Some(n) = opts.context_len {
             if n > max_positions && !opts.allow_past_max_positions {
                 return Err(Error::invalid_option(
@@ -213,9 +102,9 @@ impl MlxModel {
             opts.cache_limit_bytes,
             opts.wired_limit_bytes,
         )
-        .map_err(|e| Error::backend(crate::NAME, format!("memory limits: {e}")))?;
+        .map_err(|e| Error::backend(crate::error::NAME, format!("memory limits: {e}")))?;
         let template = tokenizer
-            .chat_template_for(&config.model_type)
+            .chat_template_for(&config.text().model_type)
             .map_err(|e| match e {
                 Error::Unsupported { feature } => feature,
                 other => other.to_string(),
@@ -243,66 +132,45 @@ impl MlxModel {
             reused_tokens: AtomicUsize::new(0),
         });
 
-        let (ready_tx, ready_rx) = sync_channel::<Ready>(1);
-        let (jobs, queue) = channel::<Job>();
         let dtype = opts.dtype;
         let worker_shared = Arc::clone(&shared);
-        let handle = thread::Builder::new()
-            .name("mlx-model".into())
-            .spawn(move || {
-                let on_cpu = match placement {
-                    Placement::Cpu => true,
-                    Placement::Gpu => false,
-                    Placement::Default => !crate::mlx().default_is_gpu,
-                };
-                if on_cpu {
-                    // MLX's CPU matmuls use one core each: split them over
-                    // the machine's cores (at most 8).
-                    let cores = thread::available_parallelism().map_or(1, |n| n.get());
-                    crate::models::layers::split_cpu_matmuls(cores.min(8));
-                }
-                let body = move || {
-                    let context = worker_shared
-                        .context
-                        .map_or(config.max_position_embeddings, |r| r.window);
-                    let built = build(source, &config, dtype, context);
-                    match built {
-                        Ok((model, info)) => {
-                            let _ = ready_tx.send(Ok(info));
-                            serve(&*model, &worker_shared, queue);
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                        }
+        let body = move |ready: inference_runtime::Ready<Ready>, queue: Jobs<Job>| {
+            let on_cpu = match placement {
+                Placement::Cpu => true,
+                Placement::Gpu => false,
+                Placement::Default => !crate::device::default_is_gpu(),
+            };
+            if on_cpu {
+                // MLX's CPU matmuls use one core each: split them over
+                // the machine's cores (at most 8).
+                let cores = thread::available_parallelism().map_or(1, |n| n.get());
+                crate::models::layers::split_cpu_matmuls(cores.min(8));
+            }
+            let body = move || {
+                let context = worker_shared
+                    .context
+                    .map_or(config.text().max_position_embeddings, |r| r.window);
+                match build(source, &*config, dtype, context) {
+                    Ok((model, info)) => {
+                        ready.send(Ok(info));
+                        serve(&*model, &worker_shared, queue);
                     }
-                };
-                // The default placement stays on MLX's default stream: a
-                // stream of the worker's own (as mlx-lm generates on) made
-                // each decode step's dispatch 2–4× slower on the CUDA backend
-                // (measured on an H200; docs/benchmarks.md).
-                match placement {
-                    Placement::Default => body(),
-                    Placement::Cpu => mlx_rs::with_device(Device::cpu(), body),
-                    Placement::Gpu => mlx_rs::with_device(Device::gpu(), body),
+                    Err(e) => ready.send(Err(e)),
                 }
-            })
-            .map_err(|e| {
-                Error::backend(crate::NAME, format!("cannot start the model worker: {e}"))
-            })?;
-        let worker = Arc::new(Worker {
-            jobs: Mutex::new(Some(jobs)),
-            thread: Mutex::new(Some(handle)),
-        });
-        let mut info = match ready_rx.recv() {
-            Ok(Ok(info)) => info,
-            Ok(Err(e)) => return Err(e.into_error(path)),
-            Err(_) => {
-                return Err(Error::backend(
-                    crate::NAME,
-                    "the model worker stopped while loading",
-                ))
+            };
+            // The default placement stays on MLX's default stream: a
+            // stream of the worker's own (as mlx-lm generates on) made
+            // each decode step's dispatch 2–4× slower on the CUDA backend
+            // (measured on an H200; docs/benchmarks.md).
+            match placement {
+                Placement::Default => body(),
+                Placement::Cpu => mlx_rs::with_device(Device::cpu(), body),
+                Placement::Gpu => mlx_rs::with_device(Device::gpu(), body),
             }
         };
+        let (worker, built) = Worker::start(crate::error::NAME, "mlx-model", body)?;
+        let mut info = built.map_err(|e| e.into_error(path))?;
+        let worker = Arc::new(worker);
         info.chat_template = shared.tokenizer.chat_template.is_some();
         tracing::info!(
             model_type = %info.architecture,
@@ -402,7 +270,7 @@ impl MlxModel {
     /// Refuses ids outside the model's vocabulary (MLX would index out of
     /// bounds).
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        check_ids(ids, self.info.vocab_size)
+        check::ids_in_vocab(ids, self.info.vocab_size)
     }
 
     /// Encodes each of `prompts` as [`generate`](TextModel::generate) does,
@@ -467,7 +335,7 @@ impl MlxModel {
     fn await_reply<T>(answer: &Receiver<T>) -> Result<T> {
         answer
             .recv()
-            .map_err(|_| Error::backend(crate::NAME, "the model worker stopped"))
+            .map_err(|_| Error::backend(crate::error::NAME, "the model worker stopped"))
     }
 
     /// Streams the continuation of prompt ids given directly (no tokenizer,
@@ -499,8 +367,8 @@ impl MlxModel {
 
     /// A session driven by token ids, reusing its KV cache between turns
     /// (see [`IdSession`](crate::IdSession)).
-    pub fn id_session(&self) -> crate::IdSession {
-        crate::IdSession::new(
+    pub fn id_session(&self) -> session::IdSession {
+        session::IdSession::new(
             Arc::clone(&self.shared),
             Arc::clone(&self.worker),
             self.info.vocab_size,
@@ -520,10 +388,11 @@ impl MlxModel {
 /// Loads weights and builds the model, on the worker thread.
 fn build(
     source: Source,
-    config: &ModelConfig,
+    spec: &dyn ModelSpec,
     dtype: Option<inference_core::DType>,
     context_length: usize,
 ) -> std::result::Result<(Box<dyn CausalLm>, ModelInfo), LoadError> {
+    let config = spec.text();
     let (mut weights, quant, stored_dtype, quant_type) = match source {
         Source::Dir(dir) => {
             let mut w = Weights::load(&dir)?;
@@ -538,9 +407,8 @@ fn build(
         }
         Source::Gguf(file) => {
             let arch = config.gguf_architecture.clone().unwrap_or_default();
-            let (heads, kv) = gguf::head_counts(&file, &arch);
-            let (stored, quantised) = gguf::stored_type(&file);
-            let (w, q) = gguf::weights(&file, &arch, heads, kv)?;
+            let (stored, quantised) = hf::stored_type(&file);
+            let (w, q) = gguf::weights(&file, &arch)?;
             let scheme = quantised.then(|| stored.clone());
             (w, q, stored, scheme)
         }
@@ -558,7 +426,7 @@ fn build(
     info.quant_type = quant_type;
     info.context_length = context_length;
     info.parameter_count = weights.parameter_count(quant.map(|q| q.bits));
-    let model = models::build(config, weights)?;
+    let model = models::build(spec, weights)?;
     info.dtype = crate::load::dtype_name(model.dtype()).to_owned();
     Ok((model, info))
 }
@@ -580,8 +448,8 @@ fn is_gguf(path: &Path) -> bool {
 
 /// Reads the configuration and the tokenizer of the model at `path` (cheap:
 /// no weights), on the caller's thread so that errors come back at once.
-fn open(path: &Path) -> Result<(ModelConfig, ModelTokenizer, Source)> {
-    let fail = |e: LoadError| e.into_error(path);
+fn open(path: &Path) -> Result<(Box<dyn ModelSpec>, ModelTokenizer, Source)> {
+    let fail = |e: FormatError| e.into_error(path);
     if is_gguf(path) {
         let file = GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
         if let Some(n) = file.get_u64("split.count").filter(|&n| n > 1) {
@@ -591,25 +459,19 @@ fn open(path: &Path) -> Result<(ModelConfig, ModelTokenizer, Source)> {
                 path.display()
             )));
         }
-        let gguf::Opened {
+        let hf::Opened {
             architecture: arch,
-            tokenizer: tok,
             config: json,
             ..
-        } = gguf::open(&file).map_err(fail)?;
-        let mut config = ModelConfig::from_value(&json).map_err(fail)?;
-        config.bos_token_id = tok.bos;
-        config.eos_token_ids = tok.eos.clone();
-        config.gguf_architecture = Some(arch);
-        let tokenizer = ModelTokenizer::from_parts(
-            tok.tokenizer,
-            tok.bos,
-            tok.eos,
-            tok.chat_template,
-            tok.unk,
-            tok.pad,
-        );
-        return Ok((config, tokenizer, Source::Gguf(file)));
+        } = hf::open(&file).map_err(fail)?;
+        let tokenizer = ModelTokenizer::from_gguf(&file, &arch).map_err(fail)?;
+        let hf = HfConfig::from_value(&json).map_err(fail)?;
+        let mut spec = models::read_config(&hf).map_err(fail)?;
+        let text = spec.text_mut();
+        text.bos_token_id = tokenizer.bos;
+        text.eos_token_ids = tokenizer.eos.clone();
+        text.gguf_architecture = Some(arch);
+        return Ok((spec, tokenizer, Source::Gguf(file)));
     }
     if !path.join("config.json").is_file() {
         let why = if path.exists() {
@@ -619,73 +481,19 @@ fn open(path: &Path) -> Result<(ModelConfig, ModelTokenizer, Source)> {
         };
         return Err(Error::model_load(
             path,
-            LoadError::Io(format!("{} {why}", path.display())),
+            FormatError::Io(format!("{} {why}", path.display())),
         ));
     }
-    let config = ModelConfig::load(path).map_err(fail)?;
+    let spec = models::read_config(&HfConfig::load(path).map_err(fail)?).map_err(fail)?;
+    let text = spec.text();
     let tokenizer =
-        ModelTokenizer::load(path, config.bos_token_id, &config.eos_token_ids).map_err(fail)?;
-    Ok((config, tokenizer, Source::Dir(path.to_path_buf())))
-}
-
-impl Shared {
-    /// Refuses a prompt that is empty, holds ids outside a vocabulary of
-    /// `vocab` ids, or leaves no room for a token in the context.
-    pub(crate) fn check_prompt(&self, prompt: &[u32], vocab: usize) -> Result<()> {
-        if prompt.is_empty() {
-            return Err(Error::InvalidInput(
-                "the prompt encodes to no tokens".into(),
-            ));
-        }
-        check_ids(prompt, vocab)?;
-        let limit = self.context_limit;
-        if prompt.len() >= limit {
-            return Err(Error::ContextOverflow {
-                needed: prompt.len() + 1,
-                limit,
-            });
-        }
-        Ok(())
-    }
-
-    /// The prompt ids [`chat`](TextModel::chat) runs for `messages`.
-    pub(crate) fn encode_chat(
-        &self,
-        messages: &[Message],
-        opts: &GenerateOptions,
-    ) -> Result<Vec<u32>> {
-        let template = self
-            .template
-            .as_ref()
-            .map_err(|why| Error::unsupported(why.clone()))?;
-        self.tokenizer
-            .encode_messages(template, messages, &opts.template_args)
-    }
-
-    /// Counts `tokens` prompt tokens a session turn did not prefill.
-    pub(crate) fn note_reused(&self, tokens: usize) {
-        self.reused_tokens.fetch_add(tokens, Ordering::Relaxed);
-    }
-
-    fn set_metrics(&self, metrics: &GenerateMetrics) {
-        self.last_metrics.set(metrics);
-    }
-}
-
-/// Refuses ids outside a vocabulary of `vocab` ids (MLX would index out of
-/// bounds).
-fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
-    match ids.iter().find(|&&id| id as usize >= vocab) {
-        Some(bad) => Err(Error::InvalidInput(format!(
-            "token id {bad} is outside the vocabulary ({vocab} ids)"
-        ))),
-        None => Ok(()),
-    }
+        ModelTokenizer::load(path, text.bos_token_id, &text.eos_token_ids).map_err(fail)?;
+    Ok((spec, tokenizer, Source::Dir(path.to_path_buf())))
 }
 
 /// Runs jobs in arrival order until the model (and every chat session) is
 /// dropped. Chat sessions' KV caches live here, by session id.
-fn serve(model: &dyn CausalLm, shared: &Shared, queue: Receiver<Job>) {
+fn serve(model: &dyn CausalLm, shared: &Shared, queue: Jobs<Job>) {
     let mut sessions: HashMap<u64, session::SessionCache> = HashMap::new();
     for job in queue {
         let req = match job {
@@ -745,17 +553,6 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Receiver<Job>) {
             Err(e) => req.sink.fail(e),
         }
     }
-}
-
-/// Refuses generation options that are invalid or that generation does not
-/// implement. Every sampling option is honoured (see `sample.rs`);
-/// `template_args` are used by `chat` and refused by `generate`.
-pub(crate) fn check_generate_options(opts: &GenerateOptions) -> Result<()> {
-    opts.validate()?;
-    if opts.return_logits {
-        return Err(Error::unsupported("return_logits for generate"));
-    }
-    Ok(())
 }
 
 impl TextModel for MlxModel {

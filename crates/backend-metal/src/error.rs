@@ -1,59 +1,24 @@
-//! Load-time errors, converted to [`inference_core::Error`] at the crate edge.
+//! Load-time errors: what is wrong with the files (`inference-formats`' and
+//! `inference-text`'s [`FormatError`]) or what MLX reported while building
+//! the model, converted to [`inference_core::Error`] at the crate edge.
 
 use std::path::Path;
 
 use inference_core::Error;
+pub use inference_formats::LoadError as FormatError;
 
-/// What can go wrong while reading a model from disk.
+/// The name of the backend that runs wherever MLX runs (and that errors
+/// from MLX carry).
+pub const NAME: &str = "mlx";
+/// The name of the backend that runs only on Apple Metal GPUs.
+pub const METAL_NAME: &str = "metal";
+
+/// What can go wrong while loading a model on MLX.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// A file could not be read.
-    #[error("{0}")]
-    Io(String),
-    /// `config.json` is missing fields or has invalid values.
-    #[error("config: {0}")]
-    Config(String),
-    /// The `model_type` is not implemented.
-    #[error("unsupported architecture {0:?}")]
-    UnsupportedArchitecture(String),
-    /// A configuration value this backend does not implement.
-    #[error("unsupported: {0}")]
-    Unsupported(String),
-    /// A weight file is corrupt or truncated.
-    #[error("corrupt weights {file}: {reason}")]
-    CorruptWeights {
-        /// The file.
-        file: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A tensor the model needs is absent.
-    #[error("missing tensor `{0}`")]
-    MissingTensor(String),
-    /// A tensor the model does not use is present.
-    #[error("unexpected tensor `{0}`")]
-    UnexpectedTensor(String),
-    /// A tensor has the wrong shape.
-    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    WrongShape {
-        /// The tensor.
-        name: String,
-        /// Its shape on disk.
-        found: Vec<i64>,
-        /// The shape the config implies.
-        expected: Vec<i64>,
-    },
-    /// A tensor has a dtype this backend cannot load.
-    #[error("tensor `{name}` has unsupported dtype {dtype}")]
-    WrongDtype {
-        /// The tensor.
-        name: String,
-        /// Its dtype.
-        dtype: String,
-    },
-    /// The tokenizer files are missing or invalid.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    /// The model's files are missing, invalid or unsupported.
+    #[error(transparent)]
+    Format(#[from] FormatError),
     /// MLX reported an error.
     #[error("mlx: {0}")]
     Mlx(String),
@@ -69,12 +34,7 @@ impl LoadError {
     /// The public error for a failed load of `path`.
     pub fn into_error(self, path: &Path) -> Error {
         match self {
-            LoadError::UnsupportedArchitecture(model_type) => {
-                Error::UnsupportedArchitecture { model_type }
-            }
-            LoadError::Unsupported(what) => {
-                Error::unsupported(format!("{what} (in {})", path.display()))
-            }
+            LoadError::Format(e) => e.into_error(path),
             other => Error::model_load(path, other),
         }
     }
@@ -82,5 +42,5 @@ impl LoadError {
 
 /// An MLX failure during generation as the public error.
 pub(crate) fn mlx_error(e: impl std::fmt::Display) -> Error {
-    Error::backend(crate::NAME, e.to_string())
+    Error::backend(NAME, e.to_string())
 }

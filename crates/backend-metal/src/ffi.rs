@@ -1,24 +1,10 @@
-//! `unsafe` at the edge of MLX: mapping weight files, handing raw bytes to
-//! MLX, and the one MLX operation called through its C API directly
-//! ([`slice_update`]). (The only other `unsafe` code of the crate is
-//! `device`'s queries of MLX's C API.)
+//! `unsafe` at the edge of MLX: handing raw bytes to MLX, and the one MLX
+//! operation called through its C API directly ([`slice_update`]). (The only
+//! other `unsafe` code of the crate is `device`'s queries of MLX's C API;
+//! weight files are mapped by `inference_formats::map_file`.)
 
-use std::fs::File;
-
-use memmap2::Mmap;
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype, Stream};
-
-/// Maps `file` read-only.
-pub fn map_file(file: &File) -> std::io::Result<Mmap> {
-    // SAFETY: the map is read-only; its readers (the safetensors loader and
-    // the GGUF reader) bounds-check every range against the mapped length
-    // before reading and copy tensors into MLX buffers, so no reference into
-    // the map outlives it. Another process truncating the file while it is
-    // mapped is the one hazard no mapping can rule out (the same holds for
-    // every loader that maps weights, MLX's own included).
-    unsafe { Mmap::map(file) }
-}
 
 /// An MLX array holding a copy of `bytes`, interpreted as `dtype` in `shape`.
 ///

@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use inference_core::stop::StopStrings;
-use inference_core::{Error, FinishReason, GenerateMetrics, GenerateOptions, Token, TokenSink};
+use inference_core::{Error, FinishReason, GenerateMetrics, GenerateOptions, TokenSink};
+use inference_runtime::{stream_tokens, Clock, Sequence};
 use mlx_rs::error::Exception;
 use mlx_rs::ops::concatenate;
 use mlx_rs::transforms::{async_eval, eval};
@@ -17,7 +17,7 @@ use crate::memory;
 use crate::models::layers::last_position;
 use crate::models::CausalLm;
 use crate::sample::Sampler;
-use crate::tokenizer::{ModelTokenizer, StreamDecoder};
+use inference_text::{ModelTokenizer, StreamDecoder};
 
 /// Prompt tokens processed per forward pass during prefill (as mlx-lm).
 pub const PREFILL_CHUNK: usize = 2048;
@@ -95,17 +95,19 @@ pub struct Bounds {
     pub chunk: usize,
 }
 
-/// The state a chat-session turn runs on and what it leaves behind.
-pub struct Turn {
-    /// The KV caches the turn continues (empty caches for a full prefill).
+/// A generation that continues caches already holding a prefix of its
+/// prompt, and what it leaves behind: the caches, every id it read back and
+/// the text it streamed.
+pub struct Resumed {
+    /// The KV caches the run continues (empty caches for a full prefill).
     pub caches: Vec<LayerCache>,
     /// How many leading prompt ids `caches` already hold; only the rest is
     /// prefilled.
     pub cached: usize,
-    /// Every id the turn read back, stop and end-of-sequence ids included,
+    /// Every id the run read back, stop and end-of-sequence ids included,
     /// in order.
     pub sampled: Vec<u32>,
-    /// The text the turn streamed.
+    /// The text the run streamed.
     pub reply: String,
 }
 
@@ -116,54 +118,37 @@ pub fn run(
     req: &Request,
     bounds: Bounds,
 ) -> Outcome {
-    run_turn(model, tokenizer, req, bounds, None)
+    run_resumed(model, tokenizer, req, bounds, None)
 }
 
-/// Runs `req` to completion, streaming into its sink; with `turn`, on the
-/// turn's caches (prefilling the prompt after `turn.cached`), recording
-/// what was sampled and streamed.
-pub fn run_turn(
+/// Runs `req` to completion, streaming into its sink; with `resumed`, on
+/// its caches (prefilling the prompt after `resumed.cached`), recording what
+/// was sampled and streamed.
+pub fn run_resumed(
     model: &dyn CausalLm,
     tokenizer: &ModelTokenizer,
     req: &Request,
     bounds: Bounds,
-    turn: Option<&mut Turn>,
+    resumed: Option<&mut Resumed>,
 ) -> Outcome {
-    let (prompt, queued) = (&req.prompt, req.queued);
-    let started = Instant::now();
+    let mut clock = Clock::start(req.queued);
     memory::reset_peak();
-    let mut state = Progress {
-        generated: 0,
-        first_token: None,
-    };
-    let end = decode_loop(model, tokenizer, req, bounds, &mut state, turn);
-    let now = Instant::now();
-    let first = state.first_token.unwrap_or(now);
-    let prefill = first.saturating_duration_since(started);
-    let decode: Duration = now.saturating_duration_since(first);
-    let metrics = GenerateMetrics::from_timings(
-        prompt.len(),
-        state.generated,
-        prefill,
-        decode,
-        now.saturating_duration_since(queued.min(started)),
-    )
-    .with_memory(memory::peak(), memory::active());
+    let detok = StreamDecoder::new(&tokenizer.inner, &req.prompt);
+    let mut seq = Sequence::new(&req.opts, &tokenizer.eos, detok);
+    let end = decode_loop(model, req, bounds, &mut clock, &mut seq, resumed);
+    let metrics = clock
+        .metrics(req.prompt.len(), seq.generated())
+        .with_memory(memory::peak(), memory::active());
     Outcome { metrics, end }
-}
-
-struct Progress {
-    generated: usize,
-    first_token: Option<Instant>,
 }
 
 fn decode_loop(
     model: &dyn CausalLm,
-    tokenizer: &ModelTokenizer,
     req: &Request,
     bounds: Bounds,
-    progress: &mut Progress,
-    turn: Option<&mut Turn>,
+    clock: &mut Clock,
+    seq: &mut Sequence<StreamDecoder<'_>>,
+    resumed: Option<&mut Resumed>,
 ) -> Result<FinishReason, Error> {
     let limit = bounds.limit;
     let Request {
@@ -179,7 +164,7 @@ fn decode_loop(
     )
     .entered();
     let mut fresh: Vec<LayerCache>;
-    let (caches, cached, mut record) = match turn {
+    let (caches, cached, mut record) = match resumed {
         Some(t) => (
             &mut t.caches,
             t.cached,
@@ -212,15 +197,12 @@ fn decode_loop(
     async_eval([&y]).map_err(mlx_error)?;
 
     let mut profile = StepProfile::default();
-    let mut detok = StreamDecoder::new(&tokenizer.inner, prompt);
-    let mut stops = StopStrings::new(&opts.stop_strings);
     let mut ready = Vec::new();
-    let stop_ids = &opts.stop_tokens;
     loop {
         // Queue the next step before reading this one, so MLX computes it
         // while the current token is handed over.
-        let context_used = prompt.len() + progress.generated + 1;
-        let more = progress.generated + 1 < opts.max_tokens && context_used < limit;
+        let context_used = prompt.len() + seq.generated() + 1;
+        let more = seq.generated() + 1 < opts.max_tokens && context_used < limit;
         let next = if more {
             let t0 = Instant::now();
             let input = y.reshape(&[1, 1]).map_err(mlx_error)?;
@@ -239,7 +221,7 @@ fn decode_loop(
         let id: u32 = y.try_item_exact().map_err(mlx_error)?;
         profile.wait += t0.elapsed();
         profile.steps += 1;
-        progress.first_token.get_or_insert_with(Instant::now);
+        clock.token();
         if let Some((sampled, _)) = record.as_mut() {
             sampled.push(id);
         }
@@ -250,31 +232,18 @@ fn decode_loop(
             }
         }
 
-        if (!opts.ignore_eos && tokenizer.is_eos(id)) || stop_ids.contains(&id) {
-            return finish_text(&mut stops, sink, FinishReason::Stop, reply_of(&mut record));
-        }
-        let detok_error = |e| Error::backend(crate::NAME, format!("detokenising id {id}: {e}"));
-        let mut text = detok.step(id).map_err(detok_error)?;
-        if next.is_none() {
-            // The last token: release a character still held back (an
-            // incomplete one as U+FFFD, as a full decode would show it).
-            text.push_str(&detok.finish().map_err(detok_error)?);
-        }
-        progress.generated += 1;
-        if progress.generated % memory::CLEAR_CACHE_EVERY == 0 {
+        let before = seq.generated();
+        let end = seq
+            .push(id, next.is_none(), &mut ready)
+            .map_err(|e| mlx_error(&e))?;
+        if seq.generated() > before && seq.generated() % memory::CLEAR_CACHE_EVERY == 0 {
             memory::clear_cache();
         }
-        let stopped = stops.push(Token::new(id, text), &mut ready);
-        for t in ready.drain(..) {
-            if let Some((_, reply)) = record.as_mut() {
-                reply.push_str(&t.text);
-            }
-            if sink.send(t).is_err() {
-                return Ok(FinishReason::Cancelled);
-            }
+        if !stream_tokens(sink, &mut ready, reply_of(&mut record)) {
+            return Ok(FinishReason::Cancelled);
         }
-        if stopped {
-            return Ok(FinishReason::Stop);
+        if let Some(reason) = end {
+            return Ok(reason);
         }
         if sink.is_cancelled() {
             return Ok(FinishReason::Cancelled);
@@ -285,15 +254,14 @@ fn decode_loop(
             // fitted: a normal end with the tokens kept (OpenAI's and
             // llama.cpp's `length`).
             None => {
-                if progress.generated < opts.max_tokens {
+                if seq.generated() < opts.max_tokens {
                     tracing::debug!(positions = context_used, limit, "the context is full");
                 }
-                return finish_text(
-                    &mut stops,
-                    sink,
-                    FinishReason::Length,
-                    reply_of(&mut record),
-                );
+                seq.finish(&mut ready);
+                if !stream_tokens(sink, &mut ready, reply_of(&mut record)) {
+                    return Ok(FinishReason::Cancelled);
+                }
+                return Ok(FinishReason::Length);
             }
         }
     }
@@ -326,30 +294,9 @@ impl Drop for StepProfile {
     }
 }
 
-/// The reply text a turn records, if the run records one.
+/// The reply text a resumed run records, if the run records one.
 fn reply_of<'a>(record: &'a mut Option<(&mut Vec<u32>, &mut String)>) -> Option<&'a mut String> {
     record.as_mut().map(|(_, reply)| &mut **reply)
-}
-
-/// Releases text held back for stop strings (recording it in `reply`), then
-/// ends with `reason`.
-fn finish_text(
-    stops: &mut StopStrings,
-    sink: &TokenSink,
-    reason: FinishReason,
-    mut reply: Option<&mut String>,
-) -> Result<FinishReason, Error> {
-    let mut rest = Vec::new();
-    stops.flush(&mut rest);
-    for t in rest {
-        if let Some(r) = reply.as_deref_mut() {
-            r.push_str(&t.text);
-        }
-        if sink.send(t).is_err() {
-            return Ok(FinishReason::Cancelled);
-        }
-    }
-    Ok(reason)
 }
 
 /// Runs the prompt through the model in chunks of `chunk` tokens, filling

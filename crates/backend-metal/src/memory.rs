@@ -57,7 +57,7 @@ fn to_usize(v: u64) -> Result<usize, Error> {
 }
 
 fn backend(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::backend(crate::NAME, format!("{what}: {e}"))
+    Error::backend(crate::error::NAME, format!("{what}: {e}"))
 }
 
 /// Sets MLX's memory limit (a guideline for the most bytes it allocates);

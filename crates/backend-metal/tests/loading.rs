@@ -625,7 +625,7 @@ fn other_tensor_files_are_not_weights() {
     let info = model.info();
     assert_eq!(info.stored_dtype, "float32");
     assert_eq!(info.quant_type, None);
-    let found = inference_core::discover(tmp.path()).unwrap();
+    let found = inference_formats::discover(tmp.path()).unwrap();
     assert_eq!(found[0].num_files, 1);
     // `-m DIR/config.json` is the directory.
     let via_config = inference_core::load_model(

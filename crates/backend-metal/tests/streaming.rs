@@ -4,9 +4,9 @@
 
 mod common;
 
-use backend_metal::ModelTokenizer;
 use common::*;
 use inference_core::{FinishReason, GenerateOptions, TextModel, Token};
+use inference_text::ModelTokenizer;
 
 fn tokens(model: &backend_metal::MlxModel, prompt: &str, opts: &GenerateOptions) -> Vec<Token> {
     model

@@ -7,10 +7,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use backend_metal::template::{BuiltinTemplate, ChatTemplate};
-use backend_metal::ModelTokenizer;
 use common::*;
 use inference_core::{Error, GenerateOptions, Message, TextModel};
+use inference_text::ModelTokenizer;
+use inference_text::{BuiltinTemplate, ChatTemplate};
 
 /// Renders and encodes every chat case of a real tokenizer's golden.
 fn real_template_matches_transformers(name: &str, model_type: &str) {

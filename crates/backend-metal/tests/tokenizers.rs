@@ -7,8 +7,8 @@
 
 mod common;
 
-use backend_metal::{ModelTokenizer, StreamDecoder};
 use common::*;
+use inference_text::{ModelTokenizer, StreamDecoder};
 
 /// Decodes `ids` one at a time after `context`; returns the pieces.
 fn stream(tok: &ModelTokenizer, context: &[u32], ids: &[u32]) -> Vec<String> {

@@ -1,15 +1,15 @@
 //! [`ScriptedModel`]: a deterministic model that replays a script.
 
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use inference_core::stop::StopStrings;
 use inference_core::{
     BatchResult, Error, FinishReason, GenerateMetrics, GenerateOptions, LastMetrics, Message,
     ModelInfo, Result, TextModel, Token, TokenId, TokenSink, TokenStream,
 };
+use inference_runtime::{stream_tokens, Clock, Sequence, Worker};
+use inference_text::Detokenize;
 
 /// The architecture name a scripted model reports.
 pub const MODEL_TYPE: &str = "scripted";
@@ -49,22 +49,16 @@ impl ScriptedModelBuilder {
             step_delay: self.step_delay,
             last_metrics: LastMetrics::new(),
         });
-        let (jobs, queue) = channel::<Job>();
         let worker_shared = Arc::clone(&shared);
-        thread::Builder::new()
-            .name("scripted-model".into())
-            .spawn(move || {
-                // Jobs run one at a time, in arrival order; the loop ends when
-                // the model (the only sender) is dropped.
-                for job in queue {
-                    worker_shared.run(job);
-                }
-            })
-            .map_err(|e| Error::backend("stub", format!("cannot start the worker: {e}")))?;
-        Ok(ScriptedModel {
-            shared,
-            jobs: Mutex::new(jobs),
-        })
+        let (worker, ()) = Worker::start(crate::NAME, "scripted-model", move |ready, jobs| {
+            ready.send(());
+            // Jobs run one at a time, in arrival order; the loop ends when
+            // the model (the worker's only holder) is dropped.
+            for job in jobs {
+                worker_shared.run(job);
+            }
+        })?;
+        Ok(ScriptedModel { shared, worker })
     }
 }
 
@@ -94,7 +88,7 @@ impl ScriptedModelBuilder {
 #[derive(Debug)]
 pub struct ScriptedModel {
     shared: Arc<Shared>,
-    jobs: Mutex<Sender<Job>>,
+    worker: Worker<Job>,
 }
 
 #[derive(Debug)]
@@ -156,12 +150,27 @@ impl ScriptedModel {
             sink,
             queued: Instant::now(),
         };
-        self.jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .send(job)
-            .map_err(|_| Error::backend("stub", "the worker has stopped"))?;
+        self.worker.send(job)?;
         Ok(stream)
+    }
+}
+
+/// The script's texts, in order: what a tokenizer's detokeniser would give
+/// for the ids the script replays.
+struct Replay<'s> {
+    script: &'s [Token],
+    next: usize,
+}
+
+impl Detokenize for Replay<'_> {
+    fn step(&mut self, _id: u32) -> std::result::Result<String, String> {
+        let text = self.script[self.next % self.script.len()].text.clone();
+        self.next += 1;
+        Ok(text)
+    }
+
+    fn finish(&mut self) -> std::result::Result<String, String> {
+        Ok(String::new())
     }
 }
 
@@ -174,18 +183,21 @@ impl Shared {
             queued,
         } = job;
         let _span = tracing::debug_span!("generate", model = MODEL_TYPE, prompt_tokens).entered();
-        let started = Instant::now();
-        let mut first_token_at = None;
+        let mut clock = Clock::start(queued);
         // No vocabulary for prompts: each word's position is its id.
         let prompt_ids = (0..prompt_tokens)
             .map(|i| TokenId::try_from(i).unwrap_or(TokenId::MAX))
             .collect();
         let announced = sink.prompt(prompt_ids).is_ok();
-        let mut stops = StopStrings::new(&opts.stop_strings);
+        let replay = Replay {
+            script: &self.script,
+            next: 0,
+        };
+        let mut seq = Sequence::new(&opts, self.eos.as_slice(), replay);
         let mut ready = Vec::new();
-        let mut generated = 0;
         let mut reason = FinishReason::Length;
-        'steps: for token in self.script.iter().cycle().take(opts.max_tokens) {
+        let steps = self.script.iter().cycle().take(opts.max_tokens);
+        for (i, token) in steps.enumerate() {
             if !announced || sink.is_cancelled() {
                 reason = FinishReason::Cancelled;
                 break;
@@ -193,40 +205,28 @@ impl Shared {
             if !self.step_delay.is_zero() {
                 thread::sleep(self.step_delay);
             }
-            first_token_at.get_or_insert_with(Instant::now);
-            let is_eos = self.eos == Some(token.id) && !opts.ignore_eos;
-            if is_eos || opts.stop_tokens.contains(&token.id) {
-                reason = FinishReason::Stop;
+            clock.token();
+            let end = match seq.push(token.id, i + 1 == opts.max_tokens, &mut ready) {
+                Ok(end) => end,
+                Err(e) => {
+                    sink.fail(Error::backend(crate::NAME, e.to_string()));
+                    return;
+                }
+            };
+            if !stream_tokens(&sink, &mut ready, None) {
+                reason = FinishReason::Cancelled;
                 break;
             }
-            generated += 1;
-            let stopped = stops.push(token.clone(), &mut ready);
-            for t in ready.drain(..) {
-                if sink.send(t).is_err() {
-                    reason = FinishReason::Cancelled;
-                    break 'steps;
-                }
-            }
-            if stopped {
-                reason = FinishReason::Stop;
+            if let Some(end) = end {
+                reason = end;
                 break;
             }
         }
         if reason != FinishReason::Cancelled {
-            stops.flush(&mut ready);
-            for t in ready.drain(..) {
-                let _ = sink.send(t);
-            }
+            seq.finish(&mut ready);
+            stream_tokens(&sink, &mut ready, None);
         }
-        let end = Instant::now();
-        let first = first_token_at.unwrap_or(end);
-        let metrics = GenerateMetrics::from_timings(
-            prompt_tokens,
-            generated,
-            first - started,
-            end - first,
-            end - queued.min(started),
-        );
+        let metrics = clock.metrics(prompt_tokens, seq.generated());
         self.last_metrics.set(&metrics);
         sink.finish(metrics, reason);
     }

@@ -198,17 +198,6 @@ pub fn parse_template_arg(s: &str) -> Result<(String, serde_json::Value), String
     Ok((key.to_owned(), value))
 }
 
-/// The command-line flag of an option field that
-/// [`GenerateOptions::validate`] or [`LoadOptions::validate`] names.
-pub fn flag_of(field: &str) -> String {
-    match field {
-        "stop_strings" => "--stop".to_owned(),
-        "template_args" => "--template-arg".to_owned(),
-        "backend" => "--backend".to_owned(),
-        other => format!("--{}", other.replace('_', "-")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,13 +227,5 @@ mod tests {
         );
         assert!(parse_template_arg("no-equals").is_err());
         assert!(parse_template_arg("=value").is_err());
-    }
-
-    #[test]
-    fn option_fields_map_to_their_flags() {
-        assert_eq!(flag_of("top_p"), "--top-p");
-        assert_eq!(flag_of("max_tokens"), "--max-tokens");
-        assert_eq!(flag_of("stop_strings"), "--stop");
-        assert_eq!(flag_of("context_len"), "--context-len");
     }
 }

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::load::{DEFAULT_MODEL_FILE, FETCH_COMMAND};
+use crate::defaults::{DEFAULT_MODEL_FILE, FETCH_COMMAND};
 
 /// Exit status of a runtime error: a missing or bad model, an unavailable
 /// backend, a failed generation.
@@ -93,10 +93,7 @@ impl CliError {
     pub fn one_line(&self) -> String {
         let text = match self {
             CliError::Inference(inference_core::Error::InvalidOption { field, reason }) => {
-                format!(
-                    "invalid value for {}: {reason}",
-                    crate::args::flag_of(field)
-                )
+                format!("invalid value for {}: {reason}", flag_of(field))
             }
             CliError::Inference(e) => {
                 let s = e.to_string();
@@ -117,6 +114,18 @@ pub fn fold_lines(text: &str) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The command-line flag of an option field that
+/// [`inference_core::GenerateOptions::validate`] or
+/// [`inference_core::LoadOptions::validate`] names.
+pub fn flag_of(field: &str) -> String {
+    match field {
+        "stop_strings" => "--stop".to_owned(),
+        "template_args" => "--template-arg".to_owned(),
+        "backend" => "--backend".to_owned(),
+        other => format!("--{}", other.replace('_', "-")),
+    }
 }
 
 #[cfg(test)]
@@ -171,5 +180,13 @@ mod tests {
         assert!(!line.contains('\n'), "{line}");
         assert!(line.starts_with("cannot load model"), "{line}");
         assert!(CliError::NoDefaultModel.one_line().contains(FETCH_COMMAND));
+    }
+
+    #[test]
+    fn option_fields_map_to_their_flags() {
+        assert_eq!(flag_of("top_p"), "--top-p");
+        assert_eq!(flag_of("max_tokens"), "--max-tokens");
+        assert_eq!(flag_of("stop_strings"), "--stop");
+        assert_eq!(flag_of("context_len"), "--context-len");
     }
 }

@@ -11,12 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use inference_core::{LoadOptions, TextModel};
 
 use crate::args::ModelArgs;
+use crate::defaults::DEFAULT_MODEL_FILE;
 use crate::error::CliError;
 
-/// The file name of the default model under `.cache/models`.
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// The command that fetches the default model.
-pub const FETCH_COMMAND: &str = "cargo xtask fetch-models";
 /// The environment variable naming the model when `--model` is absent.
 pub const MODEL_ENV: &str = "INFER_MODEL";
 
@@ -122,13 +119,13 @@ fn display_name(path: &Path) -> String {
 
 /// The weight files of a model, with their sizes: the file itself (a GGUF
 /// file, or the one a directory holds), or the safetensors files a directory
-/// loads ([`inference_core::safetensors_files`]). Empty when there are none.
+/// loads ([`inference_formats::safetensors_files`]). Empty when there are none.
 pub fn weight_files(path: &Path) -> Vec<(PathBuf, u64)> {
-    let path = inference_core::resolve_model_path(path).unwrap_or_else(|_| path.to_path_buf());
+    let path = inference_formats::resolve_model_path(path).unwrap_or_else(|_| path.to_path_buf());
     let files: Vec<PathBuf> = if path.is_file() {
         vec![path]
     } else {
-        inference_core::safetensors_files(&path).unwrap_or_default()
+        inference_formats::safetensors_files(&path).unwrap_or_default()
     };
     files
         .into_iter()

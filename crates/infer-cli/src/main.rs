@@ -22,6 +22,7 @@ use tracing_subscriber::EnvFilter;
 mod args;
 mod backends;
 mod chat;
+mod defaults;
 mod error;
 mod generate;
 mod interrupt;

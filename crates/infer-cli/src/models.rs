@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::HumanBytes;
-use inference_core::{DiscoveredModel, ModelFormat};
+use inference_formats::{DiscoveredModel, ModelFormat};
 use serde::Serialize;
 
 use crate::args::Format;
@@ -36,7 +36,7 @@ struct Row {
 
 /// Runs `infer models`.
 pub fn run(args: &ModelsArgs, quiet: bool) -> Result<(), CliError> {
-    let rows: Vec<Row> = inference_core::discover(&args.dir)?
+    let rows: Vec<Row> = inference_formats::discover(&args.dir)?
         .into_iter()
         .map(|model| Row {
             size_bytes: weight_files(&model.path).iter().map(|(_, n)| n).sum(),

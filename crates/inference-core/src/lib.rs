@@ -29,20 +29,14 @@
 mod backend;
 #[cfg(feature = "conformance")]
 pub mod conformance;
-mod discover;
 mod error;
 mod model;
 mod options;
 pub mod registry;
-pub mod stop;
 mod stream;
 mod types;
 
 pub use backend::{Availability, Backend};
-pub use discover::{
-    discover, resolve_model_path, safetensors_files, DiscoveredModel, GgufFileType, ModelFormat,
-    WeightFilesError, UNKNOWN_MODEL_TYPE,
-};
 pub use error::{BoxError, Error, Result};
 pub use model::{ChatSession, HistoryOverflow, TextModel};
 pub use options::{DType, GenerateOptions, LoadOptions};

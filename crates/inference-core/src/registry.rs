@@ -143,7 +143,6 @@ pub fn load_model(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Box<dyn 
             reason: reason.to_owned(),
         });
     }
-    let path = &crate::discover::resolve_model_path(path)?;
     let span = tracing::info_span!("load_model", backend = backend.name(), path = %path.display());
     let _guard = span.enter();
     let started = std::time::Instant::now();

@@ -1,7 +1,7 @@
 //! A GGUF model written out as an mlx-community style directory, so that
 //! engines that cannot read GGUF (mlx-lm) run the very same weights.
 //!
-//! The tensors are the ones [`weights`](super::weights) builds for our own
+//! The tensors are the ones `weights` builds for our own
 //! loader: Q4_0 / Q4_1 / Q8_0 matrices as MLX affine weights (group 32, f32
 //! scales and biases, without loss), Llama Q/K rows un-permuted, Gemma norms
 //! with the `+ 1` taken out, other types dequantised to f32. `config.json`
@@ -17,7 +17,10 @@ use inference_core::{Error, Result};
 use mlx_rs::Array;
 use serde_json::{json, Value};
 
-use super::reader::GgufFile;
+use inference_formats::gguf::{hf, GgufFile};
+use inference_formats::LoadError as FormatError;
+use inference_text::gguf::GgufTokenizer;
+
 use crate::error::LoadError;
 
 /// What [`export_mlx_dir`] wrote.
@@ -32,7 +35,7 @@ pub struct Exported {
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::model_load(path, LoadError::Io(e.to_string()))
+    Error::model_load(path, FormatError::Io(e.to_string()))
 }
 
 /// Writes the model in the GGUF file `gguf` as an MLX directory `out`
@@ -41,14 +44,13 @@ fn io(path: &Path, e: impl std::fmt::Display) -> Error {
 pub fn export_mlx_dir(gguf: &Path, out: &Path) -> Result<Exported> {
     let fail = |e: LoadError| e.into_error(gguf);
     let file = GgufFile::open(gguf).map_err(|e| Error::model_load(gguf, e))?;
-    let super::Opened {
+    let hf::Opened {
         architecture: arch,
         model_type,
-        tokenizer: tok,
         mut config,
-    } = super::open(&file).map_err(fail)?;
-    let (heads, kv) = super::head_counts(&file, &arch);
-    let (weights, dominant) = super::weights(&file, &arch, heads, kv).map_err(fail)?;
+    } = hf::open(&file).map_err(|e| fail(e.into()))?;
+    let tok = GgufTokenizer::from_gguf(&file, &arch).map_err(|e| fail(e.into()))?;
+    let (weights, dominant) = super::weights(&file, &arch).map_err(fail)?;
     let (tensors, quant) = weights.into_parts();
 
     let mut counts: HashMap<i32, usize> = HashMap::new();

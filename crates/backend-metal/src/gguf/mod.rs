@@ -1,14 +1,11 @@
-//! GGUF files: our own reader ([`reader`]), (de)quantisation ([`quant`]),
-//! the mapping onto our models (`model`) and tokenizers from metadata
-//! (`tokenizer`), and [`export_mlx_dir`], which writes a GGUF model out as an
-//! mlx-community style directory.
+//! GGUF models on MLX: the tensors that `inference_formats::gguf::hf`
+//! converts become MLX weights (`model`), and [`export_mlx_dir`] writes a
+//! GGUF model out as an mlx-community style directory. Reading the file, its
+//! configuration and its tokenizer is `inference-formats`' and
+//! `inference-text`'s work.
 
 mod export;
 mod model;
-pub mod quant;
-pub mod reader;
-mod tokenizer;
 
 pub use export::{export_mlx_dir, Exported};
-pub(crate) use model::{head_counts, open, stored_type, weights, Opened};
-pub(crate) use tokenizer::GgufTokenizer;
+pub(crate) use model::weights;

@@ -1,237 +1,33 @@
-//! GGUF files as our models: the configuration from metadata, the tensors
-//! renamed and converted, and llama.cpp's conventions undone.
-//!
-//! - Q4_0, Q4_1 and Q8_0 become MLX affine-quantised weights (group 32)
-//!   without loss; F32, F16 and BF16 load as they are; every other type
-//!   (K-quants, Q5_0, Q5_1) is dequantised on load to f32 (then to the dtype
-//!   `LoadOptions` asks for).
-//! - llama.cpp's converter permutes the rows of Llama-architecture Q and K
-//!   projections for its RoPE layout; they are permuted back here.
-//! - It stores Gemma norm weights with the `+ 1` folded in; 1 is subtracted
-//!   (in f32, as transformers does) so the model's `(1 + w)` gives them back.
-//! - Hyper-parameters llama.cpp hard-codes rather than stores take the
-//!   architecture's documented defaults: Gemma 3's sliding-window pattern (6),
-//!   local RoPE base (10 000) and attention scale (`head_dim^-½`, or
-//!   `(hidden / heads)^-½` for the 62-layer 27B shape, as llama.cpp does).
+//! GGUF tensors as MLX weights: `inference_formats::gguf::hf` converts each
+//! tensor on the host (Hugging Face names, llama.cpp's conventions undone,
+//! affine repacks or f32 values); here they become MLX arrays.
 
 use std::collections::{BTreeMap, HashMap};
 
+use inference_formats::config::Quantization;
+use inference_formats::gguf::hf::{convert_tensors, HfTensor};
+use inference_formats::gguf::GgufFile;
+use inference_formats::LoadError as FormatError;
 use mlx_rs::{Array, Dtype};
-use serde_json::{json, Map, Value};
 
-use super::quant;
-use super::reader::{GgmlType, GgufFile};
 use crate::error::LoadError;
 use crate::ffi;
-use crate::load::config::Quantization;
 use crate::load::weights::Weights;
-
-/// What a GGUF file says of its model before any weights are read: the
-/// architecture, our `model_type` for it, the tokenizer and a Hugging Face
-/// style `config.json`.
-pub struct Opened {
-    /// `general.architecture`.
-    pub architecture: String,
-    /// Our `model_type`.
-    pub model_type: &'static str,
-    /// The tokenizer from the metadata.
-    pub tokenizer: super::GgufTokenizer,
-    /// The configuration (vocabulary size from the embedding's rows).
-    pub config: Value,
-}
-
-/// Reads [`Opened`] from `file`.
-pub fn open(file: &GgufFile) -> Result<Opened, LoadError> {
-    let architecture = file
-        .get_str("general.architecture")
-        .ok_or_else(|| LoadError::Config("GGUF has no `general.architecture`".into()))?
-        .to_owned();
-    let model_type = model_type(&architecture)?;
-    let tokenizer = super::GgufTokenizer::from_gguf(file, &architecture)?;
-    let vocab = file
-        .tensor("token_embd.weight")
-        .and_then(|t| t.shape().first().copied())
-        .ok_or_else(|| LoadError::MissingTensor("token_embd.weight".into()))?;
-    let config = config_json(file, &architecture, usize_of(vocab, "token_embd.weight")?)?;
-    Ok(Opened {
-        architecture,
-        model_type,
-        tokenizer,
-        config,
-    })
-}
-
-/// Our `model_type` for a GGUF `general.architecture`.
-pub fn model_type(architecture: &str) -> Result<&'static str, LoadError> {
-    match architecture {
-        "llama" => Ok("llama"),
-        "qwen2" => Ok("qwen2"),
-        "qwen3" => Ok("qwen3"),
-        "gemma3" | "gemma3_text" => Ok("gemma3_text"),
-        other => Err(LoadError::UnsupportedArchitecture(other.to_owned())),
-    }
-}
-
-/// A Hugging Face style `config.json` for the model in `file`.
-pub fn config_json(
-    file: &GgufFile,
-    architecture: &str,
-    vocab_size: usize,
-) -> Result<Value, LoadError> {
-    let model_type = model_type(architecture)?;
-    let key = |k: &str| format!("{architecture}.{k}");
-    let int = |k: &str| file.get_u64(&key(k));
-    let float = |k: &str| file.get_f32(&key(k));
-    let need =
-        |k: &str| int(k).ok_or_else(|| LoadError::Config(format!("GGUF has no `{}`", key(k))));
-
-    let hidden = need("embedding_length")?;
-    let layers = need("block_count")?;
-    let heads = need("attention.head_count")?;
-    let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
-    let mut c = Map::new();
-    c.insert("model_type".into(), json!(model_type));
-    c.insert("vocab_size".into(), json!(vocab_size));
-    c.insert("hidden_size".into(), json!(hidden));
-    c.insert(
-        "intermediate_size".into(),
-        json!(need("feed_forward_length")?),
-    );
-    c.insert("num_hidden_layers".into(), json!(layers));
-    c.insert("num_attention_heads".into(), json!(heads));
-    c.insert("num_key_value_heads".into(), json!(kv_heads));
-    if let Some(d) = int("attention.key_length") {
-        c.insert("head_dim".into(), json!(d));
-    } else if let Some(d) = int("rope.dimension_count").filter(|_| model_type != "gemma3_text") {
-        c.insert("head_dim".into(), json!(d));
-    }
-    if let Some(eps) = float("attention.layer_norm_rms_epsilon") {
-        c.insert("rms_norm_eps".into(), json!(eps));
-    }
-    if let Some(n) = int("context_length") {
-        c.insert("max_position_embeddings".into(), json!(n));
-    }
-    if let Some(theta) = float("rope.freq_base") {
-        c.insert("rope_theta".into(), json!(theta));
-    }
-    match file.get_str(&key("rope.scaling.type")) {
-        None | Some("none") => {}
-        Some("linear") => {
-            let factor = float("rope.scaling.factor").unwrap_or(1.0);
-            c.insert(
-                "rope_scaling".into(),
-                json!({"rope_type": "linear", "factor": factor}),
-            );
-        }
-        Some(other) => {
-            return Err(LoadError::Unsupported(format!(
-                "GGUF rope scaling {other:?}"
-            )))
-        }
-    }
-    c.insert(
-        "tie_word_embeddings".into(),
-        json!(file.tensor("output.weight").is_none()),
-    );
-    if file.tensor("rope_freqs.weight").is_some() {
-        return Err(LoadError::Unsupported(
-            "GGUF rope frequency factors (`rope_freqs`, Llama 3.1+ RoPE scaling)".into(),
-        ));
-    }
-    if model_type == "gemma3_text" {
-        let window = need("attention.sliding_window")?;
-        let head_dim = int("attention.key_length").unwrap_or(256);
-        let scalar = if layers == 62 {
-            hidden / heads.max(1)
-        } else {
-            head_dim
-        };
-        c.insert("sliding_window".into(), json!(window));
-        c.insert("sliding_window_pattern".into(), json!(6));
-        c.insert("rope_local_base_freq".into(), json!(10_000.0));
-        c.insert("query_pre_attn_scalar".into(), json!(scalar));
-        if let Some(cap) = float("final_logit_softcapping") {
-            c.insert("final_logit_softcapping".into(), json!(cap));
-        }
-    }
-    Ok(Value::Object(c))
-}
-
-/// The Hugging Face name of a GGUF tensor.
-fn hf_name(name: &str, gemma: bool) -> Option<String> {
-    let (stem, suffix) = name.rsplit_once('.')?;
-    let mapped = match stem {
-        "token_embd" => "model.embed_tokens".to_owned(),
-        "output_norm" => "model.norm".to_owned(),
-        "output" => "lm_head".to_owned(),
-        "rope_freqs" => "rope_freqs".to_owned(),
-        _ => {
-            let rest = stem.strip_prefix("blk.")?;
-            let (layer, part) = rest.split_once('.')?;
-            let part = match part {
-                "attn_norm" => "input_layernorm",
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "attn_q_norm" => "self_attn.q_norm",
-                "attn_k_norm" => "self_attn.k_norm",
-                "ffn_norm" if gemma => "pre_feedforward_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                "post_attention_norm" => "post_attention_layernorm",
-                "post_ffw_norm" => "post_feedforward_layernorm",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                _ => return None,
-            };
-            format!("model.layers.{layer}.{part}")
-        }
-    };
-    Some(format!("{mapped}.{suffix}"))
-}
-
-/// Reorders rows `[heads × head_dim, …]` from llama.cpp's interleaved RoPE
-/// layout back to Hugging Face's: within each head, GGUF row `2j + t` is
-/// Hugging Face row `t × head_dim/2 + j`.
-fn unpermute_rows<T: Copy>(
-    data: &[T],
-    rows: usize,
-    row_len: usize,
-    heads: usize,
-) -> Result<Vec<T>, LoadError> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || data.len() != rows * row_len {
-        return Err(LoadError::Config(format!(
-            "cannot undo the Q/K permutation of {rows} rows over {heads} heads"
-        )));
-    }
-    let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let mut out = Vec::with_capacity(data.len());
-    for h in 0..heads {
-        for hf in 0..head_dim {
-            let (t, j) = (hf / half, hf % half);
-            let g = h * head_dim + 2 * j + t;
-            out.extend_from_slice(&data[g * row_len..(g + 1) * row_len]);
-        }
-    }
-    Ok(out)
-}
-
-fn usize_of(v: u64, what: &str) -> Result<usize, LoadError> {
-    usize::try_from(v).map_err(|_| LoadError::Config(format!("{what} does not fit this platform")))
-}
 
 fn array(bytes: &[u8], shape: &[usize], dtype: Dtype, name: &str) -> Result<Array, LoadError> {
     let shape: Vec<i32> = shape
         .iter()
         .map(|&d| {
-            i32::try_from(d).map_err(|_| LoadError::Config(format!("tensor `{name}` is too large")))
+            i32::try_from(d)
+                .map_err(|_| FormatError::Config(format!("tensor `{name}` is too large")))
         })
         .collect::<Result<_, _>>()?;
-    ffi::array_from_bytes(bytes, &shape, dtype).map_err(|e| LoadError::CorruptWeights {
-        file: "GGUF".into(),
-        reason: format!("{name}: {e}"),
+    ffi::array_from_bytes(bytes, &shape, dtype).map_err(|e| {
+        FormatError::CorruptWeights {
+            file: "GGUF".into(),
+            reason: format!("{name}: {e}"),
+        }
+        .into()
     })
 }
 
@@ -248,110 +44,59 @@ fn u32_bytes(v: &[u32]) -> Vec<u8> {
 pub fn weights(
     file: &GgufFile,
     architecture: &str,
-    heads: usize,
-    kv_heads: usize,
 ) -> Result<(Weights, Option<Quantization>), LoadError> {
-    let gemma = architecture.starts_with("gemma");
-    let llama = architecture == "llama";
     let mut tensors: HashMap<String, Array> = HashMap::new();
     let mut quant: HashMap<String, Quantization> = HashMap::new();
     let mut bits_count: BTreeMap<i32, usize> = BTreeMap::new();
     let mut float_dtype = None;
-    for t in file.tensors() {
-        let Some(name) = hf_name(&t.name, gemma) else {
-            return Err(LoadError::UnexpectedTensor(t.name.clone()));
-        };
-        let data = file.tensor_data(t).map_err(|e| LoadError::CorruptWeights {
-            file: "GGUF".into(),
-            reason: e.to_string(),
-        })?;
-        let shape: Vec<usize> = t
-            .shape()
-            .iter()
-            .map(|&d| usize_of(d, &t.name))
-            .collect::<Result<_, _>>()?;
-        let (rows, cols) = match shape.as_slice() {
-            [r, c] => (*r, *c),
-            [n] => (1, *n),
-            _ => (0, 0),
-        };
-        let permute_heads = match name.rsplit_once('.').map(|(s, _)| s) {
-            Some(s) if llama && s.ends_with("self_attn.q_proj") => Some(heads),
-            Some(s) if llama && s.ends_with("self_attn.k_proj") => Some(kv_heads),
-            _ => None,
-        };
-        let is_norm = name.ends_with("norm.weight");
-        match t.ggml_type {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if shape.len() == 2 && !is_norm => {
-                let mut a = quant::to_mlx_affine(t.ggml_type, data, rows, cols).map_err(|e| {
-                    LoadError::CorruptWeights {
-                        file: "GGUF".into(),
-                        reason: format!("{}: {e}", t.name),
-                    }
-                })?;
-                if let Some(h) = permute_heads {
-                    let words = a.packed.len() / rows.max(1);
-                    let groups = a.scales.len() / rows.max(1);
-                    a.packed = unpermute_rows(&a.packed, rows, words, h)?;
-                    a.scales = unpermute_rows(&a.scales, rows, groups, h)?;
-                    a.biases = unpermute_rows(&a.biases, rows, groups, h)?;
-                }
+    convert_tensors(file, architecture, |t| -> Result<(), LoadError> {
+        match t {
+            HfTensor::Affine {
+                name,
+                rows,
+                packed,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } => {
                 let prefix = name.trim_end_matches(".weight").to_owned();
-                let words = a.packed.len() / rows.max(1);
-                let groups = a.scales.len() / rows.max(1);
+                let words = packed.len() / rows.max(1);
+                let groups = scales.len() / rows.max(1);
                 tensors.insert(
                     name.clone(),
-                    array(&u32_bytes(&a.packed), &[rows, words], Dtype::Uint32, &name)?,
+                    array(&u32_bytes(&packed), &[rows, words], Dtype::Uint32, &name)?,
                 );
                 tensors.insert(
                     format!("{prefix}.scales"),
-                    array(
-                        &f32_bytes(&a.scales),
-                        &[rows, groups],
-                        Dtype::Float32,
-                        &name,
-                    )?,
+                    array(&f32_bytes(&scales), &[rows, groups], Dtype::Float32, &name)?,
                 );
                 tensors.insert(
                     format!("{prefix}.biases"),
-                    array(
-                        &f32_bytes(&a.biases),
-                        &[rows, groups],
-                        Dtype::Float32,
-                        &name,
-                    )?,
+                    array(&f32_bytes(&biases), &[rows, groups], Dtype::Float32, &name)?,
                 );
-                quant.insert(
-                    prefix,
-                    Quantization {
-                        group_size: a.group_size,
-                        bits: a.bits,
-                    },
-                );
-                *bits_count.entry(a.bits).or_default() += 1;
+                quant.insert(prefix, Quantization { group_size, bits });
+                *bits_count.entry(bits).or_default() += 1;
             }
-            GgmlType::F16 | GgmlType::BF16 if permute_heads.is_none() && !(gemma && is_norm) => {
-                let dtype = if t.ggml_type == GgmlType::F16 {
-                    Dtype::Float16
-                } else {
+            HfTensor::Half {
+                name,
+                shape,
+                data,
+                bf16,
+            } => {
+                let dtype = if bf16 {
                     Dtype::Bfloat16
+                } else {
+                    Dtype::Float16
                 };
                 float_dtype.get_or_insert(dtype);
                 tensors.insert(name.clone(), array(data, &shape, dtype, &name)?);
             }
-            ty => {
-                let n = usize_of(t.n_elements(), &t.name)?;
-                let mut values =
-                    quant::dequantize(ty, data, n).map_err(|e| LoadError::CorruptWeights {
-                        file: "GGUF".into(),
-                        reason: format!("{}: {e}", t.name),
-                    })?;
-                if let Some(h) = permute_heads {
-                    values = unpermute_rows(&values, rows, cols, h)?;
-                }
-                if gemma && is_norm {
-                    values.iter_mut().for_each(|v| *v -= 1.0);
-                }
+            HfTensor::F32 {
+                name,
+                shape,
+                values,
+            } => {
                 float_dtype.get_or_insert(Dtype::Float32);
                 tensors.insert(
                     name.clone(),
@@ -359,7 +104,8 @@ pub fn weights(
                 );
             }
         }
-    }
+        Ok(())
+    })?;
     let dominant = bits_count
         .into_iter()
         .max_by_key(|&(_, n)| n)
@@ -368,42 +114,4 @@ pub fn weights(
             bits,
         });
     Ok((Weights::from_parts(tensors, quant, float_dtype), dominant))
-}
-
-/// Row counts needed to undo the permutation: query and key-value heads.
-pub fn head_counts(file: &GgufFile, architecture: &str) -> (usize, usize) {
-    let heads = file
-        .get_u64(&format!("{architecture}.attention.head_count"))
-        .unwrap_or(0) as usize;
-    let kv = file
-        .get_u64(&format!("{architecture}.attention.head_count_kv"))
-        .map_or(heads, |v| v as usize);
-    (heads, kv)
-}
-
-/// How a GGUF file stores its weights: the name of its `general.file_type`
-/// (`Q4_1`, `Q4_K_M`, `F16`, …), or else the type holding most weight
-/// elements; and whether that type is quantised.
-pub fn stored_type(file: &GgufFile) -> (String, bool) {
-    let declared = file
-        .get_u64("general.file_type")
-        .and_then(|id| u32::try_from(id).ok())
-        .and_then(inference_core::GgufFileType::from_id);
-    if let Some(t) = declared {
-        return (t.name.to_owned(), t.is_quantized());
-    }
-    let mut by_type: Vec<(crate::gguf::reader::GgmlType, u64)> = Vec::new();
-    for t in file.tensors() {
-        match by_type.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
-            Some((_, n)) => *n = n.saturating_add(t.n_elements()),
-            None => by_type.push((t.ggml_type, t.n_elements())),
-        }
-    }
-    match by_type.into_iter().max_by_key(|&(_, n)| n) {
-        Some((ty, _)) => {
-            let quantised = !matches!(ty.name(), "F32" | "F16" | "BF16" | "F64");
-            (ty.name().to_owned(), quantised)
-        }
-        None => (String::new(), false),
-    }
 }

@@ -1,6 +1,6 @@
-//! Reading models from disk: configuration and weights.
+//! Reading models from disk: safetensors weights into MLX arrays (the
+//! configuration is `inference_formats::config`'s).
 
-pub mod config;
 pub mod weights;
 
 use mlx_rs::Dtype;

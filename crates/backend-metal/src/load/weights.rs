@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use mlx_rs::{Array, Dtype};
 use safetensors::{Dtype as StDtype, SafeTensors};
 
-use crate::error::LoadError;
+use crate::error::{FormatError, LoadError};
 use crate::ffi;
-use crate::load::config::Quantization;
+use inference_formats::config::Quantization;
 
 /// Prefixes multimodal checkpoints put before the text model's tensor names.
 const TEXT_PREFIXES: &[(&str, &str)] = &[
@@ -44,16 +44,9 @@ pub struct Weights {
 }
 
 /// The weight files of a model directory, chosen as transformers and mlx-lm
-/// choose them ([`inference_core::safetensors_files`]).
+/// choose them ([`inference_formats::safetensors_files`]).
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    use inference_core::WeightFilesError as E;
-    inference_core::safetensors_files(dir).map_err(|e| match e {
-        E::BadIndex { file, reason } => LoadError::CorruptWeights {
-            file: file.display().to_string(),
-            reason,
-        },
-        other => LoadError::Io(other.to_string()),
-    })
+    Ok(inference_formats::safetensors_files(dir).map_err(FormatError::from)?)
 }
 
 fn mlx_dtype(dtype: StDtype) -> Option<Dtype> {
@@ -89,13 +82,14 @@ impl Weights {
         let mut float_dtype = None;
         for path in weight_files(dir)? {
             let file_name = path.display().to_string();
-            let corrupt = |reason: String| LoadError::CorruptWeights {
+            let corrupt = |reason: String| FormatError::CorruptWeights {
                 file: file_name.clone(),
                 reason,
             };
-            let file = File::open(&path).map_err(|e| LoadError::Io(format!("{file_name}: {e}")))?;
-            let map =
-                ffi::map_file(&file).map_err(|e| LoadError::Io(format!("{file_name}: {e}")))?;
+            let file =
+                File::open(&path).map_err(|e| FormatError::Io(format!("{file_name}: {e}")))?;
+            let map = inference_formats::map_file(&file)
+                .map_err(|e| FormatError::Io(format!("{file_name}: {e}")))?;
             let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
             let mut skipped = 0usize;
             for (name, view) in st.tensors() {
@@ -103,7 +97,7 @@ impl Weights {
                     skipped += 1;
                     continue;
                 };
-                let dtype = mlx_dtype(view.dtype()).ok_or_else(|| LoadError::WrongDtype {
+                let dtype = mlx_dtype(view.dtype()).ok_or_else(|| FormatError::WrongDtype {
                     name: name.clone(),
                     dtype: format!("{:?}", view.dtype()),
                 })?;
@@ -121,7 +115,7 @@ impl Weights {
                 let array = ffi::array_from_bytes(view.data(), &shape, dtype)
                     .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
                 if tensors.insert(key.clone(), array).is_some() {
-                    return Err(corrupt(format!("tensor `{key}` appears twice")));
+                    return Err(corrupt(format!("tensor `{key}` appears twice")).into());
                 }
             }
             if skipped > 0 {
@@ -164,7 +158,7 @@ impl Weights {
         let a = self
             .tensors
             .remove(name)
-            .ok_or_else(|| LoadError::MissingTensor(name.to_owned()))?;
+            .ok_or_else(|| FormatError::MissingTensor(name.to_owned()))?;
         check_shape(name, &a, shape)?;
         Ok(a)
     }
@@ -177,7 +171,7 @@ impl Weights {
             .into_keys()
             .find(|n| !n.ends_with("rotary_emb.inv_freq"))
         {
-            Some(name) => Err(LoadError::UnexpectedTensor(name)),
+            Some(name) => Err(FormatError::UnexpectedTensor(name).into()),
             None => Ok(()),
         }
     }
@@ -186,11 +180,11 @@ impl Weights {
 /// Checks that `a` has `shape`.
 pub fn check_shape(name: &str, a: &Array, shape: &[i32]) -> Result<(), LoadError> {
     if a.shape() != shape {
-        return Err(LoadError::WrongShape {
+        return Err(LoadError::Format(FormatError::WrongShape {
             name: name.to_owned(),
             found: a.shape().iter().map(|&d| i64::from(d)).collect(),
             expected: shape.iter().map(|&d| i64::from(d)).collect(),
-        });
+        }));
     }
     Ok(())
 }

@@ -5,16 +5,113 @@
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 
+use inference_formats::config::{Defaults, HfConfig, LayerKind, Rope, TextConfig};
+
 use crate::cache::{LayerCache, Rotation};
-use crate::error::LoadError;
-use crate::load::config::ModelConfig;
+use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
 use crate::models::layers::{
-    last_keepdim, Activation, Attention, GatedMlp, Matrix, RmsNorm, RotaryEmbedding,
+    last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, RmsNorm,
+    RotaryEmbedding,
 };
-use crate::models::CausalLm;
+use crate::models::{Architecture, CausalLm, ModelSpec};
 
 type Result<T> = std::result::Result<T, Exception>;
+
+/// The model types this file implements.
+pub const ARCHITECTURE: Architecture = Architecture {
+    model_types: &["qwen3", "qwen2", "llama"],
+    read: |c| Ok(Box::new(DecoderConfig::from_hf(c)?)),
+};
+
+/// Where `config.json` is silent (transformers' defaults for Llama).
+const DEFAULTS: Defaults = Defaults {
+    rms_norm_eps: 1e-6,
+    max_position_embeddings: 2048,
+    tie_word_embeddings: false,
+    head_dim: None,
+};
+
+/// A decoder-family model's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    /// Sizes, context, quantisation and special ids.
+    pub text: TextConfig,
+    /// Which projections have biases (Qwen2 always has q/k/v biases; the
+    /// others follow `attention_bias`).
+    pub biases: AttentionBiases,
+    /// RMSNorm on queries and keys per head (Qwen3).
+    pub qk_norm: bool,
+    /// Biases in the MLP (`mlp_bias`).
+    pub mlp_bias: bool,
+    /// RoPE (`rope_theta` / `rope_scaling`, or `rope_parameters`).
+    pub rope: Rope,
+}
+
+impl DecoderConfig {
+    /// Reads the configuration of a `qwen3`, `qwen2` or `llama` model.
+    /// Keys that change the maths in ways this file does not implement are
+    /// refused, naming the key: sliding-window attention, final-logit
+    /// soft-capping, `query_pre_attn_scalar`, activations other than SiLU.
+    pub fn from_hf(c: &HfConfig) -> std::result::Result<Self, FormatError> {
+        let text = TextConfig::read(c, &DEFAULTS)?;
+        let model_type = c.model_type();
+        let activation = c.activation("silu")?;
+        if !["silu", "swish"].contains(&activation.as_str()) {
+            return Err(FormatError::Unsupported(format!(
+                "activation {activation:?} for {model_type}"
+            )));
+        }
+        let rope = c.rope("full_attention", "rope_theta", 10_000.0)?;
+        let layer_types = c.layer_types(text.num_hidden_layers as usize, None)?;
+        let refuse = |what: String| Err(FormatError::Unsupported(what));
+        if c.get::<bool>("use_sliding_window")? == Some(true) {
+            return refuse(format!(
+                "config key `use_sliding_window: true` (sliding-window attention) for {model_type}"
+            ));
+        }
+        if layer_types.contains(&LayerKind::Sliding) {
+            return refuse(format!(
+                "config key `layer_types` with `sliding_attention` layers for {model_type}"
+            ));
+        }
+        if c.get::<f32>("final_logit_softcapping")?.is_some() {
+            return refuse(format!(
+                "config key `final_logit_softcapping` (logit soft-capping) for {model_type}"
+            ));
+        }
+        if c.get::<f32>("query_pre_attn_scalar")?.is_some() {
+            return refuse(format!(
+                "config key `query_pre_attn_scalar` (a non-standard attention scale) for {model_type}"
+            ));
+        }
+        let attention_bias = c.get::<bool>("attention_bias")?.unwrap_or(false);
+        Ok(Self {
+            biases: AttentionBiases {
+                qkv: model_type == "qwen2" || attention_bias,
+                o: attention_bias,
+            },
+            qk_norm: model_type == "qwen3",
+            mlp_bias: c.get::<bool>("mlp_bias")?.unwrap_or(false),
+            rope,
+            text,
+        })
+    }
+}
+
+impl ModelSpec for DecoderConfig {
+    fn text(&self) -> &TextConfig {
+        &self.text
+    }
+
+    fn text_mut(&mut self) -> &mut TextConfig {
+        &mut self.text
+    }
+
+    fn build(&self, weights: &mut Weights) -> std::result::Result<Box<dyn CausalLm>, LoadError> {
+        Ok(Box::new(Decoder::load(self, weights)?))
+    }
+}
 
 struct Layer {
     input_layernorm: RmsNorm,
@@ -35,7 +132,8 @@ pub struct Decoder {
 
 impl Decoder {
     /// Builds the model from `config` and `weights` (taking every tensor it uses).
-    pub fn load(c: &ModelConfig, w: &mut Weights) -> std::result::Result<Self, LoadError> {
+    pub fn load(config: &DecoderConfig, w: &mut Weights) -> std::result::Result<Self, LoadError> {
+        let c = &config.text;
         let q = c.quantization;
         let embed_tokens = Matrix::load(w, "model.embed_tokens", c.vocab_size, c.hidden_size, q)?;
         let layers = (0..c.num_hidden_layers)
@@ -52,8 +150,9 @@ impl Decoder {
                         w,
                         &format!("{p}.self_attn"),
                         c,
+                        config.biases,
                         1.0 / (c.head_dim as f32).sqrt(),
-                        |w, name| match c.qk_norm {
+                        |w, name| match config.qk_norm {
                             true => RmsNorm::load(w, name, c.head_dim, c.rms_norm_eps).map(Some),
                             false => Ok(None),
                         },
@@ -64,7 +163,13 @@ impl Decoder {
                         c.hidden_size,
                         c.rms_norm_eps,
                     )?,
-                    mlp: GatedMlp::load(w, &format!("{p}.mlp"), c, Activation::Silu)?,
+                    mlp: GatedMlp::load(
+                        w,
+                        &format!("{p}.mlp"),
+                        c,
+                        config.mlp_bias,
+                        Activation::Silu,
+                    )?,
                 })
             })
             .collect::<std::result::Result<Vec<_>, LoadError>>()?;
@@ -79,7 +184,7 @@ impl Decoder {
         } else {
             Some(Matrix::load(w, "lm_head", c.vocab_size, c.hidden_size, q)?)
         };
-        let rope = RotaryEmbedding::new(c.head_dim, &c.rope)?;
+        let rope = RotaryEmbedding::new(c.head_dim, &config.rope)?;
         Ok(Self {
             embed_tokens,
             layers,

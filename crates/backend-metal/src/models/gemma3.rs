@@ -11,16 +11,107 @@ use mlx_rs::error::Exception;
 use mlx_rs::ops::tanh;
 use mlx_rs::{fast, Array, Dtype};
 
+use inference_formats::config::{Defaults, HfConfig, LayerKind, Rope, TextConfig};
+
 use crate::cache::{LayerCache, Rotation};
-use crate::error::LoadError;
-use crate::load::config::{LayerKind, ModelConfig};
+use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
 use crate::models::layers::{
-    last_keepdim, Activation, Attention, GatedMlp, Matrix, Norm, RotaryEmbedding,
+    last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, Norm, RotaryEmbedding,
 };
-use crate::models::CausalLm;
+use crate::models::{Architecture, CausalLm, ModelSpec};
 
 type Result<T> = std::result::Result<T, Exception>;
+
+/// The model types this file implements.
+pub const ARCHITECTURE: Architecture = Architecture {
+    model_types: &["gemma3_text", "gemma3"],
+    read: |c| Ok(Box::new(Gemma3Config::from_hf(c)?)),
+};
+
+/// Where `config.json` is silent (transformers' `Gemma3TextConfig`).
+const DEFAULTS: Defaults = Defaults {
+    rms_norm_eps: 1e-6,
+    max_position_embeddings: 131_072,
+    tie_word_embeddings: true,
+    head_dim: Some(256),
+};
+
+/// A Gemma 3 text model's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma3Config {
+    /// Sizes, context, quantisation and special ids.
+    pub text: TextConfig,
+    /// Which projections have biases (`attention_bias`).
+    pub biases: AttentionBiases,
+    /// Biases in the MLP (`mlp_bias`).
+    pub mlp_bias: bool,
+    /// RoPE of the global (full-attention) layers.
+    pub rope: Rope,
+    /// RoPE of the local (sliding-window) layers: `rope_local_base_freq`.
+    pub rope_local: Rope,
+    /// The local layers' window.
+    pub sliding_window: usize,
+    /// Each layer's kind (every sixth layer global unless configured).
+    pub layer_types: Vec<LayerKind>,
+    /// Attention scale numerator (`query_pre_attn_scalar`, default 256).
+    pub query_pre_attn_scalar: f32,
+    /// Final logit soft-capping, where configured.
+    pub final_logit_softcapping: Option<f32>,
+}
+
+impl Gemma3Config {
+    /// Reads the configuration of a `gemma3_text` model (or the text part
+    /// of a `gemma3` one). Activations other than GELU-tanh are refused.
+    pub fn from_hf(c: &HfConfig) -> std::result::Result<Self, FormatError> {
+        let text = TextConfig::read(c, &DEFAULTS)?;
+        let activation = c.activation("gelu_pytorch_tanh")?;
+        if !["gelu_pytorch_tanh", "gelu_tanh"].contains(&activation.as_str()) {
+            return Err(FormatError::Unsupported(format!(
+                "activation {activation:?} for {}",
+                c.model_type()
+            )));
+        }
+        let rope = c.rope("full_attention", "rope_theta", 1_000_000.0)?;
+        let rope_local = c.rope("sliding_attention", "rope_local_base_freq", 10_000.0)?;
+        let layer_types = c.layer_types(text.num_hidden_layers as usize, Some(6))?;
+        let sliding_window: usize = c.require("sliding_window")?;
+        if sliding_window == 0 {
+            return Err(FormatError::Config(
+                "`sliding_window` must be positive".into(),
+            ));
+        }
+        let attention_bias = c.get::<bool>("attention_bias")?.unwrap_or(false);
+        Ok(Self {
+            biases: AttentionBiases {
+                qkv: attention_bias,
+                o: attention_bias,
+            },
+            mlp_bias: c.get::<bool>("mlp_bias")?.unwrap_or(false),
+            rope,
+            rope_local,
+            sliding_window,
+            layer_types,
+            query_pre_attn_scalar: c.get("query_pre_attn_scalar")?.unwrap_or(256.0),
+            final_logit_softcapping: c.get("final_logit_softcapping")?,
+            text,
+        })
+    }
+}
+
+impl ModelSpec for Gemma3Config {
+    fn text(&self) -> &TextConfig {
+        &self.text
+    }
+
+    fn text_mut(&mut self) -> &mut TextConfig {
+        &mut self.text
+    }
+
+    fn build(&self, weights: &mut Weights) -> std::result::Result<Box<dyn CausalLm>, LoadError> {
+        Ok(Box::new(Gemma3::load(self, weights)?))
+    }
+}
 
 /// Gemma's RMSNorm: `x / rms(x) × (1 + w)`.
 struct GemmaNorm {
@@ -86,7 +177,8 @@ pub struct Gemma3 {
 
 impl Gemma3 {
     /// Builds the model from `config` and `weights` (taking every tensor it uses).
-    pub fn load(c: &ModelConfig, w: &mut Weights) -> std::result::Result<Self, LoadError> {
+    pub fn load(config: &Gemma3Config, w: &mut Weights) -> std::result::Result<Self, LoadError> {
+        let c = &config.text;
         let q = c.quantization;
         let eps = c.rms_norm_eps;
         let hidden = c.hidden_size;
@@ -102,18 +194,25 @@ impl Gemma3 {
                     GemmaNorm::load(w, &format!("{p}.{name}"), hidden, eps)
                 };
                 Ok(Layer {
-                    kind: c.layer_types[i as usize],
+                    kind: config.layer_types[i as usize],
                     input_layernorm: norm(w, "input_layernorm")?,
                     self_attn: Attention::load(
                         w,
                         &format!("{p}.self_attn"),
                         c,
-                        c.query_pre_attn_scalar.unwrap_or(256.0).powf(-0.5),
+                        config.biases,
+                        config.query_pre_attn_scalar.powf(-0.5),
                         |w, name| GemmaNorm::load(w, name, c.head_dim, c.rms_norm_eps).map(Some),
                     )?,
                     post_attention_layernorm: norm(w, "post_attention_layernorm")?,
                     pre_feedforward_layernorm: norm(w, "pre_feedforward_layernorm")?,
-                    mlp: GatedMlp::load(w, &format!("{p}.mlp"), c, Activation::GeluTanh)?,
+                    mlp: GatedMlp::load(
+                        w,
+                        &format!("{p}.mlp"),
+                        c,
+                        config.mlp_bias,
+                        Activation::GeluTanh,
+                    )?,
                     post_feedforward_layernorm: norm(w, "post_feedforward_layernorm")?,
                 })
             })
@@ -127,22 +226,16 @@ impl Gemma3 {
         } else {
             Some(Matrix::load(w, "lm_head", c.vocab_size, hidden, q)?)
         };
-        let local = c
-            .rope_local
-            .as_ref()
-            .ok_or_else(|| LoadError::Config("Gemma 3 needs a local RoPE base".into()))?;
         Ok(Self {
             embed_tokens,
             embed_scale,
             layers,
             norm,
             lm_head,
-            rope_global: RotaryEmbedding::new(c.head_dim, &c.rope)?,
-            rope_local: RotaryEmbedding::new(c.head_dim, local)?,
-            sliding_window: c
-                .sliding_window
-                .ok_or_else(|| LoadError::Config("Gemma 3 needs `sliding_window`".into()))?,
-            final_logit_softcapping: c.final_logit_softcapping,
+            rope_global: RotaryEmbedding::new(c.head_dim, &config.rope)?,
+            rope_local: RotaryEmbedding::new(c.head_dim, &config.rope_local)?,
+            sliding_window: config.sliding_window,
+            final_logit_softcapping: config.final_logit_softcapping,
             dtype,
         })
     }

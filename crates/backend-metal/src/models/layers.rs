@@ -10,9 +10,10 @@ use mlx_rs::transforms::compile::compile;
 use mlx_rs::transforms::eval;
 use mlx_rs::{fast, with_stream, Array, Device, Stream};
 
+use inference_formats::config::{Quantization, Rope, RopeScaling, TextConfig};
+
 use crate::cache::{attend, LayerCache};
-use crate::error::LoadError;
-use crate::load::config::{ModelConfig, Quantization, Rope, RopeScaling};
+use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -42,10 +43,11 @@ impl QuantWeight {
         q: Quantization,
     ) -> std::result::Result<Self, LoadError> {
         if q.bits <= 0 || 32 % q.bits != 0 || q.group_size <= 0 || inp % q.group_size != 0 {
-            return Err(LoadError::Config(format!(
+            return Err(FormatError::Config(format!(
                 "quantization bits {} / group {} does not fit `{prefix}` with {inp} inputs",
                 q.bits, q.group_size
-            )));
+            ))
+            .into());
         }
         let packed = inp * q.bits / 32;
         let groups = inp / q.group_size;
@@ -324,7 +326,7 @@ impl<const N: usize> LinearGroup<N> {
     /// Stacks `parts` where they allow it; `what` names them in an error.
     fn new(parts: [Linear; N], what: &str) -> std::result::Result<Self, LoadError> {
         let stacked = Linear::stack(&parts.each_ref())
-            .map_err(|e| LoadError::Config(format!("stacking {what}: {e}")))?;
+            .map_err(|e| FormatError::Config(format!("stacking {what}: {e}")))?;
         Ok(match stacked {
             Some(s) => {
                 let mut at = 0;
@@ -392,19 +394,16 @@ impl std::fmt::Debug for GatedMlp {
 }
 
 impl GatedMlp {
-    /// Loads `prefix.{gate,up,down}_proj` for `config`'s sizes.
+    /// Loads `prefix.{gate,up,down}_proj` for `c`'s sizes, with biases when
+    /// `bias`.
     pub fn load(
         w: &mut Weights,
         prefix: &str,
-        c: &ModelConfig,
+        c: &TextConfig,
+        bias: bool,
         activation: Activation,
     ) -> std::result::Result<Self, LoadError> {
-        let (hidden, inter, q, bias) = (
-            c.hidden_size,
-            c.intermediate_size,
-            c.quantization,
-            c.mlp_bias,
-        );
+        let (hidden, inter, q) = (c.hidden_size, c.intermediate_size, c.quantization);
         let gate = Linear::load(w, &format!("{prefix}.gate_proj"), inter, hidden, bias, q)?;
         let up = Linear::load(w, &format!("{prefix}.up_proj"), inter, hidden, bias, q)?;
         Ok(Self {
@@ -465,14 +464,24 @@ pub struct Attention<N> {
     scale: f32,
 }
 
+/// Which projections of an attention block have biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionBiases {
+    /// On the q, k and v projections.
+    pub qkv: bool,
+    /// On the output projection.
+    pub o: bool,
+}
+
 impl<N: Norm> Attention<N> {
-    /// Loads `prefix.{q,k,v,o}_proj` for `c`'s sizes and biases; `norm` loads
-    /// `prefix.q_norm` / `prefix.k_norm` (or answers `None` where the
+    /// Loads `prefix.{q,k,v,o}_proj` for `c`'s sizes, with `biases`; `norm`
+    /// loads `prefix.q_norm` / `prefix.k_norm` (or answers `None` where the
     /// architecture has none). Scores are scaled by `scale`.
     pub fn load(
         w: &mut Weights,
         prefix: &str,
-        c: &ModelConfig,
+        c: &TextConfig,
+        biases: AttentionBiases,
         scale: f32,
         norm: impl Fn(&mut Weights, &str) -> std::result::Result<Option<N>, LoadError>,
     ) -> std::result::Result<Self, LoadError> {
@@ -484,7 +493,7 @@ impl<N: Norm> Attention<N> {
             c.quantization,
         );
         let proj = |w: &mut Weights, name: &str, out: i32| {
-            Linear::load(w, &format!("{prefix}.{name}"), out, hidden, c.qkv_bias, q)
+            Linear::load(w, &format!("{prefix}.{name}"), out, hidden, biases.qkv, q)
         };
         let qkv = [
             proj(w, "q_proj", h * d)?,
@@ -493,7 +502,7 @@ impl<N: Norm> Attention<N> {
         ];
         Ok(Self {
             qkv: LinearGroup::new(qkv, &format!("`{prefix}` q, k and v"))?,
-            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), hidden, h * d, c.o_bias, q)?,
+            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), hidden, h * d, biases.o, q)?,
             q_norm: norm(w, &format!("{prefix}.q_norm"))?,
             k_norm: norm(w, &format!("{prefix}.k_norm"))?,
             heads: h,

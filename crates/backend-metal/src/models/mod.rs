@@ -1,4 +1,8 @@
-//! Model architectures, one file each, and dispatch by `model_type`.
+//! Model architectures, one file each: every file owns its configuration
+//! (read from [`HfConfig`] into a [`ModelSpec`]) and its model (a
+//! [`CausalLm`]), and names the `model_type`s it implements in its
+//! [`Architecture`]. [`ARCHITECTURES`] lists them; adding an architecture is
+//! adding a file and a line there.
 
 pub mod decoder;
 pub mod gemma3;
@@ -7,9 +11,10 @@ pub mod layers;
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 
+use inference_formats::config::{HfConfig, TextConfig};
+
 use crate::cache::{LayerCache, Rotation};
-use crate::error::LoadError;
-use crate::load::config::{Family, ModelConfig};
+use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
 
 /// A causal language model: token ids in, hidden states and logits out.
@@ -53,13 +58,47 @@ pub trait CausalLm {
     fn new_caches(&self, context: Option<Rotation>) -> Vec<LayerCache>;
 }
 
-/// Builds the model `config` describes from `weights`, then checks that every
+/// An architecture's configuration, as its model file reads it.
+pub trait ModelSpec: Send + std::fmt::Debug {
+    /// What every text model's configuration holds (the engine reads it).
+    fn text(&self) -> &TextConfig;
+
+    /// The same, to amend (a GGUF file's special ids and architecture).
+    fn text_mut(&mut self) -> &mut TextConfig;
+
+    /// Builds the model from `weights`, taking every tensor it uses.
+    fn build(&self, weights: &mut Weights) -> Result<Box<dyn CausalLm>, LoadError>;
+}
+
+/// One model file: the `model_type`s it implements and how it reads their
+/// configuration.
+#[derive(Clone, Copy)]
+pub struct Architecture {
+    /// The `model_type`s (as [`HfConfig::model_type`] resolves them).
+    pub model_types: &'static [&'static str],
+    /// Reads the configuration (refusing what the file does not implement).
+    pub read: fn(&HfConfig) -> Result<Box<dyn ModelSpec>, FormatError>,
+}
+
+/// Every architecture this backend runs.
+pub const ARCHITECTURES: &[Architecture] = &[decoder::ARCHITECTURE, gemma3::ARCHITECTURE];
+
+/// The configuration of the model `config` describes, read by the file of
+/// its architecture; [`FormatError::UnsupportedArchitecture`] when no file
+/// implements its `model_type`.
+pub fn read_config(config: &HfConfig) -> Result<Box<dyn ModelSpec>, FormatError> {
+    let model_type = config.model_type();
+    let arch = ARCHITECTURES
+        .iter()
+        .find(|a| a.model_types.contains(&model_type))
+        .ok_or_else(|| FormatError::UnsupportedArchitecture(model_type.to_owned()))?;
+    (arch.read)(config)
+}
+
+/// Builds the model `spec` describes from `weights`, then checks that every
 /// tensor was used.
-pub fn build(config: &ModelConfig, mut weights: Weights) -> Result<Box<dyn CausalLm>, LoadError> {
-    let model: Box<dyn CausalLm> = match config.family() {
-        Family::Decoder => Box::new(decoder::Decoder::load(config, &mut weights)?),
-        Family::Gemma3 => Box::new(gemma3::Gemma3::load(config, &mut weights)?),
-    };
+pub fn build(spec: &dyn ModelSpec, mut weights: Weights) -> Result<Box<dyn CausalLm>, LoadError> {
+    let model = spec.build(&mut weights)?;
     weights.finish()?;
     Ok(model)
 }
@@ -81,15 +120,15 @@ mod tests {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         for name in ["qwen3-bf16", "gemma3-bf16"] {
             let dir = fixtures.join(name);
-            let config = ModelConfig::load(&dir).unwrap();
-            let model = build(&config, Weights::load(&dir).unwrap()).unwrap();
+            let config = read_config(&HfConfig::load(&dir).unwrap()).unwrap();
+            let model = build(&*config, Weights::load(&dir).unwrap()).unwrap();
             assert_eq!(model.dtype(), Dtype::Bfloat16, "{name}");
             let mut caches = model.new_caches(None);
             let ids = Array::from_slice(&[1u32, 2, 3, 4], &[1, 4]);
             let h = model.hidden(&ids, &mut caches).unwrap();
             assert_eq!(h.dtype(), Dtype::Bfloat16, "{name}: prefill");
             let last = model.hidden_last(&ids, &mut caches).unwrap();
-            assert_eq!(last.shape(), &[1, 1, config.hidden_size], "{name}");
+            assert_eq!(last.shape(), &[1, 1, config.text().hidden_size], "{name}");
             let step = model
                 .hidden(&Array::from_slice(&[5u32], &[1, 1]), &mut caches)
                 .unwrap();

@@ -15,8 +15,8 @@
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
-use super::reader::GgufFile;
-use crate::error::LoadError;
+use inference_formats::gguf::GgufFile;
+use inference_formats::LoadError;
 
 /// GGUF token types.
 const NORMAL: i32 = 1;

@@ -1,12 +1,14 @@
 //! Finding models on disk.
 
 use std::fs;
-use std::io::{self, BufReader, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
+use inference_core::{Error, Result};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::LoadError;
+use crate::gguf::{GgufFile, GgufFileType};
 
 /// How a discovered model is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -79,6 +81,20 @@ pub enum WeightFilesError {
         /// The directory.
         dir: PathBuf,
     },
+}
+
+impl From<WeightFilesError> for LoadError {
+    /// A bad index is corrupt weights (naming the index); the rest are I/O.
+    fn from(e: WeightFilesError) -> Self {
+        use WeightFilesError as E;
+        match e {
+            E::BadIndex { file, reason } => LoadError::CorruptWeights {
+                file: file.display().to_string(),
+                reason,
+            },
+            other => LoadError::Io(other.to_string()),
+        }
+    }
 }
 
 /// The safetensors weight files of a Hugging Face directory, chosen as
@@ -219,66 +235,6 @@ fn check_not_split(path: &Path) -> Result<()> {
     }
 }
 
-/// A GGUF file type (`general.file_type`, llama.cpp's `llama_ftype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GgufFileType {
-    /// The name llama.cpp gives it (`Q4_1`, `Q4_K_M`, `F16`, …).
-    pub name: &'static str,
-    /// Bits per quantised weight (nominal for mixed K-quant types); `None`
-    /// for float types.
-    pub bits: Option<u32>,
-    /// Weights sharing one scale (for K-quants, the sub-block); `None` for
-    /// float types.
-    pub group: Option<u32>,
-}
-
-impl GgufFileType {
-    /// The type of `general.file_type = id`, if known.
-    pub fn from_id(id: u32) -> Option<Self> {
-        let (name, bits, group) = match id {
-            0 => ("F32", None, None),
-            1 => ("F16", None, None),
-            2 => ("Q4_0", Some(4), Some(32)),
-            3 => ("Q4_1", Some(4), Some(32)),
-            7 => ("Q8_0", Some(8), Some(32)),
-            8 => ("Q5_0", Some(5), Some(32)),
-            9 => ("Q5_1", Some(5), Some(32)),
-            10 => ("Q2_K", Some(2), Some(16)),
-            11 => ("Q3_K_S", Some(3), Some(16)),
-            12 => ("Q3_K_M", Some(3), Some(16)),
-            13 => ("Q3_K_L", Some(3), Some(16)),
-            14 => ("Q4_K_S", Some(4), Some(32)),
-            15 => ("Q4_K_M", Some(4), Some(32)),
-            16 => ("Q5_K_S", Some(5), Some(32)),
-            17 => ("Q5_K_M", Some(5), Some(32)),
-            18 => ("Q6_K", Some(6), Some(16)),
-            19 => ("IQ2_XXS", Some(2), Some(256)),
-            20 => ("IQ2_XS", Some(2), Some(256)),
-            21 => ("Q2_K_S", Some(2), Some(16)),
-            22 => ("IQ3_XS", Some(3), Some(256)),
-            23 => ("IQ3_XXS", Some(3), Some(256)),
-            24 => ("IQ1_S", Some(1), Some(256)),
-            25 => ("IQ4_NL", Some(4), Some(32)),
-            26 => ("IQ3_S", Some(3), Some(256)),
-            27 => ("IQ3_M", Some(3), Some(256)),
-            28 => ("IQ2_S", Some(2), Some(256)),
-            29 => ("IQ2_M", Some(2), Some(256)),
-            30 => ("IQ4_XS", Some(4), Some(256)),
-            31 => ("IQ1_M", Some(1), Some(256)),
-            32 => ("BF16", None, None),
-            36 => ("TQ1_0", Some(1), Some(256)),
-            37 => ("TQ2_0", Some(2), Some(256)),
-            _ => return None,
-        };
-        Some(Self { name, bits, group })
-    }
-
-    /// Whether the type is quantised.
-    pub fn is_quantized(&self) -> bool {
-        self.bits.is_some()
-    }
-}
-
 /// The `model_type` given to models whose type cannot be read.
 pub const UNKNOWN_MODEL_TYPE: &str = "unknown";
 
@@ -401,103 +357,30 @@ fn read_config(path: &Path) -> DiscoveredModel {
 }
 
 /// Reads `general.architecture` and `general.file_type` from a GGUF file's
-/// metadata. `None` when the file is not GGUF v2/v3 or its metadata cannot
-/// be read.
+/// metadata. `None` when the file is not a GGUF file [`GgufFile::open`]
+/// reads.
 fn gguf_summary(path: &Path) -> Option<(Option<String>, Option<u32>)> {
-    let mut r = BufReader::new(fs::File::open(path).ok()?);
-    let mut magic = [0u8; 4];
-    r.read_exact(&mut magic).ok()?;
-    if &magic != b"GGUF" {
-        return None;
-    }
-    let version = read_u32(&mut r)?;
-    if !(2..=3).contains(&version) {
-        return None;
-    }
-    let _tensors = read_u64(&mut r)?;
-    let kv_count = read_u64(&mut r)?;
-    let (mut arch, mut file_type) = (None, None);
-    // Both keys come early in files llama.cpp writes; the scan ends when
-    // both are found.
-    for _ in 0..kv_count.min(1 << 16) {
-        let key = read_string(&mut r)?;
-        let ty = read_u32(&mut r)?;
-        match (key.as_str(), ty) {
-            ("general.architecture", GGUF_STRING) => arch = Some(read_string(&mut r)?),
-            ("general.file_type", GGUF_U32) => file_type = Some(read_u32(&mut r)?),
-            _ => skip_value(&mut r, ty)?,
+    let file = match GgufFile::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "not a readable GGUF file");
+            return None;
         }
-        if arch.is_some() && file_type.is_some() {
-            break;
-        }
-    }
+    };
+    let arch = file.get_str("general.architecture").map(str::to_owned);
+    let file_type = file
+        .get_u64("general.file_type")
+        .and_then(|t| u32::try_from(t).ok());
     Some((arch, file_type))
-}
-
-const GGUF_U32: u32 = 4;
-
-const GGUF_STRING: u32 = 8;
-const GGUF_ARRAY: u32 = 9;
-
-fn read_u32(r: &mut impl Read) -> Option<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b).ok()?;
-    Some(u32::from_le_bytes(b))
-}
-
-fn read_u64(r: &mut impl Read) -> Option<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b).ok()?;
-    Some(u64::from_le_bytes(b))
-}
-
-fn skip(r: &mut impl Read, n: u64) -> Option<()> {
-    let copied = io::copy(&mut r.take(n), &mut io::sink()).ok()?;
-    (copied == n).then_some(())
-}
-
-fn read_string(r: &mut impl Read) -> Option<String> {
-    let len = read_u64(r)?;
-    if len > 1 << 20 {
-        return None;
-    }
-    let mut buf = vec![0u8; usize::try_from(len).ok()?];
-    r.read_exact(&mut buf).ok()?;
-    String::from_utf8(buf).ok()
-}
-
-/// Size in bytes of a scalar GGUF value type.
-fn scalar_size(ty: u32) -> Option<u64> {
-    Some(match ty {
-        0 | 1 | 7 => 1,
-        2 | 3 => 2,
-        4..=6 => 4,
-        10..=12 => 8,
-        _ => return None,
-    })
-}
-
-fn skip_value(r: &mut impl Read, ty: u32) -> Option<()> {
-    match ty {
-        GGUF_STRING => {
-            let len = read_u64(r)?;
-            skip(r, len)
-        }
-        GGUF_ARRAY => {
-            let item = read_u32(r)?;
-            let count = read_u64(r)?;
-            match scalar_size(item) {
-                Some(size) => skip(r, size.checked_mul(count)?),
-                None => (0..count).try_for_each(|_| skip_value(r, item)),
-            }
-        }
-        other => skip(r, scalar_size(other)?),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const GGUF_U32: u32 = 4;
+    const GGUF_STRING: u32 = 8;
+    const GGUF_ARRAY: u32 = 9;
 
     fn gguf_bytes(arch: &str) -> Vec<u8> {
         let mut b = b"GGUF".to_vec();
@@ -743,15 +626,6 @@ mod tests {
         assert_eq!(resolve_model_path(&single).unwrap(), single);
         let missing = tmp.path().join("missing");
         assert_eq!(resolve_model_path(&missing).unwrap(), missing);
-    }
-
-    #[test]
-    fn gguf_file_types() {
-        let t = GgufFileType::from_id(3).unwrap();
-        assert_eq!((t.name, t.bits, t.group), ("Q4_1", Some(4), Some(32)));
-        assert_eq!(GgufFileType::from_id(15).unwrap().name, "Q4_K_M");
-        assert!(!GgufFileType::from_id(1).unwrap().is_quantized());
-        assert!(GgufFileType::from_id(9999).is_none());
     }
 
     #[test]

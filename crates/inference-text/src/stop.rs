@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use crate::types::Token;
+use inference_core::Token;
 
 /// Matches stop strings across token boundaries.
 #[derive(Debug, Clone, Default)]

@@ -651,7 +651,7 @@ impl GgufFile {
             source,
         };
         let file = File::open(path).map_err(io)?;
-        let map = crate::ffi::map_file(&file).map_err(io)?;
+        let map = crate::mmap::map_file(&file).map_err(io)?;
         let parsed = parse(&map)?;
         tracing::debug!(
             path = %path.display(),

@@ -23,6 +23,10 @@ use serde::Serialize;
 /// The name the template is stored under in its environment.
 const NAME: &str = "chat_template";
 
+/// Who reports the template engine's internal failures (none of them
+/// reachable from a template's text).
+const COMPONENT: &str = "inference-text";
+
 /// Instructions one render may run (minijinja's fuel). A real template
 /// renders a long conversation in well under a million; a runaway one
 /// (nested loops over huge ranges) stops here with an error instead of
@@ -182,7 +186,7 @@ impl ChatTemplate {
             .trim_blocks(true)
             .lstrip_blocks(true)
             .build()
-            .map_err(|e| Error::backend(crate::NAME, format!("template syntax: {e}")))?;
+            .map_err(|e| Error::backend(COMPONENT, format!("template syntax: {e}")))?;
         env.set_syntax(syntax);
         env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -240,7 +244,7 @@ impl ChatTemplate {
         let template = self
             .env
             .get_template(NAME)
-            .map_err(|e| Error::backend(crate::NAME, format!("chat template: {e}")))?;
+            .map_err(|e| Error::backend(COMPONENT, format!("chat template: {e}")))?;
         let mut out = Bounded(Vec::new());
         match template.render_captured_to(Value::from(ctx), &mut out) {
             Ok(_) => {}

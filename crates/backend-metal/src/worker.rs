@@ -1,0 +1,140 @@
+//! What the caller's side of a model and its worker share: the jobs the
+//! worker runs, the state both read, and the checks every call makes.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+
+use inference_core::{
+    BatchResult, ClassifyResult, Error, GenerateMetrics, GenerateOptions, LastMetrics, Message,
+    Result,
+};
+use inference_runtime::check;
+use inference_text::{ChatTemplate, ModelTokenizer};
+
+use crate::cache::Rotation;
+use crate::generate::{self, Request};
+
+/// Work for the model's worker.
+pub(crate) enum Job {
+    /// A streamed generation.
+    Generate(Request),
+    /// The last-position logits of a prompt.
+    Logits {
+        ids: Vec<u32>,
+        reply: Sender<Result<Vec<f32>>>,
+    },
+    /// The log-probability of each prompt id after the ones before it.
+    Score {
+        ids: Vec<u32>,
+        reply: Sender<Result<Vec<f32>>>,
+    },
+    /// The next token of each prompt, from one batched forward pass.
+    Classify {
+        prompts: Vec<Vec<u32>>,
+        opts: GenerateOptions,
+        reply: Sender<Result<Vec<ClassifyResult>>>,
+    },
+    /// A continuation of each prompt, batched.
+    Batch {
+        prompts: Vec<Vec<u32>>,
+        opts: GenerateOptions,
+        reply: Sender<Vec<BatchResult>>,
+    },
+    /// One turn of a chat session, on the session's KV cache.
+    Turn(TurnJob),
+    /// A chat session ended or was reset: its KV cache is freed.
+    EndSession(u64),
+}
+
+/// One chat-session turn, ready to run on the worker.
+pub(crate) struct TurnJob {
+    /// The session.
+    pub(crate) id: u64,
+    /// The generation.
+    pub(crate) req: Request,
+    /// The conversation's side of the turn: committed when it ends well,
+    /// and the session is idle again once it is dropped.
+    pub(crate) turn: inference_runtime::session::Turn,
+}
+
+/// The model's worker: a thread that builds the model, owns every MLX
+/// array of it and runs its [`Job`]s in order (see
+/// [`inference_runtime::Worker`] for when it stops).
+pub(crate) type Worker = inference_runtime::Worker<Job>;
+
+/// What the caller's side and the worker share.
+pub(crate) struct Shared {
+    pub(crate) tokenizer: ModelTokenizer,
+    /// The chat template (the model's or a built-in one), or why `chat`
+    /// cannot run.
+    pub(crate) template: std::result::Result<ChatTemplate, String>,
+    /// Most positions (prompt + generated) one call may use: the model's
+    /// `max_position_embeddings`, or unbounded where the load allowed
+    /// positions past it.
+    pub(crate) context_limit: usize,
+    /// `LoadOptions::context_len` and `sink_tokens`: what each cache keeps.
+    pub(crate) context: Option<Rotation>,
+    pub(crate) last_metrics: LastMetrics,
+    /// Prompt tokens per prefill forward pass.
+    pub(crate) prefill_chunk: AtomicUsize,
+    /// Prompt tokens chat-session turns took from their KV caches.
+    pub(crate) reused_tokens: AtomicUsize,
+}
+
+impl Shared {
+    /// Most positions one call may use.
+    pub(crate) fn context_limit(&self) -> usize {
+        self.context_limit
+    }
+
+    /// How calls are bounded now.
+    pub(crate) fn bounds(&self) -> generate::Bounds {
+        generate::Bounds {
+            limit: self.context_limit,
+            context: self.context,
+            chunk: self.prefill_chunk.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Shared {
+    /// Refuses a prompt that is empty, holds ids outside a vocabulary of
+    /// `vocab` ids, or leaves no room for a token in the context.
+    pub(crate) fn check_prompt(&self, prompt: &[u32], vocab: usize) -> Result<()> {
+        check::prompt(prompt, vocab, self.context_limit)
+    }
+
+    /// The prompt ids [`chat`](TextModel::chat) runs for `messages`.
+    pub(crate) fn encode_chat(
+        &self,
+        messages: &[Message],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<u32>> {
+        let template = self
+            .template
+            .as_ref()
+            .map_err(|why| Error::unsupported(why.clone()))?;
+        self.tokenizer
+            .encode_messages(template, messages, &opts.template_args)
+    }
+
+    /// Counts `tokens` prompt tokens a session turn did not prefill.
+    pub(crate) fn note_reused(&self, tokens: usize) {
+        self.reused_tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_metrics(&self, metrics: &GenerateMetrics) {
+        self.last_metrics.set(metrics);
+    }
+}
+
+/// Refuses generation options that are invalid or that generation does not
+/// implement. Every sampling option is honoured (see `sample.rs`);
+/// `template_args` are used by `chat` and refused by `generate`.
+pub(crate) fn check_generate_options(opts: &GenerateOptions) -> Result<()> {
+    opts.validate()?;
+    if opts.return_logits {
+        return Err(Error::unsupported("return_logits for generate"));
+    }
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! # inference-text
+//!
+//! Everything between ids and text that a backend needs, whatever runs its
+//! tensors:
+//!
+//! - [`ModelTokenizer`]: a `tokenizers` tokenizer read from `tokenizer.json`
+//!   (or built from GGUF metadata, [`gguf`]) with its BOS/EOS ids from the
+//!   config files, and chat encoding that never doubles a BOS.
+//! - [`StreamDecoder`] (a [`Detokenize`]): streaming detokenisation that
+//!   never splits a character.
+//! - [`template`]: chat templates rendered with minijinja as transformers
+//!   renders them, with fuel and output bounds, and built-in templates for
+//!   models that ship none.
+//! - [`stop`]: stop strings matched across token boundaries.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod detok;
+pub mod gguf;
+pub mod stop;
+pub mod template;
+mod tokenizer;
+
+pub use detok::{Detokenize, StreamDecoder};
+pub use stop::StopStrings;
+pub use template::{BuiltinTemplate, ChatTemplate, SpecialTokens};
+pub use tokenizer::ModelTokenizer;
+pub use tokenizers;
