@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
-use inference_core::{Availability, Backend, LoadOptions, Result, TextModel};
+use inference_core::{Availability, Backend, CanLoad, LoadOptions, Result, TextModel};
 
 use crate::device::{self, GpuApi};
-use crate::engine::{MlxModel, Placement};
+use crate::engine::{self, MlxModel, Placement};
 use crate::error::{METAL_NAME, NAME};
 
 /// Where the `mlx` backend places a model loaded with `opts`: the CPU for
@@ -50,6 +50,14 @@ impl Backend for MlxBackend {
 
     fn load_model(&self, path: &Path, opts: &LoadOptions) -> Result<Box<dyn TextModel>> {
         Ok(Box::new(MlxModel::load(path, opts, placement_for(opts))?))
+    }
+
+    fn can_load(&self, path: &Path) -> CanLoad {
+        engine::can_load(path)
+    }
+
+    fn loads(&self) -> String {
+        engine::loads()
     }
 }
 
@@ -96,5 +104,13 @@ impl Backend for MetalBackend {
             Placement::Gpu
         };
         Ok(Box::new(MlxModel::load(path, opts, placement)?))
+    }
+
+    fn can_load(&self, path: &Path) -> CanLoad {
+        engine::can_load(path)
+    }
+
+    fn loads(&self) -> String {
+        engine::loads()
     }
 }

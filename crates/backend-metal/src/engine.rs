@@ -10,8 +10,8 @@ use std::thread;
 use std::time::Instant;
 
 use inference_core::{
-    BatchResult, ChatSession, ClassifyResult, Error, GenerateMetrics, GenerateOptions, LastMetrics,
-    LoadOptions, Message, ModelInfo, Result, TextModel, TokenStream,
+    BatchResult, CanLoad, ChatSession, ClassifyResult, Error, GenerateMetrics, GenerateOptions,
+    LastMetrics, LoadOptions, Message, ModelInfo, Result, TextModel, TokenStream,
 };
 use mlx_rs::Device;
 
@@ -28,8 +28,7 @@ use crate::models::{self, CausalLm, ModelSpec};
 use crate::session;
 use crate::worker::{check_generate_options, Job, Shared, Worker};
 use inference_formats::config::HfConfig;
-use inference_text::ChatTemplate;
-use inference_text::ModelTokenizer;
+use inference_text::{ChatTemplate, ChatTokenizer, ModelTokenizer};
 
 /// A model loaded by the MLX backend.
 pub struct MlxModel {
@@ -103,21 +102,10 @@ impl MlxModel {
             opts.wired_limit_bytes,
         )
         .map_err(|e| Error::backend(crate::error::NAME, format!("memory limits: {e}")))?;
-        let template = tokenizer
-            .chat_template_for(&config.text().model_type)
-            .map_err(|e| match e {
-                Error::Unsupported { feature } => feature,
-                other => other.to_string(),
-            });
-        // Not a warning: `chat` reports it as its error, in one line, and
-        // `generate` does not need a template.
-        match &template {
-            Ok(t) => tracing::debug!(builtin = ?t.builtin_kind(), "chat template ready"),
-            Err(why) => tracing::debug!(%why, "chat is unavailable for this model"),
-        }
+        let text = config.text();
+        let text = ChatTokenizer::new(tokenizer, &text.model_type, text.vocab_size as usize);
         let shared = Arc::new(Shared {
-            tokenizer,
-            template,
+            text,
             context_limit: if opts.allow_past_max_positions {
                 usize::MAX
             } else {
@@ -171,7 +159,7 @@ impl MlxModel {
         let (worker, built) = Worker::start(crate::error::NAME, "mlx-model", body)?;
         let mut info = built.map_err(|e| e.into_error(path))?;
         let worker = Arc::new(worker);
-        info.chat_template = shared.tokenizer.chat_template.is_some();
+        info.chat_template = shared.tokenizer().chat_template.is_some();
         tracing::info!(
             model_type = %info.architecture,
             parameters = info.parameter_count,
@@ -204,17 +192,17 @@ impl MlxModel {
     /// The chat template the model ships (`tokenizer_config.json` or
     /// `chat_template.jinja`), if any.
     pub fn chat_template(&self) -> Option<&str> {
-        self.shared.tokenizer.chat_template.as_deref()
+        self.shared.tokenizer().chat_template.as_deref()
     }
 
     /// The beginning-of-sequence id, if the model has one.
     pub fn bos_token_id(&self) -> Option<u32> {
-        self.shared.tokenizer.bos
+        self.shared.tokenizer().bos
     }
 
     /// Every end-of-sequence id.
     pub fn eos_token_ids(&self) -> &[u32] {
-        &self.shared.tokenizer.eos
+        &self.shared.tokenizer().eos
     }
 
     /// How many prompt tokens the turns of this model's chat sessions took
@@ -237,7 +225,7 @@ impl MlxModel {
     pub fn render_chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<String> {
         self.template()?.render(
             messages,
-            &self.shared.tokenizer.special,
+            &self.shared.tokenizer().special,
             true,
             &opts.template_args,
         )
@@ -252,17 +240,14 @@ impl MlxModel {
     }
 
     fn template(&self) -> Result<&ChatTemplate> {
-        self.shared
-            .template
-            .as_ref()
-            .map_err(|why| Error::unsupported(why.clone()))
+        self.shared.text.template()
     }
 
     /// Encodes `text` as [`generate`](TextModel::generate) does: with the
     /// tokenizer's own special-token rules.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.shared
-            .tokenizer
+            .tokenizer()
             .encode(text)
             .map_err(|e| Error::InvalidInput(format!("cannot encode the prompt: {e}")))
     }
@@ -446,6 +431,60 @@ fn is_gguf(path: &Path) -> bool {
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
+/// Whether this backend can load the model at `path`: a GGUF file or a
+/// Hugging Face directory of an architecture in [`models::ARCHITECTURES`],
+/// read from its metadata or `config.json` alone.
+pub(crate) fn can_load(path: &Path) -> CanLoad {
+    let path = match inference_formats::resolve_model_path(path) {
+        Ok(p) => p,
+        Err(e) => return CanLoad::No(e.to_string()),
+    };
+    let model_type = if is_gguf(&path) {
+        let file = match GgufFile::open(&path) {
+            Ok(f) => f,
+            Err(e) => return CanLoad::No(format!("{}: {e}", path.display())),
+        };
+        match file.get_str("general.architecture").map(hf::model_type) {
+            Some(Ok(t)) => t.to_owned(),
+            Some(Err(e)) => return CanLoad::No(e.to_string()),
+            None => return CanLoad::No("the GGUF file has no `general.architecture`".into()),
+        }
+    } else if path.join("config.json").is_file() {
+        match HfConfig::load(&path) {
+            Ok(c) => c.model_type().to_owned(),
+            Err(e) => return CanLoad::No(e.to_string()),
+        }
+    } else {
+        return CanLoad::No(format!(
+            "{} is neither a GGUF file nor a directory with config.json",
+            path.display()
+        ));
+    };
+    if models::ARCHITECTURES
+        .iter()
+        .any(|a| a.model_types.contains(&model_type.as_str()))
+    {
+        CanLoad::Yes
+    } else {
+        CanLoad::No(format!(
+            "architecture {model_type:?} is not implemented here"
+        ))
+    }
+}
+
+/// What this backend loads, in a line.
+pub(crate) fn loads() -> String {
+    let types: Vec<&str> = models::ARCHITECTURES
+        .iter()
+        .flat_map(|a| a.model_types.iter().copied())
+        .collect();
+    format!(
+        "Hugging Face safetensors directories (f32, f16, bf16, MLX affine 4/8-bit) and GGUF files; \
+         model types {}",
+        types.join(", ")
+    )
+}
+
 /// Reads the configuration and the tokenizer of the model at `path` (cheap:
 /// no weights), on the caller's thread so that errors come back at once.
 fn open(path: &Path) -> Result<(Box<dyn ModelSpec>, ModelTokenizer, Source)> {
@@ -513,7 +552,7 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Jobs<Job>) {
             } => {
                 let _ = reply.send(crate::batch::classify(
                     model,
-                    &shared.tokenizer,
+                    shared.tokenizer(),
                     &prompts,
                     &opts,
                     shared.bounds(),
@@ -527,7 +566,7 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Jobs<Job>) {
             } => {
                 let (results, metrics) = crate::batch::batch_generate(
                     model,
-                    &shared.tokenizer,
+                    shared.tokenizer(),
                     &prompts,
                     &opts,
                     shared.bounds(),
@@ -546,7 +585,7 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Jobs<Job>) {
                 continue;
             }
         };
-        let outcome = generate::run(model, &shared.tokenizer, &req, shared.bounds());
+        let outcome = generate::run(model, shared.tokenizer(), &req, shared.bounds());
         shared.set_metrics(&outcome.metrics);
         match outcome.end {
             Ok(reason) => req.sink.finish(outcome.metrics, reason),
@@ -568,7 +607,7 @@ impl TextModel for MlxModel {
         }
         let ids = self
             .shared
-            .tokenizer
+            .tokenizer()
             .encode(prompt)
             .map_err(|e| Error::InvalidInput(format!("cannot encode the prompt: {e}")))?;
         self.submit(ids, opts)
@@ -651,6 +690,12 @@ impl TextModel for MlxModel {
             Arc::clone(&self.worker),
             self.info.vocab_size,
         )))
+    }
+
+    /// The model's tokenizer and chat template (`inference_text`'s
+    /// [`ChatTokenizer`]): what `generate` and `chat` encode with.
+    fn tokenizer(&self) -> Result<&dyn inference_core::Tokenizer> {
+        Ok(&self.shared.text)
     }
 
     fn info(&self) -> ModelInfo {

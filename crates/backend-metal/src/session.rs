@@ -237,7 +237,7 @@ pub(crate) fn run(
         sampled: Vec::new(),
         reply: String::new(),
     };
-    let outcome = generate::run_resumed(model, &shared.tokenizer, &req, bounds, Some(&mut state));
+    let outcome = generate::run_resumed(model, shared.tokenizer(), &req, bounds, Some(&mut state));
     if matches!(outcome.end, Ok(FinishReason::Stop | FinishReason::Length)) {
         let offset = state
             .caches

@@ -9,7 +9,7 @@ use inference_core::{
     Result,
 };
 use inference_runtime::check;
-use inference_text::{ChatTemplate, ModelTokenizer};
+use inference_text::{ChatTokenizer, ModelTokenizer};
 
 use crate::cache::Rotation;
 use crate::generate::{self, Request};
@@ -64,10 +64,9 @@ pub(crate) type Worker = inference_runtime::Worker<Job>;
 
 /// What the caller's side and the worker share.
 pub(crate) struct Shared {
-    pub(crate) tokenizer: ModelTokenizer,
-    /// The chat template (the model's or a built-in one), or why `chat`
-    /// cannot run.
-    pub(crate) template: std::result::Result<ChatTemplate, String>,
+    /// The tokenizer and the chat template (the model's or a built-in one),
+    /// or why `chat` cannot run.
+    pub(crate) text: ChatTokenizer,
     /// Most positions (prompt + generated) one call may use: the model's
     /// `max_position_embeddings`, or unbounded where the load allowed
     /// positions past it.
@@ -82,6 +81,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The tokenizer.
+    pub(crate) fn tokenizer(&self) -> &ModelTokenizer {
+        self.text.tokenizer()
+    }
+
     /// Most positions one call may use.
     pub(crate) fn context_limit(&self) -> usize {
         self.context_limit
@@ -110,12 +114,9 @@ impl Shared {
         messages: &[Message],
         opts: &GenerateOptions,
     ) -> Result<Vec<u32>> {
-        let template = self
-            .template
-            .as_ref()
-            .map_err(|why| Error::unsupported(why.clone()))?;
-        self.tokenizer
-            .encode_messages(template, messages, &opts.template_args)
+        self.text
+            .tokenizer()
+            .encode_messages(self.text.template()?, messages, &opts.template_args)
     }
 
     /// Counts `tokens` prompt tokens a session turn did not prefill.

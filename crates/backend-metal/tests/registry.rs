@@ -72,3 +72,47 @@ fn load_model_through_the_registry() {
     assert_eq!((m.prompt_tokens, m.generated_tokens), (golden.ids.len(), 8));
     assert!(m.peak_memory_bytes > 0, "peak memory is reported");
 }
+
+/// The MLX backends say which paths they load from the metadata alone: the
+/// fixtures of every architecture, a real GGUF file, and nothing else.
+#[test]
+fn mlx_says_which_paths_it_loads() {
+    let mlx = inference_core::get("mlx").unwrap();
+    for name in ["qwen3-f32", "qwen2-bf16", "llama-f32", "gemma3-f32"] {
+        let dir = common::fixture(name);
+        assert!(
+            mlx.can_load(&dir).is_yes(),
+            "{name}: {:?}",
+            mlx.can_load(&dir)
+        );
+        // Its config.json means its directory.
+        assert!(mlx.can_load(&dir.join("config.json")).is_yes(), "{name}");
+    }
+    // `cargo xtask test` fetches it first.
+    let gguf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if gguf.is_file() {
+        assert!(mlx.can_load(&gguf).is_yes(), "{:?}", mlx.can_load(&gguf));
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mamba = tmp.path().join("mamba");
+    std::fs::create_dir(&mamba).unwrap();
+    std::fs::write(mamba.join("config.json"), r#"{"model_type": "mamba"}"#).unwrap();
+    let no = mlx.can_load(&mamba);
+    assert!(no.reason().is_some_and(|r| r.contains("mamba")), "{no:?}");
+    let junk = tmp.path().join("junk.gguf");
+    std::fs::write(&junk, b"not gguf").unwrap();
+    assert!(!mlx.can_load(&junk).is_yes());
+    let nothing = tmp.path().join("nothing-here");
+    let no = mlx.can_load(&nothing);
+    assert!(no.reason().is_some_and(|r| r.contains("neither")), "{no:?}");
+    // Loading what no backend claims still reports the precise error.
+    let err = inference_core::load_model(&mamba, &LoadOptions::new())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, inference_core::Error::UnsupportedArchitecture { .. }),
+        "{err}"
+    );
+}

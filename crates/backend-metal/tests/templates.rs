@@ -260,3 +260,89 @@ fn malformed_chat_template_values_name_the_file() {
         }
     }
 }
+
+/// The same renders and ids through `Box<dyn TextModel>::tokenizer()`, with
+/// the tokenizer's own encode, decode and count, and tools reaching the
+/// template.
+#[test]
+fn tokenizer_access_through_the_model_trait() {
+    use inference_core::{LoadOptions, RenderOptions};
+    for name in ["qwen3-f32", "qwen2-f32", "llama-f32"] {
+        let model: Box<dyn TextModel> =
+            inference_core::load_model(fixture(name), &LoadOptions::new().gpu_layers(0)).unwrap();
+        let tok = model.tokenizer().unwrap();
+        assert_eq!(tok.vocab_size(), model.info().vocab_size, "{name}");
+        for case in chat_golden(name)["chats"].as_array().unwrap() {
+            let label = format!("{name}/{}", case["name"].as_str().unwrap());
+            let messages = json_messages(&case["messages"]);
+            let mut render = RenderOptions::new();
+            render.template_args = json_args(&case["args"]);
+            assert_eq!(
+                tok.render_chat(&messages, &render).unwrap(),
+                case["text"].as_str().unwrap(),
+                "{label}"
+            );
+            let ids = tok.encode_chat(&messages, &render).unwrap();
+            assert_eq!(ids, json_ids(&case["ids"]), "{label}");
+            // What `chat` runs: the stream announces the same prompt ids.
+            let mut opts = GenerateOptions::new().max_tokens(1);
+            opts.template_args = render.template_args.clone();
+            let mut stream = model.chat(&messages, &opts).unwrap();
+            stream.collect_tokens().unwrap();
+            assert_eq!(stream.prompt_ids(), Some(&ids[..]), "{label}");
+            // Without the generation prompt the text is a prefix.
+            let bare = tok
+                .render_chat(&messages, &render.clone().add_generation_prompt(false))
+                .unwrap();
+            assert!(case["text"].as_str().unwrap().starts_with(&bare), "{label}");
+        }
+        // encode / decode / count, as `generate` encodes.
+        let text = "The capital of France is Paris.";
+        let ids = tok.encode(text, true).unwrap();
+        assert_eq!(tok.count_tokens(text).unwrap(), ids.len(), "{name}");
+        let mut stream = model
+            .generate(text, &GenerateOptions::new().max_tokens(1))
+            .unwrap();
+        stream.collect_tokens().unwrap();
+        assert_eq!(stream.prompt_ids(), Some(&ids[..]), "{name}");
+        let plain = tok.encode(text, false).unwrap();
+        match tok.bos_token_id() {
+            Some(bos) if ids.len() == plain.len() + 1 => assert_eq!(ids[0], bos, "{name}"),
+            _ => assert_eq!(ids, plain, "{name}"),
+        }
+        assert_eq!(tok.decode(&plain, true).unwrap(), text, "{name}");
+        assert!(!tok.eos_token_ids().is_empty(), "{name}");
+    }
+}
+
+/// Tool definitions reach the template as `tools` (the official Qwen3
+/// template lists them in its system turn), and a `tools` template argument
+/// beside them is refused.
+#[test]
+fn tools_reach_the_template() {
+    use inference_core::{RenderOptions, Tokenizer};
+    let tok = inference_text::ChatTokenizer::new(
+        ModelTokenizer::from_dir(&real_tokenizer("qwen3")).unwrap(),
+        "qwen3",
+        151_936,
+    );
+    let tool = serde_json::json!({"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+    let messages = [Message::user("Weather in Paris?")];
+    let with = tok
+        .render_chat(&messages, &RenderOptions::new().tools(vec![tool.clone()]))
+        .unwrap();
+    let without = tok.render_chat(&messages, &RenderOptions::new()).unwrap();
+    assert!(
+        with.contains("get_weather") && !without.contains("get_weather"),
+        "{with}"
+    );
+    let clash = RenderOptions::new()
+        .tools(vec![tool])
+        .template_arg("tools", serde_json::json!([]));
+    assert!(matches!(
+        tok.render_chat(&messages, &clash),
+        Err(Error::InvalidOption { .. })
+    ));
+}

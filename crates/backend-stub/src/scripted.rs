@@ -368,6 +368,7 @@ mod tests {
             model.chat_session(),
             Err(Error::Unsupported { .. })
         ));
+        assert!(matches!(model.tokenizer(), Err(Error::Unsupported { .. })));
         assert!(ScriptedModel::builder(Vec::new()).build().is_err());
     }
 

@@ -24,6 +24,9 @@ struct Row {
     reason: Option<String>,
     device: String,
     priority: i32,
+    /// What the backend loads (formats, architectures); empty when it does
+    /// not say.
+    loads: String,
 }
 
 /// The `--format json` document.
@@ -46,6 +49,7 @@ fn listing() -> Listing {
                 reason: availability.reason().map(str::to_owned),
                 device: b.device(),
                 priority: b.priority(),
+                loads: b.loads(),
             }
         })
         .collect();
@@ -95,6 +99,17 @@ pub fn run(args: &BackendsArgs) -> Result<(), CliError> {
                 );
                 text.push_str(line.trim_end());
                 text.push('\n');
+            }
+            let said: Vec<&Row> = listing
+                .backends
+                .iter()
+                .filter(|r| !r.loads.is_empty())
+                .collect();
+            if !said.is_empty() {
+                text.push_str("\nWHAT EACH LOADS\n");
+                for r in said {
+                    text.push_str(&format!("  {}: {}\n", r.name, r.loads));
+                }
             }
             crate::output::stream_out(&text).map(|_| ())
         }

@@ -151,6 +151,16 @@ fn backends_json_lists_mlx_metal_and_stub_with_availability() {
         .is_some_and(|r| r.contains("runs no models")));
     // The MLX runtime is linked into this binary and works on this machine.
     assert_eq!(row("mlx")["available"], true, "{}", row("mlx"));
+    // What each loads: the MLX backends name their formats and model types;
+    // the stub says nothing.
+    for name in ["mlx", "metal"] {
+        let loads = row(name)["loads"].as_str().expect("loads is a string");
+        assert!(
+            loads.contains("GGUF") && loads.contains("qwen3") && loads.contains("gemma3_text"),
+            "{loads}"
+        );
+    }
+    assert_eq!(row("stub")["loads"], "");
     assert_eq!(
         row("metal")["available"],
         cfg!(target_os = "macos"),
@@ -185,6 +195,14 @@ fn backends_text_is_a_table_of_every_backend() {
     assert!(
         stub.contains(" no ") && stub.contains("runs no models"),
         "{stub}"
+    );
+    let mlx = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("mlx: "))
+        .expect("what mlx loads");
+    assert!(
+        mlx.contains("safetensors") && mlx.contains("llama"),
+        "{mlx}"
     );
 }
 

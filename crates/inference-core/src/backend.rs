@@ -30,6 +30,32 @@ impl Availability {
     }
 }
 
+/// Whether a backend can load a given model path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CanLoad {
+    /// It can (as far as a cheap look at the files tells: format and
+    /// architecture; the load itself may still find the files corrupt).
+    Yes,
+    /// It cannot, and why (e.g. `GGUF files are not read here`, or an
+    /// architecture it does not implement).
+    No(String),
+}
+
+impl CanLoad {
+    /// Whether this is [`CanLoad::Yes`].
+    pub fn is_yes(&self) -> bool {
+        matches!(self, CanLoad::Yes)
+    }
+
+    /// The reason, when it cannot.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            CanLoad::Yes => None,
+            CanLoad::No(r) => Some(r),
+        }
+    }
+}
+
 /// A family of model implementations on some device.
 ///
 /// Register one with [`register_backend!`](crate::register_backend) so that
@@ -51,4 +77,20 @@ pub trait Backend: Send + Sync {
 
     /// Loads the model at `path` (a model directory or a model file).
     fn load_model(&self, path: &Path, opts: &LoadOptions) -> Result<Box<dyn TextModel>>;
+
+    /// Whether this backend can load the model at `path`: its format and
+    /// architecture, read cheaply (metadata, never weights).
+    /// [`load_model`](crate::load_model) picks, among the available backends
+    /// that answer [`CanLoad::Yes`], the one of highest priority. The default
+    /// answers `Yes` (the backend does not say, and its `load_model` decides).
+    fn can_load(&self, path: &Path) -> CanLoad {
+        let _ = path;
+        CanLoad::Yes
+    }
+
+    /// What this backend loads, in a line (formats and architectures), for
+    /// listings such as `infer backends`; empty when it does not say.
+    fn loads(&self) -> String {
+        String::new()
+    }
 }

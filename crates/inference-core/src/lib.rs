@@ -34,14 +34,16 @@ mod model;
 mod options;
 pub mod registry;
 mod stream;
+mod tokenizer;
 mod types;
 
-pub use backend::{Availability, Backend};
+pub use backend::{Availability, Backend, CanLoad};
 pub use error::{BoxError, Error, Result};
 pub use model::{ChatSession, HistoryOverflow, TextModel};
 pub use options::{DType, GenerateOptions, LoadOptions};
-pub use registry::{backends, default_backend, get, load_model, BackendRegistration};
+pub use registry::{backend_for, backends, default_backend, get, load_model, BackendRegistration};
 pub use stream::{CancelHandle, TokenSink, TokenStream};
+pub use tokenizer::{RenderOptions, Tokenizer};
 pub use types::{
     BatchResult, ClassifyResult, FinishReason, GenerateMetrics, LastMetrics, Message, ModelInfo,
     Role, Token, TokenId,

@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::options::GenerateOptions;
 use crate::stream::TokenStream;
+use crate::tokenizer::Tokenizer;
 use crate::types::{BatchResult, ClassifyResult, GenerateMetrics, Message, ModelInfo};
 
 /// A loaded text-generation model.
@@ -53,6 +54,16 @@ pub trait TextModel: Send + Sync {
     fn chat_session(&self) -> Result<Box<dyn ChatSession>> {
         Err(Error::unsupported(format!(
             "chat sessions on {}",
+            self.model_type()
+        )))
+    }
+
+    /// The model's tokenizer and chat template: encode, decode, count
+    /// tokens, render the chat template. [`Error::Unsupported`] for a model
+    /// that has none to offer.
+    fn tokenizer(&self) -> Result<&dyn Tokenizer> {
+        Err(Error::unsupported(format!(
+            "tokenizer access on {}",
             self.model_type()
         )))
     }

@@ -128,14 +128,42 @@ pub fn default_backend() -> Result<Arc<dyn Backend>> {
         })
 }
 
-/// Loads the model at `path` with the backend `opts.backend` names, or the
-/// [`default_backend`]. Options are validated first.
+/// The backend [`load_model`] uses for `path` when no backend is named: the
+/// available backend of highest priority among those that say they can load
+/// it ([`Backend::can_load`]); when none says so, the [`default_backend`],
+/// whose own load then reports what is wrong with the path (an unsupported
+/// architecture, a missing file) as its typed error.
+pub fn backend_for(path: impl AsRef<Path>) -> Result<Arc<dyn Backend>> {
+    let path = path.as_ref();
+    let fallback = default_backend()?;
+    let mut best: Option<(i32, &Arc<dyn Backend>)> = None;
+    for b in registry() {
+        if !b.available().is_available() {
+            continue;
+        }
+        match b.can_load(path) {
+            crate::backend::CanLoad::Yes => {
+                let p = b.priority();
+                if best.is_none_or(|(bp, _)| p > bp) {
+                    best = Some((p, b));
+                }
+            }
+            crate::backend::CanLoad::No(why) => {
+                tracing::debug!(backend = b.name(), path = %path.display(), %why, "cannot load");
+            }
+        }
+    }
+    Ok(best.map_or(fallback, |(_, b)| Arc::clone(b)))
+}
+
+/// Loads the model at `path` with the backend `opts.backend` names, or else
+/// the one [`backend_for`] chooses for the path. Options are validated first.
 pub fn load_model(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Box<dyn TextModel>> {
     let path = path.as_ref();
     opts.validate()?;
     let backend = match &opts.backend {
         Some(name) => get(name)?,
-        None => default_backend()?,
+        None => backend_for(path)?,
     };
     if let Some(reason) = backend.available().reason() {
         return Err(Error::BackendUnavailable {

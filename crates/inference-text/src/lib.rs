@@ -12,15 +12,19 @@
 //!   renders them, with fuel and output bounds, and built-in templates for
 //!   models that ship none.
 //! - [`stop`]: stop strings matched across token boundaries.
+//! - [`ChatTokenizer`]: a tokenizer with its chat template as the public
+//!   [`inference_core::Tokenizer`] that `TextModel::tokenizer` hands out.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod chat;
 mod detok;
 pub mod gguf;
 pub mod stop;
 pub mod template;
 mod tokenizer;
 
+pub use chat::ChatTokenizer;
 pub use detok::{Detokenize, StreamDecoder};
 pub use stop::StopStrings;
 pub use template::{BuiltinTemplate, ChatTemplate, SpecialTokens};
