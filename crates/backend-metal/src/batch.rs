@@ -20,15 +20,15 @@ use inference_runtime::Sequence;
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::ops::stack;
-use mlx_rs::transforms::{async_eval, eval};
+use mlx_rs::transforms::eval;
 use mlx_rs::{Array, Dtype};
 
 use crate::cache::{LayerCache, Rotation};
 use crate::error::mlx_error;
-use crate::generate::{recent_ids, Bounds};
+use crate::generate::{read_scores, recent_ids, Bounds, Drawn};
 use crate::models::layers::last_position;
 use crate::models::CausalLm;
-use crate::sample::Sampler;
+use crate::sample::{logprobs_of, Sampler};
 use inference_text::{ModelTokenizer, StreamDecoder};
 
 /// The boolean attention mask `[B, 1, L, L]` of right-padded rows of lengths
@@ -254,7 +254,12 @@ fn run_group(
 ) -> (Vec<BatchResult>, Option<Instant>) {
     let probe = Sampler::new(opts);
     let window = probe.as_ref().map_or(0, Sampler::penalty_window);
-    let together = probe.as_ref().is_ok_and(|s| s.is_greedy()) && window == 0;
+    // One argmax for every row, unless a row's sampler keeps state of its
+    // own (a seeded key, a penalty window, counts of its draws) or biases.
+    let together = probe.as_ref().is_ok_and(|s| s.is_greedy())
+        && window == 0
+        && !opts.uses_presence_frequency()
+        && opts.logit_bias.is_empty();
     let mut rows: Vec<Row> = prompts
         .iter()
         .map(|&prompt| Row {
@@ -359,24 +364,42 @@ fn decode_group(
         eval(state).map_err(mlx_error)?;
         start = end;
     };
+    let draw = |rows: &mut [Row], logits: &Array, pending: Option<&Array>| {
+        let id = sample_rows(rows, logits, pending, together, window)?;
+        let scores = if opts.logprobs {
+            Some(logprobs_of(logits, &id, opts.top_logprobs)?)
+        } else {
+            None
+        };
+        let drawn = Drawn { id, scores };
+        drawn.queue()?;
+        Ok::<_, Exception>(drawn)
+    };
     let logits = model.logits(&last).map_err(mlx_error)?;
-    let mut y = sample_rows(rows, &logits, None, together, window).map_err(mlx_error)?;
-    async_eval([&y]).map_err(mlx_error)?;
+    let mut drawn = draw(rows, &logits, None).map_err(mlx_error)?;
     let mut generated = 0usize;
     loop {
         let context_used = len + generated + 1;
         let more = generated + 1 < opts.max_tokens && context_used < bounds.limit;
         let next = if more {
-            let input = y.reshape(&[g, 1]).map_err(mlx_error)?;
+            let input = drawn.id.reshape(&[g, 1]).map_err(mlx_error)?;
             let h = model.hidden(&input, &mut caches).map_err(mlx_error)?;
             let logits = model.logits(&last_position(&h)).map_err(mlx_error)?;
-            let next = sample_rows(rows, &logits, Some(&y), together, window).map_err(mlx_error)?;
-            async_eval([&next]).map_err(mlx_error)?;
-            Some(next)
+            Some(draw(rows, &logits, Some(&drawn.id)).map_err(mlx_error)?)
         } else {
             None
         };
+        let y = &drawn.id;
         y.eval().map_err(mlx_error)?;
+        let mut scores = match &drawn.scores {
+            Some(s) => read_scores(s)
+                .map_err(mlx_error)?
+                .into_iter()
+                .map(Some)
+                .collect(),
+            None => Vec::new(),
+        }
+        .into_iter();
         let ids: Vec<u32> = y
             .as_dtype(Dtype::Uint32)
             .and_then(|a| {
@@ -391,6 +414,7 @@ fn decode_group(
             crate::memory::clear_cache();
         }
         for (row, &id) in rows.iter_mut().zip(&ids) {
+            let scored = scores.next().flatten();
             if row.done.is_some() {
                 continue;
             }
@@ -400,7 +424,10 @@ fn decode_group(
                     row.read.pop_front();
                 }
             }
-            match row.seq.push(id, next.is_none(), &mut row.tokens) {
+            match row
+                .seq
+                .push_scored(id, scored, next.is_none(), &mut row.tokens)
+            {
                 Ok(None) => {}
                 Ok(Some(reason)) => row.done = Some((reason, None)),
                 Err(e) => {
@@ -413,7 +440,7 @@ fn decode_group(
             return Ok(());
         }
         match next {
-            Some(next) => y = next,
+            Some(next) => drawn = next,
             None => {
                 // `max_tokens` or the end of the context: both are a normal
                 // end with the tokens kept.

@@ -100,8 +100,7 @@ impl MlxModel {
             opts.memory_limit_bytes,
             opts.cache_limit_bytes,
             opts.wired_limit_bytes,
-        )
-        .map_err(|e| Error::backend(crate::error::NAME, format!("memory limits: {e}")))?;
+        )?;
         let text = config.text();
         let text = ChatTokenizer::new(tokenizer, &text.model_type, text.vocab_size as usize);
         let shared = Arc::new(Shared {
@@ -326,7 +325,7 @@ impl MlxModel {
     /// Streams the continuation of prompt ids given directly (no tokenizer,
     /// no template), with the same checks as [`generate`](TextModel::generate).
     pub fn generate_ids(&self, ids: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
-        check_generate_options(opts)?;
+        check_generate_options(opts, self.info.vocab_size)?;
         self.submit(ids, opts)
     }
 
@@ -337,7 +336,7 @@ impl MlxModel {
         prompts: Vec<Vec<u32>>,
         opts: &GenerateOptions,
     ) -> Result<Vec<BatchResult>> {
-        check_generate_options(opts)?;
+        check_generate_options(opts, self.info.vocab_size)?;
         for p in &prompts {
             self.shared.check_prompt(p, self.info.vocab_size)?;
         }
@@ -596,7 +595,7 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Jobs<Job>) {
 
 impl TextModel for MlxModel {
     fn generate(&self, prompt: &str, opts: &GenerateOptions) -> Result<TokenStream> {
-        check_generate_options(opts)?;
+        check_generate_options(opts, self.info.vocab_size)?;
         if !opts.template_args.is_empty() {
             return Err(Error::unsupported(
                 "template_args for generate (a raw prompt is not templated: use chat)",
@@ -614,7 +613,7 @@ impl TextModel for MlxModel {
     }
 
     fn chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<TokenStream> {
-        check_generate_options(opts)?;
+        check_generate_options(opts, self.info.vocab_size)?;
         if messages.is_empty() {
             return Err(Error::InvalidInput("no messages to answer".into()));
         }
@@ -633,6 +632,12 @@ impl TextModel for MlxModel {
     /// here (one token is always within it) and `ignore_eos` changes nothing.
     fn classify(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<ClassifyResult>> {
         opts.validate()?;
+        if opts.logprobs {
+            return Err(Error::unsupported(
+                "logprobs for classify (return_logits gives the whole distribution)",
+            ));
+        }
+        check::logit_bias_in_vocab(opts, self.info.vocab_size)?;
         if !opts.template_args.is_empty() {
             return Err(Error::unsupported(
                 "template_args for classify (raw prompts are not templated)",
@@ -671,7 +676,7 @@ impl TextModel for MlxModel {
         prompts: &[String],
         opts: &GenerateOptions,
     ) -> Result<Vec<BatchResult>> {
-        check_generate_options(opts)?;
+        check_generate_options(opts, self.info.vocab_size)?;
         if !opts.template_args.is_empty() {
             return Err(Error::unsupported(
                 "template_args for batch_generate (raw prompts are not templated)",

@@ -4,7 +4,9 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use inference_core::{Error, FinishReason, GenerateMetrics, GenerateOptions, TokenSink};
+use inference_core::{
+    Error, FinishReason, GenerateMetrics, GenerateOptions, TokenLogprobs, TokenSink,
+};
 use inference_runtime::{stream_tokens, Clock, Sequence};
 use mlx_rs::error::Exception;
 use mlx_rs::ops::concatenate;
@@ -16,7 +18,7 @@ use crate::error::mlx_error;
 use crate::memory;
 use crate::models::layers::last_position;
 use crate::models::CausalLm;
-use crate::sample::Sampler;
+use crate::sample::{logprobs_of, Sampler};
 use inference_text::{ModelTokenizer, StreamDecoder};
 
 /// Prompt tokens processed per forward pass during prefill (as mlx-lm).
@@ -42,17 +44,93 @@ pub struct Outcome {
     pub end: Result<FinishReason, Error>,
 }
 
+/// A drawn id (lazily, on the device) with its log-probabilities when the
+/// call asked for them.
+pub(crate) struct Drawn {
+    /// The id.
+    pub(crate) id: Array,
+    /// Its log-probability and the top alternatives (`logprobs_of`).
+    pub(crate) scores: Option<(Array, Option<(Array, Array)>)>,
+}
+
+impl Drawn {
+    /// Draws from `logits` with `sampler`, scoring the draw when `opts`
+    /// ask for log-probabilities.
+    pub(crate) fn draw(
+        logits: &Array,
+        sampler: &mut Sampler,
+        recent: Option<&Array>,
+        opts: &GenerateOptions,
+    ) -> Result<Self, Exception> {
+        let id = sampler.sample(logits, recent)?;
+        let scores = if opts.logprobs {
+            Some(logprobs_of(logits, &id, opts.top_logprobs)?)
+        } else {
+            None
+        };
+        Ok(Self { id, scores })
+    }
+
+    /// Queues the draw's computation.
+    pub(crate) fn queue(&self) -> Result<(), Exception> {
+        // No allocation per step: the arrays are chained, not collected.
+        let scores = self.scores.iter().flat_map(|(chosen, top)| {
+            std::iter::once(chosen).chain(top.iter().flat_map(|(i, v)| [i, v]))
+        });
+        async_eval(std::iter::once(&self.id).chain(scores))
+    }
+}
+
+/// Reads back a draw's scores, one per row (`chosen` `[G]`, top `[G, k]`;
+/// a single draw is one row).
+pub(crate) fn read_scores(
+    scores: &(Array, Option<(Array, Array)>),
+) -> Result<Vec<TokenLogprobs>, Exception> {
+    let floats = |a: &Array| -> Result<Vec<f32>, Exception> {
+        a.as_dtype(mlx_rs::Dtype::Float32)?
+            .flatten(None, None)?
+            .try_as_slice::<f32>()
+            .map(<[f32]>::to_vec)
+            .map_err(|e| Exception::custom(e.to_string()))
+    };
+    let (chosen, top) = scores;
+    let chosen = floats(chosen)?;
+    let top = match top {
+        Some((ids, vals)) => {
+            let k = ids.dim(-1).max(1) as usize;
+            let ids: Vec<u32> = ids
+                .flatten(None, None)?
+                .try_as_slice::<u32>()
+                .map(<[u32]>::to_vec)
+                .map_err(|e| Exception::custom(e.to_string()))?;
+            let pairs: Vec<(u32, f32)> = ids.into_iter().zip(floats(vals)?).collect();
+            pairs.chunks(k).map(<[(u32, f32)]>::to_vec).collect()
+        }
+        None => vec![Vec::new(); chosen.len()],
+    };
+    if top.len() != chosen.len() {
+        return Err(Exception::custom("log-probabilities of unequal rows"));
+    }
+    Ok(chosen
+        .into_iter()
+        .zip(top)
+        .map(|(logprob, top)| TokenLogprobs { logprob, top })
+        .collect())
+}
+
 /// Runs one forward step for `ids` `[1, L]` and returns the next id drawn
-/// by `sampler` (with `recent` for its repeat penalty), lazily.
+/// by `sampler` (with `recent` for its repeat penalty), lazily, scored as
+/// `opts` ask.
 fn step(
     model: &dyn CausalLm,
     ids: &Array,
     caches: &mut [LayerCache],
     sampler: &mut Sampler,
     recent: Option<&Array>,
-) -> Result<Array, Exception> {
+    opts: &GenerateOptions,
+) -> Result<Drawn, Exception> {
     let h = model.hidden(ids, caches)?;
-    sampler.sample(&model.logits(&last_position(&h))?, recent)
+    Drawn::draw(&model.logits(&last_position(&h))?, sampler, recent, opts)
 }
 
 /// The ids the repeat penalty looks at for the step after `pending`: the
@@ -191,10 +269,8 @@ fn decode_loop(
         .collect();
     let recent = recent_ids(&read, None, window).map_err(mlx_error)?;
     let logits = model.logits(&last).map_err(mlx_error)?;
-    let mut y = sampler
-        .sample(&logits, recent.as_ref())
-        .map_err(mlx_error)?;
-    async_eval([&y]).map_err(mlx_error)?;
+    let mut drawn = Drawn::draw(&logits, &mut sampler, recent.as_ref(), opts).map_err(mlx_error)?;
+    drawn.queue().map_err(mlx_error)?;
 
     let mut profile = StepProfile::default();
     let mut ready = Vec::new();
@@ -205,12 +281,13 @@ fn decode_loop(
         let more = seq.generated() + 1 < opts.max_tokens && context_used < limit;
         let next = if more {
             let t0 = Instant::now();
+            let y = &drawn.id;
             let input = y.reshape(&[1, 1]).map_err(mlx_error)?;
-            let recent = recent_ids(&read, Some(&y), window).map_err(mlx_error)?;
-            let next =
-                step(model, &input, caches, &mut sampler, recent.as_ref()).map_err(mlx_error)?;
+            let recent = recent_ids(&read, Some(y), window).map_err(mlx_error)?;
+            let next = step(model, &input, caches, &mut sampler, recent.as_ref(), opts)
+                .map_err(mlx_error)?;
             let t1 = Instant::now();
-            async_eval([&next]).map_err(mlx_error)?;
+            next.queue().map_err(mlx_error)?;
             profile.build += t1 - t0;
             profile.dispatch += t1.elapsed();
             Some(next)
@@ -218,7 +295,11 @@ fn decode_loop(
             None
         };
         let t0 = Instant::now();
-        let id: u32 = y.try_item_exact().map_err(mlx_error)?;
+        let id: u32 = drawn.id.try_item_exact().map_err(mlx_error)?;
+        let scores = match &drawn.scores {
+            Some(s) => read_scores(s).map_err(mlx_error)?.into_iter().next(),
+            None => None,
+        };
         profile.wait += t0.elapsed();
         profile.steps += 1;
         clock.token();
@@ -234,7 +315,7 @@ fn decode_loop(
 
         let before = seq.generated();
         let end = seq
-            .push(id, next.is_none(), &mut ready)
+            .push_scored(id, scores, next.is_none(), &mut ready)
             .map_err(|e| mlx_error(&e))?;
         if seq.generated() > before && seq.generated() % memory::CLEAR_CACHE_EVERY == 0 {
             memory::clear_cache();
@@ -249,7 +330,7 @@ fn decode_loop(
             return Ok(FinishReason::Cancelled);
         }
         match next {
-            Some(next) => y = next,
+            Some(next) => drawn = next,
             // `max_tokens`, or the end of the context after a prompt that
             // fitted: a normal end with the tokens kept (OpenAI's and
             // llama.cpp's `length`).

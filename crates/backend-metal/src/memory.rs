@@ -47,13 +47,9 @@ pub fn memory_limit() -> u64 {
     mx::memory_limit().map_or(0, |b| b as u64)
 }
 
-fn to_usize(v: u64) -> Result<usize, Error> {
-    usize::try_from(v).map_err(|_| {
-        Error::invalid_option(
-            "memory limit",
-            format!("{v} bytes does not fit this platform"),
-        )
-    })
+fn to_usize(field: &'static str, v: u64) -> Result<usize, Error> {
+    usize::try_from(v)
+        .map_err(|_| Error::invalid_option(field, format!("{v} bytes does not fit this platform")))
 }
 
 fn backend(what: &str, e: impl std::fmt::Display) -> Error {
@@ -63,7 +59,7 @@ fn backend(what: &str, e: impl std::fmt::Display) -> Error {
 /// Sets MLX's memory limit (a guideline for the most bytes it allocates);
 /// returns the previous limit.
 pub fn set_memory_limit(bytes: u64) -> Result<u64, Error> {
-    mx::set_memory_limit(to_usize(bytes)?)
+    mx::set_memory_limit(to_usize("memory_limit_bytes", bytes)?)
         .map(|b| b as u64)
         .map_err(|e| backend("set_memory_limit", e))
 }
@@ -71,7 +67,7 @@ pub fn set_memory_limit(bytes: u64) -> Result<u64, Error> {
 /// Sets the most bytes MLX keeps in its buffer cache (0 disables the
 /// cache); returns the previous limit.
 pub fn set_cache_limit(bytes: u64) -> Result<u64, Error> {
-    mx::set_cache_limit(to_usize(bytes)?)
+    mx::set_cache_limit(to_usize("cache_limit_bytes", bytes)?)
         .map(|b| b as u64)
         .map_err(|e| backend("set_cache_limit", e))
 }
@@ -79,25 +75,26 @@ pub fn set_cache_limit(bytes: u64) -> Result<u64, Error> {
 /// Sets the wired (resident) memory limit, where the platform has one;
 /// returns the previous limit.
 pub fn set_wired_limit(bytes: u64) -> Result<u64, Error> {
-    mx::set_wired_limit(to_usize(bytes)?)
+    mx::set_wired_limit(to_usize("wired_limit_bytes", bytes)?)
         .map(|b| b as u64)
         .map_err(|e| backend("set_wired_limit", e))
 }
 
-/// Applies the memory limits of a load (MLX's limits are process-wide).
+/// Applies the memory limits of a load (MLX's limits are process-wide); an
+/// out-of-range limit is an [`Error::InvalidOption`] naming its field.
 pub fn apply_limits(
     memory: Option<u64>,
     cache: Option<u64>,
     wired: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     if let Some(b) = memory {
-        set_memory_limit(b).map_err(|e| e.to_string())?;
+        set_memory_limit(b)?;
     }
     if let Some(b) = cache {
-        set_cache_limit(b).map_err(|e| e.to_string())?;
+        set_cache_limit(b)?;
     }
     if let Some(b) = wired {
-        set_wired_limit(b).map_err(|e| e.to_string())?;
+        set_wired_limit(b)?;
     }
     Ok(())
 }

@@ -118,7 +118,7 @@ impl ChatSession for MlxChatSession {
     /// `max_tokens`. Refused with `InvalidInput` while the previous reply is
     /// still streaming.
     fn send(&mut self, user: &str, opts: &GenerateOptions) -> Result<TokenStream> {
-        check_generate_options(opts)?;
+        check_generate_options(opts, self.core.vocab)?;
         let core = &mut self.core;
         let shared = &core.shared;
         let vocab = core.vocab;
@@ -172,7 +172,7 @@ impl IdSession {
     /// Refused with `InvalidInput` while the previous turn is still
     /// streaming, for no ids, or for ids outside the vocabulary.
     pub fn send(&mut self, ids: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
-        check_generate_options(opts)?;
+        check_generate_options(opts, self.core.vocab)?;
         self.core.conversation.check_idle()?;
         self.core.shared.check_prompt(&ids, self.core.vocab)?;
         let turn = self.core.conversation.begin_id_turn()?;

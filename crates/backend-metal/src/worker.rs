@@ -132,10 +132,10 @@ impl Shared {
 /// Refuses generation options that are invalid or that generation does not
 /// implement. Every sampling option is honoured (see `sample.rs`);
 /// `template_args` are used by `chat` and refused by `generate`.
-pub(crate) fn check_generate_options(opts: &GenerateOptions) -> Result<()> {
+pub(crate) fn check_generate_options(opts: &GenerateOptions, vocab: usize) -> Result<()> {
     opts.validate()?;
     if opts.return_logits {
         return Err(Error::unsupported("return_logits for generate"));
     }
-    Ok(())
+    check::logit_bias_in_vocab(opts, vocab)
 }

@@ -649,3 +649,35 @@ fn other_tensor_files_are_not_weights() {
         ("float32", "float16")
     );
 }
+
+/// Load errors keep their sources: an unreadable `config.json` (not UTF-8)
+/// is a `ModelLoad` whose source chain reaches the `io::Error`.
+#[test]
+fn load_errors_keep_their_io_sources() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), [0xff_u8, 0xfe, 0x00]).unwrap();
+    let err = match backend_metal::MlxModel::load(
+        &dir,
+        &inference_core::LoadOptions::new().gpu_layers(0),
+        backend_metal::Placement::Cpu,
+    ) {
+        Ok(_) => panic!("a config.json that is not UTF-8 must not load"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, inference_core::Error::ModelLoad { .. }),
+        "{err}"
+    );
+    let mut source = std::error::Error::source(&err);
+    let mut kind = None;
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            kind = Some(io.kind());
+        }
+        source = s.source();
+    }
+    assert_eq!(kind, Some(std::io::ErrorKind::InvalidData), "{err}");
+    assert!(err.to_string().contains("config.json"), "{err}");
+}

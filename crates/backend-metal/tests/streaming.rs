@@ -80,3 +80,35 @@ fn stop_string_across_tokens_in_generation() {
         out.iter().map(|t| t.id).collect::<Vec<_>>()[..ids.len()]
     );
 }
+
+/// Concurrent calls keep their own metrics: each stream reports its own
+/// prompt and generated counts, whichever call finishes last.
+#[test]
+fn concurrent_calls_keep_their_own_metrics() {
+    let model = std::sync::Arc::new(load(&fixture("qwen3-f32")));
+    let prompts = ["Hello", "The capital of France is a city that"];
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let model = std::sync::Arc::clone(&model);
+            let prompt = prompts[i % 2];
+            std::thread::spawn(move || {
+                let n = 2 + i;
+                let opts = GenerateOptions::new().max_tokens(n).ignore_eos(true);
+                let mut s = model.generate(prompt, &opts).unwrap();
+                let got = s.collect_tokens().unwrap().len();
+                let m = s.metrics().unwrap().clone();
+                let prompt_len = s.prompt_ids().unwrap().len();
+                (n, got, prompt_len, m)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (n, got, prompt_len, m) = h.join().unwrap();
+        assert_eq!(got, n);
+        assert_eq!(m.generated_tokens, n, "{m:?}");
+        assert_eq!(m.prompt_tokens, prompt_len, "{m:?}");
+    }
+    // The model's last metrics are one whole call's.
+    let last = model.metrics().unwrap();
+    assert!((2..8).contains(&last.generated_tokens), "{last:?}");
+}

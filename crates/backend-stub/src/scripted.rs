@@ -134,6 +134,16 @@ impl ScriptedModel {
         if opts.return_logits {
             return Err(Error::unsupported("return_logits for generate"));
         }
+        if opts.logprobs {
+            return Err(Error::unsupported(
+                "logprobs on the scripted model (it has no distribution)",
+            ));
+        }
+        if opts.uses_presence_frequency() || !opts.logit_bias.is_empty() {
+            return Err(Error::unsupported(
+                "presence and frequency penalties and logit bias on the scripted model",
+            ));
+        }
         Ok(())
     }
 
@@ -349,6 +359,10 @@ mod tests {
             GenerateOptions::new().temperature(0.5),
             GenerateOptions::new().top_k(3),
             GenerateOptions::new().repeat_penalty(1.3),
+            GenerateOptions::new().logprobs(0),
+            GenerateOptions::new().presence_penalty(0.5),
+            GenerateOptions::new().frequency_penalty(0.5),
+            GenerateOptions::new().logit_bias(1, 2.0),
         ] {
             assert!(matches!(
                 model.generate("q", &opts),

@@ -123,6 +123,26 @@ pub struct GenerationArgs {
     #[arg(long, value_name = "N")]
     pub repeat_last_n: Option<usize>,
 
+    /// OpenAI's presence penalty in [-2, 2], over the tokens generated so far
+    /// [default: 0].
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub presence_penalty: Option<f32>,
+
+    /// OpenAI's frequency penalty in [-2, 2], per time a token was generated
+    /// so far [default: 0].
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub frequency_penalty: Option<f32>,
+
+    /// Add BIAS (in [-100, 100]) to the logit of token ID before sampling;
+    /// repeatable.
+    #[arg(long = "logit-bias", value_name = "ID=BIAS", value_parser = parse_logit_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
+
+    /// Report each token's log-probability and its N most likely
+    /// alternatives (0 to 20) in the JSON report.
+    #[arg(long, value_name = "N")]
+    pub logprobs: Option<usize>,
+
     /// Seed of the sampler (the same seed repeats its tokens); default:
     /// from entropy.
     #[arg(long, value_name = "S")]
@@ -168,6 +188,18 @@ impl GenerationArgs {
         if let Some(n) = self.repeat_last_n {
             opts = opts.repeat_last_n(n);
         }
+        if let Some(p) = self.presence_penalty {
+            opts = opts.presence_penalty(p);
+        }
+        if let Some(f) = self.frequency_penalty {
+            opts = opts.frequency_penalty(f);
+        }
+        for &(id, bias) in &self.logit_bias {
+            opts = opts.logit_bias(id, bias);
+        }
+        if let Some(n) = self.logprobs {
+            opts = opts.logprobs(n);
+        }
         if let Some(s) = self.seed {
             opts = opts.seed(s);
         }
@@ -181,6 +213,25 @@ impl GenerationArgs {
         opts.validate()?;
         Ok(opts)
     }
+}
+
+/// Parses `ID=BIAS`: a token id and a finite bias.
+pub fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ID=BIAS, got {s:?}"))?;
+    let id: u32 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("the token id must be a whole number, got {id:?}"))?;
+    let bias: f32 = bias
+        .trim()
+        .parse()
+        .map_err(|_| format!("the bias must be a number, got {bias:?}"))?;
+    if !bias.is_finite() {
+        return Err(format!("the bias must be finite, got {bias}"));
+    }
+    Ok((id, bias))
 }
 
 /// Parses `KEY=VALUE`: VALUE as JSON when it parses (`true`, `3`, `"x"`,

@@ -124,6 +124,7 @@ pub fn flag_of(field: &str) -> String {
         "stop_strings" => "--stop".to_owned(),
         "template_args" => "--template-arg".to_owned(),
         "backend" => "--backend".to_owned(),
+        "logprobs" | "top_logprobs" => "--logprobs".to_owned(),
         other => format!("--{}", other.replace('_', "-")),
     }
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use inference_core::{
-    FinishReason, GenerateMetrics, GenerateOptions, Message, TextModel, TokenId, TokenStream,
+    FinishReason, GenerateMetrics, GenerateOptions, Message, TextModel, TokenId, TokenLogprobs,
+    TokenStream,
 };
 use serde::Serialize;
 
@@ -80,6 +81,9 @@ struct Report<'a> {
     /// `null` when the backend does not announce its prompt ids.
     prompt_ids: Option<&'a [TokenId]>,
     ids: &'a [TokenId],
+    /// Each token's log-probability and alternatives, with `--logprobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<&'a [TokenLogprobs]>,
     text: &'a str,
     finish_reason: FinishReason,
     metrics: Option<&'a GenerateMetrics>,
@@ -102,7 +106,13 @@ pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
     let mut stream = start(model, mode, input, args.system.as_deref(), &opts)?;
 
     let watch = interrupt.watch(stream.cancel_handle());
-    let Some(Collected { ids, text, failure }) = collect(&mut stream, args.format)? else {
+    let Some(Collected {
+        ids,
+        logprobs,
+        text,
+        failure,
+    }) = collect(&mut stream, args.format)?
+    else {
         // Nobody reads stdout any more: stop quietly.
         return Ok(());
     };
@@ -131,6 +141,7 @@ pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
             device: &loaded.device,
             prompt_ids: stream.prompt_ids(),
             ids: &ids,
+            logprobs: opts.logprobs.then_some(&logprobs[..]),
             text: &text,
             finish_reason: reason,
             metrics: stream.metrics(),
@@ -152,6 +163,7 @@ pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
 /// What a generation streamed, and the error that ended it, if one did.
 struct Collected {
     ids: Vec<TokenId>,
+    logprobs: Vec<TokenLogprobs>,
     text: String,
     failure: Option<inference_core::Error>,
 }
@@ -161,6 +173,7 @@ struct Collected {
 fn collect(stream: &mut TokenStream, format: Format) -> Result<Option<Collected>, CliError> {
     let mut got = Collected {
         ids: Vec::new(),
+        logprobs: Vec::new(),
         text: String::new(),
         failure: None,
     };
@@ -168,6 +181,7 @@ fn collect(stream: &mut TokenStream, format: Format) -> Result<Option<Collected>
         match item {
             Ok(token) => {
                 got.ids.push(token.id);
+                got.logprobs.extend(token.logprobs.clone());
                 got.text.push_str(&token.text);
                 if format == Format::Text && !stream_out(&token.text)? {
                     return Ok(None);
@@ -372,6 +386,7 @@ mod tests {
             device: "cpu",
             prompt_ids: stream.prompt_ids(),
             ids: &got.ids,
+            logprobs: None,
             text: &got.text,
             finish_reason: FinishReason::Error,
             metrics: stream.metrics(),

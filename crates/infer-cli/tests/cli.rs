@@ -990,3 +990,58 @@ fn chat_drops_its_oldest_turns_or_fails_when_the_context_is_full() {
     let o = chat(&[], &format!("Hello\n{huge}\n"));
     assert_eq!(code(&o), 1, "{}", stderr(&o));
 }
+
+/// `--logprobs N` adds each token's log-probability and N alternatives to
+/// the JSON report; `--logit-bias` and the penalties reach the sampler; bad
+/// values are usage errors naming the flag.
+#[test]
+fn logprobs_bias_and_penalties_from_the_command_line() {
+    let model = fixture("qwen3-f32");
+    let base = [
+        "--format",
+        "json",
+        "--raw",
+        "--ignore-eos",
+        "--max-tokens",
+        "3",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--logprobs", "2", "Hello"]);
+    let v = json_of(&generate(&model, &args));
+    let lps = v["logprobs"].as_array().expect("logprobs");
+    assert_eq!(lps.len(), 3, "{v}");
+    for (lp, id) in lps.iter().zip(v["ids"].as_array().unwrap()) {
+        assert!(lp["logprob"].as_f64().unwrap() <= 0.0, "{lp}");
+        let top = lp["top"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{lp}");
+        // Greedy: the token is the most likely one.
+        assert_eq!(&top[0][0], id, "{lp}");
+    }
+    // Without the flag the report has no logprobs.
+    let mut plain = base.to_vec();
+    plain.push("Hello");
+    let v = json_of(&generate(&model, &plain));
+    assert!(v.get("logprobs").is_none(), "{v}");
+    // A bias of 100 on one id makes greedy decoding pick it every step.
+    let mut biased = base.to_vec();
+    biased.extend([
+        "--logit-bias",
+        "42=100",
+        "--frequency-penalty",
+        "0.5",
+        "Hello",
+    ]);
+    let v = json_of(&generate(&model, &biased));
+    assert_eq!(v["ids"], serde_json::json!([42, 42, 42]), "{v}");
+    for (flag, bad) in [
+        ("--logprobs", "21"),
+        ("--presence-penalty", "3"),
+        ("--logit-bias", "x=1"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend([flag, bad, "Hello"]);
+        let o = generate(&model, &args);
+        assert_eq!(code(&o), 2, "{flag} {bad}: {}", stderr(&o));
+        assert!(stderr(&o).contains(flag), "{flag}: {}", stderr(&o));
+    }
+}

@@ -101,7 +101,259 @@ pub const CHECKS: &[(&str, Check)] = &[
         "concurrent_calls_do_not_interfere",
         concurrent_calls_do_not_interfere,
     ),
+    ("chat_streams_a_reply", chat_streams_a_reply),
+    (
+        "chat_sessions_remember_their_turns",
+        chat_sessions_remember_their_turns,
+    ),
+    ("batch_rows_equal_single_runs", batch_rows_equal_single_runs),
+    (
+        "classify_gives_the_next_token",
+        classify_gives_the_next_token,
+    ),
+    (
+        "async_stream_equals_the_iterator",
+        async_stream_equals_the_iterator,
+    ),
+    ("a_seed_repeats_its_tokens", a_seed_repeats_its_tokens),
+    (
+        "logprobs_are_log_probabilities",
+        logprobs_are_log_probabilities,
+    ),
+    (
+        "tokenizer_counts_what_generate_runs",
+        tokenizer_counts_what_generate_runs,
+    ),
 ];
+
+/// `Ok(None)` for a capability the model refuses with
+/// [`Error::Unsupported`] (optional capabilities may be absent); the value
+/// otherwise; any other error fails the check.
+fn optional<T>(what: &str, r: crate::error::Result<T>) -> Result<Option<T>, String> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(Error::Unsupported { .. }) => Ok(None),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+/// Drains `stream`, failing on an error item; the ids and the reason.
+fn drain(
+    what: &str,
+    mut stream: crate::stream::TokenStream,
+) -> Result<(Vec<TokenId>, Option<FinishReason>), String> {
+    let mut ids = Vec::new();
+    for item in stream.by_ref() {
+        ids.push(
+            item.map_err(|e| format!("{what}: the stream yielded an error: {e}"))?
+                .id,
+        );
+    }
+    Ok((ids, stream.finish_reason()))
+}
+
+/// `chat` with one user message streams a reply that ends with a reason,
+/// within `max_tokens`.
+pub fn chat_streams_a_reply(model: &dyn TextModel, cfg: &ConformanceConfig) -> Result<(), String> {
+    let opts = GenerateOptions::new().max_tokens(cfg.max_tokens);
+    let Some(stream) = optional(
+        "chat",
+        model.chat(&[Message::user(cfg.prompt.clone())], &opts),
+    )?
+    else {
+        return Ok(());
+    };
+    let (ids, reason) = drain("chat", stream)?;
+    ensure(ids.len() <= cfg.max_tokens, || {
+        format!("{} tokens", ids.len())
+    })?;
+    ensure(
+        matches!(reason, Some(FinishReason::Stop | FinishReason::Length)),
+        || format!("chat ended with {reason:?}"),
+    )
+}
+
+/// A chat session keeps each finished turn (the user message and the reply)
+/// and a reset keeps only the system message.
+pub fn chat_sessions_remember_their_turns(
+    model: &dyn TextModel,
+    cfg: &ConformanceConfig,
+) -> Result<(), String> {
+    let Some(mut session) = optional("chat_session", model.chat_session())? else {
+        return Ok(());
+    };
+    let opts = GenerateOptions::new().max_tokens(cfg.max_tokens.min(4));
+    for (turn, text) in [&cfg.prompt, &cfg.other_prompt].into_iter().enumerate() {
+        let stream = session
+            .send(text, &opts)
+            .map_err(|e| format!("send: {e}"))?;
+        drain("session turn", stream)?;
+        let history = session.history();
+        ensure(history.len() == 2 * (turn + 1), || {
+            format!("after turn {}: {} messages", turn + 1, history.len())
+        })?;
+        ensure(history[2 * turn] == Message::user(text.clone()), || {
+            format!(
+                "turn {}: the user message is {:?}",
+                turn + 1,
+                history[2 * turn]
+            )
+        })?;
+    }
+    session.reset(Some("be brief"));
+    ensure(session.history() == [Message::system("be brief")], || {
+        format!("after a reset: {:?}", session.history())
+    })
+}
+
+/// Each row of `batch_generate` holds what `generate` gives its prompt alone
+/// (greedy).
+pub fn batch_rows_equal_single_runs(
+    model: &dyn TextModel,
+    cfg: &ConformanceConfig,
+) -> Result<(), String> {
+    let opts = fixed_length(cfg.max_tokens);
+    let prompts = [cfg.prompt.clone(), cfg.other_prompt.clone()];
+    let Some(rows) = optional("batch_generate", model.batch_generate(&prompts, &opts))? else {
+        return Ok(());
+    };
+    ensure(rows.len() == prompts.len(), || {
+        format!("{} rows for 2 prompts", rows.len())
+    })?;
+    for (p, row) in prompts.iter().zip(&rows) {
+        let alone = run(model, p, &opts)?.ids;
+        let got: Vec<TokenId> = row.tokens.iter().map(|t| t.id).collect();
+        ensure(row.error.is_none(), || {
+            format!("row error: {:?}", row.error)
+        })?;
+        ensure(got == alone, || format!("row {got:?}, alone {alone:?}"))?;
+    }
+    Ok(())
+}
+
+/// `classify` gives one token per prompt: the first token greedy
+/// generation gives.
+pub fn classify_gives_the_next_token(
+    model: &dyn TextModel,
+    cfg: &ConformanceConfig,
+) -> Result<(), String> {
+    let prompts = [cfg.prompt.clone(), cfg.other_prompt.clone()];
+    let Some(out) = optional(
+        "classify",
+        model.classify(&prompts, &GenerateOptions::new().max_tokens(1)),
+    )?
+    else {
+        return Ok(());
+    };
+    ensure(out.len() == prompts.len(), || {
+        format!("{} results for 2 prompts", out.len())
+    })?;
+    for (p, r) in prompts.iter().zip(&out) {
+        let first = run(model, p, &fixed_length(1))?.ids;
+        ensure(first == [r.token.id], || {
+            format!("classify gave {}, generate {first:?}", r.token.id)
+        })?;
+    }
+    Ok(())
+}
+
+/// The async stream yields what the blocking iterator yields.
+pub fn async_stream_equals_the_iterator(
+    model: &dyn TextModel,
+    cfg: &ConformanceConfig,
+) -> Result<(), String> {
+    use futures::StreamExt;
+    let opts = fixed_length(cfg.max_tokens);
+    let blocking = run(model, &cfg.prompt, &opts)?.ids;
+    let stream = model
+        .generate(&cfg.prompt, &opts)
+        .map_err(|e| e.to_string())?;
+    let items: Vec<crate::error::Result<crate::types::Token>> =
+        futures::executor::block_on(StreamExt::collect(stream));
+    let ids = items
+        .into_iter()
+        .map(|t| t.map(|t| t.id).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    ensure(ids == blocking, || {
+        format!("async {ids:?}, blocking {blocking:?}")
+    })
+}
+
+/// Sampling with a seed repeats its tokens (where the model samples).
+pub fn a_seed_repeats_its_tokens(
+    model: &dyn TextModel,
+    cfg: &ConformanceConfig,
+) -> Result<(), String> {
+    let opts = fixed_length(cfg.max_tokens).temperature(0.9).seed(1234);
+    let Some(first) = optional("seeded sampling", model.generate(&cfg.prompt, &opts))? else {
+        return Ok(());
+    };
+    let (a, _) = drain("seeded sampling", first)?;
+    let b = run(model, &cfg.prompt, &opts)?.ids;
+    ensure(a == b, || format!("seed 1234 gave {a:?}, then {b:?}"))
+}
+
+/// With `logprobs`, every token carries a log-probability (finite, at most
+/// 0) and its alternatives, most likely first; under greedy decoding the
+/// token is the most likely one (but for a tie) and its log-probability is
+/// the first alternative's.
+pub fn logprobs_are_log_probabilities(
+    model: &dyn TextModel,
+    cfg: &ConformanceConfig,
+) -> Result<(), String> {
+    let opts = fixed_length(cfg.max_tokens).logprobs(3);
+    let Some(mut stream) = optional("logprobs", model.generate(&cfg.prompt, &opts))? else {
+        return Ok(());
+    };
+    let tokens = stream.collect_tokens().map_err(|e| e.to_string())?;
+    for t in &tokens {
+        let lp = t
+            .logprobs
+            .as_ref()
+            .ok_or_else(|| format!("token {} has no logprobs", t.id))?;
+        ensure(lp.logprob.is_finite() && lp.logprob <= 0.0, || {
+            format!("token {}: logprob {}", t.id, lp.logprob)
+        })?;
+        ensure(lp.top.len() == 3, || {
+            format!("{} alternatives", lp.top.len())
+        })?;
+        ensure(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), || {
+            format!("alternatives out of order: {:?}", lp.top)
+        })?;
+        ensure((lp.top[0].1 - lp.logprob).abs() < 1e-4, || {
+            format!(
+                "greedy token {} ({}) is not the most likely ({:?})",
+                t.id, lp.logprob, lp.top
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The tokenizer counts the prompt ids `generate` announces.
+pub fn tokenizer_counts_what_generate_runs(
+    model: &dyn TextModel,
+    cfg: &ConformanceConfig,
+) -> Result<(), String> {
+    let Some(tok) = optional("tokenizer", model.tokenizer())? else {
+        return Ok(());
+    };
+    let n = tok.count_tokens(&cfg.prompt).map_err(|e| e.to_string())?;
+    let ids = tok.encode(&cfg.prompt, true).map_err(|e| e.to_string())?;
+    ensure(ids.len() == n, || {
+        format!("count {n}, encode {}", ids.len())
+    })?;
+    let mut stream = model
+        .generate(&cfg.prompt, &fixed_length(1))
+        .map_err(|e| e.to_string())?;
+    stream.collect_tokens().map_err(|e| e.to_string())?;
+    match stream.prompt_ids() {
+        Some(announced) => ensure(announced == ids.as_slice(), || {
+            format!("generate ran {announced:?}, the tokenizer encodes {ids:?}")
+        }),
+        None => Ok(()),
+    }
+}
 
 /// Runs every check; the failures, if any.
 pub fn check_all(model: &dyn TextModel, cfg: &ConformanceConfig) -> Result<(), Vec<CheckFailure>> {
@@ -374,14 +626,18 @@ pub fn invalid_options_rejected_before_work(
             Ok(_) => return Err(format!("bad {field}: accepted")),
         }
     }
+    // A backend may support `return_logits` on generate; then the call
+    // must run to its end.
     match model.generate(&cfg.prompt, &GenerateOptions::new().return_logits(true)) {
         Err(Error::Unsupported { .. }) => {}
         Err(other) => {
             return Err(format!(
-                "return_logits on generate: expected Unsupported, got {other}"
+                "return_logits on generate: expected Unsupported or a stream, got {other}"
             ))
         }
-        Ok(_) => return Err("return_logits on generate: accepted".into()),
+        Ok(stream) => {
+            drain("return_logits on generate", stream)?;
+        }
     }
     match model.generate("", &GenerateOptions::new()) {
         Err(Error::InvalidInput(_)) => {}

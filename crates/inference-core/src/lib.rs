@@ -40,13 +40,13 @@ mod types;
 pub use backend::{Availability, Backend, CanLoad};
 pub use error::{BoxError, Error, Result};
 pub use model::{ChatSession, HistoryOverflow, TextModel};
-pub use options::{DType, GenerateOptions, LoadOptions};
+pub use options::{DType, GenerateOptions, LoadOptions, MAX_TOP_LOGPROBS};
 pub use registry::{backend_for, backends, default_backend, get, load_model, BackendRegistration};
 pub use stream::{CancelHandle, TokenSink, TokenStream};
 pub use tokenizer::{RenderOptions, Tokenizer};
 pub use types::{
     BatchResult, ClassifyResult, FinishReason, GenerateMetrics, LastMetrics, Message, ModelInfo,
-    Role, Token, TokenId,
+    Role, Token, TokenId, TokenLogprobs,
 };
 
 /// Not public API: what [`register_backend!`] expands to needs.

@@ -14,10 +14,12 @@ use crate::types::TokenId;
 
 /// Options of one generation call.
 ///
-/// Sampling applies its filters in this fixed order:
-/// repeat penalty → top-p → min-p → top-k → temperature → categorical draw.
-/// A temperature of 0 means greedy (argmax) decoding and the other filters then
-/// change nothing but the repeat penalty.
+/// Sampling applies its steps in this fixed order: repeat penalty → presence
+/// and frequency penalties → logit bias → top-p → min-p → top-k →
+/// temperature → categorical draw. A temperature of 0 means greedy (argmax)
+/// decoding and the filters then change nothing; the penalties and the bias
+/// still do. Log-probabilities ([`logprobs`](Self::logprobs)) are those of
+/// the model's raw distribution, before any of these steps.
 ///
 /// Deserialising refuses unknown keys, so a misspelt option is an error rather
 /// than a default silently used.
@@ -57,6 +59,24 @@ pub struct GenerateOptions {
     /// [`classify`](crate::TextModel::classify); `generate` refuses it with
     /// [`Error::Unsupported`].
     pub return_logits: bool,
+    /// Report each generated token's log-probability under the model's raw
+    /// distribution (log-softmax of its logits, before penalties, bias,
+    /// filters and temperature) in [`Token::logprobs`](crate::Token::logprobs).
+    pub logprobs: bool,
+    /// With [`logprobs`](Self::logprobs), also the `top_logprobs` most likely
+    /// ids at each step and their log-probabilities; at most 20.
+    pub top_logprobs: usize,
+    /// Added to the logits of these ids before sampling (OpenAI's
+    /// `logit_bias`); each bias in [-100, 100].
+    pub logit_bias: BTreeMap<TokenId, f32>,
+    /// OpenAI's presence penalty, in [-2, 2]: subtracted from the logit of
+    /// every id generated so far in this call (the prompt does not count).
+    /// 0 (the default) is off.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2]: subtracted from an id's logit
+    /// once per time it was generated so far in this call. 0 (the default)
+    /// is off.
+    pub frequency_penalty: f32,
 }
 
 impl Default for GenerateOptions {
@@ -75,9 +95,17 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             template_args: BTreeMap::new(),
             return_logits: false,
+            logprobs: false,
+            top_logprobs: 0,
+            logit_bias: BTreeMap::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
+
+/// The most alternatives [`GenerateOptions::top_logprobs`] may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl GenerateOptions {
     /// The defaults.
@@ -167,6 +195,44 @@ impl GenerateOptions {
         self
     }
 
+    /// Sets [`logprobs`](Self::logprobs) and
+    /// [`top_logprobs`](Self::top_logprobs): log-probabilities with `top`
+    /// alternatives per step.
+    pub fn logprobs(mut self, top: usize) -> Self {
+        self.logprobs = true;
+        self.top_logprobs = top;
+        self
+    }
+
+    /// Adds `bias` to the logit of `id` (see [`logit_bias`](Self::logit_bias)).
+    pub fn logit_bias(mut self, id: TokenId, bias: f32) -> Self {
+        self.logit_bias.insert(id, bias);
+        self
+    }
+
+    /// Sets [`presence_penalty`](Self::presence_penalty).
+    pub fn presence_penalty(mut self, penalty: f32) -> Self {
+        self.presence_penalty = penalty;
+        self
+    }
+
+    /// Sets [`frequency_penalty`](Self::frequency_penalty).
+    pub fn frequency_penalty(mut self, penalty: f32) -> Self {
+        self.frequency_penalty = penalty;
+        self
+    }
+
+    /// Whether the presence or frequency penalty is on.
+    pub fn uses_presence_frequency(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+    }
+
+    /// Whether anything changes the logits before the filters: a penalty
+    /// (repeat, presence or frequency) or a logit bias.
+    pub fn changes_logits(&self) -> bool {
+        self.uses_repeat_penalty() || self.uses_presence_frequency() || !self.logit_bias.is_empty()
+    }
+
     /// Whether these options ask for greedy decoding.
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
@@ -221,6 +287,42 @@ impl GenerateOptions {
             return Err(Error::invalid_option(
                 "stop_strings",
                 "must not contain an empty string",
+            ));
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(Error::invalid_option(
+                "top_logprobs",
+                format!(
+                    "must be at most {MAX_TOP_LOGPROBS}, got {}",
+                    self.top_logprobs
+                ),
+            ));
+        }
+        if self.top_logprobs > 0 && !self.logprobs {
+            return Err(Error::invalid_option(
+                "top_logprobs",
+                "needs logprobs to be on",
+            ));
+        }
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::invalid_option(
+                    field,
+                    format!("must be in [-2, 2], got {v}"),
+                ));
+            }
+        }
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(*b))
+        {
+            return Err(Error::invalid_option(
+                "logit_bias",
+                format!("the bias of id {id} must be in [-100, 100], got {b}"),
             ));
         }
         Ok(())

@@ -15,12 +15,16 @@ pub type TokenId = u32;
 /// `text` is what the token contributes once detokenised in context; it may be
 /// empty (for example while a multi-byte character is incomplete) or shorter
 /// than the token's own text when a stop string begins inside it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Token {
     /// The token id.
     pub id: TokenId,
     /// The text this token adds to the output.
     pub text: String,
+    /// Its log-probability and the most likely alternatives, when the call
+    /// asked for them ([`GenerateOptions::logprobs`](crate::GenerateOptions::logprobs)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 impl Token {
@@ -29,8 +33,27 @@ impl Token {
         Self {
             id,
             text: text.into(),
+            logprobs: None,
         }
     }
+
+    /// The same token with `logprobs`.
+    pub fn with_logprobs(mut self, logprobs: Option<TokenLogprobs>) -> Self {
+        self.logprobs = logprobs;
+        self
+    }
+}
+
+/// A generated token's log-probability (natural log) under the model's raw
+/// distribution, and the most likely ids at that step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// The log-probability of the token's id.
+    pub logprob: f32,
+    /// The most likely ids and their log-probabilities, most likely first
+    /// ([`GenerateOptions::top_logprobs`](crate::GenerateOptions::top_logprobs)
+    /// of them).
+    pub top: Vec<(TokenId, f32)>,
 }
 
 /// Who wrote a chat message.

@@ -82,8 +82,7 @@ impl HfConfig {
     /// Reads `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self, LoadError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| LoadError::Io(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| LoadError::file(&path, e))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| LoadError::Config(format!("{}: invalid JSON: {e}", path.display())))?;
         Self::from_value(&value)

@@ -9,7 +9,17 @@ use inference_core::Error;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
-    /// A file could not be read.
+    /// A file could not be read (the I/O error is its source).
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something about the files is wrong that no I/O error describes (a
+    /// file that is not there, a directory that cannot be listed).
     #[error("{0}")]
     Io(String),
     /// `config.json` is missing fields or has invalid values.
@@ -59,6 +69,14 @@ pub enum LoadError {
 }
 
 impl LoadError {
+    /// A [`LoadError::File`] for `path`.
+    pub fn file(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
+        LoadError::File {
+            path: path.into(),
+            source,
+        }
+    }
+
     /// The public error for a failed load of `path`.
     pub fn into_error(self, path: &Path) -> Error {
         match self {

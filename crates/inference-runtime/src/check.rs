@@ -1,6 +1,6 @@
 //! The checks every engine makes of a prompt before it is queued.
 
-use inference_core::{Error, Result, TokenId};
+use inference_core::{Error, GenerateOptions, Result, TokenId};
 
 /// Refuses ids outside a vocabulary of `vocab` ids (an engine would index
 /// out of bounds).
@@ -30,6 +30,18 @@ pub fn prompt(prompt: &[TokenId], vocab: usize, limit: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Refuses a `logit_bias` id outside a vocabulary of `vocab` ids
+/// ([`Error::InvalidOption`] naming the id).
+pub fn logit_bias_in_vocab(opts: &GenerateOptions, vocab: usize) -> Result<()> {
+    match opts.logit_bias.keys().find(|&&id| id as usize >= vocab) {
+        Some(id) => Err(Error::invalid_option(
+            "logit_bias",
+            format!("id {id} is outside the vocabulary ({vocab} ids)"),
+        )),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

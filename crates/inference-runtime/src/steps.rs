@@ -1,6 +1,6 @@
 //! [`Sequence`]: the host's side of each decode step of one sequence.
 
-use inference_core::{FinishReason, GenerateOptions, Token, TokenId, TokenSink};
+use inference_core::{FinishReason, GenerateOptions, Token, TokenId, TokenLogprobs, TokenSink};
 use inference_text::{Detokenize, StopStrings};
 
 /// Detokenising a generated id failed.
@@ -64,6 +64,18 @@ impl<D: Detokenize> Sequence<D> {
         last: bool,
         out: &mut Vec<Token>,
     ) -> Result<Option<FinishReason>, StepError> {
+        self.push_scored(id, None, last, out)
+    }
+
+    /// [`push`](Self::push) of an id with its log-probabilities, which the
+    /// token carries (through the stop strings, which may shorten its text).
+    pub fn push_scored(
+        &mut self,
+        id: TokenId,
+        logprobs: Option<TokenLogprobs>,
+        last: bool,
+        out: &mut Vec<Token>,
+    ) -> Result<Option<FinishReason>, StepError> {
         if (!self.ignore_eos && self.eos.contains(&id)) || self.stop_ids.contains(&id) {
             self.stops.flush(out);
             return Ok(Some(FinishReason::Stop));
@@ -76,7 +88,10 @@ impl<D: Detokenize> Sequence<D> {
             text.push_str(&self.detok.finish().map_err(error)?);
         }
         self.generated += 1;
-        if self.stops.push(Token::new(id, text), out) {
+        if self
+            .stops
+            .push(Token::new(id, text).with_logprobs(logprobs), out)
+        {
             return Ok(Some(FinishReason::Stop));
         }
         Ok(None)

@@ -50,8 +50,7 @@ fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| LoadError::Io(format!("{}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::file(path, e))?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| LoadError::Tokenizer(format!("{}: invalid JSON: {e}", path.display())))

@@ -86,10 +86,9 @@ impl Weights {
                 file: file_name.clone(),
                 reason,
             };
-            let file =
-                File::open(&path).map_err(|e| FormatError::Io(format!("{file_name}: {e}")))?;
-            let map = inference_formats::map_file(&file)
-                .map_err(|e| FormatError::Io(format!("{file_name}: {e}")))?;
+            let file = File::open(&path).map_err(|e| FormatError::file(&path, e))?;
+            let map =
+                inference_formats::map_file(&file).map_err(|e| FormatError::file(&path, e))?;
             let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
             let mut skipped = 0usize;
             for (name, view) in st.tensors() {
