@@ -28,7 +28,7 @@ use crate::models::{self, CausalLm, ModelSpec};
 use crate::session;
 use crate::worker::{check_generate_options, Job, Shared, Worker};
 use inference_formats::config::HfConfig;
-use inference_text::{ChatTemplate, ChatTokenizer, ModelTokenizer};
+use inference_text::{ChatTokenizer, ModelTokenizer};
 
 /// A model loaded by the MLX backend.
 pub struct MlxModel {
@@ -220,13 +220,13 @@ impl MlxModel {
     }
 
     /// The prompt text [`chat`](TextModel::chat) renders for `messages` with
-    /// `opts.template_args` (the assistant's turn header included).
+    /// `opts.tools` and `opts.template_args` (the assistant's turn header
+    /// included).
     pub fn render_chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<String> {
-        self.template()?.render(
+        inference_core::Tokenizer::render_chat(
+            &self.shared.text,
             messages,
-            &self.shared.tokenizer().special,
-            true,
-            &opts.template_args,
+            &inference_core::RenderOptions::for_chat(opts),
         )
     }
 
@@ -236,10 +236,6 @@ impl MlxModel {
     /// template did not write it.
     pub fn encode_chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<Vec<u32>> {
         self.shared.encode_chat(messages, opts)
-    }
-
-    fn template(&self) -> Result<&ChatTemplate> {
-        self.shared.text.template()
     }
 
     /// Encodes `text` as [`generate`](TextModel::generate) does: with the
@@ -337,6 +333,11 @@ impl MlxModel {
         opts: &GenerateOptions,
     ) -> Result<Vec<BatchResult>> {
         check_generate_options(opts, self.info.vocab_size)?;
+        if opts.prompt_logprobs {
+            return Err(Error::unsupported(
+                "prompt_logprobs for batch_generate (a batch result has no prompt)",
+            ));
+        }
         for p in &prompts {
             self.shared.check_prompt(p, self.info.vocab_size)?;
         }
@@ -596,9 +597,9 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Jobs<Job>) {
 impl TextModel for MlxModel {
     fn generate(&self, prompt: &str, opts: &GenerateOptions) -> Result<TokenStream> {
         check_generate_options(opts, self.info.vocab_size)?;
-        if !opts.template_args.is_empty() {
+        if opts.uses_template() {
             return Err(Error::unsupported(
-                "template_args for generate (a raw prompt is not templated: use chat)",
+                "template_args and tools for generate (a raw prompt is not templated: use chat)",
             ));
         }
         if prompt.is_empty() {
@@ -632,15 +633,15 @@ impl TextModel for MlxModel {
     /// here (one token is always within it) and `ignore_eos` changes nothing.
     fn classify(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<ClassifyResult>> {
         opts.validate()?;
-        if opts.logprobs {
+        if opts.logprobs || opts.prompt_logprobs {
             return Err(Error::unsupported(
-                "logprobs for classify (return_logits gives the whole distribution)",
+                "logprobs and prompt_logprobs for classify (return_logits gives the whole distribution)",
             ));
         }
         check::logit_bias_in_vocab(opts, self.info.vocab_size)?;
-        if !opts.template_args.is_empty() {
+        if opts.uses_template() {
             return Err(Error::unsupported(
-                "template_args for classify (raw prompts are not templated)",
+                "template_args and tools for classify (raw prompts are not templated)",
             ));
         }
         if !opts.stop_tokens.is_empty() || !opts.stop_strings.is_empty() {
@@ -677,9 +678,9 @@ impl TextModel for MlxModel {
         opts: &GenerateOptions,
     ) -> Result<Vec<BatchResult>> {
         check_generate_options(opts, self.info.vocab_size)?;
-        if !opts.template_args.is_empty() {
+        if opts.uses_template() {
             return Err(Error::unsupported(
-                "template_args for batch_generate (raw prompts are not templated)",
+                "template_args and tools for batch_generate (raw prompts are not templated)",
             ));
         }
         let prompts = self.encode_all(prompts)?;

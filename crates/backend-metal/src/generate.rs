@@ -235,6 +235,14 @@ fn decode_loop(
     if sink.prompt(prompt.clone()).is_err() {
         return Ok(FinishReason::Cancelled);
     }
+    if opts.prompt_logprobs {
+        // A pass of its own over fresh caches: every position's logits,
+        // which the prefill below does not compute.
+        let lps = prompt_logprobs(model, prompt, bounds)?;
+        if sink.prompt_logprobs(lps).is_err() {
+            return Ok(FinishReason::Cancelled);
+        }
+    }
     let _span = tracing::debug_span!(
         "generate",
         prompt_tokens = prompt.len(),

@@ -114,9 +114,11 @@ impl Shared {
         messages: &[Message],
         opts: &GenerateOptions,
     ) -> Result<Vec<u32>> {
-        self.text
-            .tokenizer()
-            .encode_messages(self.text.template()?, messages, &opts.template_args)
+        inference_core::Tokenizer::encode_chat(
+            &self.text,
+            messages,
+            &inference_core::RenderOptions::for_chat(opts),
+        )
     }
 
     /// Counts `tokens` prompt tokens a session turn did not prefill.
@@ -131,7 +133,7 @@ impl Shared {
 
 /// Refuses generation options that are invalid or that generation does not
 /// implement. Every sampling option is honoured (see `sample.rs`);
-/// `template_args` are used by `chat` and refused by `generate`.
+/// `template_args` and `tools` are used by `chat` and refused by `generate`.
 pub(crate) fn check_generate_options(opts: &GenerateOptions, vocab: usize) -> Result<()> {
     opts.validate()?;
     if opts.return_logits {

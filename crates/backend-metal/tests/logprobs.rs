@@ -256,3 +256,43 @@ fn batch_rows_keep_their_logprobs_and_penalties() {
         }
     }
 }
+
+/// With `prompt_logprobs`, the stream reports each prompt id's
+/// log-probability after the ids before it: log-softmax of the logits after
+/// each prefix (which the parity tests hold to transformers').
+#[test]
+fn prompt_logprobs_are_those_of_each_prefix() {
+    for name in ["qwen3-f32", "gemma3-f32"] {
+        let model = load(&fixture(name));
+        let p = &golden(name)[0];
+        let mut stream = model
+            .generate_ids(
+                p.ids.clone(),
+                &GenerateOptions::new().max_tokens(1).prompt_logprobs(true),
+            )
+            .unwrap();
+        stream.collect_tokens().unwrap();
+        let lps = stream.prompt_logprobs().expect("prompt logprobs").to_vec();
+        assert_eq!(lps.len(), p.ids.len() - 1, "{name}");
+        for k in 1..p.ids.len() {
+            let reference = log_softmax(&model.last_logits(&p.ids[..k]).unwrap());
+            assert!(
+                (lps[k - 1] as f64 - reference[p.ids[k] as usize]).abs() < 1e-4,
+                "{name}: position {k}"
+            );
+        }
+        // Not asked for: none.
+        let mut plain = model
+            .generate_ids(p.ids.clone(), &GenerateOptions::new().max_tokens(1))
+            .unwrap();
+        plain.collect_tokens().unwrap();
+        assert!(plain.prompt_logprobs().is_none());
+        assert!(matches!(
+            model.batch_generate_ids(
+                vec![p.ids.clone()],
+                &GenerateOptions::new().prompt_logprobs(true)
+            ),
+            Err(Error::Unsupported { .. })
+        ));
+    }
+}

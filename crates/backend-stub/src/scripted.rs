@@ -134,9 +134,14 @@ impl ScriptedModel {
         if opts.return_logits {
             return Err(Error::unsupported("return_logits for generate"));
         }
-        if opts.logprobs {
+        if opts.logprobs || opts.prompt_logprobs {
             return Err(Error::unsupported(
                 "logprobs on the scripted model (it has no distribution)",
+            ));
+        }
+        if opts.uses_template() {
+            return Err(Error::unsupported(
+                "template_args and tools for a raw prompt (it is not templated)",
             ));
         }
         if opts.uses_presence_frequency() || !opts.logit_bias.is_empty() {
@@ -251,9 +256,9 @@ impl TextModel for ScriptedModel {
         if messages.is_empty() {
             return Err(Error::InvalidInput("no messages to answer".into()));
         }
-        if !opts.template_args.is_empty() {
+        if opts.uses_template() {
             return Err(Error::unsupported(
-                "chat-template arguments on the scripted model (it has no template)",
+                "chat-template arguments and tools on the scripted model (it has no template)",
             ));
         }
         let rendered: String = messages
@@ -372,6 +377,15 @@ mod tests {
         let args = GenerateOptions::new().template_arg("enable_thinking", true);
         assert!(matches!(
             model.chat(&[Message::user("hi")], &args),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(matches!(
+            model.generate("q", &args),
+            Err(Error::Unsupported { .. })
+        ));
+        let tools = GenerateOptions::new().tool(serde_json::json!({"type": "function"}));
+        assert!(matches!(
+            model.chat(&[Message::user("hi")], &tools),
             Err(Error::Unsupported { .. })
         ));
         assert!(matches!(

@@ -143,6 +143,11 @@ pub struct GenerationArgs {
     #[arg(long, value_name = "N")]
     pub logprobs: Option<usize>,
 
+    /// Report each prompt token's log-probability after the ones before it
+    /// in the JSON report (a second pass over the prompt).
+    #[arg(long)]
+    pub prompt_logprobs: bool,
+
     /// Seed of the sampler (the same seed repeats its tokens); default:
     /// from entropy.
     #[arg(long, value_name = "S")]
@@ -200,6 +205,7 @@ impl GenerationArgs {
         if let Some(n) = self.logprobs {
             opts = opts.logprobs(n);
         }
+        opts = opts.prompt_logprobs(self.prompt_logprobs);
         if let Some(s) = self.seed {
             opts = opts.seed(s);
         }

@@ -80,6 +80,10 @@ struct Report<'a> {
     device: &'a str,
     /// `null` when the backend does not announce its prompt ids.
     prompt_ids: Option<&'a [TokenId]>,
+    /// Each prompt id's log-probability after the ones before it, with
+    /// `--prompt-logprobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_logprobs: Option<&'a [f32]>,
     ids: &'a [TokenId],
     /// Each token's log-probability and alternatives, with `--logprobs`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -140,6 +144,7 @@ pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
             backend: &loaded.backend,
             device: &loaded.device,
             prompt_ids: stream.prompt_ids(),
+            prompt_logprobs: stream.prompt_logprobs(),
             ids: &ids,
             logprobs: opts.logprobs.then_some(&logprobs[..]),
             text: &text,
@@ -385,6 +390,7 @@ mod tests {
             backend: "mlx",
             device: "cpu",
             prompt_ids: stream.prompt_ids(),
+            prompt_logprobs: None,
             ids: &got.ids,
             logprobs: None,
             text: &got.text,

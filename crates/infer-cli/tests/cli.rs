@@ -1017,11 +1017,24 @@ fn logprobs_bias_and_penalties_from_the_command_line() {
         // Greedy: the token is the most likely one.
         assert_eq!(&top[0][0], id, "{lp}");
     }
+    // --prompt-logprobs: one value per prompt id but the first.
+    let mut args = base.to_vec();
+    args.extend(["--prompt-logprobs", "Hello there, how are you"]);
+    let v = json_of(&generate(&model, &args));
+    let n = v["prompt_ids"].as_array().unwrap().len();
+    assert_eq!(
+        v["prompt_logprobs"].as_array().map(Vec::len),
+        Some(n - 1),
+        "{v}"
+    );
     // Without the flag the report has no logprobs.
     let mut plain = base.to_vec();
     plain.push("Hello");
     let v = json_of(&generate(&model, &plain));
-    assert!(v.get("logprobs").is_none(), "{v}");
+    assert!(
+        v.get("logprobs").is_none() && v.get("prompt_logprobs").is_none(),
+        "{v}"
+    );
     // A bias of 100 on one id makes greedy decoding pick it every step.
     let mut biased = base.to_vec();
     biased.extend([

@@ -45,8 +45,8 @@ pub use registry::{backend_for, backends, default_backend, get, load_model, Back
 pub use stream::{CancelHandle, TokenSink, TokenStream};
 pub use tokenizer::{RenderOptions, Tokenizer};
 pub use types::{
-    BatchResult, ClassifyResult, FinishReason, GenerateMetrics, LastMetrics, Message, ModelInfo,
-    Role, Token, TokenId, TokenLogprobs,
+    BatchResult, ClassifyResult, FinishReason, FunctionCall, GenerateMetrics, LastMetrics, Message,
+    ModelInfo, Role, Token, TokenId, TokenLogprobs, ToolCall,
 };
 
 /// Not public API: what [`register_backend!`] expands to needs.

@@ -55,6 +55,10 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     /// Extra variables for chat templates, e.g. `enable_thinking`.
     pub template_args: BTreeMap<String, serde_json::Value>,
+    /// Tool definitions (JSON schemas, as OpenAI's `tools`) that
+    /// [`chat`](crate::TextModel::chat) gives its template as `tools`; raw
+    /// prompts refuse them.
+    pub tools: Vec<serde_json::Value>,
     /// Return the last-position logits. Meaningful for
     /// [`classify`](crate::TextModel::classify); `generate` refuses it with
     /// [`Error::Unsupported`].
@@ -66,6 +70,10 @@ pub struct GenerateOptions {
     /// With [`logprobs`](Self::logprobs), also the `top_logprobs` most likely
     /// ids at each step and their log-probabilities; at most 20.
     pub top_logprobs: usize,
+    /// Report the log-probability of each prompt id after the ones before it
+    /// ([`TokenStream::prompt_logprobs`](crate::TokenStream::prompt_logprobs)),
+    /// from the model's raw distribution.
+    pub prompt_logprobs: bool,
     /// Added to the logits of these ids before sampling (OpenAI's
     /// `logit_bias`); each bias in [-100, 100].
     pub logit_bias: BTreeMap<TokenId, f32>,
@@ -94,9 +102,11 @@ impl Default for GenerateOptions {
             seed: None,
             ignore_eos: false,
             template_args: BTreeMap::new(),
+            tools: Vec::new(),
             return_logits: false,
             logprobs: false,
             top_logprobs: 0,
+            prompt_logprobs: false,
             logit_bias: BTreeMap::new(),
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
@@ -189,6 +199,18 @@ impl GenerateOptions {
         self
     }
 
+    /// Adds a tool definition (see [`tools`](Self::tools)).
+    pub fn tool(mut self, definition: serde_json::Value) -> Self {
+        self.tools.push(definition);
+        self
+    }
+
+    /// Whether a chat template is asked for: template arguments or tools,
+    /// which raw prompts refuse.
+    pub fn uses_template(&self) -> bool {
+        !self.template_args.is_empty() || !self.tools.is_empty()
+    }
+
     /// Sets [`return_logits`](Self::return_logits).
     pub fn return_logits(mut self, yes: bool) -> Self {
         self.return_logits = yes;
@@ -201,6 +223,12 @@ impl GenerateOptions {
     pub fn logprobs(mut self, top: usize) -> Self {
         self.logprobs = true;
         self.top_logprobs = top;
+        self
+    }
+
+    /// Sets [`prompt_logprobs`](Self::prompt_logprobs).
+    pub fn prompt_logprobs(mut self, yes: bool) -> Self {
+        self.prompt_logprobs = yes;
         self
     }
 

@@ -24,6 +24,7 @@ use crate::types::{FinishReason, GenerateMetrics, Token, TokenId};
 #[derive(Debug)]
 enum Event {
     Prompt(Vec<TokenId>),
+    PromptLogprobs(Vec<f32>),
     Token(Token),
     Finished {
         metrics: GenerateMetrics,
@@ -95,6 +96,7 @@ pub struct TokenStream {
     cancel: CancelHandle,
     ending: Option<Ending>,
     prompt: Option<Vec<TokenId>>,
+    prompt_logprobs: Option<Vec<f32>>,
 }
 
 /// The engine's end of a [`TokenStream`].
@@ -119,6 +121,7 @@ impl TokenStream {
                 cancel,
                 ending: None,
                 prompt: None,
+                prompt_logprobs: None,
             },
         )
     }
@@ -170,6 +173,14 @@ impl TokenStream {
         self.prompt.as_deref()
     }
 
+    /// With [`GenerateOptions::prompt_logprobs`](crate::GenerateOptions::prompt_logprobs),
+    /// the log-probability (natural log, raw distribution) of each prompt id
+    /// after the ids before it: one value per id but the first. Available
+    /// once the first item has been received, as [`prompt_ids`](Self::prompt_ids).
+    pub fn prompt_logprobs(&self) -> Option<&[f32]> {
+        self.prompt_logprobs.as_deref()
+    }
+
     /// Whether the stream has ended.
     pub fn is_finished(&self) -> bool {
         self.ending.is_some()
@@ -207,6 +218,10 @@ impl Stream for TokenStream {
                 // Not an item: remember the ids and look at the next event.
                 Some(Event::Prompt(ids)) => {
                     this.prompt = Some(ids);
+                    continue;
+                }
+                Some(Event::PromptLogprobs(lps)) => {
+                    this.prompt_logprobs = Some(lps);
                     continue;
                 }
                 Some(Event::Token(token)) => Some(Ok(token)),
@@ -269,6 +284,15 @@ impl TokenSink {
     pub fn prompt(&self, ids: Vec<TokenId>) -> Result<()> {
         self.tx
             .unbounded_send(Event::Prompt(ids))
+            .map_err(|_| Error::Cancelled)
+    }
+
+    /// Announces the prompt's log-probabilities (see
+    /// [`TokenStream::prompt_logprobs`]), before the first
+    /// [`send`](Self::send); [`Error::Cancelled`] when the consumer is gone.
+    pub fn prompt_logprobs(&self, logprobs: Vec<f32>) -> Result<()> {
+        self.tx
+            .unbounded_send(Event::PromptLogprobs(logprobs))
             .map_err(|_| Error::Cancelled)
     }
 

@@ -65,9 +65,10 @@ impl RenderOptions {
     }
 
     /// What [`chat`](crate::TextModel::chat) renders with `opts`: the
-    /// generation prompt and `opts.template_args`.
+    /// generation prompt, `opts.tools` and `opts.template_args`.
     pub fn for_chat(opts: &GenerateOptions) -> Self {
         Self {
+            tools: opts.tools.clone(),
             template_args: opts.template_args.clone(),
             ..Self::default()
         }

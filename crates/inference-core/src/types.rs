@@ -66,6 +66,9 @@ pub enum Role {
     User,
     /// The model.
     Assistant,
+    /// The result of a tool call the model made (see
+    /// [`Message::tool_call_id`]).
+    Tool,
 }
 
 impl Role {
@@ -75,6 +78,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -85,13 +89,72 @@ impl fmt::Display for Role {
     }
 }
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// One chat message, as chat templates receive it (transformers' message
+/// dicts): `role`, `content`, and where present `reasoning_content`,
+/// `tool_calls` and `tool_call_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     /// Who wrote it.
     pub role: Role,
-    /// What they wrote.
+    /// What they wrote (may be empty for an assistant message that only
+    /// calls tools).
+    #[serde(default)]
     pub content: String,
+    /// An assistant message's reasoning (a thinking model's), which
+    /// templates such as Qwen3's render as its `<think>` block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// The tool calls an assistant message makes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a [`Role::Tool`] message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// A call of a tool by the model, as OpenAI and transformers write it:
+/// `{"id", "type": "function", "function": {"name", "arguments"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id, which the tool message with the result repeats.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type", default = "function_kind")]
+    pub kind: String,
+    /// The function called.
+    pub function: FunctionCall,
+}
+
+fn function_kind() -> String {
+    "function".to_owned()
+}
+
+/// The function of a [`ToolCall`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments: a JSON object (what templates expect), or a string of
+    /// JSON as OpenAI's API sends it (templates print it as it is).
+    pub arguments: serde_json::Value,
+}
+
+impl ToolCall {
+    /// A call `id` of the function `name` with `arguments`.
+    pub fn function(
+        id: impl Into<String>,
+        name: impl Into<String>,
+        arguments: serde_json::Value,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            kind: function_kind(),
+            function: FunctionCall {
+                name: name.into(),
+                arguments,
+            },
+        }
+    }
 }
 
 impl Message {
@@ -100,7 +163,33 @@ impl Message {
         Self {
             role,
             content: content.into(),
+            reasoning_content: None,
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
+    }
+
+    /// An assistant message that calls tools (with `content` beside the
+    /// calls, possibly empty).
+    pub fn assistant_tool_calls(content: impl Into<String>, calls: Vec<ToolCall>) -> Self {
+        Self {
+            tool_calls: calls,
+            ..Self::assistant(content)
+        }
+    }
+
+    /// The result of the tool call `call_id`.
+    pub fn tool(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            tool_call_id: Some(call_id.into()),
+            ..Self::new(Role::Tool, content)
+        }
+    }
+
+    /// The same message with `reasoning` as its reasoning content.
+    pub fn with_reasoning(mut self, reasoning: impl Into<String>) -> Self {
+        self.reasoning_content = Some(reasoning.into());
+        self
     }
 
     /// A system message.
