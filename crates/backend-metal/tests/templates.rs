@@ -347,27 +347,24 @@ fn tools_reach_the_template() {
     ));
 }
 
-/// Tool conversations (tools, assistant tool calls with object or string
-/// arguments, tool results, reasoning content) render on the official Qwen3
-/// template exactly as transformers' `apply_chat_template` renders them
-/// (`tests/fixtures/text/qwen3-tools.json`, by
-/// `scripts/fixtures/make_tool_goldens.py`), and encode to its ids.
-#[test]
-fn qwen3_tool_conversations_match_transformers() {
+/// Renders and encodes every tool conversation of `<name>-tools.json` (by
+/// `scripts/fixtures/make_tool_goldens.py`) with the real tokenizer `name`;
+/// the cases.
+fn tool_conversations_match_transformers(name: &str, model_type: &str) -> Vec<serde_json::Value> {
     use inference_core::{RenderOptions, Tokenizer};
     let tok = inference_text::ChatTokenizer::new(
-        ModelTokenizer::from_dir(&real_tokenizer("qwen3")).unwrap(),
-        "qwen3",
-        151_936,
+        ModelTokenizer::from_dir(&real_tokenizer(name)).unwrap(),
+        model_type,
+        usize::MAX,
     );
-    let golden = text_golden("qwen3-tools");
-    let cases = golden["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 5);
-    for case in cases {
-        let name = case["name"].as_str().unwrap();
+    let golden = text_golden(&format!("{name}-tools"));
+    let cases = golden["cases"].as_array().unwrap().clone();
+    for case in &cases {
+        let name = format!("{name}/{}", case["name"].as_str().unwrap());
         let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
         let tools = case["tools"].as_array().unwrap().clone();
-        let opts = RenderOptions::new().tools(tools);
+        let mut opts = RenderOptions::new().tools(tools);
+        opts.template_args = json_args(&case["args"]);
         assert_eq!(
             tok.render_chat(&messages, &opts).unwrap(),
             case["text"].as_str().unwrap(),
@@ -379,6 +376,17 @@ fn qwen3_tool_conversations_match_transformers() {
             "{name}: ids"
         );
     }
+    cases
+}
+
+/// Tool conversations (tools, assistant tool calls with object or string
+/// arguments, tool results, reasoning content) render on the official Qwen3
+/// template exactly as transformers' `apply_chat_template` renders them, and
+/// encode to its ids.
+#[test]
+fn qwen3_tool_conversations_match_transformers() {
+    let cases = tool_conversations_match_transformers("qwen3", "qwen3");
+    assert_eq!(cases.len(), 5);
     // The messages of the golden round-trip through our types unchanged.
     let call = &cases[2]["messages"][1];
     let m: Message = serde_json::from_value(call.clone()).unwrap();
@@ -437,4 +445,12 @@ fn chat_passes_its_tools_and_raw_prompts_refuse_them() {
             "{refused:?}"
         );
     }
+}
+
+/// The same on the official Llama 3.2 template (tools in the user or the
+/// system message, a call and its `ipython` result; a fixed `date_string`).
+#[test]
+fn llama3_tool_conversations_match_transformers() {
+    let cases = tool_conversations_match_transformers("llama3", "llama");
+    assert_eq!(cases.len(), 4);
 }
