@@ -153,6 +153,7 @@ pub fn run(root: &Path, cuda: bool) -> Result<MlxEnv> {
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
 
     let libclang = ensure_libclang()?;
+    ensure_cmake()?;
     println!("setup: libclang: {libclang}");
     let cxx = find_cxx()?;
     println!("setup: C++ compiler: {cxx}");
@@ -175,6 +176,35 @@ pub fn run(root: &Path, cuda: bool) -> Result<MlxEnv> {
     };
     println!("setup: cargo environment: {env}");
     Ok(env)
+}
+
+// ---- cmake ----------------------------------------------------------------------------------
+
+/// Makes sure `cmake` is on the PATH: `llama-cpp-sys-2` builds llama.cpp with it. Installed
+/// through apt where possible (root on Debian/Ubuntu), else fails with the command to run.
+fn ensure_cmake() -> Result<()> {
+    let found = Command::new("cmake")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Ok(());
+    }
+    let debian = Path::new("/etc/debian_version").exists();
+    if !(debian && is_root()) {
+        bail!(
+            "the llama.cpp backend builds llama.cpp with cmake, which is not installed.\n\
+             On Debian/Ubuntu run:\n  sudo apt-get update && sudo apt-get install -y cmake\n\
+             (macOS: `brew install cmake`). Then run the command again."
+        );
+    }
+    println!("setup: installing cmake through apt");
+    run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_checked(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends", "cmake"]),
+    )
 }
 
 // ---- libclang -------------------------------------------------------------------------------
