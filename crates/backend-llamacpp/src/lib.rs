@@ -12,7 +12,8 @@
 //! This first slice decodes greedily; sampling options, logprobs, penalties,
 //! bias, batches, classify and chat sessions answer `Unsupported` until they
 //! are wired to llama.cpp's pieces. Its priority is below the MLX backend's,
-//! so it is chosen with `--backend llamacpp` (or `LoadOptions::backend`).
+//! so it is chosen with `LoadOptions::backend("llamacpp")`; the `infer`
+//! program does not link it yet.
 //!
 //! A binary must reference this crate (`use backend_llamacpp as _;`) for the
 //! registration to be linked in.
