@@ -187,6 +187,32 @@ fn cpu(root: &Path, quick: bool) -> Result<()> {
         common(&mut theirs);
         run(&mut theirs)?;
     }
+    // llama.cpp on the GGUF file itself: our llama.cpp backend, the raw
+    // llama.cpp loop of the same build, and our MLX backend on the same file.
+    let gguf_label = "smollm2-135m-q4-gguf";
+    let gguf_plan = root.join("bench/plans").join(if quick {
+        "quick.json"
+    } else {
+        "cpu-smollm2.json"
+    });
+    for backend in ["llamacpp", "mlx"] {
+        run(Command::new(&bin)
+            .args(["run", "--backend", backend, "--model"])
+            .arg(&gguf)
+            .arg("--plan")
+            .arg(&gguf_plan)
+            .args(["--label", gguf_label, "--out"])
+            .arg(&raw))?;
+        if backend == "llamacpp" {
+            run(Command::new(&bin)
+                .args(["llama-raw", "--model"])
+                .arg(&gguf)
+                .arg("--plan")
+                .arg(&gguf_plan)
+                .args(["--label", gguf_label, "--out"])
+                .arg(&raw))?;
+        }
+    }
     let machine = cpu_name();
     report(
         root,
@@ -308,6 +334,17 @@ fn metrics(scenario: &str) -> &'static [(&'static str, bool)] {
 
 const PARAMS: &[&str] = &["prompt", "decode", "batch", "history", "reply", "new"];
 
+/// The engines compared, as (A, B): the report gives A ÷ B for rates (B ÷ A
+/// for times). `ours` is the MLX backend, `ours-llamacpp` the llama.cpp
+/// backend, `llama.cpp-raw` llama-bench's method on llama.cpp's own API in
+/// the same build (`infer-bench llama-raw`; llama-bench itself is not in
+/// the llama-cpp-sys-2 crate's sources).
+const PAIRS: &[(&str, &str)] = &[
+    ("ours", "mlx-lm"),
+    ("ours-llamacpp", "llama.cpp-raw"),
+    ("ours-llamacpp", "ours"),
+];
+
 /// Aggregates raw records into `bench/results/{out}.json` and prints a
 /// Markdown summary.
 fn report(root: &Path, raw: &Path, machine: &str, out: &str, bandwidth: Option<f64>) -> Result<()> {
@@ -337,17 +374,18 @@ fn report(root: &Path, raw: &Path, machine: &str, out: &str, bandwidth: Option<f
     }
     let mut rows = Vec::new();
     let mut table = String::from(
-        "| model | scenario | figure | ours (median [min–max]) | mlx-lm (median [min–max]) | ours ÷ mlx-lm |\n|---|---|---|---|---|---|\n",
+        "| model | scenario | figure | A (median [min–max]) | B (median [min–max]) | A ÷ B |\n|---|---|---|---|---|---|\n",
     );
     for ((label, scenario, params), engines) in &groups {
         let mut row = Map::new();
         row.insert("model".into(), json!(label));
         row.insert("scenario".into(), json!(scenario));
         row.insert("params".into(), json!(params));
-        let weight_bytes = engines
-            .get("ours")
-            .and_then(|v| v.first())
-            .and_then(|r| r["weight_bytes"].as_u64());
+        let weight_bytes = ["ours", "ours-llamacpp"]
+            .iter()
+            .filter_map(|e| engines.get(*e))
+            .filter_map(|v| v.first())
+            .find_map(|r| r["weight_bytes"].as_u64());
         for (key, higher) in metrics(scenario) {
             let mut per = Map::new();
             let mut medians = BTreeMap::new();
@@ -360,14 +398,36 @@ fn report(root: &Path, raw: &Path, machine: &str, out: &str, bandwidth: Option<f
                 medians.insert(engine.clone(), st["median"].as_f64().unwrap_or(0.0));
                 per.insert(engine.clone(), st);
             }
-            let ratio = match (medians.get("ours"), medians.get("mlx-lm")) {
-                (Some(o), Some(m)) if *o > 0.0 && *m > 0.0 => {
-                    Some(if *higher { o / m } else { m / o })
-                }
-                _ => None,
+            let cell = |e: &str, per: &Map<String, Value>| {
+                per.get(e).map_or("–".to_owned(), |s| {
+                    format!(
+                        "{} {} [{}–{}]",
+                        e,
+                        fmt(s["median"].as_f64()),
+                        fmt(s["min"].as_f64()),
+                        fmt(s["max"].as_f64())
+                    )
+                })
             };
-            if let Some(r) = ratio {
-                per.insert("ratio".into(), json!(r));
+            for (a, b) in PAIRS {
+                let ratio = match (medians.get(*a), medians.get(*b)) {
+                    (Some(x), Some(y)) if *x > 0.0 && *y > 0.0 => {
+                        Some(if *higher { x / y } else { y / x })
+                    }
+                    _ => None,
+                };
+                let Some(r) = ratio else { continue };
+                let name = if (*a, *b) == PAIRS[0] {
+                    "ratio".to_owned()
+                } else {
+                    format!("ratio_{a}_vs_{b}")
+                };
+                per.insert(name, json!(r));
+                table.push_str(&format!(
+                    "| {label} | {scenario} {params} | {key} | {} | {} | {r:.2}× |\n",
+                    cell(a, &per),
+                    cell(b, &per),
+                ));
             }
             if let (true, Some(b), Some(bw)) = (*key == "decode_tps", weight_bytes, bandwidth) {
                 for (engine, m) in &medians {
@@ -377,22 +437,6 @@ fn report(root: &Path, raw: &Path, machine: &str, out: &str, bandwidth: Option<f
                     );
                 }
             }
-            let cell = |e: &str| {
-                per.get(e).map_or("–".to_owned(), |s| {
-                    format!(
-                        "{} [{}–{}]",
-                        fmt(s["median"].as_f64()),
-                        fmt(s["min"].as_f64()),
-                        fmt(s["max"].as_f64())
-                    )
-                })
-            };
-            table.push_str(&format!(
-                "| {label} | {scenario} {params} | {key} | {} | {} | {} |\n",
-                cell("ours"),
-                cell("mlx-lm"),
-                ratio.map_or("–".into(), |r| format!("{r:.2}×"))
-            ));
             row.insert((*key).into(), Value::Object(per));
         }
         if let Some(b) = weight_bytes {
@@ -405,7 +449,7 @@ fn report(root: &Path, raw: &Path, machine: &str, out: &str, bandwidth: Option<f
         "versions": versions,
         "bandwidth_bytes_per_s": bandwidth,
         "raw": raw.strip_prefix(root).unwrap_or(raw).display().to_string(),
-        "note": "ratio: ours ÷ mlx-lm for rates, mlx-lm ÷ ours for times (above 1 = ours faster)",
+        "note": "ratio: ours ÷ mlx-lm for rates, mlx-lm ÷ ours for times (above 1 = ours faster); ratio_A_vs_B likewise for the other pairs",
         "results": rows,
     });
     let dir = root.join("bench/results");

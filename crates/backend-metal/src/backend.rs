@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use inference_core::{Availability, Backend, CanLoad, LoadOptions, Result, TextModel};
+use inference_core::{Availability, Backend, CanLoad, LoadOptions, ModelFormat, Result, TextModel};
 
 use crate::device::{self, GpuApi};
 use crate::engine::{self, MlxModel, Placement};
@@ -59,6 +59,10 @@ impl Backend for MlxBackend {
     fn loads(&self) -> String {
         engine::loads()
     }
+
+    fn formats(&self) -> Vec<ModelFormat> {
+        ModelFormat::ALL.to_vec()
+    }
 }
 
 /// The `metal` backend: MLX on an Apple Metal GPU, and nowhere else.
@@ -112,5 +116,9 @@ impl Backend for MetalBackend {
 
     fn loads(&self) -> String {
         engine::loads()
+    }
+
+    fn formats(&self) -> Vec<ModelFormat> {
+        ModelFormat::ALL.to_vec()
     }
 }

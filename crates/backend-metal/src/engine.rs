@@ -65,6 +65,26 @@ pub fn check_load_options(opts: &LoadOptions) -> Result<()> {
     if opts.adapter_path.is_some() {
         return Err(Error::unsupported("LoRA adapters"));
     }
+    if opts.threads.is_some() {
+        return Err(Error::unsupported(
+            "threads on the MLX backend (MLX chooses its own CPU threads)",
+        ));
+    }
+    if let Some(t) = opts.kv_cache_type {
+        return Err(Error::unsupported(format!(
+            "kv_cache_type = {t} on the MLX backend (its KV cache takes the compute dtype: see dtype)"
+        )));
+    }
+    if opts.flash_attention.is_some() {
+        return Err(Error::unsupported(
+            "flash_attention on the MLX backend (attention is always MLX's fused kernel)",
+        ));
+    }
+    if !opts.mmap {
+        return Err(Error::unsupported(
+            "mmap = false on the MLX backend (weight files are always mapped)",
+        ));
+    }
     Ok(())
 }
 
@@ -491,13 +511,7 @@ fn open(path: &Path) -> Result<(Box<dyn ModelSpec>, ModelTokenizer, Source)> {
     let fail = |e: FormatError| e.into_error(path);
     if is_gguf(path) {
         let file = GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
-        if let Some(n) = file.get_u64("split.count").filter(|&n| n > 1) {
-            return Err(Error::unsupported(format!(
-                "split GGUF files ({} is one of {n} parts): merge them into one file with \
-                 llama.cpp's `llama-gguf-split --merge`",
-                path.display()
-            )));
-        }
+        inference_formats::discover::check_gguf_not_split(&file, path)?;
         let hf::Opened {
             architecture: arch,
             config: json,

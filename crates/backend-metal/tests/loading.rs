@@ -240,6 +240,13 @@ fn unsupported_options_and_bad_input_are_refused_before_work() {
         (LoadOptions::new().gpu_layers(2), "gpu_layers"),
         (LoadOptions::new().parallel_slots(4), "parallel_slots"),
         (LoadOptions::new().adapter_path("/tmp/adapter"), "LoRA"),
+        (LoadOptions::new().threads(1), "threads"),
+        (
+            LoadOptions::new().kv_cache_type(inference_core::KvCacheType::Q8_0),
+            "kv_cache_type = q8_0",
+        ),
+        (LoadOptions::new().flash_attention(false), "flash_attention"),
+        (LoadOptions::new().mmap(false), "mmap"),
     ] {
         match backend_metal::MlxModel::load(&path, &opts, backend_metal::Placement::Cpu) {
             Err(Error::Unsupported { feature }) => assert!(feature.contains(what), "{feature}"),

@@ -6,6 +6,7 @@
 //! - `run` times one scenario on our engine and appends JSON records that
 //!   match those of `bench/mlx_lm_bench.py`.
 
+mod raw_llama;
 mod run;
 mod shapes;
 
@@ -98,9 +99,30 @@ enum Command {
         /// The model's name in the records (its directory name by default).
         #[arg(long)]
         label: Option<String>,
-        /// Prompt tokens per prefill pass.
+        /// Prompt tokens per prefill pass (MLX).
         #[arg(long)]
         prefill_chunk: Option<usize>,
+        /// The backend to measure: `mlx` (the model directory or GGUF file
+        /// on MLX's default device) or `llamacpp` (a GGUF file).
+        #[arg(long, default_value = "mlx")]
+        backend: String,
+    },
+    /// llama-bench's method on llama.cpp's own API (no wrapper of ours):
+    /// the `single` steps of a plan on a GGUF file, appended as records of
+    /// engine `llama.cpp-raw`.
+    LlamaRaw {
+        /// The GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+        /// The plan (its `single` steps are run).
+        #[arg(long)]
+        plan: PathBuf,
+        /// The model's name in the records.
+        #[arg(long)]
+        label: String,
+        /// The JSON-lines file to append to.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -139,6 +161,12 @@ fn main() -> Result<()> {
                 e.quantized
             );
         }
+        Command::LlamaRaw {
+            model,
+            plan,
+            label,
+            out,
+        } => llama_raw(&model, &plan, &label, &out)?,
         Command::Run {
             model,
             scenario,
@@ -154,6 +182,7 @@ fn main() -> Result<()> {
             out,
             label,
             prefill_chunk,
+            backend,
         } => {
             let steps = match (scenario.as_deref(), plan) {
                 (_, Some(plan)) => run::read_plan(&plan, runs, warmup)?,
@@ -188,7 +217,51 @@ fn main() -> Result<()> {
                 out,
                 label,
                 prefill_chunk,
+                backend,
             })?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the `single` steps of `plan` with [`raw_llama::measure`].
+fn llama_raw(
+    model: &std::path::Path,
+    plan: &std::path::Path,
+    label: &str,
+    out: &std::path::Path,
+) -> Result<()> {
+    use std::io::Write;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)?;
+    for step in run::read_plan(plan, 3, 1)? {
+        let run::Scenario::Single { prompt, decode } = step.scenario else {
+            continue;
+        };
+        if step.runs == 0 {
+            continue;
+        }
+        for (i, (pp, tg)) in raw_llama::measure(model, prompt, decode, step.runs, threads)?
+            .into_iter()
+            .enumerate()
+        {
+            let rec = serde_json::json!({
+                "engine": "llama.cpp-raw",
+                "label": label,
+                "scenario": "single",
+                "prompt": prompt,
+                "decode": decode,
+                "run": i,
+                "prefill_tps": pp,
+                "decode_tps": tg,
+                "threads": threads,
+                "device": "cpu",
+            });
+            eprintln!("{rec}");
+            writeln!(file, "{rec}")?;
         }
     }
     Ok(())

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use backend_llamacpp::LlamaCppModel;
 use backend_metal::{memory, MlxModel, Placement};
-use inference_core::{Backend, GenerateOptions, LoadOptions, TextModel, TokenStream};
+use inference_core::{Backend, BatchResult, GenerateOptions, LoadOptions, TextModel, TokenStream};
 use serde_json::{json, Map, Value};
 
 /// The prompt ids of row `row`: `n` ids spread over the ordinary part of a
@@ -107,7 +108,47 @@ fn drain(started: Instant, stream: TokenStream) -> Result<(f64, f64, Vec<u32>)> 
     ))
 }
 
-fn single(model: &MlxModel, ids: Vec<u32>, decode: usize) -> Result<(f64, f64, Vec<u32>)> {
+/// The engine a run measures.
+enum Engine {
+    Mlx(MlxModel),
+    LlamaCpp(LlamaCppModel),
+}
+
+impl Engine {
+    fn generate_ids(&self, ids: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
+        Ok(match self {
+            Engine::Mlx(m) => m.generate_ids(ids, opts)?,
+            Engine::LlamaCpp(m) => m.generate_ids(ids, opts)?,
+        })
+    }
+
+    fn batch_generate_ids(
+        &self,
+        prompts: Vec<Vec<u32>>,
+        opts: &GenerateOptions,
+    ) -> Result<Vec<BatchResult>> {
+        Ok(match self {
+            Engine::Mlx(m) => m.batch_generate_ids(prompts, opts)?,
+            Engine::LlamaCpp(m) => m.batch_generate_ids(prompts, opts)?,
+        })
+    }
+
+    fn model(&self) -> &dyn TextModel {
+        match self {
+            Engine::Mlx(m) => m,
+            Engine::LlamaCpp(m) => m,
+        }
+    }
+
+    /// Frees MLX's buffer cache between runs (llama.cpp keeps none).
+    fn clear_cache(&self) {
+        if let Engine::Mlx(_) = self {
+            memory::clear_cache();
+        }
+    }
+}
+
+fn single(model: &Engine, ids: Vec<u32>, decode: usize) -> Result<(f64, f64, Vec<u32>)> {
     let started = Instant::now();
     let stream = model.generate_ids(ids, &exactly(decode))?;
     let out = drain(started, stream)?;
@@ -117,7 +158,7 @@ fn single(model: &MlxModel, ids: Vec<u32>, decode: usize) -> Result<(f64, f64, V
     Ok(out)
 }
 
-fn measure(model: &MlxModel, scenario: Scenario, vocab: usize) -> Result<Map<String, Value>> {
+fn measure(model: &Engine, scenario: Scenario, vocab: usize) -> Result<Map<String, Value>> {
     let mut m = Map::new();
     match scenario {
         Scenario::Single { prompt, decode } => {
@@ -154,7 +195,7 @@ fn measure(model: &MlxModel, scenario: Scenario, vocab: usize) -> Result<Map<Str
             let mut seq_s = 0.0;
             let mut same = true;
             for (p, res) in prompts.into_iter().zip(&results) {
-                memory::clear_cache();
+                model.clear_cache();
                 let (ttft, dec, ids) = single(model, p, decode)?;
                 seq_s += ttft + dec;
                 same &= res.tokens.iter().map(|t| t.id).eq(ids.iter().copied());
@@ -172,6 +213,9 @@ fn measure(model: &MlxModel, scenario: Scenario, vocab: usize) -> Result<Map<Str
             reply,
             new,
         } => {
+            let Engine::Mlx(model) = model else {
+                bail!("the chat scenario measures MLX's id sessions");
+            };
             let mut session = model.id_session();
             let first = prompt_ids(history, 0, vocab);
             let stream = session.send(first.clone(), &exactly(reply))?;
@@ -269,21 +313,37 @@ pub struct RunArgs {
     pub out: PathBuf,
     /// The model's name in the records.
     pub label: Option<String>,
-    /// Prompt tokens per prefill pass (our default when absent).
+    /// Prompt tokens per prefill pass (our default when absent; MLX).
     pub prefill_chunk: Option<usize>,
+    /// `mlx` or `llamacpp`.
+    pub backend: String,
 }
 
 /// Loads the model once, runs each step `warmup + runs` times and appends
 /// one JSON record per measured run to `args.out`.
 pub fn run(args: &RunArgs) -> Result<()> {
-    let model = MlxModel::load(&args.model, &LoadOptions::new(), Placement::Default)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    if let Some(c) = args.prefill_chunk {
-        model.set_prefill_chunk(c);
-    }
-    let vocab = model.info().vocab_size;
+    let load = || format!("loading {}", args.model.display());
+    let (model, engine, device) = match args.backend.as_str() {
+        "mlx" => {
+            let m = MlxModel::load(&args.model, &LoadOptions::new(), Placement::Default)
+                .with_context(load)?;
+            if let Some(c) = args.prefill_chunk {
+                m.set_prefill_chunk(c);
+            }
+            (Engine::Mlx(m), "ours", backend_metal::MlxBackend.device())
+        }
+        "llamacpp" => {
+            if args.prefill_chunk.is_some() {
+                bail!("--prefill-chunk is MLX's (llama.cpp prefills 512 tokens a batch)");
+            }
+            let m = LlamaCppModel::load(&args.model, &LoadOptions::new()).with_context(load)?;
+            let device = backend_llamacpp::LlamaCppBackend.device();
+            (Engine::LlamaCpp(m), "ours-llamacpp", device)
+        }
+        other => bail!("unknown backend {other:?} (mlx or llamacpp)"),
+    };
+    let vocab = model.model().info().vocab_size;
     let label = args.label.clone().unwrap_or_else(|| file_name(&args.model));
-    let device = backend_metal::MlxBackend.device();
     let weight_bytes = weight_bytes(&args.model);
     let mut out = std::fs::OpenOptions::new()
         .create(true)
@@ -292,11 +352,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .with_context(|| format!("opening {}", args.out.display()))?;
     for step in &args.steps {
         for i in 0..step.warmup + step.runs {
-            memory::clear_cache();
+            if matches!(
+                (&model, step.scenario),
+                (Engine::LlamaCpp(_), Scenario::Chat { .. })
+            ) {
+                if i == 0 {
+                    eprintln!(
+                        "(skipped) the chat scenario on llama.cpp: it measures MLX's id sessions"
+                    );
+                }
+                continue;
+            }
+            model.clear_cache();
             let m = measure(&model, step.scenario, vocab)?;
             let warm = i < step.warmup;
             let mut rec = Map::new();
-            rec.insert("engine".into(), json!("ours"));
+            rec.insert("engine".into(), json!(engine));
             rec.insert("label".into(), json!(label));
             rec.insert("scenario".into(), json!(step.scenario.name()));
             if let Value::Object(p) = step.scenario.params() {
@@ -304,10 +375,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
             }
             rec.insert("run".into(), json!(i as i64 - step.warmup as i64));
             rec.extend(m);
-            rec.insert(
-                "mlx_version".into(),
-                json!(backend_metal::device::mlx_version()),
-            );
+            if let Engine::Mlx(_) = model {
+                rec.insert(
+                    "mlx_version".into(),
+                    json!(backend_metal::device::mlx_version()),
+                );
+            }
             rec.insert("device".into(), json!(device));
             rec.insert("weight_bytes".into(), json!(weight_bytes));
             let line = serde_json::to_string(&Value::Object(rec))?;
@@ -322,8 +395,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
 }
 
 /// Bytes of the model's weight files: what a decode step reads (a tied
-/// embedding is read once, as the output projection).
+/// embedding is read once, as the output projection). A GGUF file counts
+/// whole.
 fn weight_bytes(model: &Path) -> u64 {
+    if model.is_file() {
+        return std::fs::metadata(model).map_or(0, |m| m.len());
+    }
     std::fs::read_dir(model)
         .map(|d| {
             d.filter_map(|e| e.ok())

@@ -60,6 +60,32 @@ pub struct ModelArgs {
     /// f32, the fast path on MLX's CPU); default: the checkpoint's.
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
+
+    /// CPU threads for the forward passes (llama.cpp) [default: every core].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// The KV cache's element type (llama.cpp): f32, f16, bf16, q8_0, q5_1,
+    /// q5_0, q4_1 or q4_0 [default: f16].
+    #[arg(long, value_name = "TYPE")]
+    pub kv_cache_type: Option<String>,
+
+    /// Fused (flash) attention (llama.cpp) [default: the backend decides].
+    #[arg(long, value_name = "ON|OFF", value_parser = parse_switch)]
+    pub flash_attention: Option<bool>,
+
+    /// Read the weights file into memory instead of mapping it (llama.cpp).
+    #[arg(long)]
+    pub no_mmap: bool,
+}
+
+/// `on`/`off` (also `true`/`false`, `yes`/`no`, `1`/`0`).
+fn parse_switch(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("expected on or off, got {s:?}")),
+    }
 }
 
 impl ModelArgs {
@@ -85,6 +111,16 @@ impl ModelArgs {
         if let Some(d) = &self.dtype {
             opts = opts.dtype(d.parse()?);
         }
+        if let Some(n) = self.threads {
+            opts = opts.threads(n);
+        }
+        if let Some(t) = &self.kv_cache_type {
+            opts = opts.kv_cache_type(t.parse()?);
+        }
+        if let Some(on) = self.flash_attention {
+            opts = opts.flash_attention(on);
+        }
+        opts = opts.mmap(!self.no_mmap);
         opts.validate()?;
         Ok(opts)
     }

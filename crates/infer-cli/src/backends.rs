@@ -1,6 +1,9 @@
 //! `infer backends`: every registered backend, available or not.
 
+use std::collections::BTreeMap;
+
 use clap::Args;
+use inference_core::ModelFormat;
 use serde::Serialize;
 
 use crate::args::Format;
@@ -32,9 +35,12 @@ struct Row {
 /// The `--format json` document.
 #[derive(Debug, Serialize)]
 struct Listing {
-    /// The backend a load without `--backend` uses; `null` when none is
+    /// The available backend of highest priority; `null` when none is
     /// available.
     default: Option<String>,
+    /// The backend a model of each kind (`gguf`, `huggingface`) goes to
+    /// without `--backend`; `null` for a kind no available backend loads.
+    defaults: BTreeMap<&'static str, Option<String>>,
     backends: Vec<Row>,
 }
 
@@ -53,10 +59,18 @@ fn listing() -> Listing {
             }
         })
         .collect();
+    let defaults = ModelFormat::ALL
+        .into_iter()
+        .map(|f| {
+            let b = inference_core::default_backend_for(f).map(|b| b.name().to_owned());
+            (f.as_str(), b)
+        })
+        .collect();
     Listing {
         default: inference_core::default_backend()
             .ok()
             .map(|b| b.name().to_owned()),
+        defaults,
         backends,
     }
 }
@@ -86,10 +100,17 @@ pub fn run(args: &BackendsArgs) -> Result<(), CliError> {
                 "NAME", "AVAILABLE", "DEVICE"
             );
             for r in &listing.backends {
-                let note = match (&r.reason, listing.default.as_deref() == Some(&r.name)) {
-                    (Some(reason), _) => reason.clone(),
-                    (None, true) => "default".to_owned(),
-                    (None, false) => String::new(),
+                let default_for: Vec<&str> = ModelFormat::ALL
+                    .into_iter()
+                    .filter(|f| listing.defaults[f.as_str()].as_deref() == Some(&r.name))
+                    .map(ModelFormat::describe)
+                    .collect();
+                let note = match &r.reason {
+                    Some(reason) => reason.clone(),
+                    None if !default_for.is_empty() => {
+                        format!("default for {}", default_for.join(" and "))
+                    }
+                    None => String::new(),
                 };
                 let line = format!(
                     "{:name_width$}  {:9}  {:device_width$}  {note}",

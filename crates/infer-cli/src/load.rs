@@ -69,14 +69,20 @@ pub fn find_model(
 /// stderr unless `quiet` (or stderr is not a terminal).
 pub fn load(args: &ModelArgs, opts: LoadOptions, quiet: bool) -> Result<Loaded, CliError> {
     // Usage errors first: an unknown backend name is a bad flag value.
-    let backend = match &args.backend {
-        Some(name) => inference_core::get(name)?,
-        None => inference_core::default_backend()?,
+    let named = match &args.backend {
+        Some(name) => Some(inference_core::get(name)?),
+        None => None,
     };
     let (path, origin) = resolve_model(args.model.as_deref())?;
     if !path.exists() {
         return Err(CliError::ModelNotFound { path, origin });
     }
+    // Without --backend, the backend of highest priority that can load
+    // this path (llama.cpp for GGUF files where MLX runs on the CPU).
+    let backend = match named {
+        Some(b) => b,
+        None => inference_core::backend_for(&path)?,
+    };
     tracing::info!(path = %path.display(), origin, backend = backend.name(), "model chosen");
     let opts = opts.backend(backend.name());
     let device = if opts.gpu_layers == 0 {

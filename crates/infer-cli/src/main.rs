@@ -13,6 +13,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 // Registration happens at link time: name every backend this binary offers.
+use backend_llamacpp as _;
 use backend_metal as _;
 use backend_stub as _;
 

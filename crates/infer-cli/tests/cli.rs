@@ -174,6 +174,23 @@ fn backends_json_lists_mlx_metal_and_stub_with_availability() {
         .max_by_key(|r| r["priority"].as_i64())
         .expect("an available backend");
     assert_eq!(v["default"], best["name"]);
+    // Which backend each kind of model goes to: GGUF files to llama.cpp
+    // where MLX runs on the CPU, Hugging Face directories to MLX.
+    let on_gpu = row("mlx")["device"] != "cpu";
+    let gguf = if on_gpu { "mlx" } else { "llamacpp" };
+    assert_eq!(v["defaults"]["gguf"], gguf, "{v}");
+    assert_eq!(
+        v["defaults"]["huggingface"],
+        if cfg!(target_os = "macos") {
+            "metal"
+        } else {
+            "mlx"
+        },
+        "{v}"
+    );
+    assert!(row("llamacpp")["loads"]
+        .as_str()
+        .is_some_and(|l| l.contains("GGUF")));
 }
 
 #[test]
@@ -896,6 +913,25 @@ fn model_paths_a_user_gives_are_understood() {
         &["--format", "json", "--raw", "-n", "1", "Hi"],
     ));
     assert_eq!(v["model_type"], "llama", "{v}");
+    // Where MLX runs on the CPU a GGUF file goes to llama.cpp, unless
+    // --backend says otherwise.
+    if gpu_layers() == "0" {
+        assert_eq!(v["backend"], "llamacpp", "{v}");
+    }
+    let v = json_of(&generate(
+        dir.path(),
+        &[
+            "--format",
+            "json",
+            "--raw",
+            "-n",
+            "1",
+            "--backend",
+            "mlx",
+            "Hi",
+        ],
+    ));
+    assert_eq!(v["backend"], "mlx", "{v}");
     let rows = json_of(&run(&[
         "models",
         dir.path().to_str().expect("UTF-8"),

@@ -93,4 +93,41 @@ pub trait Backend: Send + Sync {
     fn loads(&self) -> String {
         String::new()
     }
+
+    /// The kinds of model file this backend loads (its [`can_load`](Self::can_load)
+    /// still decides for a given path); empty when it does not say.
+    fn formats(&self) -> Vec<ModelFormat> {
+        Vec::new()
+    }
+}
+
+/// A kind of model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ModelFormat {
+    /// A `.gguf` file.
+    Gguf,
+    /// A Hugging Face directory (`config.json`, tokenizer, `*.safetensors`).
+    HuggingFace,
+}
+
+impl ModelFormat {
+    /// Every format, in listing order.
+    pub const ALL: [ModelFormat; 2] = [ModelFormat::Gguf, ModelFormat::HuggingFace];
+
+    /// A short name (`gguf`, `huggingface`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelFormat::Gguf => "gguf",
+            ModelFormat::HuggingFace => "huggingface",
+        }
+    }
+
+    /// What a listing calls it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ModelFormat::Gguf => "GGUF files",
+            ModelFormat::HuggingFace => "Hugging Face directories",
+        }
+    }
 }

@@ -37,11 +37,14 @@ mod stream;
 mod tokenizer;
 mod types;
 
-pub use backend::{Availability, Backend, CanLoad};
+pub use backend::{Availability, Backend, CanLoad, ModelFormat};
 pub use error::{BoxError, Error, Result};
 pub use model::{ChatSession, HistoryOverflow, TextModel};
-pub use options::{DType, GenerateOptions, LoadOptions, MAX_TOP_LOGPROBS};
-pub use registry::{backend_for, backends, default_backend, get, load_model, BackendRegistration};
+pub use options::{DType, GenerateOptions, KvCacheType, LoadOptions, MAX_TOP_LOGPROBS};
+pub use registry::{
+    backend_for, backends, default_backend, default_backend_for, get, load_model,
+    BackendRegistration,
+};
 pub use stream::{CancelHandle, TokenSink, TokenStream};
 pub use tokenizer::{RenderOptions, Tokenizer};
 pub use types::{

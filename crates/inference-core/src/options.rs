@@ -396,6 +396,85 @@ impl std::str::FromStr for DType {
     }
 }
 
+/// The element type of the KV cache (llama.cpp's `type_k` / `type_v`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum KvCacheType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit IEEE float.
+    F16,
+    /// 16-bit brain float.
+    BF16,
+    /// 8-bit blocks (GGML `q8_0`).
+    Q8_0,
+    /// 5-bit blocks with a minimum (GGML `q5_1`).
+    Q5_1,
+    /// 5-bit blocks (GGML `q5_0`).
+    Q5_0,
+    /// 4-bit blocks with a minimum (GGML `q4_1`).
+    Q4_1,
+    /// 4-bit blocks (GGML `q4_0`).
+    Q4_0,
+}
+
+impl KvCacheType {
+    /// The type's GGML name (`f32`, `q8_0`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheType::F32 => "f32",
+            KvCacheType::F16 => "f16",
+            KvCacheType::BF16 => "bf16",
+            KvCacheType::Q8_0 => "q8_0",
+            KvCacheType::Q5_1 => "q5_1",
+            KvCacheType::Q5_0 => "q5_0",
+            KvCacheType::Q4_1 => "q4_1",
+            KvCacheType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Whether the type is a block-quantised one.
+    pub fn is_quantised(self) -> bool {
+        !matches!(
+            self,
+            KvCacheType::F32 | KvCacheType::F16 | KvCacheType::BF16
+        )
+    }
+}
+
+impl std::str::FromStr for KvCacheType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        const ALL: [KvCacheType; 8] = [
+            KvCacheType::F32,
+            KvCacheType::F16,
+            KvCacheType::BF16,
+            KvCacheType::Q8_0,
+            KvCacheType::Q5_1,
+            KvCacheType::Q5_0,
+            KvCacheType::Q4_1,
+            KvCacheType::Q4_0,
+        ];
+        let lower = s.to_ascii_lowercase();
+        ALL.into_iter()
+            .find(|t| t.as_str() == lower)
+            .ok_or_else(|| {
+                Error::invalid_option(
+                    "kv_cache_type",
+                    format!("unknown KV cache type {s:?} (expected f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0)"),
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for KvCacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Options of [`load_model`](crate::load_model).
 ///
 /// Deserialising refuses unknown keys, so a misspelt option is an error rather
@@ -444,6 +523,19 @@ pub struct LoadOptions {
     pub cache_limit_bytes: Option<u64>,
     /// Limit on wired (resident) memory, in bytes, where the platform has one.
     pub wired_limit_bytes: Option<u64>,
+    /// CPU threads for the forward passes; `None` (the default) uses every
+    /// core. Backends that do not choose their thread count refuse it.
+    pub threads: Option<usize>,
+    /// The KV cache's element type; `None` (the default) is the backend's
+    /// (llama.cpp: f16). Backends that cannot choose it refuse it.
+    pub kv_cache_type: Option<KvCacheType>,
+    /// Fused (flash) attention: `Some(true)` on, `Some(false)` off, `None`
+    /// (the default) the backend decides. Backends without the choice
+    /// refuse `Some`.
+    pub flash_attention: Option<bool>,
+    /// Map the weights file into memory (the default) rather than reading
+    /// it; backends that always map refuse `false`.
+    pub mmap: bool,
 }
 
 impl Default for LoadOptions {
@@ -460,6 +552,10 @@ impl Default for LoadOptions {
             memory_limit_bytes: None,
             cache_limit_bytes: None,
             wired_limit_bytes: None,
+            threads: None,
+            kv_cache_type: None,
+            flash_attention: None,
+            mmap: true,
         }
     }
 }
@@ -539,6 +635,30 @@ impl LoadOptions {
         self
     }
 
+    /// Sets [`threads`](Self::threads).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = Some(n);
+        self
+    }
+
+    /// Sets [`kv_cache_type`](Self::kv_cache_type).
+    pub fn kv_cache_type(mut self, t: KvCacheType) -> Self {
+        self.kv_cache_type = Some(t);
+        self
+    }
+
+    /// Sets [`flash_attention`](Self::flash_attention).
+    pub fn flash_attention(mut self, on: bool) -> Self {
+        self.flash_attention = Some(on);
+        self
+    }
+
+    /// Sets [`mmap`](Self::mmap).
+    pub fn mmap(mut self, yes: bool) -> Self {
+        self.mmap = yes;
+        self
+    }
+
     /// Rejects out-of-range values with [`Error::InvalidOption`] naming the field.
     pub fn validate(&self) -> Result<()> {
         if let Some(name) = &self.backend {
@@ -574,6 +694,9 @@ impl LoadOptions {
                 "parallel_slots",
                 "must be at least 1",
             ));
+        }
+        if self.threads == Some(0) {
+            return Err(Error::invalid_option("threads", "must be at least 1"));
         }
         if self.memory_limit_bytes == Some(0) {
             return Err(Error::invalid_option(

@@ -128,6 +128,21 @@ pub fn default_backend() -> Result<Arc<dyn Backend>> {
         })
 }
 
+/// The available backend of highest priority among those that list
+/// `format` in [`Backend::formats`]: the one a model of that kind goes to
+/// when no backend is named (unless its own [`Backend::can_load`] refuses
+/// the path). `None` when no available backend lists it.
+pub fn default_backend_for(format: crate::backend::ModelFormat) -> Option<Arc<dyn Backend>> {
+    registry()
+        .iter()
+        .filter(|b| b.available().is_available() && b.formats().contains(&format))
+        .fold(None::<&Arc<dyn Backend>>, |best, b| match best {
+            Some(x) if x.priority() >= b.priority() => Some(x),
+            _ => Some(b),
+        })
+        .cloned()
+}
+
 /// The backend [`load_model`] uses for `path` when no backend is named: the
 /// available backend of highest priority among those that say they can load
 /// it ([`Backend::can_load`]); when none says so, the [`default_backend`],

@@ -223,16 +223,28 @@ fn split_part(path: &Path) -> Option<(u32, u32)> {
     Some((part.parse().ok()?, total.parse().ok()?))
 }
 
-/// Refuses one part of a split GGUF model.
+/// Refuses one part of a split GGUF model (by its file name).
 fn check_not_split(path: &Path) -> Result<()> {
     match split_part(path) {
-        Some((_, total)) if total > 1 => Err(Error::unsupported(format!(
-            "split GGUF files ({} is one of {total} parts): merge them into one file with \
-             llama.cpp's `llama-gguf-split --merge FIRST-PART OUT.gguf`",
-            path.display()
-        ))),
+        Some((_, total)) if total > 1 => Err(split_error(path, total)),
         _ => Ok(()),
     }
+}
+
+/// Refuses a GGUF file whose metadata says it is one part of a split model.
+pub fn check_gguf_not_split(file: &crate::gguf::GgufFile, path: &Path) -> Result<()> {
+    match file.get_u64("split.count") {
+        Some(total) if total > 1 => Err(split_error(path, total)),
+        _ => Ok(()),
+    }
+}
+
+fn split_error(path: &Path, total: impl std::fmt::Display) -> Error {
+    Error::unsupported(format!(
+        "split GGUF files ({} is one of {total} parts): merge them into one file with \
+         llama.cpp's `llama-gguf-split --merge FIRST-PART OUT.gguf`",
+        path.display()
+    ))
 }
 
 /// The `model_type` given to models whose type cannot be read.

@@ -15,8 +15,9 @@
 //! - [`session`]: chat sessions' history, their overflow policy and the rule
 //!   for reusing a KV cache between turns.
 //! - [`check`]: the checks every engine makes of a prompt before queueing it.
+//! - [`logprobs`]: log-probabilities of logits in host memory.
 //!
-//! `backend-metal` and `backend-stub` are built on these pieces;
+//! `backend-metal`, `backend-llamacpp` and `backend-stub` are built on these pieces;
 //! `docs/new-backend.md` says what a backend author writes and what they
 //! reuse.
 
@@ -24,6 +25,7 @@
 
 pub mod check;
 mod clock;
+pub mod logprobs;
 pub mod session;
 mod steps;
 mod worker;
