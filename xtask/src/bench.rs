@@ -1,12 +1,16 @@
 //! `cargo xtask bench`: our engine and mlx-lm side by side, on the same MLX
 //! build, the same model files and the same prompt ids.
 //!
-//! - `bench cpu [--quick]` runs the CPU plan here (`--quick`: one short plan on
-//!   SmolLM2, to check the set-up): it installs mlx-lm
+//! - `bench cpu [--quick] [--llamacpp-only]` runs the CPU plan here (`--quick`:
+//!   one short plan on SmolLM2, to check the set-up; `--llamacpp-only`: only
+//!   the GGUF comparison below): it installs mlx-lm
 //!   [`MLX_LM_VERSION`] with the `mlx-cpu` wheel our build links (checked to be
 //!   the same `libmlx.so`), writes the models (a random Qwen3-0.6B-shaped f32
 //!   model and SmolLM2-135M-Instruct converted from its Q4_1 GGUF), runs each
-//!   scenario on both engines one after the other, and reports.
+//!   scenario on both engines one after the other, then the SmolLM2 GGUF file
+//!   itself on our llama.cpp backend, on llama-bench's method over llama.cpp's
+//!   own API in the same build (`infer-bench llama-raw`) and on our MLX
+//!   backend, and reports.
 //! - `bench gpu-bundle` builds what a GPU machine without Rust or internet needs
 //!   (`target/cuda/bench-bundle/`; `bench/gpu.sh` runs it there).
 //! - `bench report RAW.jsonl --machine TEXT --out NAME` turns raw records into
@@ -27,18 +31,21 @@ use crate::{cargo, models, run};
 /// The mlx-lm release compared against.
 pub const MLX_LM_VERSION: &str = "0.32.2";
 
-const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S]>";
+const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] [--llamacpp-only] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S]>";
 
 /// Entry point of `cargo xtask bench …`.
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("cpu") => {
-            let quick = match &args[1..] {
-                [] => false,
-                [q] if q == "--quick" => true,
-                _ => bail!("{USAGE}"),
-            };
-            cpu(root, quick)
+            let (mut quick, mut only_llamacpp) = (false, false);
+            for a in &args[1..] {
+                match a.as_str() {
+                    "--quick" => quick = true,
+                    "--llamacpp-only" => only_llamacpp = true,
+                    _ => bail!("{USAGE}"),
+                }
+            }
+            cpu(root, quick, only_llamacpp)
         }
         Some("gpu-bundle") => gpu_bundle(root),
         Some("report") => {
@@ -101,7 +108,7 @@ fn build_bench(root: &Path, env: &setup::MlxEnv) -> Result<PathBuf> {
     Ok(target.join("release/infer-bench"))
 }
 
-fn cpu(root: &Path, quick: bool) -> Result<()> {
+fn cpu(root: &Path, quick: bool, only_llamacpp: bool) -> Result<()> {
     let env = setup::run(root, false)?;
     crate::fetch::tokenizers(root)?;
     let gguf = models::fetch_default(root)?;
@@ -167,7 +174,7 @@ fn cpu(root: &Path, quick: bool) -> Result<()> {
     let raw_dir = root.join("bench/results/raw");
     fs::create_dir_all(&raw_dir)?;
     let raw = raw_dir.join(format!("cpu-{stamp}.jsonl"));
-    for (label, plan_file) in plan {
+    for (label, plan_file) in plan.into_iter().filter(|_| !only_llamacpp) {
         let plan_file = root.join("bench/plans").join(plan_file);
         let model = models.join(label);
         let common = |cmd: &mut Command| {
@@ -214,13 +221,12 @@ fn cpu(root: &Path, quick: bool) -> Result<()> {
         }
     }
     let machine = cpu_name();
-    report(
-        root,
-        &raw,
-        &machine,
-        if quick { "cpu-quick" } else { "cpu" },
-        None,
-    )
+    let out = match (quick, only_llamacpp) {
+        (true, _) => "cpu-quick",
+        (false, true) => "cpu-llamacpp",
+        (false, false) => "cpu",
+    };
+    report(root, &raw, &machine, out, None)
 }
 
 /// This machine's CPU model and core count.

@@ -420,12 +420,9 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// A streamed generation, or a chat session's turn; its metrics.
-    pub(crate) fn generate(
-        &mut self,
-        req: Request,
-        session: Option<(u64, Turn)>,
-    ) -> GenerateMetrics {
+    /// A streamed generation, or a chat session's turn; it sets the
+    /// model's last metrics.
+    pub(crate) fn generate(&mut self, req: Request, session: Option<(u64, Turn)>) {
         let shared = Arc::clone(&self.shared);
         let Request {
             prompt,
@@ -442,8 +439,9 @@ impl<'m> Engine<'m> {
         .entered();
         if sink.prompt(prompt.clone()).is_err() {
             let metrics = clock.metrics(prompt.len(), 0);
-            sink.finish(metrics.clone(), FinishReason::Cancelled);
-            return metrics;
+            self.shared.last_metrics.set(&metrics);
+            sink.finish(metrics, FinishReason::Cancelled);
+            return;
         }
         let out = Out::Stream {
             sink: &sink,
@@ -487,11 +485,13 @@ impl<'m> Engine<'m> {
                 None => self.clear(SESSION_SEQ),
             }
         }
+        // Before the stream ends: a caller who reads `metrics()` once it
+        // has must see this call's.
+        self.shared.last_metrics.set(&metrics);
         match end {
-            Ok(reason) => sink.finish(metrics.clone(), reason),
+            Ok(reason) => sink.finish(metrics, reason),
             Err(e) => sink.fail(e),
         }
-        metrics
     }
 
     /// Groups of consecutive rows whose budgets fit the context together

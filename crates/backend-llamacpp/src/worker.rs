@@ -155,14 +155,8 @@ pub(crate) fn serve(setup: Setup, ready: Ready<Started>, jobs: Jobs<Job>) {
     let mut engine = Engine::new(ctx, &shared, setup.sliding_window);
     for job in jobs {
         match job {
-            Job::Generate(req) => {
-                let metrics = engine.generate(req, None);
-                shared.last_metrics.set(&metrics);
-            }
-            Job::Turn { session, req, turn } => {
-                let metrics = engine.generate(req, Some((session, turn)));
-                shared.last_metrics.set(&metrics);
-            }
+            Job::Generate(req) => engine.generate(req, None),
+            Job::Turn { session, req, turn } => engine.generate(req, Some((session, turn))),
             Job::Batch {
                 prompts,
                 opts,
