@@ -170,7 +170,7 @@ fn test(root: &Path) -> Result<()> {
 
 fn demo(root: &Path, args: &[String]) -> Result<()> {
     let prompt = if args.is_empty() {
-        "What is the capital of France?".to_owned()
+        "Which city is the capital of France?".to_owned()
     } else {
         args.join(" ")
     };
