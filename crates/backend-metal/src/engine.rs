@@ -646,31 +646,9 @@ impl TextModel for MlxModel {
     /// returns the next token whatever it is); `max_tokens` bounds nothing
     /// here (one token is always within it) and `ignore_eos` changes nothing.
     fn classify(&self, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<ClassifyResult>> {
-        opts.validate()?;
-        if opts.logprobs || opts.prompt_logprobs {
-            return Err(Error::unsupported(
-                "logprobs and prompt_logprobs for classify (return_logits gives the whole distribution)",
-            ));
-        }
-        check::logit_bias_in_vocab(opts, self.info.vocab_size)?;
-        if opts.uses_template() {
-            return Err(Error::unsupported(
-                "template_args and tools for classify (raw prompts are not templated)",
-            ));
-        }
-        if !opts.stop_tokens.is_empty() || !opts.stop_strings.is_empty() {
-            return Err(Error::unsupported(
-                "stop_tokens and stop_strings for classify (it returns the next token, whatever it is)",
-            ));
-        }
+        check::classify_options(opts, self.info.vocab_size)?;
         let prompts = self.encode_all(prompts)?;
-        let limit = self.shared.context_limit;
-        if let Some(p) = prompts.iter().find(|p| p.len() > limit) {
-            return Err(Error::ContextOverflow {
-                needed: p.len(),
-                limit,
-            });
-        }
+        check::classify_prompts(&prompts, self.shared.context_limit)?;
         let (reply, answer) = channel();
         self.send(Job::Classify {
             prompts,

@@ -44,6 +44,42 @@ pub fn logit_bias_in_vocab(opts: &GenerateOptions, vocab: usize) -> Result<()> {
     }
 }
 
+/// The options `classify` takes: valid, the bias inside a vocabulary of
+/// `vocab` ids, and none it cannot honour (per-token logprobs, templates for
+/// raw prompts, stops for a single next token), each refused with
+/// [`Error::Unsupported`].
+pub fn classify_options(opts: &GenerateOptions, vocab: usize) -> Result<()> {
+    opts.validate()?;
+    if opts.logprobs || opts.prompt_logprobs {
+        return Err(Error::unsupported(
+            "logprobs and prompt_logprobs for classify (return_logits gives the whole distribution)",
+        ));
+    }
+    logit_bias_in_vocab(opts, vocab)?;
+    if opts.uses_template() {
+        return Err(Error::unsupported(
+            "template_args and tools for classify (raw prompts are not templated)",
+        ));
+    }
+    if !opts.stop_tokens.is_empty() || !opts.stop_strings.is_empty() {
+        return Err(Error::unsupported(
+            "stop_tokens and stop_strings for classify (it returns the next token, whatever it is)",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a prompt of `classify` longer than `limit` positions.
+pub fn classify_prompts(prompts: &[Vec<TokenId>], limit: usize) -> Result<()> {
+    match prompts.iter().find(|p| p.len() > limit) {
+        Some(p) => Err(Error::ContextOverflow {
+            needed: p.len(),
+            limit,
+        }),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
