@@ -20,4 +20,12 @@ pub fn emit() {
     if let (Some(dir), true) = (rpath, unix) {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
     }
+    // libmlx.so carries gguflib, whose `gguf_get_key` has the name (and not
+    // the signature) of one in llama.cpp's ggml. A binary that links both
+    // would export ggml's static copy, and the dynamic linker would bind
+    // libmlx.so's own calls to it. Symbols of static archives stay local.
+    let linux = std::env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux");
+    if linux {
+        println!("cargo:rustc-link-arg=-Wl,--exclude-libs,ALL");
+    }
 }
