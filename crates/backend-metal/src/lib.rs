@@ -41,6 +41,7 @@ pub mod memory;
 mod models;
 pub mod sample;
 mod session;
+mod train;
 mod worker;
 
 pub use backend::{placement_for, MetalBackend, MlxBackend};

@@ -14,7 +14,8 @@ use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, RmsNorm,
     RotaryEmbedding,
 };
-use crate::models::{Architecture, CausalLm, ModelSpec};
+use crate::models::lora::LoraTarget;
+use crate::models::{layer_targets, Architecture, CausalLm, ModelSpec};
 
 type Result<T> = std::result::Result<T, Exception>;
 
@@ -230,6 +231,14 @@ impl CausalLm for Decoder {
         self.layers
             .iter()
             .map(|_| LayerCache::new(context))
+            .collect()
+    }
+
+    fn lora_targets(&self) -> Vec<LoraTarget<'_>> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| layer_targets(i, &l.self_attn, &l.mlp))
             .collect()
     }
 

@@ -19,7 +19,8 @@ use crate::load::weights::Weights;
 use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, Norm, RotaryEmbedding,
 };
-use crate::models::{Architecture, CausalLm, ModelSpec};
+use crate::models::lora::LoraTarget;
+use crate::models::{layer_targets, Architecture, CausalLm, ModelSpec};
 
 type Result<T> = std::result::Result<T, Exception>;
 
@@ -280,6 +281,14 @@ impl CausalLm for Gemma3 {
             }
             None => Ok(logits),
         }
+    }
+
+    fn lora_targets(&self) -> Vec<LoraTarget<'_>> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| layer_targets(i, &l.self_attn, &l.mlp))
+            .collect()
     }
 
     fn dtype(&self) -> Dtype {

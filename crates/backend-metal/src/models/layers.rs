@@ -15,6 +15,7 @@ use inference_formats::config::{Quantization, Rope, RopeScaling, TextConfig};
 use crate::cache::{attend, LayerCache};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
+use crate::models::lora::LoraSlot;
 
 type Result<T> = std::result::Result<T, Exception>;
 
@@ -199,6 +200,8 @@ pub struct Linear {
     pub weight: Matrix,
     /// The bias, when the layer has one.
     pub bias: Option<Array>,
+    /// Its LoRA adapter, when one is applied.
+    pub lora: LoraSlot,
 }
 
 impl Linear {
@@ -217,7 +220,11 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            lora: LoraSlot::default(),
+        })
     }
 
     /// One layer computing every part together (the first part's outputs
@@ -287,7 +294,11 @@ impl Linear {
             n if n == parts.len() => cat(&|p| p.bias.as_ref())?,
             _ => return Ok(None),
         };
-        let stacked = Linear { weight, bias };
+        let stacked = Linear {
+            weight,
+            bias,
+            lora: LoraSlot::default(),
+        };
         eval(stacked.arrays())?;
         Ok(Some(stacked))
     }
@@ -301,12 +312,21 @@ impl Linear {
         v
     }
 
-    /// Applies the layer.
+    /// Applies the layer (and its adapter).
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let y = self.weight.matmul_t(x)?;
-        match &self.bias {
-            Some(b) => y.add(b),
-            None => Ok(y),
+        let y = match &self.bias {
+            Some(b) => y.add(b)?,
+            None => y,
+        };
+        self.lora.apply(x, y)
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> i32 {
+        match &self.weight {
+            Matrix::Dense(w) => w.dim(1),
+            Matrix::Quantized(q) => q.weight.dim(1) * 32 / q.bits,
         }
     }
 }
@@ -316,8 +336,9 @@ impl Linear {
 /// kernel instead of `N` per layer and step.
 #[derive(Debug)]
 enum LinearGroup<const N: usize> {
-    /// One matmul, and each part's output columns `start..end`.
-    Stacked(Linear, [(i32, i32); N]),
+    /// One matmul, each part's output columns `start..end`, and each part's
+    /// adapter (added to its columns).
+    Stacked(Linear, [(i32, i32); N], [LoraSlot; N]),
     /// Kept apart (their weights are stored differently).
     Apart([Linear; N]),
 }
@@ -335,18 +356,38 @@ impl<const N: usize> LinearGroup<N> {
                     at += p.weight.out_features();
                     (start, at)
                 });
-                LinearGroup::Stacked(s, columns)
+                LinearGroup::Stacked(s, columns, std::array::from_fn(|_| LoraSlot::default()))
             }
             None => LinearGroup::Apart(parts),
         })
     }
 
+    /// Each part's adapter slot, input and output features, in order.
+    fn targets(&self) -> [(&LoraSlot, i32, i32); N] {
+        match self {
+            LinearGroup::Stacked(s, columns, loras) => {
+                let input = s.in_features();
+                std::array::from_fn(|i| (&loras[i], input, columns[i].1 - columns[i].0))
+            }
+            LinearGroup::Apart(parts) => std::array::from_fn(|i| {
+                let p = &parts[i];
+                (&p.lora, p.in_features(), p.weight.out_features())
+            }),
+        }
+    }
+
     /// Each part's output for `x` `[B, L, in]`, in order.
     fn forward(&self, x: &Array) -> Result<[Array; N]> {
         match self {
-            LinearGroup::Stacked(s, columns) => {
+            LinearGroup::Stacked(s, columns, loras) => {
                 let y = s.forward(x)?;
-                Ok(columns.map(|(start, end)| y.index((.., .., start..end))))
+                let mut ys = columns.map(|(start, end)| y.index((.., .., start..end)));
+                for (y, lora) in ys.iter_mut().zip(loras) {
+                    if lora.is_set() {
+                        *y = lora.apply(x, y.clone())?;
+                    }
+                }
+                Ok(ys)
             }
             LinearGroup::Apart(parts) => {
                 let ys = parts
@@ -415,6 +456,23 @@ impl GatedMlp {
                 Activation::GeluTanh => Box::new(compile(gelu_tanh_mul, true)),
             }),
         })
+    }
+
+    /// Its linear layers as LoRA targets, keyed as mlx-lm keys them within
+    /// a decoder layer: `(key, slot, in, out)`.
+    pub fn lora_targets(&self) -> [(&'static str, &LoraSlot, i32, i32); 3] {
+        let [(gs, gi, go), (us, ui, uo)] = self.gate_up.targets();
+        let d = &self.down_proj;
+        [
+            ("mlp.gate_proj", gs, gi, go),
+            ("mlp.up_proj", us, ui, uo),
+            (
+                "mlp.down_proj",
+                &d.lora,
+                d.in_features(),
+                d.weight.out_features(),
+            ),
+        ]
     }
 
     /// Applies the MLP.
@@ -510,6 +568,24 @@ impl<N: Norm> Attention<N> {
             head_dim: d,
             scale,
         })
+    }
+
+    /// Its projections as LoRA targets, keyed as mlx-lm keys them within a
+    /// decoder layer: `(key, slot, in, out)`.
+    pub fn lora_targets(&self) -> [(&'static str, &LoraSlot, i32, i32); 4] {
+        let [(qs, qi, qo), (ks, ki, ko), (vs, vi, vo)] = self.qkv.targets();
+        let o = &self.o_proj;
+        [
+            ("self_attn.q_proj", qs, qi, qo),
+            ("self_attn.k_proj", ks, ki, ko),
+            ("self_attn.v_proj", vs, vi, vo),
+            (
+                "self_attn.o_proj",
+                &o.lora,
+                o.in_features(),
+                o.weight.out_features(),
+            ),
+        ]
     }
 
     /// Attends `x` `[B, L, hidden]` after the positions in `cache`, which it
@@ -740,12 +816,14 @@ mod stack_tests {
     use mlx_rs::random;
 
     use super::*;
+    use crate::models::lora::Lora;
 
     fn dense(rows: i32, seed: u64, bias: bool) -> Linear {
         let key = random::key(seed).unwrap();
         Linear {
             weight: Matrix::Dense(random::normal::<f32>(&[rows, 64], None, None, &key).unwrap()),
             bias: bias.then(|| random::normal::<f32>(&[rows], None, None, &key).unwrap()),
+            lora: LoraSlot::default(),
         }
     }
 
@@ -763,6 +841,7 @@ mod stack_tests {
                 bits,
             }),
             bias: None,
+            lora: LoraSlot::default(),
         }
     }
 
@@ -788,6 +867,55 @@ mod stack_tests {
             let apart: Vec<Array> = parts.iter().map(|p| p.forward(&x).unwrap()).collect();
             let expected = concatenate(&apart, -1).unwrap();
             assert_eq!(values(&stacked.forward(&x).unwrap()), values(&expected));
+        }
+        // Adapters on the parts: stacked or apart, each part gains its own
+        // delta, `scale · (x A) B`.
+        let lora = |out: i32, seed: u64| {
+            let key = random::key(seed).unwrap();
+            Lora {
+                a: random::normal::<f32>(&[64, 4], None, None, &key).unwrap(),
+                b: random::normal::<f32>(&[4, out], None, None, &key).unwrap(),
+                scale: 0.5,
+                dropout: 0.0,
+            }
+        };
+        let parts = [dense(16, 1, true), dense(8, 2, true), dense(8, 3, true)];
+        let group = LinearGroup::new(
+            [dense(16, 1, true), dense(8, 2, true), dense(8, 3, true)],
+            "test",
+        )
+        .unwrap();
+        assert!(matches!(group, LinearGroup::Stacked(..)));
+        let mut expected = Vec::new();
+        for (i, ((slot, input, output), part)) in
+            group.targets().into_iter().zip(&parts).enumerate()
+        {
+            assert_eq!((input, output), (64, part.weight.out_features()));
+            let l = lora(output, 10 + i as u64);
+            let delta = matmul(&matmul(&x, &l.a).unwrap(), &l.b).unwrap();
+            let base = part.forward(&x).unwrap();
+            expected.push(values(
+                &base
+                    .add(delta.multiply(Array::from_f32(0.5)).unwrap())
+                    .unwrap(),
+            ));
+            slot.set(Some(l.clone()));
+            part.lora.set(Some(l));
+            let apart = values(&part.forward(&x).unwrap());
+            for (a, e) in apart.iter().zip(&expected[i]) {
+                assert!(
+                    (a - e).abs() <= 1e-4 * e.abs().max(1.0),
+                    "apart {i}: {a} vs {e}"
+                );
+            }
+        }
+        for (i, y) in group.forward(&x).unwrap().iter().enumerate() {
+            for (a, e) in values(y).iter().zip(&expected[i]) {
+                assert!(
+                    (a - e).abs() <= 1e-4 * e.abs().max(1.0),
+                    "stacked {i}: {a} vs {e}"
+                );
+            }
         }
         let unlike = [
             [dense(8, 1, false), quantised(8, 2, 4)],

@@ -7,6 +7,7 @@
 pub mod decoder;
 pub mod gemma3;
 pub mod layers;
+pub mod lora;
 
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
@@ -16,6 +17,7 @@ use inference_formats::config::{HfConfig, TextConfig};
 use crate::cache::{LayerCache, Rotation};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
+use crate::models::lora::LoraTarget;
 
 /// A causal language model: token ids in, hidden states and logits out.
 ///
@@ -56,6 +58,30 @@ pub trait CausalLm {
     /// attention sinks), which bounds memory; sliding-window layers keep
     /// their own window where it is shorter.
     fn new_caches(&self, context: Option<Rotation>) -> Vec<LayerCache>;
+
+    /// Every linear layer of its decoder layers a LoRA adapter can go on,
+    /// layer by layer, in mlx-lm's order within a layer (attention's q, k,
+    /// v, o, then the MLP's gate, up, down).
+    fn lora_targets(&self) -> Vec<LoraTarget<'_>>;
+}
+
+/// The LoRA targets of a decoder layer's attention and MLP, as model files
+/// list them.
+pub fn layer_targets<'a, N: layers::Norm>(
+    layer: usize,
+    attention: &'a layers::Attention<N>,
+    mlp: &'a layers::GatedMlp,
+) -> impl Iterator<Item = LoraTarget<'a>> {
+    let attn = attention.lora_targets().into_iter();
+    let mlp = mlp.lora_targets().into_iter();
+    attn.chain(mlp)
+        .map(move |(key, slot, input, output)| LoraTarget {
+            layer,
+            key,
+            input,
+            output,
+            slot,
+        })
 }
 
 /// An architecture's configuration, as its model file reads it.
