@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use inference_core::{
     BatchResult, CanLoad, ChatSession, ClassifyResult, Error, GenerateMetrics, GenerateOptions,
-    LastMetrics, LoadOptions, Message, ModelInfo, Result, TextModel, TokenStream,
+    LastMetrics, LoadOptions, Message, ModelInfo, Result, TextModel, TokenStream, Trainable,
 };
 use mlx_rs::Device;
 
@@ -26,6 +26,8 @@ use crate::load::weights::Weights;
 use crate::memory;
 use crate::models::{self, CausalLm, ModelSpec};
 use crate::session;
+use crate::train;
+use crate::tune;
 use crate::worker::{check_generate_options, Job, Shared, Worker};
 use inference_formats::config::HfConfig;
 use inference_text::{ChatTokenizer, ModelTokenizer};
@@ -33,7 +35,7 @@ use inference_text::{ChatTokenizer, ModelTokenizer};
 /// A model loaded by the MLX backend.
 pub struct MlxModel {
     worker: Arc<Worker>,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     info: ModelInfo,
 }
 
@@ -61,9 +63,6 @@ pub fn check_load_options(opts: &LoadOptions) -> Result<()> {
         return Err(Error::unsupported(
             "parallel_slots > 1 (calls on one model queue)",
         ));
-    }
-    if opts.adapter_path.is_some() {
-        return Err(Error::unsupported("LoRA adapters"));
     }
     if opts.threads.is_some() {
         return Err(Error::unsupported(
@@ -137,9 +136,12 @@ impl MlxModel {
             last_metrics: LastMetrics::new(),
             prefill_chunk: AtomicUsize::new(generate::PREFILL_CHUNK),
             reused_tokens: AtomicUsize::new(0),
+            base_parameters: std::sync::atomic::AtomicU64::new(0),
+            parameter_counts: std::sync::Mutex::new(None),
         });
 
         let dtype = opts.dtype;
+        let adapter_path = opts.adapter_path.clone();
         let worker_shared = Arc::clone(&shared);
         let body = move |ready: inference_runtime::Ready<Ready>, queue: Jobs<Job>| {
             let on_cpu = match placement {
@@ -157,10 +159,24 @@ impl MlxModel {
                 let context = worker_shared
                     .context
                     .map_or(config.text().max_position_embeddings, |r| r.window);
-                match build(source, &*config, dtype, context) {
-                    Ok((model, info)) => {
+                let built = build(source, &*config, dtype, context).and_then(|(model, info)| {
+                    let state = match &adapter_path {
+                        Some(path) => Some(tune::applied(path, &*model)?),
+                        None => None,
+                    };
+                    Ok((model, info, state))
+                });
+                match built {
+                    Ok((model, info, state)) => {
+                        let counts = state
+                            .as_ref()
+                            .map(|s| train::counts(&*model, &s.adapted, info.parameter_count));
+                        worker_shared.set_parameter_counts(counts);
+                        worker_shared
+                            .base_parameters
+                            .store(info.parameter_count, Ordering::Relaxed);
                         ready.send(Ok(info));
-                        serve(&*model, &worker_shared, queue);
+                        serve(&*model, &worker_shared, queue, state);
                     }
                     Err(e) => ready.send(Err(e)),
                 }
@@ -204,7 +220,7 @@ impl MlxModel {
         Ok(stream)
     }
 
-    fn send(&self, job: Job) -> Result<()> {
+    pub(crate) fn send(&self, job: Job) -> Result<()> {
         self.worker.send(job)
     }
 
@@ -332,7 +348,7 @@ impl MlxModel {
     }
 
     /// Waits for the worker's answer on `answer`.
-    fn await_reply<T>(answer: &Receiver<T>) -> Result<T> {
+    pub(crate) fn await_reply<T>(answer: &Receiver<T>) -> Result<T> {
         answer
             .recv()
             .map_err(|_| Error::backend(crate::error::NAME, "the model worker stopped"))
@@ -546,7 +562,12 @@ fn open(path: &Path) -> Result<(Box<dyn ModelSpec>, ModelTokenizer, Source)> {
 
 /// Runs jobs in arrival order until the model (and every chat session) is
 /// dropped. Chat sessions' KV caches live here, by session id.
-fn serve(model: &dyn CausalLm, shared: &Shared, queue: Jobs<Job>) {
+fn serve(
+    model: &dyn CausalLm,
+    shared: &Shared,
+    queue: Jobs<Job>,
+    mut adapters: Option<tune::AdapterState>,
+) {
     let mut sessions: HashMap<u64, session::SessionCache> = HashMap::new();
     for job in queue {
         let req = match job {
@@ -596,6 +617,12 @@ fn serve(model: &dyn CausalLm, shared: &Shared, queue: Jobs<Job>) {
             }
             Job::EndSession(id) => {
                 sessions.remove(&id);
+                continue;
+            }
+            Job::Tune(job) => {
+                // Sessions' caches hold attention states of the adapters
+                // before: their next turns prefill afresh.
+                tune::run(job, model, shared, &mut adapters, &mut || sessions.clear());
                 continue;
             }
         };
@@ -694,6 +721,11 @@ impl TextModel for MlxModel {
     /// [`ChatTokenizer`]): what `generate` and `chat` encode with.
     fn tokenizer(&self) -> Result<&dyn inference_core::Tokenizer> {
         Ok(&self.shared.text)
+    }
+
+    /// LoRA fine-tuning on the model's worker ([`Trainable`]).
+    fn trainable(&self) -> Result<&dyn Trainable> {
+        Ok(self)
     }
 
     fn info(&self) -> ModelInfo {

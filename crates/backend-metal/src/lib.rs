@@ -42,6 +42,7 @@ mod models;
 pub mod sample;
 mod session;
 mod train;
+mod tune;
 mod worker;
 
 pub use backend::{placement_for, MetalBackend, MlxBackend};

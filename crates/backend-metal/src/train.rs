@@ -3,13 +3,23 @@
 //! `value_and_grad`; the base weights are constants of the graph), and
 //! optimiser steps as MLX defines them.
 
+use std::rc::Rc;
+use std::time::Instant;
+
+use inference_core::{
+    Error, Example, LoraConfig, Optimizer as OptimizerKind, ParameterCounts, TrainOptions,
+    TrainProgress, TrainSink, TrainingData,
+};
+use mlx_rs::builder::Builder;
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{IndexOp, NewAxis};
-use mlx_rs::ops::{ge, le, logical_and};
-use mlx_rs::optimizers::{Adam, AdamW, Optimizer, Sgd};
-use mlx_rs::transforms::value_and_grad_with_argnums;
-use mlx_rs::{Array, Dtype};
+use mlx_rs::ops::{ge, le, logical_and, zeros};
+use mlx_rs::optimizers::{Adam, AdamW, Sgd};
+use mlx_rs::optimizers::{AdamBuilder, AdamWBuilder, Optimizer, SgdBuilder};
+use mlx_rs::transforms::{eval, value_and_grad_with_argnums};
+use mlx_rs::{random, Array, Dtype};
 
+use crate::error::mlx_error;
 use crate::models::lora::Lora;
 use crate::models::CausalLm;
 
@@ -171,6 +181,330 @@ impl Optimiser {
             }
         }
         Ok(())
+    }
+}
+
+impl Optimiser {
+    /// The optimiser `kind` names, at learning rate `lr`.
+    pub fn new(kind: OptimizerKind, lr: f32) -> Result<Self> {
+        let infallible = |e: std::convert::Infallible| -> Exception { match e {} };
+        Ok(match kind {
+            OptimizerKind::Adam => {
+                Optimiser::Adam(AdamBuilder::new(lr).build().map_err(infallible)?)
+            }
+            OptimizerKind::AdamW { weight_decay } => Optimiser::AdamW(
+                AdamWBuilder::new(lr)
+                    .weight_decay(weight_decay)
+                    .build()
+                    .map_err(infallible)?,
+            ),
+            OptimizerKind::Sgd => Optimiser::Sgd(SgdBuilder::new(lr).build().map_err(infallible)?),
+        })
+    }
+}
+
+/// Fresh adapters on the targets `config` names, as mlx-lm starts them:
+/// `A` uniform in ±1/√in, `B` zero, in f32, `A` drawn from `seed`. Keys
+/// that match no target are `InvalidOption`.
+pub fn fresh_adapters(
+    model: &dyn CausalLm,
+    config: &LoraConfig,
+    seed: u64,
+) -> inference_core::Result<Adapted> {
+    config.validate()?;
+    let targets = model.lora_targets();
+    let layers = targets.iter().map(|t| t.layer + 1).max().unwrap_or(0);
+    if let Some(keys) = &config.keys {
+        if let Some(k) = keys
+            .iter()
+            .find(|k| !targets.iter().any(|t| t.key == k.as_str()))
+        {
+            let known: std::collections::BTreeSet<&str> = targets.iter().map(|t| t.key).collect();
+            return Err(Error::invalid_option(
+                "keys",
+                format!("`{k}` matches no linear layer of the model (its keys: {known:?})"),
+            ));
+        }
+    }
+    let first = config.num_layers.map_or(0, |n| layers.saturating_sub(n));
+    let mut adapted = Adapted {
+        targets: Vec::new(),
+        scale: config.scale,
+        dropout: config.dropout,
+    };
+    let rank =
+        i32::try_from(config.rank).map_err(|_| Error::invalid_option("rank", "too large"))?;
+    let mut key = random::key(seed).map_err(mlx_error)?;
+    for (i, t) in targets.iter().enumerate() {
+        let chosen = t.layer >= first
+            && config
+                .keys
+                .as_ref()
+                .is_none_or(|keys| keys.iter().any(|k| k == t.key));
+        if !chosen {
+            t.slot.set(None);
+            continue;
+        }
+        let bound = 1.0 / (t.input as f32).sqrt();
+        let (next, draw) = random::split(&key, 2).map_err(mlx_error)?;
+        key = next;
+        let a = random::uniform::<_, f32>(-bound, bound, &[t.input, rank][..], &draw)
+            .map_err(mlx_error)?;
+        let b = zeros::<f32>(&[rank, t.output]).map_err(mlx_error)?;
+        t.slot.set(Some(Lora {
+            a,
+            b,
+            scale: config.scale,
+            dropout: 0.0,
+        }));
+        adapted.targets.push(i);
+    }
+    Ok(adapted)
+}
+
+/// Parameters in the adapters (`A` and `B` of each).
+pub fn adapter_parameters(model: &dyn CausalLm, adapted: &Adapted) -> u64 {
+    let all = model.lora_targets();
+    adapted
+        .targets
+        .iter()
+        .filter_map(|&i| all.get(i))
+        .filter_map(|t| t.slot.get())
+        .map(|l| (l.a.size() + l.b.size()) as u64)
+        .sum()
+}
+
+/// A batch as mlx-lm's `iterate_batches` makes it: ids padded with 0 to
+/// one more than the next multiple of 32 (at most `max_seq_length`), each
+/// row cut to `max_seq_length`, and each row's (offset, length): the
+/// offset is its prompt length with `mask_prompt`, else 0.
+pub fn make_batch(examples: &[&Example], opts: &TrainOptions) -> Result<(Array, Array)> {
+    let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let width = (1 + 32 * longest.div_ceil(32)).min(opts.max_seq_length);
+    let mut ids = vec![0u32; examples.len() * width];
+    let mut lengths = Vec::with_capacity(2 * examples.len());
+    for (row, e) in examples.iter().enumerate() {
+        let n = e.ids.len().min(opts.max_seq_length);
+        ids[row * width..row * width + n].copy_from_slice(&e.ids[..n]);
+        let offset = if opts.mask_prompt { e.prompt_len } else { 0 };
+        lengths.extend([offset as i32, n as i32]);
+    }
+    let rows = examples.len() as i32;
+    Ok((
+        Array::from_slice(&ids, &[rows, width as i32]).as_dtype(Dtype::Int32)?,
+        Array::from_slice(&lengths, &[rows, 2]),
+    ))
+}
+
+/// A small seeded generator (SplitMix64) for the batch order.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A random permutation of `0..n`.
+    fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+        v
+    }
+}
+
+/// Groups of `batch_size` examples of similar length, as mlx-lm makes them
+/// (sorted by length, consecutive, the remainder left out).
+fn length_groups(examples: &[Example], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| examples[i].ids.len());
+    order
+        .chunks_exact(batch_size)
+        .map(<[usize]>::to_vec)
+        .collect()
+}
+
+/// The mean loss over `examples` with the adapters in place, weighted by
+/// each batch's counted targets (mlx-lm's `evaluate`), over at most
+/// `batches` batches in length order.
+pub fn evaluate(
+    model: &dyn CausalLm,
+    examples: &[Example],
+    opts: &TrainOptions,
+    batches: Option<usize>,
+) -> inference_core::Result<f32> {
+    let groups = length_groups(examples, opts.batch_size.min(examples.len()).max(1));
+    let (mut sum, mut count) = (0f64, 0f64);
+    for group in groups.iter().take(batches.unwrap_or(usize::MAX)) {
+        let rows: Vec<&Example> = group.iter().map(|&i| &examples[i]).collect();
+        let (batch, lengths) = make_batch(&rows, opts).map_err(mlx_error)?;
+        let (loss, ntoks) = masked_loss(model, &batch, &lengths).map_err(mlx_error)?;
+        eval([&loss, &ntoks]).map_err(mlx_error)?;
+        let n = f64::from(scalar(&ntoks)?);
+        sum += f64::from(scalar(&loss)?) * n;
+        count += n;
+    }
+    if count == 0.0 {
+        return Err(Error::InvalidInput(
+            "no target to evaluate the loss on".into(),
+        ));
+    }
+    Ok((sum / count) as f32)
+}
+
+/// Trains `adapted`'s adapters (already in `model`'s slots) on `data`,
+/// reporting to `sink`, until `opts.iters` batches are done or the consumer
+/// cancels; the slots hold the last step's values.
+pub fn train(
+    model: &dyn CausalLm,
+    adapted: &Adapted,
+    data: &TrainingData,
+    opts: &TrainOptions,
+    sink: &TrainSink,
+) -> inference_core::Result<()> {
+    let e = mlx_error;
+    let groups = length_groups(&data.train, opts.batch_size);
+    let mut params = adapted.params(model).map_err(e)?;
+    let all = model.lora_targets();
+    let names: Vec<Rc<str>> = adapted
+        .targets
+        .iter()
+        .flat_map(|&i| {
+            let p = all[i].path();
+            [
+                Rc::from(format!("{p}.lora_a")),
+                Rc::from(format!("{p}.lora_b")),
+            ]
+        })
+        .collect();
+    drop(all);
+    let mut optimiser = Optimiser::new(opts.optimizer, opts.learning_rate).map_err(e)?;
+    random::seed(opts.seed).map_err(e)?;
+    let mut rng = Rng(opts.seed);
+    let mut order = Vec::new();
+    crate::memory::reset_peak();
+    let (mut window_loss, mut window_steps, mut window_tokens) = (0f64, 0usize, 0f64);
+    let mut trained_tokens = 0u64;
+    let mut window_start = Instant::now();
+    let mut accumulated: Option<Vec<Array>> = None;
+    let mut updates = 0usize;
+    let mut lr = opts.learning_rate_at(0);
+    for it in 1..=opts.iters {
+        if sink.is_cancelled() {
+            break;
+        }
+        if order.is_empty() {
+            order = rng.permutation(groups.len());
+        }
+        let group = &groups[order.pop().unwrap_or(0)];
+        let rows: Vec<&Example> = group.iter().map(|&i| &data.train[i]).collect();
+        let (batch, lengths) = make_batch(&rows, opts).map_err(e)?;
+        let (loss, ntoks, grads) =
+            loss_and_grads(model, adapted, &params, &batch, &lengths, true).map_err(e)?;
+        accumulated = Some(match accumulated.take() {
+            None => grads,
+            Some(acc) => acc
+                .iter()
+                .zip(&grads)
+                .map(|(a, g)| a.add(g))
+                .collect::<Result<Vec<_>>>()
+                .map_err(e)?,
+        });
+        if it % opts.grad_accumulation == 0 || it == opts.iters {
+            let mut grads = accumulated.take().unwrap_or_default();
+            if opts.grad_accumulation > 1 {
+                let k = Array::from_f32(1.0 / opts.grad_accumulation as f32);
+                grads = grads
+                    .iter()
+                    .map(|g| g.multiply(&k))
+                    .collect::<Result<_>>()
+                    .map_err(e)?;
+            }
+            if let Some(max) = opts.max_grad_norm {
+                grads = clip(grads, max).map_err(e)?;
+            }
+            lr = opts.learning_rate_at(updates);
+            optimiser.set_learning_rate(lr);
+            optimiser.step(&names, &grads, &mut params).map_err(e)?;
+            updates += 1;
+            adapted.install(model, &params, false).map_err(e)?;
+        }
+        eval(params.iter().chain([&loss, &ntoks])).map_err(e)?;
+        let n = f64::from(scalar(&ntoks)?);
+        window_loss += f64::from(scalar(&loss)?);
+        window_steps += 1;
+        window_tokens += n;
+        trained_tokens += n as u64;
+        let report = it % opts.report_every == 0 || it == opts.iters;
+        let validate = !data.valid.is_empty()
+            && ((opts.val_every > 0 && it % opts.val_every == 0) || it == opts.iters);
+        if report || validate {
+            let elapsed = window_start.elapsed().as_secs_f64();
+            let val_loss = match validate {
+                true => Some(evaluate(model, &data.valid, opts, opts.val_batches)?),
+                false => None,
+            };
+            let progress = TrainProgress {
+                step: it,
+                iters: opts.iters,
+                train_loss: report.then(|| (window_loss / window_steps.max(1) as f64) as f32),
+                val_loss,
+                learning_rate: lr,
+                tokens_per_sec: if elapsed > 0.0 {
+                    window_tokens / elapsed
+                } else {
+                    0.0
+                },
+                trained_tokens,
+                peak_memory_bytes: crate::memory::peak(),
+            };
+            if report {
+                (window_loss, window_steps, window_tokens) = (0.0, 0, 0.0);
+                window_start = Instant::now();
+            }
+            if sink.send(progress).is_err() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The value of a scalar array.
+fn scalar(a: &Array) -> inference_core::Result<f32> {
+    a.try_item_cast::<f32>().map_err(mlx_error)
+}
+
+/// `grads` scaled so that their global norm is at most `max`.
+fn clip(grads: Vec<Array>, max: f32) -> Result<Vec<Array>> {
+    let mut total = Array::from_f32(0.0);
+    for g in &grads {
+        total = total.add(g.square()?.sum(None)?)?;
+    }
+    let norm = total
+        .sqrt()?
+        .try_item_cast::<f32>()
+        .map_err(|e| Exception::custom(e.to_string()))?;
+    if norm <= max {
+        return Ok(grads);
+    }
+    let k = Array::from_f32(max / (norm + 1e-6));
+    grads.iter().map(|g| g.multiply(&k)).collect()
+}
+
+/// The parameter counts of `model` with `adapted` (`base` parameters in
+/// the model itself).
+pub fn counts(model: &dyn CausalLm, adapted: &Adapted, base: u64) -> ParameterCounts {
+    let trainable = adapter_parameters(model, adapted);
+    ParameterCounts {
+        trainable,
+        total: base + trainable,
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::mpsc::Sender;
 
 use inference_core::{
     BatchResult, ClassifyResult, Error, GenerateMetrics, GenerateOptions, LastMetrics, Message,
-    Result,
+    ParameterCounts, Result,
 };
 use inference_runtime::check;
 use inference_text::{ChatTokenizer, ModelTokenizer};
@@ -44,6 +44,8 @@ pub(crate) enum Job {
     Turn(TurnJob),
     /// A chat session ended or was reset: its KV cache is freed.
     EndSession(u64),
+    /// Fine-tuning: adapters applied, trained, evaluated or saved.
+    Tune(crate::tune::TuneJob),
 }
 
 /// One chat-session turn, ready to run on the worker.
@@ -78,6 +80,10 @@ pub(crate) struct Shared {
     pub(crate) prefill_chunk: AtomicUsize,
     /// Prompt tokens chat-session turns took from their KV caches.
     pub(crate) reused_tokens: AtomicUsize,
+    /// Parameters of the base model (set once it is built).
+    pub(crate) base_parameters: std::sync::atomic::AtomicU64,
+    /// Parameters with the adapters, once there are adapters.
+    pub(crate) parameter_counts: std::sync::Mutex<Option<ParameterCounts>>,
 }
 
 impl Shared {
@@ -124,6 +130,20 @@ impl Shared {
     /// Counts `tokens` prompt tokens a session turn did not prefill.
     pub(crate) fn note_reused(&self, tokens: usize) {
         self.reused_tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    pub(crate) fn parameter_counts(&self) -> Option<ParameterCounts> {
+        *self
+            .parameter_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_parameter_counts(&self, counts: Option<ParameterCounts>) {
+        *self
+            .parameter_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = counts;
     }
 
     pub(crate) fn set_metrics(&self, metrics: &GenerateMetrics) {

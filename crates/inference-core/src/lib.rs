@@ -35,6 +35,7 @@ mod options;
 pub mod registry;
 mod stream;
 mod tokenizer;
+pub mod train;
 mod types;
 
 pub use backend::{Availability, Backend, CanLoad, ModelFormat};
@@ -47,6 +48,10 @@ pub use registry::{
 };
 pub use stream::{CancelHandle, TokenSink, TokenStream};
 pub use tokenizer::{RenderOptions, Tokenizer};
+pub use train::{
+    Example, LoraConfig, LrSchedule, Optimizer, ParameterCounts, TrainOptions, TrainProgress,
+    TrainSink, TrainStream, Trainable, TrainingData,
+};
 pub use types::{
     BatchResult, ClassifyResult, FinishReason, FunctionCall, GenerateMetrics, LastMetrics, Message,
     ModelInfo, Role, Token, TokenId, TokenLogprobs, ToolCall,

@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::options::GenerateOptions;
 use crate::stream::TokenStream;
 use crate::tokenizer::Tokenizer;
+use crate::train::Trainable;
 use crate::types::{BatchResult, ClassifyResult, GenerateMetrics, Message, ModelInfo};
 
 /// A loaded text-generation model.
@@ -64,6 +65,15 @@ pub trait TextModel: Send + Sync {
     fn tokenizer(&self) -> Result<&dyn Tokenizer> {
         Err(Error::unsupported(format!(
             "tokenizer access on {}",
+            self.model_type()
+        )))
+    }
+
+    /// LoRA fine-tuning of this model ([`Trainable`]). [`Error::Unsupported`]
+    /// for a backend that cannot train.
+    fn trainable(&self) -> Result<&dyn Trainable> {
+        Err(Error::unsupported(format!(
+            "training on {} with this backend",
             self.model_type()
         )))
     }

@@ -25,6 +25,7 @@
 
 pub mod check;
 mod clock;
+pub mod dataset;
 pub mod logprobs;
 pub mod session;
 mod steps;

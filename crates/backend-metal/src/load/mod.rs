@@ -1,6 +1,7 @@
 //! Reading models from disk: safetensors weights into MLX arrays (the
 //! configuration is `inference_formats::config`'s).
 
+pub mod adapter;
 pub mod weights;
 
 use mlx_rs::Dtype;

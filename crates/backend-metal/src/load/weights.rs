@@ -78,17 +78,21 @@ fn normalise(name: &str) -> Option<String> {
 impl Weights {
     /// Reads every weight file of `dir`.
     pub fn load(dir: &Path) -> Result<Self, LoadError> {
+        Self::load_files(&weight_files(dir)?)
+    }
+
+    /// Reads the safetensors files `files` (validated the same way).
+    pub fn load_files(files: &[PathBuf]) -> Result<Self, LoadError> {
         let mut tensors = HashMap::new();
         let mut float_dtype = None;
-        for path in weight_files(dir)? {
+        for path in files {
             let file_name = path.display().to_string();
             let corrupt = |reason: String| FormatError::CorruptWeights {
                 file: file_name.clone(),
                 reason,
             };
-            let file = File::open(&path).map_err(|e| FormatError::file(&path, e))?;
-            let map =
-                inference_formats::map_file(&file).map_err(|e| FormatError::file(&path, e))?;
+            let file = File::open(path).map_err(|e| FormatError::file(path, e))?;
+            let map = inference_formats::map_file(&file).map_err(|e| FormatError::file(path, e))?;
             let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
             let mut skipped = 0usize;
             for (name, view) in st.tensors() {

@@ -892,7 +892,7 @@ mod stack_tests {
         {
             assert_eq!((input, output), (64, part.weight.out_features()));
             let l = lora(output, 10 + i as u64);
-            let delta = matmul(&matmul(&x, &l.a).unwrap(), &l.b).unwrap();
+            let delta = matmul(matmul(&x, &l.a).unwrap(), &l.b).unwrap();
             let base = part.forward(&x).unwrap();
             expected.push(values(
                 &base

@@ -37,7 +37,7 @@ impl Lora {
             x.clone()
         };
         let z = matmul(&matmul(&x, &self.a)?, &self.b)?;
-        z.multiply(&Array::from_f32(self.scale))?.as_dtype(dtype)
+        z.multiply(Array::from_f32(self.scale))?.as_dtype(dtype)
     }
 }
 

@@ -1,0 +1,123 @@
+//! Applying an mlx-lm LoRA adapter directory to a built model, and writing
+//! one (`inference_formats::adapter` reads and writes its configuration).
+
+use std::path::Path;
+
+use inference_formats::adapter::{adapter_dir, AdapterConfig, ADAPTER_FILE};
+use mlx_rs::Array;
+
+use crate::error::{FormatError, LoadError};
+use crate::load::weights::Weights;
+use crate::models::lora::Lora;
+use crate::models::CausalLm;
+use crate::train::Adapted;
+
+/// Reads the adapter at `path` (its directory, or its `adapters.safetensors`)
+/// and puts it into `model`'s LoRA slots. Every tensor must be the `lora_a`
+/// `[in, rank]` or `lora_b` `[rank, out]` of one of the model's linear
+/// layers that the configuration covers, each adapted layer must have both,
+/// and at least one must be there: otherwise the adapter was made for
+/// another architecture or shape, and the error says which tensor is wrong.
+/// Returns what was applied (the slots stay empty on an error).
+pub fn apply(path: &Path, model: &dyn CausalLm) -> Result<Adapted, LoadError> {
+    let dir = adapter_dir(path);
+    let config = AdapterConfig::load(dir)?;
+    let file = dir.join(ADAPTER_FILE);
+    let mut weights = Weights::load_files(std::slice::from_ref(&file))?;
+    let wrong = |e: LoadError| -> LoadError {
+        match e {
+            LoadError::Format(
+                f @ (FormatError::MissingTensor(_)
+                | FormatError::UnexpectedTensor(_)
+                | FormatError::WrongShape { .. }),
+            ) => FormatError::Config(format!(
+                "the adapter {} does not fit this model: {f}",
+                file.display()
+            ))
+            .into(),
+            other => other,
+        }
+    };
+    let targets = model.lora_targets();
+    let layers = targets.iter().map(|t| t.layer + 1).max().unwrap_or(0);
+    let rank = i32::try_from(config.lora.rank)
+        .map_err(|_| FormatError::Config(format!("adapter rank {}", config.lora.rank)))?;
+    let mut adapted = Adapted {
+        targets: Vec::new(),
+        scale: config.lora.scale,
+        dropout: config.lora.dropout,
+    };
+    let mut found = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        let (a, b) = (
+            format!("{}.lora_a", t.path()),
+            format!("{}.lora_b", t.path()),
+        );
+        if !weights.contains(&a) && !weights.contains(&b) {
+            continue;
+        }
+        if !config.covers(t.layer, layers, t.key) {
+            return Err(FormatError::Config(format!(
+                "the adapter {} has `{a}`, outside the layers and keys its adapter_config.json names",
+                file.display()
+            ))
+            .into());
+        }
+        let la = weights.take(&a, &[t.input, rank]).map_err(wrong)?;
+        let lb = weights.take(&b, &[rank, t.output]).map_err(wrong)?;
+        adapted.targets.push(i);
+        found.push((t.slot, la, lb));
+    }
+    weights.finish().map_err(wrong)?;
+    if found.is_empty() {
+        return Err(
+            FormatError::Config(format!("the adapter {} has no tensors", file.display())).into(),
+        );
+    }
+    for (slot, a, b) in found {
+        slot.set(Some(Lora {
+            a,
+            b,
+            scale: adapted.scale,
+            dropout: adapted.dropout,
+        }));
+    }
+    tracing::info!(
+        adapter = %dir.display(),
+        layers = adapted.targets.len(),
+        rank,
+        scale = adapted.scale,
+        "LoRA adapter applied"
+    );
+    Ok(adapted)
+}
+
+/// Writes the adapters in `model`'s slots that `adapted` names to
+/// `dir/adapters.safetensors` (under mlx-lm's names) and `config` to
+/// `dir/adapter_config.json`, creating `dir`.
+pub fn save(
+    dir: &Path,
+    model: &dyn CausalLm,
+    adapted: &Adapted,
+    config: &AdapterConfig,
+) -> Result<(), LoadError> {
+    std::fs::create_dir_all(dir).map_err(|e| FormatError::file(dir, e))?;
+    let targets = model.lora_targets();
+    let mut tensors: Vec<(String, Array)> = Vec::with_capacity(2 * adapted.targets.len());
+    for &i in &adapted.targets {
+        let t = targets
+            .get(i)
+            .ok_or_else(|| LoadError::Mlx(format!("no LoRA target {i}")))?;
+        let lora = t
+            .slot
+            .get()
+            .ok_or_else(|| LoadError::Mlx(format!("`{}` has no adapter", t.path())))?;
+        tensors.push((format!("{}.lora_a", t.path()), lora.a));
+        tensors.push((format!("{}.lora_b", t.path()), lora.b));
+    }
+    let file = dir.join(ADAPTER_FILE);
+    Array::save_safetensors(tensors.iter().map(|(n, a)| (n, a)), None, &file)
+        .map_err(|e| LoadError::Mlx(format!("writing {}: {e}", file.display())))?;
+    config.save(dir)?;
+    Ok(())
+}
