@@ -395,6 +395,22 @@ pub fn train(
     let mut accumulated: Option<Vec<Array>> = None;
     let mut updates = 0usize;
     let mut lr = opts.learning_rate_at(0);
+    // The validation loss before any step, as mlx-lm reports it first.
+    if !data.valid.is_empty() {
+        let start = TrainProgress {
+            step: 0,
+            iters: opts.iters,
+            train_loss: None,
+            val_loss: Some(evaluate(model, &data.valid, opts, opts.val_batches)?),
+            learning_rate: lr,
+            tokens_per_sec: 0.0,
+            trained_tokens: 0,
+            peak_memory_bytes: crate::memory::peak(),
+        };
+        if sink.send(start).is_err() {
+            return Ok(());
+        }
+    }
     for it in 1..=opts.iters {
         if sink.is_cancelled() {
             break;

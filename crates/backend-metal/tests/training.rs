@@ -180,16 +180,21 @@ fn training_lowers_the_validation_loss_deterministically_and_saves_an_adapter() 
         .unwrap();
     let reports = train_once(&model);
     let steps: Vec<usize> = reports.iter().map(|r| r.step).collect();
-    assert_eq!(steps, [6, 12, 18, 24], "reports every 6 steps");
+    assert_eq!(
+        steps,
+        [0, 6, 12, 18, 24],
+        "before training, then every 6 steps"
+    );
     let vals: Vec<f32> = reports.iter().filter_map(|r| r.val_loss).collect();
-    assert_eq!(vals.len(), 2, "validation at 12 and at the end");
+    assert_eq!(vals.len(), 3, "validation first, at 12 and at the end");
+    assert!((vals[0] - before).abs() < 1e-5, "{vals:?} vs {before}");
     let after = *vals.last().unwrap();
     eprintln!("validation loss {before} → {vals:?}; reports {reports:?}");
     assert!(
         after < before * 0.5,
         "validation loss {before} → {after}: not halved"
     );
-    assert!(reports
+    assert!(reports[1..]
         .iter()
         .all(|r| r.train_loss.is_some() && r.tokens_per_sec > 0.0));
     let evaluated = trainable

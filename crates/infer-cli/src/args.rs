@@ -77,6 +77,11 @@ pub struct ModelArgs {
     /// Read the weights file into memory instead of mapping it (llama.cpp).
     #[arg(long)]
     pub no_mmap: bool,
+
+    /// A LoRA adapter to apply: a directory as mlx-lm and `infer train`
+    /// write it (adapters.safetensors and adapter_config.json).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 /// `on`/`off` (also `true`/`false`, `yes`/`no`, `1`/`0`).
@@ -121,6 +126,9 @@ impl ModelArgs {
             opts = opts.flash_attention(on);
         }
         opts = opts.mmap(!self.no_mmap);
+        if let Some(dir) = &self.adapter {
+            opts = opts.adapter_path(dir);
+        }
         opts.validate()?;
         Ok(opts)
     }

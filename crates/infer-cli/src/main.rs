@@ -5,6 +5,7 @@
 //! - `infer chat`: an interactive conversation.
 //! - `infer backends`: the registered backends, available or not.
 //! - `infer models DIR`: the models in a directory.
+//! - `infer train --data DIR`: LoRA fine-tuning, as `mlx_lm.lora`.
 //!
 //! Exit status: 0 success, 1 runtime error, 2 usage error, 130 interrupted.
 //! Errors are one line on stderr. See `docs/cli.md`.
@@ -30,6 +31,7 @@ mod interrupt;
 mod load;
 mod models;
 mod output;
+mod train;
 
 use error::{CliError, EXIT_RUNTIME, EXIT_USAGE};
 
@@ -60,6 +62,8 @@ enum Command {
     Backends(backends::BackendsArgs),
     /// List the models in a directory (itself and one level below).
     Models(models::ModelsArgs),
+    /// Fine-tune LoRA adapters on a data directory (as mlx_lm.lora).
+    Train(train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +95,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Chat(args) => chat::run(args, cli.quiet),
         Command::Backends(args) => backends::run(args),
         Command::Models(args) => models::run(args, cli.quiet),
+        Command::Train(args) => train::run(args, cli.quiet),
     }
 }
 

@@ -1094,3 +1094,111 @@ fn logprobs_bias_and_penalties_from_the_command_line() {
         assert!(stderr(&o).contains(flag), "{flag}: {}", stderr(&o));
     }
 }
+
+fn zorb() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train/zorb")
+}
+
+/// `infer train` fine-tunes the fixture model on the Zorb data, reports as
+/// it goes (the validation loss falls), writes an mlx-lm adapter, and
+/// `--adapter` on `generate` then answers differently from the base model.
+#[test]
+fn train_writes_an_adapter_that_generate_applies() {
+    let out = tempfile::tempdir().unwrap();
+    let adapter = out.path().join("zorb");
+    let o = run(&[
+        "train",
+        "--model",
+        fixture("qwen3-f32").to_str().unwrap(),
+        "--gpu-layers",
+        gpu_layers(),
+        "--data",
+        zorb().to_str().unwrap(),
+        "--iters",
+        "12",
+        "--learning-rate",
+        "1e-2",
+        "--rank",
+        "4",
+        "--scale",
+        "2",
+        "--num-layers",
+        "-1",
+        "--mask-prompt",
+        "--val-every",
+        "6",
+        "--val-batches",
+        "-1",
+        "--test",
+        "--format",
+        "json",
+        "--adapter-out",
+        adapter.to_str().unwrap(),
+    ]);
+    let report = json_of(&o);
+    let vals: Vec<f64> = report["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["val_loss"].as_f64())
+        .collect();
+    assert_eq!(vals.len(), 3, "before training, at 6 and at 12: {report}");
+    assert!(vals[2] < vals[0], "{vals:?}");
+    assert!(report["test_loss"].as_f64().is_some());
+    assert!(report["trainable_parameters"].as_u64().unwrap() > 0);
+    assert!(adapter.join("adapters.safetensors").is_file());
+    assert!(adapter.join("adapter_config.json").is_file());
+
+    let ask = |extra: &[&str]| {
+        let mut args = vec![
+            "--format",
+            "json",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        args.push("What colour is the sky on Zorb?");
+        json_of(&generate(&fixture("qwen3-f32"), &args))
+    };
+    let base = ask(&[]);
+    let tuned = ask(&["--adapter", adapter.to_str().unwrap()]);
+    assert_ne!(ids(&base["ids"]), ids(&tuned["ids"]));
+}
+
+#[test]
+fn train_refuses_bad_flags_and_data() {
+    let model = fixture("qwen3-f32");
+    let base = [
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--gpu-layers",
+        gpu_layers(),
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let zorb = zorb();
+    let data = zorb.to_str().unwrap();
+    let o = with(&["--data", data, "--rank", "0"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("rank"), "{}", stderr(&o));
+    let o = with(&["--data", data, "--keys", "self_attn.nope", "--iters", "1"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    let o = with(&["--data", "/nonexistent/data"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("train.jsonl"), "{}", stderr(&o));
+    let o = with(&["--data", data, "--num-layers", "0"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    // An adapter that does not fit the model is a load error.
+    let o = generate(
+        &model,
+        &["--adapter", fixture("qwen3-f32").to_str().unwrap(), "Hello"],
+    );
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
+}
