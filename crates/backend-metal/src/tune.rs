@@ -9,7 +9,7 @@ use inference_core::{
     Trainable, TrainingData,
 };
 use inference_formats::adapter::{AdapterConfig, LoraParameters};
-use serde_json::{Map, Value};
+use serde_json::Map;
 
 use crate::engine::MlxModel;
 use crate::load::adapter;
@@ -112,10 +112,11 @@ pub(crate) fn run(
                 return sink.fail(no_adapters());
             };
             changed();
-            // What the run was: kept in the adapter's configuration file as
-            // mlx-lm keeps its training arguments there.
-            if let Ok(Value::Object(args)) = serde_json::to_value(&opts) {
-                s.config.rest.extend(args);
+            // What the run was, kept in the adapter's configuration file
+            // under a key of its own (mlx-lm's own argument names, such as
+            // `optimizer`, mean other shapes there).
+            if let Ok(args) = serde_json::to_value(&opts) {
+                s.config.rest.insert("inference_rs_train".into(), args);
             }
             if let Err(e) = train::train(model, &s.adapted, &data, &opts, &sink) {
                 sink.fail(e);
