@@ -96,6 +96,11 @@ impl MlxModel {
         let started = Instant::now();
         let path = &inference_formats::resolve_model_path(path)?;
         let (config, tokenizer, source) = open(path)?;
+        if let Some(adapter) = &opts.adapter_path {
+            // Its configuration now, its tensors once the model is built.
+            let dir = inference_formats::adapter::adapter_dir(adapter);
+            inference_formats::adapter::AdapterConfig::load(dir).map_err(|e| e.into_error(path))?;
+        }
         let max_positions = config.text().max_position_embeddings;
         if let Some(n) = opts.context_len {
             if n > max_positions && !opts.allow_past_max_positions {

@@ -239,7 +239,6 @@ fn unsupported_options_and_bad_input_are_refused_before_work() {
     for (opts, what) in [
         (LoadOptions::new().gpu_layers(2), "gpu_layers"),
         (LoadOptions::new().parallel_slots(4), "parallel_slots"),
-        (LoadOptions::new().adapter_path("/tmp/adapter"), "LoRA"),
         (LoadOptions::new().threads(1), "threads"),
         (
             LoadOptions::new().kv_cache_type(inference_core::KvCacheType::Q8_0),
