@@ -29,9 +29,7 @@ pub(crate) fn applied(
     path: &Path,
     model: &dyn CausalLm,
 ) -> std::result::Result<AdapterState, crate::error::LoadError> {
-    let dir = inference_formats::adapter::adapter_dir(path);
-    let adapted = adapter::apply(dir, model)?;
-    let config = AdapterConfig::load(dir)?;
+    let (adapted, config) = adapter::apply(path, model)?;
     Ok(AdapterState { adapted, config })
 }
 

@@ -18,8 +18,9 @@ use crate::train::Adapted;
 /// layers that the configuration covers, each adapted layer must have both,
 /// and at least one must be there: otherwise the adapter was made for
 /// another architecture or shape, and the error says which tensor is wrong.
-/// Returns what was applied (the slots stay empty on an error).
-pub fn apply(path: &Path, model: &dyn CausalLm) -> Result<Adapted, LoadError> {
+/// Returns what was applied and the adapter's configuration (the slots stay
+/// empty on an error).
+pub fn apply(path: &Path, model: &dyn CausalLm) -> Result<(Adapted, AdapterConfig), LoadError> {
     let dir = adapter_dir(path);
     let config = AdapterConfig::load(dir)?;
     let file = dir.join(ADAPTER_FILE);
@@ -89,7 +90,7 @@ pub fn apply(path: &Path, model: &dyn CausalLm) -> Result<Adapted, LoadError> {
         scale = adapted.scale,
         "LoRA adapter applied"
     );
-    Ok(adapted)
+    Ok((adapted, config))
 }
 
 /// Writes the adapters in `model`'s slots that `adapted` names to
