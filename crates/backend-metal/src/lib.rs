@@ -30,6 +30,7 @@
 mod backend;
 mod batch;
 mod cache;
+mod checkpoint;
 pub mod device;
 mod engine;
 mod error;
@@ -40,6 +41,7 @@ mod load;
 pub mod memory;
 mod models;
 pub mod sample;
+mod save;
 mod session;
 mod train;
 mod tune;

@@ -10,6 +10,7 @@ use inference_core::{
     Error, Example, LoraConfig, Optimizer as OptimizerKind, ParameterCounts, TrainOptions,
     TrainProgress, TrainSink, TrainingData,
 };
+use inference_formats::adapter::AdapterConfig;
 use mlx_rs::builder::Builder;
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{IndexOp, NewAxis};
@@ -19,6 +20,7 @@ use mlx_rs::optimizers::{AdamBuilder, AdamWBuilder, Optimizer, SgdBuilder};
 use mlx_rs::transforms::{eval, value_and_grad_with_argnums};
 use mlx_rs::{random, Array, Dtype};
 
+use crate::checkpoint::{self, RunState};
 use crate::error::mlx_error;
 use crate::models::lora::Lora;
 use crate::models::CausalLm;
@@ -201,6 +203,71 @@ impl Optimiser {
             OptimizerKind::Sgd => Optimiser::Sgd(SgdBuilder::new(lr).build().map_err(infallible)?),
         })
     }
+
+    /// The optimiser's name, as checkpoints record it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Optimiser::Adam(_) => "adam",
+            Optimiser::AdamW(_) => "adamw",
+            Optimiser::Sgd(_) => "sgd",
+        }
+    }
+
+    /// The optimiser's state as named tensors (`optimizer.{param}.m` and
+    /// `.v` for Adam's moments, `optimizer.{param}.velocity` for SGD).
+    pub fn state_tensors(&self) -> Vec<(String, Array)> {
+        let moments = |state: &mlx_rs::optimizers::State<(Array, Array)>| {
+            state
+                .iter()
+                .flat_map(|(k, (m, v))| {
+                    [
+                        (format!("optimizer.{k}.m"), m.clone()),
+                        (format!("optimizer.{k}.v"), v.clone()),
+                    ]
+                })
+                .collect()
+        };
+        match self {
+            Optimiser::Adam(o) => moments(&o.state),
+            Optimiser::AdamW(o) => moments(&o.state),
+            Optimiser::Sgd(o) => o
+                .state
+                .iter()
+                .map(|(k, v)| (format!("optimizer.{k}.velocity"), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Puts back the state [`state_tensors`](Self::state_tensors) gave,
+    /// for the parameters `names`. A parameter with no state has not been
+    /// stepped yet; a tensor for no parameter is an error.
+    pub fn restore(
+        &mut self,
+        names: &[Rc<str>],
+        mut tensors: std::collections::HashMap<String, Array>,
+    ) -> Result<()> {
+        for name in names {
+            let mut take = |part: &str| tensors.remove(&format!("optimizer.{name}.{part}"));
+            match self {
+                Optimiser::Adam(Adam { state, .. }) | Optimiser::AdamW(AdamW { state, .. }) => {
+                    if let (Some(m), Some(v)) = (take("m"), take("v")) {
+                        state.insert(name.clone(), (m, v));
+                    }
+                }
+                Optimiser::Sgd(o) => {
+                    if let Some(v) = take("velocity") {
+                        o.state.insert(name.clone(), v);
+                    }
+                }
+            }
+        }
+        match tensors.keys().next() {
+            Some(extra) => Err(Exception::custom(format!(
+                "the training state has `{extra}`, which belongs to no adapter"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Fresh adapters on the targets `config` names, as mlx-lm starts them:
@@ -358,45 +425,73 @@ pub fn evaluate(
     Ok((sum / count) as f32)
 }
 
-/// Trains `adapted`'s adapters (already in `model`'s slots) on `data`,
-/// reporting to `sink`, until `opts.iters` batches are done or the consumer
-/// cancels; the slots hold the last step's values.
-pub fn train(
-    model: &dyn CausalLm,
-    adapted: &Adapted,
-    data: &TrainingData,
-    opts: &TrainOptions,
-    sink: &TrainSink,
-) -> inference_core::Result<()> {
-    let e = mlx_error;
-    let groups = length_groups(&data.train, opts.batch_size);
-    let mut params = adapted.params(model).map_err(e)?;
+/// The names of `adapted`'s adapter tensors (`A`, `B` of each target in
+/// turn), as mlx-lm's files name them.
+pub fn adapter_names(model: &dyn CausalLm, adapted: &Adapted) -> Vec<Rc<str>> {
     let all = model.lora_targets();
-    let names: Vec<Rc<str>> = adapted
+    adapted
         .targets
         .iter()
-        .flat_map(|&i| {
-            let p = all[i].path();
+        .filter_map(|&i| all.get(i))
+        .flat_map(|t| {
+            let p = t.path();
             [
                 Rc::from(format!("{p}.lora_a")),
                 Rc::from(format!("{p}.lora_b")),
             ]
         })
-        .collect();
-    drop(all);
+        .collect()
+}
+
+/// Trains `adapted`'s adapters (already in `model`'s slots) on `data`,
+/// reporting to `sink`, until `opts.iters` batches are done or the consumer
+/// cancels; the slots hold the last step's values. With
+/// `opts.checkpoints`, writes checkpoints (with `config` as their
+/// `adapter_config.json`); with `opts.resume`, continues from one.
+///
+/// Each step draws its dropout from a key made of the seed and the step,
+/// and the batch order is replayed from the seed, so that a resumed run
+/// takes the very steps the uninterrupted one would have.
+pub fn train(
+    model: &dyn CausalLm,
+    adapted: &Adapted,
+    data: &TrainingData,
+    opts: &TrainOptions,
+    config: &AdapterConfig,
+    sink: &TrainSink,
+) -> inference_core::Result<()> {
+    let e = mlx_error;
+    let groups = length_groups(&data.train, opts.batch_size);
+    let mut params = adapted.params(model).map_err(e)?;
+    let names = adapter_names(model, adapted);
     let mut optimiser = Optimiser::new(opts.optimizer, opts.learning_rate).map_err(e)?;
-    random::seed(opts.seed).map_err(e)?;
+    let mut run = RunState::default();
+    if let Some(file) = &opts.resume {
+        let resumed = checkpoint::load(file, &names, &params, &optimiser, opts)?;
+        params = resumed.params;
+        if let Some(state) = resumed.optimiser {
+            optimiser
+                .restore(&names, state)
+                .map_err(|err| Error::invalid_option("resume", err.to_string()))?;
+        }
+        run = resumed.run.unwrap_or_default();
+        adapted.install(model, &params, false).map_err(e)?;
+    }
     let mut rng = Rng(opts.seed);
     let mut order = Vec::new();
+    // The batches the checkpoint's steps took, drawn again.
+    for _ in 0..run.step {
+        if order.is_empty() {
+            order = rng.permutation(groups.len());
+        }
+        order.pop();
+    }
     crate::memory::reset_peak();
     let (mut window_loss, mut window_steps, mut window_tokens) = (0f64, 0usize, 0f64);
-    let mut trained_tokens = 0u64;
     let mut window_start = Instant::now();
-    let mut accumulated: Option<Vec<Array>> = None;
-    let mut updates = 0usize;
-    let mut lr = opts.learning_rate_at(0);
+    let mut lr = opts.learning_rate_at(run.updates.saturating_sub(1));
     // The validation loss before any step, as mlx-lm reports it first.
-    if !data.valid.is_empty() {
+    if !data.valid.is_empty() && run.step == 0 {
         let start = TrainProgress {
             step: 0,
             iters: opts.iters,
@@ -411,7 +506,7 @@ pub fn train(
             return Ok(());
         }
     }
-    for it in 1..=opts.iters {
+    for it in run.step + 1..=opts.iters {
         if sink.is_cancelled() {
             break;
         }
@@ -421,9 +516,10 @@ pub fn train(
         let group = &groups[order.pop().unwrap_or(0)];
         let rows: Vec<&Example> = group.iter().map(|&i| &data.train[i]).collect();
         let (batch, lengths) = make_batch(&rows, opts).map_err(e)?;
+        random::seed(opts.seed.wrapping_add(it as u64)).map_err(e)?;
         let (loss, ntoks, grads) =
             loss_and_grads(model, adapted, &params, &batch, &lengths, true).map_err(e)?;
-        accumulated = Some(match accumulated.take() {
+        run.accumulated = Some(match run.accumulated.take() {
             None => grads,
             Some(acc) => acc
                 .iter()
@@ -433,7 +529,7 @@ pub fn train(
                 .map_err(e)?,
         });
         if it % opts.grad_accumulation == 0 || it == opts.iters {
-            let mut grads = accumulated.take().unwrap_or_default();
+            let mut grads = run.accumulated.take().unwrap_or_default();
             if opts.grad_accumulation > 1 {
                 let k = Array::from_f32(1.0 / opts.grad_accumulation as f32);
                 grads = grads
@@ -445,18 +541,28 @@ pub fn train(
             if let Some(max) = opts.max_grad_norm {
                 grads = clip(grads, max).map_err(e)?;
             }
-            lr = opts.learning_rate_at(updates);
+            lr = opts.learning_rate_at(run.updates);
             optimiser.set_learning_rate(lr);
             optimiser.step(&names, &grads, &mut params).map_err(e)?;
-            updates += 1;
+            run.updates += 1;
             adapted.install(model, &params, false).map_err(e)?;
         }
-        eval(params.iter().chain([&loss, &ntoks])).map_err(e)?;
+        eval(
+            params
+                .iter()
+                .chain(run.accumulated.iter().flatten())
+                .chain([&loss, &ntoks]),
+        )
+        .map_err(e)?;
         let n = f64::from(scalar(&ntoks)?);
         window_loss += f64::from(scalar(&loss)?);
         window_steps += 1;
         window_tokens += n;
-        trained_tokens += n as u64;
+        run.trained_tokens += n as u64;
+        run.step = it;
+        if let Some(c) = opts.checkpoints.as_ref().filter(|c| it % c.every == 0) {
+            checkpoint::save(&c.dir, &names, &params, &optimiser, &run, opts, config)?;
+        }
         let report = it % opts.report_every == 0 || it == opts.iters;
         let validate = !data.valid.is_empty()
             && ((opts.val_every > 0 && it % opts.val_every == 0) || it == opts.iters);
@@ -477,7 +583,7 @@ pub fn train(
                 } else {
                     0.0
                 },
-                trained_tokens,
+                trained_tokens: run.trained_tokens,
                 peak_memory_bytes: crate::memory::peak(),
             };
             if report {

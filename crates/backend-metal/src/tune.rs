@@ -116,7 +116,7 @@ pub(crate) fn run(
             if let Ok(args) = serde_json::to_value(&opts) {
                 s.config.rest.insert("inference_rs_train".into(), args);
             }
-            if let Err(e) = train::train(model, &s.adapted, &data, &opts, &sink) {
+            if let Err(e) = train::train(model, &s.adapted, &data, &opts, &s.config, &sink) {
                 sink.fail(e);
             }
         }
@@ -130,8 +130,7 @@ pub(crate) fn run(
         }
         TuneJob::Save { dir, reply } => {
             let result = match state {
-                Some(s) => adapter::save(&dir, model, &s.adapted, &s.config)
-                    .map_err(|e| e.into_error(&dir)),
+                Some(s) => adapter::save(&dir, model, &s.adapted, &s.config),
                 None => Err(no_adapters()),
             };
             let _ = reply.send(result);

@@ -444,3 +444,123 @@ fn accumulation_clipping_and_schedules_take_effect() {
         "clipped SGD: {before} → {clipped}"
     );
 }
+
+/// Checkpoints and resume: a run that writes checkpoints every 4 steps, and
+/// runs resumed from its step-4 and step-8 checkpoints (AdamW, dropout,
+/// gradient accumulation over 3 batches so that step 4 is mid-way through
+/// an update), report the same training and validation losses after the
+/// checkpoint and end with the same adapters as the uninterrupted run. The
+/// checkpoint files are mlx-lm's names; a checkpoint of another rank, or of
+/// another optimiser, or one at the last step, is refused; an mlx-lm
+/// checkpoint without training state starts the adapters from it at step 1.
+#[test]
+fn a_resumed_run_continues_as_the_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = LoraConfig {
+        dropout: 0.1,
+        ..lora()
+    };
+    let opts = TrainOptions {
+        iters: 12,
+        grad_accumulation: 3,
+        report_every: 4,
+        val_every: 4,
+        checkpoints: Some(inference_core::Checkpoints {
+            dir: dir.path().to_path_buf(),
+            every: 4,
+        }),
+        ..train_opts()
+    };
+    let run = |opts: &TrainOptions, lora: &LoraConfig| {
+        let model = load("qwen3-f32", &LoadOptions::default()).unwrap();
+        let tokenizer = model.tokenizer().unwrap();
+        let (data, _) = dataset::read_dir(&data_dir(), tokenizer, true, false).unwrap();
+        let t = model.trainable().unwrap();
+        t.apply_lora(lora, 3).unwrap();
+        let reports = t
+            .train(data, opts)
+            .and_then(|s| s.collect::<inference_core::Result<Vec<TrainProgress>>>());
+        let out = tempfile::tempdir().unwrap();
+        if reports.is_ok() {
+            t.save_adapter(out.path()).unwrap();
+        }
+        (
+            reports,
+            std::fs::read(out.path().join("adapters.safetensors")).ok(),
+        )
+    };
+    let (whole, whole_adapters) = run(&opts, &lora);
+    let whole = whole.unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "0000004_adapters.safetensors",
+            "0000004_train_state.safetensors",
+            "0000008_adapters.safetensors",
+            "0000008_train_state.safetensors",
+            "0000012_adapters.safetensors",
+            "0000012_train_state.safetensors",
+            "adapter_config.json",
+            "adapters.safetensors",
+        ]
+    );
+    let key = |r: &TrainProgress| (r.step, r.train_loss, r.val_loss, r.trained_tokens);
+    for from in [4, 8] {
+        let resumed = TrainOptions {
+            checkpoints: None,
+            resume: Some(dir.path().join(format!("{from:07}_adapters.safetensors"))),
+            ..opts.clone()
+        };
+        let (reports, adapters) = run(&resumed, &lora);
+        let reports = reports.unwrap();
+        let want: Vec<_> = whole.iter().filter(|r| r.step > from).map(key).collect();
+        let got: Vec<_> = reports.iter().map(key).collect();
+        assert_eq!(got, want, "resumed from step {from}");
+        assert_eq!(
+            adapters, whole_adapters,
+            "adapters resumed from step {from}"
+        );
+    }
+
+    let resume = |file: &str| TrainOptions {
+        checkpoints: None,
+        resume: Some(dir.path().join(file)),
+        ..opts.clone()
+    };
+    let refused = |opts: &TrainOptions, lora: &LoraConfig| match run(opts, lora).0 {
+        Err(Error::InvalidOption {
+            field: "resume",
+            reason,
+        }) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let wrong_rank = LoraConfig {
+        rank: 2,
+        ..lora.clone()
+    };
+    let reason = refused(&resume("0000004_adapters.safetensors"), &wrong_rank);
+    assert!(reason.contains("shape"), "{reason}");
+    let sgd = TrainOptions {
+        optimizer: Optimizer::Sgd,
+        ..resume("0000004_adapters.safetensors")
+    };
+    assert!(refused(&sgd, &lora).contains("adamw"));
+    assert!(refused(&resume("0000012_adapters.safetensors"), &lora).contains("step 12"));
+    assert!(refused(&resume("none_adapters.safetensors"), &lora).contains("cannot read"));
+
+    // Without a training state (as mlx-lm's checkpoints are): from step 1,
+    // starting from the checkpoint's adapters, so the first validation
+    // loss is the one after step 8.
+    std::fs::remove_file(dir.path().join("0000008_train_state.safetensors")).unwrap();
+    let reports = run(&resume("0000008_adapters.safetensors"), &lora)
+        .0
+        .unwrap();
+    assert_eq!(reports[0].step, 0);
+    let at_8 = whole.iter().find(|r| r.step == 8).unwrap().val_loss;
+    assert_eq!(reports[0].val_loss, at_8);
+}

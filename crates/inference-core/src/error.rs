@@ -96,6 +96,18 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A file could not be written (a full disk, no permission, a missing
+    /// directory). Files are written atomically where it matters: what was
+    /// at `path` before is still there.
+    #[error("inference: cannot write {path:?}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A failure inside a backend.
     #[error("inference: backend {backend:?}: {message}")]
     Backend {

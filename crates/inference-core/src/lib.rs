@@ -49,8 +49,8 @@ pub use registry::{
 pub use stream::{CancelHandle, TokenSink, TokenStream};
 pub use tokenizer::{RenderOptions, Tokenizer};
 pub use train::{
-    Example, LoraConfig, LrSchedule, Optimizer, ParameterCounts, TrainOptions, TrainProgress,
-    TrainSink, TrainStream, Trainable, TrainingData,
+    Checkpoints, Example, LoraConfig, LrSchedule, Optimizer, ParameterCounts, TrainOptions,
+    TrainProgress, TrainSink, TrainStream, Trainable, TrainingData,
 };
 pub use types::{
     BatchResult, ClassifyResult, FinishReason, FunctionCall, GenerateMetrics, LastMetrics, Message,

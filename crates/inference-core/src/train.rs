@@ -5,7 +5,7 @@
 //! and a run there with the same numbers mean the same thing, and their
 //! adapters load in either.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -142,6 +142,33 @@ pub struct TrainOptions {
     pub report_every: usize,
     /// Seeds the batch order, dropout and the adapters' initial values.
     pub seed: u64,
+    /// Checkpoints during the run (`None`: none; the caller saves the
+    /// adapters at the end).
+    pub checkpoints: Option<Checkpoints>,
+    /// A checkpoint to continue from (its `NNNNNNN_adapters.safetensors`,
+    /// see [`Checkpoints`]). With its training state beside it the run goes
+    /// on from the step after it, optimiser state, batch order and dropout
+    /// included, as if never interrupted; without one (an mlx-lm checkpoint,
+    /// an `adapters.safetensors`) the adapters start from its values and the
+    /// run from step 1, as `mlx_lm.lora --resume-adapter-file` does.
+    pub resume: Option<PathBuf>,
+}
+
+/// Periodic checkpoints of a run, as mlx-lm writes them: every `every`
+/// steps, `dir/NNNNNNN_adapters.safetensors` (the step, seven digits), a
+/// copy in `dir/adapters.safetensors` and `dir/adapter_config.json`, and
+/// beside it `NNNNNNN_train_state.safetensors` (optimiser state, partly
+/// accumulated gradients, the step) for [`TrainOptions::resume`]. Each file
+/// is written to a temporary file and renamed: a failure (a full disk)
+/// ends the run with [`Error::Write`] and leaves the earlier checkpoints as
+/// they were.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoints {
+    /// The adapter directory.
+    pub dir: PathBuf,
+    /// Steps between checkpoints (mlx-lm: 100).
+    pub every: usize,
 }
 
 impl Default for TrainOptions {
@@ -161,6 +188,8 @@ impl Default for TrainOptions {
             val_batches: Some(25),
             report_every: 10,
             seed: 0,
+            checkpoints: None,
+            resume: None,
         }
     }
 }
@@ -178,6 +207,9 @@ impl TrainOptions {
         positive("grad_accumulation", self.grad_accumulation)?;
         positive("max_seq_length", self.max_seq_length)?;
         positive("report_every", self.report_every)?;
+        if let Some(c) = &self.checkpoints {
+            positive("save_every", c.every)?;
+        }
         if self.val_batches == Some(0) {
             return Err(Error::invalid_option("val_batches", "must be at least 1"));
         }

@@ -130,24 +130,26 @@ impl AdapterConfig {
         Value::Object(map)
     }
 
-    /// Writes `dir/adapter_config.json`.
+    /// Writes `dir/adapter_config.json` (atomically).
     pub fn save(&self, dir: &Path) -> Result<PathBuf, LoadError> {
         let path = dir.join(ADAPTER_CONFIG);
         let text = serde_json::to_string_pretty(&self.to_json())
             .map_err(|e| LoadError::Config(e.to_string()))?;
-        std::fs::write(&path, text).map_err(|e| LoadError::file(&path, e))?;
+        crate::write::write_atomic(&path, text.as_bytes())
+            .map_err(|(p, e)| LoadError::file(p, e))?;
         Ok(path)
     }
 }
 
 /// The adapter directory `path` names: the directory itself, or the one
-/// holding an `adapters.safetensors` file named directly.
+/// holding a file named directly (its `adapter_config.json`, its
+/// `adapters.safetensors`, or a checkpoint's `NNNNNNN_adapters.safetensors`).
 pub fn adapter_dir(path: &Path) -> &Path {
-    match path.file_name() {
-        Some(name) if name == ADAPTER_FILE || name == ADAPTER_CONFIG => {
-            path.parent().unwrap_or(path)
-        }
-        _ => path,
+    let is_file = path.file_name().is_some_and(|n| n == ADAPTER_CONFIG)
+        || path.extension().is_some_and(|e| e == "safetensors");
+    match is_file {
+        true => path.parent().unwrap_or(path),
+        false => path,
     }
 }
 

@@ -15,6 +15,8 @@
 //! - [`discover`](mod@discover): finding models in a directory, choosing a
 //!   directory's safetensors weight files as transformers does, and resolving
 //!   the model path a user gives.
+//! - [`write`]: files written atomically (a temporary file renamed over
+//!   the target), so a reader never sees half of one.
 //! - [`LoadError`]: what can be wrong with a model's files, turned into the
 //!   public [`inference_core::Error`] by [`LoadError::into_error`].
 //!
@@ -28,6 +30,7 @@ pub mod discover;
 mod error;
 pub mod gguf;
 mod mmap;
+pub mod write;
 
 pub use discover::{
     discover, resolve_model_path, safetensors_files, DiscoveredModel, ModelFormat,

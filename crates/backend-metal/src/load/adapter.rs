@@ -6,14 +6,16 @@ use std::path::Path;
 use inference_formats::adapter::{adapter_dir, AdapterConfig, ADAPTER_FILE};
 use mlx_rs::Array;
 
-use crate::error::{FormatError, LoadError};
+use crate::error::{mlx_error, FormatError, LoadError};
 use crate::load::weights::Weights;
 use crate::models::lora::Lora;
 use crate::models::CausalLm;
 use crate::train::Adapted;
 
-/// Reads the adapter at `path` (its directory, or its `adapters.safetensors`)
-/// and puts it into `model`'s LoRA slots. Every tensor must be the `lora_a`
+/// Reads the adapter at `path` (its directory, or a safetensors file in it:
+/// `adapters.safetensors` or a checkpoint such as
+/// `0000200_adapters.safetensors`, with the directory's
+/// `adapter_config.json`) and puts it into `model`'s LoRA slots. Every tensor must be the `lora_a`
 /// `[in, rank]` or `lora_b` `[rank, out]` of one of the model's linear
 /// layers that the configuration covers, each adapted layer must have both,
 /// and at least one must be there: otherwise the adapter was made for
@@ -21,9 +23,12 @@ use crate::train::Adapted;
 /// Returns what was applied and the adapter's configuration (the slots stay
 /// empty on an error).
 pub fn apply(path: &Path, model: &dyn CausalLm) -> Result<(Adapted, AdapterConfig), LoadError> {
+    let file = match path.extension() {
+        Some(ext) if ext == "safetensors" => path.to_path_buf(),
+        _ => adapter_dir(path).join(ADAPTER_FILE),
+    };
     let dir = adapter_dir(path);
     let config = AdapterConfig::load(dir)?;
-    let file = dir.join(ADAPTER_FILE);
     let mut weights = Weights::load_files(std::slice::from_ref(&file))?;
     let wrong = |e: LoadError| -> LoadError {
         match e {
@@ -95,30 +100,26 @@ pub fn apply(path: &Path, model: &dyn CausalLm) -> Result<(Adapted, AdapterConfi
 
 /// Writes the adapters in `model`'s slots that `adapted` names to
 /// `dir/adapters.safetensors` (under mlx-lm's names) and `config` to
-/// `dir/adapter_config.json`, creating `dir`.
+/// `dir/adapter_config.json`, creating `dir`; each file atomically, so a
+/// failure ([`inference_core::Error::Write`]) leaves what was there.
 pub fn save(
     dir: &Path,
     model: &dyn CausalLm,
     adapted: &Adapted,
     config: &AdapterConfig,
-) -> Result<(), LoadError> {
-    std::fs::create_dir_all(dir).map_err(|e| FormatError::file(dir, e))?;
-    let targets = model.lora_targets();
-    let mut tensors: Vec<(String, Array)> = Vec::with_capacity(2 * adapted.targets.len());
-    for &i in &adapted.targets {
-        let t = targets
-            .get(i)
-            .ok_or_else(|| LoadError::Mlx(format!("no LoRA target {i}")))?;
-        let lora = t
-            .slot
-            .get()
-            .ok_or_else(|| LoadError::Mlx(format!("`{}` has no adapter", t.path())))?;
-        tensors.push((format!("{}.lora_a", t.path()), lora.a));
-        tensors.push((format!("{}.lora_b", t.path()), lora.b));
-    }
-    let file = dir.join(ADAPTER_FILE);
-    Array::save_safetensors(tensors.iter().map(|(n, a)| (n, a)), None, &file)
-        .map_err(|e| LoadError::Mlx(format!("writing {}: {e}", file.display())))?;
-    config.save(dir)?;
+) -> inference_core::Result<()> {
+    let write_error = |path: &Path, source| inference_core::Error::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| write_error(dir, e))?;
+    let names = crate::train::adapter_names(model, adapted);
+    let params = adapted.params(model).map_err(mlx_error)?;
+    let tensors: Vec<(String, Array)> = names.iter().map(|n| n.to_string()).zip(params).collect();
+    crate::save::write_safetensors(&dir.join(ADAPTER_FILE), &tensors, None)?;
+    config.save(dir).map_err(|e| match e {
+        inference_formats::LoadError::File { path, source } => write_error(&path, source),
+        other => other.into_error(dir),
+    })?;
     Ok(())
 }
