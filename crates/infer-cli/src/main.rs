@@ -31,6 +31,7 @@ mod interrupt;
 mod load;
 mod models;
 mod output;
+mod plot;
 mod train;
 
 use error::{CliError, EXIT_RUNTIME, EXIT_USAGE};

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
-use inference_core::{LoraConfig, LrSchedule, Optimizer, TrainOptions, TrainProgress, Trainable};
+use inference_core::{
+    Checkpoints, LoraConfig, LrSchedule, Optimizer, TrainOptions, TrainProgress, Trainable,
+};
 use inference_runtime::dataset;
 use serde::Serialize;
 
@@ -137,9 +139,20 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
 
-    /// Where the adapter goes.
+    /// Where the adapter goes (with its checkpoints and loss.svg).
     #[arg(long, default_value = "adapters", value_name = "DIR")]
     adapter_out: PathBuf,
+
+    /// Write a checkpoint (NNNNNNN_adapters.safetensors and its training
+    /// state) into the adapter directory every N batches; 0: none.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    save_every: usize,
+
+    /// Continue from a checkpoint (NNNNNNN_adapters.safetensors): with its
+    /// training state, from the step after it as if never stopped; without
+    /// (an mlx-lm checkpoint), from its adapters at step 1.
+    #[arg(long, value_name = "FILE", alias = "resume-adapter-file")]
+    resume: Option<PathBuf>,
 
     /// `text` reports as it goes; `json` prints one document at the end.
     #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -203,9 +216,59 @@ impl TrainArgs {
             val_batches,
             report_every: self.report_every,
             seed: self.seed,
+            checkpoints: (self.save_every > 0).then(|| Checkpoints {
+                dir: self.adapter_out.clone(),
+                every: self.save_every,
+            }),
+            resume: self.resume.clone(),
         };
         opts.validate()?;
         Ok(opts)
+    }
+}
+
+/// Refuses to resume from a checkpoint whose directory's
+/// `adapter_config.json` names other adapters than the flags (a different
+/// scale or layer set would otherwise go unnoticed; a different rank is
+/// caught by the tensors' shapes).
+fn check_resume(file: &std::path::Path, lora: &LoraConfig) -> Result<(), CliError> {
+    let dir = inference_formats::adapter::adapter_dir(file);
+    let Ok(config) = inference_formats::adapter::AdapterConfig::load(dir) else {
+        return Ok(());
+    };
+    let layers = lora.num_layers.map_or(-1, |n| n as i64);
+    let mut differ = Vec::new();
+    if config.lora.rank != lora.rank {
+        differ.push(format!(
+            "--rank {} (the checkpoint: {})",
+            lora.rank, config.lora.rank
+        ));
+    }
+    if config.lora.scale != lora.scale {
+        differ.push(format!(
+            "--scale {} (the checkpoint: {})",
+            lora.scale, config.lora.scale
+        ));
+    }
+    if config.num_layers != layers {
+        differ.push(format!(
+            "--num-layers {layers} (the checkpoint: {})",
+            config.num_layers
+        ));
+    }
+    if config.lora.keys != lora.keys {
+        differ.push(format!(
+            "--keys {:?} (the checkpoint: {:?})",
+            lora.keys, config.lora.keys
+        ));
+    }
+    match differ.is_empty() {
+        true => Ok(()),
+        false => Err(CliError::Usage(format!(
+            "--resume {}: the adapters differ from the checkpoint's: {}",
+            file.display(),
+            differ.join(", ")
+        ))),
     }
 }
 
@@ -216,6 +279,7 @@ struct Report {
     reports: Vec<TrainProgress>,
     test_loss: Option<f32>,
     adapter: PathBuf,
+    loss_plot: Option<PathBuf>,
     interrupted: bool,
 }
 
@@ -245,6 +309,9 @@ fn line(p: &TrainProgress) -> String {
 pub fn run(args: &TrainArgs, quiet: bool) -> Result<(), CliError> {
     let lora = args.lora()?;
     let opts = args.options()?;
+    if let Some(file) = &args.resume {
+        check_resume(file, &lora)?;
+    }
     let mut model_args = args.model.clone();
     // Training is MLX's: a GGUF file would otherwise go to llama.cpp.
     if model_args.backend.is_none() {
@@ -299,8 +366,12 @@ pub fn run(args: &TrainArgs, quiet: bool) -> Result<(), CliError> {
     let interrupted = interrupt.was_hit();
     // What the finished steps taught is kept, interrupted or not.
     trainable.save_adapter(&args.adapter_out)?;
+    let loss_plot = crate::plot::write_loss_plot(&args.adapter_out, &reports)?;
     if text && !quiet {
         eprintln!("adapter saved to {}", args.adapter_out.display());
+        if let Some(plot) = &loss_plot {
+            eprintln!("loss curve: {}", plot.display());
+        }
     }
     if interrupted {
         return Err(CliError::Interrupted);
@@ -321,6 +392,7 @@ pub fn run(args: &TrainArgs, quiet: bool) -> Result<(), CliError> {
             reports,
             test_loss,
             adapter: args.adapter_out.clone(),
+            loss_plot,
             interrupted,
         })?,
     }
