@@ -564,3 +564,26 @@ fn a_resumed_run_continues_as_the_uninterrupted_one() {
     let at_8 = whole.iter().find(|r| r.step == 8).unwrap().val_loss;
     assert_eq!(reports[0].val_loss, at_8);
 }
+
+/// QLoRA: adapters over 4- and 8-bit MLX-quantised bases (the fixture in
+/// mlx-community's layout) train like over the dense one; the base stays
+/// quantised.
+#[test]
+fn qlora_over_quantized_bases_lowers_the_validation_loss() {
+    for bits in [4, 8] {
+        let dir = common::quantized_fixture("qwen3-f32", bits, 32);
+        let model = MlxModel::load(
+            dir.path(),
+            &LoadOptions::default(),
+            backend_metal::Placement::Cpu,
+        )
+        .unwrap();
+        assert_eq!(model.info().quant_bits, Some(bits as u32));
+        let reports = train_once(&model);
+        let vals: Vec<f32> = reports.iter().filter_map(|r| r.val_loss).collect();
+        let (before, after) = (vals[0], *vals.last().unwrap());
+        eprintln!("{bits}-bit: validation loss {vals:?}");
+        assert!(after < before * 0.5, "{bits}-bit: {before} → {after}");
+        assert_eq!(model.info().quant_bits, Some(bits as u32));
+    }
+}

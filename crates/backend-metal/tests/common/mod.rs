@@ -194,3 +194,46 @@ pub fn chat_golden(name: &str) -> Value {
     let text = std::fs::read_to_string(&path).expect("chat_golden.json");
     serde_json::from_str(&text).expect("chat golden JSON")
 }
+
+/// A copy of the fixture `name` in mlx-community's quantised layout: every
+/// two-dimensional `.weight` (embeddings included, as `mlx_lm.convert -q`
+/// does) quantised with MLX's affine scheme at `bits` and `group`, and
+/// `quantization` in `config.json`.
+pub fn quantized_fixture(name: &str, bits: i32, group: i32) -> tempfile::TempDir {
+    use backend_metal::mlx_rs::{ops::quantize, Array};
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let p = entry.unwrap().path();
+        let file = p.file_name().unwrap().to_str().unwrap().to_owned();
+        if file.ends_with(".safetensors") || p.is_dir() {
+            continue;
+        }
+        std::fs::copy(&p, dir.path().join(&file)).unwrap();
+    }
+    let dense = Array::load_safetensors(fixture(name).join("model.safetensors")).unwrap();
+    let mut out: Vec<(String, Array)> = Vec::new();
+    for (tensor, a) in dense {
+        match tensor.strip_suffix(".weight") {
+            Some(prefix) if a.ndim() == 2 => {
+                let (w, s, b) = quantize(&a, group, bits).unwrap();
+                out.extend([
+                    (tensor.clone(), w),
+                    (format!("{prefix}.scales"), s),
+                    (format!("{prefix}.biases"), b),
+                ]);
+            }
+            _ => out.push((tensor, a)),
+        }
+    }
+    Array::save_safetensors(
+        out.iter().map(|(n, a)| (n.as_str(), a)),
+        None,
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let config = dir.path().join("config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["quantization"] = serde_json::json!({"group_size": group, "bits": bits});
+    std::fs::write(&config, v.to_string()).unwrap();
+    dir
+}
