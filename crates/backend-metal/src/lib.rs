@@ -35,6 +35,7 @@ pub mod device;
 mod engine;
 mod error;
 mod ffi;
+pub mod fuse;
 mod generate;
 pub mod gguf;
 mod load;

@@ -313,3 +313,67 @@ fn qlora_on_smollm2_lowers_the_validation_loss() {
     assert!(vals[1] < vals[0] - 0.1, "{vals:?}");
     assert_eq!(model.info().quant_bits, Some(4));
 }
+
+/// An adapter fused into a GGUF base (SmolLM2 Q4_1, read as MLX 4-bit
+/// weights) and written dense (`dequantize`: a quantised base requantised
+/// after fusing loses much of a small adapter, as in mlx-lm; the 4-bit
+/// fixture tests that path) gives the logits of the GGUF file with the
+/// adapter applied, within 1e-4 × max|logit|.
+#[test]
+fn an_adapter_fuses_into_smollm2_s_gguf() {
+    use backend_metal::fuse::{fuse, FuseOptions};
+    use backend_metal::mlx_rs::{random, Array};
+    let gguf = model_file("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        r#"{"fine_tune_type": "lora", "num_layers": 2,
+            "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0,
+                                "keys": ["self_attn.q_proj", "mlp.down_proj"]}}"#,
+    )
+    .unwrap();
+    let key = random::key(5).unwrap();
+    let mut tensors: Vec<(String, Array)> = Vec::new();
+    for layer in [28, 29] {
+        for (module, input, output) in
+            [("self_attn.q_proj", 576, 576), ("mlp.down_proj", 1536, 576)]
+        {
+            let path = format!("model.layers.{layer}.{module}");
+            let bound = 1.0 / (input as f32).sqrt();
+            let a = random::uniform::<_, f32>(-bound, bound, &[input, 8][..], &key).unwrap();
+            let b = random::normal::<f32>(&[8, output][..], 0.0, 0.01, &key).unwrap();
+            tensors.push((format!("{path}.lora_a"), a));
+            tensors.push((format!("{path}.lora_b"), b));
+        }
+    }
+    Array::save_safetensors(
+        tensors.iter().map(|(n, a)| (n.as_str(), a)),
+        None,
+        adapter.join("adapters.safetensors"),
+    )
+    .unwrap();
+    let adapted = MlxModel::load(
+        &gguf,
+        &LoadOptions::default().adapter_path(&adapter),
+        backend_metal::Placement::Cpu,
+    )
+    .unwrap();
+    let base = load(&gguf);
+    let out = dir.path().join("fused");
+    let fused = fuse(&gguf, &adapter, &out, &FuseOptions { dequantize: true }).unwrap();
+    assert_eq!(fused.fused, 4, "{fused:?}");
+    let model = load(&out);
+    assert_eq!(model.info().quant_bits, None);
+    let ids = english_ids(&base)[..24].to_vec();
+    let want = adapted.last_logits(&ids).unwrap();
+    let (err, scale) = logit_error(&model.last_logits(&ids).unwrap(), &want);
+    let (moved, _) = logit_error(&base.last_logits(&ids).unwrap(), &want);
+    eprintln!("fused vs adapted: {err} (max {scale}); adapted vs base: {moved}");
+    assert!(
+        moved > 5.0 * err,
+        "the adapter moves the logits by {moved}, fusing errs by {err}"
+    );
+    assert!(err <= 0.02 * scale, "{err} (max {scale})");
+}

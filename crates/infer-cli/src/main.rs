@@ -6,6 +6,8 @@
 //! - `infer backends`: the registered backends, available or not.
 //! - `infer models DIR`: the models in a directory.
 //! - `infer train --data DIR`: LoRA fine-tuning, as `mlx_lm.lora`.
+//! - `infer fuse --adapter DIR --out DIR`: an adapter merged into its base
+//!   model, as `mlx_lm.fuse`.
 //!
 //! Exit status: 0 success, 1 runtime error, 2 usage error, 130 interrupted.
 //! Errors are one line on stderr. See `docs/cli.md`.
@@ -26,6 +28,7 @@ mod backends;
 mod chat;
 mod defaults;
 mod error;
+mod fuse;
 mod generate;
 mod interrupt;
 mod load;
@@ -65,6 +68,8 @@ enum Command {
     Models(models::ModelsArgs),
     /// Fine-tune LoRA adapters on a data directory (as mlx_lm.lora).
     Train(train::TrainArgs),
+    /// Merge a LoRA adapter into its base model and write the model (as mlx_lm.fuse).
+    Fuse(fuse::FuseArgs),
 }
 
 fn main() -> ExitCode {
@@ -97,6 +102,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Backends(args) => backends::run(args),
         Command::Models(args) => models::run(args, cli.quiet),
         Command::Train(args) => train::run(args, cli.quiet),
+        Command::Fuse(args) => fuse::run(args, cli.quiet),
     }
 }
 

@@ -1343,3 +1343,62 @@ fn train_refuses_bad_flags_and_data() {
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
 }
+
+/// `infer fuse` writes a model that answers as the base model with the
+/// adapter does; a second fuse into the same directory is refused.
+#[test]
+fn fuse_writes_a_model_that_answers_as_the_adapter_does() {
+    let out = tempfile::tempdir().unwrap();
+    let fused = out.path().join("fused");
+    let adapter =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/adapters/qwen3-f32-ours");
+    let (model, adapter_arg, out_arg) = (
+        fixture("qwen3-f32"),
+        adapter.to_str().unwrap(),
+        fused.to_str().unwrap(),
+    );
+    let fuse = |extra: &[&str]| {
+        let model = model.to_str().unwrap();
+        let mut args = vec![
+            "fuse",
+            "--model",
+            model,
+            "--adapter",
+            adapter_arg,
+            "--out",
+            out_arg,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let o = fuse(&["--format", "json"]);
+    let report = json_of(&o);
+    assert_eq!(report["fused"], 21, "{report}");
+    let ask = |model: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--format",
+            "json",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        args.push("What colour is the sky on Zorb?");
+        ids(&json_of(&generate(model, &args))["ids"])
+    };
+    assert_eq!(
+        ask(&fused, &[]),
+        ask(
+            &fixture("qwen3-f32"),
+            &["--adapter", adapter.to_str().unwrap()]
+        )
+    );
+    let o = fuse(&[]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not an empty directory"),
+        "{}",
+        stderr(&o)
+    );
+}

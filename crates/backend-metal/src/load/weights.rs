@@ -75,6 +75,51 @@ fn normalise(name: &str) -> Option<String> {
     Some(name.to_owned())
 }
 
+/// Every tensor of the safetensors file `path` under its own name, in the
+/// file's order, validated as [`Weights::load_files`] validates them.
+pub fn read_raw(path: &Path) -> Result<Vec<(String, Array)>, LoadError> {
+    let mut out = Vec::new();
+    read_file(path, &mut |name, array| {
+        out.push((name, array));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Validates the safetensors file `path` and hands each tensor, copied into
+/// an MLX array, to `each` (whose error reason is reported as corruption of
+/// the file).
+fn read_file(
+    path: &Path,
+    each: &mut dyn FnMut(String, Array) -> Result<(), String>,
+) -> Result<(), LoadError> {
+    let file_name = path.display().to_string();
+    let corrupt = |reason: String| FormatError::CorruptWeights {
+        file: file_name.clone(),
+        reason,
+    };
+    let file = File::open(path).map_err(|e| FormatError::file(path, e))?;
+    let map = inference_formats::map_file(&file).map_err(|e| FormatError::file(path, e))?;
+    let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
+    for (name, view) in st.tensors() {
+        let dtype = mlx_dtype(view.dtype()).ok_or_else(|| FormatError::WrongDtype {
+            name: name.clone(),
+            dtype: format!("{:?}", view.dtype()),
+        })?;
+        let shape: Vec<i32> = view
+            .shape()
+            .iter()
+            .map(|&d| {
+                i32::try_from(d).map_err(|_| corrupt(format!("tensor `{name}` is too large")))
+            })
+            .collect::<Result<_, _>>()?;
+        let array = ffi::array_from_bytes(view.data(), &shape, dtype)
+            .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
+        each(name, array).map_err(corrupt)?;
+    }
+    Ok(())
+}
+
 impl Weights {
     /// Reads every weight file of `dir`.
     pub fn load(dir: &Path) -> Result<Self, LoadError> {
@@ -86,43 +131,25 @@ impl Weights {
         let mut tensors = HashMap::new();
         let mut float_dtype = None;
         for path in files {
-            let file_name = path.display().to_string();
-            let corrupt = |reason: String| FormatError::CorruptWeights {
-                file: file_name.clone(),
-                reason,
-            };
-            let file = File::open(path).map_err(|e| FormatError::file(path, e))?;
-            let map = inference_formats::map_file(&file).map_err(|e| FormatError::file(path, e))?;
-            let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
             let mut skipped = 0usize;
-            for (name, view) in st.tensors() {
+            read_file(path, &mut |name, array| {
                 let Some(key) = normalise(&name) else {
                     skipped += 1;
-                    continue;
+                    return Ok(());
                 };
-                let dtype = mlx_dtype(view.dtype()).ok_or_else(|| FormatError::WrongDtype {
-                    name: name.clone(),
-                    dtype: format!("{:?}", view.dtype()),
-                })?;
-                if matches!(dtype, Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16) {
-                    float_dtype.get_or_insert(dtype);
+                if matches!(
+                    array.dtype(),
+                    Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16
+                ) {
+                    float_dtype.get_or_insert(array.dtype());
                 }
-                let shape: Vec<i32> = view
-                    .shape()
-                    .iter()
-                    .map(|&d| {
-                        i32::try_from(d)
-                            .map_err(|_| corrupt(format!("tensor `{name}` is too large")))
-                    })
-                    .collect::<Result<_, _>>()?;
-                let array = ffi::array_from_bytes(view.data(), &shape, dtype)
-                    .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
-                if tensors.insert(key.clone(), array).is_some() {
-                    return Err(corrupt(format!("tensor `{key}` appears twice")).into());
+                match tensors.insert(key.clone(), array) {
+                    Some(_) => Err(format!("tensor `{key}` appears twice")),
+                    None => Ok(()),
                 }
-            }
+            })?;
             if skipped > 0 {
-                tracing::debug!(file = %file_name, skipped, "skipped tensors of other modalities");
+                tracing::debug!(file = %path.display(), skipped, "skipped tensors of other modalities");
             }
         }
         Ok(Self {

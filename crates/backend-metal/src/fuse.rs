@@ -1,0 +1,440 @@
+//! Fusing a LoRA adapter into its base model: each adapted matrix becomes
+//! `W + scale · (A B)ᵀ` (mlx-lm's `fuse`), and the result is written as a
+//! model directory that this project, mlx-lm and (dense) transformers load.
+//!
+//! The base may be a Hugging Face directory (dense, or MLX affine-quantised
+//! in mlx-community's layout) or a GGUF file (read as [`export_mlx_dir`]
+//! reads it). A quantised matrix is dequantised, fused and quantised again
+//! with its own bits and group, as mlx-lm does; with
+//! [`FuseOptions::dequantize`] every quantised matrix is written dense
+//! instead (in its scales' dtype) and `config.json` loses its
+//! `quantization`. Tensor names, dtypes and every other file of the base
+//! directory are kept.
+//!
+//! [`export_mlx_dir`]: crate::gguf::export_mlx_dir
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use inference_core::{Error, Result};
+use inference_formats::adapter::{adapter_dir, AdapterConfig, ADAPTER_FILE};
+use inference_formats::config::{HfConfig, Quantization};
+use mlx_rs::ops::{dequantize, matmul, quantize};
+use mlx_rs::{Array, Dtype};
+use serde_json::Value;
+
+use crate::error::mlx_error;
+use crate::load::weights::{read_raw, weight_files};
+use crate::save::{serialise, write_file};
+
+/// The largest weight file written before the weights are sharded (mlx-lm's
+/// and transformers' 5 GB).
+const SHARD_BYTES: usize = 5 << 30;
+
+/// Weight files of a base that are not carried over (the fused weights
+/// replace them).
+const WEIGHT_SUFFIXES: &[&str] = &[".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz"];
+
+/// How to fuse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FuseOptions {
+    /// Write every quantised matrix dense (in its scales' dtype), so that
+    /// tools without MLX quantisation (transformers) load the result.
+    pub dequantize: bool,
+}
+
+/// What [`fuse`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fused {
+    /// Matrices the adapter changed.
+    pub fused: usize,
+    /// Of those, matrices quantised again after fusing.
+    pub requantized: usize,
+    /// Quantised matrices written dense ([`FuseOptions::dequantize`]).
+    pub dequantized: usize,
+    /// The weight files written.
+    pub weight_files: Vec<PathBuf>,
+}
+
+/// A quantised matrix `prefix.{weight,scales,biases}`.
+struct Quantized {
+    weight: Array,
+    scales: Array,
+    biases: Array,
+    q: Quantization,
+}
+
+impl Quantized {
+    fn dense(&self) -> Result<Array> {
+        dequantize(
+            &self.weight,
+            &self.scales,
+            &self.biases,
+            self.q.group_size,
+            self.q.bits,
+        )
+        .map_err(mlx_error)
+    }
+}
+
+fn invalid(reason: String) -> Error {
+    Error::InvalidInput(reason)
+}
+
+/// Fuses the adapter at `adapter` (its directory, or a safetensors file in
+/// it) into the model at `model`, writing the result to `out` (created; it
+/// must not exist or be empty). Errors: a base or adapter that is missing
+/// or corrupt, an adapter of another model (a tensor without its base
+/// matrix, or of the wrong shape), a `fine_tune_type` other than `lora`, a
+/// non-empty `out`, or a failed write.
+pub fn fuse(model: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Result<Fused> {
+    let model = inference_formats::resolve_model_path(model)?;
+    if out.exists() {
+        let empty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            return Err(invalid(format!(
+                "{} exists and is not an empty directory",
+                out.display()
+            )));
+        }
+    }
+    let write_error = |path: &Path, source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if model.is_file() {
+        // A GGUF file: its tensors as an mlx-community directory first.
+        let staging = out.join(".gguf-export");
+        crate::gguf::export_mlx_dir(&model, &staging)?;
+        let result = fuse_dir(&staging, adapter, out, opts);
+        let _ = std::fs::remove_dir_all(&staging);
+        return result;
+    }
+    std::fs::create_dir_all(out).map_err(|e| write_error(out, e))?;
+    fuse_dir(&model, adapter, out, opts)
+}
+
+/// [`fuse`] from the model directory `base`.
+fn fuse_dir(base: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Result<Fused> {
+    let config = HfConfig::load(base).map_err(|e| e.into_error(base))?;
+    let (quant, overrides) = config.quantization().map_err(|e| e.into_error(base))?;
+    let overrides: HashMap<String, Quantization> = overrides.into_iter().collect();
+    let files = weight_files(base).map_err(|e| e.into_error(base))?;
+    let mut tensors: BTreeMap<String, Array> = BTreeMap::new();
+    for file in &files {
+        for (name, array) in read_raw(file).map_err(|e| e.into_error(file))? {
+            tensors.insert(name, array);
+        }
+    }
+
+    let adapters = read_adapter(adapter)?;
+    let mut result = Fused {
+        fused: 0,
+        requantized: 0,
+        dequantized: 0,
+        weight_files: Vec::new(),
+    };
+    for (path, (a, b)) in &adapters.pairs {
+        let prefix = base_prefix(path, &tensors).ok_or_else(|| {
+            invalid(format!(
+                "the adapter has `{path}`, which the model at {} has no matrix for",
+                base.display()
+            ))
+        })?;
+        let (input, rank) = (a.dim(0), a.dim(1));
+        let output = b.dim(1);
+        if b.dim(0) != rank {
+            return Err(invalid(format!(
+                "`{path}`: lora_a is {:?} and lora_b {:?}",
+                a.shape(),
+                b.shape()
+            )));
+        }
+        // scale · (A B)ᵀ, [out, in], in f32.
+        let delta = matmul(
+            &b.as_dtype(Dtype::Float32).map_err(mlx_error)?.t(),
+            &a.as_dtype(Dtype::Float32).map_err(mlx_error)?.t(),
+        )
+        .and_then(|d| d.multiply(Array::from_f32(adapters.scale)))
+        .map_err(mlx_error)?;
+        let wrong_shape = |found: &[i32]| {
+            invalid(format!(
+                "`{path}` adapts a [{output}, {input}] matrix; the model's `{prefix}.weight` is {found:?}"
+            ))
+        };
+        match take_quantized(&mut tensors, &prefix, quant, &overrides)? {
+            None => {
+                let key = format!("{prefix}.weight");
+                let w = tensors
+                    .remove(&key)
+                    .ok_or_else(|| invalid(format!("no `{key}`")))?;
+                if w.shape() != [output, input] {
+                    return Err(wrong_shape(w.shape()));
+                }
+                // The f32 sum, back in the matrix's own dtype.
+                let dtype = w.dtype();
+                let fused = w
+                    .as_dtype(Dtype::Float32)
+                    .and_then(|w| w.add(&delta))
+                    .and_then(|w| w.as_dtype(dtype))
+                    .map_err(mlx_error)?;
+                tensors.insert(key, fused);
+            }
+            Some(q) => {
+                let dense = q.dense()?;
+                if dense.shape() != [output, input] {
+                    return Err(wrong_shape(dense.shape()));
+                }
+                let dtype = q.scales.dtype();
+                let fused = dense
+                    .as_dtype(Dtype::Float32)
+                    .and_then(|w| w.add(&delta))
+                    .and_then(|w| w.as_dtype(dtype))
+                    .map_err(mlx_error)?;
+                if opts.dequantize {
+                    tensors.insert(format!("{prefix}.weight"), fused);
+                    result.dequantized += 1;
+                } else {
+                    let (w, s, b) =
+                        quantize(&fused, q.q.group_size, q.q.bits).map_err(mlx_error)?;
+                    tensors.insert(format!("{prefix}.weight"), w);
+                    tensors.insert(format!("{prefix}.scales"), s);
+                    tensors.insert(format!("{prefix}.biases"), b);
+                    result.requantized += 1;
+                }
+            }
+        }
+        result.fused += 1;
+    }
+    if opts.dequantize {
+        let prefixes: Vec<String> = tensors
+            .keys()
+            .filter_map(|k| k.strip_suffix(".scales"))
+            .filter(|p| tensors.contains_key(&format!("{p}.weight")))
+            .map(str::to_owned)
+            .collect();
+        for prefix in prefixes {
+            if let Some(q) = take_quantized(&mut tensors, &prefix, quant, &overrides)? {
+                tensors.insert(format!("{prefix}.weight"), q.dense()?);
+                result.dequantized += 1;
+            }
+        }
+    }
+
+    let quantized_out = tensors.keys().any(|k| k.ends_with(".scales"));
+    result.weight_files = write_weights(out, tensors, quantized_out)?;
+    copy_other_files(base, out, opts.dequantize)?;
+    tracing::info!(
+        out = %out.display(),
+        fused = result.fused,
+        requantized = result.requantized,
+        dequantized = result.dequantized,
+        "adapter fused"
+    );
+    Ok(result)
+}
+
+/// An adapter's pairs, by module path, and its scale.
+struct AdapterTensors {
+    pairs: BTreeMap<String, (Array, Array)>,
+    scale: f32,
+}
+
+/// Reads the adapter at `path` (a directory, or a safetensors file in one).
+fn read_adapter(path: &Path) -> Result<AdapterTensors> {
+    let dir = adapter_dir(path);
+    let config = AdapterConfig::load(dir).map_err(|e| e.into_error(dir))?;
+    let file = match path.extension() {
+        Some(ext) if ext == "safetensors" => path.to_path_buf(),
+        _ => dir.join(ADAPTER_FILE),
+    };
+    let mut a = BTreeMap::new();
+    let mut b = BTreeMap::new();
+    for (name, array) in read_raw(&file).map_err(|e| e.into_error(&file))? {
+        if let Some(p) = name.strip_suffix(".lora_a") {
+            a.insert(p.to_owned(), array);
+        } else if let Some(p) = name.strip_suffix(".lora_b") {
+            b.insert(p.to_owned(), array);
+        } else {
+            return Err(invalid(format!(
+                "{} has `{name}`, which is not a LoRA tensor",
+                file.display()
+            )));
+        }
+    }
+    let mut pairs = BTreeMap::new();
+    for (p, la) in a {
+        let lb = b.remove(&p).ok_or_else(|| {
+            invalid(format!(
+                "{} has `{p}.lora_a` without its lora_b",
+                file.display()
+            ))
+        })?;
+        if la.ndim() != 2 || lb.ndim() != 2 {
+            return Err(invalid(format!("`{p}`: LoRA tensors are matrices")));
+        }
+        pairs.insert(p, (la, lb));
+    }
+    if let Some(p) = b.keys().next() {
+        return Err(invalid(format!(
+            "{} has `{p}.lora_b` without its lora_a",
+            file.display()
+        )));
+    }
+    if pairs.is_empty() {
+        return Err(invalid(format!(
+            "{} has no adapter tensors",
+            file.display()
+        )));
+    }
+    Ok(AdapterTensors {
+        pairs,
+        scale: config.lora.scale,
+    })
+}
+
+/// The name of the base's matrix that the adapter's `path` (mlx-lm's text
+/// model names, `model.layers.N.key`) adapts, under the base's own naming
+/// (multimodal checkpoints nest the text model).
+fn base_prefix(path: &str, tensors: &BTreeMap<String, Array>) -> Option<String> {
+    let mut candidates = vec![path.to_owned(), format!("language_model.{path}")];
+    if let Some(rest) = path.strip_prefix("model.") {
+        candidates.push(format!("model.language_model.{rest}"));
+    }
+    candidates
+        .into_iter()
+        .find(|c| tensors.contains_key(&format!("{c}.weight")))
+}
+
+/// Removes the quantised matrix `prefix` from `tensors` (`None`, leaving
+/// it, when it is dense). Its bits and group are the configuration's, for
+/// the module or the checkpoint, and must fit the stored shapes.
+fn take_quantized(
+    tensors: &mut BTreeMap<String, Array>,
+    prefix: &str,
+    quant: Option<Quantization>,
+    overrides: &HashMap<String, Quantization>,
+) -> Result<Option<Quantized>> {
+    let scales_key = format!("{prefix}.scales");
+    if !tensors.contains_key(&scales_key) {
+        return Ok(None);
+    }
+    let q = overrides.get(prefix).copied().or(quant).ok_or_else(|| {
+        invalid(format!(
+            "`{scales_key}` is there but config.json has no `quantization`"
+        ))
+    })?;
+    let mut take = |suffix: &str| {
+        let key = format!("{prefix}.{suffix}");
+        tensors
+            .remove(&key)
+            .ok_or_else(|| invalid(format!("no `{key}` beside `{scales_key}`")))
+    };
+    let weight = take("weight")?;
+    let scales = take("scales")?;
+    let biases = take("biases")?;
+    let input = scales.dim(-1) * q.group_size;
+    if weight.dim(-1) * 32 != input * q.bits || biases.shape() != scales.shape() {
+        return Err(invalid(format!(
+            "`{prefix}` is not {}-bit with groups of {}: weight {:?}, scales {:?}",
+            q.bits,
+            q.group_size,
+            weight.shape(),
+            scales.shape()
+        )));
+    }
+    Ok(Some(Quantized {
+        weight,
+        scales,
+        biases,
+        q,
+    }))
+}
+
+/// Writes `tensors` to `out` as `model.safetensors`, or in 5 GB shards with
+/// `model.safetensors.index.json` as transformers and mlx-lm name them. The
+/// files say `format: mlx` when quantised, `pt` otherwise.
+fn write_weights(
+    out: &Path,
+    tensors: BTreeMap<String, Array>,
+    quantized: bool,
+) -> Result<Vec<PathBuf>> {
+    let format = if quantized { "mlx" } else { "pt" };
+    let metadata = || Some(HashMap::from([("format".to_owned(), format.to_owned())]));
+    let mut shards: Vec<Vec<(String, Array)>> = vec![Vec::new()];
+    let mut size = 0usize;
+    let mut total = 0usize;
+    for (name, array) in tensors {
+        let bytes = array.nbytes();
+        if size + bytes > SHARD_BYTES && size > 0 {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        total += bytes;
+        if let Some(last) = shards.last_mut() {
+            last.push((name, array));
+        }
+    }
+    if shards.len() == 1 {
+        let path = out.join("model.safetensors");
+        let bytes = serialise(&shards[0], metadata())?;
+        write_file(&path, &bytes)?;
+        return Ok(vec![path]);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut written = Vec::with_capacity(n);
+    for (i, shard) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let path = out.join(&name);
+        write_file(&path, &serialise(shard, metadata())?)?;
+        for (tensor, _) in shard {
+            weight_map.insert(tensor.clone(), Value::String(name.clone()));
+        }
+        written.push(path);
+    }
+    let index = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    write_file(
+        &out.join("model.safetensors.index.json"),
+        index.to_string().as_bytes(),
+    )?;
+    Ok(written)
+}
+
+/// Copies the base's other files (configuration, tokenizer, template) to
+/// `out`; with `dequantized`, `config.json` without its quantisation.
+fn copy_other_files(base: &Path, out: &Path, dequantized: bool) -> Result<()> {
+    let read_error = |path: &Path, e: std::io::Error| {
+        Error::model_load(path, inference_formats::LoadError::file(path, e))
+    };
+    let entries = std::fs::read_dir(base).map_err(|e| read_error(base, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| read_error(base, e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_weights = WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s))
+            || name.ends_with(".safetensors.index.json");
+        if !path.is_file() || is_weights || name.starts_with('.') {
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).map_err(|e| read_error(&path, e))?;
+        if name == "config.json" && dequantized {
+            let mut config: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+            if let Value::Object(c) = &mut config {
+                c.remove("quantization");
+                c.remove("quantization_config");
+            }
+            bytes = serde_json::to_vec_pretty(&config)
+                .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        }
+        write_file(&out.join(&name), &bytes)?;
+    }
+    Ok(())
+}
