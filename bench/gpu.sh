@@ -19,6 +19,11 @@
 #                             a plan (bench/plans/) in two rounds: ours then
 #                             mlx-lm, then mlx-lm then ours, so that drift of
 #                             the machine falls on both engines alike
+#   gpu.sh train OUT.jsonl MODEL TRAIN-ARGS...
+#                             LoRA training (infer-bench train and
+#                             mlx_lm_train_bench.py: --batch --seq --layers
+#                             --rank --report --runs [--grad-checkpoint]) in
+#                             two rounds, ours first then mlx-lm first
 #
 # Raw records go through `cargo xtask bench report` back on the build machine.
 set -euo pipefail
@@ -86,8 +91,15 @@ plan)
     theirs() { "$PY" "$HERE/mlx_lm_bench.py" --model "$WORK/models/$model" --plan "$plan" --out "$out"; }
     ours && theirs && theirs && ours
     ;;
+train)
+    out=$1 model=$2
+    shift 2
+    ours() { "$WORK/infer-bench" train --model "$WORK/models/$model" --label "$model" --out "$out" "$@"; }
+    theirs() { "$PY" "$HERE/mlx_lm_train_bench.py" --model "$WORK/models/$model" --label "$model" --out "$out" "$@"; }
+    ours "$@" && theirs "$@" && theirs "$@" && ours "$@"
+    ;;
 *)
-    sed -n '4,25p' "$0"
+    sed -n '4,30p' "$0"
     exit 2
     ;;
 esac

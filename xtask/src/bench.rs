@@ -11,6 +11,12 @@
 //!   itself on our llama.cpp backend, on llama-bench's method over llama.cpp's
 //!   own API in the same build (`infer-bench llama-raw`) and on our MLX
 //!   backend, and reports.
+//! - `bench train [--quick]` times LoRA training here, ours
+//!   (`infer-bench train`) against mlx-lm's trainer
+//!   (`bench/mlx_lm_train_bench.py`), on SmolLM2-135M in f32 (from the demo
+//!   GGUF file, dequantised) with the same synthetic data, batch, sequence
+//!   length, layers and rank, in two interleaved rounds; tokens/s and peak
+//!   memory into `bench/results/train-cpu.json`.
 //! - `bench gpu-bundle` builds what a GPU machine without Rust or internet needs
 //!   (`target/cuda/bench-bundle/`; `bench/gpu.sh` runs it there).
 //! - `bench report RAW.jsonl --machine TEXT --out NAME` turns raw records into
@@ -31,7 +37,7 @@ use crate::{cargo, models, run};
 /// The mlx-lm release compared against.
 pub const MLX_LM_VERSION: &str = "0.32.2";
 
-const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] [--llamacpp-only] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S]>";
+const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] [--llamacpp-only] | train [--quick] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S]>";
 
 /// Entry point of `cargo xtask bench …`.
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
@@ -47,6 +53,11 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             }
             cpu(root, quick, only_llamacpp)
         }
+        Some("train") => match &args[1..] {
+            [] => train(root, false),
+            [q] if q == "--quick" => train(root, true),
+            _ => bail!("{USAGE}"),
+        },
         Some("gpu-bundle") => gpu_bundle(root),
         Some("report") => {
             let mut raw = None;
@@ -229,6 +240,71 @@ fn cpu(root: &Path, quick: bool, only_llamacpp: bool) -> Result<()> {
     report(root, &raw, &machine, out, None)
 }
 
+/// `bench train`: LoRA training, ours and mlx-lm's, interleaved (ours,
+/// theirs, theirs, ours) on the same model and synthetic data.
+fn train(root: &Path, quick: bool) -> Result<()> {
+    let env = setup::run(root, false)?;
+    let gguf = models::fetch_default(root)?;
+    let py = venv(root)?;
+    let bin = build_bench(root, &env)?;
+    let models = root.join(".cache/bench/models");
+    let q4 = models.join("smollm2-135m-q4");
+    if !q4.join("model.safetensors").is_file() {
+        run(Command::new(&bin)
+            .args(["convert-gguf", "--gguf"])
+            .arg(&gguf)
+            .arg("--out")
+            .arg(&q4))?;
+    }
+    let label = "smollm2-135m-f32";
+    let dense = models.join(label);
+    if !dense.join("config.json").is_file() {
+        run(Command::new(&py)
+            .args(["-m", "mlx_lm", "convert", "--hf-path"])
+            .arg(&q4)
+            .arg("--mlx-path")
+            .arg(&dense)
+            .args(["--dequantize", "--dtype", "float32"]))?;
+    }
+    let raw_dir = root.join("bench/results/raw");
+    fs::create_dir_all(&raw_dir)?;
+    let raw = raw_dir.join("train-cpu.jsonl");
+    if raw.exists() {
+        fs::remove_file(&raw)?;
+    }
+    // (batch, sequence length): mlx-lm's default batch, short rows (a CPU
+    // step of 4 × 64 tokens takes about 15 s here).
+    let configs: &[(usize, usize)] = if quick { &[(2, 32)] } else { &[(4, 64)] };
+    let (report_every, runs) = if quick { ("2", "1") } else { ("3", "2") };
+    for &(batch, seq) in configs {
+        let args = |cmd: &mut Command| {
+            cmd.arg("--model")
+                .arg(&dense)
+                .args(["--label", label, "--batch", &batch.to_string()])
+                .args(["--seq", &seq.to_string(), "--layers", "16", "--rank", "8"])
+                .args(["--report", report_every, "--runs", runs, "--out"])
+                .arg(&raw);
+        };
+        let ours = || {
+            let mut c = Command::new(&bin);
+            c.arg("train");
+            args(&mut c);
+            run(&mut c)
+        };
+        let theirs = || {
+            let mut c = Command::new(&py);
+            c.arg(root.join("bench/mlx_lm_train_bench.py"));
+            args(&mut c);
+            run(&mut c)
+        };
+        ours()?;
+        theirs()?;
+        theirs()?;
+        ours()?;
+    }
+    report(root, &raw, &cpu_name(), "train-cpu", None)
+}
+
 /// This machine's CPU model and core count.
 fn cpu_name() -> String {
     let model = fs::read_to_string("/proc/cpuinfo")
@@ -264,7 +340,7 @@ fn gpu_bundle(root: &Path) -> Result<()> {
     run(Command::new("sh").arg("-c").arg(format!(
         "strip -o '{b}/infer-bench' '{bin}' && xz -T2 -6 -f '{b}/infer-bench' && \
          tar -C '{tok}' -cJf '{b}/tokenizers.tar.xz' qwen3 gemma3 && \
-         cp -r '{root}/bench/mlx_lm_bench.py' '{root}/bench/gpu.sh' '{root}/bench/plans' '{b}/'",
+         cp -r '{root}/bench/mlx_lm_bench.py' '{root}/bench/mlx_lm_train_bench.py' '{root}/bench/gpu.sh' '{root}/bench/plans' '{b}/'",
         b = bundle.display(),
         bin = bin.display(),
         tok = root.join(".cache/tokenizers").display(),
@@ -325,6 +401,7 @@ fn metrics(scenario: &str) -> &'static [(&'static str, bool)] {
             ("decode_tps", true),
             ("ttft_s", false),
         ],
+        "train" => &[("train_tps", true), ("peak_memory_mb", false)],
         "batch" => &[
             ("batch_tps", true),
             ("sequential_tps", true),
@@ -338,7 +415,9 @@ fn metrics(scenario: &str) -> &'static [(&'static str, bool)] {
     }
 }
 
-const PARAMS: &[&str] = &["prompt", "decode", "batch", "history", "reply", "new"];
+const PARAMS: &[&str] = &[
+    "prompt", "decode", "batch", "history", "reply", "new", "layers", "rank",
+];
 
 /// The engines compared, as (A, B): the report gives A ÷ B for rates (B ÷ A
 /// for times). `ours` is the MLX backend, `ours-llamacpp` the llama.cpp

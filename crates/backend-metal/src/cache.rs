@@ -104,7 +104,7 @@ fn write_positions(cache: &Array, new: &Array, at: i32) -> Result<Array> {
 }
 
 /// The mask attention applies to the keys a cache returns.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum AttnMask {
     /// Every key is visible (a single query after all cached keys).
     None,
@@ -408,12 +408,12 @@ pub enum LayerCache {
     Full(KvCache),
     /// The last `window` positions.
     Rotating(RotatingKvCache),
-    /// No storage: one forward pass over a whole (batched, padded) prompt
-    /// under an explicit mask, starting at position 0 (see
-    /// [`LayerCache::one_shot`]).
+    /// No storage: one forward pass over whole sequences starting at
+    /// position 0, under a mask of their own (see [`LayerCache::one_shot`]
+    /// and [`LayerCache::pass`]).
     OneShot {
-        /// The boolean mask `[B, 1, L, L]` (true = attend).
-        mask: Array,
+        /// The mask of the pass.
+        mask: AttnMask,
         /// Whether the pass has run (a second pass is refused).
         used: bool,
     },
@@ -432,7 +432,32 @@ impl LayerCache {
     /// `0..L`: the keys and values of the pass are attended under `mask`
     /// `[B, 1, L, L]` and nothing is kept.
     pub fn one_shot(mask: Array) -> Self {
-        LayerCache::OneShot { mask, used: false }
+        LayerCache::OneShot {
+            mask: AttnMask::Array(mask),
+            used: false,
+        }
+    }
+
+    /// A cache-less layer for one forward pass of `l` positions from 0
+    /// (training: nothing is kept, and the pass's keys and values are
+    /// attended directly, with no copy into a cache): causal, within the
+    /// positions `rotation` would keep where the layer has a window.
+    pub fn pass(l: i32, rotation: Option<Rotation>) -> Result<Self> {
+        let mask = match rotation {
+            Some(r) if l > r.window as i32 => {
+                let positions: Vec<i32> = (0..l).collect();
+                let sinks = r.sinks as i32;
+                AttnMask::Array(rotation_mask(
+                    0,
+                    l,
+                    &positions,
+                    sinks,
+                    r.window as i32 - sinks,
+                )?)
+            }
+            _ => AttnMask::Causal,
+        };
+        Ok(LayerCache::OneShot { mask, used: false })
     }
 
     /// The rotation this cache applies (`None` for every position).
@@ -491,7 +516,7 @@ impl LayerCache {
                         "a one-shot layer cache takes a single forward pass",
                     ));
                 }
-                Ok((keys.clone(), values.clone(), AttnMask::Array(mask.clone())))
+                Ok((keys.clone(), values.clone(), mask.clone()))
             }
         }
     }

@@ -154,8 +154,8 @@ fn fuse_dir(base: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Resu
         }
         // scale · (A B)ᵀ, [out, in], in f32.
         let delta = matmul(
-            &b.as_dtype(Dtype::Float32).map_err(mlx_error)?.t(),
-            &a.as_dtype(Dtype::Float32).map_err(mlx_error)?.t(),
+            b.as_dtype(Dtype::Float32).map_err(mlx_error)?.t(),
+            a.as_dtype(Dtype::Float32).map_err(mlx_error)?.t(),
         )
         .and_then(|d| d.multiply(Array::from_f32(adapters.scale)))
         .map_err(mlx_error)?;

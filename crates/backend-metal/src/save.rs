@@ -108,7 +108,7 @@ mod tests {
                 got.as_dtype(Dtype::Float32).unwrap(),
                 want.as_dtype(Dtype::Float32).unwrap(),
             );
-            assert!(g.array_eq(&w, None).unwrap().item::<bool>(), "{name}");
+            assert!(g.eq_values(&w).unwrap(), "{name}");
         }
     }
 }

@@ -14,12 +14,13 @@ use inference_formats::adapter::AdapterConfig;
 use mlx_rs::builder::Builder;
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{IndexOp, NewAxis};
-use mlx_rs::ops::{ge, le, logical_and, zeros};
+use mlx_rs::ops::{concatenate, ge, le, logical_and, lt, maximum, minimum, select, zeros};
 use mlx_rs::optimizers::{Adam, AdamW, Sgd};
 use mlx_rs::optimizers::{AdamBuilder, AdamWBuilder, Optimizer, SgdBuilder};
 use mlx_rs::transforms::{eval, value_and_grad_with_argnums};
 use mlx_rs::{random, Array, Dtype};
 
+use crate::cache::LayerCache;
 use crate::checkpoint::{self, RunState};
 use crate::error::mlx_error;
 use crate::models::lora::Lora;
@@ -93,13 +94,14 @@ pub fn masked_loss(model: &dyn CausalLm, batch: &Array, lengths: &Array) -> Resu
     let t = batch.dim(1);
     let inputs = batch.index((.., ..t - 1));
     let targets = batch.index((.., 1..));
-    let mut caches = model.new_caches(None);
+    // No cache: each layer attends the pass's own keys and values.
+    let mut caches = model
+        .new_caches(None)
+        .iter()
+        .map(|c| LayerCache::pass(t - 1, c.rotation()))
+        .collect::<Result<Vec<_>>>()?;
     let hidden = model.hidden(&inputs, &mut caches)?;
-    let logits = model.logits(&hidden)?.as_dtype(Dtype::Float32)?;
-    let picked = logits
-        .take_along_axis(targets.index((.., .., NewAxis)), -1)?
-        .squeeze_axes(&[-1])?;
-    let ce = logits.logsumexp_axis(-1, false)?.subtract(&picked)?;
+    let ce = cross_entropy(&model.logit_parts(&hidden)?, &targets)?;
     let steps = Array::arange::<_, i32>(1, t, None)?;
     let offsets = lengths.index((.., 0..1));
     let ends = lengths.index((.., 1..2));
@@ -108,6 +110,43 @@ pub fn masked_loss(model: &dyn CausalLm, batch: &Array, lengths: &Array) -> Resu
     let ntoks = mask.sum(None)?;
     let loss = ce.multiply(&mask)?.sum(None)?.divide(&ntoks)?;
     Ok((loss, ntoks))
+}
+
+/// Per-target cross-entropy `[B, T]` in f32 of logits given in parts along
+/// the vocabulary (`(first id, [B, T, part])`, see
+/// [`CausalLm::logit_parts`]): the log-sum-exp of the parts' log-sum-exps,
+/// less the target's logit picked from the part that holds it.
+fn cross_entropy(parts: &[(i32, Array)], targets: &Array) -> Result<Array> {
+    if let [(_, logits)] = parts {
+        let logits = logits.as_dtype(Dtype::Float32)?;
+        let picked = logits
+            .take_along_axis(targets.index((.., .., NewAxis)), -1)?
+            .squeeze_axes(&[-1])?;
+        return logits.logsumexp_axis(-1, false)?.subtract(&picked);
+    }
+    let mut sums = Vec::with_capacity(parts.len());
+    let mut picked = zeros::<f32>(targets.shape())?;
+    for (lo, part) in parts {
+        let part = part.as_dtype(Dtype::Float32)?;
+        let width = part.dim(-1);
+        sums.push(part.logsumexp_axis(-1, true)?);
+        let local = targets.subtract(Array::from_int(*lo))?;
+        let inside = logical_and(
+            &ge(&local, Array::from_int(0))?,
+            &lt(&local, Array::from_int(width))?,
+        )?;
+        let index = minimum(
+            &maximum(&local, Array::from_int(0))?,
+            Array::from_int(width - 1),
+        )?;
+        let value = part
+            .take_along_axis(index.index((.., .., NewAxis)), -1)?
+            .squeeze_axes(&[-1])?;
+        picked = picked.add(select(&inside, &value, Array::from_f32(0.0))?)?;
+    }
+    concatenate(&sums, -1)?
+        .logsumexp_axis(-1, false)?
+        .subtract(&picked)
 }
 
 /// The loss of `batch` with the adapters `params` (see [`masked_loss`]),
@@ -699,6 +738,27 @@ mod tests {
             }
         }
         (adapted, names, params)
+    }
+
+    /// The cross-entropy of logits in parts (as split CPU matmuls leave
+    /// them) equals that of the whole logits.
+    #[test]
+    fn cross_entropy_over_parts_equals_the_whole() {
+        let key = random::key(3).unwrap();
+        let logits = random::normal::<f32>(&[2, 5, 11][..], 0.0, 3.0, &key).unwrap();
+        let targets = Array::from_slice(&[0i32, 3, 4, 10, 7, 5, 6, 1, 2, 9], &[2, 5]);
+        let whole = cross_entropy(&[(0, logits.clone())], &targets).unwrap();
+        for cuts in [vec![0, 5], vec![0, 4, 7], vec![0, 1, 10]] {
+            let parts: Vec<(i32, Array)> = cuts
+                .iter()
+                .enumerate()
+                .map(|(i, &lo)| {
+                    let hi = cuts.get(i + 1).copied().unwrap_or(11);
+                    (lo, logits.index((.., .., lo..hi)))
+                })
+                .collect();
+            assert_close("parts", &cross_entropy(&parts, &targets).unwrap(), &whole);
+        }
     }
 
     /// For each fixture architecture, with fixed non-zero adapters on every

@@ -227,6 +227,13 @@ impl CausalLm for Decoder {
             .matmul_t(h)
     }
 
+    fn logit_parts(&self, h: &Array) -> Result<Vec<(i32, Array)>> {
+        self.lm_head
+            .as_ref()
+            .unwrap_or(&self.embed_tokens)
+            .matmul_t_parts(h)
+    }
+
     fn new_caches(&self, context: Option<Rotation>) -> Vec<LayerCache> {
         self.layers
             .iter()

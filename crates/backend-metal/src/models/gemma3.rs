@@ -242,6 +242,19 @@ impl Gemma3 {
     }
 }
 
+impl Gemma3 {
+    /// The final logit soft-capping, where the model has one.
+    fn softcap(&self, logits: Array) -> Result<Array> {
+        match self.final_logit_softcapping {
+            Some(cap) => {
+                let cap = Array::from_f32(cap).as_dtype(logits.dtype())?;
+                tanh(logits.divide(&cap)?)?.multiply(&cap)
+            }
+            None => Ok(logits),
+        }
+    }
+}
+
 impl CausalLm for Gemma3 {
     fn forward(&self, ids: &Array, caches: &mut [LayerCache], last_only: bool) -> Result<Array> {
         let mut h = self.embed_tokens.rows(ids)?.multiply(&self.embed_scale)?;
@@ -274,13 +287,17 @@ impl CausalLm for Gemma3 {
             .as_ref()
             .unwrap_or(&self.embed_tokens)
             .matmul_t(h)?;
-        match self.final_logit_softcapping {
-            Some(cap) => {
-                let cap = Array::from_f32(cap).as_dtype(logits.dtype())?;
-                tanh(logits.divide(&cap)?)?.multiply(&cap)
-            }
-            None => Ok(logits),
-        }
+        self.softcap(logits)
+    }
+
+    fn logit_parts(&self, h: &Array) -> Result<Vec<(i32, Array)>> {
+        self.lm_head
+            .as_ref()
+            .unwrap_or(&self.embed_tokens)
+            .matmul_t_parts(h)?
+            .into_iter()
+            .map(|(lo, part)| Ok((lo, self.softcap(part)?)))
+            .collect()
     }
 
     fn lora_targets(&self) -> Vec<LoraTarget<'_>> {

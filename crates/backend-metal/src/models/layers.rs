@@ -149,6 +149,30 @@ impl Matrix {
         })
     }
 
+    /// `x @ Wᵀ` as [`matmul_t`](Self::matmul_t) computes it, left in its
+    /// parts along the output features (one part where nothing is split),
+    /// with each part's first feature: for a consumer that reduces over the
+    /// features (a loss over logits) and need not pay for the concatenation.
+    pub fn matmul_t_parts(&self, x: &Array) -> Result<Vec<(i32, Array)>> {
+        CPU_STREAMS.with_borrow(|streams| {
+            let n = i32::try_from(streams.len()).unwrap_or(0);
+            let rows = self.out_features();
+            if n < 2 || rows < n {
+                return Ok(vec![(0, self.matmul_t_here(x)?)]);
+            }
+            streams
+                .iter()
+                .zip(0..n)
+                .map(|(stream, i)| {
+                    let (lo, hi) = (rows * i / n, rows * (i + 1) / n);
+                    with_stream(stream, || {
+                        Ok((lo, self.row_range(lo, hi)?.matmul_t_here(x)?))
+                    })
+                })
+                .collect()
+        })
+    }
+
     /// `x @ Wᵀ` on the current stream.
     fn matmul_t_here(&self, x: &Array) -> Result<Array> {
         match self {

@@ -50,6 +50,13 @@ pub trait CausalLm {
     /// Logits `[…, vocab]` of hidden states `[…, hidden]`.
     fn logits(&self, h: &Array) -> Result<Array, Exception>;
 
+    /// The same logits in parts along the vocabulary, each with its first
+    /// id (a loss reduces over them without concatenating them, which on a
+    /// CPU whose matmuls are split saves a copy of every logit).
+    fn logit_parts(&self, h: &Array) -> Result<Vec<(i32, Array)>, Exception> {
+        Ok(vec![(0, self.logits(h)?)])
+    }
+
     /// The compute dtype.
     fn dtype(&self) -> Dtype;
 
