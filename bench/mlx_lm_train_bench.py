@@ -97,7 +97,7 @@ def main() -> int:
                 "train_loss": r["train_loss"],
                 "mlx_version": mx.__version__,
                 "mlx_lm_version": mlx_lm.__version__,
-                "grad_checkpoint": a.grad_checkpoint,
+                "grad_checkpoint": int(a.grad_checkpoint),
             }
             line = json.dumps(rec)
             print(("(warm-up) " if i == 0 else "") + line, file=sys.stderr)

@@ -416,7 +416,15 @@ fn metrics(scenario: &str) -> &'static [(&'static str, bool)] {
 }
 
 const PARAMS: &[&str] = &[
-    "prompt", "decode", "batch", "history", "reply", "new", "layers", "rank",
+    "prompt",
+    "decode",
+    "batch",
+    "history",
+    "reply",
+    "new",
+    "layers",
+    "rank",
+    "grad_checkpoint",
 ];
 
 /// The engines compared, as (A, B): the report gives A ÷ B for rates (B ÷ A

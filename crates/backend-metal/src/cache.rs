@@ -460,6 +460,18 @@ impl LayerCache {
         Ok(LayerCache::OneShot { mask, used: false })
     }
 
+    /// A fresh copy of a cache-less layer (the same mask, not yet used), to
+    /// run the same pass again; `None` for caches that store positions.
+    pub fn pass_copy(&self) -> Option<LayerCache> {
+        match self {
+            LayerCache::OneShot { mask, .. } => Some(LayerCache::OneShot {
+                mask: mask.clone(),
+                used: false,
+            }),
+            LayerCache::Full(_) | LayerCache::Rotating(_) => None,
+        }
+    }
+
     /// The rotation this cache applies (`None` for every position).
     pub fn rotation(&self) -> Option<Rotation> {
         match self {

@@ -1,7 +1,8 @@
-//! `unsafe` at the edge of MLX: handing raw bytes to MLX, and the one MLX
-//! operation called through its C API directly ([`slice_update`]). (The only
-//! other `unsafe` code of the crate is `device`'s queries of MLX's C API;
-//! weight files are mapped by `inference_formats::map_file`.)
+//! `unsafe` at the edge of MLX: handing raw bytes to MLX, and the MLX
+//! operations called through its C API directly ([`slice_update`], and
+//! [`checkpoint`], which mlx-rs does not wrap). (The only other `unsafe`
+//! code of the crate is `device`'s queries of MLX's C API; weight files are
+//! mapped by `inference_formats::map_file`.)
 
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype, Stream};
@@ -103,9 +104,162 @@ pub fn slice_update(
     }
 }
 
+/// A function of arrays, as [`checkpoint`] takes it.
+type ArrayFn<'a> = Box<dyn FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'a>;
+
+std::thread_local! {
+    /// The error of the last [`checkpoint`] function that failed on this
+    /// thread (MLX only learns that it failed).
+    static CLOSURE_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Calls the boxed [`ArrayFn`] at `payload` on `input`, for MLX.
+unsafe extern "C" fn call_array_fn(
+    res: *mut mlx_sys::mlx_vector_array,
+    input: mlx_sys::mlx_vector_array,
+    payload: *mut std::ffi::c_void,
+) -> std::os::raw::c_int {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: `payload` is the `Box<ArrayFn>` that `checkpoint` leaked
+        // for this closure, freed only by `drop_array_fn`; MLX calls the
+        // closure from the thread that traces the graph, one call at a time.
+        let f = unsafe { &mut *payload.cast::<ArrayFn<'_>>() };
+        // SAFETY: `input` is a live vector MLX owns for the call; each
+        // element read is a new reference that the `Array` takes over.
+        let arrays: Vec<Array> = unsafe {
+            (0..mlx_sys::mlx_vector_array_size(input))
+                .map(|i| {
+                    let mut a = mlx_sys::mlx_array_new();
+                    mlx_sys::mlx_vector_array_get(&mut a, input, i);
+                    Array::from_ptr(a)
+                })
+                .collect()
+        };
+        f(&arrays)
+    }));
+    let message = match outcome {
+        Ok(Ok(out)) => {
+            let ptrs: Vec<mlx_sys::mlx_array> = out.iter().map(Array::as_ptr).collect();
+            // SAFETY: `res` points to the vector MLX passed for the result;
+            // `mlx_vector_array_set_data` copies the handles (taking its own
+            // references), so `out` may drop afterwards.
+            unsafe { mlx_sys::mlx_vector_array_set_data(res, ptrs.as_ptr(), ptrs.len()) };
+            return 0;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "a checkpointed function panicked".to_owned(),
+    };
+    CLOSURE_ERROR.with_borrow_mut(|slot| *slot = Some(message));
+    1
+}
+
+/// Frees the boxed [`ArrayFn`] at `payload` when MLX drops its closure.
+unsafe extern "C" fn drop_array_fn(payload: *mut std::ffi::c_void) {
+    // SAFETY: `payload` came from `Box::into_raw` in `checkpoint` and MLX
+    // calls this once, when the last reference to the closure goes.
+    drop(unsafe { Box::from_raw(payload.cast::<ArrayFn<'_>>()) });
+}
+
+/// `f(inputs)` under MLX's `checkpoint`: the arrays `f` computes are not
+/// kept for the backward pass; when gradients are traced through the
+/// result, MLX calls `f` again on the same inputs to recompute them. The
+/// gradients flow to `inputs` only: everything `f` should be
+/// differentiated with respect to must be among them.
+///
+/// MLX calls `f` now and, at most, again while the enclosing gradient
+/// transformation traces its backward pass (before that transformation
+/// returns); `f` may borrow what outlives that transformation.
+pub fn checkpoint<'a>(
+    f: impl FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'a,
+    inputs: &[Array],
+) -> Result<Vec<Array>, Exception> {
+    let boxed: Box<ArrayFn<'a>> = Box::new(Box::new(f));
+    let payload = Box::into_raw(boxed).cast::<std::ffi::c_void>();
+    // SAFETY: the closure MLX makes owns `payload` (freed by
+    // `drop_array_fn` when MLX drops the closure, after which it is never
+    // called); `call_array_fn` matches the signature MLX calls. The
+    // lifetime `'a` of what `f` borrows is erased here: MLX calls `f` only
+    // while tracing (see above), within the borrow. Every handle created
+    // below is freed before returning, the outputs' references passing to
+    // the returned arrays.
+    unsafe {
+        let closure = mlx_sys::mlx_closure_new_func_payload(
+            Some(call_array_fn),
+            payload,
+            Some(drop_array_fn),
+        );
+        let mut wrapped = mlx_sys::mlx_closure_new();
+        let status = mlx_sys::mlx_checkpoint(&mut wrapped, closure);
+        mlx_sys::mlx_closure_free(closure);
+        if status != 0 {
+            mlx_sys::mlx_closure_free(wrapped);
+            return Err(Exception::custom("MLX checkpoint failed"));
+        }
+        let ptrs: Vec<mlx_sys::mlx_array> = inputs.iter().map(Array::as_ptr).collect();
+        let input = mlx_sys::mlx_vector_array_new_data(ptrs.as_ptr(), ptrs.len());
+        let mut output = mlx_sys::mlx_vector_array_new();
+        let status = mlx_sys::mlx_closure_apply(&mut output, wrapped, input);
+        mlx_sys::mlx_vector_array_free(input);
+        mlx_sys::mlx_closure_free(wrapped);
+        if status != 0 {
+            mlx_sys::mlx_vector_array_free(output);
+            let message = CLOSURE_ERROR
+                .with_borrow_mut(Option::take)
+                .unwrap_or_else(|| "MLX could not apply a checkpointed function".to_owned());
+            return Err(Exception::custom(message));
+        }
+        let out = (0..mlx_sys::mlx_vector_array_size(output))
+            .map(|i| {
+                let mut a = mlx_sys::mlx_array_new();
+                mlx_sys::mlx_vector_array_get(&mut a, output, i);
+                Array::from_ptr(a)
+            })
+            .collect();
+        mlx_sys::mlx_vector_array_free(output);
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpointed function gives the same values and gradients as the
+    /// function itself, and is called again when the gradient is traced; its
+    /// error comes back as the error of the call.
+    #[test]
+    fn checkpoint_recomputes_and_keeps_gradients() {
+        use mlx_rs::transforms::value_and_grad_with_argnums;
+        let calls = std::cell::Cell::new(0);
+        let x = Array::from_slice(&[0.5f32, -1.0, 2.0], &[3]);
+        let w = Array::from_slice(&[1.5f32, 0.25, -2.0], &[3]);
+        let plain = |p: &[Array]| -> Result<Vec<Array>, Exception> {
+            Ok(vec![p[0].multiply(&p[1])?.sin()?.sum(None)?])
+        };
+        let checkpointed = |p: &[Array]| -> Result<Vec<Array>, Exception> {
+            checkpoint(
+                |q| {
+                    calls.set(calls.get() + 1);
+                    Ok(vec![q[0].multiply(&q[1])?.sin()?.sum(None)?])
+                },
+                p,
+            )
+        };
+        let (v1, g1) =
+            value_and_grad_with_argnums(plain, &[0, 1][..])(&[x.clone(), w.clone()][..]).unwrap();
+        let (v2, g2) = value_and_grad_with_argnums(checkpointed, &[0, 1][..])(&[x, w][..]).unwrap();
+        assert!(v1[0].eq_values(&v2[0]).unwrap());
+        for (a, b) in g1.iter().zip(&g2) {
+            assert!(a
+                .all_close(b, 1e-6, 1e-6, None).unwrap());
+        }
+        assert!(calls.get() >= 2, "called {} times", calls.get());
+        let failing = checkpoint(
+            |_| Err(Exception::custom("no such layer")),
+            &[Array::from_f32(1.0)],
+        );
+        assert!(failing.unwrap_err().to_string().contains("no such layer"));
+    }
 
     /// The update lands exactly on its region; a region that does not fit
     /// the update or the source is an error, not an MLX abort.

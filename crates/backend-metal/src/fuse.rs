@@ -41,6 +41,29 @@ pub struct FuseOptions {
     /// Write every quantised matrix dense (in its scales' dtype), so that
     /// tools without MLX quantisation (transformers) load the result.
     pub dequantize: bool,
+    /// Also write the fused model as a GGUF file of this type (from a GGUF
+    /// base only), for llama.cpp.
+    pub export_gguf: Option<GgufType>,
+}
+
+/// The type of an exported GGUF file's matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufType {
+    /// 16-bit floats.
+    F16,
+    /// llama.cpp's 8-bit blocks of 32 (a matrix whose rows are not a
+    /// multiple of 32 long is written as F16).
+    Q8_0,
+}
+
+impl GgufType {
+    /// The file's name in the output directory.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            GgufType::F16 => "model-f16.gguf",
+            GgufType::Q8_0 => "model-q8_0.gguf",
+        }
+    }
 }
 
 /// What [`fuse`] wrote.
@@ -54,6 +77,8 @@ pub struct Fused {
     pub dequantized: usize,
     /// The weight files written.
     pub weight_files: Vec<PathBuf>,
+    /// The GGUF file written ([`FuseOptions::export_gguf`]).
+    pub gguf: Option<PathBuf>,
 }
 
 /// A quantised matrix `prefix.{weight,scales,biases}`.
@@ -110,14 +135,130 @@ pub fn fuse(model: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Res
         crate::gguf::export_mlx_dir(&model, &staging)?;
         let result = fuse_dir(&staging, adapter, out, opts);
         let _ = std::fs::remove_dir_all(&staging);
-        return result;
+        let (mut result, dense) = result?;
+        if let Some(ty) = opts.export_gguf {
+            let path = out.join(ty.file_name());
+            export_gguf(&model, &dense, ty, &path)?;
+            result.gguf = Some(path);
+        }
+        return Ok(result);
+    }
+    if opts.export_gguf.is_some() {
+        return Err(Error::unsupported(
+            "GGUF export of a fused Hugging Face directory (fuse a GGUF base, or convert the \
+             fused directory with llama.cpp's convert_hf_to_gguf.py)",
+        ));
     }
     std::fs::create_dir_all(out).map_err(|e| write_error(out, e))?;
-    fuse_dir(&model, adapter, out, opts)
+    Ok(fuse_dir(&model, adapter, out, opts)?.0)
 }
 
-/// [`fuse`] from the model directory `base`.
-fn fuse_dir(base: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Result<Fused> {
+/// Writes the GGUF base `base` again at `path` with its matrices in `ty`:
+/// the fused ones from `fused` (dense f32, by Hugging Face name without
+/// `.weight`; Llama's Q and K rows permuted back into llama.cpp's layout),
+/// the others dequantised from the file; every other tensor (norms) and
+/// every metadata entry as they were, but `general.file_type`.
+fn export_gguf(
+    base: &Path,
+    fused: &BTreeMap<String, Array>,
+    ty: GgufType,
+    path: &Path,
+) -> Result<()> {
+    use inference_formats::gguf::writer::{encode_f16, encode_q8_0, write_gguf, TensorOut};
+    use inference_formats::gguf::{hf, quant, GgmlType, GgufFile, MetaValue};
+    let file = GgufFile::open(base).map_err(|e| Error::model_load(base, e))?;
+    let arch = file
+        .get_str("general.architecture")
+        .ok_or_else(|| invalid(format!("{} has no architecture", base.display())))?
+        .to_owned();
+    let gemma = arch.starts_with("gemma");
+    let (heads, kv_heads) = hf::head_counts(&file, &arch);
+    let mut metadata = file.metadata().clone();
+    let file_type = match ty {
+        GgufType::F16 => 1,
+        GgufType::Q8_0 => 7,
+    };
+    metadata.insert("general.file_type".into(), MetaValue::U32(file_type));
+    let mut tensors = Vec::with_capacity(file.tensors().len());
+    for t in file.tensors() {
+        let name = hf::hf_name(&t.name, gemma).ok_or_else(|| {
+            invalid(format!(
+                "{} has tensor `{}` of no known role",
+                base.display(),
+                t.name
+            ))
+        })?;
+        let data = file
+            .tensor_data(t)
+            .map_err(|e| Error::model_load(base, e))?;
+        let dims = t.dims.clone();
+        let is_matrix = dims.len() == 2 && !name.ends_with("norm.weight");
+        if !is_matrix {
+            tensors.push(TensorOut {
+                name: t.name.clone(),
+                dims,
+                ggml_type: t.ggml_type,
+                data: Box::new(move || Ok(data.to_vec())),
+            });
+            continue;
+        }
+        let (cols, rows) = (dims[0] as usize, dims[1] as usize);
+        let out_type = match ty {
+            GgufType::Q8_0 if cols % 32 == 0 => GgmlType::Q8_0,
+            _ => GgmlType::F16,
+        };
+        let prefix = name.strip_suffix(".weight").unwrap_or(&name).to_owned();
+        let permute = match prefix.rsplit('.').next() {
+            Some("q_proj") if arch == "llama" => Some(heads),
+            Some("k_proj") if arch == "llama" => Some(kv_heads),
+            _ => None,
+        };
+        let fused_values = fused.get(&prefix);
+        let ggml_type = t.ggml_type;
+        tensors.push(TensorOut {
+            name: t.name.clone(),
+            dims,
+            ggml_type: out_type,
+            data: Box::new(move || {
+                let values = match fused_values {
+                    Some(w) => {
+                        let w = w.as_dtype(Dtype::Float32).map_err(|e| e.to_string())?;
+                        let v = w.try_as_slice::<f32>().map_err(|e| e.to_string())?.to_vec();
+                        match permute {
+                            Some(h) => {
+                                hf::permute_rows(&v, rows, cols, h).map_err(|e| e.to_string())?
+                            }
+                            None => v,
+                        }
+                    }
+                    None => quant::dequantize(ggml_type, data, rows * cols)
+                        .map_err(|e| e.to_string())?,
+                };
+                match out_type {
+                    GgmlType::Q8_0 => {
+                        encode_q8_0(&values).ok_or_else(|| "rows not a multiple of 32".to_owned())
+                    }
+                    _ => Ok(encode_f16(&values)),
+                }
+            }),
+        });
+    }
+    write_gguf(path, &metadata, tensors).map_err(|e| match e {
+        inference_formats::gguf::writer::WriteError::Io { path, source } => {
+            Error::Write { path, source }
+        }
+        other => Error::backend(crate::NAME, other.to_string()),
+    })
+}
+
+/// [`fuse`] from the model directory `base`; also the fused matrices in
+/// f32 by name (without `.weight`) when a GGUF export wants them.
+fn fuse_dir(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    opts: &FuseOptions,
+) -> Result<(Fused, BTreeMap<String, Array>)> {
     let config = HfConfig::load(base).map_err(|e| e.into_error(base))?;
     let (quant, overrides) = config.quantization().map_err(|e| e.into_error(base))?;
     let overrides: HashMap<String, Quantization> = overrides.into_iter().collect();
@@ -135,7 +276,9 @@ fn fuse_dir(base: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Resu
         requantized: 0,
         dequantized: 0,
         weight_files: Vec::new(),
+        gguf: None,
     };
+    let mut dense_fused = BTreeMap::new();
     for (path, (a, b)) in &adapters.pairs {
         let prefix = base_prefix(path, &tensors).ok_or_else(|| {
             invalid(format!(
@@ -175,12 +318,14 @@ fn fuse_dir(base: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Resu
                 }
                 // The f32 sum, back in the matrix's own dtype.
                 let dtype = w.dtype();
-                let fused = w
+                let sum = w
                     .as_dtype(Dtype::Float32)
                     .and_then(|w| w.add(&delta))
-                    .and_then(|w| w.as_dtype(dtype))
                     .map_err(mlx_error)?;
-                tensors.insert(key, fused);
+                if opts.export_gguf.is_some() {
+                    dense_fused.insert(prefix.clone(), sum.clone());
+                }
+                tensors.insert(key, sum.as_dtype(dtype).map_err(mlx_error)?);
             }
             Some(q) => {
                 let dense = q.dense()?;
@@ -188,11 +333,14 @@ fn fuse_dir(base: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Resu
                     return Err(wrong_shape(dense.shape()));
                 }
                 let dtype = q.scales.dtype();
-                let fused = dense
+                let sum = dense
                     .as_dtype(Dtype::Float32)
                     .and_then(|w| w.add(&delta))
-                    .and_then(|w| w.as_dtype(dtype))
                     .map_err(mlx_error)?;
+                if opts.export_gguf.is_some() {
+                    dense_fused.insert(prefix.clone(), sum.clone());
+                }
+                let fused = sum.as_dtype(dtype).map_err(mlx_error)?;
                 if opts.dequantize {
                     tensors.insert(format!("{prefix}.weight"), fused);
                     result.dequantized += 1;
@@ -233,7 +381,7 @@ fn fuse_dir(base: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Resu
         dequantized = result.dequantized,
         "adapter fused"
     );
-    Ok(result)
+    Ok((result, dense_fused))
 }
 
 /// An adapter's pairs, by module path, and its scale.

@@ -23,6 +23,7 @@ use mlx_rs::{random, Array, Dtype};
 use crate::cache::LayerCache;
 use crate::checkpoint::{self, RunState};
 use crate::error::mlx_error;
+use crate::models::grad_checkpoint;
 use crate::models::lora::Lora;
 use crate::models::CausalLm;
 
@@ -500,6 +501,11 @@ pub fn train(
     sink: &TrainSink,
 ) -> inference_core::Result<()> {
     let e = mlx_error;
+    if opts.grad_checkpoint && adapted.dropout > 0.0 {
+        return Err(Error::unsupported(
+            "grad_checkpoint with adapter dropout (a recomputed layer would draw other dropout masks)",
+        ));
+    }
     let groups = length_groups(&data.train, opts.batch_size);
     let mut params = adapted.params(model).map_err(e)?;
     let names = adapter_names(model, adapted);
@@ -556,8 +562,10 @@ pub fn train(
         let rows: Vec<&Example> = group.iter().map(|&i| &data.train[i]).collect();
         let (batch, lengths) = make_batch(&rows, opts).map_err(e)?;
         random::seed(opts.seed.wrapping_add(it as u64)).map_err(e)?;
-        let (loss, ntoks, grads) =
-            loss_and_grads(model, adapted, &params, &batch, &lengths, true).map_err(e)?;
+        let before = grad_checkpoint::checkpoint_layers(opts.grad_checkpoint);
+        let outcome = loss_and_grads(model, adapted, &params, &batch, &lengths, true);
+        grad_checkpoint::checkpoint_layers(before);
+        let (loss, ntoks, grads) = outcome.map_err(e)?;
         run.accumulated = Some(match run.accumulated.take() {
             None => grads,
             Some(acc) => acc
@@ -763,7 +771,7 @@ mod tests {
 
     /// For each fixture architecture, with fixed non-zero adapters on every
     /// linear layer: the masked loss and every adapter gradient equal
-    /// PyTorch's (`scripts/fixtures/make_lora_goldens.py`), one Adam and one
+    /// PyTorch's (with and without gradient checkpointing) (`scripts/fixtures/make_lora_goldens.py`), one Adam and one
     /// AdamW step equal the same update computed in torch, and the adapted
     /// model's logits and greedy ids equal transformers' with the adapters.
     #[test]
@@ -774,23 +782,29 @@ mod tests {
             let model = load(&dir);
             let (adapted, names, params) = golden_adapters(&*model, &golden);
             assert_eq!(adapted.targets.len(), model.lora_targets().len(), "{name}");
-            let (loss, ntoks, grads) = loss_and_grads(
-                &*model,
-                &adapted,
-                &params,
-                &golden["input_ids"],
-                &golden["lengths"],
-                true,
-            )
-            .unwrap();
-            assert_close(&format!("{name} loss"), &loss, &golden["loss"]);
-            assert!(values(&ntoks)[0] > 0.0);
-            for (n, g) in names.iter().zip(&grads) {
-                assert_close(
-                    &format!("{name} grad {n}"),
-                    g,
-                    &golden[&format!("grad.{n}")],
+            // Directly, and with every layer checkpointed.
+            for checkpointed in [false, true] {
+                let before = grad_checkpoint::checkpoint_layers(checkpointed);
+                let outcome = loss_and_grads(
+                    &*model,
+                    &adapted,
+                    &params,
+                    &golden["input_ids"],
+                    &golden["lengths"],
+                    true,
                 );
+                grad_checkpoint::checkpoint_layers(before);
+                let (loss, ntoks, grads) = outcome.unwrap();
+                let what = format!("{name} (checkpointed: {checkpointed})");
+                assert_close(&format!("{what} loss"), &loss, &golden["loss"]);
+                assert!(values(&ntoks)[0] > 0.0);
+                for (n, g) in names.iter().zip(&grads) {
+                    assert_close(
+                        &format!("{what} grad {n}"),
+                        g,
+                        &golden[&format!("grad.{n}")],
+                    );
+                }
             }
             let keys: Vec<Rc<str>> = names.iter().map(|n| Rc::from(n.as_str())).collect();
             let steps = [

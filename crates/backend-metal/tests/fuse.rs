@@ -122,7 +122,10 @@ fn quantized_bases_fuse_requantized_or_dense() {
         base.path(),
         &lora,
         &dense,
-        &FuseOptions { dequantize: true },
+        &FuseOptions {
+            dequantize: true,
+            ..FuseOptions::default()
+        },
     )
     .unwrap();
     assert!(r.dequantized > r.fused, "{r:?}");

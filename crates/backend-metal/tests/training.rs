@@ -587,3 +587,49 @@ fn qlora_over_quantized_bases_lowers_the_validation_loss() {
         assert_eq!(model.info().quant_bits, Some(bits as u32));
     }
 }
+
+/// Gradient checkpointing changes where activations come from, not the
+/// run: the same losses (to rounding) as without it; with adapter dropout
+/// it is refused.
+#[test]
+fn grad_checkpointing_trains_alike() {
+    let run = |opts: &TrainOptions, lora: &LoraConfig| {
+        let model = load("gemma3-f32", &LoadOptions::default()).unwrap();
+        let tokenizer = model.tokenizer().unwrap();
+        let (data, _) = dataset::read_dir(&data_dir(), tokenizer, true, false).unwrap();
+        let t = model.trainable().unwrap();
+        t.apply_lora(lora, 3).unwrap();
+        t.train(data, opts)
+            .and_then(|s| s.collect::<inference_core::Result<Vec<TrainProgress>>>())
+    };
+    let opts = TrainOptions {
+        iters: 8,
+        report_every: 4,
+        val_every: 4,
+        ..train_opts()
+    };
+    let plain = run(&opts, &lora()).unwrap();
+    let checkpointed = TrainOptions {
+        grad_checkpoint: true,
+        ..opts.clone()
+    };
+    let with = run(&checkpointed, &lora()).unwrap();
+    assert_eq!(plain.len(), with.len());
+    for (a, b) in plain.iter().zip(&with) {
+        for (x, y) in [(a.train_loss, b.train_loss), (a.val_loss, b.val_loss)] {
+            match (x, y) {
+                (Some(x), Some(y)) => assert!((x - y).abs() <= 1e-4 * x.abs(), "{a:?} vs {b:?}"),
+                (None, None) => {}
+                _ => panic!("{a:?} vs {b:?}"),
+            }
+        }
+    }
+    let dropout = LoraConfig {
+        dropout: 0.1,
+        ..lora()
+    };
+    assert!(matches!(
+        run(&checkpointed, &dropout),
+        Err(Error::Unsupported { .. })
+    ));
+}

@@ -132,6 +132,9 @@ enum Command {
         /// Windows recorded (one more runs first).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Gradient checkpointing per layer.
+        #[arg(long)]
+        grad_checkpoint: bool,
         /// The JSON-lines file to append to.
         #[arg(long)]
         out: PathBuf,
@@ -201,6 +204,7 @@ fn main() -> Result<()> {
             rank,
             report,
             runs,
+            grad_checkpoint,
             out,
             label,
         } => train::train(&train::TrainArgs {
@@ -211,6 +215,7 @@ fn main() -> Result<()> {
             rank,
             report,
             runs,
+            grad_checkpoint,
             out,
             label,
         })?,

@@ -33,6 +33,8 @@ pub struct TrainArgs {
     pub report: usize,
     /// Report windows measured (one more runs first, unrecorded).
     pub runs: usize,
+    /// Gradient checkpointing per layer.
+    pub grad_checkpoint: bool,
     /// JSON-lines file the records are appended to.
     pub out: PathBuf,
     /// The model's name in the records.
@@ -73,6 +75,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         batch_size: args.batch,
         report_every: args.report,
         max_seq_length: args.seq + 1,
+        grad_checkpoint: args.grad_checkpoint,
         ..TrainOptions::default()
     };
     let mut out = std::fs::OpenOptions::new()
@@ -90,6 +93,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             "prompt": args.seq,
             "layers": args.layers,
             "rank": args.rank,
+            "grad_checkpoint": u64::from(args.grad_checkpoint),
             "run": i as i64 - 1,
             "train_tps": p.tokens_per_sec,
             "peak_memory_mb": p.peak_memory_bytes as f64 / 1e6,

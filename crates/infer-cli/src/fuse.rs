@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use crate::args::Format;
@@ -29,9 +29,24 @@ pub struct FuseArgs {
     #[arg(long)]
     dequantize: bool,
 
+    /// Also write the fused model as a GGUF file (DIR/model-f16.gguf or
+    /// DIR/model-q8_0.gguf) for llama.cpp; from a GGUF base.
+    #[arg(long, value_enum, value_name = "TYPE")]
+    export_gguf: Option<GgufFlag>,
+
     /// `text` prints a summary; `json` one document.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+}
+
+/// The `--export-gguf` flag's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GgufFlag {
+    /// 16-bit floats.
+    F16,
+    /// llama.cpp's 8-bit blocks.
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Debug, Serialize)]
@@ -41,12 +56,17 @@ struct Report {
     requantized: usize,
     dequantized: usize,
     weight_files: Vec<PathBuf>,
+    gguf: Option<PathBuf>,
 }
 
 /// Runs `infer fuse`.
 pub fn run(args: &FuseArgs, quiet: bool) -> Result<(), CliError> {
     let opts = backend_metal::fuse::FuseOptions {
         dequantize: args.dequantize,
+        export_gguf: args.export_gguf.map(|f| match f {
+            GgufFlag::F16 => backend_metal::fuse::GgufType::F16,
+            GgufFlag::Q8_0 => backend_metal::fuse::GgufType::Q8_0,
+        }),
     };
     let fused = backend_metal::fuse::fuse(&args.model, &args.adapter, &args.out, &opts)?;
     match args.format {
@@ -59,6 +79,9 @@ pub fn run(args: &FuseArgs, quiet: bool) -> Result<(), CliError> {
                     fused.dequantized,
                     args.out.display()
                 );
+                if let Some(g) = &fused.gguf {
+                    eprintln!("GGUF: {}", g.display());
+                }
             }
         }
         Format::Json => crate::output::json_out(&Report {
@@ -67,6 +90,7 @@ pub fn run(args: &FuseArgs, quiet: bool) -> Result<(), CliError> {
             requantized: fused.requantized,
             dequantized: fused.dequantized,
             weight_files: fused.weight_files,
+            gguf: fused.gguf,
         })?,
     }
     Ok(())

@@ -115,6 +115,11 @@ pub struct TrainArgs {
     #[arg(long)]
     mask_prompt: bool,
 
+    /// Recompute each layer's activations in the backward pass (less memory,
+    /// more compute).
+    #[arg(long)]
+    grad_checkpoint: bool,
+
     /// Longer examples are cut to this many tokens.
     #[arg(long, default_value_t = 2048)]
     max_seq_length: usize,
@@ -216,6 +221,7 @@ impl TrainArgs {
             val_batches,
             report_every: self.report_every,
             seed: self.seed,
+            grad_checkpoint: self.grad_checkpoint,
             checkpoints: (self.save_every > 0).then(|| Checkpoints {
                 dir: self.adapter_out.clone(),
                 every: self.save_every,

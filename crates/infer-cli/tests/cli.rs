@@ -1402,3 +1402,113 @@ fn fuse_writes_a_model_that_answers_as_the_adapter_does() {
         stderr(&o)
     );
 }
+
+/// A safetensors file of f32 tensors, written by hand (name, shape, values).
+fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape, values) in tensors {
+        let end = offset + 4 * values.len();
+        header.insert(
+            name.clone(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut text = Value::Object(header).to_string();
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(text.as_bytes());
+    for (_, _, values) in tensors {
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    fs::write(path, bytes).unwrap();
+}
+
+/// `infer fuse --export-gguf q8_0` on SmolLM2's GGUF file writes a GGUF
+/// file that the llama.cpp backend loads and runs; from a Hugging Face
+/// directory the export is refused (Unsupported, exit 1).
+#[test]
+fn a_fused_gguf_export_runs_on_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    fs::create_dir(&adapter).unwrap();
+    fs::write(
+        adapter.join("adapter_config.json"),
+        r#"{"fine_tune_type": "lora", "num_layers": 1,
+            "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.k_proj"]}}"#,
+    )
+    .unwrap();
+    // SmolLM2's k_proj: 576 → 192 (3 KV heads of 64); small values.
+    let mut seed = 1u32;
+    let mut next = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                scale * ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+            })
+            .collect()
+    };
+    let p = "model.layers.29.self_attn.k_proj";
+    write_f32_safetensors(
+        &adapter.join("adapters.safetensors"),
+        &[
+            (format!("{p}.lora_a"), vec![576, 4], next(576 * 4, 0.08)),
+            (format!("{p}.lora_b"), vec![4, 192], next(4 * 192, 0.02)),
+        ],
+    );
+    let out = dir.path().join("fused");
+    let o = run(&[
+        "fuse",
+        "--model",
+        smollm2().to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--export-gguf",
+        "q8_0",
+        "--format",
+        "json",
+    ]);
+    let report = json_of(&o);
+    let gguf = out.join("model-q8_0.gguf");
+    assert_eq!(report["gguf"], gguf.to_str().unwrap(), "{report}");
+    let o = run(&[
+        "generate",
+        "--backend",
+        "llamacpp",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--format",
+        "json",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "What is the capital of France?",
+    ]);
+    let v = json_of(&o);
+    assert_eq!(v["backend"], "llamacpp", "{v}");
+    assert_eq!(ids(&v["ids"]).len(), 6, "{v}");
+    assert!(!v["text"].as_str().unwrap().trim().is_empty(), "{v}");
+
+    let o = run(&[
+        "fuse",
+        "--model",
+        fixture("qwen3-f32").to_str().unwrap(),
+        "--adapter",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/adapters/qwen3-f32-ours")
+            .to_str()
+            .unwrap(),
+        "--out",
+        dir.path().join("hf").to_str().unwrap(),
+        "--export-gguf",
+        "f16",
+    ]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("convert_hf_to_gguf"), "{}", stderr(&o));
+}

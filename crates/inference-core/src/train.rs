@@ -142,6 +142,11 @@ pub struct TrainOptions {
     pub report_every: usize,
     /// Seeds the batch order, dropout and the adapters' initial values.
     pub seed: u64,
+    /// Recompute each layer's activations during the backward pass instead
+    /// of keeping them from the forward one (mlx-lm's `grad_checkpoint`):
+    /// less memory for longer sequences and bigger batches, about a third
+    /// more compute. Backends without it refuse it (`Unsupported`).
+    pub grad_checkpoint: bool,
     /// Checkpoints during the run (`None`: none; the caller saves the
     /// adapters at the end).
     pub checkpoints: Option<Checkpoints>,
@@ -188,6 +193,7 @@ impl Default for TrainOptions {
             val_batches: Some(25),
             report_every: 10,
             seed: 0,
+            grad_checkpoint: false,
             checkpoints: None,
             resume: None,
         }

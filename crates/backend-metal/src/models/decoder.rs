@@ -10,6 +10,7 @@ use inference_formats::config::{Defaults, HfConfig, LayerKind, Rope, TextConfig}
 use crate::cache::{LayerCache, Rotation};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
+use crate::models::grad_checkpoint::run_layer;
 use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, RmsNorm,
     RotaryEmbedding,
@@ -200,22 +201,28 @@ impl CausalLm for Decoder {
     fn forward(&self, ids: &Array, caches: &mut [LayerCache], last_only: bool) -> Result<Array> {
         let mut h = self.embed_tokens.rows(ids)?;
         let n = self.layers.len();
+        let rope = &self.rope;
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             let last = last_only && i + 1 == n;
-            let a = layer.self_attn.forward(
-                &layer.input_layernorm.forward(&h)?,
-                cache,
-                &self.rope,
-                last,
-            )?;
-            if last {
-                h = last_keepdim(&h);
-            }
-            h = h.add(a)?;
-            let m = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&h)?)?;
-            h = h.add(m)?;
+            let slots = || {
+                layer_targets(i, &layer.self_attn, &layer.mlp)
+                    .map(|t| t.slot)
+                    .collect()
+            };
+            h = run_layer(&h, cache, slots, move |h, cache| {
+                let a = layer.self_attn.forward(
+                    &layer.input_layernorm.forward(h)?,
+                    cache,
+                    rope,
+                    last,
+                )?;
+                let h = if last { last_keepdim(h) } else { h.clone() };
+                let h = h.add(a)?;
+                let m = layer
+                    .mlp
+                    .forward(&layer.post_attention_layernorm.forward(&h)?)?;
+                h.add(m)
+            })?;
         }
         self.norm.forward(&h)
     }

@@ -16,6 +16,7 @@ use inference_formats::config::{Defaults, HfConfig, LayerKind, Rope, TextConfig}
 use crate::cache::{LayerCache, Rotation};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
+use crate::models::grad_checkpoint::run_layer;
 use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, Norm, RotaryEmbedding,
 };
@@ -265,18 +266,25 @@ impl CausalLm for Gemma3 {
                 LayerKind::Full => &self.rope_global,
             };
             let last = last_only && i + 1 == n;
-            let a =
-                layer
-                    .self_attn
-                    .forward(&layer.input_layernorm.forward(&h)?, cache, rope, last)?;
-            if last {
-                h = last_keepdim(&h);
-            }
-            h = h.add(layer.post_attention_layernorm.forward(&a)?)?;
-            let m = layer
-                .mlp
-                .forward(&layer.pre_feedforward_layernorm.forward(&h)?)?;
-            h = h.add(layer.post_feedforward_layernorm.forward(&m)?)?;
+            let slots = || {
+                layer_targets(i, &layer.self_attn, &layer.mlp)
+                    .map(|t| t.slot)
+                    .collect()
+            };
+            h = run_layer(&h, cache, slots, move |h, cache| {
+                let a = layer.self_attn.forward(
+                    &layer.input_layernorm.forward(h)?,
+                    cache,
+                    rope,
+                    last,
+                )?;
+                let h = if last { last_keepdim(h) } else { h.clone() };
+                let h = h.add(layer.post_attention_layernorm.forward(&a)?)?;
+                let m = layer
+                    .mlp
+                    .forward(&layer.pre_feedforward_layernorm.forward(&h)?)?;
+                h.add(layer.post_feedforward_layernorm.forward(&m)?)
+            })?;
         }
         self.norm.forward(&h)
     }

@@ -152,8 +152,9 @@ pub fn config_json(
     Ok(Value::Object(c))
 }
 
-/// The Hugging Face name of a GGUF tensor.
-fn hf_name(name: &str, gemma: bool) -> Option<String> {
+/// The Hugging Face name of a GGUF tensor (`gemma`: the model is a Gemma,
+/// whose `ffn_norm` is the pre-feed-forward norm).
+pub fn hf_name(name: &str, gemma: bool) -> Option<String> {
     let (stem, suffix) = name.rsplit_once('.')?;
     let mapped = match stem {
         "token_embd" => "model.embed_tokens".to_owned(),
@@ -208,6 +209,33 @@ fn unpermute_rows<T: Copy>(
             let (t, j) = (hf / half, hf % half);
             let g = h * head_dim + 2 * j + t;
             out.extend_from_slice(&data[g * row_len..(g + 1) * row_len]);
+        }
+    }
+    Ok(out)
+}
+
+/// Reorders rows `[heads × head_dim, …]` from Hugging Face's layout to
+/// llama.cpp's interleaved RoPE layout (what its converter does to Llama's
+/// Q and K projections): the inverse of the permutation undone on reading.
+pub fn permute_rows<T: Copy>(
+    data: &[T],
+    rows: usize,
+    row_len: usize,
+    heads: usize,
+) -> Result<Vec<T>, LoadError> {
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || data.len() != rows * row_len {
+        return Err(LoadError::Config(format!(
+            "cannot apply the Q/K permutation to {rows} rows over {heads} heads"
+        )));
+    }
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = Vec::with_capacity(data.len());
+    for h in 0..heads {
+        for g in 0..head_dim {
+            let (j, t) = (g / 2, g % 2);
+            let hf = h * head_dim + t * half + j;
+            out.extend_from_slice(&data[hf * row_len..(hf + 1) * row_len]);
         }
     }
     Ok(out)
@@ -401,5 +429,19 @@ pub fn stored_type(file: &GgufFile) -> (String, bool) {
             (ty.name().to_owned(), quantised)
         }
         None => (String::new(), false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_rows_inverts_unpermute_rows() {
+        let data: Vec<u32> = (0..48).collect();
+        let there = permute_rows(&data, 12, 4, 3).unwrap();
+        assert_ne!(there, data);
+        assert_eq!(unpermute_rows(&there, 12, 4, 3).unwrap(), data);
+        assert!(permute_rows(&data, 12, 4, 5).is_err());
     }
 }

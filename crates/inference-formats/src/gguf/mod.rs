@@ -1,11 +1,13 @@
 //! GGUF files: the reader ([`reader`]), dequantisation and lossless repacking
-//! of GGML quants ([`quant`]), file types ([`GgufFileType`]) and the mapping
-//! of a GGUF model onto a Hugging Face checkpoint ([`hf`]).
+//! of GGML quants ([`quant`]), file types ([`GgufFileType`]), the mapping
+//! of a GGUF model onto a Hugging Face checkpoint ([`hf`]), and the writer
+//! ([`writer`]).
 
 mod file_type;
 pub mod hf;
 pub mod quant;
 pub mod reader;
+pub mod writer;
 
 pub use file_type::GgufFileType;
 pub use reader::{GgmlType, GgufError, GgufFile, MetaValue, TensorInfo};
