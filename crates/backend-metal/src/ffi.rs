@@ -250,8 +250,7 @@ mod tests {
         let (v2, g2) = value_and_grad_with_argnums(checkpointed, &[0, 1][..])(&[x, w][..]).unwrap();
         assert!(v1[0].eq_values(&v2[0]).unwrap());
         for (a, b) in g1.iter().zip(&g2) {
-            assert!(a
-                .all_close(b, 1e-6, 1e-6, None).unwrap());
+            assert!(a.all_close(b, 1e-6, 1e-6, None).unwrap());
         }
         assert!(calls.get() >= 2, "called {} times", calls.get());
         let failing = checkpoint(
