@@ -15,7 +15,7 @@
 //! - [`discover`](mod@discover): finding models in a directory, choosing a
 //!   directory's safetensors weight files as transformers does, and resolving
 //!   the model path a user gives.
-//! - [`write`]: files written atomically (a temporary file renamed over
+//! - [`write`](mod@write): files written atomically (a temporary file renamed over
 //!   the target), so a reader never sees half of one.
 //! - [`LoadError`]: what can be wrong with a model's files, turned into the
 //!   public [`inference_core::Error`] by [`LoadError::into_error`].
