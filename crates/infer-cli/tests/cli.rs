@@ -1106,37 +1106,22 @@ fn zorb() -> PathBuf {
 fn train_writes_an_adapter_that_generate_applies() {
     let out = tempfile::tempdir().unwrap();
     let adapter = out.path().join("zorb");
-    let o = run(&[
-        "train",
+    let (model, data) = (fixture("qwen3-f32"), zorb());
+    let mut args = TRAIN_ARGS.to_vec();
+    args.extend([
         "--model",
-        fixture("qwen3-f32").to_str().unwrap(),
+        model.to_str().unwrap(),
         "--gpu-layers",
         gpu_layers(),
         "--data",
-        zorb().to_str().unwrap(),
-        "--iters",
-        "12",
-        "--learning-rate",
-        "1e-2",
-        "--rank",
-        "4",
-        "--scale",
-        "2",
-        "--num-layers",
-        "-1",
-        "--mask-prompt",
-        "--val-every",
-        "6",
-        "--val-batches",
-        "-1",
+        data.to_str().unwrap(),
         "--test",
-        "--save-every",
-        "6",
         "--format",
         "json",
         "--adapter-out",
         adapter.to_str().unwrap(),
     ]);
+    let o = run(&args);
     let report = json_of(&o);
     for file in [
         "0000006_adapters.safetensors",
@@ -1186,25 +1171,21 @@ fn train_writes_an_adapter_that_generate_applies() {
 
     // Resumed from step 6, the run ends where the uninterrupted one did.
     let resumed_dir = out.path().join("resumed");
-    let mut args: Vec<String> = TRAIN_ARGS.iter().map(|s| s.to_string()).collect();
-    args.extend(
-        [
-            "--model",
-            fixture("qwen3-f32").to_str().unwrap(),
-            "--gpu-layers",
-            gpu_layers(),
-            "--data",
-            zorb().to_str().unwrap(),
-            "--format",
-            "json",
-            "--resume",
-            at_6.to_str().unwrap(),
-            "--adapter-out",
-            resumed_dir.to_str().unwrap(),
-        ]
-        .map(str::to_owned),
-    );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut args = TRAIN_ARGS.to_vec();
+    args.extend([
+        "--model",
+        model.to_str().unwrap(),
+        "--gpu-layers",
+        gpu_layers(),
+        "--data",
+        data.to_str().unwrap(),
+        "--format",
+        "json",
+        "--resume",
+        at_6.to_str().unwrap(),
+        "--adapter-out",
+        resumed_dir.to_str().unwrap(),
+    ]);
     let resumed = json_of(&run(&args));
     let last = |r: &serde_json::Value| r["reports"].as_array().unwrap().last().cloned();
     assert_eq!(

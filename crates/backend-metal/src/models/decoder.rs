@@ -16,7 +16,7 @@ use crate::models::layers::{
     RotaryEmbedding,
 };
 use crate::models::lora::LoraTarget;
-use crate::models::{layer_targets, Architecture, CausalLm, ModelSpec};
+use crate::models::{layer_slots, layer_targets, Architecture, CausalLm, ModelSpec};
 
 type Result<T> = std::result::Result<T, Exception>;
 
@@ -204,11 +204,7 @@ impl CausalLm for Decoder {
         let rope = &self.rope;
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             let last = last_only && i + 1 == n;
-            let slots = || {
-                layer_targets(i, &layer.self_attn, &layer.mlp)
-                    .map(|t| t.slot)
-                    .collect()
-            };
+            let slots = || layer_slots(&layer.self_attn, &layer.mlp);
             h = run_layer(&h, cache, slots, move |h, cache| {
                 let a = layer.self_attn.forward(
                     &layer.input_layernorm.forward(h)?,

@@ -21,7 +21,7 @@ use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, Norm, RotaryEmbedding,
 };
 use crate::models::lora::LoraTarget;
-use crate::models::{layer_targets, Architecture, CausalLm, ModelSpec};
+use crate::models::{layer_slots, layer_targets, Architecture, CausalLm, ModelSpec};
 
 type Result<T> = std::result::Result<T, Exception>;
 
@@ -266,11 +266,7 @@ impl CausalLm for Gemma3 {
                 LayerKind::Full => &self.rope_global,
             };
             let last = last_only && i + 1 == n;
-            let slots = || {
-                layer_targets(i, &layer.self_attn, &layer.mlp)
-                    .map(|t| t.slot)
-                    .collect()
-            };
+            let slots = || layer_slots(&layer.self_attn, &layer.mlp);
             h = run_layer(&h, cache, slots, move |h, cache| {
                 let a = layer.self_attn.forward(
                     &layer.input_layernorm.forward(h)?,

@@ -73,6 +73,15 @@ pub trait CausalLm {
     fn lora_targets(&self) -> Vec<LoraTarget<'_>>;
 }
 
+/// The adapter slots of a decoder layer's attention and MLP (what
+/// [`grad_checkpoint::run_layer`] passes to a checkpointed layer).
+pub fn layer_slots<'a, N: layers::Norm>(
+    attention: &'a layers::Attention<N>,
+    mlp: &'a layers::GatedMlp,
+) -> Vec<&'a lora::LoraSlot> {
+    layer_targets(0, attention, mlp).map(|t| t.slot).collect()
+}
+
 /// The LoRA targets of a decoder layer's attention and MLP, as model files
 /// list them.
 pub fn layer_targets<'a, N: layers::Norm>(

@@ -196,22 +196,7 @@ fn unpermute_rows<T: Copy>(
     row_len: usize,
     heads: usize,
 ) -> Result<Vec<T>, LoadError> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || data.len() != rows * row_len {
-        return Err(LoadError::Config(format!(
-            "cannot undo the Q/K permutation of {rows} rows over {heads} heads"
-        )));
-    }
-    let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let mut out = Vec::with_capacity(data.len());
-    for h in 0..heads {
-        for hf in 0..head_dim {
-            let (t, j) = (hf / half, hf % half);
-            let g = h * head_dim + 2 * j + t;
-            out.extend_from_slice(&data[g * row_len..(g + 1) * row_len]);
-        }
-    }
-    Ok(out)
+    reorder_rows(data, rows, row_len, heads, false)
 }
 
 /// Reorders rows `[heads × head_dim, …]` from Hugging Face's layout to
@@ -223,19 +208,34 @@ pub fn permute_rows<T: Copy>(
     row_len: usize,
     heads: usize,
 ) -> Result<Vec<T>, LoadError> {
+    reorder_rows(data, rows, row_len, heads, true)
+}
+
+/// The rows of `data` in llama.cpp's order (`to_gguf`) or Hugging Face's.
+fn reorder_rows<T: Copy>(
+    data: &[T],
+    rows: usize,
+    row_len: usize,
+    heads: usize,
+    to_gguf: bool,
+) -> Result<Vec<T>, LoadError> {
     if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || data.len() != rows * row_len {
         return Err(LoadError::Config(format!(
-            "cannot apply the Q/K permutation to {rows} rows over {heads} heads"
+            "cannot reorder the Q/K rows: {rows} rows over {heads} heads"
         )));
     }
     let head_dim = rows / heads;
     let half = head_dim / 2;
     let mut out = Vec::with_capacity(data.len());
     for h in 0..heads {
-        for g in 0..head_dim {
-            let (j, t) = (g / 2, g % 2);
-            let hf = h * head_dim + t * half + j;
-            out.extend_from_slice(&data[hf * row_len..(hf + 1) * row_len]);
+        for r in 0..head_dim {
+            // GGUF row 2j + t is Hugging Face row t · half + j.
+            let source = match to_gguf {
+                true => (r % 2) * half + r / 2,
+                false => 2 * (r % half) + r / half,
+            };
+            let row = h * head_dim + source;
+            out.extend_from_slice(&data[row * row_len..(row + 1) * row_len]);
         }
     }
     Ok(out)
