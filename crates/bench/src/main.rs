@@ -110,38 +110,7 @@ enum Command {
     },
     /// Times LoRA training (as `bench/mlx_lm_train_bench.py` times mlx-lm's)
     /// and appends one record per report window after the first.
-    Train {
-        /// The model directory (or GGUF file).
-        #[arg(long)]
-        model: PathBuf,
-        /// Examples per batch.
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        /// Tokens per example.
-        #[arg(long, default_value_t = 128)]
-        seq: usize,
-        /// Layers adapted, from the top.
-        #[arg(long, default_value_t = 16)]
-        layers: usize,
-        /// The adapters' rank.
-        #[arg(long, default_value_t = 8)]
-        rank: usize,
-        /// Steps per report window.
-        #[arg(long, default_value_t = 5)]
-        report: usize,
-        /// Windows recorded (one more runs first).
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Gradient checkpointing per layer.
-        #[arg(long)]
-        grad_checkpoint: bool,
-        /// The JSON-lines file to append to.
-        #[arg(long)]
-        out: PathBuf,
-        /// The model's name in the records.
-        #[arg(long)]
-        label: String,
-    },
+    Train(train::TrainArgs),
     /// llama-bench's method on llama.cpp's own API (no wrapper of ours):
     /// the `single` steps of a plan on a GGUF file, appended as records of
     /// engine `llama.cpp-raw`.
@@ -196,29 +165,7 @@ fn main() -> Result<()> {
                 e.quantized
             );
         }
-        Command::Train {
-            model,
-            batch,
-            seq,
-            layers,
-            rank,
-            report,
-            runs,
-            grad_checkpoint,
-            out,
-            label,
-        } => train::train(&train::TrainArgs {
-            model,
-            batch,
-            seq,
-            layers,
-            rank,
-            report,
-            runs,
-            grad_checkpoint,
-            out,
-            label,
-        })?,
+        Command::Train(args) => train::train(&args)?,
         Command::LlamaRaw {
             model,
             plan,

@@ -17,27 +17,37 @@ use serde_json::json;
 use crate::run::prompt_ids;
 
 /// What [`train`] measures.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
     /// The model directory (or GGUF file).
+    #[arg(long)]
     pub model: PathBuf,
     /// Examples per batch.
+    #[arg(long, default_value_t = 4)]
     pub batch: usize,
     /// Tokens per example.
+    #[arg(long, default_value_t = 128)]
     pub seq: usize,
-    /// Layers adapted (from the top).
+    /// Layers adapted, from the top.
+    #[arg(long, default_value_t = 16)]
     pub layers: usize,
     /// The adapters' rank.
+    #[arg(long, default_value_t = 8)]
     pub rank: usize,
     /// Steps per report window.
+    #[arg(long, default_value_t = 5)]
     pub report: usize,
-    /// Report windows measured (one more runs first, unrecorded).
+    /// Report windows recorded (one more runs first, unrecorded).
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Gradient checkpointing per layer.
+    #[arg(long)]
     pub grad_checkpoint: bool,
-    /// JSON-lines file the records are appended to.
+    /// The JSON-lines file to append to.
+    #[arg(long)]
     pub out: PathBuf,
     /// The model's name in the records.
+    #[arg(long)]
     pub label: String,
 }
 
