@@ -15,7 +15,9 @@ use inference_formats::adapter::{AdapterConfig, ADAPTER_FILE};
 use mlx_rs::Array;
 
 use crate::error::mlx_error;
-use crate::save::write_safetensors;
+use crate::load::adapter;
+use crate::load::weights::read_raw;
+use crate::save::{serialise, write_file, write_safetensors};
 use crate::train::Optimiser;
 
 /// What the state file's `format` metadata says.
@@ -99,17 +101,15 @@ pub fn save(
     ]);
     let file = adapters_file(dir, run.step);
     let state_path = state_file(&file).unwrap_or_else(|| dir.join(STATE_SUFFIX));
-    write_safetensors(&file, &adapters, None)?;
+    let adapter_bytes = serialise(&adapters, None)?;
+    write_file(&file, &adapter_bytes)?;
     if let Err(e) = write_safetensors(&state_path, &state, Some(metadata)) {
         // Half a checkpoint is none.
         let _ = std::fs::remove_file(&file);
         return Err(e);
     }
-    write_safetensors(&dir.join(ADAPTER_FILE), &adapters, None)?;
-    config.save(dir).map_err(|e| match e {
-        inference_formats::LoadError::File { path, source } => Error::Write { path, source },
-        other => Error::backend(crate::NAME, other.to_string()),
-    })?;
+    write_file(&dir.join(ADAPTER_FILE), &adapter_bytes)?;
+    adapter::write_config(dir, config)?;
     tracing::info!(checkpoint = %file.display(), step = run.step, "checkpoint written");
     Ok(())
 }
@@ -138,14 +138,9 @@ pub fn load(
 ) -> Result<Resumed> {
     let bad = |reason: String| Error::invalid_option("resume", reason);
     let read = |path: &Path| -> Result<(HashMap<String, Array>, HashMap<String, String>)> {
-        let bytes =
-            std::fs::read(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("{} is not a safetensors file: {e}", path.display())))?;
-        let metadata = meta.metadata().clone().unwrap_or_default();
-        let tensors = Array::load_safetensors(path)
-            .map_err(|e| bad(format!("cannot load {}: {e}", path.display())))?;
-        Ok((tensors, metadata))
+        let (tensors, metadata) =
+            read_raw(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        Ok((tensors.into_iter().collect(), metadata))
     };
     let (mut tensors, _) = read(file)?;
     let mut params = Vec::with_capacity(names.len());

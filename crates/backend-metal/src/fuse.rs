@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use inference_core::{Error, Result};
-use inference_formats::adapter::{adapter_dir, AdapterConfig, ADAPTER_FILE};
+use inference_formats::adapter::{adapter_dir, adapter_file, AdapterConfig};
 use inference_formats::config::{HfConfig, Quantization};
 use mlx_rs::ops::{dequantize, matmul, quantize};
 use mlx_rs::{Array, Dtype};
@@ -265,7 +265,7 @@ fn fuse_dir(
     let files = weight_files(base).map_err(|e| e.into_error(base))?;
     let mut tensors: BTreeMap<String, Array> = BTreeMap::new();
     for file in &files {
-        for (name, array) in read_raw(file).map_err(|e| e.into_error(file))? {
+        for (name, array) in read_raw(file).map_err(|e| e.into_error(file))?.0 {
             tensors.insert(name, array);
         }
     }
@@ -394,13 +394,10 @@ struct AdapterTensors {
 fn read_adapter(path: &Path) -> Result<AdapterTensors> {
     let dir = adapter_dir(path);
     let config = AdapterConfig::load(dir).map_err(|e| e.into_error(dir))?;
-    let file = match path.extension() {
-        Some(ext) if ext == "safetensors" => path.to_path_buf(),
-        _ => dir.join(ADAPTER_FILE),
-    };
+    let file = adapter_file(path);
     let mut a = BTreeMap::new();
     let mut b = BTreeMap::new();
-    for (name, array) in read_raw(&file).map_err(|e| e.into_error(&file))? {
+    for (name, array) in read_raw(&file).map_err(|e| e.into_error(&file))?.0 {
         if let Some(p) = name.strip_suffix(".lora_a") {
             a.insert(p.to_owned(), array);
         } else if let Some(p) = name.strip_suffix(".lora_b") {

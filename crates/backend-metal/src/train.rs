@@ -426,6 +426,32 @@ impl Rng {
     }
 }
 
+/// The order the length groups are trained in: a fresh seeded permutation
+/// each epoch, as mlx-lm shuffles its batches.
+struct BatchOrder {
+    rng: Rng,
+    groups: usize,
+    left: Vec<usize>,
+}
+
+impl BatchOrder {
+    fn new(seed: u64, groups: usize) -> Self {
+        Self {
+            rng: Rng(seed),
+            groups,
+            left: Vec::new(),
+        }
+    }
+
+    /// The next group's index.
+    fn next(&mut self) -> usize {
+        if self.left.is_empty() {
+            self.left = self.rng.permutation(self.groups);
+        }
+        self.left.pop().unwrap_or(0)
+    }
+}
+
 /// Groups of `batch_size` examples of similar length, as mlx-lm makes them
 /// (sorted by length, consecutive, the remainder left out).
 fn length_groups(examples: &[Example], batch_size: usize) -> Vec<Vec<usize>> {
@@ -522,14 +548,10 @@ pub fn train(
         run = resumed.run.unwrap_or_default();
         adapted.install(model, &params, false).map_err(e)?;
     }
-    let mut rng = Rng(opts.seed);
-    let mut order = Vec::new();
+    let mut order = BatchOrder::new(opts.seed, groups.len());
     // The batches the checkpoint's steps took, drawn again.
     for _ in 0..run.step {
-        if order.is_empty() {
-            order = rng.permutation(groups.len());
-        }
-        order.pop();
+        order.next();
     }
     crate::memory::reset_peak();
     let (mut window_loss, mut window_steps, mut window_tokens) = (0f64, 0usize, 0f64);
@@ -555,10 +577,7 @@ pub fn train(
         if sink.is_cancelled() {
             break;
         }
-        if order.is_empty() {
-            order = rng.permutation(groups.len());
-        }
-        let group = &groups[order.pop().unwrap_or(0)];
+        let group = &groups[order.next()];
         let rows: Vec<&Example> = group.iter().map(|&i| &data.train[i]).collect();
         let (batch, lengths) = make_batch(&rows, opts).map_err(e)?;
         random::seed(opts.seed.wrapping_add(it as u64)).map_err(e)?;

@@ -141,6 +141,16 @@ impl AdapterConfig {
     }
 }
 
+/// The adapter weights file `path` names: a safetensors file named
+/// directly (`adapters.safetensors` or a checkpoint's), else the
+/// `adapters.safetensors` of the directory [`adapter_dir`] finds.
+pub fn adapter_file(path: &Path) -> PathBuf {
+    match path.extension() {
+        Some(ext) if ext == "safetensors" => path.to_path_buf(),
+        _ => adapter_dir(path).join(ADAPTER_FILE),
+    }
+}
+
 /// The adapter directory `path` names: the directory itself, or the one
 /// holding a file named directly (its `adapter_config.json`, its
 /// `adapters.safetensors`, or a checkpoint's `NNNNNNN_adapters.safetensors`).

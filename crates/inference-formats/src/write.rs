@@ -6,8 +6,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// The temporary file [`write_atomic`] fills before renaming it to `path`.
-fn temporary(path: &Path) -> PathBuf {
+/// The temporary file beside `path` that [`write_atomic`] (and the GGUF
+/// writer) fill before renaming it to `path`.
+pub fn temporary(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use inference_formats::adapter::{adapter_dir, AdapterConfig, ADAPTER_FILE};
+use inference_formats::adapter::{adapter_dir, adapter_file, AdapterConfig, ADAPTER_FILE};
 use mlx_rs::Array;
 
 use crate::error::{mlx_error, FormatError, LoadError};
@@ -23,10 +23,7 @@ use crate::train::Adapted;
 /// Returns what was applied and the adapter's configuration (the slots stay
 /// empty on an error).
 pub fn apply(path: &Path, model: &dyn CausalLm) -> Result<(Adapted, AdapterConfig), LoadError> {
-    let file = match path.extension() {
-        Some(ext) if ext == "safetensors" => path.to_path_buf(),
-        _ => adapter_dir(path).join(ADAPTER_FILE),
-    };
+    let file = adapter_file(path);
     let dir = adapter_dir(path);
     let config = AdapterConfig::load(dir)?;
     let mut weights = Weights::load_files(std::slice::from_ref(&file))?;
@@ -108,18 +105,24 @@ pub fn save(
     adapted: &Adapted,
     config: &AdapterConfig,
 ) -> inference_core::Result<()> {
-    let write_error = |path: &Path, source| inference_core::Error::Write {
-        path: path.to_path_buf(),
+    std::fs::create_dir_all(dir).map_err(|source| inference_core::Error::Write {
+        path: dir.to_path_buf(),
         source,
-    };
-    std::fs::create_dir_all(dir).map_err(|e| write_error(dir, e))?;
+    })?;
     let names = crate::train::adapter_names(model, adapted);
     let params = adapted.params(model).map_err(mlx_error)?;
     let tensors: Vec<(String, Array)> = names.iter().map(|n| n.to_string()).zip(params).collect();
     crate::save::write_safetensors(&dir.join(ADAPTER_FILE), &tensors, None)?;
-    config.save(dir).map_err(|e| match e {
-        inference_formats::LoadError::File { path, source } => write_error(&path, source),
+    write_config(dir, config)
+}
+
+/// Writes `config` to `dir/adapter_config.json` (atomically; a failed write
+/// is [`inference_core::Error::Write`]).
+pub fn write_config(dir: &Path, config: &AdapterConfig) -> inference_core::Result<()> {
+    config.save(dir).map(drop).map_err(|e| match e {
+        inference_formats::LoadError::File { path, source } => {
+            inference_core::Error::Write { path, source }
+        }
         other => other.into_error(dir),
-    })?;
-    Ok(())
+    })
 }

@@ -75,24 +75,28 @@ fn normalise(name: &str) -> Option<String> {
     Some(name.to_owned())
 }
 
+/// A safetensors file's tensors under their own names, and its metadata.
+pub type RawFile = (Vec<(String, Array)>, HashMap<String, String>);
+
 /// Every tensor of the safetensors file `path` under its own name, in the
-/// file's order, validated as [`Weights::load_files`] validates them.
-pub fn read_raw(path: &Path) -> Result<Vec<(String, Array)>, LoadError> {
+/// file's order, validated as [`Weights::load_files`] validates them, and
+/// the file's metadata.
+pub fn read_raw(path: &Path) -> Result<RawFile, LoadError> {
     let mut out = Vec::new();
-    read_file(path, &mut |name, array| {
+    let metadata = read_file(path, &mut |name, array| {
         out.push((name, array));
         Ok(())
     })?;
-    Ok(out)
+    Ok((out, metadata))
 }
 
-/// Validates the safetensors file `path` and hands each tensor, copied into
-/// an MLX array, to `each` (whose error reason is reported as corruption of
-/// the file).
+/// Validates the safetensors file `path`, hands each tensor, copied into an
+/// MLX array, to `each` (whose error reason is reported as corruption of
+/// the file), and returns the file's metadata.
 fn read_file(
     path: &Path,
     each: &mut dyn FnMut(String, Array) -> Result<(), String>,
-) -> Result<(), LoadError> {
+) -> Result<HashMap<String, String>, LoadError> {
     let file_name = path.display().to_string();
     let corrupt = |reason: String| FormatError::CorruptWeights {
         file: file_name.clone(),
@@ -117,7 +121,8 @@ fn read_file(
             .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
         each(name, array).map_err(corrupt)?;
     }
-    Ok(())
+    let (_, header) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
+    Ok(header.metadata().clone().unwrap_or_default())
 }
 
 impl Weights {

@@ -154,13 +154,7 @@ pub fn write_gguf(
     let pad = padding(head.len() as u64, alignment);
     head.extend(std::iter::repeat_n(0u8, pad as usize));
 
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    let tmp = crate::write::temporary(path);
     let io = |source| WriteError::Io {
         path: path.to_path_buf(),
         source,
