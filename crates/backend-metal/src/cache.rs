@@ -22,7 +22,10 @@ use mlx_rs::Array;
 type Result<T> = std::result::Result<T, Exception>;
 
 /// The growing cache of one attention layer; arrays are `[B, H_kv, T, D]`.
-#[derive(Debug, Default)]
+///
+/// Cloning is cheap (MLX arrays are shared, immutable values): a clone
+/// that is updated leaves the original as it was.
+#[derive(Debug, Default, Clone)]
 pub struct KvCache {
     keys: Option<Array>,
     values: Option<Array>,
@@ -77,6 +80,41 @@ impl KvCache {
 }
 
 impl KvCache {
+    /// A cache holding exactly `keys`/`values` `[B, H_kv, T, D]` (positions
+    /// `0..T`); the next update grows it.
+    pub fn from_contents(keys: Array, values: Array) -> Self {
+        let offset = keys.dim(2);
+        Self {
+            keys: Some(keys),
+            values: Some(values),
+            offset,
+        }
+    }
+
+    /// The positions held, `[B, H_kv, offset, D]` each; `None` when empty.
+    pub fn contents(&self) -> Option<(Array, Array)> {
+        let end = self.offset;
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if end > 0 => Some((
+                k.index((.., .., ..end, ..)),
+                v.index((.., .., ..end, ..)),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Bytes the next single-position update allocates (a growth step, or
+    /// nothing while there is room).
+    fn growth(&self) -> u64 {
+        let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if self.offset + 1 > capacity => {
+                step_bytes(k, Self::STEP) + step_bytes(v, Self::STEP)
+            }
+            _ => 0,
+        }
+    }
+
     /// Forgets every position from `n` on; `false` (and no change) when the
     /// cache holds fewer than `n` positions.
     pub fn trim_to(&mut self, n: i32) -> bool {
@@ -95,9 +133,15 @@ impl KvCache {
     }
 }
 
+/// Bytes of `steps` more positions of `a` `[B, H, T, D]`.
+pub(crate) fn step_bytes(a: &Array, steps: i32) -> u64 {
+    let per_position = a.nbytes() as u64 / u64::try_from(a.dim(2).max(1)).unwrap_or(1);
+    per_position * u64::try_from(steps.max(0)).unwrap_or(0)
+}
+
 /// `cache` `[B, H, T, D]` with `new` `[B, H, L, D]` written at positions
 /// `at..at + L`.
-fn write_positions(cache: &Array, new: &Array, at: i32) -> Result<Array> {
+pub(crate) fn write_positions(cache: &Array, new: &Array, at: i32) -> Result<Array> {
     let s = cache.shape();
     let l = new.dim(2);
     crate::ffi::slice_update(cache, new, &[0, 0, at, 0], &[s[0], s[1], at + l, s[3]])
@@ -147,7 +191,7 @@ impl Rotation {
 /// queries reads the slots back in temporal order, attends them plus its own
 /// keys under an explicit mask, and leaves the sinks and the last positions
 /// in order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RotatingKvCache {
     window: i32,
     sinks: i32,
@@ -178,6 +222,45 @@ impl RotatingKvCache {
             len: 0,
             next: sinks,
             offset: 0,
+        }
+    }
+
+    /// A cache bounded by `rotation` holding `keys`/`values` `[B, H_kv, T,
+    /// D]` in temporal order: the sinks `0..min(sinks, offset)`, then the
+    /// last `T − that` positions before `offset` (at least the last
+    /// `window − sinks − 1`, which the next query attends, and at most
+    /// `window` slots in all).
+    pub fn from_contents(rotation: Rotation, keys: Array, values: Array, offset: i32) -> Self {
+        let mut cache = Self::with_sinks(rotation);
+        cache.len = keys.dim(2);
+        cache.keys = Some(keys);
+        cache.values = Some(values);
+        cache.offset = offset;
+        cache
+    }
+
+    /// The sinks held and every valid slot in temporal order (the sinks,
+    /// then the recent positions up to the offset); `None` when empty.
+    pub fn contents(&self) -> Result<Option<(i32, Array, Array)>> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if self.len > 0 => Ok(Some((
+                self.sinks_held(),
+                self.ordered(k)?,
+                self.ordered(v)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Bytes the next single-position update allocates.
+    fn growth(&self) -> u64 {
+        let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if self.len < self.window && self.len + 1 > capacity => {
+                let grow = KvCache::STEP.min(self.window - capacity).max(1);
+                step_bytes(k, grow) + step_bytes(v, grow)
+            }
+            _ => 0,
         }
     }
 
@@ -401,8 +484,28 @@ fn rotation_mask(
     causal.logical_and(&visible)
 }
 
+/// The positions of the first new token of each row, as RoPE takes them.
+#[derive(Debug, Clone)]
+pub enum Positions {
+    /// Every row starts at the same position.
+    Start(i32),
+    /// Row `b` starts at element `b` (`[B]`, int32).
+    Rows(Array),
+}
+
+impl Positions {
+    /// The positions `by` further on.
+    pub fn shifted(&self, by: i32) -> Result<Positions> {
+        Ok(match self {
+            _ if by == 0 => self.clone(),
+            Positions::Start(p) => Positions::Start(p + by),
+            Positions::Rows(a) => Positions::Rows(a.add(Array::from_int(by))?),
+        })
+    }
+}
+
 /// The cache of one attention layer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum LayerCache {
     /// Every position.
     Full(KvCache),
@@ -417,6 +520,9 @@ pub enum LayerCache {
         /// Whether the pass has run (a second pass is refused).
         used: bool,
     },
+    /// One layer of a running batch (rows at positions of their own; see
+    /// [`crate::batch_kv`]).
+    Batch(crate::batch_kv::BatchLayer),
 }
 
 impl LayerCache {
@@ -468,7 +574,7 @@ impl LayerCache {
                 mask: mask.clone(),
                 used: false,
             }),
-            LayerCache::Full(_) | LayerCache::Rotating(_) => None,
+            LayerCache::Full(_) | LayerCache::Rotating(_) | LayerCache::Batch(_) => None,
         }
     }
 
@@ -479,7 +585,7 @@ impl LayerCache {
                 window: usize::try_from(c.window).ok()?,
                 sinks: usize::try_from(c.sinks).ok()?,
             }),
-            LayerCache::Full(_) | LayerCache::OneShot { .. } => None,
+            LayerCache::Full(_) | LayerCache::OneShot { .. } | LayerCache::Batch(_) => None,
         }
     }
 
@@ -491,16 +597,40 @@ impl LayerCache {
         match self {
             LayerCache::Full(c) => Ok(c.trim_to(n)),
             LayerCache::Rotating(c) => c.trim_to(n),
-            LayerCache::OneShot { .. } => Ok(false),
+            LayerCache::OneShot { .. } | LayerCache::Batch(_) => Ok(false),
         }
     }
 
-    /// Positions seen so far (the RoPE offset of the next token).
+    /// Positions seen so far (the RoPE offset of the next token) of a
+    /// one-sequence cache; 0 for a cache-less pass and for a batch layer,
+    /// whose rows each have their own (see [`positions`](Self::positions)).
     pub fn offset(&self) -> i32 {
         match self {
             LayerCache::Full(c) => c.offset(),
             LayerCache::Rotating(c) => c.offset(),
-            LayerCache::OneShot { .. } => 0,
+            LayerCache::OneShot { .. } | LayerCache::Batch(_) => 0,
+        }
+    }
+
+    /// The position of the next token of each row, for RoPE.
+    pub fn positions(&self) -> Result<Positions> {
+        match self {
+            LayerCache::Batch(c) => c.positions(),
+            _ => Ok(Positions::Start(self.offset())),
+        }
+    }
+
+    /// Bytes the cache's arrays hold.
+    pub fn bytes(&self) -> u64 {
+        self.arrays().iter().map(|a| a.nbytes() as u64).sum()
+    }
+
+    /// Bytes the next single-position update allocates.
+    pub fn growth(&self) -> u64 {
+        match self {
+            LayerCache::Full(c) => c.growth(),
+            LayerCache::Rotating(c) => c.growth(),
+            LayerCache::OneShot { .. } | LayerCache::Batch(_) => 0,
         }
     }
 
@@ -522,6 +652,7 @@ impl LayerCache {
                 ))
             }
             LayerCache::Rotating(c) => c.update(keys, values),
+            LayerCache::Batch(c) => c.update(keys, values),
             LayerCache::OneShot { mask, used } => {
                 if std::mem::replace(used, true) {
                     return Err(Exception::custom(
@@ -538,6 +669,7 @@ impl LayerCache {
         match self {
             LayerCache::Full(c) => c.arrays().collect(),
             LayerCache::Rotating(c) => c.arrays().collect(),
+            LayerCache::Batch(c) => c.arrays().collect(),
             LayerCache::OneShot { .. } => Vec::new(),
         }
     }
@@ -626,11 +758,11 @@ mod tests {
 }
 
 #[cfg(test)]
-mod rotating_tests {
+pub(crate) mod rotating_tests {
     use super::*;
 
     /// Deterministic pseudo-random values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut x = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -646,7 +778,7 @@ mod rotating_tests {
 
     /// Attention computed naively: query at position `p` attends keys at
     /// positions `j <= p` with `j < sinks` or `p - (window - sinks) < j`.
-    fn naive(
+    pub(crate) fn naive(
         q: &[f32],
         k: &[f32],
         v: &[f32],

@@ -29,6 +29,7 @@
 
 mod backend;
 mod batch;
+mod batch_kv;
 mod cache;
 mod checkpoint;
 pub mod device;

@@ -12,7 +12,7 @@ use mlx_rs::{fast, with_stream, Array, Device, Stream};
 
 use inference_formats::config::{Quantization, Rope, RopeScaling, TextConfig};
 
-use crate::cache::{attend, LayerCache};
+use crate::cache::{attend, LayerCache, Positions};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
 use crate::models::lora::LoraSlot;
@@ -645,12 +645,12 @@ impl<N: Norm> Attention<N> {
             }
             norm(y.reshape(&[b, ly, n, self.head_dim])?)?.transpose_axes(&[0, 2, 1, 3])
         };
-        let offset = cache.offset();
+        let start = cache.positions()?;
         let q = rope.forward(
             &heads(q, self.heads, self.q_norm.as_ref())?,
-            offset + l - lq,
+            &start.shifted(l - lq)?,
         )?;
-        let k = rope.forward(&heads(k, self.kv_heads, self.k_norm.as_ref())?, offset)?;
+        let k = rope.forward(&heads(k, self.kv_heads, self.k_norm.as_ref())?, &start)?;
         let v = heads(v, self.kv_heads, None)?;
         let (k, v, mask) = cache.update(&k, &v)?;
         let mask = if trim { mask.last_query()? } else { mask };
@@ -773,17 +773,29 @@ impl RotaryEmbedding {
         }
     }
 
-    /// Rotates `x` `[B, H, L, D]` whose first position is `offset`.
-    pub fn forward(&self, x: &Array, offset: i32) -> Result<Array> {
-        fast::rope(
-            x,
-            self.dims,
-            false,
-            self.base,
-            self.scale,
-            offset,
-            self.freqs.as_ref(),
-        )
+    /// Rotates `x` `[B, H, L, D]` whose first position (per row, or for
+    /// every row) is `start`.
+    pub fn forward(&self, x: &Array, start: &Positions) -> Result<Array> {
+        match start {
+            Positions::Start(offset) => fast::rope(
+                x,
+                self.dims,
+                false,
+                self.base,
+                self.scale,
+                *offset,
+                self.freqs.as_ref(),
+            ),
+            Positions::Rows(offsets) => fast::rope_dynamic(
+                x,
+                self.dims,
+                false,
+                self.base,
+                self.scale,
+                offsets,
+                self.freqs.as_ref(),
+            ),
+        }
     }
 }
 
