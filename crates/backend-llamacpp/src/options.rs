@@ -67,10 +67,19 @@ pub(crate) fn check_load_options(opts: &LoadOptions) -> Result<()> {
     if opts.dtype.is_some() {
         return refuse("dtype (llama.cpp computes in the GGUF file's own types)");
     }
-    if opts.parallel_slots > 1 {
+    if opts.parallel_slots.is_some_and(|n| n > 1) {
         return refuse(
             "parallel_slots > 1 (calls queue; batch_generate decodes sequences together)",
         );
+    }
+    if opts.kv_budget_bytes.is_some() {
+        return refuse("kv_budget_bytes (calls run one at a time in one context)");
+    }
+    if opts.max_queue.is_some() || opts.queue_timeout.is_some() {
+        return refuse("max_queue and queue_timeout (calls queue on a mutex)");
+    }
+    if opts.prompt_cache_bytes.is_some_and(|n| n > 0) {
+        return refuse("prompt_cache_bytes (chat sessions keep their own KV cache)");
     }
     if opts.memory_limit_bytes.is_some()
         || opts.cache_limit_bytes.is_some()

@@ -30,8 +30,8 @@ use mlx_rs::ops::{concatenate, zeros_dtype};
 use mlx_rs::Array;
 
 use crate::cache::{
-    step_bytes, write_positions, AttnMask, KvCache, LayerCache, Positions, Rotation,
-    RotatingKvCache,
+    step_bytes, write_positions, AttnMask, KvCache, LayerCache, Positions, RotatingKvCache,
+    Rotation,
 };
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -227,13 +227,8 @@ impl BatchKv {
     }
 
     /// Batch rows, holes included.
-    pub fn len(&self) -> usize {
+    pub fn slots(&self) -> usize {
         self.rows.len()
-    }
-
-    /// Whether the batch has no rows at all.
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
     }
 
     /// Rows that are not holes.
@@ -404,7 +399,11 @@ impl BatchKv {
         for c in 0..self.classes.len() {
             let class = &self.classes[c];
             let drop = if class.sinks == 0 {
-                rows.iter().map(|&n| class.cols - n).min().unwrap_or(0).max(0)
+                rows.iter()
+                    .map(|&n| class.cols - n)
+                    .min()
+                    .unwrap_or(0)
+                    .max(0)
             } else {
                 0
             };
@@ -478,9 +477,7 @@ impl BatchKv {
             .filter_map(|r| self.rows[r].map(|n| class.cols - n + class.sinks_held[r]))
             .min()
             .unwrap_or(0);
-        let window = class
-            .recent_window()
-            .map_or(0, |w| class.cols - w + 1);
+        let window = class.recent_window().map_or(0, |w| class.cols - w + 1);
         padding.max(window).clamp(0, class.cols)
     }
 
@@ -576,9 +573,7 @@ impl BatchKv {
                     visible.extend((0..sinks).map(|s| s < held));
                     visible.extend((0..=cols).map(|j| {
                         let q = j - (cols - n);
-                        q >= held
-                            && q <= n
-                            && recent.is_none_or(|w| q < sinks || q > n - w)
+                        q >= held && q <= n && recent.is_none_or(|w| q < sinks || q > n - w)
                     }));
                 }
             }
@@ -586,10 +581,7 @@ impl BatchKv {
         let b = self.rows.len() as i32;
         let positions = match self.rows.as_slice() {
             [Some(n)] => Positions::Start(*n),
-            rows => Positions::Rows(Array::from_iter(
-                rows.iter().map(|r| r.unwrap_or(0)),
-                &[b],
-            )),
+            rows => Positions::Rows(Array::from_iter(rows.iter().map(|r| r.unwrap_or(0)), &[b])),
         };
         let mask = if b == 1 && visible.iter().all(|&v| v) {
             AttnMask::None
@@ -745,7 +737,7 @@ mod tests {
     /// row against naive attention over that row's own positions.
     fn step(batch: &mut BatchKv, seqs: &mut [Seq], rows: &[Option<usize>]) {
         batch.prepare_step().unwrap();
-        let b = batch.len();
+        let b = batch.slots();
         assert_eq!(rows.len(), b);
         let pick = |x: fn(&Seq) -> &Vec<f32>| -> Array {
             let mut flat = Vec::with_capacity(b * D);
@@ -768,7 +760,14 @@ mod tests {
             for (row, s) in rows.iter().enumerate() {
                 let Some(s) = s else { continue };
                 let seq = &seqs[*s];
-                let want = naive(&seq.q[seq.n * D..], &seq.k, &seq.v, D, seq.n..seq.n + 1, effective(r));
+                let want = naive(
+                    &seq.q[seq.n * D..],
+                    &seq.k,
+                    &seq.v,
+                    D,
+                    seq.n..seq.n + 1,
+                    effective(r),
+                );
                 close(
                     &out[row * D..(row + 1) * D],
                     &want,
@@ -841,7 +840,14 @@ mod tests {
             for (cache, r) in alone.iter_mut().zip(rotations()) {
                 let (keys, vals, mask) = cache.update(&k, &v).unwrap();
                 let out = attend(&q, &keys, &vals, 0.5, &mask).unwrap();
-                let want = naive(&seq.q[seq.n * D..], &seq.k, &seq.v, D, seq.n..seq.n + 1, effective(r));
+                let want = naive(
+                    &seq.q[seq.n * D..],
+                    &seq.k,
+                    &seq.v,
+                    D,
+                    seq.n..seq.n + 1,
+                    effective(r),
+                );
                 close(out.as_slice::<f32>(), &want, "extracted");
             }
             seq.n += 1;
@@ -863,7 +869,7 @@ mod tests {
             batch.leave(r);
         }
         batch.compact().unwrap();
-        assert_eq!((batch.len(), batch.bytes()), (0, 0));
+        assert_eq!((batch.slots(), batch.bytes()), (0, 0));
         let c0 = prefill(&mut seqs[0], 4);
         assert_eq!(batch.join(&c0).unwrap(), 0);
         step(&mut batch, &mut seqs, &[Some(0)]);

@@ -95,10 +95,9 @@ impl KvCache {
     pub fn contents(&self) -> Option<(Array, Array)> {
         let end = self.offset;
         match (&self.keys, &self.values) {
-            (Some(k), Some(v)) if end > 0 => Some((
-                k.index((.., .., ..end, ..)),
-                v.index((.., .., ..end, ..)),
-            )),
+            (Some(k), Some(v)) if end > 0 => {
+                Some((k.index((.., .., ..end, ..)), v.index((.., .., ..end, ..))))
+            }
             _ => None,
         }
     }

@@ -1,7 +1,6 @@
 //! [`MlxModel`]: a loaded model served by a worker thread that owns every MLX
 //! array of the model, so calls queue and never share a KV cache.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -58,11 +57,6 @@ pub fn check_load_options(opts: &LoadOptions) -> Result<()> {
             "gpu_layers = {} (MLX places a whole model on one device: use -1 or 0)",
             opts.gpu_layers
         )));
-    }
-    if opts.parallel_slots > 1 {
-        return Err(Error::unsupported(
-            "parallel_slots > 1 (calls on one model queue)",
-        ));
     }
     if opts.threads.is_some() {
         return Err(Error::unsupported(
@@ -143,7 +137,16 @@ impl MlxModel {
             reused_tokens: AtomicUsize::new(0),
             base_parameters: std::sync::atomic::AtomicU64::new(0),
             parameter_counts: std::sync::Mutex::new(None),
+            queued: AtomicUsize::new(0),
+            max_queue: opts.max_queue,
         });
+        let max_rows = opts
+            .parallel_slots
+            .unwrap_or(LoadOptions::DEFAULT_PARALLEL_SLOTS);
+        let (kv_budget, queue_timeout) = (opts.kv_budget_bytes, opts.queue_timeout);
+        let prompt_cache_bytes = opts
+            .prompt_cache_bytes
+            .unwrap_or(crate::scheduler::DEFAULT_PROMPT_CACHE_BYTES);
 
         let dtype = opts.dtype;
         let adapter_path = opts.adapter_path.clone();
@@ -181,7 +184,20 @@ impl MlxModel {
                             .base_parameters
                             .store(info.parameter_count, Ordering::Relaxed);
                         ready.send(Ok(info));
-                        serve(&*model, &worker_shared, queue, state);
+                        let limits = crate::scheduler::Limits {
+                            max_rows,
+                            kv_budget,
+                            queue_timeout,
+                            position_bytes: position_bytes(config.text(), model.dtype()),
+                        };
+                        crate::scheduler::Scheduler::new(
+                            &*model,
+                            &worker_shared,
+                            limits,
+                            prompt_cache_bytes,
+                            state,
+                        )
+                        .run(queue);
                     }
                     Err(e) => ready.send(Err(e)),
                 }
@@ -215,13 +231,23 @@ impl MlxModel {
 
     fn submit(&self, prompt: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
         self.shared.check_prompt(&prompt, self.info.vocab_size)?;
+        self.shared.enter_queue(1)?;
+        self.send_generate(prompt, opts)
+    }
+
+    /// Sends a generation already counted in the queue.
+    fn send_generate(&self, prompt: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
         let (sink, stream) = TokenStream::channel();
-        self.send(Job::Generate(Request {
+        let sent = self.send(Job::Generate(Request {
             prompt,
             opts: opts.clone(),
             sink,
             queued: Instant::now(),
-        }))?;
+        }));
+        if sent.is_err() {
+            self.shared.left_queue();
+        }
+        sent?;
         Ok(stream)
     }
 
@@ -382,13 +408,65 @@ impl MlxModel {
         for p in &prompts {
             self.shared.check_prompt(p, self.info.vocab_size)?;
         }
-        let (reply, answer) = channel();
-        self.send(Job::Batch {
-            prompts,
-            opts: opts.clone(),
-            reply,
-        })?;
-        Self::await_reply(&answer)
+        // Every row is a call of its own on the scheduler, which decodes
+        // them together (with any other calls) as they come and go.
+        let started = Instant::now();
+        self.shared.enter_queue(prompts.len())?;
+        let mut streams = Vec::with_capacity(prompts.len());
+        let mut sent = Ok(());
+        for (i, p) in prompts.into_iter().enumerate() {
+            match self.send_generate(p, opts) {
+                Ok(s) => streams.push(s),
+                Err(e) => {
+                    // The rows not sent leave the queue count.
+                    for _ in i + 1..streams.capacity() {
+                        self.shared.left_queue();
+                    }
+                    sent = Err(e);
+                    break;
+                }
+            }
+        }
+        sent?;
+        let mut results = Vec::with_capacity(streams.len());
+        let (mut prompt_tokens, mut generated, mut first) = (0, 0, None::<std::time::Duration>);
+        for mut stream in streams {
+            let mut tokens = Vec::new();
+            let mut error = None;
+            for item in &mut stream {
+                match item {
+                    Ok(t) => tokens.push(t),
+                    Err(e) => error = Some(e),
+                }
+            }
+            if let Some(m) = stream.metrics() {
+                prompt_tokens += m.prompt_tokens;
+                generated += m.generated_tokens;
+                let to_first = started.elapsed().saturating_sub(m.decode_duration);
+                first = Some(first.map_or(to_first, |f| f.min(to_first)));
+            }
+            let finish_reason = match (&error, stream.finish_reason()) {
+                (None, Some(r)) => r,
+                _ => inference_core::FinishReason::Error,
+            };
+            results.push(BatchResult {
+                tokens,
+                finish_reason,
+                error,
+            });
+        }
+        let total = started.elapsed();
+        let prefill = first.unwrap_or(total);
+        let metrics = GenerateMetrics::from_timings(
+            prompt_tokens,
+            generated,
+            prefill,
+            total.saturating_sub(prefill),
+            total,
+        )
+        .with_memory(memory::peak(), memory::active());
+        self.shared.set_metrics(&metrics);
+        Ok(results)
     }
 
     /// A session driven by token ids, reusing its KV cache between turns
@@ -565,79 +643,15 @@ fn open(path: &Path) -> Result<(Box<dyn ModelSpec>, ModelTokenizer, Source)> {
     Ok((spec, tokenizer, Source::Dir(path.to_path_buf())))
 }
 
-/// Runs jobs in arrival order until the model (and every chat session) is
-/// dropped. Chat sessions' KV caches live here, by session id.
-fn serve(
-    model: &dyn CausalLm,
-    shared: &Shared,
-    queue: Jobs<Job>,
-    mut adapters: Option<tune::AdapterState>,
-) {
-    let mut sessions: HashMap<u64, session::SessionCache> = HashMap::new();
-    for job in queue {
-        let req = match job {
-            Job::Generate(req) => req,
-            Job::Logits { ids, reply } => {
-                let _ = reply.send(generate::last_logits(model, &ids, shared.bounds()));
-                continue;
-            }
-            Job::Score { ids, reply } => {
-                let _ = reply.send(generate::prompt_logprobs(model, &ids, shared.bounds()));
-                continue;
-            }
-            Job::Classify {
-                prompts,
-                opts,
-                reply,
-            } => {
-                let _ = reply.send(crate::batch::classify(
-                    model,
-                    shared.tokenizer(),
-                    &prompts,
-                    &opts,
-                    shared.bounds(),
-                ));
-                continue;
-            }
-            Job::Batch {
-                prompts,
-                opts,
-                reply,
-            } => {
-                let (results, metrics) = crate::batch::batch_generate(
-                    model,
-                    shared.tokenizer(),
-                    &prompts,
-                    &opts,
-                    shared.bounds(),
-                );
-                shared.set_metrics(&metrics);
-                let _ = reply.send(results);
-                continue;
-            }
-            Job::Turn(turn) => {
-                let metrics = session::run(model, shared, &mut sessions, turn);
-                shared.set_metrics(&metrics);
-                continue;
-            }
-            Job::EndSession(id) => {
-                sessions.remove(&id);
-                continue;
-            }
-            Job::Tune(job) => {
-                // Sessions' caches hold attention states of the adapters
-                // before: their next turns prefill afresh.
-                tune::run(job, model, shared, &mut adapters, &mut || sessions.clear());
-                continue;
-            }
-        };
-        let outcome = generate::run(model, shared.tokenizer(), &req, shared.bounds());
-        shared.set_metrics(&outcome.metrics);
-        match outcome.end {
-            Ok(reason) => req.sink.finish(outcome.metrics, reason),
-            Err(e) => req.sink.fail(e),
-        }
-    }
+/// KV bytes of one position in every layer of a model of `config` computing
+/// in `dtype` (what a waiting call's admission is estimated with; windowed
+/// layers count in full).
+fn position_bytes(config: &inference_formats::config::TextConfig, dtype: mlx_rs::Dtype) -> u64 {
+    let per_layer =
+        2 * u64::try_from(config.num_key_value_heads.max(0) * config.head_dim.max(0)).unwrap_or(0);
+    per_layer
+        * u64::try_from(config.num_hidden_layers.max(0)).unwrap_or(0)
+        * crate::ffi::item_size(dtype) as u64
 }
 
 impl TextModel for MlxModel {
@@ -690,12 +704,13 @@ impl TextModel for MlxModel {
         Self::await_reply(&answer)?
     }
 
-    /// Generates a continuation of each prompt. Prompts of equal length (in
-    /// tokens) decode together as one batch with per-row stop, EOS and
-    /// `max_tokens` handling; batches of different lengths run one after
-    /// another on the worker. Each row's greedy ids equal the prompt's
-    /// single [`generate`](TextModel::generate); with sampling, each row has
-    /// its own sampler seeded from `opts.seed`, as a single call would.
+    /// Generates a continuation of each prompt: every prompt is a call of
+    /// its own on the model's scheduler, decoded together with the others
+    /// (and with any other calls) whatever their lengths, each with per-row
+    /// stop, EOS and `max_tokens` handling. Each row's greedy ids are the
+    /// prompt's single [`generate`](TextModel::generate) (up to near-ties
+    /// that batched arithmetic may tip); with sampling, each row has its own
+    /// sampler seeded from `opts.seed`, as a single call would.
     fn batch_generate(
         &self,
         prompts: &[String],

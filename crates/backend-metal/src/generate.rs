@@ -2,24 +2,18 @@
 //! the consumer by MLX's lazy evaluation.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use inference_core::{
-    Error, FinishReason, GenerateMetrics, GenerateOptions, TokenLogprobs, TokenSink,
-};
-use inference_runtime::{stream_tokens, Clock, Sequence};
+use inference_core::{Error, GenerateOptions, TokenLogprobs, TokenSink};
 use mlx_rs::error::Exception;
 use mlx_rs::ops::concatenate;
-use mlx_rs::transforms::{async_eval, eval};
+use mlx_rs::transforms::eval;
 use mlx_rs::Array;
 
 use crate::cache::{LayerCache, Rotation};
 use crate::error::mlx_error;
-use crate::memory;
 use crate::models::layers::last_position;
 use crate::models::CausalLm;
-use crate::sample::{logprobs_of, Sampler};
-use inference_text::{ModelTokenizer, StreamDecoder};
 
 /// Prompt tokens processed per forward pass during prefill (as mlx-lm).
 pub const PREFILL_CHUNK: usize = 2048;
@@ -34,51 +28,6 @@ pub struct Request {
     pub sink: TokenSink,
     /// When the call was made (queueing counts towards the total time).
     pub queued: Instant,
-}
-
-/// What a finished call reports.
-pub struct Outcome {
-    /// The call's metrics.
-    pub metrics: GenerateMetrics,
-    /// Why it ended, or the error that ended it.
-    pub end: Result<FinishReason, Error>,
-}
-
-/// A drawn id (lazily, on the device) with its log-probabilities when the
-/// call asked for them.
-pub(crate) struct Drawn {
-    /// The id.
-    pub(crate) id: Array,
-    /// Its log-probability and the top alternatives (`logprobs_of`).
-    pub(crate) scores: Option<(Array, Option<(Array, Array)>)>,
-}
-
-impl Drawn {
-    /// Draws from `logits` with `sampler`, scoring the draw when `opts`
-    /// ask for log-probabilities.
-    pub(crate) fn draw(
-        logits: &Array,
-        sampler: &mut Sampler,
-        recent: Option<&Array>,
-        opts: &GenerateOptions,
-    ) -> Result<Self, Exception> {
-        let id = sampler.sample(logits, recent)?;
-        let scores = if opts.logprobs {
-            Some(logprobs_of(logits, &id, opts.top_logprobs)?)
-        } else {
-            None
-        };
-        Ok(Self { id, scores })
-    }
-
-    /// Queues the draw's computation.
-    pub(crate) fn queue(&self) -> Result<(), Exception> {
-        // No allocation per step: the arrays are chained, not collected.
-        let scores = self.scores.iter().flat_map(|(chosen, top)| {
-            std::iter::once(chosen).chain(top.iter().flat_map(|(i, v)| [i, v]))
-        });
-        async_eval(std::iter::once(&self.id).chain(scores))
-    }
 }
 
 /// Reads back a draw's scores, one per row (`chosen` `[G]`, top `[G, k]`;
@@ -116,21 +65,6 @@ pub(crate) fn read_scores(
         .zip(top)
         .map(|(logprob, top)| TokenLogprobs { logprob, top })
         .collect())
-}
-
-/// Runs one forward step for `ids` `[1, L]` and returns the next id drawn
-/// by `sampler` (with `recent` for its repeat penalty), lazily, scored as
-/// `opts` ask.
-fn step(
-    model: &dyn CausalLm,
-    ids: &Array,
-    caches: &mut [LayerCache],
-    sampler: &mut Sampler,
-    recent: Option<&Array>,
-    opts: &GenerateOptions,
-) -> Result<Drawn, Exception> {
-    let h = model.hidden(ids, caches)?;
-    Drawn::draw(&model.logits(&last_position(&h))?, sampler, recent, opts)
 }
 
 /// The ids the repeat penalty looks at for the step after `pending`: the
@@ -171,221 +105,6 @@ pub struct Bounds {
     pub context: Option<Rotation>,
     /// Prompt tokens per prefill forward pass.
     pub chunk: usize,
-}
-
-/// A generation that continues caches already holding a prefix of its
-/// prompt, and what it leaves behind: the caches, every id it read back and
-/// the text it streamed.
-pub struct Resumed {
-    /// The KV caches the run continues (empty caches for a full prefill).
-    pub caches: Vec<LayerCache>,
-    /// How many leading prompt ids `caches` already hold; only the rest is
-    /// prefilled.
-    pub cached: usize,
-    /// Every id the run read back, stop and end-of-sequence ids included,
-    /// in order.
-    pub sampled: Vec<u32>,
-    /// The text the run streamed.
-    pub reply: String,
-}
-
-/// Runs `req` to completion, streaming into its sink.
-pub fn run(
-    model: &dyn CausalLm,
-    tokenizer: &ModelTokenizer,
-    req: &Request,
-    bounds: Bounds,
-) -> Outcome {
-    run_resumed(model, tokenizer, req, bounds, None)
-}
-
-/// Runs `req` to completion, streaming into its sink; with `resumed`, on
-/// its caches (prefilling the prompt after `resumed.cached`), recording what
-/// was sampled and streamed.
-pub fn run_resumed(
-    model: &dyn CausalLm,
-    tokenizer: &ModelTokenizer,
-    req: &Request,
-    bounds: Bounds,
-    resumed: Option<&mut Resumed>,
-) -> Outcome {
-    let mut clock = Clock::start(req.queued);
-    memory::reset_peak();
-    let detok = StreamDecoder::new(&tokenizer.inner, &req.prompt);
-    let mut seq = Sequence::new(&req.opts, &tokenizer.eos, detok);
-    let end = decode_loop(model, req, bounds, &mut clock, &mut seq, resumed);
-    let metrics = clock
-        .metrics(req.prompt.len(), seq.generated())
-        .with_memory(memory::peak(), memory::active());
-    Outcome { metrics, end }
-}
-
-fn decode_loop(
-    model: &dyn CausalLm,
-    req: &Request,
-    bounds: Bounds,
-    clock: &mut Clock,
-    seq: &mut Sequence<StreamDecoder<'_>>,
-    resumed: Option<&mut Resumed>,
-) -> Result<FinishReason, Error> {
-    let limit = bounds.limit;
-    let Request {
-        prompt, opts, sink, ..
-    } = req;
-    if sink.prompt(prompt.clone()).is_err() {
-        return Ok(FinishReason::Cancelled);
-    }
-    if opts.prompt_logprobs {
-        // A pass of its own over fresh caches: every position's logits,
-        // which the prefill below does not compute.
-        let lps = prompt_logprobs(model, prompt, bounds)?;
-        if sink.prompt_logprobs(lps).is_err() {
-            return Ok(FinishReason::Cancelled);
-        }
-    }
-    let _span = tracing::debug_span!(
-        "generate",
-        prompt_tokens = prompt.len(),
-        max_tokens = opts.max_tokens
-    )
-    .entered();
-    let mut fresh: Vec<LayerCache>;
-    let (caches, cached, mut record) = match resumed {
-        Some(t) => (
-            &mut t.caches,
-            t.cached,
-            Some((&mut t.sampled, &mut t.reply)),
-        ),
-        None => {
-            fresh = model.new_caches(bounds.context);
-            (&mut fresh, 0, None)
-        }
-    };
-    let Some(last) = prefill(model, &prompt[cached..], caches, bounds.chunk, || {
-        sink.is_cancelled()
-    })
-    .map_err(mlx_error)?
-    else {
-        return Ok(FinishReason::Cancelled);
-    };
-    let mut sampler = Sampler::new(opts).map_err(mlx_error)?;
-    let window = sampler.penalty_window();
-    // The ids read back so far (prompt included), as far as the penalty looks.
-    let mut read: VecDeque<u32> = prompt[prompt.len().saturating_sub(window)..]
-        .iter()
-        .copied()
-        .collect();
-    let recent = recent_ids(&read, None, window).map_err(mlx_error)?;
-    let logits = model.logits(&last).map_err(mlx_error)?;
-    let mut drawn = Drawn::draw(&logits, &mut sampler, recent.as_ref(), opts).map_err(mlx_error)?;
-    drawn.queue().map_err(mlx_error)?;
-
-    let mut profile = StepProfile::default();
-    let mut ready = Vec::new();
-    loop {
-        // Queue the next step before reading this one, so MLX computes it
-        // while the current token is handed over.
-        let context_used = prompt.len() + seq.generated() + 1;
-        let more = seq.generated() + 1 < opts.max_tokens && context_used < limit;
-        let next = if more {
-            let t0 = Instant::now();
-            let y = &drawn.id;
-            let input = y.reshape(&[1, 1]).map_err(mlx_error)?;
-            let recent = recent_ids(&read, Some(y), window).map_err(mlx_error)?;
-            let next = step(model, &input, caches, &mut sampler, recent.as_ref(), opts)
-                .map_err(mlx_error)?;
-            let t1 = Instant::now();
-            next.queue().map_err(mlx_error)?;
-            profile.build += t1 - t0;
-            profile.dispatch += t1.elapsed();
-            Some(next)
-        } else {
-            None
-        };
-        let t0 = Instant::now();
-        let id: u32 = drawn.id.try_item_exact().map_err(mlx_error)?;
-        let scores = match &drawn.scores {
-            Some(s) => read_scores(s).map_err(mlx_error)?.into_iter().next(),
-            None => None,
-        };
-        profile.wait += t0.elapsed();
-        profile.steps += 1;
-        clock.token();
-        if let Some((sampled, _)) = record.as_mut() {
-            sampled.push(id);
-        }
-        if window > 0 {
-            read.push_back(id);
-            if read.len() > window {
-                read.pop_front();
-            }
-        }
-
-        let before = seq.generated();
-        let end = seq
-            .push_scored(id, scores, next.is_none(), &mut ready)
-            .map_err(|e| mlx_error(&e))?;
-        if seq.generated() > before && seq.generated() % memory::CLEAR_CACHE_EVERY == 0 {
-            memory::clear_cache();
-        }
-        if !stream_tokens(sink, &mut ready, reply_of(&mut record)) {
-            return Ok(FinishReason::Cancelled);
-        }
-        if let Some(reason) = end {
-            return Ok(reason);
-        }
-        if sink.is_cancelled() {
-            return Ok(FinishReason::Cancelled);
-        }
-        match next {
-            Some(next) => drawn = next,
-            // `max_tokens`, or the end of the context after a prompt that
-            // fitted: a normal end with the tokens kept (OpenAI's and
-            // llama.cpp's `length`).
-            None => {
-                if seq.generated() < opts.max_tokens {
-                    tracing::debug!(positions = context_used, limit, "the context is full");
-                }
-                seq.finish(&mut ready);
-                if !stream_tokens(sink, &mut ready, reply_of(&mut record)) {
-                    return Ok(FinishReason::Cancelled);
-                }
-                return Ok(FinishReason::Length);
-            }
-        }
-    }
-}
-
-/// Where a decode loop's time goes, summed over its steps: building the next
-/// step's graph, handing it to MLX, and waiting for the current token.
-/// Reported at `debug` level when the loop ends (the rest of the wall time
-/// is detokenising, stop strings and streaming).
-#[derive(Debug, Default)]
-struct StepProfile {
-    steps: u32,
-    build: Duration,
-    dispatch: Duration,
-    wait: Duration,
-}
-
-/// Logged when dropped, on every way out of the loop.
-impl Drop for StepProfile {
-    fn drop(&mut self) {
-        let p = &*self;
-        let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(p.steps.max(1));
-        tracing::debug!(
-            steps = p.steps,
-            build_us = per(p.build),
-            dispatch_us = per(p.dispatch),
-            wait_us = per(p.wait),
-            "decode step profile (means)"
-        );
-    }
-}
-
-/// The reply text a resumed run records, if the run records one.
-fn reply_of<'a>(record: &'a mut Option<(&mut Vec<u32>, &mut String)>) -> Option<&'a mut String> {
-    record.as_mut().map(|(_, reply)| &mut **reply)
 }
 
 /// Runs the prompt through the model in chunks of `chunk` tokens, filling

@@ -16,20 +16,15 @@
 //! was and the next turn prefills in full. Dropping or resetting the session
 //! frees its cache.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use inference_core::{
-    ChatSession, FinishReason, GenerateMetrics, GenerateOptions, HistoryOverflow, Message, Result,
-    TokenStream,
-};
-use inference_runtime::session::{cached_ids, reusable_prefix, Conversation, Turn as SessionTurn};
+use inference_core::{ChatSession, GenerateOptions, HistoryOverflow, Message, Result, TokenStream};
+use inference_runtime::session::{reusable_prefix, Conversation, Turn as SessionTurn};
 
 use crate::cache::LayerCache;
-use crate::generate::{self, Request, Resumed};
-use crate::models::CausalLm;
+use crate::generate::Request;
 use crate::worker::{check_generate_options, Job, Shared, TurnJob, Worker};
 
 /// Session ids, unique in the process.
@@ -37,8 +32,10 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A session's KV cache on the worker and the ids it holds.
 pub(crate) struct SessionCache {
-    caches: Vec<LayerCache>,
-    ids: Vec<u32>,
+    /// One cache per layer.
+    pub(crate) caches: Vec<LayerCache>,
+    /// The ids they hold.
+    pub(crate) ids: Vec<u32>,
 }
 
 /// What both kinds of session hold: an id, the model's worker, and the
@@ -69,10 +66,11 @@ impl SessionCore {
         turn: SessionTurn,
         opts: &GenerateOptions,
     ) -> Result<TokenStream> {
+        self.shared.enter_queue(1)?;
         let (sink, stream) = TokenStream::channel();
         // A job the worker never takes drops its turn, which makes the
         // session idle again.
-        self.worker.send(Job::Turn(TurnJob {
+        let sent = self.worker.send(Job::Turn(TurnJob {
             id: self.id,
             req: Request {
                 prompt,
@@ -81,7 +79,11 @@ impl SessionCore {
                 queued: Instant::now(),
             },
             turn,
-        }))?;
+        }));
+        if sent.is_err() {
+            self.shared.left_queue();
+        }
+        sent?;
         Ok(stream)
     }
 
@@ -188,7 +190,7 @@ impl IdSession {
 /// The session's caches cut back to the longest prefix they share with
 /// `prompt` (as [`reusable_prefix`] rules), and that prefix's length;
 /// `None` when nothing can be reused.
-fn reuse(mut cache: SessionCache, prompt: &[u32]) -> Option<(Vec<LayerCache>, usize)> {
+pub(crate) fn reuse(mut cache: SessionCache, prompt: &[u32]) -> Option<(Vec<LayerCache>, usize)> {
     let common = reusable_prefix(&cache.ids, prompt);
     tracing::debug!(common, cached = cache.ids.len(), "chat session prefix");
     if common == 0 {
@@ -206,61 +208,4 @@ fn reuse(mut cache: SessionCache, prompt: &[u32]) -> Option<(Vec<LayerCache>, us
         }
     }
     Some((cache.caches, common))
-}
-
-/// Runs one turn on the worker: on the session's cache when the prompt
-/// extends the ids it holds, else on empty caches; keeps the cache and
-/// extends the history when the turn ends well. Returns the turn's metrics.
-pub(crate) fn run(
-    model: &dyn CausalLm,
-    shared: &Shared,
-    sessions: &mut HashMap<u64, SessionCache>,
-    job: TurnJob,
-) -> GenerateMetrics {
-    let TurnJob { id, req, turn } = job;
-    let prompt = &req.prompt;
-    let bounds = shared.bounds();
-    let (caches, cached) = match sessions.remove(&id).and_then(|c| reuse(c, prompt)) {
-        Some(reused) => reused,
-        None => (model.new_caches(bounds.context), 0),
-    };
-    tracing::debug!(
-        session = id,
-        cached,
-        prompt_tokens = prompt.len(),
-        "chat session turn"
-    );
-    shared.note_reused(cached);
-    let mut state = Resumed {
-        caches,
-        cached,
-        sampled: Vec::new(),
-        reply: String::new(),
-    };
-    let outcome = generate::run_resumed(model, shared.tokenizer(), &req, bounds, Some(&mut state));
-    if matches!(outcome.end, Ok(FinishReason::Stop | FinishReason::Length)) {
-        let offset = state
-            .caches
-            .first()
-            .map_or(0, |c| usize::try_from(c.offset()).unwrap_or(0));
-        if let Some(ids) = cached_ids(prompt, &state.sampled, offset) {
-            sessions.insert(
-                id,
-                SessionCache {
-                    caches: state.caches,
-                    ids,
-                },
-            );
-        }
-        turn.commit(state.reply);
-    } else {
-        // The session is idle again before its stream ends.
-        drop(turn);
-    }
-    let metrics = outcome.metrics.clone();
-    match outcome.end {
-        Ok(reason) => req.sink.finish(outcome.metrics, reason),
-        Err(e) => req.sink.fail(e),
-    }
-    metrics
 }

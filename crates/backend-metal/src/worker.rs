@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 
 use inference_core::{
-    BatchResult, ClassifyResult, Error, GenerateMetrics, GenerateOptions, LastMetrics, Message,
-    ParameterCounts, Result,
+    ClassifyResult, Error, GenerateMetrics, GenerateOptions, LastMetrics, Message, ParameterCounts,
+    Result,
 };
 use inference_runtime::check;
 use inference_text::{ChatTokenizer, ModelTokenizer};
@@ -33,12 +33,6 @@ pub(crate) enum Job {
         prompts: Vec<Vec<u32>>,
         opts: GenerateOptions,
         reply: Sender<Result<Vec<ClassifyResult>>>,
-    },
-    /// A continuation of each prompt, batched.
-    Batch {
-        prompts: Vec<Vec<u32>>,
-        opts: GenerateOptions,
-        reply: Sender<Vec<BatchResult>>,
     },
     /// One turn of a chat session, on the session's KV cache.
     Turn(TurnJob),
@@ -84,6 +78,10 @@ pub(crate) struct Shared {
     pub(crate) base_parameters: std::sync::atomic::AtomicU64,
     /// Parameters with the adapters, once there are adapters.
     pub(crate) parameter_counts: std::sync::Mutex<Option<ParameterCounts>>,
+    /// Generations sent to the worker that have not started yet.
+    pub(crate) queued: AtomicUsize,
+    /// `LoadOptions::max_queue`.
+    pub(crate) max_queue: Option<usize>,
 }
 
 impl Shared {
@@ -125,6 +123,30 @@ impl Shared {
             messages,
             &inference_core::RenderOptions::for_chat(opts),
         )
+    }
+
+    /// Counts `n` more generations waiting to start, refusing them with
+    /// [`Error::Busy`] when the queue would outgrow `max_queue`.
+    pub(crate) fn enter_queue(&self, n: usize) -> Result<()> {
+        let now = self.queued.fetch_add(n, Ordering::AcqRel);
+        if let Some(limit) = self.max_queue {
+            if now + n > limit {
+                self.queued.fetch_sub(n, Ordering::AcqRel);
+                return Err(Error::Busy {
+                    waiting: now,
+                    limit,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a generation that left the queue (it started, or ended
+    /// without starting).
+    pub(crate) fn left_queue(&self) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// Counts `tokens` prompt tokens a session turn did not prefill.

@@ -238,7 +238,6 @@ fn unsupported_options_and_bad_input_are_refused_before_work() {
     let path = fixture("qwen3-f32");
     for (opts, what) in [
         (LoadOptions::new().gpu_layers(2), "gpu_layers"),
-        (LoadOptions::new().parallel_slots(4), "parallel_slots"),
         (LoadOptions::new().threads(1), "threads"),
         (
             LoadOptions::new().kv_cache_type(inference_core::KvCacheType::Q8_0),

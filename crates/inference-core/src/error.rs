@@ -108,6 +108,33 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The model's queue is full: the call was refused at once rather than
+    /// queued (a server answers 429 or 503). Try again later.
+    #[error("inference: busy: {waiting} calls are already waiting (the queue holds {limit})")]
+    Busy {
+        /// Calls waiting when this one came.
+        waiting: usize,
+        /// The queue's limit.
+        limit: usize,
+    },
+
+    /// The call waited longer than its time limit before it could start.
+    #[error("inference: timed out after {waited_ms} ms waiting for a free slot")]
+    Timeout {
+        /// How long it waited, in milliseconds.
+        waited_ms: u64,
+    },
+
+    /// The call needs more KV-cache memory than the model's budget allows,
+    /// even running alone.
+    #[error("inference: KV memory budget exceeded: {needed} bytes needed, the budget is {budget}")]
+    MemoryBudget {
+        /// Bytes the call needed.
+        needed: u64,
+        /// The budget, in bytes.
+        budget: u64,
+    },
+
     /// A failure inside a backend.
     #[error("inference: backend {backend:?}: {message}")]
     Backend {

@@ -511,8 +511,30 @@ pub struct LoadOptions {
     /// device (the GPU where there is one), 0 is the CPU. Other values are
     /// refused with [`Error::Unsupported`] by backends that cannot split a model.
     pub gpu_layers: i32,
-    /// Generations a model may run at once; 1 (the default) queues calls.
-    pub parallel_slots: usize,
+    /// Generations a model may decode at once (its batch size): calls
+    /// beyond it wait, first come first served. `None` (the default) is the
+    /// backend's choice: the MLX backend batches up to
+    /// [`DEFAULT_PARALLEL_SLOTS`](Self::DEFAULT_PARALLEL_SLOTS) calls as they
+    /// come (continuous batching); a backend that runs one call at a time
+    /// refuses values above 1.
+    pub parallel_slots: Option<usize>,
+    /// A budget for the KV caches of the calls running at once, in bytes:
+    /// calls wait for room to start, and when running calls outgrow it the
+    /// newest are paused (their caches dropped, recomputed when they
+    /// resume); a call that alone outgrows it ends with
+    /// [`Error::MemoryBudget`]. `None` (the default): no budget.
+    pub kv_budget_bytes: Option<u64>,
+    /// Calls that may wait for a slot; one more is refused at once with
+    /// [`Error::Busy`]. `None` (the default): no limit.
+    pub max_queue: Option<usize>,
+    /// How long a call may wait for a slot before it ends with
+    /// [`Error::Timeout`]. `None` (the default): as long as it takes.
+    pub queue_timeout: Option<std::time::Duration>,
+    /// Bytes of KV caches kept from finished calls, so that a later prompt
+    /// sharing a prefix with an earlier one (a system prompt, a growing
+    /// conversation) prefills only the rest. `None` (the default) is the
+    /// backend's choice; `Some(0)` keeps nothing.
+    pub prompt_cache_bytes: Option<u64>,
     /// A LoRA adapter to apply on load.
     pub adapter_path: Option<PathBuf>,
     /// The dtype to compute in; `None` keeps the checkpoint's.
@@ -546,7 +568,11 @@ impl Default for LoadOptions {
             sink_tokens: Self::DEFAULT_SINK_TOKENS,
             allow_past_max_positions: false,
             gpu_layers: -1,
-            parallel_slots: 1,
+            parallel_slots: None,
+            kv_budget_bytes: None,
+            max_queue: None,
+            queue_timeout: None,
+            prompt_cache_bytes: None,
             adapter_path: None,
             dtype: None,
             memory_limit_bytes: None,
@@ -563,6 +589,11 @@ impl Default for LoadOptions {
 impl LoadOptions {
     /// Attention sinks a rotating cache keeps by default (as mlx-lm).
     pub const DEFAULT_SINK_TOKENS: usize = 4;
+
+    /// The batch size of a backend that batches calls, unless
+    /// [`parallel_slots`](Self::parallel_slots) says otherwise (mlx-lm's
+    /// `BatchGenerator` decodes 32 at once by default too).
+    pub const DEFAULT_PARALLEL_SLOTS: usize = 32;
 
     /// The defaults.
     pub fn new() -> Self {
@@ -601,7 +632,31 @@ impl LoadOptions {
 
     /// Sets [`parallel_slots`](Self::parallel_slots).
     pub fn parallel_slots(mut self, n: usize) -> Self {
-        self.parallel_slots = n;
+        self.parallel_slots = Some(n);
+        self
+    }
+
+    /// Sets [`kv_budget_bytes`](Self::kv_budget_bytes).
+    pub fn kv_budget_bytes(mut self, bytes: u64) -> Self {
+        self.kv_budget_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets [`max_queue`](Self::max_queue).
+    pub fn max_queue(mut self, n: usize) -> Self {
+        self.max_queue = Some(n);
+        self
+    }
+
+    /// Sets [`queue_timeout`](Self::queue_timeout).
+    pub fn queue_timeout(mut self, wait: std::time::Duration) -> Self {
+        self.queue_timeout = Some(wait);
+        self
+    }
+
+    /// Sets [`prompt_cache_bytes`](Self::prompt_cache_bytes).
+    pub fn prompt_cache_bytes(mut self, bytes: u64) -> Self {
+        self.prompt_cache_bytes = Some(bytes);
         self
     }
 
@@ -689,10 +744,22 @@ impl LoadOptions {
                 ),
             ));
         }
-        if self.parallel_slots == 0 {
+        if self.parallel_slots == Some(0) {
             return Err(Error::invalid_option(
                 "parallel_slots",
                 "must be at least 1",
+            ));
+        }
+        if self.kv_budget_bytes == Some(0) {
+            return Err(Error::invalid_option(
+                "kv_budget_bytes",
+                "must be more than 0",
+            ));
+        }
+        if self.queue_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::invalid_option(
+                "queue_timeout",
+                "must be more than 0",
             ));
         }
         if self.threads == Some(0) {
@@ -730,7 +797,7 @@ mod tests {
         assert!(g.validate().is_ok());
         let l = LoadOptions::default();
         assert_eq!(l.gpu_layers, -1);
-        assert_eq!(l.parallel_slots, 1);
+        assert_eq!(l.parallel_slots, None);
         assert!(l.validate().is_ok());
     }
 

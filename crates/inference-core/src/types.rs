@@ -338,6 +338,11 @@ pub struct GenerateMetrics {
     pub peak_memory_bytes: u64,
     /// Active device memory at the end of the call, in bytes (0 where unknown).
     pub active_memory_bytes: u64,
+    /// Prompt tokens taken from a KV cache (a chat session's, or a prompt
+    /// cache shared across calls) instead of being prefilled; they count in
+    /// `prompt_tokens` too.
+    #[serde(default)]
+    pub cached_prompt_tokens: usize,
 }
 
 impl GenerateMetrics {
@@ -369,7 +374,14 @@ impl GenerateMetrics {
             decode_tokens_per_sec: rate(generated_tokens.saturating_sub(1), decode),
             peak_memory_bytes: 0,
             active_memory_bytes: 0,
+            cached_prompt_tokens: 0,
         }
+    }
+
+    /// These metrics with `tokens` prompt tokens taken from a cache.
+    pub fn with_cached_prompt_tokens(mut self, tokens: usize) -> Self {
+        self.cached_prompt_tokens = tokens;
+        self
     }
 
     /// These metrics with the memory figures set.

@@ -33,4 +33,4 @@ mod worker;
 
 pub use clock::Clock;
 pub use steps::{stream_tokens, Sequence, StepError};
-pub use worker::{Jobs, Ready, Worker};
+pub use worker::{Jobs, Poll, Ready, Worker};

@@ -37,6 +37,41 @@ impl<T> Ready<T> {
 /// [`Worker`] handle is dropped.
 pub struct Jobs<J>(Receiver<J>);
 
+/// What [`Jobs::poll`] found.
+#[derive(Debug)]
+pub enum Poll<J> {
+    /// A job.
+    Job(J),
+    /// No job came in time (or none was waiting, without a wait).
+    Empty,
+    /// Every [`Worker`] handle was dropped and no job is left.
+    Closed,
+}
+
+impl<J> Jobs<J> {
+    /// The next job: waiting for one up to `wait` (`None` waits as long as
+    /// it takes, a zero duration does not wait).
+    pub fn poll(&self, wait: Option<std::time::Duration>) -> Poll<J> {
+        use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+        match wait {
+            None => match self.0.recv() {
+                Ok(job) => Poll::Job(job),
+                Err(_) => Poll::Closed,
+            },
+            Some(d) if d.is_zero() => match self.0.try_recv() {
+                Ok(job) => Poll::Job(job),
+                Err(TryRecvError::Empty) => Poll::Empty,
+                Err(TryRecvError::Disconnected) => Poll::Closed,
+            },
+            Some(d) => match self.0.recv_timeout(d) {
+                Ok(job) => Poll::Job(job),
+                Err(RecvTimeoutError::Timeout) => Poll::Empty,
+                Err(RecvTimeoutError::Disconnected) => Poll::Closed,
+            },
+        }
+    }
+}
+
 impl<J> IntoIterator for Jobs<J> {
     type Item = J;
     type IntoIter = std::sync::mpsc::IntoIter<J>;

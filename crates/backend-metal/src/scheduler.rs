@@ -1,0 +1,1133 @@
+//! Continuous batching: the model's worker runs every generation (single
+//! calls, chat turns, `batch_generate` rows) through one scheduler that
+//! keeps a running batch.
+//!
+//! Each pass of the loop:
+//!
+//! 1. takes the jobs that came in, in arrival order (FIFO): a generation
+//!    starts when a slot is free and the KV budget has room (or waits, up to
+//!    its time limit); other jobs (logits, scores, classify, ending a
+//!    session) run when they reach the front; fine-tuning waits until no
+//!    generation runs;
+//! 2. prefills one chunk of the oldest starting call, alone (a long prompt
+//!    takes several passes, so it never stalls the others' next token for
+//!    more than a chunk); its first token is drawn when its prompt is done;
+//! 3. runs one decode step of every running call as one forward pass: a call
+//!    alone decodes on its own caches exactly as before batching; two or more
+//!    decode in a [`BatchKv`] (rows at positions of their own, under a mask);
+//! 4. reads back the previous step's tokens (the next step is already
+//!    queued, so MLX computes it meanwhile) and streams them; calls that end
+//!    (a stop, `max_tokens`, the context, a cancel) leave at once.
+//!
+//! Each call keeps its own options (sampler and seed, penalties, logit bias,
+//! stop ids and strings, `max_tokens`, logprobs). A chat session's cache
+//! belongs to the session; finished calls leave theirs to the
+//! [`PromptCache`], which later calls sharing a prefix reuse.
+//!
+//! With a KV budget, when a step would outgrow it the newest calls are
+//! paused: their caches are dropped and they wait at the front of the queue
+//! to be prefilled again (prompt and tokens so far) and go on where they
+//! were; a call that alone outgrows the budget ends with
+//! [`Error::MemoryBudget`].
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use inference_core::{Error, FinishReason, GenerateMetrics, Token, TokenLogprobs};
+use inference_runtime::session::{cached_ids, Turn as SessionTurn};
+use inference_runtime::{stream_tokens, Clock, Jobs, Poll, Sequence};
+use mlx_rs::error::Exception;
+use mlx_rs::ops::concatenate;
+use mlx_rs::ops::indexing::{argmax_axis, IndexOp};
+use mlx_rs::transforms::{async_eval, eval};
+use mlx_rs::{Array, Dtype};
+
+use crate::batch_kv::BatchKv;
+use crate::cache::{KvCache, LayerCache};
+use crate::error::mlx_error;
+use crate::generate::{self, read_scores, recent_ids, Request};
+use crate::memory;
+use crate::models::layers::last_position;
+use crate::models::CausalLm;
+use crate::prompt_cache::PromptCache;
+use crate::sample::{logprobs_of, Sampler};
+use crate::session::{self, SessionCache};
+use crate::tune;
+use crate::worker::{Job, Shared, TurnJob};
+use inference_text::{ModelTokenizer, StreamDecoder};
+
+/// Prompt tokens a starting call prefills per pass while others decode: a
+/// long prompt delays the running calls' next token by this much at most.
+pub const INTERLEAVED_CHUNK: usize = 512;
+
+/// Bytes of finished calls' caches kept for later prompts, unless
+/// `LoadOptions::prompt_cache_bytes` says otherwise.
+pub const DEFAULT_PROMPT_CACHE_BYTES: u64 = 512 << 20;
+
+/// How the scheduler admits calls.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Calls decoding (or prefilling) at once.
+    pub max_rows: usize,
+    /// KV bytes the running calls may hold.
+    pub kv_budget: Option<u64>,
+    /// How long a call may wait to start.
+    pub queue_timeout: Option<Duration>,
+    /// KV bytes of a position, every layer (to estimate a waiting call's
+    /// need).
+    pub position_bytes: u64,
+}
+
+/// A log-probability draw, as `logprobs_of` returns it.
+type Scores = (Array, Option<(Array, Array)>);
+
+/// Ids drawn for some rows at once (lazily), and once read, on the host.
+struct Draw {
+    /// `[G]` uint32.
+    ids: Array,
+    /// Per position: the log-probabilities, where the row asked for them.
+    scores: Vec<Option<Scores>>,
+    host: Option<(Vec<u32>, Vec<Option<TokenLogprobs>>)>,
+}
+
+impl Draw {
+    fn queue(&self) -> Result<(), Exception> {
+        let scores = self.scores.iter().flatten().flat_map(|(chosen, top)| {
+            std::iter::once(chosen).chain(top.iter().flat_map(|(i, v)| [i, v]))
+        });
+        async_eval(std::iter::once(&self.ids).chain(scores))
+    }
+
+    /// The id (and scores) at `index`, reading the draw back once.
+    fn read(&mut self, index: usize) -> Result<(u32, Option<TokenLogprobs>), Exception> {
+        if self.host.is_none() {
+            self.ids.eval()?;
+            let ids: Vec<u32> = self
+                .ids
+                .try_as_slice::<u32>()
+                .map_err(|e| Exception::custom(e.to_string()))?
+                .to_vec();
+            let mut scores = Vec::with_capacity(self.scores.len());
+            for s in &self.scores {
+                scores.push(match s {
+                    Some(s) => read_scores(s)?.into_iter().next(),
+                    None => None,
+                });
+            }
+            self.host = Some((ids, scores));
+        }
+        let (ids, scores) = self
+            .host
+            .as_ref()
+            .ok_or_else(|| Exception::custom("unread"))?;
+        let id = *ids
+            .get(index)
+            .ok_or_else(|| Exception::custom("a draw has no such row"))?;
+        Ok((id, scores.get(index).cloned().flatten()))
+    }
+}
+
+/// Where a row's next unread id is: a draw and a position in it.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    draw: usize,
+    index: usize,
+}
+
+/// Where a row's KV cache is.
+enum Place {
+    /// Prefilling `feed` (the prompt after what the caches hold, or after a
+    /// pause the prompt and every token so far), `done` of it so far.
+    Prefill {
+        caches: Vec<LayerCache>,
+        feed: Vec<u32>,
+        done: usize,
+    },
+    /// Decoding on caches of its own.
+    Alone(Vec<LayerCache>),
+    /// Decoding in the batch, at this row.
+    Batch(usize),
+    /// No cache: paused, or finished.
+    None,
+}
+
+/// A chat-session turn's side of a row.
+struct TurnState {
+    id: u64,
+    turn: SessionTurn,
+    /// False once the session ended while the turn ran: its cache is not
+    /// kept.
+    keep: bool,
+}
+
+/// A call that started (or was paused).
+struct Row<'t> {
+    /// Admission order: larger is newer.
+    order: u64,
+    req: Request,
+    turn: Option<TurnState>,
+    seq: Sequence<StreamDecoder<'t>>,
+    sampler: Sampler,
+    /// The repeat penalty's window (0: off).
+    window: usize,
+    /// Ids the penalty looks at (prompt included), as far as it looks.
+    read: VecDeque<u32>,
+    /// Every id read back, stop and end ids included.
+    sampled: Vec<u32>,
+    /// The text streamed (a session turn's reply).
+    reply: String,
+    clock: Clock,
+    ready: Vec<Token>,
+    /// Prompt tokens taken from a cache.
+    cached: usize,
+    place: Place,
+    /// The unread id drawn last (the next step's input).
+    pending: Option<Pending>,
+    /// The id the step queued this pass draws.
+    next: Option<Pending>,
+    /// Paused this pass: requeued once its pending id is read.
+    paused: bool,
+    /// Whether the sampler alone draws (argmax of plain logits): such rows
+    /// are drawn together.
+    plain_greedy: bool,
+    end: Option<Result<FinishReason, Error>>,
+}
+
+impl Row<'_> {
+    fn decoding(&self) -> bool {
+        matches!(self.place, Place::Alone(_) | Place::Batch(_))
+    }
+
+    /// Whether a step follows the pending id: room under `max_tokens` and
+    /// the context after it.
+    fn wants_step(&self, limit: usize) -> bool {
+        let generated = self.seq.generated();
+        generated + 1 < self.req.opts.max_tokens
+            && self.req.prompt.len() + generated + 1 < limit
+            && !self.paused
+            && self.end.is_none()
+    }
+
+    /// Whether its cache outlives it (a session's, or for the prompt cache).
+    fn keeps_cache(&self, prompt_cache: bool) -> bool {
+        match &self.turn {
+            Some(t) => t.keep,
+            None => prompt_cache,
+        }
+    }
+}
+
+/// A job not started yet: as it came, or a paused row. (The queue holds
+/// few of them, and moves them once: their size does not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Waiting<'t> {
+    Job(Job),
+    Paused(Row<'t>),
+}
+
+/// The scheduler of one model's worker.
+pub(crate) struct Scheduler<'a> {
+    model: &'a dyn CausalLm,
+    shared: &'a Shared,
+    tokenizer: &'a ModelTokenizer,
+    limits: Limits,
+    waiting: VecDeque<Waiting<'a>>,
+    rows: Vec<Row<'a>>,
+    batch: Option<BatchKv>,
+    /// Draws not read yet, and the draws of the step queued this pass.
+    unread: Vec<Draw>,
+    fresh: Vec<Draw>,
+    sessions: HashMap<u64, SessionCache>,
+    prompt_cache: PromptCache,
+    adapters: Option<tune::AdapterState>,
+    admitted: u64,
+    steps: u64,
+}
+
+impl<'a> Scheduler<'a> {
+    pub(crate) fn new(
+        model: &'a dyn CausalLm,
+        shared: &'a Shared,
+        limits: Limits,
+        prompt_cache_bytes: u64,
+        adapters: Option<tune::AdapterState>,
+    ) -> Self {
+        Self {
+            model,
+            shared,
+            tokenizer: shared.tokenizer(),
+            limits,
+            waiting: VecDeque::new(),
+            rows: Vec::new(),
+            batch: None,
+            unread: Vec::new(),
+            fresh: Vec::new(),
+            sessions: HashMap::new(),
+            prompt_cache: PromptCache::new(prompt_cache_bytes),
+            adapters,
+            admitted: 0,
+            steps: 0,
+        }
+    }
+
+    /// Serves `jobs` until every handle of the worker is dropped and every
+    /// call has ended.
+    pub(crate) fn run(mut self, jobs: Jobs<Job>) {
+        let mut open = true;
+        loop {
+            if open {
+                open = self.receive(&jobs);
+            }
+            if !open && self.rows.is_empty() && self.waiting.is_empty() {
+                return;
+            }
+            self.expire();
+            self.start_jobs();
+            if let Err(e) = self.pass() {
+                self.fail_running(&e);
+            }
+            self.retire();
+        }
+    }
+
+    /// Takes the jobs that came in (waiting for one when there is nothing
+    /// else to do); false once the channel is closed.
+    fn receive(&mut self, jobs: &Jobs<Job>) -> bool {
+        let idle = self.rows.is_empty() && self.waiting.is_empty();
+        let wait = if idle {
+            None
+        } else if self.rows.is_empty() {
+            // Only waiting jobs that cannot start (a timeout may end them).
+            Some(Duration::from_millis(50))
+        } else {
+            Some(Duration::ZERO)
+        };
+        let mut first = true;
+        loop {
+            match jobs.poll(if first { wait } else { Some(Duration::ZERO) }) {
+                Poll::Job(job) => self.waiting.push_back(Waiting::Job(job)),
+                Poll::Empty => return true,
+                Poll::Closed => return false,
+            }
+            first = false;
+        }
+    }
+
+    /// Ends waiting calls that were cancelled or waited too long.
+    fn expire(&mut self) {
+        let timeout = self.limits.queue_timeout;
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        while let Some(w) = self.waiting.pop_front() {
+            let (sink, waited) = match &w {
+                Waiting::Job(Job::Generate(r)) => (&r.sink, r.queued.elapsed()),
+                Waiting::Job(Job::Turn(t)) => (&t.req.sink, t.req.queued.elapsed()),
+                // A paused call has started: no time limit.
+                Waiting::Paused(row) => (&row.req.sink, Duration::ZERO),
+                Waiting::Job(_) => {
+                    kept.push_back(w);
+                    continue;
+                }
+            };
+            let end = if sink.is_cancelled() {
+                Some(Ok(FinishReason::Cancelled))
+            } else if timeout.is_some_and(|t| waited > t) {
+                Some(Err(Error::Timeout {
+                    waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                }))
+            } else {
+                None
+            };
+            match end {
+                None => kept.push_back(w),
+                Some(end) => self.drop_waiting(w, end),
+            }
+        }
+        self.waiting = kept;
+    }
+
+    /// Ends a call that never ran (or was paused) with `end`.
+    fn drop_waiting(&mut self, w: Waiting<'a>, end: Result<FinishReason, Error>) {
+        let req = match w {
+            Waiting::Job(Job::Generate(req)) => {
+                self.shared.left_queue();
+                req
+            }
+            Waiting::Job(Job::Turn(t)) => {
+                self.shared.left_queue();
+                t.req
+            }
+            Waiting::Paused(mut row) => {
+                row.end = Some(end);
+                self.finish(row);
+                return;
+            }
+            Waiting::Job(_) => return,
+        };
+        let metrics = Clock::start(req.queued).metrics(req.prompt.len(), 0);
+        match end {
+            Ok(reason) => req.sink.finish(metrics, reason),
+            Err(e) => req.sink.fail(e),
+        }
+    }
+
+    /// Bytes of every KV cache the running calls hold.
+    fn kv_bytes(&self) -> u64 {
+        let own: u64 = self
+            .rows
+            .iter()
+            .map(|r| match &r.place {
+                Place::Prefill { caches, .. } | Place::Alone(caches) => {
+                    caches.iter().map(LayerCache::bytes).sum()
+                }
+                Place::Batch(_) | Place::None => 0,
+            })
+            .sum();
+        own + self.batch.as_ref().map_or(0, BatchKv::bytes)
+    }
+
+    /// Starts jobs from the front of the queue while they can start.
+    fn start_jobs(&mut self) {
+        while let Some(front) = self.waiting.front() {
+            let needs = match front {
+                Waiting::Job(Job::Generate(r)) => Some(r.prompt.len()),
+                Waiting::Job(Job::Turn(t)) => Some(t.req.prompt.len()),
+                Waiting::Paused(row) => Some(row.req.prompt.len() + row.sampled.len()),
+                Waiting::Job(Job::Tune(_)) if !self.rows.is_empty() => return,
+                Waiting::Job(_) => None,
+            };
+            if let Some(positions) = needs {
+                if self.rows.len() >= self.limits.max_rows {
+                    return;
+                }
+                if let Some(budget) = self.limits.kv_budget {
+                    let step = KvCache::STEP as u64;
+                    let positions = (positions as u64 + 1).div_ceil(step) * step;
+                    let need = positions * self.limits.position_bytes;
+                    if self.kv_bytes() + need > budget {
+                        if self.rows.is_empty() {
+                            let Some(w) = self.waiting.pop_front() else {
+                                return;
+                            };
+                            let end = Err(Error::MemoryBudget {
+                                needed: need,
+                                budget,
+                            });
+                            self.drop_waiting(w, end);
+                            continue;
+                        }
+                        return;
+                    }
+                }
+            }
+            let Some(w) = self.waiting.pop_front() else {
+                return;
+            };
+            match w {
+                Waiting::Job(job) => self.start(job),
+                Waiting::Paused(row) => self.resume(row),
+            }
+        }
+    }
+
+    /// Runs or starts `job`.
+    fn start(&mut self, job: Job) {
+        let bounds = self.shared.bounds();
+        match job {
+            Job::Generate(req) => {
+                self.shared.left_queue();
+                let found = self.prompt_cache.take(&req.prompt);
+                self.admit(req, None, found);
+            }
+            Job::Turn(TurnJob { id, req, turn }) => {
+                self.shared.left_queue();
+                let found = self
+                    .sessions
+                    .remove(&id)
+                    .and_then(|c| session::reuse(c, &req.prompt));
+                tracing::debug!(
+                    session = id,
+                    cached = found.as_ref().map_or(0, |f| f.1),
+                    prompt_tokens = req.prompt.len(),
+                    "chat session turn"
+                );
+                self.shared.note_reused(found.as_ref().map_or(0, |f| f.1));
+                let turn = TurnState {
+                    id,
+                    turn,
+                    keep: true,
+                };
+                self.admit(req, Some(turn), found);
+            }
+            Job::Logits { ids, reply } => {
+                let _ = reply.send(generate::last_logits(self.model, &ids, bounds));
+            }
+            Job::Score { ids, reply } => {
+                let _ = reply.send(generate::prompt_logprobs(self.model, &ids, bounds));
+            }
+            Job::Classify {
+                prompts,
+                opts,
+                reply,
+            } => {
+                let _ = reply.send(crate::batch::classify(
+                    self.model,
+                    self.tokenizer,
+                    &prompts,
+                    &opts,
+                    bounds,
+                ));
+            }
+            Job::EndSession(id) => {
+                self.sessions.remove(&id);
+                for row in &mut self.rows {
+                    if let Some(t) = row.turn.as_mut().filter(|t| t.id == id) {
+                        t.keep = false;
+                    }
+                }
+            }
+            Job::Tune(job) => {
+                // Caches hold attention states of the adapters before: the
+                // sessions' next turns and later prompts prefill afresh.
+                let (sessions, prompt_cache) = (&mut self.sessions, &mut self.prompt_cache);
+                tune::run(
+                    job,
+                    self.model,
+                    self.shared,
+                    &mut self.adapters,
+                    &mut || {
+                        sessions.clear();
+                        prompt_cache.clear();
+                    },
+                );
+            }
+        }
+    }
+
+    /// Makes a row of `req`, on the cache `found` (and how many prompt
+    /// tokens it holds) or on fresh caches, and starts its prefill.
+    fn admit(
+        &mut self,
+        req: Request,
+        turn: Option<TurnState>,
+        found: Option<(Vec<LayerCache>, usize)>,
+    ) {
+        let bounds = self.shared.bounds();
+        let fail = |req: Request, end: Result<FinishReason, Error>, turn: Option<TurnState>| {
+            drop(turn);
+            let metrics = Clock::start(req.queued).metrics(req.prompt.len(), 0);
+            match end {
+                Ok(reason) => req.sink.finish(metrics, reason),
+                Err(e) => req.sink.fail(e),
+            }
+        };
+        if req.sink.prompt(req.prompt.clone()).is_err() {
+            return fail(req, Ok(FinishReason::Cancelled), turn);
+        }
+        if req.opts.prompt_logprobs {
+            // A pass of its own over fresh caches: every position's logits,
+            // which the prefill does not compute.
+            match generate::prompt_logprobs(self.model, &req.prompt, bounds) {
+                Ok(lps) => {
+                    if req.sink.prompt_logprobs(lps).is_err() {
+                        return fail(req, Ok(FinishReason::Cancelled), turn);
+                    }
+                }
+                Err(e) => return fail(req, Err(e), turn),
+            }
+        }
+        let sampler = match Sampler::new(&req.opts) {
+            Ok(s) => s,
+            Err(e) => return fail(req, Err(mlx_error(&e)), turn),
+        };
+        let window = sampler.penalty_window();
+        let opts = &req.opts;
+        let plain_greedy = sampler.is_greedy()
+            && window == 0
+            && !opts.uses_presence_frequency()
+            && opts.logit_bias.is_empty()
+            && !opts.logprobs;
+        let (caches, cached) = found.unwrap_or_else(|| (self.model.new_caches(bounds.context), 0));
+        let detok = StreamDecoder::new(&self.tokenizer.inner, &req.prompt);
+        self.admitted += 1;
+        let row = Row {
+            order: self.admitted,
+            seq: Sequence::new(&req.opts, &self.tokenizer.eos, detok),
+            read: req.prompt[req.prompt.len().saturating_sub(window)..]
+                .iter()
+                .copied()
+                .collect(),
+            sampler,
+            window,
+            sampled: Vec::new(),
+            reply: String::new(),
+            clock: Clock::start(req.queued),
+            ready: Vec::new(),
+            cached,
+            place: Place::Prefill {
+                caches,
+                feed: req.prompt[cached..].to_vec(),
+                done: 0,
+            },
+            pending: None,
+            next: None,
+            paused: false,
+            plain_greedy,
+            end: None,
+            turn,
+            req,
+        };
+        self.rows.push(row);
+    }
+
+    /// Starts a paused row again: its prompt and every token so far are
+    /// prefilled, then it draws its next token as if never paused.
+    fn resume(&mut self, mut row: Row<'a>) {
+        let mut feed = row.req.prompt.clone();
+        feed.extend_from_slice(&row.sampled);
+        row.place = Place::Prefill {
+            caches: self.model.new_caches(self.shared.bounds().context),
+            feed,
+            done: 0,
+        };
+        row.paused = false;
+        self.rows.push(row);
+    }
+
+    /// One pass: a prefill chunk, the budget, a decode step, the reads.
+    fn pass(&mut self) -> Result<(), Error> {
+        self.prefill_chunk()?;
+        self.keep_to_budget();
+        self.step()?;
+        self.read_back();
+        std::mem::swap(&mut self.unread, &mut self.fresh);
+        self.fresh.clear();
+        Ok(())
+    }
+
+    /// Prefills one chunk of the oldest prefilling row; when its prompt is
+    /// done, draws its first token (queued, unread).
+    fn prefill_chunk(&mut self) -> Result<(), Error> {
+        let decoding = self.rows.iter().any(Row::decoding);
+        let bounds = self.shared.bounds();
+        let chunk = if decoding {
+            bounds.chunk.min(INTERLEAVED_CHUNK)
+        } else {
+            bounds.chunk
+        }
+        .max(1);
+        let Some(r) = self
+            .rows
+            .iter()
+            .position(|r| matches!(r.place, Place::Prefill { .. }) && r.end.is_none())
+        else {
+            return Ok(());
+        };
+        let model = self.model;
+        let row = &mut self.rows[r];
+        if row.req.sink.is_cancelled() {
+            row.end = Some(Ok(FinishReason::Cancelled));
+            return Ok(());
+        }
+        let Place::Prefill {
+            caches, feed, done, ..
+        } = &mut row.place
+        else {
+            return Ok(());
+        };
+        let rest = &feed[*done..];
+        if rest.len() > chunk {
+            let part = &rest[..chunk];
+            model
+                .hidden(&Array::from_slice(part, &[1, chunk as i32]), caches)
+                .map_err(mlx_error)?;
+            let state: Vec<&Array> = caches.iter().flat_map(LayerCache::arrays).collect();
+            eval(state).map_err(mlx_error)?;
+            *done += chunk;
+            return Ok(());
+        }
+        let h = model
+            .hidden_last(&Array::from_slice(rest, &[1, rest.len() as i32]), caches)
+            .map_err(mlx_error)?;
+        let logits = model.logits(&last_position(&h)).map_err(mlx_error)?;
+        let recent = recent_ids(&row.read, None, row.window).map_err(mlx_error)?;
+        let draw = draw_one(
+            &mut row.sampler,
+            &logits,
+            recent.as_ref(),
+            row.req.opts.logprobs,
+            row.req.opts.top_logprobs,
+        )
+        .map_err(mlx_error)?;
+        draw.queue().map_err(mlx_error)?;
+        let Place::Prefill { caches, .. } = std::mem::replace(&mut row.place, Place::None) else {
+            return Ok(());
+        };
+        row.place = Place::Alone(caches);
+        row.pending = Some(Pending {
+            draw: self.unread.len(),
+            index: 0,
+        });
+        self.unread.push(draw);
+        Ok(())
+    }
+
+    /// With a KV budget: pauses the newest decoding rows while the next
+    /// step would outgrow it; a row alone that would ends with an error.
+    fn keep_to_budget(&mut self) {
+        let Some(budget) = self.limits.kv_budget else {
+            return;
+        };
+        loop {
+            let growth: u64 = self
+                .rows
+                .iter()
+                .filter(|r| !r.paused && r.end.is_none())
+                .map(|r| match &r.place {
+                    Place::Alone(c) => c.iter().map(LayerCache::growth).sum(),
+                    _ => 0,
+                })
+                .sum::<u64>()
+                + self.batch.as_ref().map_or(0, BatchKv::growth);
+            let used = self.kv_bytes();
+            if used + growth <= budget {
+                return;
+            }
+            let mut live: Vec<usize> = (0..self.rows.len())
+                .filter(|&i| {
+                    let r = &self.rows[i];
+                    !r.paused && r.end.is_none() && !matches!(r.place, Place::None)
+                })
+                .collect();
+            live.sort_by_key(|&i| self.rows[i].order);
+            let Some(&newest) = live.last() else { return };
+            if live.len() == 1 {
+                let row = &mut self.rows[newest];
+                row.end = Some(Err(Error::MemoryBudget {
+                    needed: used + growth,
+                    budget,
+                }));
+                self.drop_cache(newest);
+                return;
+            }
+            tracing::debug!(
+                order = self.rows[newest].order,
+                used,
+                growth,
+                budget,
+                "pausing a call"
+            );
+            self.rows[newest].paused = true;
+            self.drop_cache(newest);
+        }
+    }
+
+    /// Frees row `r`'s cache (its batch row becomes a hole).
+    fn drop_cache(&mut self, r: usize) {
+        if let Place::Batch(b) = std::mem::replace(&mut self.rows[r].place, Place::None) {
+            if let Some(batch) = self.batch.as_mut() {
+                batch.leave(b);
+            }
+        }
+    }
+
+    /// Queues one decode step of every row that takes one.
+    fn step(&mut self) -> Result<(), Error> {
+        let limit = self.shared.bounds().limit;
+        let steppers: Vec<usize> = (0..self.rows.len())
+            .filter(|&i| {
+                let r = &self.rows[i];
+                r.decoding()
+                    && r.pending.is_some()
+                    && r.wants_step(limit)
+                    && !r.req.sink.is_cancelled()
+            })
+            .collect();
+        // Rows in the batch that take no step leave it now (keeping their
+        // cache where it outlives them).
+        let keep_all = self.prompt_cache.enabled();
+        for i in 0..self.rows.len() {
+            if steppers.contains(&i) {
+                continue;
+            }
+            if let Place::Batch(b) = self.rows[i].place {
+                let batch = self.batch.as_mut().ok_or_else(no_batch)?;
+                let keep = self.rows[i].keeps_cache(keep_all)
+                    && self.rows[i].end.is_none()
+                    && !self.rows[i].paused;
+                self.rows[i].place = if keep {
+                    Place::Alone(batch.extract(b).map_err(mlx_error)?)
+                } else {
+                    Place::None
+                };
+                batch.leave(b);
+            }
+        }
+        if steppers.is_empty() {
+            self.settle_batch()?;
+            return Ok(());
+        }
+        self.steps += 1;
+        if self.steps % memory::CLEAR_CACHE_EVERY as u64 == 0 {
+            memory::clear_cache();
+        }
+        if steppers.len() == 1 {
+            return self.step_alone(steppers[0]);
+        }
+        self.step_batch(&steppers)
+    }
+
+    /// Drops the batch's holes when they are many, and the batch when no
+    /// row is left.
+    fn settle_batch(&mut self) -> Result<(), Error> {
+        let Some(batch) = self.batch.as_mut() else {
+            return Ok(());
+        };
+        let holes = batch.slots() - batch.live();
+        if batch.live() == 0 {
+            self.batch = None;
+            return Ok(());
+        }
+        if holes * 2 > batch.slots() {
+            let map = batch.compact().map_err(mlx_error)?;
+            for row in &mut self.rows {
+                if let Place::Batch(b) = row.place {
+                    row.place = Place::Batch(map[b].ok_or_else(no_batch)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A decode step of row `r` alone, on caches of its own (a row that was
+    /// in the batch takes its cache out first).
+    fn step_alone(&mut self, r: usize) -> Result<(), Error> {
+        if let Place::Batch(b) = self.rows[r].place {
+            let batch = self.batch.as_mut().ok_or_else(no_batch)?;
+            let caches = batch.extract(b).map_err(mlx_error)?;
+            batch.leave(b);
+            self.rows[r].place = Place::Alone(caches);
+        }
+        self.settle_batch()?;
+        let model = self.model;
+        let row = &mut self.rows[r];
+        let pending = row.pending.ok_or_else(no_batch)?;
+        let y = self.unread[pending.draw]
+            .ids
+            .index(pending.index as i32)
+            .reshape(&[1])
+            .map_err(mlx_error)?;
+        let Place::Alone(caches) = &mut row.place else {
+            return Err(no_batch());
+        };
+        let input = y.reshape(&[1, 1]).map_err(mlx_error)?;
+        let h = model.hidden(&input, caches).map_err(mlx_error)?;
+        let logits = model.logits(&last_position(&h)).map_err(mlx_error)?;
+        let recent = recent_ids(&row.read, Some(&y), row.window).map_err(mlx_error)?;
+        let draw = draw_one(
+            &mut row.sampler,
+            &logits,
+            recent.as_ref(),
+            row.req.opts.logprobs,
+            row.req.opts.top_logprobs,
+        )
+        .map_err(mlx_error)?;
+        draw.queue().map_err(mlx_error)?;
+        row.next = Some(Pending {
+            draw: self.fresh.len(),
+            index: 0,
+        });
+        self.fresh.push(draw);
+        Ok(())
+    }
+
+    /// A decode step of `steppers` (two or more) as one batch.
+    fn step_batch(&mut self, steppers: &[usize]) -> Result<(), Error> {
+        let model = self.model;
+        // Everyone joins the batch.
+        for &i in steppers {
+            if matches!(self.rows[i].place, Place::Batch(_)) {
+                continue;
+            }
+            let Place::Alone(caches) = std::mem::replace(&mut self.rows[i].place, Place::None)
+            else {
+                return Err(no_batch());
+            };
+            let batch = self.batch.get_or_insert_with(|| BatchKv::new(&caches));
+            let b = batch.join(&caches).map_err(mlx_error)?;
+            self.rows[i].place = Place::Batch(b);
+        }
+        self.settle_batch()?;
+        let batch = self.batch.as_mut().ok_or_else(no_batch)?;
+        let n = batch.slots();
+        // Batch row → row.
+        let mut owner: Vec<Option<usize>> = vec![None; n];
+        for &i in steppers {
+            if let Place::Batch(b) = self.rows[i].place {
+                owner[b] = Some(i);
+            }
+        }
+        // Inputs: each row's pending id (a hole feeds id 0).
+        let zero = Array::from_slice(&[0u32], &[1]);
+        let mut inputs = Vec::with_capacity(n);
+        let mut pending_ids: Vec<Option<Array>> = vec![None; n];
+        for (b, o) in owner.iter().enumerate() {
+            match o {
+                Some(i) => {
+                    let p = self.rows[*i].pending.ok_or_else(no_batch)?;
+                    let y = self.unread[p.draw]
+                        .ids
+                        .index(p.index as i32..p.index as i32 + 1);
+                    pending_ids[b] = Some(y.clone());
+                    inputs.push(y);
+                }
+                None => inputs.push(zero.clone()),
+            }
+        }
+        let input = concatenate(&inputs, 0)
+            .and_then(|a| a.reshape(&[n as i32, 1]))
+            .map_err(mlx_error)?;
+        batch.prepare_step().map_err(mlx_error)?;
+        let h = model
+            .hidden(&input, batch.layers_mut())
+            .map_err(mlx_error)?;
+        batch.finish_step();
+        let logits = model.logits(&last_position(&h)).map_err(mlx_error)?;
+        // Draw: one argmax for every row when none needs more.
+        let together = owner.iter().flatten().all(|&i| self.rows[i].plain_greedy);
+        let draw = if together {
+            Draw {
+                ids: argmax_axis(&logits, -1, false)
+                    .and_then(|a| a.as_dtype(Dtype::Uint32))
+                    .map_err(mlx_error)?,
+                scores: vec![None; n],
+                host: None,
+            }
+        } else {
+            let mut ids = Vec::with_capacity(n);
+            let mut scores = Vec::with_capacity(n);
+            for (b, o) in owner.iter().enumerate() {
+                let Some(i) = o else {
+                    ids.push(zero.clone());
+                    scores.push(None);
+                    continue;
+                };
+                let row = &mut self.rows[*i];
+                let row_logits = logits.index(b as i32..b as i32 + 1);
+                let recent = recent_ids(&row.read, pending_ids[b].as_ref(), row.window)
+                    .map_err(mlx_error)?;
+                let one = draw_one(
+                    &mut row.sampler,
+                    &row_logits,
+                    recent.as_ref(),
+                    row.req.opts.logprobs,
+                    row.req.opts.top_logprobs,
+                )
+                .map_err(mlx_error)?;
+                ids.push(one.ids);
+                scores.push(one.scores.into_iter().next().flatten());
+            }
+            Draw {
+                ids: concatenate(&ids, 0).map_err(mlx_error)?,
+                scores,
+                host: None,
+            }
+        };
+        draw.queue().map_err(mlx_error)?;
+        let d = self.fresh.len();
+        self.fresh.push(draw);
+        for (b, o) in owner.iter().enumerate() {
+            if let Some(i) = o {
+                self.rows[*i].next = Some(Pending { draw: d, index: b });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads back every pending id and streams it; rows without a next
+    /// step end (or, paused, wait to resume).
+    fn read_back(&mut self) {
+        for i in 0..self.rows.len() {
+            let row = &mut self.rows[i];
+            let Some(p) = row.pending.take() else {
+                continue;
+            };
+            let next = row.next.take();
+            if row.end.is_some() {
+                continue;
+            }
+            let (id, scores) = match self.unread[p.draw].read(p.index) {
+                Ok(x) => x,
+                Err(e) => {
+                    row.end = Some(Err(mlx_error(&e)));
+                    continue;
+                }
+            };
+            row.clock.token();
+            row.sampled.push(id);
+            if row.window > 0 {
+                row.read.push_back(id);
+                if row.read.len() > row.window {
+                    row.read.pop_front();
+                }
+            }
+            let last = next.is_none() && !row.paused;
+            let end = match row.seq.push_scored(id, scores, last, &mut row.ready) {
+                Ok(end) => end,
+                Err(e) => {
+                    row.end = Some(Err(mlx_error(&e)));
+                    continue;
+                }
+            };
+            let reply = row.turn.is_some().then_some(&mut row.reply);
+            if !stream_tokens(&row.req.sink, &mut row.ready, reply) {
+                row.end = Some(Ok(FinishReason::Cancelled));
+                continue;
+            }
+            if let Some(reason) = end {
+                row.end = Some(Ok(reason));
+            } else if row.req.sink.is_cancelled() {
+                row.end = Some(Ok(FinishReason::Cancelled));
+            } else if last {
+                // `max_tokens` or the end of the context: a normal end with
+                // the tokens kept.
+                row.seq.finish(&mut row.ready);
+                let reply = row.turn.is_some().then_some(&mut row.reply);
+                row.end = Some(if stream_tokens(&row.req.sink, &mut row.ready, reply) {
+                    Ok(FinishReason::Length)
+                } else {
+                    Ok(FinishReason::Cancelled)
+                });
+            } else {
+                row.pending = next;
+            }
+        }
+    }
+
+    /// Ends the rows that ended and requeues the paused ones.
+    fn retire(&mut self) {
+        let mut i = 0;
+        let mut paused = Vec::new();
+        while i < self.rows.len() {
+            let row = &self.rows[i];
+            let done = row.end.is_some();
+            let pause = !done && row.paused && row.pending.is_none();
+            if !done && !pause {
+                i += 1;
+                continue;
+            }
+            let mut row = self.rows.remove(i);
+            if let Place::Batch(b) = row.place {
+                if let Some(batch) = self.batch.as_mut() {
+                    let keep = done
+                        && row.keeps_cache(self.prompt_cache.enabled())
+                        && matches!(row.end, Some(Ok(FinishReason::Stop | FinishReason::Length)));
+                    row.place = match batch.extract(b) {
+                        Ok(c) if keep => Place::Alone(c),
+                        _ => Place::None,
+                    };
+                    batch.leave(b);
+                }
+            }
+            if done {
+                self.finish(row);
+            } else {
+                row.place = Place::None;
+                paused.push(row);
+            }
+        }
+        // The paused wait at the front, oldest first.
+        paused.sort_by_key(|r| std::cmp::Reverse(r.order));
+        for row in paused {
+            self.waiting.push_front(Waiting::Paused(row));
+        }
+        if self.batch.as_ref().is_some_and(|b| b.live() == 0) {
+            self.batch = None;
+        }
+    }
+
+    /// Ends every running row with `e` (a failed forward pass).
+    fn fail_running(&mut self, e: &Error) {
+        let message = e.to_string();
+        for row in &mut self.rows {
+            if row.end.is_none() {
+                row.end = Some(Err(Error::backend(crate::error::NAME, message.clone())));
+            }
+            row.pending = None;
+            row.place = Place::None;
+        }
+        self.batch = None;
+        self.unread.clear();
+        self.fresh.clear();
+    }
+
+    /// Reports a finished row: its metrics, its stream's end, and its
+    /// cache to its session or to the prompt cache.
+    fn finish(&mut self, mut row: Row<'a>) {
+        let end = row.end.take().unwrap_or(Ok(FinishReason::Length));
+        let metrics = row
+            .clock
+            .metrics(row.req.prompt.len(), row.seq.generated())
+            .with_memory(memory::peak(), memory::active())
+            .with_cached_prompt_tokens(row.cached);
+        self.shared.set_metrics(&metrics);
+        let good = matches!(end, Ok(FinishReason::Stop | FinishReason::Length));
+        let caches = match std::mem::replace(&mut row.place, Place::None) {
+            Place::Alone(c) if good => Some(c),
+            _ => None,
+        };
+        let kept = caches.and_then(|c| {
+            let offset = c
+                .first()
+                .map_or(0, |c| usize::try_from(c.offset()).unwrap_or(0));
+            cached_ids(&row.req.prompt, &row.sampled, offset).map(|ids| (c, ids))
+        });
+        match row.turn.take() {
+            Some(t) => {
+                if good {
+                    if let (Some((caches, ids)), true) = (kept, t.keep) {
+                        self.sessions.insert(t.id, SessionCache { caches, ids });
+                    }
+                    t.turn.commit(std::mem::take(&mut row.reply));
+                }
+            }
+            None => {
+                if let Some((caches, ids)) = kept {
+                    self.prompt_cache.insert(ids, caches);
+                }
+            }
+        }
+        finish_sink(row.req, metrics, end);
+    }
+}
+
+fn finish_sink(req: Request, metrics: GenerateMetrics, end: Result<FinishReason, Error>) {
+    match end {
+        Ok(reason) => req.sink.finish(metrics, reason),
+        Err(e) => req.sink.fail(e),
+    }
+}
+
+fn no_batch() -> Error {
+    Error::backend(crate::error::NAME, "the scheduler lost track of a row")
+}
+
+/// One row's draw from `logits` `[1, V]` by `sampler`, scored when asked.
+fn draw_one(
+    sampler: &mut Sampler,
+    logits: &Array,
+    recent: Option<&Array>,
+    logprobs: bool,
+    top: usize,
+) -> Result<Draw, Exception> {
+    let id = sampler.sample(logits, recent)?;
+    let scores = if logprobs {
+        Some(logprobs_of(logits, &id, top)?)
+    } else {
+        None
+    };
+    Ok(Draw {
+        ids: id.as_dtype(Dtype::Uint32)?.reshape(&[1])?,
+        scores: vec![scores],
+        host: None,
+    })
+}
