@@ -139,6 +139,7 @@ impl MlxModel {
             parameter_counts: std::sync::Mutex::new(None),
             queued: AtomicUsize::new(0),
             max_queue: opts.max_queue,
+            counters: crate::scheduler::Counters::default(),
         });
         let max_rows = opts
             .parallel_slots
@@ -275,6 +276,15 @@ impl MlxModel {
     /// from their KV caches instead of prefilling them, in all so far.
     pub fn reused_prompt_tokens(&self) -> usize {
         self.shared.reused_tokens.load(Ordering::Relaxed)
+    }
+
+    /// What the model's scheduler has done so far (decode steps, how many
+    /// calls they batched, pauses, prompt-cache reuse) and how many calls
+    /// run and wait now.
+    pub fn scheduler_stats(&self) -> crate::SchedulerStats {
+        self.shared
+            .counters
+            .snapshot(self.shared.queued.load(Ordering::Relaxed))
     }
 
     /// Sets how many prompt tokens one prefill forward pass takes (default

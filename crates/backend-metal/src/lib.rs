@@ -19,6 +19,10 @@
 //! Models: the Qwen3 / Qwen2 / Llama decoder family from Hugging Face
 //! safetensors directories (f32, f16, bf16, or MLX affine-quantised).
 //!
+//! Calls on one model run through a scheduler on its worker (continuous
+//! batching, see `scheduler.rs`): concurrent calls decode together, each
+//! at its own position, joining and leaving between steps.
+//!
 //! Between logits and text: [`sample`] (the sampling chain, on the device);
 //! tokenizers, chat templates, streaming detokenisation and stop strings come
 //! from `inference-text`, model files from `inference-formats`.
@@ -55,6 +59,7 @@ pub use backend::{placement_for, MetalBackend, MlxBackend};
 pub use engine::{MlxModel, Placement};
 pub use error::{METAL_NAME, NAME};
 pub use mlx_rs;
+pub use scheduler::SchedulerStats;
 pub use session::IdSession;
 
 inference_core::register_backend!(|| Box::new(MlxBackend));

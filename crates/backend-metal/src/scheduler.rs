@@ -31,6 +31,7 @@
 //! [`Error::MemoryBudget`].
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use inference_core::{Error, FinishReason, GenerateMetrics, Token, TokenLogprobs};
@@ -76,6 +77,61 @@ pub struct Limits {
     /// KV bytes of a position, every layer (to estimate a waiting call's
     /// need).
     pub position_bytes: u64,
+}
+
+/// What a model's scheduler has done so far (see
+/// [`MlxModel::scheduler_stats`](crate::MlxModel::scheduler_stats)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SchedulerStats {
+    /// Decode steps run.
+    pub steps: u64,
+    /// Decode steps that decoded two or more calls in one forward pass.
+    pub batched_steps: u64,
+    /// The most calls one step decoded.
+    pub largest_batch: usize,
+    /// Calls paused (their caches dropped) to keep to the KV budget.
+    pub paused: u64,
+    /// Prompt tokens calls took from the prompt cache.
+    pub prompt_cache_tokens: u64,
+    /// Calls running (prefilling or decoding) now.
+    pub running: usize,
+    /// Calls waiting to start now.
+    pub waiting: usize,
+}
+
+/// The scheduler's counters, shared with the callers' side.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    steps: AtomicU64,
+    batched_steps: AtomicU64,
+    largest_batch: AtomicUsize,
+    paused: AtomicU64,
+    prompt_cache_tokens: AtomicU64,
+    running: AtomicUsize,
+}
+
+impl Counters {
+    /// A snapshot, with `waiting` calls queued.
+    pub(crate) fn snapshot(&self, waiting: usize) -> SchedulerStats {
+        SchedulerStats {
+            steps: self.steps.load(Ordering::Relaxed),
+            batched_steps: self.batched_steps.load(Ordering::Relaxed),
+            largest_batch: self.largest_batch.load(Ordering::Relaxed),
+            paused: self.paused.load(Ordering::Relaxed),
+            prompt_cache_tokens: self.prompt_cache_tokens.load(Ordering::Relaxed),
+            running: self.running.load(Ordering::Relaxed),
+            waiting,
+        }
+    }
+
+    fn step(&self, rows: usize) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        if rows > 1 {
+            self.batched_steps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.largest_batch.fetch_max(rows, Ordering::Relaxed);
+    }
 }
 
 /// A log-probability draw, as `logprobs_of` returns it.
@@ -287,6 +343,10 @@ impl<'a> Scheduler<'a> {
                 self.fail_running(&e);
             }
             self.retire();
+            self.shared
+                .counters
+                .running
+                .store(self.rows.len(), Ordering::Relaxed);
         }
     }
 
@@ -436,6 +496,12 @@ impl<'a> Scheduler<'a> {
             Job::Generate(req) => {
                 self.shared.left_queue();
                 let found = self.prompt_cache.take(&req.prompt);
+                if let Some((_, n)) = &found {
+                    self.shared
+                        .counters
+                        .prompt_cache_tokens
+                        .fetch_add(*n as u64, Ordering::Relaxed);
+                }
                 self.admit(req, None, found);
             }
             Job::Turn(TurnJob { id, req, turn }) => {
@@ -678,6 +744,12 @@ impl<'a> Scheduler<'a> {
             return;
         };
         loop {
+            // Holes hold memory until the batch is compacted.
+            if self.batch.as_ref().is_some_and(|b| b.live() < b.slots()) {
+                if let Err(e) = self.compact_batch() {
+                    tracing::warn!(error = %e, "cannot compact the batch");
+                }
+            }
             let growth: u64 = self
                 .rows
                 .iter()
@@ -717,6 +789,7 @@ impl<'a> Scheduler<'a> {
                 "pausing a call"
             );
             self.rows[newest].paused = true;
+            self.shared.counters.paused.fetch_add(1, Ordering::Relaxed);
             self.drop_cache(newest);
         }
     }
@@ -770,6 +843,7 @@ impl<'a> Scheduler<'a> {
         if self.steps % memory::CLEAR_CACHE_EVERY as u64 == 0 {
             memory::clear_cache();
         }
+        self.shared.counters.step(steppers.len());
         if steppers.len() == 1 {
             return self.step_alone(steppers[0]);
         }
@@ -788,11 +862,20 @@ impl<'a> Scheduler<'a> {
             return Ok(());
         }
         if holes * 2 > batch.slots() {
-            let map = batch.compact().map_err(mlx_error)?;
-            for row in &mut self.rows {
-                if let Place::Batch(b) = row.place {
-                    row.place = Place::Batch(map[b].ok_or_else(no_batch)?);
-                }
+            self.compact_batch()?;
+        }
+        Ok(())
+    }
+
+    /// Drops the batch's holes, renumbering the rows in it.
+    fn compact_batch(&mut self) -> Result<(), Error> {
+        let Some(batch) = self.batch.as_mut() else {
+            return Ok(());
+        };
+        let map = batch.compact().map_err(mlx_error)?;
+        for row in &mut self.rows {
+            if let Place::Batch(b) = row.place {
+                row.place = Place::Batch(map[b].ok_or_else(no_batch)?);
             }
         }
         Ok(())

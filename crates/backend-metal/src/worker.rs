@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     pub(crate) queued: AtomicUsize,
     /// `LoadOptions::max_queue`.
     pub(crate) max_queue: Option<usize>,
+    /// What the scheduler has done.
+    pub(crate) counters: crate::scheduler::Counters,
 }
 
 impl Shared {
