@@ -625,7 +625,10 @@ impl BatchKv {
                     }
                     concatenate(&parts, 2)
                 };
-                let (keys, values) = (pick(k)?, pick(v)?);
+                // Copies of their own, computed now: a view would keep the
+                // whole batch's storage alive and make its next update copy it.
+                let (keys, values) = (pick(k)?.contiguous()?, pick(v)?.contiguous()?);
+                mlx_rs::transforms::async_eval([&keys, &values])?;
                 out[l] = Some(match class.rotation {
                     None => LayerCache::Full(KvCache::from_contents(keys, values)),
                     Some(rotation) => LayerCache::Rotating(RotatingKvCache::from_contents(

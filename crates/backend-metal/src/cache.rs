@@ -611,6 +611,44 @@ impl LayerCache {
         }
     }
 
+    /// Splits a cache of `rows` sequences (a prefill of several prompts of
+    /// one length at once) into one cache per sequence.
+    pub fn split_rows(&self, rows: usize) -> Result<Vec<LayerCache>> {
+        let row = |a: &Array, r: usize| a.index(r as i32..r as i32 + 1);
+        match self {
+            LayerCache::Full(c) => {
+                let (k, v) = c
+                    .contents()
+                    .ok_or_else(|| Exception::custom("splitting an empty cache"))?;
+                Ok((0..rows)
+                    .map(|r| LayerCache::Full(KvCache::from_contents(row(&k, r), row(&v, r))))
+                    .collect())
+            }
+            LayerCache::Rotating(c) => {
+                let (_, k, v) = c
+                    .contents()?
+                    .ok_or_else(|| Exception::custom("splitting an empty cache"))?;
+                let rotation = Rotation {
+                    window: usize::try_from(c.window).unwrap_or(1),
+                    sinks: usize::try_from(c.sinks).unwrap_or(0),
+                };
+                Ok((0..rows)
+                    .map(|r| {
+                        LayerCache::Rotating(RotatingKvCache::from_contents(
+                            rotation,
+                            row(&k, r),
+                            row(&v, r),
+                            c.offset,
+                        ))
+                    })
+                    .collect())
+            }
+            LayerCache::OneShot { .. } | LayerCache::Batch(_) => Err(Exception::custom(
+                "only one-sequence caches split into rows",
+            )),
+        }
+    }
+
     /// The position of the next token of each row, for RoPE.
     pub fn positions(&self) -> Result<Positions> {
         match self {

@@ -688,12 +688,16 @@ impl<'a> Scheduler<'a> {
         else {
             return Ok(());
         };
-        let model = self.model;
-        let row = &mut self.rows[r];
-        if row.req.sink.is_cancelled() {
-            row.end = Some(Ok(FinishReason::Cancelled));
+        if self.rows[r].req.sink.is_cancelled() {
+            self.rows[r].end = Some(Ok(FinishReason::Cancelled));
             return Ok(());
         }
+        let group = self.prefill_group(r, chunk);
+        if group.len() > 1 {
+            return self.prefill_together(&group);
+        }
+        let model = self.model;
+        let row = &mut self.rows[r];
         let Place::Prefill {
             caches, feed, done, ..
         } = &mut row.place
@@ -734,6 +738,85 @@ impl<'a> Scheduler<'a> {
             index: 0,
         });
         self.unread.push(draw);
+        Ok(())
+    }
+
+    /// Rows to prefill with row `r` in one forward pass: prompts of the same
+    /// length on fresh caches, `chunk` tokens in all (at least `r`).
+    fn prefill_group(&self, r: usize, chunk: usize) -> Vec<usize> {
+        let fresh = |row: &Row| match &row.place {
+            Place::Prefill { caches, done, .. } => {
+                *done == 0 && caches.iter().all(|c| c.offset() == 0)
+            }
+            _ => false,
+        };
+        let len = |row: &Row| match &row.place {
+            Place::Prefill { feed, .. } => feed.len(),
+            _ => 0,
+        };
+        let first = &self.rows[r];
+        let l = len(first);
+        if !fresh(first) || l > chunk {
+            return vec![r];
+        }
+        let most = (chunk / l.max(1)).max(1);
+        let mut group = vec![r];
+        for (i, row) in self.rows.iter().enumerate().skip(r + 1) {
+            if group.len() >= most {
+                break;
+            }
+            if fresh(row) && len(row) == l && row.end.is_none() && !row.req.sink.is_cancelled() {
+                group.push(i);
+            }
+        }
+        group
+    }
+
+    /// Prefills the prompts of `group` (one length, fresh caches) as one
+    /// batch, then splits the caches and draws each row's first token.
+    fn prefill_together(&mut self, group: &[usize]) -> Result<(), Error> {
+        let model = self.model;
+        let mut flat = Vec::new();
+        for &i in group {
+            if let Place::Prefill { feed, .. } = &self.rows[i].place {
+                flat.extend_from_slice(feed);
+            }
+        }
+        let g = group.len();
+        let l = flat.len() / g;
+        let mut caches = model.new_caches(self.shared.bounds().context);
+        let h = model
+            .hidden_last(
+                &Array::from_slice(&flat, &[g as i32, l as i32]),
+                &mut caches,
+            )
+            .map_err(mlx_error)?;
+        let logits = model.logits(&last_position(&h)).map_err(mlx_error)?;
+        let mut split: Vec<std::vec::IntoIter<LayerCache>> = caches
+            .iter()
+            .map(|c| c.split_rows(g).map(Vec::into_iter))
+            .collect::<Result<_, _>>()
+            .map_err(mlx_error)?;
+        for (k, &i) in group.iter().enumerate() {
+            let own: Vec<LayerCache> = split.iter_mut().filter_map(Iterator::next).collect();
+            let row = &mut self.rows[i];
+            let recent = recent_ids(&row.read, None, row.window).map_err(mlx_error)?;
+            let draw = draw_one(
+                &mut row.sampler,
+                &logits.index(k as i32..k as i32 + 1),
+                recent.as_ref(),
+                row.req.opts.logprobs,
+                row.req.opts.top_logprobs,
+            )
+            .map_err(mlx_error)?;
+            draw.queue().map_err(mlx_error)?;
+            row.place = Place::Alone(own);
+            row.pending = Some(Pending {
+                draw: self.unread.len(),
+                index: 0,
+            });
+            self.unread.push(draw);
+        }
         Ok(())
     }
 
@@ -949,26 +1032,42 @@ impl<'a> Scheduler<'a> {
                 owner[b] = Some(i);
             }
         }
-        // Inputs: each row's pending id (a hole feeds id 0).
+        // Each row's pending id (a hole feeds id 0): the last step's draw as
+        // it is when every row is where it was, else gathered.
         let zero = Array::from_slice(&[0u32], &[1]);
-        let mut inputs = Vec::with_capacity(n);
-        let mut pending_ids: Vec<Option<Array>> = vec![None; n];
-        for (b, o) in owner.iter().enumerate() {
-            match o {
-                Some(i) => {
-                    let p = self.rows[*i].pending.ok_or_else(no_batch)?;
-                    let y = self.unread[p.draw]
-                        .ids
-                        .index(p.index as i32..p.index as i32 + 1);
-                    pending_ids[b] = Some(y.clone());
-                    inputs.push(y);
-                }
-                None => inputs.push(zero.clone()),
+        let pendings: Vec<Option<Pending>> = owner
+            .iter()
+            .map(|o| o.and_then(|i| self.rows[i].pending))
+            .collect();
+        let whole = match pendings.first().copied().flatten() {
+            Some(first) => {
+                let ids = &self.unread[first.draw].ids;
+                (ids.dim(0) == n as i32
+                    && pendings
+                        .iter()
+                        .enumerate()
+                        .all(|(b, p)| p.is_some_and(|p| p.draw == first.draw && p.index == b)))
+                .then(|| ids.clone())
+            }
+            None => None,
+        };
+        let pending_id = |p: Pending| {
+            self.unread[p.draw]
+                .ids
+                .index(p.index as i32..p.index as i32 + 1)
+        };
+        let input = match &whole {
+            Some(ids) => ids.clone(),
+            None => {
+                let parts: Vec<Array> = pendings
+                    .iter()
+                    .map(|p| p.map_or_else(|| zero.clone(), pending_id))
+                    .collect();
+                concatenate(&parts, 0).map_err(mlx_error)?
             }
         }
-        let input = concatenate(&inputs, 0)
-            .and_then(|a| a.reshape(&[n as i32, 1]))
-            .map_err(mlx_error)?;
+        .reshape(&[n as i32, 1])
+        .map_err(mlx_error)?;
         batch.prepare_step().map_err(mlx_error)?;
         let h = model
             .hidden(&input, batch.layers_mut())
@@ -994,10 +1093,14 @@ impl<'a> Scheduler<'a> {
                     scores.push(None);
                     continue;
                 };
+                let pending = match (pendings[b], self.rows[*i].window) {
+                    (Some(p), w) if w > 0 => Some(pending_id(p)),
+                    _ => None,
+                };
                 let row = &mut self.rows[*i];
                 let row_logits = logits.index(b as i32..b as i32 + 1);
-                let recent = recent_ids(&row.read, pending_ids[b].as_ref(), row.window)
-                    .map_err(mlx_error)?;
+                let recent =
+                    recent_ids(&row.read, pending.as_ref(), row.window).map_err(mlx_error)?;
                 let one = draw_one(
                     &mut row.sampler,
                     &row_logits,

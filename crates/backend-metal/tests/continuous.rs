@@ -435,3 +435,33 @@ fn a_full_queue_is_busy_and_a_long_wait_times_out() {
     }
     assert_eq!(a.collect_tokens().unwrap().len(), 149);
 }
+
+/// Prompts of one length sent together are prefilled as one batch (then
+/// decode side by side): each row still gives its lone run's tokens, with
+/// its own sampler.
+#[test]
+fn prompts_of_one_length_prefill_together_as_alone() {
+    for name in ["qwen3-f32", "gemma3-f32"] {
+        let model = load(&fixture(name));
+        let reference = lone_model(name);
+        let vocab = model.info().vocab_size as u32;
+        let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(11, 70 + i, vocab)).collect();
+        let greedy = GenerateOptions::new().max_tokens(20).ignore_eos(true);
+        let rows = model.batch_generate_ids(prompts.clone(), &greedy).unwrap();
+        for (i, (p, row)) in prompts.iter().zip(&rows).enumerate() {
+            let (want, _) = run(&reference, p, &greedy);
+            assert_as_alone(&format!("{name}/{i}"), &reference, p, &row.tokens, &want);
+        }
+        let sampled = greedy.clone().temperature(0.8).seed(3);
+        let rows = model.batch_generate_ids(prompts.clone(), &sampled).unwrap();
+        for (i, (p, row)) in prompts.iter().zip(&rows).enumerate() {
+            let ids = |t: &[Token]| t.iter().map(|t| t.id).collect::<Vec<_>>();
+            assert_eq!(
+                ids(&row.tokens),
+                ids(&run(&reference, p, &sampled).0),
+                "{name}/{i}"
+            );
+        }
+        assert!(model.scheduler_stats().largest_batch >= 6, "{name}");
+    }
+}
