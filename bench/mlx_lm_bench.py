@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: EUPL-1.2
 """Benchmark mlx-lm through its Python API, for comparison with our Rust engine.
 
-Three scenarios, all driven purely by token ids (no tokeniser), greedy
+Four scenarios, all driven purely by token ids (no tokeniser), greedy
 (argmax) sampling on mlx-lm's default generation stream:
 
   single  one prompt of P ids, D generated tokens (time to first token,
@@ -10,6 +10,9 @@ Three scenarios, all driven purely by token ids (no tokeniser), greedy
   batch   B prompts of P ids each, D tokens per row, through mlx-lm's
           BatchGenerator, then the same prompts one after another with
           generate_step
+  streams S calls of P ids and D tokens, arriving evenly over SPREAD ms,
+          through one BatchGenerator (aggregate tokens/s, time to first
+          token p50 and p99)
   chat    second-turn time to first token with and without reusing the KV
           cache from the first turn
 
@@ -219,6 +222,73 @@ def run_batch(model, args, vocab):
     return rec, summary
 
 
+def percentile(v, p):
+    """The p-th percentile of sorted `v` (nearest rank), as the Rust driver."""
+    if not v:
+        return 0.0
+    rank = min(max(int(-(-p / 100 * len(v) // 1)), 1), len(v))
+    return v[rank - 1]
+
+
+def run_streams(model, args, vocab):
+    """S calls of P ids and D tokens, arriving evenly over SPREAD ms (0: at
+    once), served by one BatchGenerator (every call in one decode batch, as
+    the Rust engine is given as many slots): aggregate tokens/s and each
+    call's time to first token from its arrival."""
+    n, d = args.streams, args.decode
+    spread = (getattr(args, "spread_ms", None) or 0) / 1000
+    prompts = [prompt_ids(args.prompt, row, vocab) for row in range(n)]
+    settle()
+    gen = BatchGenerator(
+        model, stop_tokens=None, sampler=argmax, completion_batch_size=max(n, 32),
+    )
+    try:
+        start = time.perf_counter() + 0.02
+        arrive = [start + spread * i / n for i in range(n)]
+        waiting = list(range(n))
+        row_of, first, count, end = {}, {}, {}, start
+        finished = 0
+        while finished < n:
+            now = time.perf_counter()
+            ready = [i for i in waiting if arrive[i] <= now]
+            if ready:
+                uids = gen.insert([prompts[i] for i in ready], [d] * len(ready))
+                for i, u in zip(ready, uids):
+                    row_of[u] = i
+                    count[u] = 0
+                waiting = [i for i in waiting if arrive[i] > now]
+            responses = gen.next_generated() if row_of else []
+            if not responses:
+                if waiting:
+                    time.sleep(max(0.0, min(arrive[i] for i in waiting) - time.perf_counter()))
+                    continue
+                if finished < n:
+                    raise RuntimeError(f"BatchGenerator stopped with {finished}/{n} calls done")
+            t = time.perf_counter()
+            for r in responses:
+                first.setdefault(r.uid, t)
+                count[r.uid] += 1
+                if r.finish_reason is not None:
+                    finished += 1
+                    end = max(end, t)
+    finally:
+        gen.close()
+    for u, c in count.items():
+        if c != d:
+            raise RuntimeError(f"call {row_of[u]}: {c} tokens, wanted {d}")
+    ttfts = sorted(first[u] - arrive[row_of[u]] for u in first)
+    wall = end - start
+    rec = {
+        "wall_s": wall,
+        "stream_tps": n * d / wall,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+    }
+    summary = (f"{rec['stream_tps']:.1f} tok/s over {n} calls, ttft p50 "
+               f"{rec['ttft_p50_s'] * 1e3:.0f} ms, p99 {rec['ttft_p99_s'] * 1e3:.0f} ms")
+    return rec, summary
+
+
 def first_token(model, ids, cache):
     """Time to the first greedy token of `ids` on `cache`; return (seconds, token)."""
     t0, t_first, _, tokens = timed_stream(model, ids, 1, cache)
@@ -264,6 +334,7 @@ def run_chat(model, args, vocab):
 SCENARIOS = {
     "single": (run_single, ("prompt", "decode")),
     "batch": (run_batch, ("prompt", "decode", "batch")),
+    "streams": (run_streams, ("prompt", "decode", "streams")),
     "chat": (run_chat, ("history", "reply", "new")),
 }
 
@@ -285,7 +356,9 @@ def parse_args(argv=None):
                    help="single: also record the mean host time per model call "
                         "spent building graphs and in mx.async_eval")
     for name, what in (("prompt", "prompt ids per row"), ("decode", "tokens to generate"),
-                       ("batch", "rows in the batch"), ("history", "chat history ids"),
+                       ("batch", "rows in the batch"), ("streams", "concurrent calls"),
+                       ("spread_ms", "ms over which the calls arrive"),
+                       ("history", "chat history ids"),
                        ("reply", "turn-1 reply tokens"), ("new", "turn-2 new ids")):
         p.add_argument(f"--{name}", type=int, help=f"{what}")
     args = p.parse_args(argv)
@@ -329,6 +402,8 @@ def main(argv=None):
                 "label": label,
                 "scenario": step.scenario,
                 **{k: getattr(step, k) for k in params},
+                **({"spread_ms": getattr(step, "spread_ms", None) or 0}
+                   if step.scenario == "streams" else {}),
             }
             for i in range(step.warmup + step.runs):
                 rec, summary = run(model, step, vocab)

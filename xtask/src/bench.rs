@@ -17,6 +17,13 @@
 //!   GGUF file, dequantised) with the same synthetic data, batch, sequence
 //!   length, layers and rank, in two interleaved rounds; tokens/s and peak
 //!   memory into `bench/results/train-cpu.json`.
+//! - `bench streams [--quick]` times concurrent calls here (continuous
+//!   batching), ours against mlx-lm's `BatchGenerator`
+//!   (`bench/plans/cpu-streams.json`: 1, 4 and 8 calls at once and 8
+//!   arriving over 2 s, on SmolLM2-135M in f32), in two interleaved rounds;
+//!   aggregate tokens/s and time to first token (p50, p99) into
+//!   `bench/results/streams-cpu.json`. The GPU plan is
+//!   `bench/plans/gpu-streams.json` (`gpu.sh plan`).
 //! - `bench gpu-bundle` builds what a GPU machine without Rust or internet needs
 //!   (`target/cuda/bench-bundle/`; `bench/gpu.sh` runs it there).
 //! - `bench report RAW.jsonl --machine TEXT --out NAME` turns raw records into
@@ -37,7 +44,7 @@ use crate::{cargo, models, run};
 /// The mlx-lm release compared against.
 pub const MLX_LM_VERSION: &str = "0.32.2";
 
-const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] [--llamacpp-only] | train [--quick] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S]>";
+const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] [--llamacpp-only] | train [--quick] | streams [--quick] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S]>";
 
 /// Entry point of `cargo xtask bench …`.
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
@@ -56,6 +63,11 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         Some("train") => match &args[1..] {
             [] => train(root, false),
             [q] if q == "--quick" => train(root, true),
+            _ => bail!("{USAGE}"),
+        },
+        Some("streams") => match &args[1..] {
+            [] => streams(root, false),
+            [q] if q == "--quick" => streams(root, true),
             _ => bail!("{USAGE}"),
         },
         Some("gpu-bundle") => gpu_bundle(root),
@@ -244,28 +256,10 @@ fn cpu(root: &Path, quick: bool, only_llamacpp: bool) -> Result<()> {
 /// theirs, theirs, ours) on the same model and synthetic data.
 fn train(root: &Path, quick: bool) -> Result<()> {
     let env = setup::run(root, false)?;
-    let gguf = models::fetch_default(root)?;
     let py = venv(root)?;
     let bin = build_bench(root, &env)?;
-    let models = root.join(".cache/bench/models");
-    let q4 = models.join("smollm2-135m-q4");
-    if !q4.join("model.safetensors").is_file() {
-        run(Command::new(&bin)
-            .args(["convert-gguf", "--gguf"])
-            .arg(&gguf)
-            .arg("--out")
-            .arg(&q4))?;
-    }
     let label = "smollm2-135m-f32";
-    let dense = models.join(label);
-    if !dense.join("config.json").is_file() {
-        run(Command::new(&py)
-            .args(["-m", "mlx_lm", "convert", "--hf-path"])
-            .arg(&q4)
-            .arg("--mlx-path")
-            .arg(&dense)
-            .args(["--dequantize", "--dtype", "float32"]))?;
-    }
+    let dense = smollm2_f32(root, &bin, &py)?;
     let raw_dir = root.join("bench/results/raw");
     fs::create_dir_all(&raw_dir)?;
     let raw = raw_dir.join("train-cpu.jsonl");
@@ -303,6 +297,76 @@ fn train(root: &Path, quick: bool) -> Result<()> {
         ours()?;
     }
     report(root, &raw, &cpu_name(), "train-cpu", None)
+}
+
+/// The demo GGUF's SmolLM2-135M as an MLX directory in f32 (dequantised
+/// by mlx-lm), written once; returns its directory.
+fn smollm2_f32(root: &Path, bin: &Path, py: &Path) -> Result<PathBuf> {
+    let gguf = models::fetch_default(root)?;
+    let models = root.join(".cache/bench/models");
+    let q4 = models.join("smollm2-135m-q4");
+    if !q4.join("model.safetensors").is_file() {
+        run(Command::new(bin)
+            .args(["convert-gguf", "--gguf"])
+            .arg(&gguf)
+            .arg("--out")
+            .arg(&q4))?;
+    }
+    let dense = models.join("smollm2-135m-f32");
+    if !dense.join("config.json").is_file() {
+        run(Command::new(py)
+            .args(["-m", "mlx_lm", "convert", "--hf-path"])
+            .arg(&q4)
+            .arg("--mlx-path")
+            .arg(&dense)
+            .args(["--dequantize", "--dtype", "float32"]))?;
+    }
+    Ok(dense)
+}
+
+/// `bench streams`: concurrent calls (continuous batching), ours and
+/// mlx-lm's `BatchGenerator`, interleaved (ours, theirs, theirs, ours) on
+/// SmolLM2-135M in f32: aggregate tokens/s and time to first token.
+fn streams(root: &Path, quick: bool) -> Result<()> {
+    let env = setup::run(root, false)?;
+    let py = venv(root)?;
+    let bin = build_bench(root, &env)?;
+    let model = smollm2_f32(root, &bin, &py)?;
+    let raw_dir = root.join("bench/results/raw");
+    fs::create_dir_all(&raw_dir)?;
+    let raw = raw_dir.join("streams-cpu.jsonl");
+    if raw.exists() {
+        fs::remove_file(&raw)?;
+    }
+    let plan = root
+        .join("bench/plans")
+        .join(if quick { "quick-streams.json" } else { "cpu-streams.json" });
+    let common = |cmd: &mut Command| {
+        cmd.arg("--model")
+            .arg(&model)
+            .arg("--plan")
+            .arg(&plan)
+            .args(["--label", "smollm2-135m-f32", "--out"])
+            .arg(&raw);
+    };
+    let ours = || {
+        let mut c = Command::new(&bin);
+        c.arg("run");
+        common(&mut c);
+        run(&mut c)
+    };
+    let theirs = || {
+        let mut c = Command::new(&py);
+        c.arg(root.join("bench/mlx_lm_bench.py"));
+        common(&mut c);
+        run(&mut c)
+    };
+    ours()?;
+    theirs()?;
+    theirs()?;
+    ours()?;
+    let out = if quick { "streams-cpu-quick" } else { "streams-cpu" };
+    report(root, &raw, &cpu_name(), out, None)
 }
 
 /// This machine's CPU model and core count.
@@ -402,6 +466,11 @@ fn metrics(scenario: &str) -> &'static [(&'static str, bool)] {
             ("ttft_s", false),
         ],
         "train" => &[("train_tps", true), ("peak_memory_mb", false)],
+        "streams" => &[
+            ("stream_tps", true),
+            ("ttft_p50_s", false),
+            ("ttft_p99_s", false),
+        ],
         "batch" => &[
             ("batch_tps", true),
             ("sequential_tps", true),
@@ -425,6 +494,8 @@ const PARAMS: &[&str] = &[
     "layers",
     "rank",
     "grad_checkpoint",
+    "streams",
+    "spread_ms",
 ];
 
 /// The engines compared, as (A, B): the report gives A ÷ B for rates (B ÷ A

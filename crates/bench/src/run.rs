@@ -42,6 +42,20 @@ pub enum Scenario {
         /// Rows.
         batch: usize,
     },
+    /// `streams` calls, each of `prompt` ids and `decode` tokens, arriving
+    /// evenly over `spread_ms` (0: all at once) and served together:
+    /// aggregate tokens/s and each call's time to first token from its
+    /// arrival.
+    Streams {
+        /// Prompt length of every call.
+        prompt: usize,
+        /// Tokens generated per call.
+        decode: usize,
+        /// Calls.
+        streams: usize,
+        /// Milliseconds over which the calls arrive.
+        spread_ms: usize,
+    },
     /// A second chat turn's time to first token, with and without reusing
     /// the first turn's KV cache.
     Chat {
@@ -59,6 +73,7 @@ impl Scenario {
         match self {
             Scenario::Single { .. } => "single",
             Scenario::Batch { .. } => "batch",
+            Scenario::Streams { .. } => "streams",
             Scenario::Chat { .. } => "chat",
         }
     }
@@ -71,6 +86,17 @@ impl Scenario {
                 decode,
                 batch,
             } => json!({"prompt": prompt, "decode": decode, "batch": batch}),
+            Scenario::Streams {
+                prompt,
+                decode,
+                streams,
+                spread_ms,
+            } => json!({
+                "prompt": prompt,
+                "decode": decode,
+                "streams": streams,
+                "spread_ms": spread_ms,
+            }),
             Scenario::Chat {
                 history,
                 reply,
@@ -208,6 +234,49 @@ fn measure(model: &Engine, scenario: Scenario, vocab: usize) -> Result<Map<Strin
             m.insert("speedup".into(), json!(seq_s / batch_s));
             m.insert("rows_match_single".into(), json!(same));
         }
+        Scenario::Streams {
+            prompt,
+            decode,
+            streams,
+            spread_ms,
+        } => {
+            let start = Instant::now() + std::time::Duration::from_millis(20);
+            let spread = std::time::Duration::from_millis(spread_ms as u64);
+            let results: Vec<Result<(f64, Instant, usize)>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..streams)
+                    .map(|r| {
+                        let arrive = start + spread * r as u32 / streams as u32;
+                        let ids = prompt_ids(prompt, r, vocab);
+                        s.spawn(move || {
+                            std::thread::sleep(arrive.saturating_duration_since(Instant::now()));
+                            let stream = model.generate_ids(ids, &exactly(decode))?;
+                            let (ttft, _, got) = drain(arrive, stream)?;
+                            Ok((ttft, Instant::now(), got.len()))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| bail!("a stream panicked")))
+                    .collect()
+            });
+            let mut ttfts = Vec::with_capacity(streams);
+            let mut end = start;
+            for (r, res) in results.into_iter().enumerate() {
+                let (ttft, done, n) = res?;
+                if n != decode {
+                    bail!("stream {r} generated {n}, not {decode}");
+                }
+                ttfts.push(ttft);
+                end = end.max(done);
+            }
+            ttfts.sort_by(f64::total_cmp);
+            let wall = end.duration_since(start).as_secs_f64();
+            m.insert("wall_s".into(), json!(wall));
+            m.insert("stream_tps".into(), json!((streams * decode) as f64 / wall));
+            m.insert("ttft_p50_s".into(), json!(percentile(&ttfts, 50.0)));
+            m.insert("ttft_p99_s".into(), json!(percentile(&ttfts, 99.0)));
+        }
         Scenario::Chat {
             history,
             reply,
@@ -241,6 +310,16 @@ fn measure(model: &Engine, scenario: Scenario, vocab: usize) -> Result<Map<Strin
         }
     }
     Ok(m)
+}
+
+/// The `p`-th percentile of sorted `v` (nearest rank), as the Python
+/// driver computes it.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
 }
 
 /// One step of a plan: a scenario with its run counts.
@@ -286,6 +365,12 @@ pub fn read_plan(path: &Path, runs: usize, warmup: usize) -> Result<Vec<Step>> {
                     decode: num("decode")?,
                     batch: num("batch")?,
                 },
+                Some("streams") => Scenario::Streams {
+                    prompt: num("prompt")?,
+                    decode: num("decode")?,
+                    streams: num("streams")?,
+                    spread_ms: or("spread_ms", 0),
+                },
                 Some("chat") => Scenario::Chat {
                     history: num("history")?,
                     reply: num("reply")?,
@@ -325,8 +410,24 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let load = || format!("loading {}", args.model.display());
     let (model, engine, device) = match args.backend.as_str() {
         "mlx" => {
-            let m = MlxModel::load(&args.model, &LoadOptions::new(), Placement::Default)
-                .with_context(load)?;
+            // Every call of a plan decodes together (as many slots as its
+            // largest step has streams), and no prompt cache: repeated runs
+            // of the same prompts must prefill them as mlx-lm does.
+            let slots = args
+                .steps
+                .iter()
+                .map(|s| match s.scenario {
+                    Scenario::Streams { streams, .. } => streams,
+                    Scenario::Batch { batch, .. } => batch,
+                    _ => 1,
+                })
+                .max()
+                .unwrap_or(1)
+                .max(LoadOptions::DEFAULT_PARALLEL_SLOTS);
+            let opts = LoadOptions::new()
+                .parallel_slots(slots)
+                .prompt_cache_bytes(0);
+            let m = MlxModel::load(&args.model, &opts, Placement::Default).with_context(load)?;
             if let Some(c) = args.prefill_chunk {
                 m.set_prefill_chunk(c);
             }
