@@ -338,9 +338,11 @@ fn streams(root: &Path, quick: bool) -> Result<()> {
     if raw.exists() {
         fs::remove_file(&raw)?;
     }
-    let plan = root
-        .join("bench/plans")
-        .join(if quick { "quick-streams.json" } else { "cpu-streams.json" });
+    let plan = root.join("bench/plans").join(if quick {
+        "quick-streams.json"
+    } else {
+        "cpu-streams.json"
+    });
     let common = |cmd: &mut Command| {
         cmd.arg("--model")
             .arg(&model)
@@ -365,7 +367,11 @@ fn streams(root: &Path, quick: bool) -> Result<()> {
     theirs()?;
     theirs()?;
     ours()?;
-    let out = if quick { "streams-cpu-quick" } else { "streams-cpu" };
+    let out = if quick {
+        "streams-cpu-quick"
+    } else {
+        "streams-cpu"
+    };
     report(root, &raw, &cpu_name(), out, None)
 }
 

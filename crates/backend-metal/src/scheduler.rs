@@ -32,7 +32,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use inference_core::{Error, FinishReason, GenerateMetrics, Token, TokenLogprobs};
 use inference_runtime::session::{cached_ids, Turn as SessionTurn};
@@ -298,6 +298,36 @@ pub(crate) struct Scheduler<'a> {
     adapters: Option<tune::AdapterState>,
     admitted: u64,
     steps: u64,
+    profile: StepProfile,
+}
+
+/// Where the passes' time goes while calls run: building and queueing the
+/// decode step, and waiting for the previous step's ids (the rest is
+/// detokenising, stop strings and streaming). Logged at `debug` level, as
+/// means per step, whenever the scheduler falls idle.
+#[derive(Debug, Default)]
+struct StepProfile {
+    steps: u32,
+    rows: u64,
+    build: Duration,
+    wait: Duration,
+}
+
+impl StepProfile {
+    fn report(&mut self) {
+        if self.steps == 0 {
+            return;
+        }
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(self.steps);
+        tracing::debug!(
+            steps = self.steps,
+            mean_rows = self.rows as f64 / f64::from(self.steps),
+            build_us = per(self.build),
+            wait_us = per(self.wait),
+            "decode step profile (means)"
+        );
+        *self = Self::default();
+    }
 }
 
 impl<'a> Scheduler<'a> {
@@ -323,6 +353,7 @@ impl<'a> Scheduler<'a> {
             adapters,
             admitted: 0,
             steps: 0,
+            profile: StepProfile::default(),
         }
     }
 
@@ -347,6 +378,9 @@ impl<'a> Scheduler<'a> {
                 .counters
                 .running
                 .store(self.rows.len(), Ordering::Relaxed);
+            if self.rows.is_empty() {
+                self.profile.report();
+            }
         }
     }
 
@@ -663,8 +697,21 @@ impl<'a> Scheduler<'a> {
     fn pass(&mut self) -> Result<(), Error> {
         self.prefill_chunk()?;
         self.keep_to_budget();
+        let t0 = Instant::now();
+        let before = self.steps;
         self.step()?;
+        let t1 = Instant::now();
         self.read_back();
+        if self.steps > before {
+            self.profile.steps += 1;
+            self.profile.rows += self
+                .fresh
+                .iter()
+                .map(|d| d.scores.len() as u64)
+                .sum::<u64>();
+            self.profile.build += t1 - t0;
+            self.profile.wait += t1.elapsed();
+        }
         std::mem::swap(&mut self.unread, &mut self.fresh);
         self.fresh.clear();
         Ok(())
