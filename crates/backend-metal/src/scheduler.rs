@@ -646,6 +646,10 @@ impl<'a> Scheduler<'a> {
             && !opts.uses_presence_frequency()
             && opts.logit_bias.is_empty()
             && !opts.logprobs;
+        if self.rows.is_empty() {
+            // A busy spell begins: the calls' peak memory is this spell's.
+            memory::reset_peak();
+        }
         let (caches, cached) = found.unwrap_or_else(|| (self.model.new_caches(bounds.context), 0));
         let detok = StreamDecoder::new(&self.tokenizer.inner, &req.prompt);
         self.admitted += 1;
@@ -1024,11 +1028,12 @@ impl<'a> Scheduler<'a> {
         let model = self.model;
         let row = &mut self.rows[r];
         let pending = row.pending.ok_or_else(no_batch)?;
-        let y = self.unread[pending.draw]
-            .ids
-            .index(pending.index as i32)
-            .reshape(&[1])
-            .map_err(mlx_error)?;
+        let ids = &self.unread[pending.draw].ids;
+        let y = if ids.dim(0) == 1 {
+            ids.clone()
+        } else {
+            ids.index(pending.index as i32..pending.index as i32 + 1)
+        };
         let Place::Alone(caches) = &mut row.place else {
             return Err(no_batch());
         };
@@ -1358,8 +1363,15 @@ fn draw_one(
     } else {
         None
     };
+    // No graph nodes when the sampler's id is already `[1]` uint32.
+    let id = if id.dtype() == Dtype::Uint32 {
+        id
+    } else {
+        id.as_dtype(Dtype::Uint32)?
+    };
+    let ids = if id.shape() == [1] { id } else { id.reshape(&[1])? };
     Ok(Draw {
-        ids: id.as_dtype(Dtype::Uint32)?.reshape(&[1])?,
+        ids,
         scores: vec![scores],
         host: None,
     })
