@@ -1369,7 +1369,11 @@ fn draw_one(
     } else {
         id.as_dtype(Dtype::Uint32)?
     };
-    let ids = if id.shape() == [1] { id } else { id.reshape(&[1])? };
+    let ids = if id.shape() == [1] {
+        id
+    } else {
+        id.reshape(&[1])?
+    };
     Ok(Draw {
         ids,
         scores: vec![scores],
