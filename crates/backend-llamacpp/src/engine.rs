@@ -200,6 +200,10 @@ impl LlamaCppModel {
 }
 
 impl TextModel for LlamaCppModel {
+    fn generate_ids(&self, ids: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
+        LlamaCppModel::generate_ids(self, ids, opts)
+    }
+
     fn generate(&self, prompt: &str, opts: &GenerateOptions) -> Result<TokenStream> {
         check_generate_options(opts, self.info.vocab_size)?;
         refuse_template(opts, "generate")?;

@@ -683,6 +683,15 @@ impl TextModel for MlxModel {
         self.submit(ids, opts)
     }
 
+    fn generate_ids(&self, ids: Vec<u32>, opts: &GenerateOptions) -> Result<TokenStream> {
+        MlxModel::generate_ids(self, ids, opts)
+    }
+
+    fn queue_status(&self) -> Option<inference_core::QueueStatus> {
+        let s = self.scheduler_stats();
+        Some(inference_core::QueueStatus::new(s.running, s.waiting))
+    }
+
     fn chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<TokenStream> {
         check_generate_options(opts, self.info.vocab_size)?;
         if messages.is_empty() {

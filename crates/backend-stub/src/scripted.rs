@@ -20,6 +20,8 @@ pub struct ScriptedModelBuilder {
     script: Vec<Token>,
     eos: Option<TokenId>,
     step_delay: Duration,
+    model_type: String,
+    renders_tools: bool,
 }
 
 impl ScriptedModelBuilder {
@@ -36,6 +38,23 @@ impl ScriptedModelBuilder {
         self
     }
 
+    /// The architecture the model reports (`ModelInfo::architecture` and
+    /// `model_type`; default [`MODEL_TYPE`]): a server picks the tool-call
+    /// format it parses by it.
+    pub fn model_type(mut self, name: impl Into<String>) -> Self {
+        self.model_type = name.into();
+        self
+    }
+
+    /// Let `chat` take tools and chat-template arguments: they are rendered
+    /// as `tool: NAME` and `arg: KEY=VALUE` lines before the messages (the
+    /// script is replayed whatever they say). Off by default: they are
+    /// refused with [`Error::Unsupported`].
+    pub fn renders_tools(mut self, yes: bool) -> Self {
+        self.renders_tools = yes;
+        self
+    }
+
     /// The model; fails with [`Error::InvalidInput`] for an empty script.
     pub fn build(self) -> Result<ScriptedModel> {
         if self.script.is_empty() {
@@ -48,6 +67,8 @@ impl ScriptedModelBuilder {
             eos: self.eos,
             step_delay: self.step_delay,
             last_metrics: LastMetrics::new(),
+            model_type: self.model_type,
+            renders_tools: self.renders_tools,
         });
         let worker_shared = Arc::clone(&shared);
         let (worker, ()) = Worker::start(crate::NAME, "scripted-model", move |ready, jobs| {
@@ -97,6 +118,8 @@ struct Shared {
     eos: Option<TokenId>,
     step_delay: Duration,
     last_metrics: LastMetrics,
+    model_type: String,
+    renders_tools: bool,
 }
 
 struct Job {
@@ -113,6 +136,8 @@ impl ScriptedModel {
             script,
             eos: None,
             step_delay: Duration::ZERO,
+            model_type: MODEL_TYPE.to_owned(),
+            renders_tools: false,
         }
     }
 
@@ -256,16 +281,31 @@ impl TextModel for ScriptedModel {
         if messages.is_empty() {
             return Err(Error::InvalidInput("no messages to answer".into()));
         }
-        if opts.uses_template() {
+        if opts.uses_template() && !self.shared.renders_tools {
             return Err(Error::unsupported(
                 "chat-template arguments and tools on the scripted model (it has no template)",
             ));
         }
-        let rendered: String = messages
-            .iter()
-            .map(|m| format!("{}: {}\n", m.role, m.content))
-            .collect();
-        self.submit(&rendered, opts)
+        let mut rendered = String::new();
+        for t in &opts.tools {
+            let name = t
+                .pointer("/function/name")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("?");
+            rendered.push_str(&format!("tool: {name}\n"));
+        }
+        for (k, v) in &opts.template_args {
+            rendered.push_str(&format!("arg: {k}={v}\n"));
+        }
+        rendered.extend(
+            messages
+                .iter()
+                .map(|m| format!("{}: {}\n", m.role, m.content)),
+        );
+        let mut plain = opts.clone();
+        plain.tools.clear();
+        plain.template_args.clear();
+        self.submit(&rendered, &plain)
     }
 
     fn batch_generate(
@@ -302,7 +342,7 @@ impl TextModel for ScriptedModel {
     }
 
     fn info(&self) -> ModelInfo {
-        let mut info = ModelInfo::new(MODEL_TYPE);
+        let mut info = ModelInfo::new(self.shared.model_type.clone());
         info.vocab_size = self
             .shared
             .script
@@ -319,7 +359,7 @@ impl TextModel for ScriptedModel {
     }
 
     fn model_type(&self) -> &str {
-        MODEL_TYPE
+        &self.shared.model_type
     }
 }
 

@@ -117,7 +117,7 @@ pub fn load(args: &ModelArgs, opts: LoadOptions, quiet: bool) -> Result<Loaded, 
 }
 
 /// The file or directory name of a model path.
-fn display_name(path: &Path) -> String {
+pub fn display_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string())

@@ -35,6 +35,7 @@ mod load;
 mod models;
 mod output;
 mod plot;
+mod serve;
 mod train;
 
 use error::{CliError, EXIT_RUNTIME, EXIT_USAGE};
@@ -70,6 +71,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Merge a LoRA adapter into its base model and write the model (as mlx_lm.fuse).
     Fuse(fuse::FuseArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, with a chat page.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +106,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Models(args) => models::run(args, cli.quiet),
         Command::Train(args) => train::run(args, cli.quiet),
         Command::Fuse(args) => fuse::run(args, cli.quiet),
+        Command::Serve(args) => serve::run(args, cli.quiet),
     }
 }
 

@@ -54,7 +54,7 @@ pub use train::{
 };
 pub use types::{
     BatchResult, ClassifyResult, FinishReason, FunctionCall, GenerateMetrics, LastMetrics, Message,
-    ModelInfo, Role, Token, TokenId, TokenLogprobs, ToolCall,
+    ModelInfo, QueueStatus, Role, Token, TokenId, TokenLogprobs, ToolCall,
 };
 
 /// Not public API: what [`register_backend!`] expands to needs.

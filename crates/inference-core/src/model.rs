@@ -5,7 +5,9 @@ use crate::options::GenerateOptions;
 use crate::stream::TokenStream;
 use crate::tokenizer::Tokenizer;
 use crate::train::Trainable;
-use crate::types::{BatchResult, ClassifyResult, GenerateMetrics, Message, ModelInfo};
+use crate::types::{
+    BatchResult, ClassifyResult, GenerateMetrics, Message, ModelInfo, QueueStatus, TokenId,
+};
 
 /// A loaded text-generation model.
 ///
@@ -25,6 +27,22 @@ pub trait TextModel: Send + Sync {
     /// Streams the assistant's reply to `messages`, rendered with the model's
     /// chat template.
     fn chat(&self, messages: &[Message], opts: &GenerateOptions) -> Result<TokenStream>;
+
+    /// Streams the continuation of prompt ids given directly (no tokenizer,
+    /// no template), with [`generate`](Self::generate)'s checks.
+    fn generate_ids(&self, ids: Vec<TokenId>, opts: &GenerateOptions) -> Result<TokenStream> {
+        let _ = (ids, opts);
+        Err(Error::unsupported(format!(
+            "prompts as token ids on {}",
+            self.model_type()
+        )))
+    }
+
+    /// How busy the model is now, where the backend knows (a server's
+    /// queue-depth and batch-size gauges).
+    fn queue_status(&self) -> Option<QueueStatus> {
+        None
+    }
 
     /// The next token of each prompt (and its logits when `return_logits`),
     /// from one batched forward pass.

@@ -392,6 +392,23 @@ impl GenerateMetrics {
     }
 }
 
+/// How busy a model is ([`TextModel::queue_status`](crate::TextModel::queue_status)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct QueueStatus {
+    /// Calls running (prefilling or decoding) now.
+    pub running: usize,
+    /// Calls waiting to start.
+    pub waiting: usize,
+}
+
+impl QueueStatus {
+    /// `running` calls running and `waiting` waiting.
+    pub fn new(running: usize, waiting: usize) -> Self {
+        Self { running, waiting }
+    }
+}
+
 /// The next token a model predicts for one prompt of [`classify`](crate::TextModel::classify).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassifyResult {

@@ -1,0 +1,540 @@
+//! The server over HTTP on loopback, with a real client (reqwest): response
+//! shapes, streaming, every error status, tool calls and reasoning in each
+//! family's real output format (scripted models that emit it, since random
+//! fixtures never do), a client's disconnect, and a fixture MLX model whose
+//! greedy answers equal a direct call.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backend_stub::ScriptedModel;
+use inference_core::{GenerateOptions, LoadOptions, Message, TextModel, Token};
+use inference_server::{ReasoningField, ServedModel, ServerConfig};
+use serde_json::{json, Value};
+
+/// A running server and its base URL.
+struct Server {
+    base: String,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn start(models: Vec<ServedModel>, config: ServerConfig) -> Server {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = inference_server::router(models, config);
+    runtime.spawn(inference_server::serve(
+        listener,
+        app,
+        std::future::pending(),
+    ));
+    Server {
+        base,
+        _runtime: runtime,
+    }
+}
+
+fn scripted(texts: &[&str], model_type: &str) -> Arc<dyn TextModel> {
+    let mut script: Vec<Token> = (1..).zip(texts).map(|(id, t)| Token::new(id, *t)).collect();
+    script.push(Token::new(0, ""));
+    Arc::new(
+        ScriptedModel::builder(script)
+            .eos(0)
+            .model_type(model_type)
+            .renders_tools(true)
+            .build()
+            .unwrap(),
+    )
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let r = client()
+        .post(format!("{}{path}", s.base))
+        .json(body)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// The `data:` payloads of a server-sent-events body, `[DONE]` included.
+fn events(s: &Server, path: &str, body: &Value) -> Vec<String> {
+    let r = client()
+        .post(format!("{}{path}", s.base))
+        .json(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = r.text().unwrap();
+    text.split("\n\n")
+        .flat_map(|e| e.lines())
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn greedy(mut body: Value) -> Value {
+    body["temperature"] = json!(0);
+    body
+}
+
+fn hello() -> Value {
+    greedy(json!({"model": "x", "messages": [{"role": "user", "content": "hi"}]}))
+}
+
+#[test]
+fn chat_whole_and_streamed() {
+    let s = start(
+        vec![ServedModel::new(
+            "script",
+            scripted(&["Hello", " there", "!"], "scripted"),
+        )],
+        ServerConfig::default(),
+    );
+    let (status, v) = post(&s, "/v1/chat/completions", &hello());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "script");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello there!");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    assert_eq!(v["usage"]["prompt_tokens"], 2);
+    assert_eq!(v["usage"]["total_tokens"], 5);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+
+    let mut body = hello();
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    body["max_tokens"] = json!(2);
+    let ev = events(&s, "/v1/chat/completions", &body);
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Hello there");
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, [&json!("length")]);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 2);
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+}
+
+#[test]
+fn errors_are_openai_errors_with_their_status() {
+    let s = start(
+        vec![
+            ServedModel::new("a", scripted(&["A"], "scripted")),
+            ServedModel::new("b", scripted(&["B"], "scripted")),
+        ],
+        ServerConfig {
+            api_key: Some("sekret".into()),
+            max_body_bytes: 10_000,
+            ..ServerConfig::default()
+        },
+    );
+    let c = client();
+    let send = |body: &str, key: Option<&str>| {
+        let mut r = c
+            .post(format!("{}/v1/chat/completions", s.base))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        let r = r.send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap_or(Value::Null))
+    };
+    let ok = |model: &str| {
+        greedy(json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})).to_string()
+    };
+    // 401: no key, a wrong key.
+    for key in [None, Some("nope")] {
+        let (st, v) = send(&ok("a"), key);
+        assert_eq!(st, 401);
+        assert_eq!(v["error"]["type"], "authentication_error");
+    }
+    let (st, v) = send(&ok("b"), Some("sekret"));
+    assert_eq!(
+        (st, v["choices"][0]["message"]["content"].clone()),
+        (200, json!("B"))
+    );
+    // 404: an unknown model among several.
+    let (st, v) = send(&ok("c"), Some("sekret"));
+    assert_eq!(st, 404);
+    assert_eq!(v["error"]["code"], "model_not_found");
+    // 400s, each naming what is wrong.
+    let cases: Vec<(String, Option<&str>)> = vec![
+        ("{not json".into(), None),
+        (json!({"model": "a", "messages": [], "temperature": 0}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}).to_string(), Some("frobnicate")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "n": 2}).to_string(), Some("n")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}).to_string(), Some("response_format")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "wizard", "content": "hi"}]}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}).to_string(), Some("temperature")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}).to_string(), Some("logit_bias")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": []}).to_string(), Some("tool_choice")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "audio": {}}).to_string(), Some("audio")),
+    ];
+    for (body, param) in cases {
+        let (st, v) = send(&body, Some("sekret"));
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{body}: {v}");
+        }
+    }
+    // An unknown field says so as OpenAI does.
+    let (_, v) = send(
+        &json!({"model": "a", "messages": [], "frobnicate": 1}).to_string(),
+        Some("sekret"),
+    );
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Unrecognized request argument supplied: frobnicate"));
+    // 413.
+    let huge = json!({"model": "a", "messages": [{"role": "user", "content": "x".repeat(20_000)}]});
+    let (st, v) = send(&huge.to_string(), Some("sekret"));
+    assert_eq!(st, 413, "{v}");
+    assert_eq!(v["error"]["code"], "request_too_large");
+    // An unknown path.
+    let r = c.get(format!("{}/v2/nothing", s.base)).send().unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    // /health and /v1/models (behind the key).
+    assert_eq!(
+        c.get(format!("{}/health", s.base))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    let r = c
+        .get(format!("{}/v1/models", s.base))
+        .bearer_auth("sekret")
+        .send()
+        .unwrap();
+    let v: Value = r.json().unwrap();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
+    // The page, and the metrics counting what came.
+    let page = c
+        .get(format!("{}/", s.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(page.contains("<title>infer chat</title>"));
+    let m = c
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        m.contains("infer_requests_total{path=\"/v1/chat/completions\",status=\"401\"} 2"),
+        "{m}"
+    );
+    assert!(m.contains("infer_requests_total{path=\"/v1/chat/completions\",status=\"400\"}"));
+    assert!(m.contains("infer_completion_tokens_total 1"), "{m}");
+}
+
+#[test]
+fn hermes_tool_calls_whole_and_streamed() {
+    let script = [
+        "<think>",
+        "The user wants",
+        " weather.",
+        "</think>",
+        "\n\n",
+        "<tool_call>",
+        "\n{\"name\": \"get_weather\", ",
+        "\"arguments\": {\"city\": \"Paris\"}}",
+        "\n</tool_call>",
+    ];
+    let s = start(
+        vec![ServedModel::new("qwen", scripted(&script, "qwen3"))],
+        ServerConfig::default(),
+    );
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    let mut body = hello();
+    body["tools"] = tools.clone();
+    let (st, v) = post(&s, "/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    let msg = &v["choices"][0]["message"];
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(msg["reasoning_content"], "The user wants weather.");
+    assert_eq!(msg["content"], Value::Null);
+    assert_eq!(msg["tool_calls"][0]["type"], "function");
+    assert_eq!(msg["tool_calls"][0]["function"]["name"], "get_weather");
+    let args: Value = serde_json::from_str(
+        msg["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(args, json!({"city": "Paris"}));
+
+    body["stream"] = json!(true);
+    let ev = events(&s, "/v1/chat/completions", &body);
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let reasoning: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
+        .collect();
+    assert_eq!(reasoning, "The user wants weather.");
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["index"], 0);
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    assert!(chunks.iter().all(|c| c["choices"][0]["delta"]["content"]
+        .as_str()
+        .is_none_or(str::is_empty)));
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    // `tool_choice: none` offers no tools: the block is content.
+    let mut none = hello();
+    none["tools"] = tools;
+    none["tool_choice"] = json!("none");
+    let (_, v) = post(&s, "/v1/chat/completions", &none);
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("<tool_call>"));
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn llama3_json_tool_calls_and_the_reasoning_field_name() {
+    let script = [
+        "{\"name\": \"lookup\", ",
+        "\"parameters\": {\"q\": \"rust\"}}",
+    ];
+    let s = start(
+        vec![ServedModel::new("llama", scripted(&script, "llama"))],
+        ServerConfig::default(),
+    );
+    let mut body = hello();
+    body["tools"] = json!([{"type": "function", "function": {"name": "lookup"}}]);
+    body["messages"] = json!([
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "find"}, {"type": "text", "text": " rust"}]},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"x\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "nothing"},
+        {"role": "user", "content": "again"}
+    ]);
+    let (st, v) = post(&s, "/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "lookup");
+    assert_eq!(call["function"]["arguments"], "{\"q\":\"rust\"}");
+
+    let s = start(
+        vec![ServedModel::new(
+            "r",
+            scripted(&["<think>", "hm", "</think>", "ok"], "qwen3"),
+        )],
+        ServerConfig {
+            reasoning_field: ReasoningField::Reasoning,
+            ..ServerConfig::default()
+        },
+    );
+    let (_, v) = post(&s, "/v1/chat/completions", &hello());
+    assert_eq!(v["choices"][0]["message"]["reasoning"], "hm");
+    assert_eq!(v["choices"][0]["message"]["content"], "ok");
+}
+
+#[test]
+fn completions_whole_streamed_and_refused() {
+    let s = start(
+        vec![ServedModel::new(
+            "script",
+            scripted(&["one", " two", " three"], "scripted"),
+        )],
+        ServerConfig::default(),
+    );
+    let body = greedy(json!({"prompt": "count:", "echo": true, "max_tokens": 2}));
+    let (st, v) = post(&s, "/v1/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], "count:one two");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let ev = events(&s, "/v1/completions", &streamed);
+    let text: String = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(text, "count:one two");
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        &json!({"prompt": "x", "suffix": "y"}),
+    );
+    assert_eq!((st, v["error"]["param"].clone()), (400, json!("suffix")));
+    // Token ids need a model that takes them.
+    let (st, _) = post(&s, "/v1/completions", &greedy(json!({"prompt": [1, 2, 3]})));
+    assert_eq!(st, 400);
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+fn mlx(name: &str, opts: LoadOptions) -> Arc<dyn TextModel> {
+    Arc::new(
+        backend_metal::MlxModel::load(
+            &fixture(name),
+            &opts.gpu_layers(0),
+            backend_metal::Placement::Cpu,
+        )
+        .unwrap(),
+    )
+}
+
+/// A fixture MLX model: the server's greedy answer equals a direct call;
+/// token-id prompts work; a client that goes away frees its slot; a full
+/// queue answers 429.
+#[test]
+fn an_mlx_model_behind_the_server() {
+    let model = mlx(
+        "qwen3-f32",
+        LoadOptions::new().parallel_slots(1).max_queue(1),
+    );
+    let s = start(
+        vec![ServedModel::new("qwen3", Arc::clone(&model))],
+        ServerConfig::default(),
+    );
+    let body = greedy(
+        json!({"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 12, "logprobs": true, "top_logprobs": 2}),
+    );
+    let (st, v) = post(&s, "/v1/chat/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    let opts = GenerateOptions::new().max_tokens(12).temperature(0.0);
+    let direct = model
+        .chat(&[Message::user("Tell me a story")], &opts)
+        .unwrap()
+        .collect_text()
+        .unwrap();
+    let served = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(served, direct.trim_start());
+    let lps = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        lps.len(),
+        v["usage"]["completion_tokens"].as_u64().unwrap() as usize
+    );
+    assert_eq!(lps[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    // Token ids.
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        &greedy(json!({"prompt": [11, 22, 33], "max_tokens": 3})),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], 3);
+
+    // A long stream whose client goes away: its slot is freed.
+    let long = greedy(json!({"prompt": "once upon a time", "max_tokens": 250, "stream": true}));
+    let r = client()
+        .post(format!("{}/v1/completions", s.base))
+        .json(&long)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut r = r;
+    let mut buf = [0u8; 64];
+    std::io::Read::read(&mut r, &mut buf).unwrap();
+    // One running: a second waits, a third is refused.
+    let waiting = std::thread::spawn({
+        let base = s.base.clone();
+        move || {
+            let body = greedy(json!({"prompt": "hello", "max_tokens": 2}));
+            client()
+                .post(format!("{base}/v1/completions"))
+                .json(&body)
+                .send()
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while model.queue_status().unwrap().waiting == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        &greedy(json!({"prompt": "hi", "max_tokens": 2})),
+    );
+    assert_eq!(st, 429, "{v}");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    drop(r);
+    assert_eq!(waiting.join().unwrap(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while model.queue_status().unwrap().running > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(model.queue_status().unwrap().running, 0);
+    let m = client()
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(m.contains("infer_batch_size{model=\"qwen3\"} 0"), "{m}");
+    assert!(m.contains("infer_time_to_first_token_seconds_count"), "{m}");
+}
