@@ -148,10 +148,39 @@ fn fetch_tokenizers(root: &Path) {
 /// directory.
 const FEATURES: [&str; 2] = ["--features", "inference-core/conformance"];
 
+/// The `openai` Python package the server's client tests drive (PyPI).
+const OPENAI_PACKAGE: &str = "openai==3.63.0";
+
+/// A virtual environment with [`OPENAI_PACKAGE`], `.cache/openai-venv`, made
+/// once; returns its interpreter.
+fn openai_python(root: &Path) -> Result<PathBuf> {
+    let dir = root.join(".cache/openai-venv");
+    let py = dir.join("bin/python");
+    let stamp = dir.join(".installed");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(OPENAI_PACKAGE) && py.is_file() {
+        return Ok(py);
+    }
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    run(Command::new(python).args(["-m", "venv"]).arg(&dir))?;
+    run(Command::new(&py)
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            OPENAI_PACKAGE,
+        ]))?;
+    std::fs::write(&stamp, OPENAI_PACKAGE)?;
+    Ok(py)
+}
+
 fn test(root: &Path) -> Result<()> {
     let env = setup::run(root, false)?;
     fetch_tokenizers(root);
     models::fetch(root)?;
+    let openai = openai_python(root)?;
     run(cargo(root, &env).args(["fmt", "--all", "--", "--check"]))?;
     run(cargo(root, &env)
         .args(["clippy", "--workspace", "--all-targets"])
@@ -159,7 +188,8 @@ fn test(root: &Path) -> Result<()> {
         .args(["--", "-D", "warnings"]))?;
     run(cargo(root, &env)
         .args(["test", "--workspace"])
-        .args(FEATURES))?;
+        .args(FEATURES)
+        .env("INFER_TEST_OPENAI_PYTHON", &openai))?;
     run(cargo(root, &env)
         .args(["doc", "--workspace", "--no-deps"])
         .args(FEATURES)
