@@ -378,8 +378,11 @@ impl<'a> Scheduler<'a> {
                 .counters
                 .running
                 .store(self.rows.len(), Ordering::Relaxed);
-            if self.rows.is_empty() {
+            if self.rows.is_empty() && self.profile.steps > 0 {
                 self.profile.report();
+                // Idle: MLX's buffer cache goes back to the system, so a
+                // burst's memory does not outlive it.
+                memory::clear_cache();
             }
         }
     }

@@ -53,6 +53,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
 
+    /// Bytes of finished requests' KV caches kept for later prompts that
+    /// share their prefix (0: none) [default: the backend's].
+    #[arg(long, value_name = "BYTES")]
+    pub prompt_cache_bytes: Option<u64>,
+
     /// The largest request body, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     pub max_body: usize,
@@ -89,6 +94,9 @@ pub fn run(args: &ServeArgs, quiet: bool) -> Result<(), CliError> {
     }
     if let Some(n) = args.parallel {
         opts = opts.parallel_slots(n);
+    }
+    if let Some(n) = args.prompt_cache_bytes {
+        opts = opts.prompt_cache_bytes(n);
     }
     let (path, _) = load::resolve_model(args.model.model.as_deref())?;
     let id = load::display_name(&path);
