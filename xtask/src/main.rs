@@ -148,31 +148,27 @@ fn fetch_tokenizers(root: &Path) {
 /// directory.
 const FEATURES: [&str; 2] = ["--features", "inference-core/conformance"];
 
-/// The `openai` Python package the server's client tests drive (PyPI).
-const OPENAI_PACKAGE: &str = "openai==3.63.0";
+/// The Python packages the server's tests drive it with (PyPI): the official
+/// `openai` client, and selenium for the chat page in Chromium.
+const SERVER_TEST_PACKAGES: [&str; 2] = ["openai==3.63.0", "selenium==4.38.0"];
 
-/// A virtual environment with [`OPENAI_PACKAGE`], `.cache/openai-venv`, made
-/// once; returns its interpreter.
+/// A virtual environment with [`SERVER_TEST_PACKAGES`], `.cache/openai-venv`,
+/// made once; returns its interpreter.
 fn openai_python(root: &Path) -> Result<PathBuf> {
     let dir = root.join(".cache/openai-venv");
     let py = dir.join("bin/python");
     let stamp = dir.join(".installed");
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(OPENAI_PACKAGE) && py.is_file() {
+    let want = SERVER_TEST_PACKAGES.join(" ");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) && py.is_file() {
         return Ok(py);
     }
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     run(Command::new(python).args(["-m", "venv"]).arg(&dir))?;
     run(Command::new(&py)
         .env("PIP_ROOT_USER_ACTION", "ignore")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            OPENAI_PACKAGE,
-        ]))?;
-    std::fs::write(&stamp, OPENAI_PACKAGE)?;
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(SERVER_TEST_PACKAGES))?;
+    std::fs::write(&stamp, want)?;
     Ok(py)
 }
 
@@ -181,6 +177,7 @@ fn test(root: &Path) -> Result<()> {
     fetch_tokenizers(root);
     models::fetch(root)?;
     let openai = openai_python(root)?;
+    setup::ensure_chromium()?;
     run(cargo(root, &env).args(["fmt", "--all", "--", "--check"]))?;
     run(cargo(root, &env)
         .args(["clippy", "--workspace", "--all-targets"])

@@ -207,6 +207,39 @@ fn ensure_cmake() -> Result<()> {
     )
 }
 
+// ---- chromium (the server's chat-page test) --------------------------------------------------
+
+/// Makes sure Debian's `chromium` and `chromium-driver` are installed (the chat page's test
+/// drives them), through apt where possible (root on Debian/Ubuntu), else fails with the
+/// command to run.
+pub fn ensure_chromium() -> Result<()> {
+    if Path::new("/usr/bin/chromium").exists() && Path::new("/usr/bin/chromedriver").exists() {
+        return Ok(());
+    }
+    let debian = Path::new("/etc/debian_version").exists();
+    if !(debian && is_root()) {
+        bail!(
+            "the chat page's test drives headless Chromium, which is not installed.\n\
+             On Debian/Ubuntu run:\n  sudo apt-get update && sudo apt-get install -y chromium chromium-driver\n\
+             Then run the command again."
+        );
+    }
+    println!("setup: installing chromium and chromium-driver through apt");
+    run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_checked(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "chromium",
+                "chromium-driver",
+            ]),
+    )
+}
+
 // ---- libclang -------------------------------------------------------------------------------
 
 /// Finds libclang (and clang's builtin headers) for bindgen, installing them through apt
