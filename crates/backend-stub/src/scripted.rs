@@ -39,7 +39,7 @@ impl ScriptedModelBuilder {
     }
 
     /// The architecture the model reports (`ModelInfo::architecture` and
-    /// `model_type`; default [`MODEL_TYPE`]): a server picks the tool-call
+    /// `model_type`; default `scripted`): a server picks the tool-call
     /// format it parses by it.
     pub fn model_type(mut self, name: impl Into<String>) -> Self {
         self.model_type = name.into();
