@@ -25,6 +25,13 @@
 #                             --rank --report --runs [--grad-checkpoint]) in
 #                             two rounds, ours first then mlx-lm first
 #
+#   gpu.sh http OUT.jsonl MODEL CLIENTS...
+#                             serving over HTTP: our server (infer-bench serve)
+#                             and mlx_lm.server on MODEL, each driven by
+#                             infer-bench http-load with each CLIENTS count
+#                             (REQUESTS, PROMPT_WORDS, MAX_TOKENS), ours first,
+#                             then mlx-lm, then mlx-lm, then ours
+#
 # Raw records go through `cargo xtask bench report` back on the build machine.
 set -euo pipefail
 
@@ -98,8 +105,41 @@ train)
     theirs() { "$PY" "$HERE/mlx_lm_train_bench.py" --model "$WORK/models/$model" --label "$model" --out "$out" "$@"; }
     ours "$@" && theirs "$@" && theirs "$@" && ours "$@"
     ;;
+http)
+    out=$1 model=$2
+    shift 2
+    port=8097
+    url=http://127.0.0.1:$port
+    wait_up() {
+        for _ in $(seq 1500); do
+            "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/v1/models", timeout=2)' "$url" 2>/dev/null && return 0
+            sleep 0.2
+        done
+        return 1
+    }
+    engine() { # ours|mlx-lm
+        if [ "$1" = ours ]; then
+            "$WORK/infer-bench" serve --model "$WORK/models/$model" --port $port --parallel 64 &
+            name=model
+        else
+            "$PY" -m mlx_lm server --model "$WORK/models/$model" --port $port --log-level WARNING &
+            name=default_model
+        fi
+        pid=$!
+        wait_up
+        for c in $CLIENTS; do
+            "$WORK/infer-bench" http-load --url $url --model-name $name --clients "$c" \
+                --requests "${REQUESTS:-4}" --prompt-words "${PROMPT_WORDS:-64}" \
+                --max-tokens "${MAX_TOKENS:-128}" --runs "${HTTP_RUNS:-2}" --engine "$1" \
+                --label "$model" --out "$out"
+        done
+        kill $pid; wait $pid 2>/dev/null || true
+    }
+    CLIENTS="$*"
+    engine ours && engine mlx-lm && engine mlx-lm && engine ours
+    ;;
 *)
-    sed -n '4,30p' "$0"
+    sed -n '4,36p' "$0"
     exit 2
     ;;
 esac

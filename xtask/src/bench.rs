@@ -24,6 +24,11 @@
 //!   aggregate tokens/s and time to first token (p50, p99) into
 //!   `bench/results/streams-cpu.json`. The GPU plan is
 //!   `bench/plans/gpu-streams.json` (`gpu.sh plan`).
+//! - `bench http [--quick]` times serving over HTTP here: our server
+//!   (`infer-bench serve`) and `mlx_lm.server` on SmolLM2-135M in f32, each
+//!   driven by `infer-bench http-load` with 1, 8 and 32 concurrent streaming
+//!   clients, in two interleaved rounds; tokens/s and time to first token
+//!   into `bench/results/http-cpu.json` (`gpu.sh http` on a GPU).
 //! - `bench gpu-bundle` builds what a GPU machine without Rust or internet needs
 //!   (`target/cuda/bench-bundle/`; `bench/gpu.sh` runs it there).
 //! - `bench report RAW.jsonl --machine TEXT --out NAME` turns raw records into
@@ -44,7 +49,7 @@ use crate::{cargo, models, run};
 /// The mlx-lm release compared against.
 pub const MLX_LM_VERSION: &str = "0.32.2";
 
-const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] [--llamacpp-only] | train [--quick] | streams [--quick] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S]>";
+const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] [--llamacpp-only] | train [--quick] | streams [--quick] | http [--quick] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S]>";
 
 /// Entry point of `cargo xtask bench …`.
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
@@ -63,6 +68,11 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         Some("train") => match &args[1..] {
             [] => train(root, false),
             [q] if q == "--quick" => train(root, true),
+            _ => bail!("{USAGE}"),
+        },
+        Some("http") => match &args[1..] {
+            [] => http(root, false),
+            [q] if q == "--quick" => http(root, true),
             _ => bail!("{USAGE}"),
         },
         Some("streams") => match &args[1..] {
@@ -375,6 +385,99 @@ fn streams(root: &Path, quick: bool) -> Result<()> {
     report(root, &raw, &cpu_name(), out, None)
 }
 
+/// A server process, killed when dropped.
+struct ServerProcess(std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `url`/v1/models answers (a server has loaded its model).
+fn wait_ready(url: &str, server: &mut ServerProcess) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let ok = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", &format!("{url}/v1/models")])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Ok(());
+        }
+        if let Some(status) = server.0.try_wait()? {
+            bail!("the server exited with {status}");
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{url} did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// `bench http`: our server (`infer-bench serve`) and `mlx_lm.server` on the
+/// same model, driven by `infer-bench http-load` with 1, 8 and 32 concurrent
+/// streaming clients, interleaved (ours, theirs, theirs, ours), on
+/// SmolLM2-135M in f32 here.
+fn http(root: &Path, quick: bool) -> Result<()> {
+    let env = setup::run(root, false)?;
+    let py = venv(root)?;
+    let bin = build_bench(root, &env)?;
+    let model = smollm2_f32(root, &bin, &py)?;
+    let raw_dir = root.join("bench/results/raw");
+    fs::create_dir_all(&raw_dir)?;
+    let raw = raw_dir.join("http-cpu.jsonl");
+    if raw.exists() {
+        fs::remove_file(&raw)?;
+    }
+    let clients: &[usize] = if quick { &[1, 4] } else { &[1, 8, 32] };
+    let port = 8097;
+    let url = format!("http://127.0.0.1:{port}");
+    let engine = |ours: bool| -> Result<()> {
+        let mut server = ServerProcess(if ours {
+            Command::new(&bin)
+                .arg("serve")
+                .arg("--model")
+                .arg(&model)
+                .args(["--port", &port.to_string(), "--parallel", "32"])
+                .spawn()?
+        } else {
+            Command::new(&py)
+                .args(["-m", "mlx_lm", "server", "--model"])
+                .arg(&model)
+                .args(["--port", &port.to_string(), "--log-level", "WARNING"])
+                .spawn()?
+        });
+        wait_ready(&url, &mut server)?;
+        for &c in clients {
+            run(Command::new(&bin)
+                .args(["http-load", "--url", &url, "--clients", &c.to_string()])
+                .args(["--model-name", if ours { "model" } else { "default_model" }])
+                .args([
+                    "--requests",
+                    "1",
+                    "--prompt-words",
+                    "8",
+                    "--max-tokens",
+                    "8",
+                ])
+                .args(["--runs", if quick { "1" } else { "2" }])
+                .args(["--engine", if ours { "ours" } else { "mlx-lm" }])
+                .args(["--label", "smollm2-135m-f32", "--out"])
+                .arg(&raw))?;
+        }
+        Ok(())
+    };
+    engine(true)?;
+    engine(false)?;
+    engine(false)?;
+    engine(true)?;
+    let out = if quick { "http-cpu-quick" } else { "http-cpu" };
+    report(root, &raw, &cpu_name(), out, None)
+}
+
 /// This machine's CPU model and core count.
 fn cpu_name() -> String {
     let model = fs::read_to_string("/proc/cpuinfo")
@@ -472,6 +575,11 @@ fn metrics(scenario: &str) -> &'static [(&'static str, bool)] {
             ("ttft_s", false),
         ],
         "train" => &[("train_tps", true), ("peak_memory_mb", false)],
+        "http" => &[
+            ("http_tps", true),
+            ("ttft_p50_s", false),
+            ("ttft_p99_s", false),
+        ],
         "streams" => &[
             ("stream_tps", true),
             ("ttft_p50_s", false),
@@ -502,6 +610,8 @@ const PARAMS: &[&str] = &[
     "grad_checkpoint",
     "streams",
     "spread_ms",
+    "clients",
+    "requests",
 ];
 
 /// The engines compared, as (A, B): the report gives A ÷ B for rates (B ÷ A

@@ -6,6 +6,7 @@
 //! - `run` times one scenario on our engine and appends JSON records that
 //!   match those of `bench/mlx_lm_bench.py`.
 
+mod http;
 mod raw_llama;
 mod run;
 mod shapes;
@@ -111,6 +112,10 @@ enum Command {
     /// Times LoRA training (as `bench/mlx_lm_train_bench.py` times mlx-lm's)
     /// and appends one record per report window after the first.
     Train(train::TrainArgs),
+    /// Serves a model over HTTP (our OpenAI-compatible server) until killed.
+    Serve(http::ServeArgs),
+    /// Drives an OpenAI-compatible server with concurrent streaming clients.
+    HttpLoad(http::LoadArgs),
     /// llama-bench's method on llama.cpp's own API (no wrapper of ours):
     /// the `single` steps of a plan on a GGUF file, appended as records of
     /// engine `llama.cpp-raw`.
@@ -166,6 +171,8 @@ fn main() -> Result<()> {
             );
         }
         Command::Train(args) => train::train(&args)?,
+        Command::Serve(args) => http::serve(&args)?,
+        Command::HttpLoad(args) => http::load(&args)?,
         Command::LlamaRaw {
             model,
             plan,
