@@ -136,6 +136,13 @@ http)
         kill $pid; wait $pid 2>/dev/null || true
     }
     CLIENTS="$*"
+    # mlx_lm.server's generation thread dies at 32 clients with MLX's
+    # default CUDA graph cache ("Cache thrashing is happening, please set
+    # MLX_CUDA_GRAPH_CACHE_SIZE to a larger value than 400"), and its
+    # /v1/models scans the Hugging Face cache: both set, for both engines.
+    export MLX_CUDA_GRAPH_CACHE_SIZE=${MLX_CUDA_GRAPH_CACHE_SIZE:-4000}
+    export HF_HUB_CACHE=${HF_HUB_CACHE:-$WORK/hf-cache}
+    mkdir -p "$HF_HUB_CACHE"
     engine ours && engine mlx-lm && engine mlx-lm && engine ours
     ;;
 *)

@@ -433,6 +433,7 @@ fn http(root: &Path, quick: bool) -> Result<()> {
         fs::remove_file(&raw)?;
     }
     let clients: &[usize] = if quick { &[1, 4] } else { &[1, 8, 32] };
+    fs::create_dir_all(root.join(".cache/bench/hf-cache"))?;
     let port = 8097;
     let url = format!("http://127.0.0.1:{port}");
     let engine = |ours: bool| -> Result<()> {
@@ -445,6 +446,7 @@ fn http(root: &Path, quick: bool) -> Result<()> {
                 .spawn()?
         } else {
             Command::new(&py)
+                .env("HF_HUB_CACHE", root.join(".cache/bench/hf-cache"))
                 .args(["-m", "mlx_lm", "server", "--model"])
                 .arg(&model)
                 .args(["--port", &port.to_string(), "--log-level", "WARNING"])
