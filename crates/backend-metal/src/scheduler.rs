@@ -264,6 +264,21 @@ impl Row<'_> {
             && self.end.is_none()
     }
 
+    /// Draws the row's next id from its `logits` `[1, V]` with its own
+    /// sampler (the repeat penalty looking at its ids, `pending` the id not
+    /// read back yet), scored when it asked for logprobs; not queued.
+    fn draw(&mut self, logits: &Array, pending: Option<&Array>) -> Result<Draw, Exception> {
+        let recent = recent_ids(&self.read, pending, self.window)?;
+        let opts = &self.req.opts;
+        draw_one(
+            &mut self.sampler,
+            logits,
+            recent.as_ref(),
+            opts.logprobs,
+            opts.top_logprobs,
+        )
+    }
+
     /// Whether its cache outlives it (a session's, or for the prompt cache).
     fn keeps_cache(&self, prompt_cache: bool) -> bool {
         match &self.turn {
@@ -773,15 +788,7 @@ impl<'a> Scheduler<'a> {
             .hidden_last(&Array::from_slice(rest, &[1, rest.len() as i32]), caches)
             .map_err(mlx_error)?;
         let logits = model.logits(&last_position(&h)).map_err(mlx_error)?;
-        let recent = recent_ids(&row.read, None, row.window).map_err(mlx_error)?;
-        let draw = draw_one(
-            &mut row.sampler,
-            &logits,
-            recent.as_ref(),
-            row.req.opts.logprobs,
-            row.req.opts.top_logprobs,
-        )
-        .map_err(mlx_error)?;
+        let draw = row.draw(&logits, None).map_err(mlx_error)?;
         draw.queue().map_err(mlx_error)?;
         let Place::Prefill { caches, .. } = std::mem::replace(&mut row.place, Place::None) else {
             return Ok(());
@@ -854,15 +861,9 @@ impl<'a> Scheduler<'a> {
         for (k, &i) in group.iter().enumerate() {
             let own: Vec<LayerCache> = split.iter_mut().filter_map(Iterator::next).collect();
             let row = &mut self.rows[i];
-            let recent = recent_ids(&row.read, None, row.window).map_err(mlx_error)?;
-            let draw = draw_one(
-                &mut row.sampler,
-                &logits.index(k as i32..k as i32 + 1),
-                recent.as_ref(),
-                row.req.opts.logprobs,
-                row.req.opts.top_logprobs,
-            )
-            .map_err(mlx_error)?;
+            let draw = row
+                .draw(&logits.index(k as i32..k as i32 + 1), None)
+                .map_err(mlx_error)?;
             draw.queue().map_err(mlx_error)?;
             row.place = Place::Alone(own);
             row.pending = Some(Pending {
@@ -1043,15 +1044,7 @@ impl<'a> Scheduler<'a> {
         let input = y.reshape(&[1, 1]).map_err(mlx_error)?;
         let h = model.hidden(&input, caches).map_err(mlx_error)?;
         let logits = model.logits(&last_position(&h)).map_err(mlx_error)?;
-        let recent = recent_ids(&row.read, Some(&y), row.window).map_err(mlx_error)?;
-        let draw = draw_one(
-            &mut row.sampler,
-            &logits,
-            recent.as_ref(),
-            row.req.opts.logprobs,
-            row.req.opts.top_logprobs,
-        )
-        .map_err(mlx_error)?;
+        let draw = row.draw(&logits, Some(&y)).map_err(mlx_error)?;
         draw.queue().map_err(mlx_error)?;
         row.next = Some(Pending {
             draw: self.fresh.len(),
@@ -1152,18 +1145,10 @@ impl<'a> Scheduler<'a> {
                     (Some(p), w) if w > 0 => Some(pending_id(p)),
                     _ => None,
                 };
-                let row = &mut self.rows[*i];
                 let row_logits = logits.index(b as i32..b as i32 + 1);
-                let recent =
-                    recent_ids(&row.read, pending.as_ref(), row.window).map_err(mlx_error)?;
-                let one = draw_one(
-                    &mut row.sampler,
-                    &row_logits,
-                    recent.as_ref(),
-                    row.req.opts.logprobs,
-                    row.req.opts.top_logprobs,
-                )
-                .map_err(mlx_error)?;
+                let one = self.rows[*i]
+                    .draw(&row_logits, pending.as_ref())
+                    .map_err(mlx_error)?;
                 ids.push(one.ids);
                 scores.push(one.scores.into_iter().next().flatten());
             }

@@ -4,12 +4,15 @@
 //! interpreter it passes in `INFER_TEST_OPENAI_PYTHON`) types a message, sees
 //! the answer stream in with its tokens/s, and presses stop mid-answer.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backend_stub::ScriptedModel;
+use common::start;
 use inference_core::{TextModel, Token};
 use inference_server::{ServedModel, ServerConfig};
 
@@ -38,24 +41,11 @@ fn the_chat_page_streams_and_stops_in_chromium() {
             .build()
             .unwrap(),
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = inference_server::router(
+    let server = start(
         vec![ServedModel::new("slow", slow)],
         ServerConfig::default(),
     );
-    runtime.spawn(inference_server::serve(
-        listener,
-        app,
-        std::future::pending(),
-    ));
+    let base = server.base.clone();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chat_page.py");
     let out = Command::new(python)
         .arg(script)

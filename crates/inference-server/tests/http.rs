@@ -4,55 +4,16 @@
 //! fixtures never do), a client's disconnect, and a fixture MLX model whose
 //! greedy answers equal a direct call.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backend_stub::ScriptedModel;
-use inference_core::{GenerateOptions, LoadOptions, Message, TextModel, Token};
+use common::{scripted, start, Server};
+use inference_core::{GenerateOptions, LoadOptions, Message, TextModel};
 use inference_server::{ReasoningField, ServedModel, ServerConfig};
 use serde_json::{json, Value};
-
-/// A running server and its base URL.
-struct Server {
-    base: String,
-    _runtime: tokio::runtime::Runtime,
-}
-
-fn start(models: Vec<ServedModel>, config: ServerConfig) -> Server {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = inference_server::router(models, config);
-    runtime.spawn(inference_server::serve(
-        listener,
-        app,
-        std::future::pending(),
-    ));
-    Server {
-        base,
-        _runtime: runtime,
-    }
-}
-
-fn scripted(texts: &[&str], model_type: &str) -> Arc<dyn TextModel> {
-    let mut script: Vec<Token> = (1..).zip(texts).map(|(id, t)| Token::new(id, *t)).collect();
-    script.push(Token::new(0, ""));
-    Arc::new(
-        ScriptedModel::builder(script)
-            .eos(0)
-            .model_type(model_type)
-            .renders_tools(true)
-            .build()
-            .unwrap(),
-    )
-}
 
 fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
@@ -537,4 +498,52 @@ fn an_mlx_model_behind_the_server() {
         .unwrap();
     assert!(m.contains("infer_batch_size{model=\"qwen3\"} 0"), "{m}");
     assert!(m.contains("infer_time_to_first_token_seconds_count"), "{m}");
+}
+
+/// A request past the time limit: a whole reply is a 503, a stream ends
+/// with an error event (and `[DONE]`) after what it had sent.
+#[test]
+fn the_request_time_limit() {
+    let words: Vec<String> = (0..60).map(|i| format!(" w{i}")).collect();
+    let mut script: Vec<inference_core::Token> = (1..)
+        .zip(&words)
+        .map(|(id, w)| inference_core::Token::new(id, w.clone()))
+        .collect();
+    script.push(inference_core::Token::new(0, ""));
+    let slow: Arc<dyn TextModel> = Arc::new(
+        backend_stub::ScriptedModel::builder(script)
+            .eos(0)
+            .step_delay(Duration::from_millis(20))
+            .build()
+            .unwrap(),
+    );
+    let s = start(
+        vec![ServedModel::new("slow", slow)],
+        ServerConfig {
+            request_timeout: Some(Duration::from_millis(300)),
+            ..ServerConfig::default()
+        },
+    );
+    let (st, v) = post(&s, "/v1/chat/completions", &hello());
+    assert_eq!(st, 503, "{v}");
+    assert_eq!(v["error"]["code"], "timeout");
+    let mut body = hello();
+    body["stream"] = json!(true);
+    let ev = events(&s, "/v1/chat/completions", &body);
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let last: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+    assert_eq!(last["error"]["code"], "timeout");
+    let words_sent: usize = ev[..ev.len() - 2]
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .count();
+    assert!(
+        (1..60).contains(&words_sent),
+        "{words_sent} words before the limit"
+    );
 }

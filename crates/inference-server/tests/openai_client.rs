@@ -4,26 +4,15 @@
 //! logprobs, seed) and text completions, and checks the SDK's own error
 //! classes for bad requests, an unknown model and a wrong key.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use backend_stub::ScriptedModel;
-use inference_core::{LoadOptions, TextModel, Token};
+use common::{scripted, start};
+use inference_core::{LoadOptions, TextModel};
 use inference_server::{ServedModel, ServerConfig};
-
-fn scripted(texts: &[&str], model_type: &str) -> Arc<dyn TextModel> {
-    let mut script: Vec<Token> = (1..).zip(texts).map(|(id, t)| Token::new(id, *t)).collect();
-    script.push(Token::new(0, ""));
-    Arc::new(
-        ScriptedModel::builder(script)
-            .eos(0)
-            .model_type(model_type)
-            .renders_tools(true)
-            .build()
-            .unwrap(),
-    )
-}
 
 #[test]
 fn the_openai_sdk_talks_to_the_server() {
@@ -54,16 +43,7 @@ fn the_openai_sdk_talks_to_the_server() {
         "qwen3",
     );
     let words = scripted(&["Hello", " there", "!"], "scripted");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = inference_server::router(
+    let server = start(
         vec![
             ServedModel::new("qwen3", qwen),
             ServedModel::new("tools", tools),
@@ -74,11 +54,7 @@ fn the_openai_sdk_talks_to_the_server() {
             ..ServerConfig::default()
         },
     );
-    runtime.spawn(inference_server::serve(
-        listener,
-        app,
-        std::future::pending(),
-    ));
+    let base = server.base.clone();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let out = Command::new(python)
         .arg(script)
