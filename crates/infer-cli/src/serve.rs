@@ -114,7 +114,11 @@ pub fn run(args: &ServeArgs, quiet: bool) -> Result<(), CliError> {
         request_timeout,
     };
     let app = inference_server::router(vec![ServedModel::new(id.clone(), model)], config);
+    // Request submissions (templating, tokenising) run on blocking threads:
+    // a bounded pool, so that a burst does not leave hundreds of idle
+    // threads (and their stacks) behind.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(16)
         .enable_all()
         .build()
         .map_err(|e| CliError::io("cannot start the server's runtime", e))?;
