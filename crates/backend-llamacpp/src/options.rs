@@ -72,6 +72,9 @@ pub(crate) fn check_load_options(opts: &LoadOptions) -> Result<()> {
             "parallel_slots > 1 (calls queue; batch_generate decodes sequences together)",
         );
     }
+    if opts.tensor_parallel.is_some() {
+        return refuse("tensor_parallel (the llama.cpp backend runs in one process)");
+    }
     if opts.kv_budget_bytes.is_some() {
         return refuse("kv_budget_bytes (calls run one at a time in one context)");
     }

@@ -2,6 +2,7 @@
 //! array of the model, so calls queue and never share a KV cache.
 
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::cache::Rotation;
 use inference_formats::gguf::{hf, GgufFile};
 use inference_runtime::{check, Jobs};
 
+use crate::distributed::{self, Group, Watchdog};
 use crate::error::{FormatError, LoadError};
 use crate::generate::{self, Request};
 use crate::gguf;
@@ -78,6 +80,24 @@ pub fn check_load_options(opts: &LoadOptions) -> Result<()> {
             "mmap = false on the MLX backend (weight files are always mapped)",
         ));
     }
+    if opts.tensor_parallel.is_some() {
+        // Every rank must run the same steps in the same order: one call
+        // at a time, and nothing that depends on a rank's own clock.
+        let refuse = |what: &str| {
+            Err(Error::unsupported(format!(
+                "{what} under tensor parallelism on the MLX backend"
+            )))
+        };
+        if opts.parallel_slots.is_some_and(|n| n > 1) {
+            return refuse("parallel_slots > 1 (calls run one at a time across the ranks)");
+        }
+        if opts.queue_timeout.is_some() {
+            return refuse("queue_timeout (the ranks' clocks would part their schedules)");
+        }
+        if opts.adapter_path.is_some() {
+            return refuse("LoRA adapters (fuse the adapter into the model first: infer fuse)");
+        }
+    }
     Ok(())
 }
 
@@ -90,6 +110,12 @@ impl MlxModel {
         let started = Instant::now();
         let path = &inference_formats::resolve_model_path(path)?;
         let (config, tokenizer, source) = open(path)?;
+        if opts.tensor_parallel.is_some() && matches!(source, Source::Gguf(_)) {
+            return Err(Error::unsupported(
+                "GGUF files under tensor parallelism on the MLX backend (use a Hugging Face \
+                 or mlx-community directory)",
+            ));
+        }
         if let Some(adapter) = &opts.adapter_path {
             // Its configuration now, its tensors once the model is built.
             let dir = inference_formats::adapter::adapter_dir(adapter);
@@ -141,9 +167,12 @@ impl MlxModel {
             max_queue: opts.max_queue,
             counters: crate::scheduler::Counters::default(),
         });
-        let max_rows = opts
-            .parallel_slots
-            .unwrap_or(LoadOptions::DEFAULT_PARALLEL_SLOTS);
+        let tensor_parallel = opts.tensor_parallel.clone();
+        let max_rows = opts.parallel_slots.unwrap_or(if tensor_parallel.is_some() {
+            1
+        } else {
+            LoadOptions::DEFAULT_PARALLEL_SLOTS
+        });
         let (kv_budget, queue_timeout) = (opts.kv_budget_bytes, opts.queue_timeout);
         let prompt_cache_bytes = opts
             .prompt_cache_bytes
@@ -165,18 +194,36 @@ impl MlxModel {
                 crate::models::layers::split_cpu_matmuls(cores.min(8));
             }
             let body = move || {
+                let mut config = config;
                 let context = worker_shared
                     .context
                     .map_or(config.text().max_position_embeddings, |r| r.window);
-                let built = build(source, &*config, dtype, context).and_then(|(model, info)| {
-                    let state = match &adapter_path {
-                        Some(path) => Some(tune::applied(path, &*model)?),
-                        None => None,
-                    };
-                    Ok((model, info, state))
-                });
+                let built = join_group(tensor_parallel.as_deref())
+                    .and_then(|group| {
+                        if let Some(g) = &group {
+                            shard_config(config.text_mut(), g.size())?;
+                        }
+                        let (model, mut info) =
+                            build(source, &*config, dtype, context, group.clone())?;
+                        if let Some(g) = &group {
+                            info.rank = g.rank() as usize;
+                            info.world_size = g.size() as usize;
+                        }
+                        Ok((model, info, group))
+                    })
+                    .and_then(|(model, info, group)| {
+                        let state = match &adapter_path {
+                            Some(path) => Some(tune::applied(path, &*model)?),
+                            None => None,
+                        };
+                        Ok((model, info, state, group))
+                    });
                 match built {
-                    Ok((model, info, state)) => {
+                    Ok((model, info, state, group)) => {
+                        let watchdog = group
+                            .as_ref()
+                            .map(|g| Watchdog::start(g.rank(), Watchdog::limit_from_env()));
+                        distributed::set_thread_group(group);
                         let counts = state
                             .as_ref()
                             .map(|s| train::counts(&*model, &s.adapted, info.parameter_count));
@@ -198,6 +245,7 @@ impl MlxModel {
                             prompt_cache_bytes,
                             state,
                         )
+                        .with_watchdog(watchdog)
                         .run(queue);
                     }
                     Err(e) => ready.send(Err(e)),
@@ -505,11 +553,15 @@ fn build(
     spec: &dyn ModelSpec,
     dtype: Option<inference_core::DType>,
     context_length: usize,
+    group: Option<Rc<Group>>,
 ) -> std::result::Result<(Box<dyn CausalLm>, ModelInfo), LoadError> {
     let config = spec.text();
     let (mut weights, quant, stored_dtype, quant_type) = match source {
         Source::Dir(dir) => {
-            let mut w = Weights::load(&dir)?;
+            let mut w = match group {
+                Some(g) => Weights::load_sharded(&dir, g)?,
+                None => Weights::load(&dir)?,
+            };
             w.set_quantization(&config.quantization_overrides);
             let stored = w
                 .float_dtype
@@ -518,6 +570,11 @@ fn build(
                 .unwrap_or_default();
             let scheme = config.quantization.map(|_| "affine".to_owned());
             (w, config.quantization, stored, scheme)
+        }
+        Source::Gguf(_) if group.is_some() => {
+            return Err(
+                FormatError::Unsupported("GGUF files under tensor parallelism".into()).into(),
+            )
         }
         Source::Gguf(file) => {
             let arch = config.gguf_architecture.clone().unwrap_or_default();
@@ -543,6 +600,41 @@ fn build(
     let model = models::build(spec, weights)?;
     info.dtype = crate::load::dtype_name(model.dtype()).to_owned();
     Ok((model, info))
+}
+
+/// The tensor-parallel group of `backend`, when asked for one and it has
+/// more than one rank (a group of one runs as one process).
+fn join_group(backend: Option<&str>) -> std::result::Result<Option<Rc<Group>>, LoadError> {
+    let Some(backend) = backend else {
+        return Ok(None);
+    };
+    let group =
+        Group::join(backend).map_err(|e| LoadError::Mlx(format!("tensor parallel: {e}")))?;
+    Ok((group.size() > 1).then_some(group))
+}
+
+/// Divides `config`'s attention heads, key-value heads and MLP units over
+/// `ranks` (each rank's share), refusing sizes that do not divide.
+fn shard_config(
+    config: &mut inference_formats::config::TextConfig,
+    ranks: i32,
+) -> std::result::Result<(), LoadError> {
+    for (what, n) in [
+        ("attention heads", config.num_attention_heads),
+        ("key-value heads", config.num_key_value_heads),
+        ("MLP units (intermediate_size)", config.intermediate_size),
+    ] {
+        if ranks <= 0 || n % ranks != 0 {
+            return Err(FormatError::Config(format!(
+                "tensor parallelism over {ranks} ranks needs the {what} ({n}) to divide by {ranks}"
+            ))
+            .into());
+        }
+    }
+    config.num_attention_heads /= ranks;
+    config.num_key_value_heads /= ranks;
+    config.intermediate_size /= ranks;
+    Ok(())
 }
 
 /// Where a model's weights come from.
@@ -764,6 +856,11 @@ impl TextModel for MlxModel {
 
     /// LoRA fine-tuning on the model's worker ([`Trainable`]).
     fn trainable(&self) -> Result<&dyn Trainable> {
+        if self.info.world_size > 1 {
+            return Err(Error::unsupported(
+                "fine-tuning a model split over ranks (tensor parallelism)",
+            ));
+        }
         Ok(self)
     }
 

@@ -40,7 +40,14 @@ impl LoadError {
     }
 }
 
-/// An MLX failure during generation as the public error.
+/// An MLX failure during generation as the public error: MLX's message,
+/// without the Rust source location mlx-rs adds to its exceptions
+/// (` at …/file.rs:line:column`).
 pub(crate) fn mlx_error(e: impl std::fmt::Display) -> Error {
-    Error::backend(NAME, e.to_string())
+    let text = e.to_string();
+    let message = match text.rsplit_once(" at ") {
+        Some((what, at)) if at.contains(".rs:") && !at.contains(' ') => what.to_owned(),
+        _ => text,
+    };
+    Error::backend(NAME, message)
 }

@@ -104,6 +104,132 @@ pub fn slice_update(
     }
 }
 
+/// A handle on an MLX distributed group (`mlx_distributed_group`), freed
+/// on drop. MLX's groups are process-wide: every handle on the same
+/// backend's group talks over the same connections.
+#[derive(Debug)]
+pub struct GroupHandle(mlx_sys::mlx_distributed_group);
+
+impl Drop for GroupHandle {
+    fn drop(&mut self) {
+        // SAFETY: the handle was filled by `mlx_distributed_init` and is
+        // freed once, here (freeing only deletes MLX's `Group` value; the
+        // process-wide group it refers to stays).
+        unsafe {
+            mlx_sys::mlx_distributed_group_free(self.0);
+        }
+    }
+}
+
+/// Whether MLX was built with the distributed backend `name` (`any`: with
+/// any of them).
+pub fn distributed_is_available(name: &str) -> bool {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c_name` is a NUL-terminated string alive for the call; MLX
+    // only reads it.
+    unsafe { mlx_sys::mlx_distributed_is_available(c_name.as_ptr()) }
+}
+
+/// The MLX error message that the next failing call on this thread
+/// reports, captured by a handler installed for the call (mlx-rs's own
+/// handler keeps its messages to itself).
+mod captured {
+    use std::cell::RefCell;
+    use std::ffi::{c_char, c_void, CStr};
+
+    std::thread_local! {
+        pub static MESSAGE: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+
+    /// Records MLX's message for the calling thread.
+    pub unsafe extern "C" fn handler(msg: *const c_char, _data: *mut c_void) {
+        if msg.is_null() {
+            return;
+        }
+        // SAFETY: MLX passes a NUL-terminated message valid for the call.
+        let text = unsafe { CStr::from_ptr(msg) }
+            .to_string_lossy()
+            .into_owned();
+        MESSAGE.with_borrow_mut(|m| *m = Some(text));
+    }
+
+    unsafe extern "C" {
+        /// mlx-rs's process-wide handler (exported unmangled by mlx-rs),
+        /// put back after the call.
+        pub fn default_mlx_error_handler(msg: *const c_char, data: *mut c_void);
+    }
+}
+
+/// Joins MLX's distributed group of `backend` (`any`, `ring`, `mpi`,
+/// `nccl`, `jaccl`) from the environment MLX reads (`MLX_RANK`,
+/// `MLX_HOSTFILE`, …), strictly: a backend that cannot start is an error
+/// with MLX's message, not a group of one.
+pub fn distributed_init(backend: &str) -> Result<GroupHandle, String> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let c_name = std::ffi::CString::new(backend).map_err(|e| e.to_string())?;
+    // Error handlers are process-wide: one init at a time swaps its own in.
+    let _one = INIT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // SAFETY: `group` starts empty and MLX fills it on success (it is then
+    // owned by the returned handle); on failure it is freed here. The
+    // handler swapped in for the call matches MLX's handler signature and
+    // only touches this thread's storage; mlx-rs's exported handler is put
+    // back before returning (mlx-rs registers it without data or a
+    // destructor, as here).
+    unsafe {
+        captured::MESSAGE.with_borrow_mut(|m| *m = None);
+        mlx_sys::mlx_set_error_handler(Some(captured::handler), std::ptr::null_mut(), None);
+        let mut group = mlx_sys::mlx_distributed_group_new();
+        let status = mlx_sys::mlx_distributed_init(&mut group, true, c_name.as_ptr());
+        mlx_sys::mlx_set_error_handler(
+            Some(captured::default_mlx_error_handler),
+            std::ptr::null_mut(),
+            None,
+        );
+        if status != 0 {
+            mlx_sys::mlx_distributed_group_free(group);
+            let message = captured::MESSAGE.with_borrow_mut(Option::take);
+            return Err(message.unwrap_or_else(|| format!("MLX could not start `{backend}`")));
+        }
+        Ok(GroupHandle(group))
+    }
+}
+
+impl GroupHandle {
+    /// This process's rank in the group.
+    pub fn rank(&self) -> i32 {
+        // SAFETY: a live, initialised group handle.
+        unsafe { mlx_sys::mlx_distributed_group_rank(self.0) }
+    }
+
+    /// The number of processes in the group.
+    pub fn size(&self) -> i32 {
+        // SAFETY: a live, initialised group handle.
+        unsafe { mlx_sys::mlx_distributed_group_size(self.0) }
+    }
+
+    /// `x` summed over the group (every rank gets the sum), computed on
+    /// `stream` when the graph is evaluated.
+    pub fn all_sum(&self, x: &Array, stream: &Stream) -> Result<Array, Exception> {
+        // SAFETY: `x`, the group and `stream` are live handles for the
+        // call; `res` is a fresh handle that the returned `Array` owns on
+        // success and that is freed here on failure.
+        unsafe {
+            let mut res = mlx_sys::mlx_array_new();
+            let status =
+                mlx_sys::mlx_distributed_all_sum(&mut res, x.as_ptr(), self.0, stream.as_ptr());
+            if status != 0 {
+                mlx_sys::mlx_array_free(res);
+                return Err(Exception::custom("MLX all_sum failed"));
+            }
+            Ok(Array::from_ptr(res))
+        }
+    }
+}
+
 /// A function of arrays, as [`checkpoint`] takes it.
 type ArrayFn<'a> = Box<dyn FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'a>;
 

@@ -37,6 +37,7 @@ mod batch_kv;
 mod cache;
 mod checkpoint;
 pub mod device;
+mod distributed;
 mod engine;
 mod error;
 mod ffi;

@@ -45,6 +45,7 @@ use mlx_rs::{Array, Dtype};
 
 use crate::batch_kv::BatchKv;
 use crate::cache::{KvCache, LayerCache};
+use crate::distributed::Watchdog;
 use crate::error::mlx_error;
 use crate::generate::{self, read_scores, recent_ids, Request};
 use crate::memory;
@@ -314,6 +315,8 @@ pub(crate) struct Scheduler<'a> {
     admitted: u64,
     steps: u64,
     profile: StepProfile,
+    /// Ends the process when a tensor-parallel pass hangs.
+    watchdog: Option<Watchdog>,
 }
 
 /// Where the passes' time goes while calls run: building and queueing the
@@ -369,7 +372,16 @@ impl<'a> Scheduler<'a> {
             admitted: 0,
             steps: 0,
             profile: StepProfile::default(),
+            watchdog: None,
         }
+    }
+
+    /// Under tensor parallelism: a watchdog that ends the process when one
+    /// pass (a prefill chunk, a decode step) outlasts its limit, since a
+    /// collective whose peer is gone blocks inside MLX.
+    pub(crate) fn with_watchdog(mut self, watchdog: Option<Watchdog>) -> Self {
+        self.watchdog = watchdog;
+        self
     }
 
     /// Serves `jobs` until every handle of the worker is dropped and every
@@ -385,10 +397,16 @@ impl<'a> Scheduler<'a> {
             }
             self.expire();
             self.start_jobs();
+            if let Some(dog) = &self.watchdog {
+                dog.busy();
+            }
             if let Err(e) = self.pass() {
                 self.fail_running(&e);
             }
             self.retire();
+            if let Some(dog) = self.watchdog.as_ref().filter(|_| self.rows.is_empty()) {
+                dog.idle();
+            }
             self.shared
                 .counters
                 .running
@@ -1273,7 +1291,10 @@ impl<'a> Scheduler<'a> {
 
     /// Ends every running row with `e` (a failed forward pass).
     fn fail_running(&mut self, e: &Error) {
-        let message = e.to_string();
+        let message = match e {
+            Error::Backend { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
         for row in &mut self.rows {
             if row.end.is_none() {
                 row.end = Some(Err(Error::backend(crate::error::NAME, message.clone())));
@@ -1345,7 +1366,8 @@ fn draw_one(
     logprobs: bool,
     top: usize,
 ) -> Result<Draw, Exception> {
-    let id = sampler.sample(logits, recent)?;
+    // Under tensor parallelism every rank feeds rank 0's draw.
+    let id = crate::distributed::agree(sampler.sample(logits, recent)?)?;
     let scores = if logprobs {
         Some(logprobs_of(logits, &id, top)?)
     } else {

@@ -82,6 +82,13 @@ pub struct ModelArgs {
     /// write it (adapters.safetensors and adapter_config.json).
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+
+    /// Run tensor-parallel with the other ranks of an MLX distributed group
+    /// over BACKEND: any, ring, mpi, nccl or jaccl (mlx backend; `infer
+    /// launch` starts the ranks). Default: $INFER_TENSOR_PARALLEL, else any
+    /// when MLX_RANK is set (ranks started by hand), else one process.
+    #[arg(long, value_name = "BACKEND")]
+    pub tensor_parallel: Option<String>,
 }
 
 /// `on`/`off` (also `true`/`false`, `yes`/`no`, `1`/`0`).
@@ -128,6 +135,13 @@ impl ModelArgs {
         opts = opts.mmap(!self.no_mmap);
         if let Some(dir) = &self.adapter {
             opts = opts.adapter_path(dir);
+        }
+        // `infer launch` sets INFER_TENSOR_PARALLEL for its ranks; ranks
+        // started by hand have MLX_RANK.
+        let launched = std::env::var("INFER_TENSOR_PARALLEL").ok();
+        let by_hand = std::env::var_os("MLX_RANK").map(|_| "any".to_owned());
+        if let Some(b) = self.tensor_parallel.clone().or(launched).or(by_hand) {
+            opts = opts.tensor_parallel(b);
         }
         opts.validate()?;
         Ok(opts)

@@ -220,6 +220,11 @@ pub fn run(args: &ChatArgs, quiet: bool) -> Result<(), CliError> {
     let load_opts = args.model.load_options()?;
     let interrupt = Interrupt::install()?;
     let loaded = load::load(&args.model, load_opts, quiet)?;
+    if loaded.model.info().world_size > 1 {
+        return Err(CliError::Usage(
+            "`infer chat` does not run tensor-parallel yet: use `infer generate` under `infer launch`".into(),
+        ));
+    }
     let model = &*loaded.model;
     let mut conversation = Conversation::start(
         model,

@@ -58,6 +58,17 @@ pub enum CliError {
     /// Ctrl-C.
     #[error("interrupted")]
     Interrupted,
+
+    /// A rank of `infer launch` failed (the others were stopped).
+    #[error("rank {rank} failed ({status}); the other ranks were stopped")]
+    RankFailed {
+        /// The rank that failed first.
+        rank: usize,
+        /// How it ended.
+        status: String,
+        /// Its exit status (this process's).
+        code: u8,
+    },
 }
 
 impl CliError {
@@ -80,6 +91,7 @@ impl CliError {
                 E::Cancelled => EXIT_INTERRUPTED,
                 _ => EXIT_RUNTIME,
             },
+            CliError::RankFailed { code, .. } => *code,
             CliError::NoDefaultModel
             | CliError::ModelNotFound { .. }
             | CliError::Io { .. }

@@ -109,8 +109,17 @@ pub fn load(args: &ModelArgs, opts: LoadOptions, quiet: bool) -> Result<Loaded, 
     if let Some(s) = spinner {
         s.finish_and_clear();
     }
+    let model = model?;
+    let info = model.info();
+    if info.world_size > 1 {
+        tracing::info!(rank = info.rank, ranks = info.world_size, "tensor parallel");
+        if info.rank > 0 {
+            // Rank 0 prints; the others compute alongside it.
+            crate::output::silence();
+        }
+    }
     Ok(Loaded {
-        model: model?,
+        model,
         backend: backend.name().to_owned(),
         device,
     })

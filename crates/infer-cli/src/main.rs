@@ -8,6 +8,9 @@
 //! - `infer train --data DIR`: LoRA fine-tuning, as `mlx_lm.lora`.
 //! - `infer fuse --adapter DIR --out DIR`: an adapter merged into its base
 //!   model, as `mlx_lm.fuse`.
+//! - `infer serve`: an OpenAI-compatible HTTP server with a chat page.
+//! - `infer launch -n N -- generate …`: a tensor-parallel run over MLX
+//!   distributed, its ranks started here or over ssh.
 //!
 //! Exit status: 0 success, 1 runtime error, 2 usage error, 130 interrupted.
 //! Errors are one line on stderr. See `docs/cli.md`.
@@ -31,6 +34,7 @@ mod error;
 mod fuse;
 mod generate;
 mod interrupt;
+mod launch;
 mod load;
 mod models;
 mod output;
@@ -73,6 +77,8 @@ enum Command {
     Fuse(fuse::FuseArgs),
     /// Serve the model over an OpenAI-compatible HTTP API, with a chat page.
     Serve(serve::ServeArgs),
+    /// Run a command tensor-parallel: start its ranks here or over ssh (as mlx.launch).
+    Launch(launch::LaunchArgs),
 }
 
 fn main() -> ExitCode {
@@ -107,6 +113,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Train(args) => train::run(args, cli.quiet),
         Command::Fuse(args) => fuse::run(args, cli.quiet),
         Command::Serve(args) => serve::run(args, cli.quiet),
+        Command::Launch(args) => launch::run(args),
     }
 }
 

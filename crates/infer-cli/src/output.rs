@@ -1,16 +1,29 @@
 //! Writing results: streamed text on stdout, statistics on stderr.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::HumanBytes;
 use inference_core::{FinishReason, GenerateMetrics};
 
 use crate::error::CliError;
 
+/// Set on the ranks of a tensor-parallel group other than rank 0, which
+/// compute alongside it but leave the printing to it.
+static SILENT: AtomicBool = AtomicBool::new(false);
+
+/// Stops [`stream_out`] and [`json_out`] from writing (a rank other than 0).
+pub fn silence() {
+    SILENT.store(true, Ordering::Relaxed);
+}
+
 /// Writes `text` to stdout at once (no buffering until the line ends).
 /// `Ok(false)` when stdout is closed (e.g. `infer … | head -1`): the caller
 /// then stops generating.
 pub fn stream_out(text: &str) -> Result<bool, CliError> {
+    if SILENT.load(Ordering::Relaxed) {
+        return Ok(true);
+    }
     let mut out = io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Ok(()) => Ok(true),
@@ -21,6 +34,9 @@ pub fn stream_out(text: &str) -> Result<bool, CliError> {
 
 /// Writes `value` as one line of JSON on stdout.
 pub fn json_out(value: &impl serde::Serialize) -> Result<(), CliError> {
+    if SILENT.load(Ordering::Relaxed) {
+        return Ok(());
+    }
     let mut out = io::stdout().lock();
     let written = serde_json::to_writer(&mut out, value)
         .map_err(io::Error::from)

@@ -101,6 +101,11 @@ pub fn run(args: &ServeArgs, quiet: bool) -> Result<(), CliError> {
     let (path, _) = load::resolve_model(args.model.model.as_deref())?;
     let id = load::display_name(&path);
     let loaded = load::load(&args.model, opts, quiet)?;
+    if loaded.model.info().world_size > 1 {
+        return Err(CliError::Usage(
+            "`infer serve` does not run tensor-parallel yet: use `infer generate` under `infer launch`".into(),
+        ));
+    }
     let model: Arc<dyn inference_core::TextModel> = Arc::from(loaded.model);
     let config = ServerConfig {
         api_key: args.api_key.clone().or_else(|| {

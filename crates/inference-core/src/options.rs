@@ -558,6 +558,17 @@ pub struct LoadOptions {
     /// Map the weights file into memory (the default) rather than reading
     /// it; backends that always map refuse `false`.
     pub mmap: bool,
+    /// Run tensor-parallel over the distributed group of this communication
+    /// backend (`any`, `ring`, `mpi`, `nccl` or `jaccl`, MLX's names): each
+    /// process of the group (a *rank*) loads its share of every layer's
+    /// heads and MLP units and the ranks sum their partial results, so a
+    /// model too large for one machine or GPU runs on several. The group
+    /// comes from the environment the launcher sets (`MLX_RANK`,
+    /// `MLX_HOSTFILE`, …; see `infer launch`); a group of one runs as
+    /// usual. Every rank must load the same model with the same options and
+    /// make the same calls, one at a time. `None` (the default): one
+    /// process. Backends without it refuse `Some`.
+    pub tensor_parallel: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -582,6 +593,7 @@ impl Default for LoadOptions {
             kv_cache_type: None,
             flash_attention: None,
             mmap: true,
+            tensor_parallel: None,
         }
     }
 }
@@ -627,6 +639,17 @@ impl LoadOptions {
     /// Sets [`gpu_layers`](Self::gpu_layers).
     pub fn gpu_layers(mut self, n: i32) -> Self {
         self.gpu_layers = n;
+        self
+    }
+
+    /// The communication backends [`tensor_parallel`](Self::tensor_parallel)
+    /// takes (MLX distributed's names; `any` lets MLX pick).
+    pub const TENSOR_PARALLEL_BACKENDS: &'static [&'static str] =
+        &["any", "ring", "mpi", "nccl", "jaccl"];
+
+    /// Sets [`tensor_parallel`](Self::tensor_parallel).
+    pub fn tensor_parallel(mut self, backend: impl Into<String>) -> Self {
+        self.tensor_parallel = Some(backend.into());
         self
     }
 
@@ -764,6 +787,17 @@ impl LoadOptions {
         }
         if self.threads == Some(0) {
             return Err(Error::invalid_option("threads", "must be at least 1"));
+        }
+        if let Some(b) = &self.tensor_parallel {
+            if !Self::TENSOR_PARALLEL_BACKENDS.contains(&b.as_str()) {
+                return Err(Error::invalid_option(
+                    "tensor_parallel",
+                    format!(
+                        "must be one of {}, got {b:?}",
+                        Self::TENSOR_PARALLEL_BACKENDS.join(", ")
+                    ),
+                ));
+            }
         }
         if self.memory_limit_bytes == Some(0) {
             return Err(Error::invalid_option(

@@ -209,7 +209,7 @@ impl Message {
 }
 
 /// What a loaded model is.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ModelInfo {
     /// The architecture, e.g. `qwen3` or `gemma3_text`.
@@ -252,6 +252,40 @@ pub struct ModelInfo {
     /// Absent from serialised data written before it existed: `false`.
     #[serde(default)]
     pub chat_template: bool,
+    /// This process's rank in a tensor-parallel group (0 in one process);
+    /// rank 0 is the one that reports.
+    #[serde(default)]
+    pub rank: usize,
+    /// Processes the model is split over (1 in one process; see
+    /// [`LoadOptions::tensor_parallel`](crate::LoadOptions::tensor_parallel)).
+    /// [`parameter_count`](Self::parameter_count) counts this rank's share.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for ModelInfo {
+    fn default() -> Self {
+        Self {
+            architecture: String::new(),
+            vocab_size: 0,
+            num_layers: 0,
+            hidden_size: 0,
+            quant_bits: None,
+            quant_group: None,
+            context_length: 0,
+            dtype: String::new(),
+            stored_dtype: String::new(),
+            quant_type: None,
+            parameter_count: 0,
+            chat_template: false,
+            rank: 0,
+            world_size: 1,
+        }
+    }
 }
 
 impl ModelInfo {

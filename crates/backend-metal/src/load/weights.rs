@@ -7,10 +7,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use mlx_rs::{Array, Dtype};
 use safetensors::{Dtype as StDtype, SafeTensors};
 
+use crate::distributed::{share, Group, Split};
 use crate::error::{FormatError, LoadError};
 use crate::ffi;
 use inference_formats::config::Quantization;
@@ -41,6 +43,15 @@ pub struct Weights {
     quant: HashMap<String, Quantization>,
     /// The dtype of the floating-point tensors (the first one seen).
     pub float_dtype: Option<Dtype>,
+    /// The tensor-parallel group whose share was read, if any.
+    group: Option<Rc<Group>>,
+}
+
+/// Which share of the split tensors to read: rank `rank` of `size`.
+#[derive(Debug, Clone, Copy)]
+struct Shard {
+    rank: usize,
+    size: usize,
 }
 
 /// The weight files of a model directory, chosen as transformers and mlx-lm
@@ -83,7 +94,7 @@ pub type RawFile = (Vec<(String, Array)>, HashMap<String, String>);
 /// the file's metadata.
 pub fn read_raw(path: &Path) -> Result<RawFile, LoadError> {
     let mut out = Vec::new();
-    let metadata = read_file(path, &mut |name, array| {
+    let metadata = read_file(path, None, &mut |name, array| {
         out.push((name, array));
         Ok(())
     })?;
@@ -92,9 +103,12 @@ pub fn read_raw(path: &Path) -> Result<RawFile, LoadError> {
 
 /// Validates the safetensors file `path`, hands each tensor, copied into an
 /// MLX array, to `each` (whose error reason is reported as corruption of
-/// the file), and returns the file's metadata.
+/// the file), and returns the file's metadata. With `shard`, a tensor that
+/// tensor parallelism splits ([`Split::of`]) is read as the shard's part
+/// alone.
 fn read_file(
     path: &Path,
+    shard: Option<Shard>,
     each: &mut dyn FnMut(String, Array) -> Result<(), String>,
 ) -> Result<HashMap<String, String>, LoadError> {
     let file_name = path.display().to_string();
@@ -117,8 +131,26 @@ fn read_file(
                 i32::try_from(d).map_err(|_| corrupt(format!("tensor `{name}` is too large")))
             })
             .collect::<Result<_, _>>()?;
-        let array = ffi::array_from_bytes(view.data(), &shape, dtype)
-            .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
+        let split = shard.and_then(|sh| {
+            let key = normalise(&name)?;
+            Split::of(&key).map(|split| (sh, split))
+        });
+        let array = match split {
+            None => ffi::array_from_bytes(view.data(), &shape, dtype),
+            Some((sh, split)) => {
+                let (part, part_shape) = shard_bytes(
+                    &name,
+                    view.data(),
+                    view.shape(),
+                    ffi::item_size(dtype),
+                    split,
+                    sh,
+                )
+                .map_err(|e| LoadError::Format(FormatError::Config(e)))?;
+                ffi::array_from_bytes(&part, &part_shape, dtype)
+            }
+        }
+        .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
         each(name, array).map_err(corrupt)?;
     }
     let (_, header) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
@@ -131,13 +163,30 @@ impl Weights {
         Self::load_files(&weight_files(dir)?)
     }
 
+    /// Reads the share of `group`'s rank of every weight file of `dir`:
+    /// the tensors tensor parallelism splits ([`Split::of`]) as that rank's
+    /// part (only those bytes are copied), the others whole.
+    pub fn load_sharded(dir: &Path, group: Rc<Group>) -> Result<Self, LoadError> {
+        let shard = Shard {
+            rank: group.rank() as usize,
+            size: group.size() as usize,
+        };
+        let mut w = Self::read(&weight_files(dir)?, Some(shard))?;
+        w.group = Some(group);
+        Ok(w)
+    }
+
     /// Reads the safetensors files `files` (validated the same way).
     pub fn load_files(files: &[PathBuf]) -> Result<Self, LoadError> {
+        Self::read(files, None)
+    }
+
+    fn read(files: &[PathBuf], shard: Option<Shard>) -> Result<Self, LoadError> {
         let mut tensors = HashMap::new();
         let mut float_dtype = None;
         for path in files {
             let mut skipped = 0usize;
-            read_file(path, &mut |name, array| {
+            read_file(path, shard, &mut |name, array| {
                 let Some(key) = normalise(&name) else {
                     skipped += 1;
                     return Ok(());
@@ -161,7 +210,16 @@ impl Weights {
             tensors,
             quant: HashMap::new(),
             float_dtype,
+            group: None,
         })
+    }
+
+    /// The group over which the layer `prefix` (a name without `.weight`)
+    /// must sum its output: the group the weights were split for, when the
+    /// layer's input columns were split ([`Split::Columns`]).
+    pub fn reduce_group(&self, prefix: &str) -> Option<Rc<Group>> {
+        let group = self.group.as_ref()?;
+        (Split::of(&format!("{prefix}.weight")) == Some(Split::Columns)).then(|| Rc::clone(group))
     }
 
     /// Weights from arrays already in memory, with per-matrix quantisation.
@@ -174,6 +232,7 @@ impl Weights {
             tensors,
             quant,
             float_dtype,
+            group: None,
         }
     }
 
@@ -208,6 +267,61 @@ impl Weights {
         {
             Some(name) => Err(FormatError::UnexpectedTensor(name).into()),
             None => Ok(()),
+        }
+    }
+}
+
+/// The bytes and shape of `shard`'s part of the tensor `name` (`data`,
+/// shaped `shape`, `item` bytes per element), split `split`: a run of whole
+/// rows, or the same columns of every row.
+fn shard_bytes(
+    name: &str,
+    data: &[u8],
+    shape: &[usize],
+    item: usize,
+    split: Split,
+    shard: Shard,
+) -> Result<(Vec<u8>, Vec<i32>), String> {
+    let (lo, hi) = share(name, shape, split, shard.rank, shard.size).map_err(|e| {
+        if name.ends_with(".scales") || name.ends_with(".biases") {
+            format!(
+                "{e}: each rank's input features must be a multiple of the quantisation group size"
+            )
+        } else {
+            e
+        }
+    })?;
+    let dims = |s: &[usize]| -> Result<Vec<i32>, String> {
+        s.iter()
+            .map(|&d| i32::try_from(d).map_err(|_| format!("tensor `{name}` is too large")))
+            .collect()
+    };
+    let mut part_shape = shape.to_vec();
+    match split {
+        Split::Rows => {
+            let row: usize = shape[1..].iter().product::<usize>() * item;
+            part_shape[0] = hi - lo;
+            let bytes = data
+                .get(lo * row..hi * row)
+                .ok_or_else(|| format!("tensor `{name}` is shorter than its shape"))?;
+            Ok((bytes.to_vec(), dims(&part_shape)?))
+        }
+        Split::Columns => {
+            if shape.len() != 2 {
+                return Err(format!(
+                    "tensor `{name}` of shape {shape:?}: only matrices split by columns"
+                ));
+            }
+            let (rows, cols) = (shape[0], shape[1]);
+            part_shape[1] = hi - lo;
+            let mut bytes = Vec::with_capacity(rows * (hi - lo) * item);
+            for r in 0..rows {
+                let run = data
+                    .get((r * cols + lo) * item..(r * cols + hi) * item)
+                    .ok_or_else(|| format!("tensor `{name}` is shorter than its shape"))?;
+                bytes.extend_from_slice(run);
+            }
+            Ok((bytes, dims(&part_shape)?))
         }
     }
 }
@@ -278,5 +392,38 @@ impl Weights {
                 }
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod shard_tests {
+    use super::*;
+
+    fn bytes(values: &[u16]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// A rank's part is exactly its rows, or its columns of every row; a
+    /// split that does not divide names the tensor and, for quantisation
+    /// scales, the group size.
+    #[test]
+    fn a_shard_reads_its_rows_or_its_columns() {
+        // A 4 × 6 matrix of 2-byte elements 0..24.
+        let data = bytes(&(0..24).collect::<Vec<u16>>());
+        let shard = |rank| Shard { rank, size: 2 };
+        let (part, shape) = shard_bytes("w", &data, &[4, 6], 2, Split::Rows, shard(1)).unwrap();
+        assert_eq!(shape, [2, 6]);
+        assert_eq!(part, bytes(&(12..24).collect::<Vec<u16>>()));
+        let (part, shape) = shard_bytes("w", &data, &[4, 6], 2, Split::Columns, shard(1)).unwrap();
+        assert_eq!(shape, [4, 3]);
+        assert_eq!(part, bytes(&[3, 4, 5, 9, 10, 11, 15, 16, 17, 21, 22, 23]));
+        // A bias (1-D) splits by rows.
+        let (part, shape) = shard_bytes("b", &data[..8], &[4], 2, Split::Rows, shard(0)).unwrap();
+        assert_eq!((part, shape), (data[..4].to_vec(), vec![2]));
+        let three = Shard { rank: 0, size: 4 };
+        let e = shard_bytes("x.scales", &data, &[4, 6], 2, Split::Columns, three).unwrap_err();
+        assert!(e.contains("x.scales") && e.contains("group size"), "{e}");
+        let e = shard_bytes("short", &data[..10], &[4, 6], 2, Split::Rows, shard(1)).unwrap_err();
+        assert!(e.contains("shorter"), "{e}");
     }
 }

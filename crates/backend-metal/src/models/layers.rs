@@ -2,6 +2,7 @@
 //! affine-quantised), embeddings, RMSNorm and rotary embeddings.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::IndexOp;
@@ -13,6 +14,7 @@ use mlx_rs::{fast, with_stream, Array, Device, Stream};
 use inference_formats::config::{Quantization, Rope, RopeScaling, TextConfig};
 
 use crate::cache::{attend, LayerCache, Positions};
+use crate::distributed::Group;
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
 use crate::models::lora::LoraSlot;
@@ -226,6 +228,10 @@ pub struct Linear {
     pub bias: Option<Array>,
     /// Its LoRA adapter, when one is applied.
     pub lora: LoraSlot,
+    /// Under tensor parallelism, the group over which this rank's partial
+    /// product (its share of the input features) is summed, before the
+    /// bias.
+    pub reduce: Option<Rc<Group>>,
 }
 
 impl Linear {
@@ -248,6 +254,7 @@ impl Linear {
             weight,
             bias,
             lora: LoraSlot::default(),
+            reduce: w.reduce_group(prefix),
         })
     }
 
@@ -318,10 +325,14 @@ impl Linear {
             n if n == parts.len() => cat(&|p| p.bias.as_ref())?,
             _ => return Ok(None),
         };
+        if parts.iter().any(|p| p.reduce.is_some()) {
+            return Ok(None);
+        }
         let stacked = Linear {
             weight,
             bias,
             lora: LoraSlot::default(),
+            reduce: None,
         };
         eval(stacked.arrays())?;
         Ok(Some(stacked))
@@ -339,6 +350,10 @@ impl Linear {
     /// Applies the layer (and its adapter).
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let y = self.weight.matmul_t(x)?;
+        let y = match &self.reduce {
+            Some(group) => group.all_sum(&y)?,
+            None => y,
+        };
         let y = match &self.bias {
             Some(b) => y.add(b)?,
             None => y,
@@ -860,6 +875,7 @@ mod stack_tests {
             weight: Matrix::Dense(random::normal::<f32>(&[rows, 64], None, None, &key).unwrap()),
             bias: bias.then(|| random::normal::<f32>(&[rows], None, None, &key).unwrap()),
             lora: LoraSlot::default(),
+            reduce: None,
         }
     }
 
@@ -878,6 +894,7 @@ mod stack_tests {
             }),
             bias: None,
             lora: LoraSlot::default(),
+            reduce: None,
         }
     }
 

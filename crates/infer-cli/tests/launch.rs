@@ -1,0 +1,505 @@
+//! Tensor parallelism over MLX distributed (ring backend, TCP) on this
+//! machine's CPU: `infer launch -n 2` and ranks started by hand (on
+//! localhost, and on two "hosts" made of network namespaces) give the
+//! single process's greedy ids on the f32 fixture of every architecture (a
+//! divergence excused only where the single process's top-2 margin is
+//! below 1e-3, since `all_sum` reorders additions), the same sampled
+//! tokens with a seed, typed errors for sizes that do not divide, and a
+//! killed rank ends the other with an error within 30 seconds.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const INFER: &str = env!("CARGO_BIN_EXE_infer");
+const PROMPT: &str = "The quick brown fox jumps over the lazy dog because";
+const MARGIN: f64 = 1e-3;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+/// `infer generate --format json` with `args` on `model`, in one process.
+fn generate_args(model: &Path, args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "generate".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--gpu-layers".into(),
+        "0".into(),
+        "--format".into(),
+        "json".into(),
+    ];
+    v.extend(args.iter().map(|s| (*s).to_owned()));
+    v
+}
+
+fn json_of(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "status {:?}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn single(model: &Path, args: &[&str]) -> Value {
+    let out = Command::new(INFER)
+        .args(generate_args(model, args))
+        .env_remove("MLX_RANK")
+        .output()
+        .unwrap();
+    json_of(&out)
+}
+
+fn launched(ranks: usize, model: &Path, args: &[&str]) -> Output {
+    Command::new(INFER)
+        .args(["launch", "-n", &ranks.to_string(), "--"])
+        .args(generate_args(model, args))
+        .output()
+        .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v["ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ids: {v}"))
+        .iter()
+        .map(|i| i.as_u64().unwrap())
+        .collect()
+}
+
+/// The split run's ids equal the single run's, up to the first position
+/// where the single run's top-2 margin is below [`MARGIN`] (where the two
+/// may part; nothing after it is compared).
+fn assert_same_greedy(what: &str, one: &Value, split: &Value) {
+    let (a, b) = (ids(one), ids(split));
+    let margins: Vec<f64> = one["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|lp| {
+            let top = lp["top"].as_array().unwrap();
+            top[0][1].as_f64().unwrap() - top[1][1].as_f64().unwrap()
+        })
+        .collect();
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        if x != y {
+            assert!(
+                margins[i] < MARGIN,
+                "{what}: token {i} differs ({x} vs {y}) at a margin of {}",
+                margins[i]
+            );
+            eprintln!("{what}: parted at token {i}, a near-tie ({})", margins[i]);
+            return;
+        }
+    }
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+}
+
+const GREEDY: &[&str] = &[
+    "--max-tokens",
+    "24",
+    "--ignore-eos",
+    "--logprobs",
+    "2",
+    PROMPT,
+];
+
+#[test]
+fn two_ranks_give_the_single_process_greedy_ids_on_every_architecture() {
+    for name in ["qwen3-f32", "qwen2-f32", "llama-f32", "gemma3-f32"] {
+        let model = fixture(name);
+        let one = single(&model, GREEDY);
+        let split = json_of(&launched(2, &model, GREEDY));
+        assert_same_greedy(name, &one, &split);
+        assert_eq!(split["finish_reason"], "length", "{name}: {split}");
+    }
+}
+
+#[test]
+fn two_ranks_sample_the_same_tokens_with_a_seed() {
+    let model = fixture("qwen3-f32");
+    let args = [
+        "--max-tokens",
+        "32",
+        "--ignore-eos",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "11",
+        PROMPT,
+    ];
+    let one = single(&model, &args);
+    let split = json_of(&launched(2, &model, &args));
+    assert_eq!(ids(&one), ids(&split));
+    // Sampling really happened: greedy picks other tokens.
+    let greedy = single(&model, &["--max-tokens", "32", "--ignore-eos", PROMPT]);
+    assert_ne!(ids(&one), ids(&greedy));
+}
+
+#[test]
+fn sizes_that_do_not_divide_and_a_missing_group_are_typed_errors() {
+    // 4 attention heads do not divide over 3 ranks.
+    let out = launched(3, &fixture("qwen3-f32"), &["--max-tokens", "2", PROMPT]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("divide by 3"), "{stderr}");
+    // The ring backend without its environment.
+    let out = Command::new(INFER)
+        .args(generate_args(
+            &fixture("qwen3-f32"),
+            &["--tensor-parallel", "ring", PROMPT],
+        ))
+        .env_remove("MLX_RANK")
+        .env_remove("MLX_HOSTFILE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no distributed backend started"),
+        "{stderr}"
+    );
+    // An unknown backend is a usage error.
+    let out = Command::new(INFER)
+        .args(generate_args(
+            &fixture("qwen3-f32"),
+            &["--tensor-parallel", "tcp", PROMPT],
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let l: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    l.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// A child process killed when dropped (a failed test leaves none behind).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Ranks started by hand (MLX_RANK, MLX_HOSTFILE): rank 1 is killed once
+/// rank 0 has streamed tokens; rank 0 ends with an error within 30 s —
+/// MLX's ring reports the lost peer, or, where a collective was left
+/// waiting inside MLX, the watchdog (its limit set to 20 s here) ends it.
+#[test]
+fn a_killed_rank_ends_the_other_with_an_error_within_30_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let hostfile = dir.path().join("hosts.json");
+    std::fs::write(
+        &hostfile,
+        format!(
+            "[[\"127.0.0.1:{}\"], [\"127.0.0.1:{}\"]]",
+            ports[0], ports[1]
+        ),
+    )
+    .unwrap();
+    let args = [
+        "generate",
+        "--model",
+        &fixture("qwen3-f32").display().to_string(),
+        "--gpu-layers",
+        "0",
+        "--ignore-eos",
+        "--max-tokens",
+        "100000",
+        "--context-len",
+        "64",
+        "--allow-past-max-positions",
+        PROMPT,
+    ]
+    .map(str::to_owned);
+    let start = |rank: usize| {
+        Command::new(INFER)
+            .args(&args)
+            .env("MLX_RANK", rank.to_string())
+            .env("MLX_HOSTFILE", &hostfile)
+            .env("INFER_DIST_TIMEOUT", "20")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut zero = Reaped(start(0));
+    let mut one = Reaped(start(1));
+    // Rank 0 prints; wait for some of its answer.
+    let mut out = BufReader::new(zero.0.stdout.take().unwrap());
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < 64 && Instant::now() < deadline {
+        let buf = out.fill_buf().unwrap();
+        assert!(!buf.is_empty(), "rank 0 stopped printing early");
+        got.extend_from_slice(buf);
+        let n = buf.len();
+        out.consume(n);
+    }
+    assert!(got.len() >= 64, "rank 0 printed too little");
+    one.0.kill().unwrap();
+    one.0.wait().unwrap();
+    let killed = Instant::now();
+    // Drain rank 0's output so that it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let status = loop {
+        if let Some(s) = zero.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "rank 0 still runs 30 s after its peer died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut zero.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        !status.success(),
+        "rank 0 succeeded without its peer: {stderr}"
+    );
+    assert!(stderr.contains("error"), "{stderr}");
+    eprintln!(
+        "rank 0 ended {:.1} s after its peer: {}",
+        killed.elapsed().as_secs_f64(),
+        stderr.lines().last().unwrap_or_default()
+    );
+}
+
+/// Runs `cmd` (`ip …`), true when it worked.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Two network namespaces joined by a veth pair: two hosts, 10.201.0.1
+/// and .2, each reaching the other only over that link.
+struct Hosts {
+    names: [String; 2],
+}
+
+impl Hosts {
+    fn new() -> Option<Hosts> {
+        let id = std::process::id();
+        let names = [format!("infer-tp-a-{id}"), format!("infer-tp-b-{id}")];
+        let hosts = Hosts { names };
+        let [a, b] = &hosts.names;
+        let (va, vb) = (
+            format!("vtpa{}", id % 100_000),
+            format!("vtpb{}", id % 100_000),
+        );
+        let ok = ip(&["netns", "add", a])
+            && ip(&["netns", "add", b])
+            && ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])
+            && ip(&["link", "set", &va, "netns", a])
+            && ip(&["link", "set", &vb, "netns", b])
+            && ip(&["-n", a, "addr", "add", "10.201.0.1/24", "dev", &va])
+            && ip(&["-n", b, "addr", "add", "10.201.0.2/24", "dev", &vb])
+            && ip(&["-n", a, "link", "set", &va, "up"])
+            && ip(&["-n", b, "link", "set", &vb, "up"])
+            && ip(&["-n", a, "link", "set", "lo", "up"])
+            && ip(&["-n", b, "link", "set", "lo", "up"]);
+        ok.then_some(hosts)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in &self.names {
+            ip(&["netns", "del", n]);
+        }
+    }
+}
+
+#[test]
+fn two_ranks_on_two_network_namespaces_give_the_single_process_ids() {
+    let Some(hosts) = Hosts::new() else {
+        eprintln!("skipped: cannot make network namespaces here (needs root and iproute2)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hostfile = dir.path().join("hosts.json");
+    std::fs::write(&hostfile, r#"[["10.201.0.1:5821"], ["10.201.0.2:5821"]]"#).unwrap();
+    for name in ["qwen3-f32", "gemma3-f32"] {
+        let model = fixture(name);
+        let one = single(&model, GREEDY);
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                Command::new("ip")
+                    .args(["netns", "exec", &hosts.names[rank], INFER])
+                    .args(generate_args(&model, GREEDY))
+                    .env("MLX_RANK", rank.to_string())
+                    .env("MLX_HOSTFILE", &hostfile)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<Output> = ranks
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let split = json_of(&outs[0]);
+        assert_same_greedy(name, &one, &split);
+        // Rank 1 computed alongside but printed nothing.
+        assert!(
+            outs[1].status.success(),
+            "{}",
+            String::from_utf8_lossy(&outs[1].stderr)
+        );
+        assert!(outs[1].stdout.is_empty());
+    }
+}
+
+/// Under `infer launch`, a rank that dies takes the run down: the launcher
+/// stops the others and exits with an error.
+#[test]
+fn the_launcher_stops_the_run_when_a_rank_dies() {
+    let mut launch = Reaped(
+        Command::new(INFER)
+            .args(["launch", "-n", "2", "--"])
+            .args(generate_args(
+                &fixture("qwen3-f32"),
+                &[
+                    "--ignore-eos",
+                    "--max-tokens",
+                    "100000",
+                    "--context-len",
+                    "64",
+                    "--allow-past-max-positions",
+                    PROMPT,
+                ],
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Find rank 1 (a child of the launcher with MLX_RANK=1) once it runs.
+    let launcher = launch.0.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rank1 = loop {
+        let found = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid: u32 = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let rank1 = env.split(|b| *b == 0).any(|v| v == b"MLX_RANK=1");
+            (ppid == launcher && rank1).then_some(pid)
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "rank 1 never started");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Let it generate, then kill it.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(Command::new("kill")
+        .args(["-9", &rank1.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(s) = launch.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the launcher still runs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut launch.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("rank 1 failed"), "{stderr}");
+}
+
+/// The Qwen3 fixture quantised as mlx-community does (every matrix but the
+/// norms, affine, 4 bits, groups of `group`), written to a new directory.
+fn quantised_fixture(group: i32) -> tempfile::TempDir {
+    use backend_metal::mlx_rs::ops::quantize;
+    use backend_metal::mlx_rs::Array;
+
+    let src = fixture("qwen3-f32");
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&src).unwrap().flatten() {
+        let name = f.file_name();
+        if name != "model.safetensors" {
+            std::fs::copy(f.path(), dir.path().join(&name)).unwrap();
+        }
+    }
+    let tensors = Array::load_safetensors(src.join("model.safetensors")).unwrap();
+    let mut out = std::collections::HashMap::new();
+    for (name, a) in tensors {
+        match name.strip_suffix(".weight").filter(|_| a.ndim() == 2) {
+            Some(prefix) => {
+                let (w, s, b) = quantize(&a, group, 4).unwrap();
+                out.insert(name.clone(), w);
+                out.insert(format!("{prefix}.scales"), s);
+                out.insert(format!("{prefix}.biases"), b);
+            }
+            None => {
+                out.insert(name, a);
+            }
+        }
+    }
+    Array::save_safetensors(out, None, dir.path().join("model.safetensors")).unwrap();
+    let config_path = dir.path().join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["quantization"] = serde_json::json!({"group_size": group, "bits": 4});
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn quantised_models_split_their_packed_weights_or_say_why_not() {
+    // o_proj's 64 inputs and down_proj's 128 split into 32 and 64 per rank:
+    // whole groups of 32.
+    let q32 = quantised_fixture(32);
+    let one = single(q32.path(), GREEDY);
+    let split = json_of(&launched(2, q32.path(), GREEDY));
+    assert_same_greedy("qwen3 4-bit", &one, &split);
+    // Groups of 64 would cut o_proj's groups in half.
+    let q64 = quantised_fixture(64);
+    let out = launched(2, q64.path(), &["--max-tokens", "2", PROMPT]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("o_proj.scales") && stderr.contains("group size"),
+        "{stderr}"
+    );
+}
