@@ -118,11 +118,11 @@ pub(crate) fn check_generate_options(opts: &GenerateOptions, vocab: usize) -> Re
     check::logit_bias_in_vocab(opts, vocab)
 }
 
-/// Refuses `template_args` and `tools` for a call on raw prompts.
+/// Refuses `template_args`, `tools` and `reply_prefix` for a call on raw prompts.
 pub(crate) fn refuse_template(opts: &GenerateOptions, call: &str) -> Result<()> {
     if opts.uses_template() {
         return Err(Error::unsupported(format!(
-            "template_args and tools for {call} (raw prompts are not templated: use chat)"
+            "template_args, tools and reply_prefix for {call} (raw prompts are not templated: use chat)"
         )));
     }
     Ok(())

@@ -64,6 +64,11 @@ impl ChatSession for LlamaChatSession {
     fn send(&mut self, user: &str, opts: &GenerateOptions) -> Result<TokenStream> {
         let shared = &self.shared;
         check_generate_options(opts, shared.vocab)?;
+        if opts.reply_prefix.is_some() {
+            return Err(inference_core::Error::unsupported(
+                "reply_prefix in chat sessions (the history keeps what the model said)",
+            ));
+        }
         let render = RenderOptions::for_chat(opts);
         let (prompt, turn) = self.conversation.begin_turn(
             user,

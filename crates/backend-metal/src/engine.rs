@@ -761,7 +761,7 @@ impl TextModel for MlxModel {
         check_generate_options(opts, self.info.vocab_size)?;
         if opts.uses_template() {
             return Err(Error::unsupported(
-                "template_args and tools for generate (a raw prompt is not templated: use chat)",
+                "template_args, tools and reply_prefix for generate (a raw prompt is not templated: use chat)",
             ));
         }
         if prompt.is_empty() {
@@ -830,7 +830,7 @@ impl TextModel for MlxModel {
         check_generate_options(opts, self.info.vocab_size)?;
         if opts.uses_template() {
             return Err(Error::unsupported(
-                "template_args and tools for batch_generate (raw prompts are not templated)",
+                "template_args, tools and reply_prefix for batch_generate (raw prompts are not templated)",
             ));
         }
         let prompts = self.encode_all(prompts)?;

@@ -121,6 +121,11 @@ impl ChatSession for MlxChatSession {
     /// still streaming.
     fn send(&mut self, user: &str, opts: &GenerateOptions) -> Result<TokenStream> {
         check_generate_options(opts, self.core.vocab)?;
+        if opts.reply_prefix.is_some() {
+            return Err(inference_core::Error::unsupported(
+                "reply_prefix in chat sessions (the history keeps what the model said)",
+            ));
+        }
         let core = &mut self.core;
         let shared = &core.shared;
         let vocab = core.vocab;

@@ -454,3 +454,56 @@ fn llama3_tool_conversations_match_transformers() {
     let cases = tool_conversations_match_transformers("llama3", "llama");
     assert_eq!(cases.len(), 4);
 }
+
+/// A reply prefix is rendered after the generation prompt and the model
+/// continues it; raw prompts, chat sessions and an empty prefix refuse it.
+#[test]
+fn a_reply_prefix_starts_the_answer() {
+    use inference_core::{LoadOptions, RenderOptions};
+    let model: Box<dyn TextModel> =
+        inference_core::load_model(fixture("qwen3-f32"), &LoadOptions::new().gpu_layers(0))
+            .unwrap();
+    let messages = [Message::user("hi")];
+    let tok = model.tokenizer().unwrap();
+    let plain = tok.render_chat(&messages, &RenderOptions::new()).unwrap();
+    let forced = tok
+        .render_chat(
+            &messages,
+            &RenderOptions::new().reply_prefix("<tool_call>\n{"),
+        )
+        .unwrap();
+    assert_eq!(forced, format!("{plain}<tool_call>\n{{"));
+    assert!(tok
+        .render_chat(
+            &messages,
+            &RenderOptions::new()
+                .add_generation_prompt(false)
+                .reply_prefix("x")
+        )
+        .is_err());
+    let opts = GenerateOptions::new()
+        .max_tokens(2)
+        .reply_prefix("<tool_call>\n{");
+    let mut stream = model.chat(&messages, &opts).unwrap();
+    stream.collect_tokens().unwrap();
+    let ids = tok
+        .encode_chat(&messages, &RenderOptions::for_chat(&opts))
+        .unwrap();
+    assert_eq!(stream.prompt_ids(), Some(&ids[..]));
+    assert!(tok.decode(&ids, false).unwrap().ends_with("<tool_call>\n{"));
+    let refused = [
+        model.generate("hi", &opts).err(),
+        model.chat_session().unwrap().send("hi", &opts).err(),
+    ];
+    for r in refused {
+        assert!(matches!(r, Some(Error::Unsupported { .. })), "{r:?}");
+    }
+    let empty = GenerateOptions::new().reply_prefix("");
+    assert!(matches!(
+        model.chat(&messages, &empty).err(),
+        Some(Error::InvalidOption {
+            field: "reply_prefix",
+            ..
+        })
+    ));
+}

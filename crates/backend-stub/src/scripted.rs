@@ -166,7 +166,7 @@ impl ScriptedModel {
         }
         if opts.uses_template() {
             return Err(Error::unsupported(
-                "template_args and tools for a raw prompt (it is not templated)",
+                "template_args, tools and reply_prefix for a raw prompt (it is not templated)",
             ));
         }
         if opts.uses_presence_frequency() || !opts.logit_bias.is_empty() {
@@ -302,9 +302,13 @@ impl TextModel for ScriptedModel {
                 .iter()
                 .map(|m| format!("{}: {}\n", m.role, m.content)),
         );
+        if let Some(prefix) = &opts.reply_prefix {
+            rendered.push_str(&format!("assistant: {prefix}"));
+        }
         let mut plain = opts.clone();
         plain.tools.clear();
         plain.template_args.clear();
+        plain.reply_prefix = None;
         self.submit(&rendered, &plain)
     }
 

@@ -59,6 +59,12 @@ pub struct GenerateOptions {
     /// [`chat`](crate::TextModel::chat) gives its template as `tools`; raw
     /// prompts refuse them.
     pub tools: Vec<serde_json::Value>,
+    /// Text the assistant's reply starts with: [`chat`](crate::TextModel::chat)
+    /// renders it after the template's generation prompt, and the model
+    /// continues it (a forced start: the opening of a tool call, a JSON
+    /// brace). The returned tokens are the continuation only. Raw prompts
+    /// and chat sessions refuse it; it must not be empty.
+    pub reply_prefix: Option<String>,
     /// Return the last-position logits. Meaningful for
     /// [`classify`](crate::TextModel::classify); `generate` refuses it with
     /// [`Error::Unsupported`].
@@ -103,6 +109,7 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             template_args: BTreeMap::new(),
             tools: Vec::new(),
+            reply_prefix: None,
             return_logits: false,
             logprobs: false,
             top_logprobs: 0,
@@ -205,10 +212,16 @@ impl GenerateOptions {
         self
     }
 
-    /// Whether a chat template is asked for: template arguments or tools,
-    /// which raw prompts refuse.
+    /// Sets [`reply_prefix`](Self::reply_prefix).
+    pub fn reply_prefix(mut self, text: impl Into<String>) -> Self {
+        self.reply_prefix = Some(text.into());
+        self
+    }
+
+    /// Whether a chat template is asked for: template arguments, tools or a
+    /// reply prefix, which raw prompts refuse.
     pub fn uses_template(&self) -> bool {
-        !self.template_args.is_empty() || !self.tools.is_empty()
+        !self.template_args.is_empty() || !self.tools.is_empty() || self.reply_prefix.is_some()
     }
 
     /// Sets [`return_logits`](Self::return_logits).
@@ -283,6 +296,9 @@ impl GenerateOptions {
     pub fn validate(&self) -> Result<()> {
         if self.max_tokens == 0 {
             return Err(Error::invalid_option("max_tokens", "must be at least 1"));
+        }
+        if self.reply_prefix.as_deref() == Some("") {
+            return Err(Error::invalid_option("reply_prefix", "must not be empty"));
         }
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(Error::invalid_option(

@@ -24,6 +24,9 @@ pub struct RenderOptions {
     pub tools: Vec<serde_json::Value>,
     /// Extra template variables (e.g. `enable_thinking`).
     pub template_args: BTreeMap<String, serde_json::Value>,
+    /// Text appended after the generation prompt: the start of the
+    /// assistant's reply (needs `add_generation_prompt`).
+    pub reply_prefix: Option<String>,
 }
 
 impl Default for RenderOptions {
@@ -32,6 +35,7 @@ impl Default for RenderOptions {
             add_generation_prompt: true,
             tools: Vec::new(),
             template_args: BTreeMap::new(),
+            reply_prefix: None,
         }
     }
 }
@@ -64,12 +68,21 @@ impl RenderOptions {
         self
     }
 
+    /// Sets the start of the assistant's reply, rendered after the
+    /// generation prompt.
+    pub fn reply_prefix(mut self, text: impl Into<String>) -> Self {
+        self.reply_prefix = Some(text.into());
+        self
+    }
+
     /// What [`chat`](crate::TextModel::chat) renders with `opts`: the
-    /// generation prompt, `opts.tools` and `opts.template_args`.
+    /// generation prompt, `opts.tools`, `opts.template_args` and
+    /// `opts.reply_prefix`.
     pub fn for_chat(opts: &GenerateOptions) -> Self {
         Self {
             tools: opts.tools.clone(),
             template_args: opts.template_args.clone(),
+            reply_prefix: opts.reply_prefix.clone(),
             ..Self::default()
         }
     }

@@ -58,7 +58,7 @@ pub fn classify_options(opts: &GenerateOptions, vocab: usize) -> Result<()> {
     logit_bias_in_vocab(opts, vocab)?;
     if opts.uses_template() {
         return Err(Error::unsupported(
-            "template_args and tools for classify (raw prompts are not templated)",
+            "template_args, tools and reply_prefix for classify (raw prompts are not templated)",
         ));
     }
     if !opts.stop_tokens.is_empty() || !opts.stop_strings.is_empty() {

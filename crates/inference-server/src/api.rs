@@ -435,9 +435,21 @@ pub fn refuse_chat_fields(req: &ChatRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// What `tool_choice` asks of the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forced {
+    /// Nothing: the model calls a tool or answers (`auto`, `none`, absent).
+    No,
+    /// A call of some offered tool (`required`).
+    AnyTool,
+    /// A call of this tool (a named function).
+    Tool(String),
+}
+
 /// The tools a chat request offers the model, after `tool_choice`: all of
-/// them (`auto`, absent), none (`none`) or the one named.
-pub fn offered_tools(req: &ChatRequest) -> Result<Vec<Value>, ApiError> {
+/// them (`auto`, absent, `required`), none (`none`) or the one named; and
+/// whether a call is forced.
+pub fn offered_tools(req: &ChatRequest) -> Result<(Vec<Value>, Forced), ApiError> {
     let tools = req.tools.clone().unwrap_or_default();
     for (i, t) in tools.iter().enumerate() {
         if t.get("type").and_then(Value::as_str) != Some("function")
@@ -454,13 +466,18 @@ pub fn offered_tools(req: &ChatRequest) -> Result<Vec<Value>, ApiError> {
         }
     }
     match &req.tool_choice {
-        None => Ok(tools),
-        Some(Value::String(s)) if s == "auto" => Ok(tools),
-        Some(Value::String(s)) if s == "none" => Ok(Vec::new()),
-        Some(Value::String(s)) if s == "required" => Err(ApiError::bad_param(
-            "tool_choice",
-            "\"required\" is not supported (the output is not constrained): use \"auto\" or name a function",
-        )),
+        None => Ok((tools, Forced::No)),
+        Some(Value::String(s)) if s == "auto" => Ok((tools, Forced::No)),
+        Some(Value::String(s)) if s == "none" => Ok((Vec::new(), Forced::No)),
+        Some(Value::String(s)) if s == "required" => {
+            if tools.is_empty() {
+                return Err(ApiError::bad_param(
+                    "tool_choice",
+                    "\"required\" needs at least one tool in tools",
+                ));
+            }
+            Ok((tools, Forced::AnyTool))
+        }
         Some(choice) => {
             let name = choice
                 .pointer("/function/name")
@@ -481,7 +498,7 @@ pub fn offered_tools(req: &ChatRequest) -> Result<Vec<Value>, ApiError> {
                     format!("no tool named {name:?} in tools"),
                 ));
             }
-            Ok(chosen)
+            Ok((chosen, Forced::Tool(name.to_owned())))
         }
     }
 }

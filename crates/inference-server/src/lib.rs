@@ -385,9 +385,25 @@ struct ChatCall {
     model_id: String,
     format: ToolFormat,
     tools: bool,
+    /// The start of the reply that the request forced (the model's tokens
+    /// continue it).
+    prefix: Option<String>,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+}
+
+impl ChatCall {
+    /// The parser of this call's reply, which has read the forced start.
+    fn parser(&self, id: &str) -> ReplyParser {
+        let mut parser = ReplyParser::new(self.format, self.tools, &format!("call_{id}"));
+        if let Some(prefix) = &self.prefix {
+            // A call's opening says nothing until the call is complete.
+            let said = parser.push(prefix);
+            debug_assert!(said.is_empty(), "{said:?}");
+        }
+        parser
+    }
 }
 
 async fn chat_completions(
@@ -421,9 +437,18 @@ async fn chat_completions(
         n => n,
     };
     let mut opts = api::options(&sampling, unbounded)?;
-    let tools = api::offered_tools(&req)?;
+    let (tools, forced) = api::offered_tools(&req)?;
     let offered = !tools.is_empty();
     opts.tools = tools;
+    let format = ToolFormat::for_model_type(&info.architecture);
+    // A forced call: the reply starts with the call's opening (and the
+    // function's name when one is named); the model writes the rest.
+    let prefix = match &forced {
+        api::Forced::No => None,
+        api::Forced::AnyTool => Some(format.call_prefix(None)),
+        api::Forced::Tool(name) => Some(format.call_prefix(Some(name))),
+    };
+    opts.reply_prefix = prefix.clone();
     if let Some(kwargs) = &req.chat_template_kwargs {
         opts.template_args = kwargs.clone().into_iter().collect();
     }
@@ -433,8 +458,9 @@ async fn chat_completions(
     let call = ChatCall {
         model: Arc::clone(&model),
         model_id: served.id.clone(),
-        format: ToolFormat::for_model_type(&info.architecture),
+        format,
         tools: offered,
+        prefix,
         stream: req.stream == Some(true),
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: opts.logprobs,
@@ -502,7 +528,7 @@ async fn chat_whole(
     started: Instant,
 ) -> Result<Response, ApiError> {
     let tokens = collect(state, &mut stream, started).await?;
-    let mut parser = ReplyParser::new(call.format, call.tools, &format!("call_{id}"));
+    let mut parser = call.parser(&id);
     let mut pieces = Vec::new();
     for t in &tokens {
         pieces.extend(parser.push(&t.text));
@@ -617,7 +643,7 @@ fn chat_stream(
     stream: TokenStream,
     started: Instant,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let parser = ReplyParser::new(call.format, call.tools, &format!("call_{id}"));
+    let parser = call.parser(&id);
     let st = ChatStreamState {
         state,
         call,

@@ -29,6 +29,23 @@ pub enum ToolFormat {
 }
 
 impl ToolFormat {
+    /// The opening of a reply that calls `name` (any tool when `None`): the
+    /// reply is made to start with it, and the model writes the rest of
+    /// the call (the arguments, or the name and the arguments).
+    pub fn call_prefix(self, name: Option<&str>) -> String {
+        let quoted = |n: &str| serde_json::Value::String(n.to_owned()).to_string();
+        match (self, name) {
+            (ToolFormat::Hermes, Some(n)) => {
+                format!("<tool_call>\n{{\"name\": {}, \"arguments\": ", quoted(n))
+            }
+            (ToolFormat::Hermes, None) => "<tool_call>\n{\"name\": \"".to_owned(),
+            (ToolFormat::Llama3, Some(n)) => {
+                format!("{{\"name\": {}, \"parameters\": ", quoted(n))
+            }
+            (ToolFormat::Llama3, None) => "{\"name\": \"".to_owned(),
+        }
+    }
+
     /// The format of a model of `model_type` (`ModelInfo::architecture`).
     pub fn for_model_type(model_type: &str) -> ToolFormat {
         if model_type.starts_with("llama") {
@@ -323,6 +340,55 @@ fn merge(pieces: Vec<Piece>) -> Vec<Piece> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A forced call's opening says nothing by itself, and with the
+    /// model's continuation it is the call, in both formats, named or not.
+    #[test]
+    fn forced_openings_parse_with_their_continuations() {
+        let cases = [
+            (
+                ToolFormat::Hermes,
+                Some("get_weather"),
+                "{\"city\": \"Paris\"}}\n</tool_call>",
+            ),
+            (
+                ToolFormat::Hermes,
+                None,
+                "get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+            ),
+            (
+                ToolFormat::Llama3,
+                Some("get_weather"),
+                "{\"city\": \"Paris\"}}",
+            ),
+            (
+                ToolFormat::Llama3,
+                None,
+                "get_weather\", \"parameters\": {\"city\": \"Paris\"}}",
+            ),
+        ];
+        for (format, name, rest) in cases {
+            let prefix = format.call_prefix(name);
+            let mut p = ReplyParser::new(format, true, "call");
+            assert_eq!(p.push(&prefix), vec![], "{format:?} {name:?}");
+            for n in [1, 3, 64] {
+                let pieces = run(format, true, &format!("{prefix}{rest}"), n);
+                let [Piece::Call(call)] = &pieces[..] else {
+                    panic!("{format:?} {name:?}: {pieces:?}");
+                };
+                assert_eq!(call.function.name, "get_weather");
+                let args = match &call.function.arguments {
+                    serde_json::Value::String(s) => serde_json::from_str(s).unwrap(),
+                    v => v.clone(),
+                };
+                assert_eq!(args, serde_json::json!({"city": "Paris"}));
+            }
+        }
+        // A name that needs escaping stays valid JSON.
+        assert!(ToolFormat::Hermes
+            .call_prefix(Some("a\"b"))
+            .contains(r#""a\"b""#));
+    }
 
     /// Feeds `text` in pieces of `n` bytes (at character boundaries).
     fn run(format: ToolFormat, tools: bool, text: &str, n: usize) -> Vec<Piece> {

@@ -547,3 +547,81 @@ fn the_request_time_limit() {
         "{words_sent} words before the limit"
     );
 }
+
+/// `tool_choice` naming a function, or `required`, forces a call: the reply
+/// is made to start with the call's opening (the scripted model continues
+/// it, as a model would), and the call comes back parsed, whole and
+/// streamed, in both tool formats.
+#[test]
+fn a_named_or_required_tool_choice_forces_the_call() {
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    ]);
+    let cases: [(&str, &[&str], Value); 4] = [
+        (
+            "qwen3",
+            &["{\"city\": ", "\"Paris\"}}", "\n</tool_call>"],
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+        ),
+        (
+            "qwen3",
+            &[
+                "get_weather\", ",
+                "\"arguments\": {\"city\": \"Paris\"}}",
+                "\n</tool_call>",
+            ],
+            json!("required"),
+        ),
+        (
+            "llama",
+            &["{\"city\": ", "\"Paris\"}}"],
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+        ),
+        (
+            "llama",
+            &["get_weather\", \"parameters\": ", "{\"city\": \"Paris\"}}"],
+            json!("required"),
+        ),
+    ];
+    for (model_type, script, choice) in cases {
+        let s = start(
+            vec![ServedModel::new("m", scripted(script, model_type))],
+            ServerConfig::default(),
+        );
+        let mut body = hello();
+        body["tools"] = tools.clone();
+        body["tool_choice"] = choice.clone();
+        let (st, v) = post(&s, "/v1/chat/completions", &body);
+        assert_eq!(st, 200, "{v}");
+        let what = format!("{model_type} {choice}");
+        assert_eq!(
+            v["choices"][0]["finish_reason"], "tool_calls",
+            "{what}: {v}"
+        );
+        let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+        assert_eq!(call["name"], "get_weather", "{what}: {v}");
+        let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args, json!({"city": "Paris"}), "{what}");
+        assert_eq!(v["choices"][0]["message"]["content"], Value::Null, "{what}");
+
+        body["stream"] = json!(true);
+        let ev = events(&s, "/v1/chat/completions", &body);
+        let chunks: Vec<Value> = ev[..ev.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let calls: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+            .flatten()
+            .collect();
+        assert_eq!(calls.len(), 1, "{what}");
+        assert_eq!(calls[0]["function"]["name"], "get_weather", "{what}");
+        assert_eq!(
+            chunks.last().unwrap()["choices"][0]["finish_reason"],
+            "tool_calls",
+            "{what}"
+        );
+    }
+}

@@ -93,13 +93,22 @@ impl Tokenizer for ChatTokenizer {
     }
 
     fn render_chat(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        if opts.reply_prefix.is_some() && !opts.add_generation_prompt {
+            return Err(Error::InvalidInput(
+                "a reply prefix needs the generation prompt (add_generation_prompt)".into(),
+            ));
+        }
         let args = Self::args(opts)?;
-        self.template()?.render(
+        let mut text = self.template()?.render(
             messages,
             &self.tokenizer.special,
             opts.add_generation_prompt,
             &args,
-        )
+        )?;
+        if let Some(prefix) = &opts.reply_prefix {
+            text.push_str(prefix);
+        }
+        Ok(text)
     }
 
     fn encode_chat(&self, messages: &[Message], opts: &RenderOptions) -> Result<Vec<TokenId>> {
