@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mlx_rs::error::Exception;
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Device, DeviceType, Dtype, Stream};
 
 use crate::ffi::{self, GroupHandle};
@@ -31,6 +32,9 @@ pub struct Group {
     handle: GroupHandle,
     rank: i32,
     size: i32,
+    /// A collective failed (a lost peer): MLX's group cannot be trusted
+    /// any more (a later collective may wait forever), so none is started.
+    broken: std::cell::Cell<bool>,
     /// Where the collectives run: `None` on the caller's stream (NCCL's on
     /// the model's GPU stream; everything on a CPU run), else a CPU stream
     /// (a CPU backend beside a GPU model).
@@ -67,6 +71,7 @@ impl Group {
                     tracing::info!(backend = name, rank, size, "joined the distributed group");
                     return Ok(Rc::new(Group {
                         handle,
+                        broken: std::cell::Cell::new(false),
                         rank,
                         size,
                         stream,
@@ -82,6 +87,13 @@ impl Group {
         ))
     }
 
+    /// Marks the group broken after a failed collective: every later
+    /// [`all_sum`](Self::all_sum) fails at once instead of waiting on a
+    /// peer that is gone.
+    pub fn mark_broken(&self) {
+        self.broken.set(true);
+    }
+
     /// This process's rank.
     pub fn rank(&self) -> i32 {
         self.rank
@@ -95,24 +107,79 @@ impl Group {
     /// `x` summed over the ranks (lazily: the sum happens when the graph
     /// is evaluated), in `x`'s dtype.
     pub fn all_sum(&self, x: &Array) -> Result<Array, Exception> {
+        if self.broken.get() {
+            return Err(Exception::custom(
+                "the tensor-parallel group is broken (a rank was lost)",
+            ));
+        }
         match &self.stream {
             Some(s) => self.handle.all_sum(x, s),
             None => self.handle.all_sum(x, &Stream::thread_local_or_default()),
         }
     }
 
-    /// Rank 0's `ids` on every rank: each rank's sampler may draw its own
-    /// (an unseeded sampler's key comes from the process's entropy), and
-    /// the ranks must feed the same tokens. Integer ids sum exactly.
-    pub fn rank0s(&self, ids: &Array) -> Result<Array, Exception> {
-        let dtype = ids.dtype();
+    /// Rank 0's `ids` on every rank, and rank 0's `stop` (whether rank 0
+    /// ends the call at this draw): each rank's sampler may draw its own
+    /// ids (an unseeded sampler's key comes from the process's entropy),
+    /// and only rank 0 knows when its caller went away, yet the ranks must
+    /// feed the same tokens and end a call at the same step. Integer ids sum
+    /// exactly. `stop` reads 1 where rank 0 stops.
+    pub fn rank0s(&self, ids: &Array, stop: bool) -> Result<(Array, Array), Exception> {
+        let (dtype, shape) = (ids.dtype(), ids.shape().to_vec());
         // Every rank's share depends on its own draw (a product with 0 or
         // 1): a share made without it (zeros) could run its sum before the
         // model's own sums are done, and the ranks' collectives would then
         // pair up out of order.
         let keep = Array::from_int(i32::from(self.rank == 0));
-        let mine = ids.as_dtype(Dtype::Int32)?.multiply(&keep)?;
-        self.all_sum(&mine)?.as_dtype(dtype)
+        let flat = ids.as_dtype(Dtype::Int32)?.reshape(&[-1])?;
+        let n = flat.dim(0);
+        let mine =
+            mlx_rs::ops::concatenate(&[flat, Array::from_slice(&[i32::from(stop)], &[1])], 0)?
+                .multiply(&keep)?;
+        let sum = self.all_sum(&mine)?;
+        let ids = sum.index(..n).as_dtype(dtype)?.reshape(&shape)?;
+        Ok((ids, sum.index(n..)))
+    }
+
+    /// Rank 0's `message` on every rank (the others' is ignored): rank 0
+    /// hands the others each call it starts, `None` when it shuts down.
+    /// Blocks until rank 0 sends. Two sums: a header (kind and length),
+    /// then the bytes, one per `int32`.
+    pub fn broadcast(&self, message: Option<&[u8]>) -> Result<Option<Vec<u8>>, Exception> {
+        let leader = self.rank == 0;
+        let header: [i32; 2] = match (leader, message) {
+            (true, Some(m)) => [
+                1,
+                i32::try_from(m.len())
+                    .map_err(|_| Exception::custom("a call too large to hand over"))?,
+            ],
+            (true, None) => [2, 0],
+            (false, _) => [0, 0],
+        };
+        let header = self.all_sum(&Array::from_slice(&header, &[2]))?;
+        header.eval()?;
+        let header: Vec<i32> = header.as_slice::<i32>().to_vec();
+        match header[..] {
+            [2, 0] => Ok(None),
+            [1, len] if len >= 0 => {
+                let mine: Vec<i32> = match (leader, message) {
+                    (true, Some(m)) => m.iter().map(|&b| i32::from(b)).collect(),
+                    _ => vec![0; len as usize],
+                };
+                let sum = self.all_sum(&Array::from_slice(&mine, &[len]))?;
+                sum.eval()?;
+                sum.as_slice::<i32>()
+                    .iter()
+                    .map(|&v| {
+                        u8::try_from(v).map_err(|_| Exception::custom("a garbled call from rank 0"))
+                    })
+                    .collect::<Result<Vec<u8>, _>>()
+                    .map(Some)
+            }
+            _ => Err(Exception::custom(format!(
+                "a garbled message header from rank 0: {header:?}"
+            ))),
+        }
     }
 }
 
@@ -182,12 +249,13 @@ pub fn set_thread_group(group: Option<Rc<Group>>) {
     GROUP.with_borrow_mut(|g| *g = group);
 }
 
-/// `ids` as every rank of this thread's group will feed them (rank 0's);
-/// `ids` itself in one process.
-pub fn agree(ids: Array) -> Result<Array, Exception> {
+/// `ids` as every rank of this thread's group will feed them (rank 0's),
+/// and whether rank 0 ends the call here (`stop` is this rank's wish, which
+/// counts on rank 0 only); `ids` itself and no flag in one process.
+pub fn agree(ids: Array, stop: bool) -> Result<(Array, Option<Array>), Exception> {
     GROUP.with_borrow(|g| match g {
-        Some(g) if g.size() > 1 => g.rank0s(&ids),
-        _ => Ok(ids),
+        Some(g) if g.size() > 1 => g.rank0s(&ids, stop).map(|(ids, s)| (ids, Some(s))),
+        _ => Ok((ids, None)),
     })
 }
 

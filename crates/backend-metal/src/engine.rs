@@ -166,6 +166,7 @@ impl MlxModel {
             queued: AtomicUsize::new(0),
             max_queue: opts.max_queue,
             counters: crate::scheduler::Counters::default(),
+            following: Default::default(),
         });
         let tensor_parallel = opts.tensor_parallel.clone();
         let max_rows = opts.parallel_slots.unwrap_or(if tensor_parallel.is_some() {
@@ -223,7 +224,7 @@ impl MlxModel {
                         let watchdog = group
                             .as_ref()
                             .map(|g| Watchdog::start(g.rank(), Watchdog::limit_from_env()));
-                        distributed::set_thread_group(group);
+                        distributed::set_thread_group(group.clone());
                         let counts = state
                             .as_ref()
                             .map(|s| train::counts(&*model, &s.adapted, info.parameter_count));
@@ -246,6 +247,7 @@ impl MlxModel {
                             state,
                         )
                         .with_watchdog(watchdog)
+                        .with_tensor_parallel(group)
                         .run(queue);
                     }
                     Err(e) => ready.send(Err(e)),
@@ -855,6 +857,17 @@ impl TextModel for MlxModel {
     }
 
     /// LoRA fine-tuning on the model's worker ([`Trainable`]).
+    fn follow(&self) -> Result<()> {
+        if self.info.world_size <= 1 || self.info.rank == 0 {
+            return Err(Error::InvalidInput(
+                "only a rank other than 0 of a tensor-parallel model follows rank 0".into(),
+            ));
+        }
+        self.shared
+            .wait_following()
+            .map_err(|e| Error::backend(crate::error::NAME, e))
+    }
+
     fn trainable(&self) -> Result<&dyn Trainable> {
         if self.info.world_size > 1 {
             return Err(Error::unsupported(

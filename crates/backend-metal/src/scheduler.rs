@@ -31,6 +31,7 @@
 //! [`Error::MemoryBudget`].
 
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -45,7 +46,7 @@ use mlx_rs::{Array, Dtype};
 
 use crate::batch_kv::BatchKv;
 use crate::cache::{KvCache, LayerCache};
-use crate::distributed::Watchdog;
+use crate::distributed::{Group, Watchdog};
 use crate::error::mlx_error;
 use crate::generate::{self, read_scores, recent_ids, Request};
 use crate::memory;
@@ -145,6 +146,9 @@ struct Draw {
     /// Per position: the log-probabilities, where the row asked for them.
     scores: Vec<Option<Scores>>,
     host: Option<(Vec<u32>, Vec<Option<TokenLogprobs>>)>,
+    /// Under tensor parallelism, rank 0's stop flag (`[1]` int32, 1: the
+    /// call ends here on every rank).
+    stop: Option<Array>,
 }
 
 impl Draw {
@@ -152,7 +156,22 @@ impl Draw {
         let scores = self.scores.iter().flatten().flat_map(|(chosen, top)| {
             std::iter::once(chosen).chain(top.iter().flat_map(|(i, v)| [i, v]))
         });
-        async_eval(std::iter::once(&self.ids).chain(scores))
+        async_eval(
+            std::iter::once(&self.ids)
+                .chain(scores)
+                .chain(self.stop.iter()),
+        )
+    }
+
+    /// Whether rank 0 ended the call at this draw (never in one process).
+    fn stopped(&self) -> Result<bool, Exception> {
+        match &self.stop {
+            None => Ok(false),
+            Some(flag) => {
+                flag.eval()?;
+                Ok(flag.as_slice::<i32>().first().is_some_and(|&v| v != 0))
+            }
+        }
     }
 
     /// The id (and scores) at `index`, reading the draw back once.
@@ -244,6 +263,9 @@ struct Row<'t> {
     next: Option<Pending>,
     /// Paused this pass: requeued once its pending id is read.
     paused: bool,
+    /// Under tensor parallelism on rank 0: its caller went away, and the
+    /// next draw tells every rank to end the call.
+    stop_asked: bool,
     /// Whether the sampler alone draws (argmax of plain logits): such rows
     /// are drawn together.
     plain_greedy: bool,
@@ -277,6 +299,7 @@ impl Row<'_> {
             recent.as_ref(),
             opts.logprobs,
             opts.top_logprobs,
+            self.stop_asked,
         )
     }
 
@@ -295,6 +318,42 @@ impl Row<'_> {
 enum Waiting<'t> {
     Job(Job),
     Paused(Row<'t>),
+}
+
+/// A rank's part under tensor parallelism.
+enum Tp {
+    /// Rank 0: takes the calls, hands each one it starts to the others,
+    /// and decides when a call ends early.
+    Leader(Rc<Group>),
+    /// Another rank: runs rank 0's calls.
+    Follower(Rc<Group>),
+}
+
+/// Refuses a call made on a follower (rank 0 takes the calls).
+fn refuse_local(job: Job, rank: i32) {
+    refuse_job(
+        job,
+        &format!(
+            "calls on rank {rank} of a tensor-parallel model (rank 0 takes the calls; the \
+             others follow it)"
+        ),
+    );
+}
+
+/// Ends `job` with [`Error::Unsupported`] saying `what`.
+fn refuse_job(job: Job, what: &str) {
+    let e = || Error::unsupported(what);
+    match job {
+        Job::Generate(r) => r.sink.fail(e()),
+        Job::Turn(t) => t.req.sink.fail(e()),
+        Job::Logits { reply, .. } | Job::Score { reply, .. } => {
+            let _ = reply.send(Err(e()));
+        }
+        Job::Classify { reply, .. } => {
+            let _ = reply.send(Err(e()));
+        }
+        Job::EndSession(_) | Job::Tune(_) => {}
+    }
 }
 
 /// The scheduler of one model's worker.
@@ -317,6 +376,11 @@ pub(crate) struct Scheduler<'a> {
     profile: StepProfile,
     /// Ends the process when a tensor-parallel pass hangs.
     watchdog: Option<Watchdog>,
+    /// Under tensor parallelism: this rank's part.
+    tp: Option<Tp>,
+    /// A follower's stream of the call it runs (kept so that the call's
+    /// sink has a consumer; nobody reads it).
+    followed: Option<inference_core::TokenStream>,
 }
 
 /// Where the passes' time goes while calls run: building and queueing the
@@ -373,7 +437,23 @@ impl<'a> Scheduler<'a> {
             steps: 0,
             profile: StepProfile::default(),
             watchdog: None,
+            tp: None,
+            followed: None,
         }
+    }
+
+    /// Under tensor parallelism over `group`: rank 0 leads (takes the calls
+    /// and hands each one it starts to the others, and decides when a call
+    /// ends early), the others follow it.
+    pub(crate) fn with_tensor_parallel(mut self, group: Option<Rc<Group>>) -> Self {
+        self.tp = group.map(|g| {
+            if g.rank() == 0 {
+                Tp::Leader(g)
+            } else {
+                Tp::Follower(g)
+            }
+        });
+        self
     }
 
     /// Under tensor parallelism: a watchdog that ends the process when one
@@ -390,9 +470,25 @@ impl<'a> Scheduler<'a> {
         let mut open = true;
         loop {
             if open {
-                open = self.receive(&jobs);
+                open = match &self.tp {
+                    Some(Tp::Follower(g)) => {
+                        let g = Rc::clone(g);
+                        self.follow(&g, &jobs)
+                    }
+                    _ => self.receive(&jobs),
+                };
             }
             if !open && self.rows.is_empty() && self.waiting.is_empty() {
+                if let Some(Tp::Leader(g)) = &self.tp {
+                    // The followers stop following (bounded by the
+                    // watchdog: a lost follower may leave it waiting).
+                    if let Some(dog) = &self.watchdog {
+                        dog.busy();
+                    }
+                    if let Err(e) = g.broadcast(None) {
+                        tracing::warn!("cannot tell the other ranks to stop: {}", e.what());
+                    }
+                }
                 return;
             }
             self.expire();
@@ -401,6 +497,10 @@ impl<'a> Scheduler<'a> {
                 dog.busy();
             }
             if let Err(e) = self.pass() {
+                if let Some(Tp::Leader(g) | Tp::Follower(g)) = &self.tp {
+                    // The ranks may have parted: no further collective.
+                    g.mark_broken();
+                }
                 self.fail_running(&e);
             }
             self.retire();
@@ -440,6 +540,53 @@ impl<'a> Scheduler<'a> {
                 Poll::Closed => return false,
             }
             first = false;
+        }
+    }
+
+    /// A follower's intake: its own callers are refused (rank 0 takes the
+    /// calls), and when it has nothing to run it waits for rank 0's next
+    /// call; false once rank 0 shuts down (or is lost).
+    fn follow(&mut self, group: &Group, jobs: &Jobs<Job>) -> bool {
+        while let Poll::Job(job) = jobs.poll(Some(Duration::ZERO)) {
+            refuse_local(job, group.rank());
+        }
+        if !(self.rows.is_empty() && self.waiting.is_empty()) {
+            return true;
+        }
+        let message = match group.broadcast(None) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                self.shared.end_following(Ok(()));
+                return false;
+            }
+            Err(e) => {
+                let e = format!("lost rank 0: {}", e.what());
+                tracing::error!(rank = group.rank(), "{e}");
+                self.shared.end_following(Err(e));
+                return false;
+            }
+        };
+        let call: Result<(Vec<u32>, inference_core::GenerateOptions), _> =
+            serde_json::from_slice(&message);
+        match call {
+            Ok((prompt, opts)) => {
+                let (sink, stream) = inference_core::TokenStream::channel();
+                self.followed = Some(stream);
+                self.shared.enter_queue_unbounded();
+                self.waiting.push_back(Waiting::Job(Job::Generate(Request {
+                    prompt,
+                    opts,
+                    sink,
+                    queued: Instant::now(),
+                })));
+                true
+            }
+            Err(e) => {
+                let e = format!("a call from rank 0 that does not parse: {e}");
+                tracing::error!(rank = group.rank(), "{e}");
+                self.shared.end_following(Err(e));
+                false
+            }
         }
     }
 
@@ -562,6 +709,17 @@ impl<'a> Scheduler<'a> {
     /// Runs or starts `job`.
     fn start(&mut self, job: Job) {
         let bounds = self.shared.bounds();
+        if let (
+            Some(Tp::Leader(_)),
+            Job::Logits { .. } | Job::Score { .. } | Job::Classify { .. },
+        ) = (&self.tp, &job)
+        {
+            // One forward pass of rank 0's alone would wait for the others.
+            return refuse_job(
+                job,
+                "last_logits, prompt scores and classify under tensor parallelism",
+            );
+        }
         match job {
             Job::Generate(req) => {
                 self.shared.left_queue();
@@ -659,6 +817,20 @@ impl<'a> Scheduler<'a> {
         if req.sink.prompt(req.prompt.clone()).is_err() {
             return fail(req, Ok(FinishReason::Cancelled), turn);
         }
+        if let Some(Tp::Leader(g)) = &self.tp {
+            if req.opts.prompt_logprobs || turn.is_some() {
+                let e = Error::unsupported(
+                    "prompt_logprobs and chat sessions under tensor parallelism",
+                );
+                return fail(req, Err(e), turn);
+            }
+            // The other ranks start the same call.
+            let call = serde_json::to_vec(&(&req.prompt, &req.opts))
+                .map_err(|e| Error::backend(crate::error::NAME, e.to_string()));
+            if let Err(e) = call.and_then(|c| g.broadcast(Some(&c)).map_err(mlx_error)) {
+                return fail(req, Err(e), turn);
+            }
+        }
         if req.opts.prompt_logprobs {
             // A pass of its own over fresh caches: every position's logits,
             // which the prefill does not compute.
@@ -711,6 +883,7 @@ impl<'a> Scheduler<'a> {
             pending: None,
             next: None,
             paused: false,
+            stop_asked: false,
             plain_greedy,
             end: None,
             turn,
@@ -776,8 +949,12 @@ impl<'a> Scheduler<'a> {
             return Ok(());
         };
         if self.rows[r].req.sink.is_cancelled() {
-            self.rows[r].end = Some(Ok(FinishReason::Cancelled));
-            return Ok(());
+            if self.tp.is_none() {
+                self.rows[r].end = Some(Ok(FinishReason::Cancelled));
+                return Ok(());
+            }
+            // Every rank ends it at the next draw.
+            self.rows[r].stop_asked = true;
         }
         let group = self.prefill_group(r, chunk);
         if group.len() > 1 {
@@ -962,13 +1139,16 @@ impl<'a> Scheduler<'a> {
     /// Queues one decode step of every row that takes one.
     fn step(&mut self) -> Result<(), Error> {
         let limit = self.shared.bounds().limit;
+        // Under tensor parallelism a row whose caller left still steps on
+        // until every rank reads rank 0's stop flag.
+        let lockstep = self.tp.is_some();
         let steppers: Vec<usize> = (0..self.rows.len())
             .filter(|&i| {
                 let r = &self.rows[i];
                 r.decoding()
                     && r.pending.is_some()
                     && r.wants_step(limit)
-                    && !r.req.sink.is_cancelled()
+                    && (lockstep || !r.req.sink.is_cancelled())
             })
             .collect();
         // Rows in the batch that take no step leave it now (keeping their
@@ -1149,6 +1329,7 @@ impl<'a> Scheduler<'a> {
                     .map_err(mlx_error)?,
                 scores: vec![None; n],
                 host: None,
+                stop: None,
             }
         } else {
             let mut ids = Vec::with_capacity(n);
@@ -1174,6 +1355,7 @@ impl<'a> Scheduler<'a> {
                 ids: concatenate(&ids, 0).map_err(mlx_error)?,
                 scores,
                 host: None,
+                stop: None,
             }
         };
         draw.queue().map_err(mlx_error)?;
@@ -1190,6 +1372,9 @@ impl<'a> Scheduler<'a> {
     /// Reads back every pending id and streams it; rows without a next
     /// step end (or, paused, wait to resume).
     fn read_back(&mut self) {
+        // Under tensor parallelism a call ends early only where rank 0's
+        // flag says so (the same draw on every rank).
+        let lockstep = self.tp.is_some();
         for i in 0..self.rows.len() {
             let row = &mut self.rows[i];
             let Some(p) = row.pending.take() else {
@@ -1199,9 +1384,22 @@ impl<'a> Scheduler<'a> {
             if row.end.is_some() {
                 continue;
             }
-            let (id, scores) = match self.unread[p.draw].read(p.index) {
-                Ok(x) => x,
+            let read = self.unread[p.draw]
+                .read(p.index)
+                .and_then(|x| Ok((x, self.unread[p.draw].stopped()?)));
+            let (id, scores) = match read {
+                Ok((x, false)) => x,
+                Ok((_, true)) => {
+                    tracing::debug!("rank 0's caller left: the call ends on every rank");
+                    row.end = Some(Ok(FinishReason::Cancelled));
+                    continue;
+                }
                 Err(e) => {
+                    if let Some(Tp::Leader(g) | Tp::Follower(g)) = &self.tp {
+                        // A collective of this step failed: the ranks may
+                        // have parted.
+                        g.mark_broken();
+                    }
                     row.end = Some(Err(mlx_error(&e)));
                     continue;
                 }
@@ -1223,13 +1421,15 @@ impl<'a> Scheduler<'a> {
                 }
             };
             let reply = row.turn.is_some().then_some(&mut row.reply);
-            if !stream_tokens(&row.req.sink, &mut row.ready, reply) {
-                row.end = Some(Ok(FinishReason::Cancelled));
-                continue;
+            let gone =
+                !stream_tokens(&row.req.sink, &mut row.ready, reply) || row.req.sink.is_cancelled();
+            if gone && lockstep {
+                // Every rank ends it at the next draw.
+                row.stop_asked = true;
             }
             if let Some(reason) = end {
                 row.end = Some(Ok(reason));
-            } else if row.req.sink.is_cancelled() {
+            } else if gone && !lockstep {
                 row.end = Some(Ok(FinishReason::Cancelled));
             } else if last {
                 // `max_tokens` or the end of the context: a normal end with
@@ -1365,9 +1565,11 @@ fn draw_one(
     recent: Option<&Array>,
     logprobs: bool,
     top: usize,
+    stop: bool,
 ) -> Result<Draw, Exception> {
-    // Under tensor parallelism every rank feeds rank 0's draw.
-    let id = crate::distributed::agree(sampler.sample(logits, recent)?)?;
+    // Under tensor parallelism every rank feeds rank 0's draw, and ends the
+    // call where rank 0 does.
+    let (id, stop) = crate::distributed::agree(sampler.sample(logits, recent)?, stop)?;
     let scores = if logprobs {
         Some(logprobs_of(logits, &id, top)?)
     } else {
@@ -1388,5 +1590,6 @@ fn draw_one(
         ids,
         scores: vec![scores],
         host: None,
+        stop,
     })
 }

@@ -84,9 +84,46 @@ pub(crate) struct Shared {
     pub(crate) max_queue: Option<usize>,
     /// What the scheduler has done.
     pub(crate) counters: crate::scheduler::Counters,
+    /// On a tensor-parallel follower: how following rank 0 ended, once it
+    /// has (`MlxModel::follow` waits for it).
+    pub(crate) following: (
+        std::sync::Mutex<Option<Result<(), String>>>,
+        std::sync::Condvar,
+    ),
 }
 
 impl Shared {
+    /// A follower stopped following rank 0: `Ok` when rank 0 shut down.
+    pub(crate) fn end_following(&self, how: Result<(), String>) {
+        let (state, changed) = &self.following;
+        *state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(how);
+        changed.notify_all();
+    }
+
+    /// Waits until the follower stops following rank 0.
+    pub(crate) fn wait_following(&self) -> Result<(), String> {
+        let (state, changed) = &self.following;
+        let mut s = state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            if let Some(how) = s.as_ref() {
+                return how.clone();
+            }
+            s = changed
+                .wait(s)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Counts a call the worker made itself (a follower's, from rank 0) as
+    /// waiting, as a caller's call is; never refused.
+    pub(crate) fn enter_queue_unbounded(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The tokenizer.
     pub(crate) fn tokenizer(&self) -> &ModelTokenizer {
         self.text.tokenizer()

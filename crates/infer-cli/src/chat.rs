@@ -222,7 +222,7 @@ pub fn run(args: &ChatArgs, quiet: bool) -> Result<(), CliError> {
     let loaded = load::load(&args.model, load_opts, quiet)?;
     if loaded.model.info().world_size > 1 {
         return Err(CliError::Usage(
-            "`infer chat` does not run tensor-parallel yet: use `infer generate` under `infer launch`".into(),
+            "`infer chat` does not run tensor-parallel yet: use `infer generate` or `infer serve` under `infer launch`".into(),
         ));
     }
     let model = &*loaded.model;

@@ -105,6 +105,13 @@ pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
     let interrupt = Interrupt::install()?;
     let loaded = load::load(&args.model, load_opts, quiet)?;
     let model = &*loaded.model;
+    if model.info().rank > 0 {
+        // Tensor parallel: rank 0 generates, this rank runs its calls
+        // alongside it (and leaves Ctrl-C to rank 0, which ends the call on
+        // every rank).
+        interrupt.ignore();
+        return Ok(model.follow()?);
+    }
     let mode = choose_mode(args, &input, model.info().chat_template)?;
     tracing::info!(?mode, "generating");
     let mut stream = start(model, mode, input, args.system.as_deref(), &opts)?;

@@ -19,6 +19,9 @@ use crate::error::{CliError, EXIT_INTERRUPTED};
 pub struct Interrupt {
     current: Mutex<Option<CancelHandle>>,
     hit: AtomicBool,
+    /// Ctrl-C does nothing (a tensor-parallel rank other than 0: rank 0
+    /// decides, and the ranks end its call together).
+    ignored: AtomicBool,
 }
 
 /// Cancels one generation on Ctrl-C while it lives.
@@ -61,9 +64,17 @@ impl Interrupt {
         self.hit.load(Ordering::SeqCst)
     }
 
+    /// From now on Ctrl-C does nothing in this process.
+    pub fn ignore(&self) {
+        self.ignored.store(true, Ordering::SeqCst);
+    }
+
     /// Handles one Ctrl-C: cancels the watched generation and answers `true`,
     /// or answers `false` when none is watched (the caller then exits).
     fn on_signal(&self) -> bool {
+        if self.ignored.load(Ordering::SeqCst) {
+            return true;
+        }
         match self.lock().as_ref() {
             Some(handle) => {
                 handle.cancel();

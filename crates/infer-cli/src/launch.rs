@@ -20,6 +20,10 @@ use crate::error::{CliError, EXIT_INTERRUPTED, EXIT_RUNTIME};
 /// lost peer usually ends theirs at once) before they are killed.
 const GRACE: Duration = Duration::from_secs(5);
 
+/// How long the ranks get to end after Ctrl-C (a server finishes the
+/// requests in flight) before they are killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(30);
+
 /// `infer launch`'s flags.
 #[derive(Debug, Clone, Args)]
 pub struct LaunchArgs {
@@ -50,8 +54,9 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "PATH")]
     pub remote_infer: Option<PathBuf>,
 
-    /// What each rank runs: an `infer` command and its flags, after `--`
-    /// (e.g. `-- generate --model DIR "Hello"`).
+    /// What each rank runs: `generate` or `serve` and its flags, after
+    /// `--` (e.g. `-- generate --model DIR "Hello"`); rank 0 prints or
+    /// serves, the others run its calls alongside it.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
@@ -84,10 +89,10 @@ struct RankPlan {
 /// Runs `infer launch`.
 pub fn run(args: &LaunchArgs) -> Result<(), CliError> {
     let first = args.command.first().map(String::as_str).unwrap_or_default();
-    if !["generate"].contains(&first) {
+    if !["generate", "serve"].contains(&first) {
         return Err(CliError::Usage(format!(
-            "`infer launch` runs `generate` on every rank (got {first:?}); serve and chat \
-             do not run tensor-parallel yet"
+            "`infer launch` runs `generate` or `serve` on every rank (got {first:?}); chat \
+             does not run tensor-parallel yet"
         )));
     }
     let hosts = match &args.hostfile {
@@ -376,6 +381,7 @@ fn supervise(
     let mut failure: Option<(usize, ExitStatus)> = None;
     let mut deadline: Option<Instant> = None;
     let mut running = children.len();
+    let mut forwarded = false;
     let mut done = vec![false; children.len()];
     while running > 0 {
         let mut failed = Vec::new();
@@ -403,7 +409,22 @@ fn supervise(
             failure = Some(first);
             deadline = Some(Instant::now() + GRACE);
         }
-        if interrupted.load(Ordering::SeqCst) && deadline.is_none() {
+        if interrupted.load(Ordering::SeqCst) && !forwarded {
+            // Rank 0 decides how a call ends; the others follow it. (From a
+            // terminal every rank got the Ctrl-C already; the others ignore
+            // it.)
+            forwarded = true;
+            if let Some((_, child)) = children.iter().find(|(r, _)| *r == 0) {
+                if plans[0].place == Place::Here {
+                    let _ = Command::new("kill")
+                        .args(["-INT", &child.id().to_string()])
+                        .status();
+                }
+            }
+            deadline.get_or_insert(Instant::now() + INTERRUPT_GRACE);
+        }
+        if done.first() == Some(&true) && running > 0 && deadline.is_none() {
+            // Rank 0 ended well: the others stop with it.
             deadline = Some(Instant::now() + GRACE);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) && running > 0 {

@@ -101,10 +101,12 @@ pub fn run(args: &ServeArgs, quiet: bool) -> Result<(), CliError> {
     let (path, _) = load::resolve_model(args.model.model.as_deref())?;
     let id = load::display_name(&path);
     let loaded = load::load(&args.model, opts, quiet)?;
-    if loaded.model.info().world_size > 1 {
-        return Err(CliError::Usage(
-            "`infer serve` does not run tensor-parallel yet: use `infer generate` under `infer launch`".into(),
-        ));
+    if loaded.model.info().rank > 0 {
+        // Tensor parallel: rank 0 serves, this rank runs its calls
+        // alongside it until rank 0 stops (Ctrl-C is rank 0's to handle:
+        // it finishes its requests, then the ranks stop together).
+        crate::interrupt::Interrupt::install()?.ignore();
+        return Ok(loaded.model.follow()?);
     }
     let model: Arc<dyn inference_core::TextModel> = Arc::from(loaded.model);
     let config = ServerConfig {

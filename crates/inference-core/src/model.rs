@@ -38,6 +38,19 @@ pub trait TextModel: Send + Sync {
         )))
     }
 
+    /// On a rank other than 0 of a tensor-parallel model (see
+    /// [`LoadOptions::tensor_parallel`](crate::LoadOptions::tensor_parallel)):
+    /// runs rank 0's calls alongside it until rank 0's model is dropped
+    /// (`Ok`) or rank 0 is lost (an error). Calls made on such a rank are
+    /// refused: rank 0 takes them. Backends without tensor parallelism
+    /// answer [`Error::Unsupported`].
+    fn follow(&self) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "tensor-parallel ranks on {}",
+            self.model_type()
+        )))
+    }
+
     /// How busy the model is now, where the backend knows (a server's
     /// queue-depth and batch-size gauges).
     fn queue_status(&self) -> Option<QueueStatus> {
