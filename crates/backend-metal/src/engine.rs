@@ -843,6 +843,13 @@ impl TextModel for MlxModel {
     /// turns (the session module describes when a turn reuses it). The session keeps the worker
     /// alive while it lives.
     fn chat_session(&self) -> Result<Box<dyn ChatSession>> {
+        if self.info.world_size > 1 {
+            // A session's cache would live on this rank alone; `chat` with
+            // the whole conversation (and the prompt cache) works instead.
+            return Err(Error::unsupported(
+                "chat sessions under tensor parallelism (send the conversation to chat)",
+            ));
+        }
         Ok(Box::new(session::MlxChatSession::new(
             Arc::clone(&self.shared),
             Arc::clone(&self.worker),

@@ -220,12 +220,13 @@ pub fn run(args: &ChatArgs, quiet: bool) -> Result<(), CliError> {
     let load_opts = args.model.load_options()?;
     let interrupt = Interrupt::install()?;
     let loaded = load::load(&args.model, load_opts, quiet)?;
-    if loaded.model.info().world_size > 1 {
-        return Err(CliError::Usage(
-            "`infer chat` does not run tensor-parallel yet: use `infer generate` or `infer serve` under `infer launch`".into(),
-        ));
-    }
     let model = &*loaded.model;
+    if model.info().rank > 0 {
+        // Tensor parallel: rank 0 reads the conversation and answers, this
+        // rank runs its calls alongside it (Ctrl-C is rank 0's to handle).
+        interrupt.ignore();
+        return Ok(model.follow()?);
+    }
     let mut conversation = Conversation::start(
         model,
         args.system.as_deref(),

@@ -3,7 +3,7 @@
 //! watches them: rank 0's output is the run's output, and when one rank
 //! fails the others are stopped within a bounded time.
 
-use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::{self, BufRead, BufReader};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -54,7 +54,7 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "PATH")]
     pub remote_infer: Option<PathBuf>,
 
-    /// What each rank runs: `generate` or `serve` and its flags, after
+    /// What each rank runs: `generate`, `chat` or `serve` and its flags, after
     /// `--` (e.g. `-- generate --model DIR "Hello"`); rank 0 prints or
     /// serves, the others run its calls alongside it.
     #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -89,10 +89,9 @@ struct RankPlan {
 /// Runs `infer launch`.
 pub fn run(args: &LaunchArgs) -> Result<(), CliError> {
     let first = args.command.first().map(String::as_str).unwrap_or_default();
-    if !["generate", "serve"].contains(&first) {
+    if !["generate", "chat", "serve"].contains(&first) {
         return Err(CliError::Usage(format!(
-            "`infer launch` runs `generate` or `serve` on every rank (got {first:?}); chat \
-             does not run tensor-parallel yet"
+            "`infer launch` runs `generate`, `chat` or `serve` on every rank (got {first:?})"
         )));
     }
     let hosts = match &args.hostfile {
@@ -312,18 +311,6 @@ fn supervise(
     let exe =
         std::env::current_exe().map_err(|e| CliError::io("cannot find the infer binary", e))?;
     let remote = args.remote_infer.clone().unwrap_or_else(|| exe.clone());
-    // A prompt piped on stdin goes to every rank.
-    let stdin = io::stdin();
-    let input = if stdin.is_terminal() {
-        None
-    } else {
-        let mut buf = Vec::new();
-        stdin
-            .lock()
-            .read_to_end(&mut buf)
-            .map_err(|e| CliError::io("cannot read stdin", e))?;
-        Some(buf)
-    };
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = Arc::clone(&interrupted);
@@ -345,15 +332,16 @@ fn supervise(
             }
             Place::Ssh(host) => ssh_command(host, plan, &remote, &args.command, hostfile_json),
         };
-        cmd.stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
+        // Rank 0 takes the input (a prompt, a conversation) and prints;
+        // the others follow it.
         if plan.rank == 0 {
-            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+            cmd.stdin(Stdio::inherit())
+                .stdout(Stdio::inherit())
+                .stderr(Stdio::inherit());
         } else {
-            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
         }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -362,11 +350,6 @@ fn supervise(
                 return Err(CliError::io(format!("cannot start rank {}", plan.rank), e));
             }
         };
-        if let (Some(bytes), Some(mut pipe)) = (input.clone(), child.stdin.take()) {
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&bytes);
-            });
-        }
         if let Some(err) = child.stderr.take() {
             let rank = plan.rank;
             std::thread::spawn(move || {

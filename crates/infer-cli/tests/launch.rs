@@ -626,3 +626,44 @@ fn a_tensor_parallel_server_keeps_its_ranks_in_step() {
     );
     assert!(!stderr.contains("error"), "{stderr}");
 }
+
+/// `infer chat` under `infer launch`: rank 0 reads the conversation (the
+/// whole of it goes to `chat` each turn, as sessions are refused under
+/// tensor parallelism) and answers as one process does.
+#[test]
+fn a_tensor_parallel_chat_answers_as_one_process() {
+    let model = fixture("qwen3-f32");
+    let args = [
+        "chat".to_owned(),
+        "--model".into(),
+        model.display().to_string(),
+        "--gpu-layers".into(),
+        "0".into(),
+        "--max-tokens".into(),
+        "8".into(),
+        "-q".into(),
+    ];
+    let input = "Hello there\nWhat is the capital of France?\n/quit\n";
+    let run = |cmd: &mut Command| {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let one = run(Command::new(INFER).args(&args).env_remove("MLX_RANK"));
+    let split = run(Command::new(INFER)
+        .args(["launch", "-n", "2", "--"])
+        .args(&args));
+    assert!(!one.trim().is_empty());
+    assert_eq!(split, one);
+}
