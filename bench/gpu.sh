@@ -32,6 +32,11 @@
 #                             (REQUESTS, PROMPT_WORDS, MAX_TOKENS), ours first,
 #                             then mlx-lm, then mlx-lm, then ours
 #
+#   gpu.sh ab OUT.jsonl MODEL PLAN.json VAR=A VAR=B
+#                             an A/B of our engine alone under two settings of
+#                             an environment variable, in the order A, B, B, A;
+#                             records of each go to OUT-A.jsonl and OUT-B.jsonl
+#
 # Raw records go through `cargo xtask bench report` back on the build machine.
 set -euo pipefail
 
@@ -97,6 +102,12 @@ plan)
     ours() { "$WORK/infer-bench" run --model "$WORK/models/$model" --plan "$plan" --out "$out"; }
     theirs() { "$PY" "$HERE/mlx_lm_bench.py" --model "$WORK/models/$model" --plan "$plan" --out "$out"; }
     ours && theirs && theirs && ours
+    ;;
+ab)
+    out=$1 model=$2 plan=$3 a=$4 b=$5
+    variant() { env "$1" "$WORK/infer-bench" run --model "$WORK/models/$model" --plan "$plan" \
+        --out "${out%.jsonl}-${1#*=}.jsonl"; }
+    variant "$a" && variant "$b" && variant "$b" && variant "$a"
     ;;
 train)
     out=$1 model=$2

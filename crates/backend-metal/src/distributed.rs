@@ -295,6 +295,10 @@ impl Watchdog {
             .name(format!("mlx-watchdog-{rank}"))
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(250).min(limit));
+                if Arc::strong_count(&watched.busy_since) == 1 {
+                    // The model is gone: nothing to watch.
+                    return;
+                }
                 let since = watched.busy_since.load(Ordering::Acquire);
                 if since == 0 {
                     continue;

@@ -320,6 +320,36 @@ enum Waiting<'t> {
     Paused(Row<'t>),
 }
 
+/// Where one pass's time went, logged (debug) when the pass was slow.
+#[derive(Debug, Default)]
+struct SlowPass {
+    rows: usize,
+    prefill: Duration,
+    build: Duration,
+    wait: Duration,
+    retire: Duration,
+}
+
+impl SlowPass {
+    /// A pass slower than this is logged.
+    const SLOW: Duration = Duration::from_millis(15);
+
+    fn report(&self, total: Duration) {
+        if total >= Self::SLOW {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            tracing::debug!(
+                total_ms = ms(total),
+                rows = self.rows,
+                prefill_ms = ms(self.prefill),
+                step_build_ms = ms(self.build),
+                read_back_ms = ms(self.wait),
+                retire_ms = ms(self.retire),
+                "slow pass"
+            );
+        }
+    }
+}
+
 /// A rank's part under tensor parallelism.
 enum Tp {
     /// Rank 0: takes the calls, hands each one it starts to the others,
@@ -381,6 +411,9 @@ pub(crate) struct Scheduler<'a> {
     /// A follower's stream of the call it runs (kept so that the call's
     /// sink has a consumer; nobody reads it).
     followed: Option<inference_core::TokenStream>,
+    /// Where the time of the current pass went (a debug log of slow
+    /// passes).
+    slow: SlowPass,
 }
 
 /// Where the passes' time goes while calls run: building and queueing the
@@ -439,6 +472,7 @@ impl<'a> Scheduler<'a> {
             watchdog: None,
             tp: None,
             followed: None,
+            slow: SlowPass::default(),
         }
     }
 
@@ -496,6 +530,11 @@ impl<'a> Scheduler<'a> {
             if let Some(dog) = &self.watchdog {
                 dog.busy();
             }
+            let pass_started = Instant::now();
+            self.slow = SlowPass {
+                rows: self.rows.len(),
+                ..SlowPass::default()
+            };
             if let Err(e) = self.pass() {
                 if let Some(Tp::Leader(g) | Tp::Follower(g)) = &self.tp {
                     // The ranks may have parted: no further collective.
@@ -503,7 +542,10 @@ impl<'a> Scheduler<'a> {
                 }
                 self.fail_running(&e);
             }
+            let t_retire = Instant::now();
             self.retire();
+            self.slow.retire = t_retire.elapsed();
+            self.slow.report(pass_started.elapsed());
             if let Some(dog) = self.watchdog.as_ref().filter(|_| self.rows.is_empty()) {
                 dog.idle();
             }
@@ -723,6 +765,21 @@ impl<'a> Scheduler<'a> {
         match job {
             Job::Generate(req) => {
                 self.shared.left_queue();
+                if let Some(Tp::Leader(g)) = &self.tp {
+                    // The other ranks start the same call, before anything
+                    // (the prompt cache included) changes here.
+                    if req.opts.prompt_logprobs {
+                        return req.sink.fail(Error::unsupported(
+                            "prompt_logprobs under tensor parallelism",
+                        ));
+                    }
+                    let call = serde_json::to_vec(&(&req.prompt, &req.opts))
+                        .map_err(|e| Error::backend(crate::error::NAME, e.to_string()));
+                    if let Err(e) = call.and_then(|c| g.broadcast(Some(&c)).map_err(mlx_error)) {
+                        g.mark_broken();
+                        return req.sink.fail(e);
+                    }
+                }
                 let found = self.prompt_cache.take(&req.prompt);
                 if let Some((_, n)) = &found {
                     self.shared
@@ -731,6 +788,12 @@ impl<'a> Scheduler<'a> {
                         .fetch_add(*n as u64, Ordering::Relaxed);
                 }
                 self.admit(req, None, found);
+            }
+            Job::Turn(TurnJob { req, .. }) if self.tp.is_some() => {
+                self.shared.left_queue();
+                req.sink.fail(Error::unsupported(
+                    "chat sessions under tensor parallelism (send the conversation to chat)",
+                ));
             }
             Job::Turn(TurnJob { id, req, turn }) => {
                 self.shared.left_queue();
@@ -814,22 +877,14 @@ impl<'a> Scheduler<'a> {
                 Err(e) => req.sink.fail(e),
             }
         };
+        // Under tensor parallelism a call that started on rank 0 runs on
+        // every rank: a caller already gone ends it at the first draw.
+        let mut stop_asked = false;
         if req.sink.prompt(req.prompt.clone()).is_err() {
-            return fail(req, Ok(FinishReason::Cancelled), turn);
-        }
-        if let Some(Tp::Leader(g)) = &self.tp {
-            if req.opts.prompt_logprobs || turn.is_some() {
-                let e = Error::unsupported(
-                    "prompt_logprobs and chat sessions under tensor parallelism",
-                );
-                return fail(req, Err(e), turn);
+            if self.tp.is_none() {
+                return fail(req, Ok(FinishReason::Cancelled), turn);
             }
-            // The other ranks start the same call.
-            let call = serde_json::to_vec(&(&req.prompt, &req.opts))
-                .map_err(|e| Error::backend(crate::error::NAME, e.to_string()));
-            if let Err(e) = call.and_then(|c| g.broadcast(Some(&c)).map_err(mlx_error)) {
-                return fail(req, Err(e), turn);
-            }
+            stop_asked = true;
         }
         if req.opts.prompt_logprobs {
             // A pass of its own over fresh caches: every position's logits,
@@ -883,7 +938,7 @@ impl<'a> Scheduler<'a> {
             pending: None,
             next: None,
             paused: false,
-            stop_asked: false,
+            stop_asked,
             plain_greedy,
             end: None,
             turn,
@@ -908,13 +963,17 @@ impl<'a> Scheduler<'a> {
 
     /// One pass: a prefill chunk, the budget, a decode step, the reads.
     fn pass(&mut self) -> Result<(), Error> {
+        let t_prefill = Instant::now();
         self.prefill_chunk()?;
+        self.slow.prefill += t_prefill.elapsed();
         self.keep_to_budget();
         let t0 = Instant::now();
         let before = self.steps;
         self.step()?;
         let t1 = Instant::now();
         self.read_back();
+        self.slow.build += t1 - t0;
+        self.slow.wait += t1.elapsed();
         if self.steps > before {
             self.profile.steps += 1;
             self.profile.rows += self
