@@ -199,6 +199,37 @@ impl Drop for Reaped {
     }
 }
 
+/// Sends `signal` (`-9`, `-INT`) to process `pid`.
+fn signal(signal: &str, pid: u32) {
+    assert!(Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Waits for `child` to end within 30 s of `since` (`what` names what
+/// would still run otherwise); its status and stderr.
+fn ended_within_30s(
+    child: &mut Reaped,
+    since: Instant,
+    what: &str,
+) -> (std::process::ExitStatus, String) {
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "{what} still runs 30 s later"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
 /// Ranks started by hand (MLX_RANK, MLX_HOSTFILE): rank 1 is killed once
 /// rank 0 has streamed tokens; rank 0 ends with an error within 30 s —
 /// MLX's ring reports the lost peer, or, where a collective was left
@@ -261,18 +292,7 @@ fn a_killed_rank_ends_the_other_with_an_error_within_30_seconds() {
     let killed = Instant::now();
     // Drain rank 0's output so that it never blocks on a full pipe.
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let status = loop {
-        if let Some(s) = zero.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "rank 0 still runs 30 s after its peer died"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut zero.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    let (status, stderr) = ended_within_30s(&mut zero, killed, "rank 0 (its peer died)");
     assert!(
         !status.success(),
         "rank 0 succeeded without its peer: {stderr}"
@@ -425,24 +445,8 @@ fn the_launcher_stops_the_run_when_a_rank_dies() {
     };
     // Let it generate, then kill it.
     std::thread::sleep(Duration::from_secs(2));
-    assert!(Command::new("kill")
-        .args(["-9", &rank1.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let killed = Instant::now();
-    let status = loop {
-        if let Some(s) = launch.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "the launcher still runs"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut launch.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    signal("-9", rank1);
+    let (status, stderr) = ended_within_30s(&mut launch, Instant::now(), "the launcher");
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("rank 1 failed"), "{stderr}");
 }
@@ -602,23 +606,8 @@ fn a_tensor_parallel_server_keeps_its_ranks_in_step() {
 
     // Ctrl-C to the launcher: rank 0 stops serving, the other follows it.
     let stopped = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-INT", &launch.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let status = loop {
-        if let Some(s) = launch.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(30),
-            "the ranks still run"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut launch.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    signal("-INT", launch.0.id());
+    let (status, stderr) = ended_within_30s(&mut launch, stopped, "a rank");
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(
         !stderr.contains("stopping rank"),

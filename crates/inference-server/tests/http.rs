@@ -52,6 +52,15 @@ fn events(s: &Server, path: &str, body: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The chunks of a streamed chat completion, before `[DONE]`.
+fn chunks(s: &Server, body: &Value) -> Vec<Value> {
+    let ev = events(s, "/v1/chat/completions", body);
+    ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
 fn greedy(mut body: Value) -> Value {
     body["temperature"] = json!(0);
     body
@@ -276,11 +285,7 @@ fn hermes_tool_calls_whole_and_streamed() {
     assert_eq!(args, json!({"city": "Paris"}));
 
     body["stream"] = json!(true);
-    let ev = events(&s, "/v1/chat/completions", &body);
-    let chunks: Vec<Value> = ev[..ev.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = chunks(&s, &body);
     let reasoning: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
@@ -606,11 +611,7 @@ fn a_named_or_required_tool_choice_forces_the_call() {
         assert_eq!(v["choices"][0]["message"]["content"], Value::Null, "{what}");
 
         body["stream"] = json!(true);
-        let ev = events(&s, "/v1/chat/completions", &body);
-        let chunks: Vec<Value> = ev[..ev.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect();
+        let chunks = chunks(&s, &body);
         let calls: Vec<&Value> = chunks
             .iter()
             .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
