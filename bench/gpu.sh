@@ -32,6 +32,17 @@
 #                             (REQUESTS, PROMPT_WORDS, MAX_TOKENS), ours first,
 #                             then mlx-lm, then mlx-lm, then ours
 #
+#   gpu.sh tp OUT.jsonl MODEL RANKS PLAN.json
+#                             tensor parallel over NCCL, RANKS ranks on GPUs
+#                             0..RANKS-1 of this host, started with MLX's
+#                             environment (MLX_RANK, MLX_WORLD_SIZE,
+#                             NCCL_HOST_IP, NCCL_PORT, CUDA_VISIBLE_DEVICES):
+#                             infer-bench run --tensor-parallel nccl and
+#                             mlx_lm_bench.py --tensor-parallel (mlx-lm's
+#                             sharded_load), ours, mlx-lm, mlx-lm, ours; rank 0
+#                             writes the records (single-stream steps only)
+#   gpu.sh exec COMMAND...    COMMAND with the environment above (the CUDA and
+#                             MLX libraries); $WORK is /tmp/bench
 #   gpu.sh ab OUT.jsonl MODEL PLAN.json VAR=A VAR=B
 #                             an A/B of our engine alone under two settings of
 #                             an environment variable, in the order A, B, B, A;
@@ -101,6 +112,27 @@ plan)
     out=$1 model=$2 plan=$3
     ours() { "$WORK/infer-bench" run --model "$WORK/models/$model" --plan "$plan" --out "$out"; }
     theirs() { "$PY" "$HERE/mlx_lm_bench.py" --model "$WORK/models/$model" --plan "$plan" --out "$out"; }
+    ours && theirs && theirs && ours
+    ;;
+exec)
+    exec "$@"
+    ;;
+tp)
+    out=$1 model=$2 n=$3 plan=$4
+    ranks() { # COMMAND...: RANKS copies with NCCL's environment; fails if one fails
+        local port=$((29500 + RANDOM % 2000)) pids=() r status=0
+        for r in $(seq 0 $((n - 1))); do
+            MLX_RANK=$r MLX_WORLD_SIZE=$n NCCL_HOST_IP=127.0.0.1 NCCL_PORT=$port \
+                CUDA_VISIBLE_DEVICES=$r "$@" &
+            pids+=($!)
+        done
+        for r in "${pids[@]}"; do wait "$r" || status=1; done
+        return $status
+    }
+    ours() { ranks "$WORK/infer-bench" run --model "$WORK/models/$model" --plan "$plan" \
+        --out "$out" --label "$model" --tensor-parallel nccl; }
+    theirs() { ranks "$PY" "$HERE/mlx_lm_bench.py" --model "$WORK/models/$model" --plan "$plan" \
+        --out "$out" --label "$model" --tensor-parallel; }
     ours && theirs && theirs && ours
     ;;
 ab)

@@ -27,6 +27,7 @@ Usage:
 """
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -352,6 +353,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="unrecorded runs first (default 1)")
     p.add_argument("--out", required=True, type=Path, help="JSON lines file to append to")
     p.add_argument("--label", help="label for the records (default: model dir name)")
+    p.add_argument("--tensor-parallel", action="store_true",
+                   help="shard the model over mx.distributed.init()'s group (mlx-lm's "
+                        "sharded_load; ranks started with MLX's environment); rank 0 writes")
     p.add_argument("--profile", action="store_true",
                    help="single: also record the mean host time per model call "
                         "spent building graphs and in mx.async_eval")
@@ -386,7 +390,13 @@ def parse_args(argv=None):
 def main(argv=None):
     """Load the model once, run each step, append one JSON line per measured run."""
     args, steps = parse_args(argv)
-    model, _ = load_model(args.model)
+    group = mx.distributed.init() if args.tensor_parallel else None
+    if group is not None and group.size() > 1:
+        from mlx_lm.utils import sharded_load
+        model, _ = sharded_load(str(args.model), tensor_group=group)
+    else:
+        model, _ = load_model(args.model)
+    world_size = group.size() if group is not None else 1
     vocab = vocab_size(args.model)
     label = args.label or args.model.resolve().name
     env = {
@@ -394,7 +404,10 @@ def main(argv=None):
         "mlx_lm_version": mlx_lm.__version__,
         "device": str(mx.default_device()),
     }
-    with open(args.out, "a", encoding="utf-8") as out:
+    env["world_size"] = world_size
+    # Every rank runs each step (the sums need them all); rank 0 writes.
+    leader = group is None or group.rank() == 0
+    with open(args.out if leader else os.devnull, "a", encoding="utf-8") as out:
         for step in steps:
             run, params = SCENARIOS[step.scenario]
             common = {

@@ -108,6 +108,12 @@ enum Command {
         /// on MLX's default device) or `llamacpp` (a GGUF file).
         #[arg(long, default_value = "mlx")]
         backend: String,
+        /// Run as one rank of a tensor-parallel group over this MLX
+        /// distributed backend (nccl, ring, any), started with MLX's
+        /// environment (MLX_RANK, …); rank 0 measures and writes the
+        /// records, the others follow it. Single-stream steps only.
+        #[arg(long, value_name = "BACKEND")]
+        tensor_parallel: Option<String>,
     },
     /// Times LoRA training (as `bench/mlx_lm_train_bench.py` times mlx-lm's)
     /// and appends one record per report window after the first.
@@ -195,6 +201,7 @@ fn main() -> Result<()> {
             label,
             prefill_chunk,
             backend,
+            tensor_parallel,
         } => {
             let steps = match (scenario.as_deref(), plan) {
                 (_, Some(plan)) => run::read_plan(&plan, runs, warmup)?,
@@ -230,6 +237,7 @@ fn main() -> Result<()> {
                 label,
                 prefill_chunk,
                 backend,
+                tensor_parallel,
             })?;
         }
     }

@@ -402,12 +402,18 @@ pub struct RunArgs {
     pub prefill_chunk: Option<usize>,
     /// `mlx` or `llamacpp`.
     pub backend: String,
+    /// Tensor parallelism over this MLX distributed backend (MLX only,
+    /// single-stream steps only).
+    pub tensor_parallel: Option<String>,
 }
 
 /// Loads the model once, runs each step `warmup + runs` times and appends
 /// one JSON record per measured run to `args.out`.
 pub fn run(args: &RunArgs) -> Result<()> {
     let load = || format!("loading {}", args.model.display());
+    if args.tensor_parallel.is_some() && args.backend != "mlx" {
+        bail!("--tensor-parallel is the mlx backend's");
+    }
     let (model, engine, device) = match args.backend.as_str() {
         "mlx" => {
             // Every call of a plan decodes together (as many slots as its
@@ -424,10 +430,26 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 .max()
                 .unwrap_or(1)
                 .max(LoadOptions::DEFAULT_PARALLEL_SLOTS);
-            let opts = LoadOptions::new()
-                .parallel_slots(slots)
-                .prompt_cache_bytes(0);
+            let mut opts = LoadOptions::new().prompt_cache_bytes(0);
+            match &args.tensor_parallel {
+                Some(backend) => {
+                    if args
+                        .steps
+                        .iter()
+                        .any(|s| !matches!(s.scenario, Scenario::Single { .. }))
+                    {
+                        bail!("--tensor-parallel runs single-stream steps only");
+                    }
+                    opts = opts.tensor_parallel(backend.clone());
+                }
+                None => opts = opts.parallel_slots(slots),
+            }
             let m = MlxModel::load(&args.model, &opts, Placement::Default).with_context(load)?;
+            if m.info().rank > 0 {
+                // Rank 0 measures; this rank runs its calls alongside it.
+                m.follow().context("following rank 0")?;
+                return Ok(());
+            }
             if let Some(c) = args.prefill_chunk {
                 m.set_prefill_chunk(c);
             }
@@ -443,6 +465,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         }
         other => bail!("unknown backend {other:?} (mlx or llamacpp)"),
     };
+    let world_size = model.model().info().world_size;
     let vocab = model.model().info().vocab_size;
     let label = args.label.clone().unwrap_or_else(|| file_name(&args.model));
     let weight_bytes = weight_bytes(&args.model);
@@ -484,6 +507,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             }
             rec.insert("device".into(), json!(device));
             rec.insert("weight_bytes".into(), json!(weight_bytes));
+            rec.insert("world_size".into(), json!(world_size));
             let line = serde_json::to_string(&Value::Object(rec))?;
             eprintln!("{}{line}", if warm { "(warm-up) " } else { "" });
             if !warm {

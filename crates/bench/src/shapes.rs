@@ -81,6 +81,17 @@ pub const SHAPES: &[Shape] = &[
         head_dim: 128,
     },
     Shape {
+        name: "qwen3-8b",
+        family: Family::Qwen3,
+        vocab: 151_936,
+        hidden: 4096,
+        intermediate: 12288,
+        layers: 36,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+    },
+    Shape {
         name: "gemma3-1b",
         family: Family::Gemma3,
         vocab: 262_144,
