@@ -181,9 +181,20 @@ pub struct BatchKv {
     classes: Vec<Class>,
     /// Per batch row: the positions it holds, or `None` for a hole.
     rows: Vec<Option<i32>>,
+    /// Whether a new row grows the batch to the next power of two.
+    buckets: bool,
 }
 
 impl BatchKv {
+    /// Makes a new row grow the batch to the next power of two (the rest
+    /// of it holes for later joiners), so that the step's shapes change at
+    /// a few batch sizes only: on a GPU, MLX compiles kernels for each new
+    /// shape, tens of milliseconds that the step waits for.
+    pub fn with_buckets(mut self, yes: bool) -> Self {
+        self.buckets = yes;
+        self
+    }
+
     /// An empty batch for caches shaped like `template` (one model's fresh
     /// one-sequence caches: their rotations decide the layouts).
     pub fn new(template: &[LayerCache]) -> Self {
@@ -217,6 +228,7 @@ impl BatchKv {
             layers,
             classes,
             rows: Vec::new(),
+            buckets: false,
         }
     }
 
@@ -270,6 +282,13 @@ impl BatchKv {
             .position(Option::is_none)
             .unwrap_or(self.rows.len());
         let appending = row == self.rows.len();
+        // With buckets a new row grows the batch to the next power of two
+        // (see `with_buckets`).
+        let extra = if appending && self.buckets {
+            (self.rows.len() + 1).next_power_of_two() - (self.rows.len() + 1)
+        } else {
+            0
+        } as i32;
         for c in 0..self.classes.len() {
             let first = self.classes[c].layers[0];
             let recent = exported[first].keys.dim(2) - exported[first].sinks;
@@ -289,10 +308,10 @@ impl BatchKv {
                     let (h, d) = (new.dim(1), new.dim(3));
                     let (mut target, at) = match store {
                         Some(s) if !appending => (s.clone(), row as i32),
-                        Some(s) => (zeros_dtype(&[1, h, s.dim(2), d], new.dtype())?, 0),
+                        Some(s) => (zeros_dtype(&[1 + extra, h, s.dim(2), d], new.dtype())?, 0),
                         None => {
                             let alloc = round_up(sinks + cols + 1, KvCache::STEP);
-                            (zeros_dtype(&[1, h, alloc, d], new.dtype())?, 0)
+                            (zeros_dtype(&[1 + extra, h, alloc, d], new.dtype())?, 0)
                         }
                     };
                     if e.sinks > 0 {
@@ -330,12 +349,16 @@ impl BatchKv {
             let sh = exported[first].sinks;
             if appending {
                 class.sinks_held.push(sh);
+                class
+                    .sinks_held
+                    .extend(std::iter::repeat_n(0, extra as usize));
             } else {
                 class.sinks_held[row] = sh;
             }
         }
         if appending {
             self.rows.push(Some(n));
+            self.rows.extend(std::iter::repeat_n(None, extra as usize));
         } else {
             self.rows[row] = Some(n);
         }
@@ -793,7 +816,7 @@ mod tests {
     fn rows_join_leave_and_rotate_as_if_alone() {
         let mut seqs: Vec<Seq> = (0..5).map(|i| Seq::new(10 + i)).collect();
         let template: Vec<LayerCache> = rotations().into_iter().map(LayerCache::new).collect();
-        let mut batch = BatchKv::new(&template);
+        let mut batch = BatchKv::new(&template).with_buckets(true);
         let c0 = prefill(&mut seqs[0], 3);
         assert_eq!(batch.join(&c0).unwrap(), 0);
         let mut rows = vec![Some(0)];
@@ -809,7 +832,9 @@ mod tests {
         // Shorter than the sinks: its sink positions move later.
         let c2 = prefill(&mut seqs[2], 1);
         assert_eq!(batch.join(&c2).unwrap(), 2);
-        rows.push(Some(2));
+        // The batch grows to a power of two: a hole for the next joiner.
+        assert_eq!((batch.slots(), batch.live()), (4, 3));
+        rows.extend([Some(2), None]);
         step(&mut batch, &mut seqs, &rows);
         batch.leave(0);
         rows[0] = None;
@@ -826,7 +851,7 @@ mod tests {
         // short row's sink position into its slots.
         assert!(batch.classes[1].cols < KvCache::STEP + 5);
         assert!(batch.classes[2].cols < KvCache::STEP + 7);
-        assert_eq!(batch.classes[2].sinks_held, vec![2, 2, 2]);
+        assert_eq!(batch.classes[2].sinks_held, vec![2, 2, 2, 0]);
         assert!(batch.classes[0].cols > KvCache::STEP);
         let before = batch.bytes();
         // Sequence 1 continues alone in one-sequence caches.
@@ -857,13 +882,13 @@ mod tests {
         }
         // Compaction drops the hole; the rest go on.
         let map = batch.compact().unwrap();
-        assert_eq!(map, vec![Some(0), None, Some(1)]);
+        assert_eq!(map, vec![Some(0), None, Some(1), None]);
         rows = vec![Some(3), Some(2)];
         assert!(batch.bytes() < before);
-        // A newcomer joins after the rotation.
+        // A newcomer joins after the rotation (the batch grows to 4 again).
         let c4 = prefill(&mut seqs[4], 30);
         assert_eq!(batch.join(&c4).unwrap(), 2);
-        rows.push(Some(4));
+        rows.extend([Some(4), None]);
         for _ in 0..12 {
             step(&mut batch, &mut seqs, &rows);
         }

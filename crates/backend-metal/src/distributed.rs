@@ -278,8 +278,9 @@ impl Watchdog {
         std::env::var("INFER_DIST_TIMEOUT")
             .ok()
             .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map_or(Self::DEFAULT_LIMIT, Duration::from_secs_f64)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Self::DEFAULT_LIMIT)
     }
 
     /// Starts the watchdog thread of a rank: when a step has run for

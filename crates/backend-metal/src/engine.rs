@@ -863,7 +863,6 @@ impl TextModel for MlxModel {
         Ok(&self.shared.text)
     }
 
-    /// LoRA fine-tuning on the model's worker ([`Trainable`]).
     fn follow(&self) -> Result<()> {
         if self.info.world_size <= 1 || self.info.rank == 0 {
             return Err(Error::InvalidInput(
@@ -875,6 +874,7 @@ impl TextModel for MlxModel {
             .map_err(|e| Error::backend(crate::error::NAME, e))
     }
 
+    /// LoRA fine-tuning on the model's worker ([`Trainable`]).
     fn trainable(&self) -> Result<&dyn Trainable> {
         if self.info.world_size > 1 {
             return Err(Error::unsupported(

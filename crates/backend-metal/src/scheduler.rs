@@ -328,6 +328,13 @@ struct SlowPass {
     build: Duration,
     wait: Duration,
     retire: Duration,
+    /// Within a batched step: joining the batch (and settling it), the
+    /// mask and positions, the forward graph, the draw, queueing it.
+    join: Duration,
+    prepare: Duration,
+    forward: Duration,
+    draw: Duration,
+    queue: Duration,
 }
 
 impl SlowPass {
@@ -344,6 +351,11 @@ impl SlowPass {
                 step_build_ms = ms(self.build),
                 read_back_ms = ms(self.wait),
                 retire_ms = ms(self.retire),
+                join_ms = ms(self.join),
+                prepare_ms = ms(self.prepare),
+                forward_ms = ms(self.forward),
+                draw_ms = ms(self.draw),
+                queue_ms = ms(self.queue),
                 "slow pass"
             );
         }
@@ -414,6 +426,9 @@ pub(crate) struct Scheduler<'a> {
     /// Where the time of the current pass went (a debug log of slow
     /// passes).
     slow: SlowPass,
+    /// Whether batches grow in powers of two ([`BatchKv::with_buckets`]):
+    /// on a GPU (`INFER_BATCH_BUCKETS=0` or `1` overrides).
+    bucket_batches: bool,
 }
 
 /// Where the passes' time goes while calls run: building and queueing the
@@ -473,6 +488,11 @@ impl<'a> Scheduler<'a> {
             tp: None,
             followed: None,
             slow: SlowPass::default(),
+            bucket_batches: match std::env::var("INFER_BATCH_BUCKETS").as_deref() {
+                Ok("0") => false,
+                Ok("1") => true,
+                _ => crate::device::default_is_gpu(),
+            },
         }
     }
 
@@ -525,11 +545,13 @@ impl<'a> Scheduler<'a> {
                 }
                 return;
             }
-            self.expire();
-            self.start_jobs();
+            // Watched from here: starting a call broadcasts it to the other
+            // ranks under tensor parallelism.
             if let Some(dog) = &self.watchdog {
                 dog.busy();
             }
+            self.expire();
+            self.start_jobs();
             let pass_started = Instant::now();
             self.slow = SlowPass {
                 rows: self.rows.len(),
@@ -1314,6 +1336,7 @@ impl<'a> Scheduler<'a> {
     /// A decode step of `steppers` (two or more) as one batch.
     fn step_batch(&mut self, steppers: &[usize]) -> Result<(), Error> {
         let model = self.model;
+        let t_join = Instant::now();
         // Everyone joins the batch.
         for &i in steppers {
             if matches!(self.rows[i].place, Place::Batch(_)) {
@@ -1323,7 +1346,10 @@ impl<'a> Scheduler<'a> {
             else {
                 return Err(no_batch());
             };
-            let batch = self.batch.get_or_insert_with(|| BatchKv::new(&caches));
+            let buckets = self.bucket_batches;
+            let batch = self
+                .batch
+                .get_or_insert_with(|| BatchKv::new(&caches).with_buckets(buckets));
             let b = batch.join(&caches).map_err(mlx_error)?;
             self.rows[i].place = Place::Batch(b);
         }
@@ -1373,12 +1399,18 @@ impl<'a> Scheduler<'a> {
         }
         .reshape(&[n as i32, 1])
         .map_err(mlx_error)?;
+        let t_prepare = Instant::now();
         batch.prepare_step().map_err(mlx_error)?;
+        let t_forward = Instant::now();
         let h = model
             .hidden(&input, batch.layers_mut())
             .map_err(mlx_error)?;
         batch.finish_step();
         let logits = model.logits(&last_position(&h)).map_err(mlx_error)?;
+        let t_draw = Instant::now();
+        self.slow.join += t_prepare - t_join;
+        self.slow.prepare += t_forward - t_prepare;
+        self.slow.forward += t_draw - t_forward;
         // Draw: one argmax for every row when none needs more.
         let together = owner.iter().flatten().all(|&i| self.rows[i].plain_greedy);
         let draw = if together {
@@ -1417,7 +1449,10 @@ impl<'a> Scheduler<'a> {
                 stop: None,
             }
         };
+        let t_queue = Instant::now();
         draw.queue().map_err(mlx_error)?;
+        self.slow.draw += t_queue - t_draw;
+        self.slow.queue += t_queue.elapsed();
         let d = self.fresh.len();
         self.fresh.push(draw);
         for (b, o) in owner.iter().enumerate() {
@@ -1495,7 +1530,10 @@ impl<'a> Scheduler<'a> {
                 // the tokens kept.
                 row.seq.finish(&mut row.ready);
                 let reply = row.turn.is_some().then_some(&mut row.reply);
-                row.end = Some(if stream_tokens(&row.req.sink, &mut row.ready, reply) {
+                // Under tensor parallelism every rank ends it alike (whether
+                // it is kept in the prompt cache depends on it).
+                let delivered = stream_tokens(&row.req.sink, &mut row.ready, reply);
+                row.end = Some(if delivered || lockstep {
                     Ok(FinishReason::Length)
                 } else {
                     Ok(FinishReason::Cancelled)

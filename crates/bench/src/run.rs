@@ -445,13 +445,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 None => opts = opts.parallel_slots(slots),
             }
             let m = MlxModel::load(&args.model, &opts, Placement::Default).with_context(load)?;
-            if m.info().rank > 0 {
-                // Rank 0 measures; this rank runs its calls alongside it.
-                m.follow().context("following rank 0")?;
-                return Ok(());
-            }
             if let Some(c) = args.prefill_chunk {
                 m.set_prefill_chunk(c);
+            }
+            if m.info().rank > 0 {
+                // Rank 0 measures; this rank runs its calls alongside it
+                // (with the same prefill chunk: the ranks' passes must match).
+                m.follow().context("following rank 0")?;
+                return Ok(());
             }
             (Engine::Mlx(m), "ours", backend_metal::MlxBackend.device())
         }

@@ -101,7 +101,14 @@ struct Report<'a> {
 pub fn run(args: &GenerateArgs, quiet: bool) -> Result<(), CliError> {
     let opts = args.generation.options()?;
     let load_opts = args.model.load_options()?;
-    let input = read_input(args)?;
+    // A rank other than 0 of a tensor-parallel run follows rank 0, which
+    // reads the prompt (the others' stdin is not the user's).
+    let follower = std::env::var("MLX_RANK").is_ok_and(|r| r.trim() != "0");
+    let input = if follower {
+        Input::Prompt(String::new())
+    } else {
+        read_input(args)?
+    };
     let interrupt = Interrupt::install()?;
     let loaded = load::load(&args.model, load_opts, quiet)?;
     let model = &*loaded.model;

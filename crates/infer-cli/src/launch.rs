@@ -3,11 +3,11 @@
 //! watches them: rank 0's output is the run's output, and when one rank
 //! fails the others are stopped within a bounded time.
 
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, IsTerminal};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,10 +19,6 @@ use crate::error::{CliError, EXIT_INTERRUPTED, EXIT_RUNTIME};
 /// How long the other ranks get to end on their own once one failed (a
 /// lost peer usually ends theirs at once) before they are killed.
 const GRACE: Duration = Duration::from_secs(5);
-
-/// How long the ranks get to end after Ctrl-C (a server finishes the
-/// requests in flight) before they are killed.
-const INTERRUPT_GRACE: Duration = Duration::from_secs(30);
 
 /// `infer launch`'s flags.
 #[derive(Debug, Clone, Args)]
@@ -311,12 +307,14 @@ fn supervise(
     let exe =
         std::env::current_exe().map_err(|e| CliError::io("cannot find the infer binary", e))?;
     let remote = args.remote_infer.clone().unwrap_or_else(|| exe.clone());
-    let interrupted = Arc::new(AtomicBool::new(false));
+    let interrupts = Arc::new(AtomicUsize::new(0));
     {
-        let flag = Arc::clone(&interrupted);
+        let count = Arc::clone(&interrupts);
         // The ranks get the terminal's Ctrl-C themselves; this process
-        // waits for them (and stops them after the grace period).
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+        // waits for them (a second Ctrl-C stops them all).
+        let _ = ctrlc::set_handler(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        });
     }
     let mut children: Vec<(usize, Child)> = Vec::new();
     for plan in plans {
@@ -392,19 +390,26 @@ fn supervise(
             failure = Some(first);
             deadline = Some(Instant::now() + GRACE);
         }
-        if interrupted.load(Ordering::SeqCst) && !forwarded {
-            // Rank 0 decides how a call ends; the others follow it. (From a
-            // terminal every rank got the Ctrl-C already; the others ignore
-            // it.)
+        let hits = interrupts.load(Ordering::SeqCst);
+        if hits >= 1 && !forwarded {
+            // Rank 0 decides what Ctrl-C means (a reply stops, a server
+            // finishes its requests) and the others follow it. From a
+            // terminal every local rank got it already (the others ignore
+            // it); otherwise rank 0 is told here.
             forwarded = true;
-            if let Some((_, child)) = children.iter().find(|(r, _)| *r == 0) {
-                if plans[0].place == Place::Here {
-                    let _ = Command::new("kill")
-                        .args(["-INT", &child.id().to_string()])
-                        .status();
+            if !io::stdin().is_terminal() {
+                if let Some((_, child)) = children.iter().find(|(r, _)| *r == 0) {
+                    if plans[0].place == Place::Here {
+                        let _ = Command::new("kill")
+                            .args(["-INT", &child.id().to_string()])
+                            .status();
+                    }
                 }
             }
-            deadline.get_or_insert(Instant::now() + INTERRUPT_GRACE);
+        }
+        if hits >= 2 && deadline.is_none() {
+            // A second Ctrl-C: stop everything now.
+            deadline = Some(Instant::now());
         }
         if done.first() == Some(&true) && running > 0 && deadline.is_none() {
             // Rank 0 ended well: the others stop with it.
@@ -421,7 +426,7 @@ fn supervise(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if interrupted.load(Ordering::SeqCst) {
+    if interrupts.load(Ordering::SeqCst) > 0 && failure.is_none() {
         return Err(CliError::Interrupted);
     }
     match failure {

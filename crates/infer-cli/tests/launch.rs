@@ -656,3 +656,26 @@ fn a_tensor_parallel_chat_answers_as_one_process() {
     assert!(!one.trim().is_empty());
     assert_eq!(split, one);
 }
+
+/// A prompt piped to `infer launch` reaches rank 0 (the others follow it
+/// and read nothing).
+#[test]
+fn a_piped_prompt_goes_to_rank_0() {
+    let model = fixture("qwen3-f32");
+    let args = generate_args(&model, &["--max-tokens", "6", "--ignore-eos"]);
+    let run = |cmd: &mut Command| {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), PROMPT.as_bytes()).unwrap();
+        json_of(&child.wait_with_output().unwrap())
+    };
+    let one = run(Command::new(INFER).args(&args).env_remove("MLX_RANK"));
+    let split = run(Command::new(INFER)
+        .args(["launch", "-n", "2", "--"])
+        .args(&args));
+    assert_eq!(ids(&split), ids(&one));
+}

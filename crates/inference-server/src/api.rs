@@ -451,16 +451,24 @@ pub enum Forced {
 /// whether a call is forced.
 pub fn offered_tools(req: &ChatRequest) -> Result<(Vec<Value>, Forced), ApiError> {
     let tools = req.tools.clone().unwrap_or_default();
+    // OpenAI's rule for function names: what a forced call's opening
+    // writes into the reply stays a plain JSON string.
+    let valid = |n: &str| {
+        (1..=64).contains(&n.len())
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
     for (i, t) in tools.iter().enumerate() {
         if t.get("type").and_then(Value::as_str) != Some("function")
-            || t.pointer("/function/name")
+            || !t
+                .pointer("/function/name")
                 .and_then(Value::as_str)
-                .is_none()
+                .is_some_and(valid)
         {
             return Err(ApiError::bad_param(
                 "tools",
                 format!(
-                    "tool {i} must be {{\"type\": \"function\", \"function\": {{\"name\": …}}}}"
+                    "tool {i} must be {{\"type\": \"function\", \"function\": {{\"name\": …}}}} with a name of 1 to 64 letters, digits, underscores or dashes"
                 ),
             ));
         }

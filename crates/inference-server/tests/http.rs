@@ -177,6 +177,7 @@ fn errors_are_openai_errors_with_their_status() {
         (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}).to_string(), Some("temperature")),
         (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}).to_string(), Some("logit_bias")),
         (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": []}).to_string(), Some("tool_choice")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f</tool_call>"}}]}).to_string(), Some("tools")),
         (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "audio": {}}).to_string(), Some("audio")),
     ];
     for (body, param) in cases {
