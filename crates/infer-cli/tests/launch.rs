@@ -105,6 +105,18 @@ fn assert_same_greedy(what: &str, one: &Value, split: &Value) {
     assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
 }
 
+/// A generation that runs until it is stopped (a rotating cache past the
+/// fixture's positions).
+const ENDLESS: &[&str] = &[
+    "--ignore-eos",
+    "--max-tokens",
+    "100000",
+    "--context-len",
+    "64",
+    "--allow-past-max-positions",
+    PROMPT,
+];
+
 const GREEDY: &[&str] = &[
     "--max-tokens",
     "24",
@@ -247,21 +259,9 @@ fn a_killed_rank_ends_the_other_with_an_error_within_30_seconds() {
         ),
     )
     .unwrap();
-    let args = [
-        "generate",
-        "--model",
-        &fixture("qwen3-f32").display().to_string(),
-        "--gpu-layers",
-        "0",
-        "--ignore-eos",
-        "--max-tokens",
-        "100000",
-        "--context-len",
-        "64",
-        "--allow-past-max-positions",
-        PROMPT,
-    ]
-    .map(str::to_owned);
+    let mut args = generate_args(&fixture("qwen3-f32"), ENDLESS);
+    // Streamed text, so that the test sees the answer arrive.
+    args.retain(|a| a != "--format" && a != "json");
     let start = |rank: usize| {
         Command::new(INFER)
             .args(&args)
@@ -402,18 +402,7 @@ fn the_launcher_stops_the_run_when_a_rank_dies() {
     let mut launch = Reaped(
         Command::new(INFER)
             .args(["launch", "-n", "2", "--"])
-            .args(generate_args(
-                &fixture("qwen3-f32"),
-                &[
-                    "--ignore-eos",
-                    "--max-tokens",
-                    "100000",
-                    "--context-len",
-                    "64",
-                    "--allow-past-max-positions",
-                    PROMPT,
-                ],
-            ))
+            .args(generate_args(&fixture("qwen3-f32"), ENDLESS))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -616,6 +605,18 @@ fn a_tensor_parallel_server_keeps_its_ranks_in_step() {
     assert!(!stderr.contains("error"), "{stderr}");
 }
 
+/// Runs `cmd` with `input` on its stdin; its output.
+fn with_stdin(cmd: &mut Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// `infer chat` under `infer launch`: rank 0 reads the conversation (the
 /// whole of it goes to `chat` each turn, as sessions are refused under
 /// tensor parallelism) and answers as one process does.
@@ -634,14 +635,7 @@ fn a_tensor_parallel_chat_answers_as_one_process() {
     ];
     let input = "Hello there\nWhat is the capital of France?\n/quit\n";
     let run = |cmd: &mut Command| {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = with_stdin(cmd, input);
         assert!(
             out.status.success(),
             "{}",
@@ -663,16 +657,7 @@ fn a_tensor_parallel_chat_answers_as_one_process() {
 fn a_piped_prompt_goes_to_rank_0() {
     let model = fixture("qwen3-f32");
     let args = generate_args(&model, &["--max-tokens", "6", "--ignore-eos"]);
-    let run = |cmd: &mut Command| {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), PROMPT.as_bytes()).unwrap();
-        json_of(&child.wait_with_output().unwrap())
-    };
+    let run = |cmd: &mut Command| json_of(&with_stdin(cmd, PROMPT));
     let one = run(Command::new(INFER).args(&args).env_remove("MLX_RANK"));
     let split = run(Command::new(INFER)
         .args(["launch", "-n", "2", "--"])
