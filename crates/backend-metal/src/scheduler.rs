@@ -1235,8 +1235,12 @@ impl<'a> Scheduler<'a> {
         // Rows in the batch that take no step leave it now (keeping their
         // cache where it outlives them).
         let keep_all = self.prompt_cache.enabled();
-        for i in 0..self.rows.len() {
-            if steppers.contains(&i) {
+        let mut stepping = vec![false; self.rows.len()];
+        for &i in &steppers {
+            stepping[i] = true;
+        }
+        for (i, &steps) in stepping.iter().enumerate() {
+            if steps {
                 continue;
             }
             if let Place::Batch(b) = self.rows[i].place {
