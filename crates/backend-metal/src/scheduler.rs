@@ -578,8 +578,10 @@ impl<'a> Scheduler<'a> {
             if self.rows.is_empty() && self.profile.steps > 0 {
                 self.profile.report();
                 // Idle: MLX's buffer cache goes back to the system, so a
-                // burst's memory does not outlive it.
+                // burst's memory does not outlive it (and what the host
+                // allocator then holds free, too).
                 memory::clear_cache();
+                crate::device::release_free_host_memory();
             }
         }
     }
