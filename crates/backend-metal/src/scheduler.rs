@@ -371,6 +371,15 @@ enum Tp {
     Follower(Rc<Group>),
 }
 
+impl Tp {
+    /// The group, whichever part this rank plays.
+    fn group(&self) -> &Group {
+        match self {
+            Tp::Leader(g) | Tp::Follower(g) => g,
+        }
+    }
+}
+
 /// Refuses a call made on a follower (rank 0 takes the calls).
 fn refuse_local(job: Job, rank: i32) {
     refuse_job(
@@ -558,7 +567,7 @@ impl<'a> Scheduler<'a> {
                 ..SlowPass::default()
             };
             if let Err(e) = self.pass() {
-                if let Some(Tp::Leader(g) | Tp::Follower(g)) = &self.tp {
+                if let Some(g) = self.tp.as_ref().map(Tp::group) {
                     // The ranks may have parted: no further collective.
                     g.mark_broken();
                 }
@@ -1495,7 +1504,7 @@ impl<'a> Scheduler<'a> {
                     continue;
                 }
                 Err(e) => {
-                    if let Some(Tp::Leader(g) | Tp::Follower(g)) = &self.tp {
+                    if let Some(g) = self.tp.as_ref().map(Tp::group) {
                         // A collective of this step failed: the ranks may
                         // have parted.
                         g.mark_broken();

@@ -65,6 +65,17 @@ struct HostEntry {
     ips: Vec<String>,
 }
 
+impl HostEntry {
+    /// The address the other ranks reach this host on: its first `ips`
+    /// entry, else its ssh name.
+    fn address(&self) -> String {
+        self.ips
+            .first()
+            .cloned()
+            .unwrap_or_else(|| self.ssh.clone())
+    }
+}
+
 /// Where one rank runs.
 #[derive(Debug, Clone, PartialEq)]
 enum Place {
@@ -175,14 +186,7 @@ fn ring_hostfile(
     };
     let addresses: Vec<Vec<String>> = (0..ranks)
         .map(|i| {
-            let ip = match hosts {
-                Some(h) => h[i]
-                    .ips
-                    .first()
-                    .cloned()
-                    .unwrap_or_else(|| h[i].ssh.clone()),
-                None => "127.0.0.1".to_owned(),
-            };
+            let ip = hosts.map_or_else(|| "127.0.0.1".to_owned(), |h| h[i].address());
             vec![format!("{ip}:{}", ports[i])]
         })
         .collect();
@@ -218,14 +222,7 @@ fn plan(
                 )))
             }
         };
-    let coordinator = match hosts {
-        Some(h) => h[0]
-            .ips
-            .first()
-            .cloned()
-            .unwrap_or_else(|| h[0].ssh.clone()),
-        None => "127.0.0.1".to_owned(),
-    };
+    let coordinator = hosts.map_or_else(|| "127.0.0.1".to_owned(), |h| h[0].address());
     Ok((0..ranks)
         .map(|rank| {
             let mut env = vec![

@@ -2,6 +2,9 @@
 //! models of `tests/fixtures/models` with the MLX backend (on the CPU unless
 //! `MLX_DEVICE=gpu`).
 
+mod common;
+use common::ENDLESS;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -696,18 +699,6 @@ impl Drop for Running {
         }
     }
 }
-
-/// Flags that make generation run until it is stopped (or for a long while):
-/// a bounded cache and no end of sequence.
-const ENDLESS: &[&str] = &[
-    "--raw",
-    "--ignore-eos",
-    "--max-tokens",
-    "100000",
-    "--context-len",
-    "64",
-    "--allow-past-max-positions",
-];
 
 /// Reads from `r` until it yields some bytes.
 fn wait_for_output(r: &mut impl Read) -> Vec<u8> {

@@ -7,6 +7,8 @@
 //! tokens with a seed, typed errors for sizes that do not divide, and a
 //! killed rank ends the other with an error within 30 seconds.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -105,17 +107,13 @@ fn assert_same_greedy(what: &str, one: &Value, split: &Value) {
     assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
 }
 
-/// A generation that runs until it is stopped (a rotating cache past the
-/// fixture's positions).
-const ENDLESS: &[&str] = &[
-    "--ignore-eos",
-    "--max-tokens",
-    "100000",
-    "--context-len",
-    "64",
-    "--allow-past-max-positions",
-    PROMPT,
-];
+/// A chat generation that runs until it is stopped.
+fn endless() -> Vec<&'static str> {
+    // The shared flags less `--raw` (the fixture's template renders the prompt).
+    let mut flags = common::ENDLESS[1..].to_vec();
+    flags.push(PROMPT);
+    flags
+}
 
 const GREEDY: &[&str] = &[
     "--max-tokens",
@@ -259,7 +257,7 @@ fn a_killed_rank_ends_the_other_with_an_error_within_30_seconds() {
         ),
     )
     .unwrap();
-    let mut args = generate_args(&fixture("qwen3-f32"), ENDLESS);
+    let mut args = generate_args(&fixture("qwen3-f32"), &endless());
     // Streamed text, so that the test sees the answer arrive.
     args.retain(|a| a != "--format" && a != "json");
     let start = |rank: usize| {
@@ -402,7 +400,7 @@ fn the_launcher_stops_the_run_when_a_rank_dies() {
     let mut launch = Reaped(
         Command::new(INFER)
             .args(["launch", "-n", "2", "--"])
-            .args(generate_args(&fixture("qwen3-f32"), ENDLESS))
+            .args(generate_args(&fixture("qwen3-f32"), &endless()))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
