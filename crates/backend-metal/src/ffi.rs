@@ -1,6 +1,7 @@
 //! `unsafe` at the edge of MLX: handing raw bytes to MLX, and the MLX
 //! operations called through its C API directly ([`slice_update`], and
-//! [`checkpoint`], which mlx-rs does not wrap). (The only other `unsafe`
+//! [`checkpoint`] and [`Compiled`] for functions that borrow, which
+//! mlx-rs does not wrap). (The only other `unsafe`
 //! code of the crate is `device`'s queries of MLX's C API; weight files are
 //! mapped by `inference_formats::map_file`.)
 
@@ -230,11 +231,11 @@ impl GroupHandle {
     }
 }
 
-/// A function of arrays, as [`checkpoint`] takes it.
+/// A function of arrays, as [`checkpoint`] and [`Compiled`] take it.
 type ArrayFn<'a> = Box<dyn FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'a>;
 
 std::thread_local! {
-    /// The error of the last [`checkpoint`] function that failed on this
+    /// The error of the last [`checkpoint`] or [`Compiled`] function that failed on this
     /// thread (MLX only learns that it failed).
     static CLOSURE_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
@@ -246,7 +247,7 @@ unsafe extern "C" fn call_array_fn(
     payload: *mut std::ffi::c_void,
 ) -> std::os::raw::c_int {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: `payload` is the `Box<ArrayFn>` that `checkpoint` leaked
+        // SAFETY: `payload` is the `Box<ArrayFn>` that `closure` leaked
         // for this closure, freed only by `drop_array_fn`; MLX calls the
         // closure from the thread that traces the graph, one call at a time.
         let f = unsafe { &mut *payload.cast::<ArrayFn<'_>>() };
@@ -273,7 +274,7 @@ unsafe extern "C" fn call_array_fn(
             return 0;
         }
         Ok(Err(e)) => e.to_string(),
-        Err(_) => "a checkpointed function panicked".to_owned(),
+        Err(_) => "a function called by MLX panicked".to_owned(),
     };
     CLOSURE_ERROR.with_borrow_mut(|slot| *slot = Some(message));
     1
@@ -281,9 +282,65 @@ unsafe extern "C" fn call_array_fn(
 
 /// Frees the boxed [`ArrayFn`] at `payload` when MLX drops its closure.
 unsafe extern "C" fn drop_array_fn(payload: *mut std::ffi::c_void) {
-    // SAFETY: `payload` came from `Box::into_raw` in `checkpoint` and MLX
+    // SAFETY: `payload` came from `Box::into_raw` in `closure` and MLX
     // calls this once, when the last reference to the closure goes.
     drop(unsafe { Box::from_raw(payload.cast::<ArrayFn<'_>>()) });
+}
+
+/// An MLX closure calling `f`; the closure owns `f` (freed by
+/// [`drop_array_fn`] when MLX drops the closure's last reference).
+///
+/// # Safety
+/// The lifetime `'a` of what `f` borrows is erased: the caller must see
+/// that MLX calls the closure only while that borrow lasts.
+unsafe fn closure<'a>(
+    f: impl FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'a,
+) -> mlx_sys::mlx_closure {
+    let boxed: Box<ArrayFn<'a>> = Box::new(Box::new(f));
+    let payload = Box::into_raw(boxed).cast::<std::ffi::c_void>();
+    // SAFETY: the closure takes over `payload`, which `drop_array_fn`
+    // frees once; `call_array_fn` matches the signature MLX calls.
+    unsafe {
+        mlx_sys::mlx_closure_new_func_payload(Some(call_array_fn), payload, Some(drop_array_fn))
+    }
+}
+
+/// `closure(inputs)`, the outputs' references passing to the arrays
+/// returned; `what` names the function in an error without a message of
+/// its own.
+///
+/// # Safety
+/// `closure` must be a live MLX closure.
+unsafe fn apply(
+    closure: mlx_sys::mlx_closure,
+    inputs: &[Array],
+    what: &str,
+) -> Result<Vec<Array>, Exception> {
+    let ptrs: Vec<mlx_sys::mlx_array> = inputs.iter().map(Array::as_ptr).collect();
+    // SAFETY: the vectors created here are freed before returning; each
+    // element read from `output` is a new reference the `Array` takes over.
+    unsafe {
+        let input = mlx_sys::mlx_vector_array_new_data(ptrs.as_ptr(), ptrs.len());
+        let mut output = mlx_sys::mlx_vector_array_new();
+        let status = mlx_sys::mlx_closure_apply(&mut output, closure, input);
+        mlx_sys::mlx_vector_array_free(input);
+        if status != 0 {
+            mlx_sys::mlx_vector_array_free(output);
+            let message = CLOSURE_ERROR
+                .with_borrow_mut(Option::take)
+                .unwrap_or_else(|| format!("MLX could not apply {what}"));
+            return Err(Exception::custom(message));
+        }
+        let out = (0..mlx_sys::mlx_vector_array_size(output))
+            .map(|i| {
+                let mut a = mlx_sys::mlx_array_new();
+                mlx_sys::mlx_vector_array_get(&mut a, output, i);
+                Array::from_ptr(a)
+            })
+            .collect();
+        mlx_sys::mlx_vector_array_free(output);
+        Ok(out)
+    }
 }
 
 /// `f(inputs)` under MLX's `checkpoint`: the arrays `f` computes are not
@@ -299,21 +356,10 @@ pub fn checkpoint<'a>(
     f: impl FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'a,
     inputs: &[Array],
 ) -> Result<Vec<Array>, Exception> {
-    let boxed: Box<ArrayFn<'a>> = Box::new(Box::new(f));
-    let payload = Box::into_raw(boxed).cast::<std::ffi::c_void>();
-    // SAFETY: the closure MLX makes owns `payload` (freed by
-    // `drop_array_fn` when MLX drops the closure, after which it is never
-    // called); `call_array_fn` matches the signature MLX calls. The
-    // lifetime `'a` of what `f` borrows is erased here: MLX calls `f` only
-    // while tracing (see above), within the borrow. Every handle created
-    // below is freed before returning, the outputs' references passing to
-    // the returned arrays.
+    // SAFETY: MLX calls `f` only while tracing (see above), within the
+    // borrow `'a`; both closures are freed before returning.
     unsafe {
-        let closure = mlx_sys::mlx_closure_new_func_payload(
-            Some(call_array_fn),
-            payload,
-            Some(drop_array_fn),
-        );
+        let closure = closure(f);
         let mut wrapped = mlx_sys::mlx_closure_new();
         let status = mlx_sys::mlx_checkpoint(&mut wrapped, closure);
         mlx_sys::mlx_closure_free(closure);
@@ -321,28 +367,64 @@ pub fn checkpoint<'a>(
             mlx_sys::mlx_closure_free(wrapped);
             return Err(Exception::custom("MLX checkpoint failed"));
         }
-        let ptrs: Vec<mlx_sys::mlx_array> = inputs.iter().map(Array::as_ptr).collect();
-        let input = mlx_sys::mlx_vector_array_new_data(ptrs.as_ptr(), ptrs.len());
-        let mut output = mlx_sys::mlx_vector_array_new();
-        let status = mlx_sys::mlx_closure_apply(&mut output, wrapped, input);
-        mlx_sys::mlx_vector_array_free(input);
+        let out = apply(wrapped, inputs, "a checkpointed function");
         mlx_sys::mlx_closure_free(wrapped);
-        if status != 0 {
-            mlx_sys::mlx_vector_array_free(output);
-            let message = CLOSURE_ERROR
-                .with_borrow_mut(Option::take)
-                .unwrap_or_else(|| "MLX could not apply a checkpointed function".to_owned());
-            return Err(Exception::custom(message));
-        }
-        let out = (0..mlx_sys::mlx_vector_array_size(output))
-            .map(|i| {
-                let mut a = mlx_sys::mlx_array_new();
-                mlx_sys::mlx_vector_array_get(&mut a, output, i);
-                Array::from_ptr(a)
+        out
+    }
+}
+
+/// A function of arrays compiled by MLX (`mlx_compile`): the first call
+/// with inputs of new shapes or dtypes traces `f` and fuses its graph;
+/// later calls with the same shapes replay the compiled graph without
+/// calling `f`. Arrays `f` captures rather than takes as inputs are
+/// constants of the graph (fine for frozen weights, wrong for anything
+/// that changes between calls, random keys included). MLX forgets the
+/// compiled graphs when this is dropped.
+pub struct Compiled<'a> {
+    closure: mlx_sys::mlx_closure,
+    /// `f` may borrow for `'a`, and is called only through `&mut self`.
+    _borrow: std::marker::PhantomData<&'a mut ()>,
+}
+
+impl<'a> Compiled<'a> {
+    /// `f` compiled; with `shapeless`, one trace serves inputs of any
+    /// shape (of the same ranks and dtypes).
+    pub fn new(
+        f: impl FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'a,
+        shapeless: bool,
+    ) -> Result<Self, Exception> {
+        // SAFETY: MLX calls `f` only from `call` (tracing), and `Compiled`
+        // cannot outlive `'a`; the plain closure is freed here (the
+        // compiled one holds its own reference), the compiled one on drop.
+        unsafe {
+            let plain = closure(f);
+            let mut compiled = mlx_sys::mlx_closure_new();
+            let status = mlx_sys::mlx_compile(&mut compiled, plain, shapeless);
+            mlx_sys::mlx_closure_free(plain);
+            if status != 0 {
+                mlx_sys::mlx_closure_free(compiled);
+                return Err(Exception::custom("MLX could not compile a function"));
+            }
+            Ok(Self {
+                closure: compiled,
+                _borrow: std::marker::PhantomData,
             })
-            .collect();
-        mlx_sys::mlx_vector_array_free(output);
-        Ok(out)
+        }
+    }
+
+    /// The function's outputs for `inputs` (lazy arrays, as any MLX op's).
+    pub fn call(&mut self, inputs: &[Array]) -> Result<Vec<Array>, Exception> {
+        // SAFETY: `self.closure` lives until `self` drops.
+        unsafe { apply(self.closure, inputs, "a compiled function") }
+    }
+}
+
+impl Drop for Compiled<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `mlx_compile` and is freed once.
+        unsafe {
+            mlx_sys::mlx_closure_free(self.closure);
+        }
     }
 }
 

@@ -14,7 +14,9 @@ use inference_formats::adapter::AdapterConfig;
 use mlx_rs::builder::Builder;
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{IndexOp, NewAxis};
-use mlx_rs::ops::{concatenate, ge, le, logical_and, lt, maximum, minimum, select, zeros};
+use mlx_rs::ops::{
+    concatenate, ge, le, logical_and, lt, maximum, minimum, select, zeros, zeros_like,
+};
 use mlx_rs::optimizers::{Adam, AdamW, Sgd};
 use mlx_rs::optimizers::{AdamBuilder, AdamWBuilder, Optimizer, SgdBuilder};
 use mlx_rs::transforms::{eval, value_and_grad_with_argnums};
@@ -23,6 +25,7 @@ use mlx_rs::{random, Array, Dtype};
 use crate::cache::LayerCache;
 use crate::checkpoint::{self, RunState};
 use crate::error::mlx_error;
+use crate::ffi;
 use crate::models::grad_checkpoint;
 use crate::models::lora::Lora;
 use crate::models::CausalLm;
@@ -90,7 +93,8 @@ impl Adapted {
 /// `batch[:, :-1]` and predicts `batch[:, 1:]`; the target at step `s`
 /// (1-based) counts when `offset ≤ s ≤ length` (mlx-lm's rule, which
 /// also counts the first padding target of a row shorter than the batch). Returns the mean over the
-/// counted targets, in f32, and their number.
+/// counted targets, in f32 (each target's loss in the model's dtype, as
+/// mlx-lm's), and their number.
 pub fn masked_loss(model: &dyn CausalLm, batch: &Array, lengths: &Array) -> Result<(Array, Array)> {
     let t = batch.dim(1);
     let inputs = batch.index((.., ..t - 1));
@@ -109,26 +113,34 @@ pub fn masked_loss(model: &dyn CausalLm, batch: &Array, lengths: &Array) -> Resu
     let mask =
         logical_and(&ge(&steps, &offsets)?, &le(&steps, &ends)?)?.as_dtype(Dtype::Float32)?;
     let ntoks = mask.sum(None)?;
-    let loss = ce.multiply(&mask)?.sum(None)?.divide(&ntoks)?;
+    let loss = ce
+        .as_dtype(Dtype::Float32)?
+        .multiply(&mask)?
+        .sum(None)?
+        .divide(&ntoks)?;
     Ok((loss, ntoks))
 }
 
-/// Per-target cross-entropy `[B, T]` in f32 of logits given in parts along
-/// the vocabulary (`(first id, [B, T, part])`, see
+/// Per-target cross-entropy `[B, T]` of logits given in parts along the
+/// vocabulary (`(first id, [B, T, part])`, see
 /// [`CausalLm::logit_parts`]): the log-sum-exp of the parts' log-sum-exps,
-/// less the target's logit picked from the part that holds it.
+/// less the target's logit picked from the part that holds it. Computed in
+/// the logits' own dtype, as mlx-lm's `nn.losses.cross_entropy` does (MLX
+/// accumulates a reduction of bf16 or f16 in f32): a copy of the logits in
+/// f32 would cost two vocabulary-wide f32 arrays per target token, which
+/// for Qwen3's 151,936 ids is most of the memory a bf16 step needs beyond
+/// mlx-lm's.
 fn cross_entropy(parts: &[(i32, Array)], targets: &Array) -> Result<Array> {
     if let [(_, logits)] = parts {
-        let logits = logits.as_dtype(Dtype::Float32)?;
         let picked = logits
             .take_along_axis(targets.index((.., .., NewAxis)), -1)?
             .squeeze_axes(&[-1])?;
         return logits.logsumexp_axis(-1, false)?.subtract(&picked);
     }
+    let dtype = parts.first().map_or(Dtype::Float32, |(_, p)| p.dtype());
     let mut sums = Vec::with_capacity(parts.len());
-    let mut picked = zeros::<f32>(targets.shape())?;
+    let mut picked = zeros::<f32>(targets.shape())?.as_dtype(dtype)?;
     for (lo, part) in parts {
-        let part = part.as_dtype(Dtype::Float32)?;
         let width = part.dim(-1);
         sums.push(part.logsumexp_axis(-1, true)?);
         let local = targets.subtract(Array::from_int(*lo))?;
@@ -143,7 +155,11 @@ fn cross_entropy(parts: &[(i32, Array)], targets: &Array) -> Result<Array> {
         let value = part
             .take_along_axis(index.index((.., .., NewAxis)), -1)?
             .squeeze_axes(&[-1])?;
-        picked = picked.add(select(&inside, &value, Array::from_f32(0.0))?)?;
+        picked = picked.add(select(
+            &inside,
+            &value,
+            Array::from_f32(0.0).as_dtype(dtype)?,
+        )?)?;
     }
     concatenate(&sums, -1)?
         .logsumexp_axis(-1, false)?
@@ -175,6 +191,87 @@ pub fn loss_and_grads(
         (Some(loss), Some(ntoks)) => Ok((loss, ntoks, grads)),
         _ => Err(Exception::custom("the loss function returned too little")),
     }
+}
+
+/// [`loss_and_grads`] compiled by MLX for `n` adapter arrays: called with
+/// the adapters, then the batch and its lengths, it gives the loss, the
+/// counted targets and the gradients. MLX traces the step once per batch
+/// shape and replays the fused graph after (mlx-lm compiles its step the
+/// same way): fewer kernels and fewer intermediate arrays kept for the
+/// backward pass. Only for steps without adapter dropout: the dropout masks
+/// would be drawn once, at tracing, and replayed. After each call the
+/// adapters' slots hold the trace's placeholders: put the adapters back
+/// with [`Adapted::install`] before running the model otherwise.
+pub fn compiled_loss_and_grads<'m>(
+    model: &'m dyn CausalLm,
+    adapted: &'m Adapted,
+    n: usize,
+) -> Result<ffi::Compiled<'m>> {
+    if adapted.dropout > 0.0 {
+        return Err(Exception::custom(
+            "a compiled training step cannot draw adapter dropout",
+        ));
+    }
+    ffi::Compiled::new(
+        move |inputs: &[Array]| {
+            let (params, rest) = inputs.split_at(n.min(inputs.len()));
+            let [batch, lengths] = rest else {
+                return Err(Exception::custom(
+                    "the compiled step takes the adapters, the batch and its lengths",
+                ));
+            };
+            let (loss, ntoks, grads) =
+                loss_and_grads(model, adapted, params, batch, lengths, true)?;
+            Ok([loss, ntoks].into_iter().chain(grads).collect())
+        },
+        false,
+    )
+}
+
+/// Whether training steps are compiled: unless adapters use dropout, or
+/// `INFER_TRAIN_COMPILE=0` asks for the plain step (to compare the two).
+fn compile_steps(adapted: &Adapted) -> bool {
+    adapted.dropout == 0.0 && std::env::var("INFER_TRAIN_COMPILE").map_or(true, |v| v != "0")
+}
+
+/// Adam's (and AdamW's) update of every parameter as one compiled MLX
+/// function: inputs `lr, β1, β2, ε, weight decay`, then the parameters,
+/// gradients, first and second moments (`n` each); outputs the new
+/// parameters, first and second moments. The same arithmetic as MLX's
+/// `Adam` (no bias correction) and `AdamW` (the parameter decayed by
+/// `1 − lr·wd` first; Adam passes a decay of 0), in a few fused kernels per
+/// parameter instead of about ten.
+fn fused_adam(n: usize) -> Result<ffi::Compiled<'static>> {
+    ffi::Compiled::new(
+        move |ins: &[Array]| {
+            if ins.len() != 5 + 4 * n {
+                return Err(Exception::custom("the fused Adam update lost its inputs"));
+            }
+            let (lr, b1, b2, eps, wd) = (&ins[0], &ins[1], &ins[2], &ins[3], &ins[4]);
+            let one = Array::from_f32(1.0);
+            let keep = one.subtract(lr.multiply(wd)?)?;
+            let (c1, c2) = (one.subtract(b1)?, one.subtract(b2)?);
+            let mut ps = Vec::with_capacity(n);
+            let mut ms = Vec::with_capacity(n);
+            let mut vs = Vec::with_capacity(n);
+            for i in 0..n {
+                let (p, g, m, v) = (
+                    &ins[5 + i],
+                    &ins[5 + n + i],
+                    &ins[5 + 2 * n + i],
+                    &ins[5 + 3 * n + i],
+                );
+                let p = p.multiply(&keep)?;
+                let m = b1.multiply(m)?.add(c1.multiply(g)?)?;
+                let v = b2.multiply(v)?.add(c2.multiply(g.square()?)?)?;
+                ps.push(p.subtract(lr.multiply(m.divide(v.sqrt()?.add(eps)?)?)?)?);
+                ms.push(m);
+                vs.push(v);
+            }
+            Ok(ps.into_iter().chain(ms).chain(vs).collect())
+        },
+        false,
+    )
 }
 
 /// An optimiser as MLX defines it, stepping named parameters.
@@ -221,6 +318,76 @@ impl Optimiser {
                 Optimiser::AdamW(o) => o.update_single(name, g, p)?,
                 Optimiser::Sgd(o) => o.update_single(name, g, p)?,
             }
+        }
+        Ok(())
+    }
+}
+
+impl Optimiser {
+    /// [`step`](Self::step) through one compiled update of every parameter
+    /// (Adam and AdamW; SGD steps as before), built into `fused` on first
+    /// use. Parameters without state start from zero moments, as MLX's.
+    pub fn step_fused(
+        &mut self,
+        fused: &mut Option<ffi::Compiled<'static>>,
+        names: &[Rc<str>],
+        grads: &[Array],
+        params: &mut [Array],
+    ) -> Result<()> {
+        let (hyper, state) = match self {
+            Optimiser::Adam(o) => (
+                [&o.lr, &o.betas.0, &o.betas.1, &o.eps].map(Clone::clone),
+                (&mut o.state, Array::from_f32(0.0)),
+            ),
+            Optimiser::AdamW(o) => (
+                [&o.lr, &o.betas.0, &o.betas.1, &o.eps].map(Clone::clone),
+                (&mut o.state, o.weight_decay.clone()),
+            ),
+            Optimiser::Sgd(_) => return self.step(names, grads, params),
+        };
+        let (moments, wd) = state;
+        let n = names.len();
+        if grads.len() != n || params.len() != n {
+            return Err(Exception::custom("one gradient and one parameter per name"));
+        }
+        let mut inputs = Vec::with_capacity(5 + 4 * n);
+        inputs.extend(hyper);
+        inputs.push(wd);
+        inputs.extend(params.iter().cloned());
+        inputs.extend(grads.iter().cloned());
+        let mut ms = Vec::with_capacity(n);
+        let mut vs = Vec::with_capacity(n);
+        for (name, p) in names.iter().zip(params.iter()) {
+            match moments.get(name) {
+                Some((m, v)) => {
+                    ms.push(m.clone());
+                    vs.push(v.clone());
+                }
+                None => {
+                    ms.push(zeros_like(p)?);
+                    vs.push(zeros_like(p)?);
+                }
+            }
+        }
+        inputs.extend(ms);
+        inputs.extend(vs);
+        let update = match fused {
+            Some(f) => f,
+            None => fused.insert(fused_adam(n)?),
+        };
+        let mut out = update.call(&inputs)?.into_iter();
+        for p in params.iter_mut() {
+            *p = out
+                .next()
+                .ok_or_else(|| Exception::custom("the fused update gave too little"))?;
+        }
+        let (new_m, new_v): (Vec<Array>, Vec<Array>) =
+            (out.by_ref().take(n).collect(), out.collect());
+        if new_m.len() != n || new_v.len() != n {
+            return Err(Exception::custom("the fused update gave too little"));
+        }
+        for ((name, m), v) in names.iter().zip(new_m).zip(new_v) {
+            moments.insert(name.clone(), (m, v));
         }
         Ok(())
     }
@@ -548,6 +715,11 @@ pub fn train(
         run = resumed.run.unwrap_or_default();
         adapted.install(model, &params, false).map_err(e)?;
     }
+    let mut compiled = match compile_steps(adapted) {
+        true => Some(compiled_loss_and_grads(model, adapted, params.len()).map_err(e)?),
+        false => None,
+    };
+    let mut fused = None;
     let mut order = BatchOrder::new(opts.seed, groups.len());
     // The batches the checkpoint's steps took, drawn again.
     for _ in 0..run.step {
@@ -582,7 +754,10 @@ pub fn train(
         let (batch, lengths) = make_batch(&rows, opts).map_err(e)?;
         random::seed(opts.seed.wrapping_add(it as u64)).map_err(e)?;
         let before = grad_checkpoint::checkpoint_layers(opts.grad_checkpoint);
-        let outcome = loss_and_grads(model, adapted, &params, &batch, &lengths, true);
+        let outcome = match compiled.as_mut() {
+            Some(step) => step_compiled(step, model, adapted, &params, &batch, &lengths),
+            None => loss_and_grads(model, adapted, &params, &batch, &lengths, true),
+        };
         grad_checkpoint::checkpoint_layers(before);
         let (loss, ntoks, grads) = outcome.map_err(e)?;
         run.accumulated = Some(match run.accumulated.take() {
@@ -609,7 +784,11 @@ pub fn train(
             }
             lr = opts.learning_rate_at(run.updates);
             optimiser.set_learning_rate(lr);
-            optimiser.step(&names, &grads, &mut params).map_err(e)?;
+            match compiled {
+                Some(_) => optimiser.step_fused(&mut fused, &names, &grads, &mut params),
+                None => optimiser.step(&names, &grads, &mut params),
+            }
+            .map_err(e)?;
             run.updates += 1;
             adapted.install(model, &params, false).map_err(e)?;
         }
@@ -662,6 +841,28 @@ pub fn train(
         }
     }
     Ok(())
+}
+
+/// One call of the compiled step (see [`compiled_loss_and_grads`]): the
+/// loss, counted targets and gradients; the adapters go back in their
+/// slots afterwards.
+fn step_compiled(
+    step: &mut ffi::Compiled<'_>,
+    model: &dyn CausalLm,
+    adapted: &Adapted,
+    params: &[Array],
+    batch: &Array,
+    lengths: &Array,
+) -> Result<(Array, Array, Vec<Array>)> {
+    let mut inputs = params.to_vec();
+    inputs.extend([batch.clone(), lengths.clone()]);
+    let out = step.call(&inputs);
+    adapted.install(model, params, false)?;
+    let mut out = out?.into_iter();
+    match (out.next(), out.next()) {
+        (Some(loss), Some(ntoks)) => Ok((loss, ntoks, out.collect())),
+        _ => Err(Exception::custom("the compiled step returned too little")),
+    }
 }
 
 /// The value of a scalar array.
@@ -801,20 +1002,39 @@ mod tests {
             let model = load(&dir);
             let (adapted, names, params) = golden_adapters(&*model, &golden);
             assert_eq!(adapted.targets.len(), model.lora_targets().len(), "{name}");
-            // Directly, and with every layer checkpointed.
-            for checkpointed in [false, true] {
+            let (batch, lengths) = (&golden["input_ids"], &golden["lengths"]);
+            // Directly and compiled, each with and without every layer
+            // checkpointed.
+            for (checkpointed, compiled) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
                 let before = grad_checkpoint::checkpoint_layers(checkpointed);
-                let outcome = loss_and_grads(
-                    &*model,
-                    &adapted,
-                    &params,
-                    &golden["input_ids"],
-                    &golden["lengths"],
-                    true,
-                );
+                let outcome = if compiled {
+                    let mut step =
+                        compiled_loss_and_grads(&*model, &adapted, params.len()).unwrap();
+                    // Traced with other adapters, then replayed with the
+                    // golden ones: adapters baked into the trace would show.
+                    let halved: Vec<Array> = params
+                        .iter()
+                        .map(|p| p.multiply(Array::from_f32(0.5)).unwrap())
+                        .collect();
+                    let first =
+                        step_compiled(&mut step, &*model, &adapted, &halved, batch, lengths);
+                    let (loss, _, _) = first.unwrap();
+                    assert!((values(&loss)[0] - values(&golden["loss"])[0]).abs() > 1e-4);
+                    let second =
+                        step_compiled(&mut step, &*model, &adapted, &params, batch, lengths);
+                    // The slots hold the adapters again, not the trace's
+                    // placeholders.
+                    let back = adapted.params(&*model).unwrap();
+                    assert_eq!(values(&back[0]), values(&params[0]), "{name}");
+                    second
+                } else {
+                    loss_and_grads(&*model, &adapted, &params, batch, lengths, true)
+                };
                 grad_checkpoint::checkpoint_layers(before);
                 let (loss, ntoks, grads) = outcome.unwrap();
-                let what = format!("{name} (checkpointed: {checkpointed})");
+                let what = format!("{name} (checkpointed: {checkpointed}, compiled: {compiled})");
                 assert_close(&format!("{what} loss"), &loss, &golden["loss"]);
                 assert!(values(&ntoks)[0] > 0.0);
                 for (n, g) in names.iter().zip(&grads) {
@@ -826,16 +1046,10 @@ mod tests {
                 }
             }
             let keys: Vec<Rc<str>> = names.iter().map(|n| Rc::from(n.as_str())).collect();
-            let steps = [
-                (
-                    "adam",
-                    Optimiser::Adam(AdamBuilder::new(1e-2).build().unwrap()),
-                ),
-                (
-                    "adamw",
-                    Optimiser::AdamW(AdamWBuilder::new(1e-2).build().unwrap()),
-                ),
-            ];
+            let make = |label: &str| match label {
+                "adam" => Optimiser::Adam(AdamBuilder::new(1e-2).build().unwrap()),
+                _ => Optimiser::AdamW(AdamWBuilder::new(1e-2).build().unwrap()),
+            };
             // From torch's gradients: where a gradient is near 0, the first
             // Adam step (`lr · g / (√(g²/1000) + ε)`) turns a difference of
             // 1e-4 in it into a visible one in the update.
@@ -843,15 +1057,27 @@ mod tests {
                 .iter()
                 .map(|n| golden[&format!("grad.{n}")].clone())
                 .collect();
-            for (label, mut opt) in steps {
-                let mut stepped = params.clone();
-                opt.step(&keys, &torch_grads, &mut stepped).unwrap();
-                for (n, p) in names.iter().zip(&stepped) {
-                    assert_close(
-                        &format!("{name} {label} {n}"),
-                        p,
-                        &golden[&format!("{label}.{n}")],
-                    );
+            for label in ["adam", "adamw"] {
+                // MLX's own update and the fused one, twice each (the
+                // second from the moments of the first).
+                let (mut plain, mut fused) = (make(label), make(label));
+                let (mut by_plain, mut by_fused) = (params.clone(), params.clone());
+                let mut compiled = None;
+                plain.step(&keys, &torch_grads, &mut by_plain).unwrap();
+                fused
+                    .step_fused(&mut compiled, &keys, &torch_grads, &mut by_fused)
+                    .unwrap();
+                for ((n, p), f) in names.iter().zip(&by_plain).zip(&by_fused) {
+                    let want = &golden[&format!("{label}.{n}")];
+                    assert_close(&format!("{name} {label} {n}"), p, want);
+                    assert_close(&format!("{name} fused {label} {n}"), f, want);
+                }
+                plain.step(&keys, &torch_grads, &mut by_plain).unwrap();
+                fused
+                    .step_fused(&mut compiled, &keys, &torch_grads, &mut by_fused)
+                    .unwrap();
+                for ((n, p), f) in names.iter().zip(&by_plain).zip(&by_fused) {
+                    assert_close(&format!("{name} fused {label} {n}, step 2"), f, p);
                 }
             }
 
