@@ -574,6 +574,7 @@ fn metrics(scenario: &str) -> &'static [(&'static str, bool)] {
         "single" => &[
             ("prefill_tps", true),
             ("decode_tps", true),
+            ("decode_cpu_tps", true),
             ("ttft_s", false),
         ],
         "train" => &[("train_tps", true), ("peak_memory_mb", false)],

@@ -114,6 +114,9 @@ enum Command {
         /// records, the others follow it. Single-stream steps only.
         #[arg(long, value_name = "BACKEND")]
         tensor_parallel: Option<String>,
+        /// llama.cpp's CPU threads (every core by default).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Times LoRA training (as `bench/mlx_lm_train_bench.py` times mlx-lm's)
     /// and appends one record per report window after the first.
@@ -138,6 +141,9 @@ enum Command {
         /// The JSON-lines file to append to.
         #[arg(long)]
         out: PathBuf,
+        /// CPU threads (every core by default).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -184,7 +190,8 @@ fn main() -> Result<()> {
             plan,
             label,
             out,
-        } => llama_raw(&model, &plan, &label, &out)?,
+            threads,
+        } => llama_raw(&model, &plan, &label, &out, threads)?,
         Command::Run {
             model,
             scenario,
@@ -202,6 +209,7 @@ fn main() -> Result<()> {
             prefill_chunk,
             backend,
             tensor_parallel,
+            threads,
         } => {
             let steps = match (scenario.as_deref(), plan) {
                 (_, Some(plan)) => run::read_plan(&plan, runs, warmup)?,
@@ -238,6 +246,7 @@ fn main() -> Result<()> {
                 prefill_chunk,
                 backend,
                 tensor_parallel,
+                threads,
             })?;
         }
     }
@@ -250,9 +259,11 @@ fn llama_raw(
     plan: &std::path::Path,
     label: &str,
     out: &std::path::Path,
+    threads: Option<usize>,
 ) -> Result<()> {
     use std::io::Write;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -264,7 +275,7 @@ fn llama_raw(
         if step.runs == 0 {
             continue;
         }
-        for (i, (pp, tg)) in raw_llama::measure(model, prompt, decode, step.runs, threads)?
+        for (i, (pp, tg, tg_cpu)) in raw_llama::measure(model, prompt, decode, step.runs, threads)?
             .into_iter()
             .enumerate()
         {
@@ -277,6 +288,7 @@ fn llama_raw(
                 "run": i,
                 "prefill_tps": pp,
                 "decode_tps": tg,
+                "decode_cpu_tps": tg_cpu,
                 "threads": threads,
                 "device": "cpu",
             });

@@ -44,7 +44,8 @@ fn prefill(ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatch<'_>, ids: &[u32]) 
     Ok(())
 }
 
-/// `runs` measured (prefill tokens/s, decode tokens/s) pairs after one
+/// `runs` measured (prefill tokens/s, decode tokens/s, decode tokens per
+/// CPU second of the process) triples after one
 /// warm-up, for a prompt of `prompt` ids and `decode` generated ones, on
 /// `threads` threads.
 pub fn measure(
@@ -53,7 +54,7 @@ pub fn measure(
     decode: usize,
     runs: usize,
     threads: usize,
-) -> Result<Vec<(f64, f64)>> {
+) -> Result<Vec<(f64, f64, f64)>> {
     let mut backend = LlamaBackend::init()?;
     backend.void_logs();
     let model = LlamaModel::load_from_file(&backend, gguf, &LlamaModelParams::default())
@@ -77,6 +78,7 @@ pub fn measure(
         // tg at a depth of the prompt: the prompt is in the cache above.
         let mut token = 1 + (run % (vocab - 1).max(1)) as i32;
         let started = Instant::now();
+        let cpu = crate::run::process_cpu_s();
         for i in 0..decode {
             batch.clear();
             batch.add(LlamaToken(token), (prompt + i) as i32, &[0], true)?;
@@ -85,8 +87,9 @@ pub fn measure(
             token = 1 + (ctx.get_logits_ith(0)[0].to_bits() as usize % (vocab - 1).max(1)) as i32;
         }
         let tg = decode as f64 / started.elapsed().as_secs_f64();
+        let tg_cpu = decode as f64 / (crate::run::process_cpu_s() - cpu);
         if run > 0 {
-            out.push((pp, tg));
+            out.push((pp, tg, tg_cpu));
         }
     }
     Ok(out)

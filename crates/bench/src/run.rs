@@ -114,24 +114,43 @@ fn exactly(n: usize) -> GenerateOptions {
         .ignore_eos(true)
 }
 
-/// A stream's timings: (time to first token, first-to-last, ids).
-fn drain(started: Instant, stream: TokenStream) -> Result<(f64, f64, Vec<u32>)> {
+/// The CPU time this process (every thread) has used, in seconds: unlike
+/// the wall clock, not moved by time a shared machine's other tenants take.
+pub fn process_cpu_s() -> f64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
+}
+
+/// A stream's timings.
+struct Drained {
+    /// Time to the first token.
+    ttft: f64,
+    /// First token to last, wall clock.
+    decode: f64,
+    /// First token to last, the process's CPU time.
+    decode_cpu: f64,
+    ids: Vec<u32>,
+}
+
+fn drain(started: Instant, stream: TokenStream) -> Result<Drained> {
     let mut first = None;
-    let mut last = started;
+    let mut last = (started, 0.0);
     let mut ids = Vec::new();
     for tok in stream {
         let tok = tok.context("generation failed")?;
-        let now = Instant::now();
+        let now = (Instant::now(), process_cpu_s());
         first.get_or_insert(now);
         last = now;
         ids.push(tok.id);
     }
     let first = first.context("the stream produced no token")?;
-    Ok((
-        first.duration_since(started).as_secs_f64(),
-        last.duration_since(first).as_secs_f64(),
+    Ok(Drained {
+        ttft: first.0.duration_since(started).as_secs_f64(),
+        decode: last.0.duration_since(first.0).as_secs_f64(),
+        decode_cpu: last.1 - first.1,
         ids,
-    ))
+    })
 }
 
 /// The engine a run measures.
@@ -174,12 +193,12 @@ impl Engine {
     }
 }
 
-fn single(model: &Engine, ids: Vec<u32>, decode: usize) -> Result<(f64, f64, Vec<u32>)> {
+fn single(model: &Engine, ids: Vec<u32>, decode: usize) -> Result<Drained> {
     let started = Instant::now();
     let stream = model.generate_ids(ids, &exactly(decode))?;
     let out = drain(started, stream)?;
-    if out.2.len() != decode {
-        bail!("generated {} tokens, not {decode}", out.2.len());
+    if out.ids.len() != decode {
+        bail!("generated {} tokens, not {decode}", out.ids.len());
     }
     Ok(out)
 }
@@ -188,13 +207,22 @@ fn measure(model: &Engine, scenario: Scenario, vocab: usize) -> Result<Map<Strin
     let mut m = Map::new();
     match scenario {
         Scenario::Single { prompt, decode } => {
-            let (ttft, dec, ids) = single(model, prompt_ids(prompt, 0, vocab), decode)?;
+            let Drained {
+                ttft,
+                decode: dec,
+                decode_cpu,
+                ids,
+            } = single(model, prompt_ids(prompt, 0, vocab), decode)?;
             m.insert("ttft_s".into(), json!(ttft));
             m.insert("prefill_tps".into(), json!(prompt as f64 / ttft));
             m.insert("decode_s".into(), json!(dec));
             m.insert(
                 "decode_tps".into(),
                 json!(decode.saturating_sub(1) as f64 / dec),
+            );
+            m.insert(
+                "decode_cpu_tps".into(),
+                json!(decode.saturating_sub(1) as f64 / decode_cpu),
             );
             m.insert("generated".into(), json!(ids.len()));
             m.insert("first_ids".into(), json!(&ids[..ids.len().min(16)]));
@@ -222,7 +250,12 @@ fn measure(model: &Engine, scenario: Scenario, vocab: usize) -> Result<Map<Strin
             let mut same = true;
             for (p, res) in prompts.into_iter().zip(&results) {
                 model.clear_cache();
-                let (ttft, dec, ids) = single(model, p, decode)?;
+                let Drained {
+                    ttft,
+                    decode: dec,
+                    ids,
+                    ..
+                } = single(model, p, decode)?;
                 seq_s += ttft + dec;
                 same &= res.tokens.iter().map(|t| t.id).eq(ids.iter().copied());
             }
@@ -250,7 +283,7 @@ fn measure(model: &Engine, scenario: Scenario, vocab: usize) -> Result<Map<Strin
                         s.spawn(move || {
                             std::thread::sleep(arrive.saturating_duration_since(Instant::now()));
                             let stream = model.generate_ids(ids, &exactly(decode))?;
-                            let (ttft, _, got) = drain(arrive, stream)?;
+                            let Drained { ttft, ids: got, .. } = drain(arrive, stream)?;
                             Ok((ttft, Instant::now(), got.len()))
                         })
                     })
@@ -288,18 +321,26 @@ fn measure(model: &Engine, scenario: Scenario, vocab: usize) -> Result<Map<Strin
             let mut session = model.id_session();
             let first = prompt_ids(history, 0, vocab);
             let stream = session.send(first.clone(), &exactly(reply))?;
-            let (_, _, reply_ids) = drain(Instant::now(), stream)?;
+            let reply_ids = drain(Instant::now(), stream)?.ids;
             let mut second = first;
             second.extend_from_slice(&reply_ids);
             second.extend(prompt_ids(new, 1, vocab));
             let before = model.reused_prompt_tokens();
             let started = Instant::now();
             let stream = session.send(second.clone(), &exactly(1))?;
-            let (reuse_ttft, _, reuse_ids) = drain(started, stream)?;
+            let Drained {
+                ttft: reuse_ttft,
+                ids: reuse_ids,
+                ..
+            } = drain(started, stream)?;
             let reused = model.reused_prompt_tokens() - before;
             let started = Instant::now();
             let stream = model.generate_ids(second.clone(), &exactly(1))?;
-            let (fresh_ttft, _, fresh_ids) = drain(started, stream)?;
+            let Drained {
+                ttft: fresh_ttft,
+                ids: fresh_ids,
+                ..
+            } = drain(started, stream)?;
             m.insert("reuse_ttft_s".into(), json!(reuse_ttft));
             m.insert("fresh_ttft_s".into(), json!(fresh_ttft));
             m.insert("cached_positions".into(), json!(reused));
@@ -405,6 +446,8 @@ pub struct RunArgs {
     /// Tensor parallelism over this MLX distributed backend (MLX only,
     /// single-stream steps only).
     pub tensor_parallel: Option<String>,
+    /// llama.cpp's CPU threads (every core by default; MLX refuses it).
+    pub threads: Option<usize>,
 }
 
 /// Loads the model once, runs each step `warmup + runs` times and appends
@@ -416,6 +459,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let (model, engine, device) = match args.backend.as_str() {
         "mlx" => {
+            if args.threads.is_some() {
+                bail!("--threads is llama.cpp's (MLX sizes its own CPU pool)");
+            }
             // Every call of a plan decodes together (as many slots as its
             // largest step has streams), and no prompt cache: repeated runs
             // of the same prompts must prefill them as mlx-lm does.
@@ -460,7 +506,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
             if args.prefill_chunk.is_some() {
                 bail!("--prefill-chunk is MLX's (llama.cpp prefills 512 tokens a batch)");
             }
-            let m = LlamaCppModel::load(&args.model, &LoadOptions::new()).with_context(load)?;
+            let mut opts = LoadOptions::new();
+            if let Some(n) = args.threads {
+                opts = opts.threads(n);
+            }
+            let m = LlamaCppModel::load(&args.model, &opts).with_context(load)?;
             let device = backend_llamacpp::LlamaCppBackend.device();
             (Engine::LlamaCpp(m), "ours-llamacpp", device)
         }
