@@ -208,6 +208,9 @@ impl Draw {
 struct Pending {
     draw: usize,
     index: usize,
+    /// Already read back and streamed (a first token delivered as soon as
+    /// its prefill ended, see [`Scheduler::deliver_first_tokens`]).
+    read: bool,
 }
 
 /// Where a row's KV cache is.
@@ -280,7 +283,8 @@ impl Row<'_> {
     /// Whether a step follows the pending id: room under `max_tokens` and
     /// the context after it.
     fn wants_step(&self, limit: usize) -> bool {
-        let generated = self.seq.generated();
+        // Tokens before the pending one (which may already be read).
+        let generated = self.seq.generated() - usize::from(self.pending.is_some_and(|p| p.read));
         generated + 1 < self.req.opts.max_tokens
             && self.req.prompt.len() + generated + 1 < limit
             && !self.paused
@@ -438,6 +442,10 @@ pub(crate) struct Scheduler<'a> {
     /// Whether batches grow in powers of two ([`BatchKv::with_buckets`]):
     /// on a GPU (`INFER_BATCH_BUCKETS=0` or `1` overrides).
     bucket_batches: bool,
+    /// Whether first tokens go out as soon as their prefill ends
+    /// ([`Scheduler::deliver_first_tokens`]; `INFER_EAGER_FIRST=0/1`
+    /// overrides; on by default on a GPU).
+    eager_first: bool,
 }
 
 /// Where the passes' time goes while calls run: building and queueing the
@@ -498,6 +506,11 @@ impl<'a> Scheduler<'a> {
             followed: None,
             slow: SlowPass::default(),
             bucket_batches: match std::env::var("INFER_BATCH_BUCKETS").as_deref() {
+                Ok("0") => false,
+                Ok("1") => true,
+                _ => crate::device::default_is_gpu(),
+            },
+            eager_first: match std::env::var("INFER_EAGER_FIRST").as_deref() {
                 Ok("0") => false,
                 Ok("1") => true,
                 _ => crate::device::default_is_gpu(),
@@ -997,7 +1010,9 @@ impl<'a> Scheduler<'a> {
     /// One pass: a prefill chunk, the budget, a decode step, the reads.
     fn pass(&mut self) -> Result<(), Error> {
         let t_prefill = Instant::now();
+        let first_draw = self.unread.len();
         self.prefill_chunk()?;
+        self.deliver_first_tokens(first_draw);
         self.slow.prefill += t_prefill.elapsed();
         self.keep_to_budget();
         let t0 = Instant::now();
@@ -1084,6 +1099,7 @@ impl<'a> Scheduler<'a> {
         row.pending = Some(Pending {
             draw: self.unread.len(),
             index: 0,
+            read: false,
         });
         self.unread.push(draw);
         Ok(())
@@ -1156,6 +1172,7 @@ impl<'a> Scheduler<'a> {
             row.pending = Some(Pending {
                 draw: self.unread.len(),
                 index: 0,
+                read: false,
             });
             self.unread.push(draw);
         }
@@ -1343,6 +1360,7 @@ impl<'a> Scheduler<'a> {
         row.next = Some(Pending {
             draw: self.fresh.len(),
             index: 0,
+            read: false,
         });
         self.fresh.push(draw);
         Ok(())
@@ -1472,7 +1490,11 @@ impl<'a> Scheduler<'a> {
         self.fresh.push(draw);
         for (b, o) in owner.iter().enumerate() {
             if let Some(i) = o {
-                self.rows[*i].next = Some(Pending { draw: d, index: b });
+                self.rows[*i].next = Some(Pending {
+                    draw: d,
+                    index: b,
+                    read: false,
+                });
             }
         }
         Ok(())
@@ -1481,9 +1503,6 @@ impl<'a> Scheduler<'a> {
     /// Reads back every pending id and streams it; rows without a next
     /// step end (or, paused, wait to resume).
     fn read_back(&mut self) {
-        // Under tensor parallelism a call ends early only where rank 0's
-        // flag says so (the same draw on every rank).
-        let lockstep = self.tp.is_some();
         for i in 0..self.rows.len() {
             let row = &mut self.rows[i];
             let Some(p) = row.pending.take() else {
@@ -1493,70 +1512,121 @@ impl<'a> Scheduler<'a> {
             if row.end.is_some() {
                 continue;
             }
-            let read = self.unread[p.draw]
-                .read(p.index)
-                .and_then(|x| Ok((x, self.unread[p.draw].stopped()?)));
-            let (id, scores) = match read {
-                Ok((x, false)) => x,
-                Ok((_, true)) => {
-                    tracing::debug!("rank 0's caller left: the call ends on every rank");
-                    row.end = Some(Ok(FinishReason::Cancelled));
-                    continue;
+            if p.read {
+                // Delivered when its prefill ended; a row the step left out
+                // was cancelled, or paused to wait for room.
+                match next {
+                    Some(n) => row.pending = Some(n),
+                    None if row.paused => {}
+                    None => row.end = Some(Ok(FinishReason::Cancelled)),
                 }
-                Err(e) => {
-                    if let Some(g) = self.tp.as_ref().map(Tp::group) {
-                        // A collective of this step failed: the ranks may
-                        // have parted.
-                        g.mark_broken();
-                    }
-                    row.end = Some(Err(mlx_error(&e)));
-                    continue;
-                }
-            };
-            row.clock.token();
-            row.sampled.push(id);
-            if row.window > 0 {
-                row.read.push_back(id);
-                if row.read.len() > row.window {
-                    row.read.pop_front();
-                }
+                continue;
             }
             let last = next.is_none() && !row.paused;
-            let end = match row.seq.push_scored(id, scores, last, &mut row.ready) {
-                Ok(end) => end,
-                Err(e) => {
-                    row.end = Some(Err(mlx_error(&e)));
-                    continue;
-                }
-            };
-            let reply = row.turn.is_some().then_some(&mut row.reply);
-            let gone =
-                !stream_tokens(&row.req.sink, &mut row.ready, reply) || row.req.sink.is_cancelled();
-            if gone && lockstep {
-                // Every rank ends it at the next draw.
-                row.stop_asked = true;
-            }
-            if let Some(reason) = end {
-                row.end = Some(Ok(reason));
-            } else if gone && !lockstep {
-                row.end = Some(Ok(FinishReason::Cancelled));
-            } else if last {
-                // `max_tokens` or the end of the context: a normal end with
-                // the tokens kept.
-                row.seq.finish(&mut row.ready);
-                let reply = row.turn.is_some().then_some(&mut row.reply);
-                // Under tensor parallelism every rank ends it alike (whether
-                // it is kept in the prompt cache depends on it).
-                let delivered = stream_tokens(&row.req.sink, &mut row.ready, reply);
-                row.end = Some(if delivered || lockstep {
-                    Ok(FinishReason::Length)
-                } else {
-                    Ok(FinishReason::Cancelled)
-                });
-            } else {
-                row.pending = next;
+            if self.deliver(i, p, last) {
+                self.rows[i].pending = next;
             }
         }
+    }
+
+    /// Delivers the first token of each row whose prefill ended in this
+    /// pass at once, before the pass queues its decode step: a caller's
+    /// first token waits for its prefill alone, not also for the building
+    /// and queueing of a step of the whole batch (which, joins and new
+    /// shapes included, can take tens of milliseconds on a GPU). The GPU
+    /// idles while that step is built, once per arrival. Not under tensor
+    /// parallelism, where reads follow rank 0's lock step.
+    fn deliver_first_tokens(&mut self, first_draw: usize) {
+        if !self.eager_first || self.tp.is_some() {
+            return;
+        }
+        let limit = self.shared.bounds().limit;
+        for i in 0..self.rows.len() {
+            let Some(p) = self.rows[i].pending else {
+                continue;
+            };
+            if p.read || p.draw < first_draw || self.rows[i].end.is_some() {
+                continue;
+            }
+            let last = !self.rows[i].wants_step(limit);
+            self.rows[i].pending = None;
+            if self.deliver(i, p, last) {
+                self.rows[i].pending = Some(Pending { read: true, ..p });
+            }
+        }
+    }
+
+    /// Reads row `i`'s id at `p` and streams it, `last` when no step
+    /// follows it; ends the row where it ended (a stop, an error, a caller
+    /// gone, or `last`). Whether the row goes on.
+    fn deliver(&mut self, i: usize, p: Pending, last: bool) -> bool {
+        // Under tensor parallelism a call ends early only where rank 0's
+        // flag says so (the same draw on every rank).
+        let lockstep = self.tp.is_some();
+        let row = &mut self.rows[i];
+        let read = self.unread[p.draw]
+            .read(p.index)
+            .and_then(|x| Ok((x, self.unread[p.draw].stopped()?)));
+        let (id, scores) = match read {
+            Ok((x, false)) => x,
+            Ok((_, true)) => {
+                tracing::debug!("rank 0's caller left: the call ends on every rank");
+                row.end = Some(Ok(FinishReason::Cancelled));
+                return false;
+            }
+            Err(e) => {
+                if let Some(g) = self.tp.as_ref().map(Tp::group) {
+                    // A collective of this step failed: the ranks may
+                    // have parted.
+                    g.mark_broken();
+                }
+                row.end = Some(Err(mlx_error(&e)));
+                return false;
+            }
+        };
+        row.clock.token();
+        row.sampled.push(id);
+        if row.window > 0 {
+            row.read.push_back(id);
+            if row.read.len() > row.window {
+                row.read.pop_front();
+            }
+        }
+        let end = match row.seq.push_scored(id, scores, last, &mut row.ready) {
+            Ok(end) => end,
+            Err(e) => {
+                row.end = Some(Err(mlx_error(&e)));
+                return false;
+            }
+        };
+        let reply = row.turn.is_some().then_some(&mut row.reply);
+        let gone =
+            !stream_tokens(&row.req.sink, &mut row.ready, reply) || row.req.sink.is_cancelled();
+        if gone && lockstep {
+            // Every rank ends it at the next draw.
+            row.stop_asked = true;
+        }
+        if let Some(reason) = end {
+            row.end = Some(Ok(reason));
+        } else if gone && !lockstep {
+            row.end = Some(Ok(FinishReason::Cancelled));
+        } else if last {
+            // `max_tokens` or the end of the context: a normal end with
+            // the tokens kept.
+            row.seq.finish(&mut row.ready);
+            let reply = row.turn.is_some().then_some(&mut row.reply);
+            // Under tensor parallelism every rank ends it alike (whether
+            // it is kept in the prompt cache depends on it).
+            let delivered = stream_tokens(&row.req.sink, &mut row.ready, reply);
+            row.end = Some(if delivered || lockstep {
+                Ok(FinishReason::Length)
+            } else {
+                Ok(FinishReason::Cancelled)
+            });
+        } else {
+            return true;
+        }
+        false
     }
 
     /// Ends the rows that ended and requeues the paused ones.
