@@ -41,8 +41,11 @@ pub struct FuseOptions {
     /// Write every quantised matrix dense (in its scales' dtype), so that
     /// tools without MLX quantisation (transformers) load the result.
     pub dequantize: bool,
-    /// Also write the fused model as a GGUF file of this type (from a GGUF
-    /// base only), for llama.cpp.
+    /// Also write the fused model as a GGUF file of this type, for
+    /// llama.cpp: from a GGUF base (its metadata kept), or from a Hugging
+    /// Face directory of Qwen3, Qwen2 or Llama with a byte-level BPE
+    /// vocabulary (dense, or quantised with [`dequantize`](Self::dequantize)),
+    /// as llama.cpp's converter writes it.
     pub export_gguf: Option<GgufType>,
 }
 
@@ -144,13 +147,170 @@ pub fn fuse(model: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Res
         return Ok(result);
     }
     if opts.export_gguf.is_some() {
-        return Err(Error::unsupported(
-            "GGUF export of a fused Hugging Face directory (fuse a GGUF base, or convert the \
-             fused directory with llama.cpp's convert_hf_to_gguf.py)",
-        ));
+        // Whatever would stop the export stops the fuse before it starts.
+        hf_gguf_metadata(&model, 1, opts.dequantize)?;
     }
     std::fs::create_dir_all(out).map_err(|e| write_error(out, e))?;
-    Ok(fuse_dir(&model, adapter, out, opts)?.0)
+    let mut result = fuse_dir(&model, adapter, out, opts)?.0;
+    if let Some(ty) = opts.export_gguf {
+        let path = out.join(ty.file_name());
+        export_hf_gguf(out, ty, &path)?;
+        result.gguf = Some(path);
+    }
+    Ok(result)
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| invalid(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::model_load(path, e.to_string())),
+    }
+}
+
+/// The GGUF metadata of the Hugging Face model directory `dir` for a file
+/// of `file_type` (see [`from_hf`]); refuses a quantised directory unless
+/// it is to be written dense (`dense`).
+///
+/// [`from_hf`]: inference_formats::gguf::from_hf
+fn hf_gguf_metadata(
+    dir: &Path,
+    file_type: u32,
+    dense: bool,
+) -> Result<BTreeMap<String, inference_formats::gguf::MetaValue>> {
+    use inference_formats::gguf::from_hf;
+    let config = read_json(&dir.join("config.json"))?
+        .ok_or_else(|| invalid(format!("{} has no config.json", dir.display())))?;
+    if !dense
+        && (config.get("quantization").is_some() || config.get("quantization_config").is_some())
+    {
+        return Err(Error::unsupported(
+            "GGUF export of an MLX-quantised model (fuse with --dequantize, which the export \
+             then requantises as it is asked)",
+        ));
+    }
+    let tokenizer = read_json(&dir.join("tokenizer.json"))?
+        .ok_or_else(|| invalid(format!("{} has no tokenizer.json", dir.display())))?;
+    let tokenizer_config = read_json(&dir.join("tokenizer_config.json"))?;
+    let template = match tokenizer_config
+        .as_ref()
+        .and_then(|c| c.get("chat_template"))
+        .and_then(Value::as_str)
+    {
+        Some(t) => Some(t.to_owned()),
+        None => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+    };
+    let name = dir
+        .file_name()
+        .map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
+    let mut metadata =
+        from_hf::model_metadata(&config, file_type, &name).map_err(|e| e.into_error(dir))?;
+    metadata.extend(
+        from_hf::tokenizer_metadata(
+            &tokenizer,
+            tokenizer_config.as_ref(),
+            &config,
+            template.as_deref(),
+        )
+        .map_err(|e| e.into_error(dir))?,
+    );
+    Ok(metadata)
+}
+
+/// Writes the dense Hugging Face model directory `dir` (Qwen3, Qwen2 or
+/// Llama with a byte-level BPE vocabulary) as a GGUF file of type `ty` at
+/// `path`, as llama.cpp's converter would: its metadata (see
+/// [`hf_gguf_metadata`]), matrices in `ty`, norms and biases in F32,
+/// Llama's Q and K rows permuted into llama.cpp's RoPE layout, no
+/// `output.weight` where the embeddings are tied.
+fn export_hf_gguf(dir: &Path, ty: GgufType, path: &Path) -> Result<()> {
+    use inference_formats::gguf::writer::{encode_f16, encode_q8_0, write_gguf, TensorOut};
+    use inference_formats::gguf::{from_hf, hf, GgmlType, MetaValue};
+    let file_type = match ty {
+        GgufType::F16 => 1,
+        GgufType::Q8_0 => 7,
+    };
+    let metadata = hf_gguf_metadata(dir, file_type, false)?;
+    let config = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
+    let count = |key: &str| config.get(key).and_then(Value::as_u64).map(|v| v as usize);
+    let heads = count("num_attention_heads").unwrap_or(1);
+    let kv_heads = count("num_key_value_heads").unwrap_or(heads);
+    let llama =
+        matches!(&metadata.get("general.architecture"), Some(MetaValue::String(a)) if a == "llama");
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mut tensors = Vec::new();
+    for file in weight_files(dir).map_err(|e| e.into_error(dir))? {
+        for (name, array) in read_raw(&file).map_err(|e| e.into_error(&file))?.0 {
+            if name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight") {
+                continue;
+            }
+            let gguf = from_hf::gguf_name(&name).ok_or_else(|| {
+                invalid(format!(
+                    "{} has tensor `{name}`, which has no GGUF name",
+                    dir.display()
+                ))
+            })?;
+            let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
+            let (out_type, dims) = match shape.as_slice() {
+                [n] => (GgmlType::F32, vec![*n as u64]),
+                [rows, cols] => (
+                    match ty {
+                        GgufType::Q8_0 if cols % 32 == 0 => GgmlType::Q8_0,
+                        _ => GgmlType::F16,
+                    },
+                    vec![*cols as u64, *rows as u64],
+                ),
+                other => {
+                    return Err(invalid(format!(
+                    "tensor `{name}` has shape {other:?}: a GGUF export takes vectors and matrices"
+                )))
+                }
+            };
+            let permute = match name.as_str() {
+                n if llama && n.ends_with("self_attn.q_proj.weight") => Some(heads),
+                n if llama && n.ends_with("self_attn.k_proj.weight") => Some(kv_heads),
+                _ => None,
+            };
+            tensors.push(TensorOut {
+                name: gguf,
+                dims,
+                ggml_type: out_type,
+                data: Box::new(move || {
+                    let values = array
+                        .as_dtype(Dtype::Float32)
+                        .and_then(|a| {
+                            a.eval()?;
+                            Ok(a.try_as_slice::<f32>().map(<[f32]>::to_vec))
+                        })
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    let values = match (permute, shape.as_slice()) {
+                        (Some(h), [rows, cols]) => {
+                            hf::permute_rows(&values, *rows, *cols, h).map_err(|e| e.to_string())?
+                        }
+                        _ => values,
+                    };
+                    match out_type {
+                        GgmlType::F32 => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                        GgmlType::Q8_0 => encode_q8_0(&values)
+                            .ok_or_else(|| "rows not a multiple of 32".to_owned()),
+                        _ => Ok(encode_f16(&values)),
+                    }
+                }),
+            });
+        }
+    }
+    write_gguf(path, &metadata, tensors).map_err(|e| match e {
+        inference_formats::gguf::writer::WriteError::Io { path, source } => {
+            Error::Write { path, source }
+        }
+        other => Error::backend(crate::NAME, other.to_string()),
+    })
 }
 
 /// Writes the GGUF base `base` again at `path` with its matrices in `ty`:

@@ -30,7 +30,9 @@ pub struct FuseArgs {
     dequantize: bool,
 
     /// Also write the fused model as a GGUF file (DIR/model-f16.gguf or
-    /// DIR/model-q8_0.gguf) for llama.cpp; from a GGUF base.
+    /// DIR/model-q8_0.gguf) for llama.cpp: from a GGUF base, or a Qwen3,
+    /// Qwen2 or Llama directory with a byte-level BPE vocabulary
+    /// (a quantised one with --dequantize).
     #[arg(long, value_enum, value_name = "TYPE")]
     export_gguf: Option<GgufFlag>,
 

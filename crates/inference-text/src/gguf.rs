@@ -23,9 +23,8 @@ const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 
-/// Pre-tokenizer regexes of the byte-level BPE families, by `tokenizer.ggml.pre`.
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// Pre-tokenizer regexes of the byte-level BPE families, by `tokenizer.ggml.pre`.
+use inference_formats::gguf::from_hf::{LLAMA3_PATTERN, QWEN2_PATTERN};
 
 /// A tokenizer read from GGUF metadata, with the ids generation needs.
 pub struct GgufTokenizer {
