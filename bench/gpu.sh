@@ -11,7 +11,9 @@
 #                             and mlx-lm into /tmp/mlx-site, unpack the binary
 #                             and the tokenizers
 #   gpu.sh models SHAPE...    write random bf16 models (qwen3-0.6b, qwen3-1.7b,
-#                             qwen3-4b, gemma3-1b) under /tmp/bench/models
+#                             qwen3-4b, qwen3-8b, gemma3-1b) under /tmp/bench/models;
+#                             SHAPE-q4 and SHAPE-q8 also quantise it with
+#                             mlx_lm.convert -q (4 or 8 bits, groups of 64)
 #   gpu.sh run OUT.jsonl MODEL SCENARIO-ARGS...
 #                             one scenario on both engines (ours first), each
 #                             appending records to OUT.jsonl (RUNS, WARMUP)
@@ -93,11 +95,17 @@ setup)
     "$PY" -c 'import mlx.core as mx, mlx_lm; print("mlx", mx.__version__, mx.default_device(), "mlx-lm", mlx_lm.__version__)'
     ;;
 models)
-    for shape in "$@"; do
+    for name in "$@"; do
+        shape=${name%-q[48]}
         case "$shape" in gemma3*) tok=gemma3 ;; *) tok=qwen3 ;; esac
         [ -f "$WORK/models/$shape/model.safetensors" ] ||
             "$WORK/infer-bench" random-model --shape "$shape" --dtype bfloat16 \
                 --tokenizer "$WORK/tokenizers/$tok" --out "$WORK/models/$shape"
+        if [ "$name" != "$shape" ] && [ ! -f "$WORK/models/$name/config.json" ]; then
+            # mlx-community's layout, as `mlx_lm.convert -q` writes it.
+            "$PY" -m mlx_lm convert --hf-path "$WORK/models/$shape" \
+                --mlx-path "$WORK/models/$name" -q --q-bits "${name##*-q}" --q-group-size 64
+        fi
     done
     ;;
 run)

@@ -188,13 +188,19 @@ fn test(root: &Path) -> Result<()> {
         .args(FEATURES)
         .env("INFER_TEST_OPENAI_PYTHON", &openai))?;
     // The continuous-batching tests again under the scheduler's GPU
-    // settings, which a CPU does not take by default: batches grown in
-    // power-of-two buckets, first tokens delivered as their prefill ends.
+    // settings (batches grown in power-of-two buckets) and with first
+    // tokens delivered as their prefill ends, which a CPU does not take by
+    // default.
     run(cargo(root, &env)
         .args(["test", "--workspace", "--test", "continuous"])
         .args(FEATURES)
         .env("INFER_BATCH_BUCKETS", "1")
         .env("INFER_EAGER_FIRST", "1"))?;
+    // The training tests again with the compiled step a GPU takes.
+    run(cargo(root, &env)
+        .args(["test", "--workspace", "--test", "training"])
+        .args(FEATURES)
+        .env("INFER_TRAIN_COMPILE", "1"))?;
     run(cargo(root, &env)
         .args(["doc", "--workspace", "--no-deps"])
         .args(FEATURES)

@@ -443,8 +443,8 @@ pub(crate) struct Scheduler<'a> {
     /// on a GPU (`INFER_BATCH_BUCKETS=0` or `1` overrides).
     bucket_batches: bool,
     /// Whether first tokens go out as soon as their prefill ends
-    /// ([`Scheduler::deliver_first_tokens`]; `INFER_EAGER_FIRST=0/1`
-    /// overrides; on by default on a GPU).
+    /// ([`Scheduler::deliver_first_tokens`]; `INFER_EAGER_FIRST=1`; off
+    /// by default until it is measured on a GPU).
     eager_first: bool,
 }
 
@@ -510,11 +510,7 @@ impl<'a> Scheduler<'a> {
                 Ok("1") => true,
                 _ => crate::device::default_is_gpu(),
             },
-            eager_first: match std::env::var("INFER_EAGER_FIRST").as_deref() {
-                Ok("0") => false,
-                Ok("1") => true,
-                _ => crate::device::default_is_gpu(),
-            },
+            eager_first: std::env::var("INFER_EAGER_FIRST").as_deref() == Ok("1"),
         }
     }
 
