@@ -272,7 +272,14 @@ pub fn tokenizer_metadata(
         by_id.insert(id, (content.to_owned(), kind));
     }
     let known = by_id.keys().next_back().map_or(0, |&last| last + 1);
-    let size = u64::from(uint(config, "vocab_size").unwrap_or(0)).max(known);
+    let rows = uint(config, "vocab_size").map(u64::from);
+    if let Some(rows) = rows.filter(|&r| r < known) {
+        return Err(bad(format!(
+            "the tokenizer has ids up to {} but the model's vocabulary (`vocab_size`) has {rows}",
+            known - 1
+        )));
+    }
+    let size = rows.unwrap_or(known);
     if size > u64::from(u32::MAX) {
         return Err(bad(format!("a vocabulary of {size} tokens")));
     }
@@ -487,13 +494,31 @@ mod tests {
     }
 
     /// A tokenizer without a pre-tokenizer llama.cpp knows is refused
-    /// rather than written with one that would split text otherwise.
+    /// rather than written with one that would split text otherwise, as is
+    /// one with more ids than the embedding; ids past the vocabulary are
+    /// padding tokens.
     #[test]
     fn unknown_pre_tokenizers_are_refused() {
         let tok = json!({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
                          "pre_tokenizer": null});
         let err = tokenizer_metadata(&tok, None, &json!({}), None).unwrap_err();
         assert!(err.to_string().contains("pre-tokenizer"), "{err}");
+        // More ids than the embedding has rows.
+        let qwen = json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]}});
+        let err = tokenizer_metadata(&qwen, None, &json!({"vocab_size": 2}), None).unwrap_err();
+        assert!(err.to_string().contains("vocab_size"), "{err}");
+        let m = tokenizer_metadata(&qwen, None, &json!({"vocab_size": 5}), None).unwrap();
+        assert!(matches!(&m["tokenizer.ggml.pre"], MetaValue::String(p) if p == "qwen2"));
+        match &m["tokenizer.ggml.tokens"] {
+            MetaValue::Array(t) => {
+                assert_eq!(t.len(), 5);
+                assert!(matches!(&t[4], MetaValue::String(p) if p == "[PAD4]"));
+            }
+            other => panic!("{other:?}"),
+        }
         let spm = json!({"model": {"type": "BPE", "byte_fallback": true, "vocab": {"a": 0}, "merges": []}});
         assert!(matches!(
             tokenizer_metadata(&spm, None, &json!({}), None),
