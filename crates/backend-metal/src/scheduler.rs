@@ -1351,7 +1351,9 @@ impl<'a> Scheduler<'a> {
         let input = y.reshape(&[1, 1]).map_err(mlx_error)?;
         let h = model.hidden(&input, caches).map_err(mlx_error)?;
         let logits = model.logits(&last_position(&h)).map_err(mlx_error)?;
-        let draw = row.draw(&logits, Some(&y)).map_err(mlx_error)?;
+        // An id already read back is among the row's recent ids.
+        let unread = (!pending.read).then_some(&y);
+        let draw = row.draw(&logits, unread).map_err(mlx_error)?;
         draw.queue().map_err(mlx_error)?;
         row.next = Some(Pending {
             draw: self.fresh.len(),
@@ -1461,7 +1463,8 @@ impl<'a> Scheduler<'a> {
                     continue;
                 };
                 let pending = match (pendings[b], self.rows[*i].window) {
-                    (Some(p), w) if w > 0 => Some(pending_id(p)),
+                    // An id already read back is among the row's recent ids.
+                    (Some(p), w) if w > 0 && !p.read => Some(pending_id(p)),
                     _ => None,
                 };
                 let row_logits = logits.index(b as i32..b as i32 + 1);

@@ -175,8 +175,12 @@ fn options_of(i: usize, stop_id: u32, stop_text: &str) -> GenerateOptions {
             .top_p(0.9)
             .seed(i as u64)
             .ignore_eos(true),
+        // A window of three: an id counted twice would push one out (and
+        // the logprobs would show the penalty on the wrong ids).
         2 => base
             .repeat_penalty(1.3)
+            .repeat_last_n(3)
+            .logprobs(2)
             .frequency_penalty(0.4)
             .presence_penalty(0.2)
             .ignore_eos(true),
