@@ -1467,6 +1467,9 @@ fn a_fused_gguf_export_runs_on_llama_cpp() {
     assert_eq!(ids(&v["ids"]).len(), 6, "{v}");
     assert!(!v["text"].as_str().unwrap().trim().is_empty(), "{v}");
 
+    // A Hugging Face directory too (the fixture's byte-level BPE splits
+    // with GPT-2's regex, llama.cpp's `gpt-2`).
+    let hf = dir.path().join("hf");
     let o = run(&[
         "fuse",
         "--model",
@@ -1477,10 +1480,61 @@ fn a_fused_gguf_export_runs_on_llama_cpp() {
             .to_str()
             .unwrap(),
         "--out",
-        dir.path().join("hf").to_str().unwrap(),
+        hf.to_str().unwrap(),
+        "--export-gguf",
+        "f16",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let prompt = "What is the capital of France?";
+    let greedy = |backend: &str, model: &Path| {
+        let o = run(&[
+            "generate",
+            "--backend",
+            backend,
+            "--model",
+            model.to_str().unwrap(),
+            "--format",
+            "json",
+            "--raw",
+            "--ignore-eos",
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--logprobs",
+            "2",
+            prompt,
+        ]);
+        json_of(&o)
+    };
+    let (mlx, llama) = (
+        greedy("mlx", &hf),
+        greedy("llamacpp", &hf.join("model-f16.gguf")),
+    );
+    assert_eq!(llama["backend"], "llamacpp", "{llama}");
+    assert_eq!(prompt_ids(&mlx), prompt_ids(&llama), "{mlx} {llama}");
+    // The first id, where MLX's choice is clear of F16 rounding.
+    let top = &mlx["logprobs"][0]["top"];
+    if top[0][1].as_f64().unwrap() - top[1][1].as_f64().unwrap() > 0.05 {
+        assert_eq!(mlx["ids"][0], llama["ids"][0], "{mlx} {llama}");
+    }
+
+    // Gemma 3's SentencePiece vocabulary is refused before anything is written.
+    let o = run(&[
+        "fuse",
+        "--model",
+        fixture("gemma3-f32").to_str().unwrap(),
+        "--adapter",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/adapters/gemma3-f32-lora")
+            .to_str()
+            .unwrap(),
+        "--out",
+        dir.path().join("gemma").to_str().unwrap(),
         "--export-gguf",
         "f16",
     ]);
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("convert_hf_to_gguf"), "{}", stderr(&o));
+    assert!(!dir.path().join("gemma").exists());
 }

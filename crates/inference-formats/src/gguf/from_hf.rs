@@ -162,7 +162,8 @@ pub fn model_metadata(
 
 /// llama.cpp's name for the pre-tokenizer of `tokenizer` (a
 /// `tokenizer.json`): `qwen2` and `llama-bpe` (a regex split, then bytes),
-/// `smollm` (single digits, then GPT-2's byte-level regex).
+/// `gpt-2` (GPT-2's byte-level regex alone), `smollm` (single digits, then
+/// GPT-2's byte-level regex).
 fn pre_tokenizer(tokenizer: &Value) -> Result<&'static str, LoadError> {
     let pre = tokenizer.get("pre_tokenizer").unwrap_or(&Value::Null);
     let kind = |v: &Value| v.get("type").and_then(Value::as_str).map(str::to_owned);
@@ -192,10 +193,11 @@ fn pre_tokenizer(tokenizer: &Value) -> Result<&'static str, LoadError> {
                 Some(LLAMA3_PATTERN) if isolated => Ok("llama-bpe"),
                 _ => Err(unsupported(format!(
                     "GGUF export of a tokenizer that splits on {pattern:?} (llama.cpp's pre-tokenizers \
-                     this export knows: qwen2, llama-bpe, smollm)"
+                     this export knows: gpt-2, qwen2, llama-bpe, smollm)"
                 ))),
             }
         }
+        [bytes] if byte_level(bytes, true) => Ok("gpt-2"),
         [digits, bytes]
             if kind(digits).as_deref() == Some("Digits")
                 && digits.get("individual_digits").and_then(Value::as_bool) == Some(true)
@@ -205,7 +207,7 @@ fn pre_tokenizer(tokenizer: &Value) -> Result<&'static str, LoadError> {
         }
         _ => Err(unsupported(format!(
             "GGUF export of a tokenizer with pre-tokenizer {} (llama.cpp's pre-tokenizers this \
-             export knows: qwen2, llama-bpe, smollm)",
+             export knows: gpt-2, qwen2, llama-bpe, smollm)",
             serde_json::to_string(pre).unwrap_or_default()
         ))),
     }
