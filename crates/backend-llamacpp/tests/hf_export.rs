@@ -18,25 +18,15 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::json;
 
+mod common;
+use common::TRICKY;
+
 const HIDDEN: usize = 64;
 const INTER: usize = 128;
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = 16;
 const LAYERS: usize = 2;
-
-/// Strings tokenizers get wrong (as the SmolLM2 parity test's).
-const TRICKY: [&str; 9] = [
-    "Hello, world!",
-    "  two leading spaces and   three inside",
-    "naïve café, Straße, 東京, Москва, مرحبا",
-    "emoji 🦀🚀 and a ZWJ 👩‍💻",
-    "1234567890 3.14159 1,000,000 2024-12-01",
-    "fn main() {\n    println!(\"{}\", 1 + 2);\n}\n",
-    "\ttabs\tand\nnew\n\nlines\r\n",
-    "<|im_start|>user\nhi<|im_end|>\n",
-    "a",
-];
 
 /// A deterministic generator of weights (xorshift, uniform in ±`scale`).
 struct Weights(u64);

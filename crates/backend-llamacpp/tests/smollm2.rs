@@ -6,7 +6,10 @@
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+mod common;
+
 use backend_llamacpp::LlamaCppModel;
+use common::TRICKY;
 use inference_core::conformance::{assert_conformance, ConformanceConfig};
 use inference_core::{
     Backend, Error, FinishReason, GenerateOptions, KvCacheType, LoadOptions, Message, TextModel,
@@ -357,23 +360,6 @@ fn refuses_what_it_cannot_do() {
         Err(Error::InvalidInput(_))
     ));
 }
-
-/// Strings that tokenizers get wrong: unicode, runs of spaces, digits,
-/// code, special tokens written in the text.
-const TRICKY: [&str; 12] = [
-    "Hello, world!",
-    "  two leading spaces and   three inside",
-    "naïve café, Straße, 東京, Москва, مرحبا",
-    "emoji 🦀🚀 and a ZWJ 👩‍💻",
-    "1234567890 3.14159 1,000,000 2024-12-01",
-    "fn main() {\n    println!(\"{}\", 1 + 2);\n}\n",
-    "\ttabs\tand\nnew\n\nlines\r\n",
-    "<|im_start|>user\nhi<|im_end|>\n",
-    "<start_of_turn>user\nhi<end_of_turn>\n",
-    "ß ẞ ﬁ Ⅻ ½ ²",
-    " ",
-    "a",
-];
 
 fn assert_tokenizers_agree(path: &std::path::Path) {
     let model = LlamaCppModel::load(path, &LoadOptions::new()).unwrap();
