@@ -34,6 +34,10 @@
 //! - `bench report RAW.jsonl --machine TEXT --out NAME` turns raw records into
 //!   `bench/results/NAME.json` (medians, min/max, ratios) and prints a Markdown
 //!   table.
+//! - `bench plot RAW.jsonl --out NAME [--title TEXT]` draws each engine's and
+//!   model's median decode tokens/s against the prompt length of the `single`
+//!   records into `docs/img/NAME.svg` (for the context sweep,
+//!   `bench/plans/gpu-context.json`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -49,7 +53,7 @@ use crate::{cargo, models, run};
 /// The mlx-lm release compared against.
 pub const MLX_LM_VERSION: &str = "0.32.2";
 
-const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] [--llamacpp-only] | train [--quick] | streams [--quick] | http [--quick] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S]>";
+const USAGE: &str = "usage: cargo xtask bench <cpu [--quick] [--llamacpp-only] | train [--quick] | streams [--quick] | http [--quick] | gpu-bundle | report RAW.jsonl --machine TEXT --out NAME [--bandwidth BYTES_PER_S] | plot RAW.jsonl --out NAME [--title TEXT]>";
 
 /// Entry point of `cargo xtask bench …`.
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
@@ -101,8 +105,131 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             };
             report(root, &raw, &machine, &out, bandwidth)
         }
+        Some("plot") => {
+            let mut it = args[1..].iter();
+            let (mut raw, mut out, mut title) = (None, None, None);
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--out" => out = it.next().cloned(),
+                    "--title" => title = it.next().cloned(),
+                    other if raw.is_none() => raw = Some(PathBuf::from(other)),
+                    _ => bail!("{USAGE}"),
+                }
+            }
+            let (Some(raw), Some(out)) = (raw, out) else {
+                bail!("{USAGE}");
+            };
+            plot(
+                root,
+                &raw,
+                &out,
+                title.as_deref().unwrap_or("decode against context"),
+            )
+        }
         _ => bail!("{USAGE}"),
     }
+}
+
+/// `bench plot RAW --out NAME [--title T]`: each engine's and model's median
+/// decode tokens/s of the `single` records in RAW against their prompt
+/// length (the context a decode starts at), as `docs/img/NAME.svg`.
+fn plot(root: &Path, raw: &Path, out: &str, title: &str) -> Result<()> {
+    use plotters::prelude::*;
+    let text = fs::read_to_string(raw).with_context(|| format!("reading {}", raw.display()))?;
+    // (engine, model) → prompt → decode tokens/s.
+    let mut series: BTreeMap<(String, String), BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let r: Value = serde_json::from_str(line).context("a raw record is not JSON")?;
+        let (Some("single"), Some(engine), Some(label), Some(prompt), Some(tps)) = (
+            r["scenario"].as_str(),
+            r["engine"].as_str(),
+            r["label"].as_str(),
+            r["prompt"].as_u64(),
+            r["decode_tps"].as_f64(),
+        ) else {
+            continue;
+        };
+        if r["run"].as_i64().is_some_and(|run| run < 0) {
+            continue;
+        }
+        series
+            .entry((engine.to_owned(), label.to_owned()))
+            .or_default()
+            .entry(prompt)
+            .or_default()
+            .push(tps);
+    }
+    let lines: Vec<(String, Vec<(f64, f64)>)> = series
+        .into_iter()
+        .map(|((engine, label), by_prompt)| {
+            let points = by_prompt
+                .into_iter()
+                .map(|(p, mut v)| (p as f64, stats(&mut v)["median"].as_f64().unwrap_or(0.0)))
+                .collect();
+            (format!("{engine} · {label}"), points)
+        })
+        .filter(|(_, points): &(String, Vec<(f64, f64)>)| points.len() > 1)
+        .collect();
+    ensure!(
+        !lines.is_empty(),
+        "{} has no engine with `single` records at two or more prompt lengths",
+        raw.display()
+    );
+    let all = || lines.iter().flat_map(|(_, p)| p.iter());
+    let (x0, x1) = all().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.0), hi.max(p.0))
+    });
+    let y1 = all().fold(0f64, |hi, p| hi.max(p.1)) * 1.1;
+    let mut svg = String::new();
+    {
+        let area = SVGBackend::with_string(&mut svg, (860, 520)).into_drawing_area();
+        let e = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing the plot: {e}");
+        area.fill(&WHITE).map_err(|x| e(&x))?;
+        let mut chart = ChartBuilder::on(&area)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((x0..x1).log_scale(), 0f64..y1)
+            .map_err(|x| e(&x))?;
+        chart
+            .configure_mesh()
+            .x_desc("prompt tokens before decoding (log scale)")
+            .y_desc("decode tokens/s")
+            .x_labels(12)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(|x| e(&x))?;
+        for (i, (name, points)) in lines.iter().enumerate() {
+            let colour = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    colour.stroke_width(2),
+                ))
+                .map_err(|x| e(&x))?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
+                });
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                .map_err(|x| e(&x))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(|x| e(&x))?;
+        area.present().map_err(|x| e(&x))?;
+    }
+    let dir = root.join("docs/img");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{out}.svg"));
+    fs::write(&path, svg)?;
+    println!("bench: wrote {}", path.display());
+    Ok(())
 }
 
 /// The Python environment with mlx-lm, `.cache/bench/venv`; returns its
