@@ -243,11 +243,24 @@ fn export_hf_gguf(dir: &Path, ty: GgufType, path: &Path) -> Result<()> {
         .get("tie_word_embeddings")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let tokens = match metadata.get("tokenizer.ggml.tokens") {
+        Some(MetaValue::Array(t)) => t.len(),
+        _ => 0,
+    };
     let mut tensors = Vec::new();
     for file in weight_files(dir).map_err(|e| e.into_error(dir))? {
         for (name, array) in read_raw(&file).map_err(|e| e.into_error(&file))?.0 {
             if name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight") {
                 continue;
+            }
+            let vocab_rows = name == "model.embed_tokens.weight" || name == "lm_head.weight";
+            if vocab_rows && array.dim(0) as usize != tokens {
+                // llama.cpp would refuse the file: refuse to write it.
+                return Err(invalid(format!(
+                    "`{name}` has {} rows but the vocabulary written has {tokens} tokens \
+                     (`vocab_size` in config.json)",
+                    array.dim(0)
+                )));
             }
             let gguf = from_hf::gguf_name(&name).ok_or_else(|| {
                 invalid(format!(

@@ -29,6 +29,11 @@ pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]
 /// Llama 3's pre-tokenizer regex (llama.cpp's `llama-bpe`).
 pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The largest vocabulary written (the largest real ones hold a few hundred
+/// thousand ids); a larger `vocab_size` or id is refused rather than
+/// allocated.
+const MOST_TOKENS: u64 = 1 << 24;
+
 /// GGUF token types.
 const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
@@ -282,8 +287,10 @@ pub fn tokenizer_metadata(
         )));
     }
     let size = rows.unwrap_or(known);
-    if size > u64::from(u32::MAX) {
-        return Err(bad(format!("a vocabulary of {size} tokens")));
+    if size > MOST_TOKENS {
+        return Err(bad(format!(
+            "a vocabulary of {size} tokens (more than {MOST_TOKENS})"
+        )));
     }
     let mut tokens = Vec::with_capacity(size as usize);
     let mut types = Vec::with_capacity(size as usize);
@@ -512,6 +519,10 @@ mod tests {
                 {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]}});
         let err = tokenizer_metadata(&qwen, None, &json!({"vocab_size": 2}), None).unwrap_err();
         assert!(err.to_string().contains("vocab_size"), "{err}");
+        // A hostile size is refused, not allocated.
+        let err = tokenizer_metadata(&qwen, None, &json!({"vocab_size": 4_000_000_000u64}), None)
+            .unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
         let m = tokenizer_metadata(&qwen, None, &json!({"vocab_size": 5}), None).unwrap();
         assert!(matches!(&m["tokenizer.ggml.pre"], MetaValue::String(p) if p == "qwen2"));
         match &m["tokenizer.ggml.tokens"] {
