@@ -60,6 +60,24 @@ pub enum GgufType {
 }
 
 impl GgufType {
+    /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_MOSTLY_*`).
+    fn file_type(self) -> u32 {
+        match self {
+            GgufType::F16 => 1,
+            GgufType::Q8_0 => 7,
+        }
+    }
+
+    /// The type a matrix with rows `cols` long is written in (F16 where a
+    /// Q8_0 block of 32 would not fit the rows).
+    fn matrix_type(self, cols: usize) -> inference_formats::gguf::GgmlType {
+        use inference_formats::gguf::GgmlType;
+        match self {
+            GgufType::Q8_0 if cols % 32 == 0 => GgmlType::Q8_0,
+            _ => GgmlType::F16,
+        }
+    }
+
     /// The file's name in the output directory.
     pub fn file_name(self) -> &'static str {
         match self {
@@ -146,42 +164,39 @@ pub fn fuse(model: &Path, adapter: &Path, out: &Path, opts: &FuseOptions) -> Res
         }
         return Ok(result);
     }
-    if opts.export_gguf.is_some() {
-        // Whatever would stop the export stops the fuse before it starts.
-        hf_gguf_metadata(&model, 1, opts.dequantize)?;
-    }
+    // Whatever would stop the export stops the fuse before it starts.
+    let plan = match opts.export_gguf {
+        Some(ty) => Some((ty, hf_gguf_plan(&model, ty, opts.dequantize)?)),
+        None => None,
+    };
     std::fs::create_dir_all(out).map_err(|e| write_error(out, e))?;
     let mut result = fuse_dir(&model, adapter, out, opts)?.0;
-    if let Some(ty) = opts.export_gguf {
+    if let Some((ty, plan)) = plan {
         let path = out.join(ty.file_name());
-        export_hf_gguf(out, ty, &path)?;
+        export_hf_gguf(out, &plan, ty, &path)?;
         result.gguf = Some(path);
     }
     Ok(result)
 }
 
-fn read_json(path: &Path) -> Result<Option<Value>> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| invalid(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::model_load(path, e.to_string())),
-    }
+/// What a GGUF export of a Hugging Face directory writes besides its
+/// tensors: the metadata, and the `config.json` it came from.
+struct HfGguf {
+    metadata: BTreeMap<String, inference_formats::gguf::MetaValue>,
+    config: Value,
 }
 
-/// The GGUF metadata of the Hugging Face model directory `dir` for a file
-/// of `file_type` (see [`from_hf`]); refuses a quantised directory unless
-/// it is to be written dense (`dense`).
+/// The [`HfGguf`] of the Hugging Face model directory `dir` for a file of
+/// type `ty` (see [`from_hf`]); refuses a quantised directory unless it is
+/// to be written dense (`dense`). The fused directory keeps the base's
+/// configuration and tokenizer, so the base's plan serves its export.
 ///
 /// [`from_hf`]: inference_formats::gguf::from_hf
-fn hf_gguf_metadata(
-    dir: &Path,
-    file_type: u32,
-    dense: bool,
-) -> Result<BTreeMap<String, inference_formats::gguf::MetaValue>> {
+fn hf_gguf_plan(dir: &Path, ty: GgufType, dense: bool) -> Result<HfGguf> {
     use inference_formats::gguf::from_hf;
-    let config = read_json(&dir.join("config.json"))?
+    let json =
+        |name: &str| inference_text::read_json(&dir.join(name)).map_err(|e| e.into_error(dir));
+    let config = json("config.json")?
         .ok_or_else(|| invalid(format!("{} has no config.json", dir.display())))?;
     if !dense
         && (config.get("quantization").is_some() || config.get("quantization_config").is_some())
@@ -191,22 +206,16 @@ fn hf_gguf_metadata(
              then requantises as it is asked)",
         ));
     }
-    let tokenizer = read_json(&dir.join("tokenizer.json"))?
+    let tokenizer = json("tokenizer.json")?
         .ok_or_else(|| invalid(format!("{} has no tokenizer.json", dir.display())))?;
-    let tokenizer_config = read_json(&dir.join("tokenizer_config.json"))?;
-    let template = match tokenizer_config
-        .as_ref()
-        .and_then(|c| c.get("chat_template"))
-        .and_then(Value::as_str)
-    {
-        Some(t) => Some(t.to_owned()),
-        None => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
-    };
+    let tokenizer_config = json("tokenizer_config.json")?;
+    let template = inference_text::chat_template_of(dir, tokenizer_config.as_ref())
+        .map_err(|e| e.into_error(dir))?;
     let name = dir
         .file_name()
         .map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
     let mut metadata =
-        from_hf::model_metadata(&config, file_type, &name).map_err(|e| e.into_error(dir))?;
+        from_hf::model_metadata(&config, ty.file_type(), &name).map_err(|e| e.into_error(dir))?;
     metadata.extend(
         from_hf::tokenizer_metadata(
             &tokenizer,
@@ -216,24 +225,46 @@ fn hf_gguf_metadata(
         )
         .map_err(|e| e.into_error(dir))?,
     );
-    Ok(metadata)
+    Ok(HfGguf { metadata, config })
+}
+
+/// A matrix's f32 `values` encoded as `out_type` (F16 or Q8_0).
+fn encode_matrix(
+    out_type: inference_formats::gguf::GgmlType,
+    values: &[f32],
+) -> std::result::Result<Vec<u8>, String> {
+    use inference_formats::gguf::writer::{encode_f16, encode_q8_0};
+    match out_type {
+        inference_formats::gguf::GgmlType::Q8_0 => {
+            encode_q8_0(values).ok_or_else(|| "rows not a multiple of 32".to_owned())
+        }
+        _ => Ok(encode_f16(values)),
+    }
+}
+
+/// Writes `tensors` and `metadata` as the GGUF file `path`.
+fn write_gguf_file(
+    path: &Path,
+    metadata: &BTreeMap<String, inference_formats::gguf::MetaValue>,
+    tensors: Vec<inference_formats::gguf::writer::TensorOut<'_>>,
+) -> Result<()> {
+    use inference_formats::gguf::writer::{write_gguf, WriteError};
+    write_gguf(path, metadata, tensors).map_err(|e| match e {
+        WriteError::Io { path, source } => Error::Write { path, source },
+        other => Error::backend(crate::NAME, other.to_string()),
+    })
 }
 
 /// Writes the dense Hugging Face model directory `dir` (Qwen3, Qwen2 or
 /// Llama with a byte-level BPE vocabulary) as a GGUF file of type `ty` at
-/// `path`, as llama.cpp's converter would: its metadata (see
-/// [`hf_gguf_metadata`]), matrices in `ty`, norms and biases in F32,
-/// Llama's Q and K rows permuted into llama.cpp's RoPE layout, no
-/// `output.weight` where the embeddings are tied.
-fn export_hf_gguf(dir: &Path, ty: GgufType, path: &Path) -> Result<()> {
-    use inference_formats::gguf::writer::{encode_f16, encode_q8_0, write_gguf, TensorOut};
+/// `path`, as llama.cpp's converter would: `plan`'s metadata (see
+/// [`hf_gguf_plan`]), matrices in `ty`, norms and biases in F32, Llama's Q
+/// and K rows permuted into llama.cpp's RoPE layout, no `output.weight`
+/// where the embeddings are tied.
+fn export_hf_gguf(dir: &Path, plan: &HfGguf, ty: GgufType, path: &Path) -> Result<()> {
+    use inference_formats::gguf::writer::TensorOut;
     use inference_formats::gguf::{from_hf, hf, GgmlType, MetaValue};
-    let file_type = match ty {
-        GgufType::F16 => 1,
-        GgufType::Q8_0 => 7,
-    };
-    let metadata = hf_gguf_metadata(dir, file_type, false)?;
-    let config = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
+    let (metadata, config) = (&plan.metadata, &plan.config);
     let count = |key: &str| config.get(key).and_then(Value::as_u64).map(|v| v as usize);
     let heads = count("num_attention_heads").unwrap_or(1);
     let kv_heads = count("num_key_value_heads").unwrap_or(heads);
@@ -271,13 +302,7 @@ fn export_hf_gguf(dir: &Path, ty: GgufType, path: &Path) -> Result<()> {
             let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
             let (out_type, dims) = match shape.as_slice() {
                 [n] => (GgmlType::F32, vec![*n as u64]),
-                [rows, cols] => (
-                    match ty {
-                        GgufType::Q8_0 if cols % 32 == 0 => GgmlType::Q8_0,
-                        _ => GgmlType::F16,
-                    },
-                    vec![*cols as u64, *rows as u64],
-                ),
+                [rows, cols] => (ty.matrix_type(*cols), vec![*cols as u64, *rows as u64]),
                 other => {
                     return Err(invalid(format!(
                     "tensor `{name}` has shape {other:?}: a GGUF export takes vectors and matrices"
@@ -310,20 +335,13 @@ fn export_hf_gguf(dir: &Path, ty: GgufType, path: &Path) -> Result<()> {
                     };
                     match out_type {
                         GgmlType::F32 => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-                        GgmlType::Q8_0 => encode_q8_0(&values)
-                            .ok_or_else(|| "rows not a multiple of 32".to_owned()),
-                        _ => Ok(encode_f16(&values)),
+                        _ => encode_matrix(out_type, &values),
                     }
                 }),
             });
         }
     }
-    write_gguf(path, &metadata, tensors).map_err(|e| match e {
-        inference_formats::gguf::writer::WriteError::Io { path, source } => {
-            Error::Write { path, source }
-        }
-        other => Error::backend(crate::NAME, other.to_string()),
-    })
+    write_gguf_file(path, metadata, tensors)
 }
 
 /// Writes the GGUF base `base` again at `path` with its matrices in `ty`:
@@ -337,8 +355,8 @@ fn export_gguf(
     ty: GgufType,
     path: &Path,
 ) -> Result<()> {
-    use inference_formats::gguf::writer::{encode_f16, encode_q8_0, write_gguf, TensorOut};
-    use inference_formats::gguf::{hf, quant, GgmlType, GgufFile, MetaValue};
+    use inference_formats::gguf::writer::TensorOut;
+    use inference_formats::gguf::{hf, quant, GgufFile, MetaValue};
     let file = GgufFile::open(base).map_err(|e| Error::model_load(base, e))?;
     let arch = file
         .get_str("general.architecture")
@@ -347,11 +365,7 @@ fn export_gguf(
     let gemma = arch.starts_with("gemma");
     let (heads, kv_heads) = hf::head_counts(&file, &arch);
     let mut metadata = file.metadata().clone();
-    let file_type = match ty {
-        GgufType::F16 => 1,
-        GgufType::Q8_0 => 7,
-    };
-    metadata.insert("general.file_type".into(), MetaValue::U32(file_type));
+    metadata.insert("general.file_type".into(), MetaValue::U32(ty.file_type()));
     let mut tensors = Vec::with_capacity(file.tensors().len());
     for t in file.tensors() {
         let name = hf::hf_name(&t.name, gemma).ok_or_else(|| {
@@ -376,10 +390,7 @@ fn export_gguf(
             continue;
         }
         let (cols, rows) = (dims[0] as usize, dims[1] as usize);
-        let out_type = match ty {
-            GgufType::Q8_0 if cols % 32 == 0 => GgmlType::Q8_0,
-            _ => GgmlType::F16,
-        };
+        let out_type = ty.matrix_type(cols);
         let prefix = name.strip_suffix(".weight").unwrap_or(&name).to_owned();
         let permute = match prefix.rsplit('.').next() {
             Some("q_proj") if arch == "llama" => Some(heads),
@@ -407,21 +418,11 @@ fn export_gguf(
                     None => quant::dequantize(ggml_type, data, rows * cols)
                         .map_err(|e| e.to_string())?,
                 };
-                match out_type {
-                    GgmlType::Q8_0 => {
-                        encode_q8_0(&values).ok_or_else(|| "rows not a multiple of 32".to_owned())
-                    }
-                    _ => Ok(encode_f16(&values)),
-                }
+                encode_matrix(out_type, &values)
             }),
         });
     }
-    write_gguf(path, &metadata, tensors).map_err(|e| match e {
-        inference_formats::gguf::writer::WriteError::Io { path, source } => {
-            Error::Write { path, source }
-        }
-        other => Error::backend(crate::NAME, other.to_string()),
-    })
+    write_gguf_file(path, &metadata, tensors)
 }
 
 /// [`fuse`] from the model directory `base`; also the fused matrices in

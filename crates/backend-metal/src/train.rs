@@ -15,7 +15,7 @@ use mlx_rs::builder::Builder;
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{IndexOp, NewAxis};
 use mlx_rs::ops::{
-    concatenate, ge, le, logical_and, lt, maximum, minimum, select, zeros, zeros_like,
+    concatenate, ge, le, logical_and, lt, maximum, minimum, select, zeros, zeros_dtype, zeros_like,
 };
 use mlx_rs::optimizers::{Adam, AdamW, Sgd};
 use mlx_rs::optimizers::{AdamBuilder, AdamWBuilder, Optimizer, SgdBuilder};
@@ -138,8 +138,9 @@ fn cross_entropy(parts: &[(i32, Array)], targets: &Array) -> Result<Array> {
         return logits.logsumexp_axis(-1, false)?.subtract(&picked);
     }
     let dtype = parts.first().map_or(Dtype::Float32, |(_, p)| p.dtype());
+    let zero = zeros_dtype(&[], dtype)?;
     let mut sums = Vec::with_capacity(parts.len());
-    let mut picked = zeros::<f32>(targets.shape())?.as_dtype(dtype)?;
+    let mut picked = zeros_dtype(targets.shape(), dtype)?;
     for (lo, part) in parts {
         let width = part.dim(-1);
         sums.push(part.logsumexp_axis(-1, true)?);
@@ -155,11 +156,7 @@ fn cross_entropy(parts: &[(i32, Array)], targets: &Array) -> Result<Array> {
         let value = part
             .take_along_axis(index.index((.., .., NewAxis)), -1)?
             .squeeze_axes(&[-1])?;
-        picked = picked.add(select(
-            &inside,
-            &value,
-            Array::from_f32(0.0).as_dtype(dtype)?,
-        )?)?;
+        picked = picked.add(select(&inside, &value, &zero)?)?;
     }
     concatenate(&sums, -1)?
         .logsumexp_axis(-1, false)?
@@ -341,25 +338,24 @@ impl Optimiser {
         grads: &[Array],
         params: &mut [Array],
     ) -> Result<()> {
-        let (hyper, state) = match self {
+        // lr, β1, β2, ε and the weight decay (none for Adam); the moments.
+        let (hyper, moments) = match self {
             Optimiser::Adam(o) => (
-                [&o.lr, &o.betas.0, &o.betas.1, &o.eps].map(Clone::clone),
-                (&mut o.state, Array::from_f32(0.0)),
+                [&o.lr, &o.betas.0, &o.betas.1, &o.eps, &Array::from_f32(0.0)].map(Clone::clone),
+                &mut o.state,
             ),
             Optimiser::AdamW(o) => (
-                [&o.lr, &o.betas.0, &o.betas.1, &o.eps].map(Clone::clone),
-                (&mut o.state, o.weight_decay.clone()),
+                [&o.lr, &o.betas.0, &o.betas.1, &o.eps, &o.weight_decay].map(Clone::clone),
+                &mut o.state,
             ),
             Optimiser::Sgd(_) => return self.step(names, grads, params),
         };
-        let (moments, wd) = state;
         let n = names.len();
         if grads.len() != n || params.len() != n {
             return Err(Exception::custom("one gradient and one parameter per name"));
         }
         let mut inputs = Vec::with_capacity(5 + 4 * n);
         inputs.extend(hyper);
-        inputs.push(wd);
         inputs.extend(params.iter().cloned());
         inputs.extend(grads.iter().cloned());
         let mut ms = Vec::with_capacity(n);

@@ -430,6 +430,16 @@ fn parse_quantization(q: &Value) -> Result<(Option<Quantization>, QuantOverrides
     Ok((top, overrides))
 }
 
+/// A special token's text as `tokenizer_config.json` gives it: a string or
+/// `{"content": …}`.
+pub fn token_text(v: Option<&Value>) -> Option<&str> {
+    match v? {
+        Value::String(s) => Some(s),
+        Value::Object(o) => o.get("content").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
 /// Token ids from a JSON number or array of numbers.
 pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {

@@ -28,5 +28,5 @@ pub use chat::ChatTokenizer;
 pub use detok::{Detokenize, StreamDecoder};
 pub use stop::StopStrings;
 pub use template::{BuiltinTemplate, ChatTemplate, SpecialTokens};
-pub use tokenizer::ModelTokenizer;
+pub use tokenizer::{chat_template_of, read_json, ModelTokenizer};
 pub use tokenizers;

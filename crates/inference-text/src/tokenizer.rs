@@ -8,7 +8,7 @@ use inference_core::{Error, Message, Result as CoreResult};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use inference_formats::config::token_ids;
+use inference_formats::config::{token_ids, token_text};
 use inference_formats::LoadError;
 
 use crate::gguf::GgufTokenizer;
@@ -46,7 +46,9 @@ fn adds_bos(inner: &Tokenizer, bos: Option<u32>) -> bool {
     })
 }
 
-fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {
+/// The JSON file at `path`, or `None` when there is none; invalid JSON is a
+/// [`LoadError::Tokenizer`] naming the file.
+pub fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {
     if !path.is_file() {
         return Ok(None);
     }
@@ -54,15 +56,6 @@ fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| LoadError::Tokenizer(format!("{}: invalid JSON: {e}", path.display())))
-}
-
-/// A special token's text from `tokenizer_config.json`: a string or `{content}`.
-fn token_text(v: Option<&Value>) -> Option<&str> {
-    match v? {
-        Value::String(s) => Some(s),
-        Value::Object(o) => o.get("content").and_then(Value::as_str),
-        _ => None,
-    }
 }
 
 /// The chat template a `tokenizer_config.json` (at `file`) ships in its
@@ -112,6 +105,22 @@ fn shipped_template(v: &Value, file: &Path) -> Result<Option<String>, LoadError>
     Ok(Some(text.to_owned()))
 }
 
+/// The chat template a model directory ships: `tokenizer_config`'s (the
+/// parsed `dir/tokenizer_config.json`; see [`shipped_template`]), else
+/// `dir/chat_template.jinja`, else none.
+pub fn chat_template_of(
+    dir: &Path,
+    tokenizer_config: Option<&Value>,
+) -> Result<Option<String>, LoadError> {
+    Ok(
+        match tokenizer_config.and_then(|c| c.get("chat_template")) {
+            Some(v) => shipped_template(v, &dir.join("tokenizer_config.json"))?,
+            None => None,
+        }
+        .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok()),
+    )
+}
+
 impl ModelTokenizer {
     /// Reads `tokenizer.json`, `tokenizer_config.json` and
     /// `generation_config.json` (and `chat_template.jinja` where the config
@@ -153,11 +162,7 @@ impl ModelTokenizer {
             })
             .or(config_bos);
 
-        let chat_template = match tok_config.as_ref().and_then(|c| c.get("chat_template")) {
-            Some(v) => shipped_template(v, &dir.join("tokenizer_config.json"))?,
-            None => None,
-        }
-        .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        let chat_template = chat_template_of(dir, tok_config.as_ref())?;
 
         let text_of =
             |key: &str| token_text(tok_config.as_ref().and_then(|c| c.get(key))).map(str::to_owned);

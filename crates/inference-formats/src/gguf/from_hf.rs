@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use super::hf::LAYER_TENSORS;
 use super::reader::MetaValue;
+use crate::config::{token_ids, token_text};
 use crate::error::LoadError;
 
 /// Qwen2's pre-tokenizer regex (llama.cpp's `qwen2`).
@@ -218,15 +220,6 @@ fn pre_tokenizer(tokenizer: &Value) -> Result<&'static str, LoadError> {
     }
 }
 
-/// The content of a special token as `tokenizer_config.json` gives it (a
-/// string or `{"content": …}`).
-fn token_content(v: Option<&Value>) -> Option<&str> {
-    match v? {
-        Value::String(s) => Some(s),
-        other => other.get("content").and_then(Value::as_str),
-    }
-}
-
 /// `tokenizer.ggml.*` and `tokenizer.chat_template` for `tokenizer` (a
 /// `tokenizer.json`: byte-level BPE), `tokenizer_config` (its
 /// `tokenizer_config.json`, if any), `config` (the model's `config.json`,
@@ -323,19 +316,11 @@ pub fn tokenizer_metadata(
             .position(|t| matches!(t, MetaValue::String(s) if s == content))
             .and_then(|i| u32::try_from(i).ok())
     };
-    let from_config = |key: &str| match config.get(key) {
-        Some(Value::Array(ids)) => ids.first().and_then(Value::as_u64),
-        Some(v) => v.as_u64(),
-        None => None,
-    };
+    let from_config = |key: &str| token_ids(config.get(key)).first().copied();
     let special = |name: &str, config_key: Option<&str>| -> Option<u32> {
-        token_content(tokenizer_config.and_then(|c| c.get(name)))
+        token_text(tokenizer_config.and_then(|c| c.get(name)))
             .and_then(id_of)
-            .or_else(|| {
-                config_key
-                    .and_then(from_config)
-                    .and_then(|v| u32::try_from(v).ok())
-            })
+            .or_else(|| config_key.and_then(from_config))
             .filter(|&id| u64::from(id) < size)
     };
     let bos = special("bos_token", Some("bos_token_id"));
@@ -420,20 +405,7 @@ pub fn gguf_name(name: &str) -> Option<String> {
             let rest = stem.strip_prefix("model.layers.")?;
             let (layer, part) = rest.split_once('.')?;
             layer.parse::<u32>().ok()?;
-            let part = match part {
-                "input_layernorm" => "attn_norm",
-                "self_attn.q_proj" => "attn_q",
-                "self_attn.k_proj" => "attn_k",
-                "self_attn.v_proj" => "attn_v",
-                "self_attn.o_proj" => "attn_output",
-                "self_attn.q_norm" => "attn_q_norm",
-                "self_attn.k_norm" => "attn_k_norm",
-                "post_attention_layernorm" => "ffn_norm",
-                "mlp.gate_proj" => "ffn_gate",
-                "mlp.up_proj" => "ffn_up",
-                "mlp.down_proj" => "ffn_down",
-                _ => return None,
-            };
+            let part = LAYER_TENSORS.iter().find(|(_, h)| *h == part)?.0;
             format!("blk.{layer}.{part}")
         }
     };

@@ -152,6 +152,28 @@ pub fn config_json(
     Ok(Value::Object(c))
 }
 
+/// The parts of a decoder layer's tensor names, as (GGUF, Hugging Face):
+/// `blk.N.{GGUF}` is `model.layers.N.{Hugging Face}` (but a Gemma's
+/// `ffn_norm`, its pre-feed-forward norm). Where two GGUF parts name one
+/// Hugging Face part, the first is the one written ([`from_hf`]).
+///
+/// [`from_hf`]: super::from_hf
+pub(crate) const LAYER_TENSORS: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
 /// The Hugging Face name of a GGUF tensor (`gemma`: the model is a Gemma,
 /// whose `ffn_norm` is the pre-feed-forward norm).
 pub fn hf_name(name: &str, gemma: bool) -> Option<String> {
@@ -165,21 +187,8 @@ pub fn hf_name(name: &str, gemma: bool) -> Option<String> {
             let rest = stem.strip_prefix("blk.")?;
             let (layer, part) = rest.split_once('.')?;
             let part = match part {
-                "attn_norm" => "input_layernorm",
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "attn_q_norm" => "self_attn.q_norm",
-                "attn_k_norm" => "self_attn.k_norm",
                 "ffn_norm" if gemma => "pre_feedforward_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                "post_attention_norm" => "post_attention_layernorm",
-                "post_ffw_norm" => "post_feedforward_layernorm",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                _ => return None,
+                _ => LAYER_TENSORS.iter().find(|(g, _)| *g == part)?.1,
             };
             format!("model.layers.{layer}.{part}")
         }
