@@ -106,7 +106,8 @@ fn shipped_template(v: &Value, file: &Path) -> Result<Option<String>, LoadError>
 }
 
 /// The chat template a model directory ships: `tokenizer_config`'s (the
-/// parsed `dir/tokenizer_config.json`; see [`shipped_template`]), else
+/// parsed `dir/tokenizer_config.json`: a string, or the `default` of a
+/// list of named templates), else
 /// `dir/chat_template.jinja`, else none.
 pub fn chat_template_of(
     dir: &Path,
