@@ -49,6 +49,15 @@
 #                             an A/B of our engine alone under two settings of
 #                             an environment variable, in the order A, B, B, A;
 #                             records of each go to OUT-A.jsonl and OUT-B.jsonl
+#   gpu.sh envs OUT.jsonl MODEL PLAN.json "ENGINES" SETTING...
+#                             each engine of ENGINES ("ours mlx-lm", "ours")
+#                             under each SETTING (`default`, or VAR=VALUE[,VAR=
+#                             VALUE...]: MLX's own knobs such as
+#                             MLX_USE_CUDA_GRAPHS=0), every pair once in order
+#                             and once in reverse (ROUNDS=fwd or rev for one
+#                             half); records go to OUT-ENGINE-SETTING.jsonl,
+#                             the engine's log (RUST_LOG, mlx-lm's step
+#                             profile) to OUT-ENGINE-SETTING.log
 #
 # Raw records go through `cargo xtask bench report` back on the build machine.
 set -euo pipefail
@@ -149,6 +158,30 @@ ab)
         --out "${out%.jsonl}-${1#*=}.jsonl"; }
     variant "$a" && variant "$b" && variant "$b" && variant "$a"
     ;;
+envs)
+    out=$1 model=$2 plan=$3 engines=$4
+    shift 4
+    one() { # ENGINE SETTING
+        local engine=$1 setting=$2 base vars=()
+        base=${out%.jsonl}-$engine-${setting//[^A-Za-z0-9_.=-]/_}
+        [ "$setting" = default ] || IFS=, read -ra vars <<<"$setting"
+        case $engine in
+        ours) env "${vars[@]}" "$WORK/infer-bench" run --model "$WORK/models/$model" \
+            --plan "$plan" --out "$base.jsonl" 2>>"$base.log" ;;
+        mlx-lm) env "${vars[@]}" "$PY" "$HERE/mlx_lm_bench.py" --model "$WORK/models/$model" \
+            --plan "$plan" --out "$base.jsonl" --profile 2>>"$base.log" ;;
+        *) echo "unknown engine $engine" >&2; return 1 ;;
+        esac
+    }
+    order=()
+    for s in "$@"; do for e in $engines; do order+=("$e $s"); done; done
+    if [ "${ROUNDS:-both}" != rev ]; then
+        for item in "${order[@]}"; do one $item; done
+    fi
+    if [ "${ROUNDS:-both}" != fwd ]; then
+        for ((i = ${#order[@]} - 1; i >= 0; i--)); do one ${order[i]}; done
+    fi
+    ;;
 train)
     out=$1 model=$2
     shift 2
@@ -197,7 +230,7 @@ http)
     engine ours && engine mlx-lm && engine mlx-lm && engine ours
     ;;
 *)
-    sed -n '4,36p' "$0"
+    sed -n '4,61p' "$0"
     exit 2
     ;;
 esac
