@@ -55,8 +55,12 @@ impl KvCache {
             let (b, h, dk) = (keys.dim(0), keys.dim(1), keys.dim(3));
             let dv = values.dim(3);
             let steps = (len + Self::STEP - 1) / Self::STEP;
-            let grow_k = zeros_dtype(&[b, h, steps * Self::STEP, dk], keys.dtype())?;
-            let grow_v = zeros_dtype(&[b, h, steps * Self::STEP, dv], values.dtype())?;
+            let mut room = steps * Self::STEP + kv_pad();
+            if kv_pad() > 0 && (prev + room) % Self::STEP == 0 {
+                room += kv_pad();
+            }
+            let grow_k = zeros_dtype(&[b, h, room, dk], keys.dtype())?;
+            let grow_v = zeros_dtype(&[b, h, room, dv], values.dtype())?;
             let grow = |old: Option<Array>, new: Array| -> Result<Array> {
                 match old {
                     // Unfilled room is dropped before growing, so the new room is
@@ -108,7 +112,8 @@ impl KvCache {
         let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
         match (&self.keys, &self.values) {
             (Some(k), Some(v)) if self.offset + 1 > capacity => {
-                step_bytes(k, Self::STEP) + step_bytes(v, Self::STEP)
+                let room = Self::STEP + 2 * kv_pad();
+                step_bytes(k, room) + step_bytes(v, room)
             }
             _ => 0,
         }
@@ -130,6 +135,23 @@ impl KvCache {
     pub fn arrays(&self) -> impl Iterator<Item = &Array> {
         self.keys.iter().chain(self.values.iter())
     }
+}
+
+/// Extra positions added to each growth of a [`KvCache`] so that its
+/// capacity is never a multiple of [`KvCache::STEP`] (`INFER_KV_PAD`, 0 by
+/// default). MLX's CUDA backend sends a one-query attention over a slice of a
+/// cache whose capacity is a multiple of 256 to cuDNN rather than to its
+/// vector kernel; the padding keeps decode steps on the vector kernel (an
+/// experiment: see docs/benchmarks.md).
+fn kv_pad() -> i32 {
+    static PAD: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *PAD.get_or_init(|| {
+        std::env::var("INFER_KV_PAD")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .filter(|p| (0..=256).contains(p))
+            .unwrap_or(0)
+    })
 }
 
 /// Bytes of `steps` more positions of `a` `[B, H, T, D]`.

@@ -415,12 +415,38 @@ impl<const N: usize> LinearGroup<N> {
         }
     }
 
+    /// For one position (`x` `[B, 1, in]`) of a stacked group without
+    /// adapters, each part's output as heads of `head_dim` features,
+    /// `[B, heads, 1, head_dim]`: the stacked output is reshaped once and
+    /// split once (two graph nodes, where slicing and reshaping each part
+    /// takes 2N). `None` where this does not apply.
+    fn forward_heads(&self, x: &Array, head_dim: i32) -> Result<Option<[Array; N]>> {
+        let LinearGroup::Stacked(s, columns, loras) = self else {
+            return Ok(None);
+        };
+        if x.dim(1) != 1 || loras.iter().any(LoraSlot::is_set) || !heads_in_one_split() {
+            return Ok(None);
+        }
+        if columns.iter().any(|&(a, b)| (b - a) % head_dim != 0) {
+            return Ok(None);
+        }
+        let y = s.forward(x)?;
+        let heads = y.dim(-1) / head_dim;
+        let y = y.reshape(&[x.dim(0), heads, 1, head_dim])?;
+        Ok(Some(split_parts(
+            &y,
+            &columns.map(|(_, end)| end / head_dim),
+            1,
+        )?))
+    }
+
     /// Each part's output for `x` `[B, L, in]`, in order.
     fn forward(&self, x: &Array) -> Result<[Array; N]> {
         match self {
             LinearGroup::Stacked(s, columns, loras) => {
                 let y = s.forward(x)?;
-                let mut ys = columns.map(|(start, end)| y.index((.., .., start..end)));
+                // One `Split` node for every part (N slices would be N).
+                let mut ys = split_parts(&y, &columns.map(|(_, end)| end), -1)?;
                 for (y, lora) in ys.iter_mut().zip(loras) {
                     if lora.is_set() {
                         *y = lora.apply(x, y.clone())?;
@@ -438,6 +464,20 @@ impl<const N: usize> LinearGroup<N> {
             }
         }
     }
+}
+
+/// Whether one-position steps take [`LinearGroup::forward_heads`]
+/// (`INFER_STEP_SPLIT=0` turns it off, for an A/B).
+fn heads_in_one_split() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("INFER_STEP_SPLIT").as_deref() != Ok("0"))
+}
+
+/// `y` split along `axis` into `N` parts ending at `ends` (the last end is
+/// the axis's length), as one multi-output MLX node.
+fn split_parts<const N: usize>(y: &Array, ends: &[i32; N], axis: i32) -> Result<[Array; N]> {
+    let parts = y.split_at_indices(&ends[..N.saturating_sub(1)], axis)?;
+    <[Array; N]>::try_from(parts).map_err(|_| Exception::custom("a split lost a part"))
 }
 
 /// The activation of a gated MLP.
@@ -641,6 +681,21 @@ impl<N: Norm> Attention<N> {
     ) -> Result<Array> {
         let (b, l) = (x.dim(0), x.dim(1));
         let trim = last_only && l > 1;
+        if let Some([q, k, v]) = self.qkv.forward_heads(x, self.head_dim)? {
+            // One position: the projections are heads already.
+            let norm = |y: Array, n: Option<&N>| match n {
+                Some(n) => n.forward(&y),
+                None => Ok(y),
+            };
+            let start = cache.positions()?;
+            let q = rope.forward(&norm(q, self.q_norm.as_ref())?, &start)?;
+            let k = rope.forward(&norm(k, self.k_norm.as_ref())?, &start)?;
+            let (k, v, mask) = cache.update(&k, &v)?;
+            let out = attend(&q, &k, &v, self.scale, &mask)?;
+            return self
+                .o_proj
+                .forward(&out.reshape(&[b, 1, self.heads * self.head_dim])?);
+        }
         let [q, k, v] = self.qkv.forward(x)?;
         // With `last_only`, the last position alone queries.
         let q = if trim { last_keepdim(&q) } else { q };
