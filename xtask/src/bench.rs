@@ -317,6 +317,20 @@ fn cpu(root: &Path, quick: bool, only_llamacpp: bool) -> Result<()> {
             .arg(&qwen))?;
     }
 
+    // The same model quantised by mlx-lm itself (4 and 8 bits, groups of
+    // 64: the mlx-community layout), as `gpu.sh models SHAPE-q4|q8` does.
+    for bits in ["4", "8"].into_iter().filter(|_| !quick) {
+        let out = models.join(format!("qwen3-0.6b-q{bits}"));
+        if !out.join("config.json").is_file() {
+            run(Command::new(&py)
+                .args(["-m", "mlx_lm", "convert", "--hf-path"])
+                .arg(&qwen)
+                .arg("--mlx-path")
+                .arg(&out)
+                .args(["-q", "--q-bits", bits, "--q-group-size", "64"]))?;
+        }
+    }
+
     // `--quick`: one short plan on SmolLM2 (about a minute), to check the set-up.
     let plan = if quick {
         vec![("smollm2-135m-q4", "quick.json")]
@@ -324,6 +338,8 @@ fn cpu(root: &Path, quick: bool, only_llamacpp: bool) -> Result<()> {
         vec![
             ("smollm2-135m-q4", "cpu-smollm2.json"),
             ("qwen3-0.6b-f32", "cpu-qwen3.json"),
+            ("qwen3-0.6b-q4", "cpu-quantised.json"),
+            ("qwen3-0.6b-q8", "cpu-quantised.json"),
         ]
     };
     let stamp = Command::new("date")

@@ -1,7 +1,8 @@
 //! A fused Hugging Face directory exported as GGUF (`FuseOptions::export_gguf`)
 //! runs on llama.cpp as it runs on MLX: small random models of each exported
 //! architecture (Qwen3 with tied embeddings, Qwen2 with attention biases,
-//! Llama with its permuted Q and K) carry their family's real tokenizer, so
+//! Llama with its permuted Q and K, Gemma 3 with its SentencePiece vocabulary,
+//! four norms per layer and a sliding window) carry their family's real tokenizer, so
 //! that llama.cpp's tokenisation of the exported vocabulary can be checked
 //! against the Hugging Face tokenizer, and greedy ids against MLX on the
 //! fused directory (f32) wherever MLX's top-2 margin leaves room for the
@@ -20,6 +21,16 @@ use serde_json::json;
 
 mod common;
 use common::TRICKY;
+
+/// Long words, whose pieces a tokenizer must merge in its own order (with
+/// Gemma's vocabulary, merging in any other order splits most of them
+/// otherwise): a check of SentencePiece scores.
+const LONG_WORDS: [&str; 4] = [
+    "jumps over the lazy dog, unbelievable antidisestablishmentarianism",
+    "Donaudampfschifffahrtsgesellschaftskapitän incompréhensiblement",
+    "supercalifragilisticexpialidocious thermodynamics uncharacteristically",
+    "hippopotomonstrosesquippedaliophobia misunderstandings",
+];
 
 const HIDDEN: usize = 64;
 const INTER: usize = 128;
@@ -75,8 +86,20 @@ fn vocab_size(tokenizer: &serde_json::Value) -> usize {
         + 1
 }
 
+/// Layers of the random models: Gemma 3's five sliding-window layers and a
+/// global one, two for the others.
+fn layers_of(model_type: &str) -> usize {
+    if model_type == "gemma3_text" {
+        6
+    } else {
+        LAYERS
+    }
+}
+
 /// A random `model_type` model with the `family`'s tokenizer in `dir`.
 fn random_model(dir: &Path, model_type: &str, family: &str, tied: bool) {
+    let gemma = model_type == "gemma3_text";
+    let layers = layers_of(model_type);
     let tokenizers = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/tokenizers");
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(tokenizers.join(family).join(f), dir.join(f)).unwrap();
@@ -86,35 +109,52 @@ fn random_model(dir: &Path, model_type: &str, family: &str, tied: bool) {
     let vocab = vocab_size(&tok);
     let mut config = json!({
         "model_type": model_type, "hidden_size": HIDDEN, "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
         "head_dim": HEAD_DIM, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": vocab,
         "max_position_embeddings": 512, "tie_word_embeddings": tied, "torch_dtype": "float32",
     });
     if model_type == "llama" {
         config["architectures"] = json!(["LlamaForCausalLM"]);
     }
+    if gemma {
+        // A window shorter than the test's prompt and reply.
+        config["sliding_window"] = json!(8);
+        config["query_pre_attn_scalar"] = json!(HEAD_DIM);
+        config["rope_theta"] = json!(1_000_000.0);
+        config["rope_local_base_freq"] = json!(10_000.0);
+        config["hidden_activation"] = json!("gelu_pytorch_tanh");
+    }
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let mut w = Weights(0x9e37_79b9_7f4a_7c15 ^ vocab as u64);
     let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    // Logits with a spread of a few units: clear greedy choices.
+    // Logits with a spread of a few units: clear greedy choices. Gemma
+    // multiplies its embeddings by √hidden: smaller ones, so that the
+    // layers, not the token itself, decide the next one.
+    let embed_scale = if gemma { 0.1 } else { 2.0 };
     t.push((
         "model.embed_tokens.weight".into(),
         vec![vocab, HIDDEN],
-        w.take(vocab * HIDDEN, 2.0),
+        w.take(vocab * HIDDEN, embed_scale),
     ));
-    for l in 0..LAYERS {
+    for l in 0..layers {
         let p = format!("model.layers.{l}");
         let m = |w: &mut Weights, rows, cols| w.take(rows * cols, (3.0 / cols as f32).sqrt());
-        t.push((
-            format!("{p}.input_layernorm.weight"),
-            vec![HIDDEN],
-            vec![1.0; HIDDEN],
-        ));
-        t.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![HIDDEN],
-            vec![1.0; HIDDEN],
-        ));
+        // Gemma's norms scale by `1 + w`: random `w` near 0 there.
+        let norm = |w: &mut Weights, n: usize| match gemma {
+            true => w.take(n, 0.2),
+            false => vec![1.0; n],
+        };
+        let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
+        if gemma {
+            norms.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
+        }
+        for n in norms {
+            t.push((
+                format!("{p}.{n}.weight"),
+                vec![HIDDEN],
+                norm(&mut w, HIDDEN),
+            ));
+        }
         for (name, rows) in [
             ("q", HEADS * HEAD_DIM),
             ("k", KV_HEADS * HEAD_DIM),
@@ -138,12 +178,13 @@ fn random_model(dir: &Path, model_type: &str, family: &str, tied: bool) {
             vec![HIDDEN, HEADS * HEAD_DIM],
             m(&mut w, HIDDEN, HEADS * HEAD_DIM),
         ));
-        if model_type == "qwen3" {
+        if model_type == "qwen3" || gemma {
             for n in ["q_norm", "k_norm"] {
+                let shift = if gemma { 0.0 } else { 1.0 };
                 t.push((
                     format!("{p}.self_attn.{n}.weight"),
                     vec![HEAD_DIM],
-                    w.take(HEAD_DIM, 0.2).iter().map(|x| 1.0 + x).collect(),
+                    w.take(HEAD_DIM, 0.2).iter().map(|x| shift + x).collect(),
                 ));
             }
         }
@@ -163,7 +204,12 @@ fn random_model(dir: &Path, model_type: &str, family: &str, tied: bool) {
             m(&mut w, HIDDEN, INTER),
         ));
     }
-    t.push(("model.norm.weight".into(), vec![HIDDEN], vec![1.0; HIDDEN]));
+    let final_norm = if gemma {
+        w.take(HIDDEN, 0.2)
+    } else {
+        vec![1.0; HIDDEN]
+    };
+    t.push(("model.norm.weight".into(), vec![HIDDEN], final_norm));
     if !tied {
         t.push((
             "lm_head.weight".into(),
@@ -174,15 +220,16 @@ fn random_model(dir: &Path, model_type: &str, family: &str, tied: bool) {
     write_safetensors(&dir.join("model.safetensors"), &t);
 }
 
-/// An mlx-lm adapter on both layers' `q_proj` and `down_proj`.
-fn random_adapter(dir: &Path) {
+/// An mlx-lm adapter on the last two of `layers` layers' `q_proj` and
+/// `down_proj`.
+fn random_adapter(dir: &Path, layers: usize) {
     let config = json!({"fine_tune_type": "lora", "num_layers": LAYERS,
         "lora_parameters": {"rank": 2, "scale": 2.0, "dropout": 0.0,
                             "keys": ["self_attn.q_proj", "mlp.down_proj"]}});
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
     let mut w = Weights(7);
     let mut t = Vec::new();
-    for l in 0..LAYERS {
+    for l in layers - LAYERS..layers {
         for (key, input, output) in [
             ("self_attn.q_proj", HIDDEN, HEADS * HEAD_DIM),
             ("mlp.down_proj", INTER, HIDDEN),
@@ -218,7 +265,7 @@ fn check(model_type: &str, family: &str, tied: bool, ty: GgufType, margin: f32) 
     let out = tempfile::tempdir().unwrap();
     let fused = out.path().join("fused");
     random_model(base.path(), model_type, family, tied);
-    random_adapter(adapter.path());
+    random_adapter(adapter.path(), layers_of(model_type));
     let opts = FuseOptions {
         dequantize: false,
         export_gguf: Some(ty),
@@ -231,7 +278,7 @@ fn check(model_type: &str, family: &str, tied: bool, ty: GgufType, margin: f32) 
     // llama.cpp reads the exported vocabulary as the Hugging Face tokenizer
     // splits text.
     let hf = mlx.tokenizer().unwrap();
-    for text in TRICKY {
+    for text in TRICKY.iter().chain(&LONG_WORDS) {
         assert_eq!(
             llama.llama_tokenize(text, true).unwrap(),
             hf.encode(text, true).unwrap(),
@@ -288,14 +335,23 @@ fn fused_llama_exports_to_a_q8_0_gguf_llama_cpp_runs_alike() {
     check("llama", "llama3", false, GgufType::Q8_0, 0.5);
 }
 
-/// Gemma 3 and vocabularies llama.cpp would split otherwise are refused
-/// before anything is written.
+/// Gemma 3 with its SentencePiece vocabulary (scores from the merges'
+/// order; llama.cpp's own `llama` tokenizer must split every tricky string as
+/// the Hugging Face one does), its own `lm_head` (so that small embeddings
+/// leave the choice to the layers), F16.
+#[test]
+fn fused_gemma3_exports_to_a_gguf_llama_cpp_runs_alike() {
+    check("gemma3_text", "gemma3", false, GgufType::F16, 0.05);
+}
+
+/// Vocabularies llama.cpp would split otherwise are refused before
+/// anything is written.
 #[test]
 fn unsupported_exports_are_refused_up_front() {
     let base = tempfile::tempdir().unwrap();
     let adapter = tempfile::tempdir().unwrap();
     random_model(base.path(), "qwen3", "qwen3", true);
-    random_adapter(adapter.path());
+    random_adapter(adapter.path(), LAYERS);
     let mut tok: serde_json::Value =
         serde_json::from_slice(&std::fs::read(base.path().join("tokenizer.json")).unwrap())
             .unwrap();

@@ -256,9 +256,10 @@ fn write_gguf_file(
 }
 
 /// Writes the dense Hugging Face model directory `dir` (Qwen3, Qwen2 or
-/// Llama with a byte-level BPE vocabulary) as a GGUF file of type `ty` at
-/// `path`, as llama.cpp's converter would: `plan`'s metadata (see
-/// [`hf_gguf_plan`]), matrices in `ty`, norms and biases in F32, Llama's Q
+/// Llama with a byte-level BPE vocabulary, Gemma 3 with its SentencePiece
+/// one) as a GGUF file of type `ty` at `path`, as llama.cpp's converter
+/// would: `plan`'s metadata (see [`hf_gguf_plan`]), matrices in `ty`, norms
+/// and biases in F32 (Gemma's norms with transformers' `1 +` folded in), Llama's Q
 /// and K rows permuted into llama.cpp's RoPE layout, no `output.weight`
 /// where the embeddings are tied.
 fn export_hf_gguf(dir: &Path, plan: &HfGguf, ty: GgufType, path: &Path) -> Result<()> {
@@ -268,8 +269,11 @@ fn export_hf_gguf(dir: &Path, plan: &HfGguf, ty: GgufType, path: &Path) -> Resul
     let count = |key: &str| config.get(key).and_then(Value::as_u64).map(|v| v as usize);
     let heads = count("num_attention_heads").unwrap_or(1);
     let kv_heads = count("num_key_value_heads").unwrap_or(heads);
-    let llama =
-        matches!(&metadata.get("general.architecture"), Some(MetaValue::String(a)) if a == "llama");
+    let arch = match metadata.get("general.architecture") {
+        Some(MetaValue::String(a)) => a.as_str(),
+        _ => "",
+    };
+    let (llama, gemma) = (arch == "llama", arch == "gemma3");
     let tied = config
         .get("tie_word_embeddings")
         .and_then(Value::as_bool)
@@ -293,7 +297,7 @@ fn export_hf_gguf(dir: &Path, plan: &HfGguf, ty: GgufType, path: &Path) -> Resul
                     array.dim(0)
                 )));
             }
-            let gguf = from_hf::gguf_name(&name).ok_or_else(|| {
+            let gguf = from_hf::gguf_name(&name, gemma).ok_or_else(|| {
                 invalid(format!(
                     "{} has tensor `{name}`, which has no GGUF name",
                     dir.display()
@@ -314,6 +318,9 @@ fn export_hf_gguf(dir: &Path, plan: &HfGguf, ty: GgufType, path: &Path) -> Resul
                 n if llama && n.ends_with("self_attn.k_proj.weight") => Some(kv_heads),
                 _ => None,
             };
+            // llama.cpp's Gemma multiplies by its norm weights as stored:
+            // the converter folds transformers' `1 + w` in.
+            let plus_one = gemma && name.ends_with("norm.weight");
             tensors.push(TensorOut {
                 name: gguf,
                 dims,
@@ -331,6 +338,7 @@ fn export_hf_gguf(dir: &Path, plan: &HfGguf, ty: GgufType, path: &Path) -> Resul
                         (Some(h), [rows, cols]) => {
                             hf::permute_rows(&values, *rows, *cols, h).map_err(|e| e.to_string())?
                         }
+                        _ if plus_one => values.iter().map(|w| w + 1.0).collect(),
                         _ => values,
                     };
                     match out_type {
