@@ -54,11 +54,7 @@ impl KvCache {
         if prev + len > capacity {
             let (b, h, dk) = (keys.dim(0), keys.dim(1), keys.dim(3));
             let dv = values.dim(3);
-            let steps = (len + Self::STEP - 1) / Self::STEP;
-            let mut room = steps * Self::STEP + kv_pad();
-            if kv_pad() > 0 && (prev + room) % Self::STEP == 0 {
-                room += kv_pad();
-            }
+            let room = growth_room(prev, len, kv_pad());
             let grow_k = zeros_dtype(&[b, h, room, dk], keys.dtype())?;
             let grow_v = zeros_dtype(&[b, h, room, dv], values.dtype())?;
             let grow = |old: Option<Array>, new: Array| -> Result<Array> {
@@ -152,6 +148,19 @@ fn kv_pad() -> i32 {
             .filter(|p| (0..=256).contains(p))
             .unwrap_or(0)
     })
+}
+
+/// Positions a [`KvCache`] holding `prev` (its capacity, full) adds for
+/// `len` more: whole steps, plus `pad` (and `pad` again where the new
+/// capacity would still be a multiple of [`KvCache::STEP`]).
+fn growth_room(prev: i32, len: i32, pad: i32) -> i32 {
+    let steps = (len + KvCache::STEP - 1) / KvCache::STEP;
+    let room = steps * KvCache::STEP + pad;
+    if pad > 0 && (prev + room) % KvCache::STEP == 0 {
+        room + pad
+    } else {
+        room
+    }
 }
 
 /// Bytes of `steps` more positions of `a` `[B, H, T, D]`.
@@ -778,6 +787,25 @@ pub fn attend(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttnMask) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With padding, growth leaves room for the update and never a
+    /// capacity that is a multiple of the step; without, whole steps.
+    #[test]
+    fn padded_growth_never_lands_on_a_step() {
+        assert_eq!(growth_room(0, 3, 0), KvCache::STEP);
+        assert_eq!(growth_room(304, 300, 0), 2 * KvCache::STEP);
+        for pad in [1, 8, 64] {
+            let mut capacity = 0;
+            for len in [1, 128, 1, 300, 1, 2048, 1] {
+                for _ in 0..40 {
+                    let room = growth_room(capacity, len, pad);
+                    assert!(room >= len);
+                    capacity += room;
+                    assert_ne!(capacity % KvCache::STEP, 0, "pad {pad}");
+                }
+            }
+        }
+    }
 
     /// Updates of assorted lengths across several growth steps return exactly
     /// the concatenation of everything written.
