@@ -371,3 +371,36 @@ fn unsupported_exports_are_refused_up_front() {
     assert!(err.to_string().contains("pre-tokenizer"), "{err}");
     assert!(!fused.exists(), "nothing is written");
 }
+
+/// A SentencePiece vocabulary that puts a space first (Llama 2's
+/// normaliser, here on Gemma's vocabulary) is refused before anything is
+/// written: with llama.cpp's `add_space_prefix`, text that starts with
+/// spaces splits otherwise than in the Hugging Face tokenizer (found by this
+/// test when the export still wrote it).
+#[test]
+fn a_space_prefixing_sentencepiece_vocabulary_is_refused() {
+    let base = tempfile::tempdir().unwrap();
+    let adapter = tempfile::tempdir().unwrap();
+    random_model(base.path(), "gemma3_text", "gemma3", false);
+    random_adapter(adapter.path(), layers_of("gemma3_text"));
+    let path = base.path().join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let replace = tok["normalizer"].clone();
+    tok["normalizer"] = json!({"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u{2581}"}, replace]});
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let fused = out.path().join("fused");
+    let opts = FuseOptions {
+        dequantize: false,
+        export_gguf: Some(GgufType::F16),
+    };
+    let err = fuse(base.path(), adapter.path(), &fused, &opts).unwrap_err();
+    assert!(
+        matches!(err, inference_core::Error::Unsupported { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("normalised"), "{err}");
+    assert!(!fused.exists(), "nothing is written");
+}

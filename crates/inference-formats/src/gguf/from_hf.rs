@@ -285,10 +285,10 @@ fn is_byte_token(token: &str) -> bool {
 }
 
 /// Whether a SentencePiece vocabulary converted by transformers (a BPE with
-/// byte fallback) normalises text as llama.cpp's `llama` tokenizer does:
-/// spaces become `▁` (and, answered `true`, a `▁` is put first: llama.cpp's
-/// `add_space_prefix`), with nothing else changed and no pre-tokenizer that
-/// splits (Gemma 3's splits on spaces, of which none are left by then).
+/// byte fallback) normalises text as llama.cpp's `llama` tokenizer does
+/// without a space prefix: spaces become `▁`, nothing else changes, and no
+/// pre-tokenizer splits (Gemma 3's splits on spaces, of which none are left
+/// by then). Answers llama.cpp's `add_space_prefix` (always `false` now).
 fn sentencepiece_normaliser(tokenizer: &Value) -> Result<bool, LoadError> {
     let kind = |v: &Value| v.get("type").and_then(Value::as_str).map(str::to_owned);
     let text = |v: &Value, key: &str| {
@@ -303,10 +303,6 @@ fn sentencepiece_normaliser(tokenizer: &Value) -> Result<bool, LoadError> {
             && text(v, "pattern").as_deref() == Some(" ")
             && text(v, "content").as_deref() == Some(mark.as_str())
     };
-    let prepends = |v: &Value| {
-        kind(v).as_deref() == Some("Prepend")
-            && v.get("prepend").and_then(Value::as_str) == Some(mark.as_str())
-    };
     let normalizer = tokenizer.get("normalizer").unwrap_or(&Value::Null);
     let parts: Vec<&Value> = match kind(normalizer).as_deref() {
         Some("Sequence") => normalizer
@@ -317,13 +313,15 @@ fn sentencepiece_normaliser(tokenizer: &Value) -> Result<bool, LoadError> {
         Some(_) => vec![normalizer],
         None => Vec::new(),
     };
+    // A normaliser that also puts `▁` first (Llama 2's) would be llama.cpp's
+    // `add_space_prefix`, which splits text starting with spaces otherwise
+    // (checked on Gemma's vocabulary): refused with the rest.
     let prefix = match parts.as_slice() {
         [r] if replaces_spaces(r) => false,
-        [p, r] if prepends(p) && replaces_spaces(r) => true,
         _ => {
             return Err(unsupported(format!(
-                "GGUF export of a SentencePiece vocabulary normalised by {} (llama.cpp's \
-                 tokenizer only turns spaces into U+2581, optionally prefixing one)",
+                "GGUF export of a SentencePiece vocabulary normalised by {} (the export \
+                 writes only one that turns spaces into U+2581 and does nothing else)",
                 serde_json::to_string(normalizer).unwrap_or_default()
             )))
         }
@@ -741,9 +739,8 @@ mod tests {
 
     /// A SentencePiece vocabulary (a BPE with byte fallback) becomes
     /// llama.cpp's `llama` tokenizer: scores from the merges' order, byte
-    /// tokens, user-defined tokens with real spaces, the space prefix from
-    /// the normaliser; a token no merge makes, or another normaliser, is
-    /// refused.
+    /// tokens, user-defined tokens with real spaces; a token no merge makes,
+    /// a space prefix or another normaliser is refused.
     #[test]
     fn sentencepiece_vocabularies() {
         let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
@@ -813,15 +810,14 @@ mod tests {
         );
         assert!(matches!(&tokens[8], MetaValue::String(s) if s == "  "));
 
-        // A space prefix.
+        // A space prefix (Llama 2's normaliser) is refused.
         let mut prefixed = tok.clone();
         prefixed["normalizer"] = json!({"type": "Sequence", "normalizers": [
             {"type": "Prepend", "prepend": "\u{2581}"}, replace]});
         prefixed["pre_tokenizer"] = Value::Null;
-        let m = tokenizer_metadata(&prefixed, None, &config, None).unwrap();
         assert!(matches!(
-            m["tokenizer.ggml.add_space_prefix"],
-            MetaValue::Bool(true)
+            tokenizer_metadata(&prefixed, None, &config, None),
+            Err(LoadError::Unsupported(_))
         ));
 
         // Refused: another normaliser, a token no merge makes.
