@@ -344,51 +344,18 @@ fn fused_gemma3_exports_to_a_gguf_llama_cpp_runs_alike() {
     check("gemma3_text", "gemma3", false, GgufType::F16, 0.05);
 }
 
-/// Vocabularies llama.cpp would split otherwise are refused before
-/// anything is written.
-#[test]
-fn unsupported_exports_are_refused_up_front() {
+/// Fusing a random `model_type` model whose `tokenizer.json` `edit`
+/// changes, with a GGUF export, fails with `Unsupported` naming `what`,
+/// and nothing is written.
+fn refused(model_type: &str, family: &str, edit: impl FnOnce(&mut serde_json::Value), what: &str) {
     let base = tempfile::tempdir().unwrap();
     let adapter = tempfile::tempdir().unwrap();
-    random_model(base.path(), "qwen3", "qwen3", true);
-    random_adapter(adapter.path(), LAYERS);
-    let mut tok: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(base.path().join("tokenizer.json")).unwrap())
-            .unwrap();
-    tok["pre_tokenizer"] = serde_json::Value::Null;
-    std::fs::write(base.path().join("tokenizer.json"), tok.to_string()).unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let fused = out.path().join("fused");
-    let opts = FuseOptions {
-        dequantize: false,
-        export_gguf: Some(GgufType::F16),
-    };
-    let err = fuse(base.path(), adapter.path(), &fused, &opts).unwrap_err();
-    assert!(
-        matches!(err, inference_core::Error::Unsupported { .. }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("pre-tokenizer"), "{err}");
-    assert!(!fused.exists(), "nothing is written");
-}
-
-/// A SentencePiece vocabulary that puts a space first (Llama 2's
-/// normaliser, here on Gemma's vocabulary) is refused before anything is
-/// written: with llama.cpp's `add_space_prefix`, text that starts with
-/// spaces splits otherwise than in the Hugging Face tokenizer (found by this
-/// test when the export still wrote it).
-#[test]
-fn a_space_prefixing_sentencepiece_vocabulary_is_refused() {
-    let base = tempfile::tempdir().unwrap();
-    let adapter = tempfile::tempdir().unwrap();
-    random_model(base.path(), "gemma3_text", "gemma3", false);
-    random_adapter(adapter.path(), layers_of("gemma3_text"));
+    random_model(base.path(), model_type, family, false);
+    random_adapter(adapter.path(), layers_of(model_type));
     let path = base.path().join("tokenizer.json");
     let mut tok: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let replace = tok["normalizer"].clone();
-    tok["normalizer"] = json!({"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": "\u{2581}"}, replace]});
+    edit(&mut tok);
     std::fs::write(&path, tok.to_string()).unwrap();
     let out = tempfile::tempdir().unwrap();
     let fused = out.path().join("fused");
@@ -401,6 +368,37 @@ fn a_space_prefixing_sentencepiece_vocabulary_is_refused() {
         matches!(err, inference_core::Error::Unsupported { .. }),
         "{err}"
     );
-    assert!(err.to_string().contains("normalised"), "{err}");
+    assert!(err.to_string().contains(what), "{err}");
     assert!(!fused.exists(), "nothing is written");
+}
+
+/// Vocabularies llama.cpp would split otherwise are refused before
+/// anything is written.
+#[test]
+fn unsupported_exports_are_refused_up_front() {
+    refused(
+        "qwen3",
+        "qwen3",
+        |tok| tok["pre_tokenizer"] = serde_json::Value::Null,
+        "pre-tokenizer",
+    );
+}
+
+/// A SentencePiece vocabulary that puts a space first (Llama 2's
+/// normaliser, here on Gemma's vocabulary) is refused before anything is
+/// written: with llama.cpp's `add_space_prefix`, text that starts with
+/// spaces splits otherwise than in the Hugging Face tokenizer (found by this
+/// test when the export still wrote it).
+#[test]
+fn a_space_prefixing_sentencepiece_vocabulary_is_refused() {
+    refused(
+        "gemma3_text",
+        "gemma3",
+        |tok| {
+            let replace = tok["normalizer"].clone();
+            tok["normalizer"] = json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"}, replace]});
+        },
+        "normalised",
+    );
 }

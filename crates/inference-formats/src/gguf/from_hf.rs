@@ -223,6 +223,21 @@ fn gemma3_matches_llama_cpp(
     Ok(())
 }
 
+/// The steps of a `tokenizer.json` component (a normaliser, pre-tokenizer
+/// or post-processor): a `Sequence`'s parts under `key`, the component
+/// alone, or none where it is `null`.
+fn sequence_parts<'a>(component: &'a Value, key: &str) -> Vec<&'a Value> {
+    match component.get("type").and_then(Value::as_str) {
+        Some("Sequence") => component
+            .get(key)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().collect())
+            .unwrap_or_default(),
+        Some(_) => vec![component],
+        None => Vec::new(),
+    }
+}
+
 /// llama.cpp's name for the pre-tokenizer of `tokenizer` (a
 /// `tokenizer.json`): `qwen2` and `llama-bpe` (a regex split, then bytes),
 /// `gpt-2` (GPT-2's byte-level regex alone), `smollm` (single digits, then
@@ -230,15 +245,7 @@ fn gemma3_matches_llama_cpp(
 fn pre_tokenizer(tokenizer: &Value) -> Result<&'static str, LoadError> {
     let pre = tokenizer.get("pre_tokenizer").unwrap_or(&Value::Null);
     let kind = |v: &Value| v.get("type").and_then(Value::as_str).map(str::to_owned);
-    let parts: Vec<&Value> = match kind(pre).as_deref() {
-        Some("Sequence") => pre
-            .get("pretokenizers")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().collect())
-            .unwrap_or_default(),
-        Some(_) => vec![pre],
-        None => Vec::new(),
-    };
+    let parts = sequence_parts(pre, "pretokenizers");
     let byte_level = |v: &Value, regex: bool| {
         kind(v).as_deref() == Some("ByteLevel")
             && v.get("use_regex").and_then(Value::as_bool) == Some(regex)
@@ -304,15 +311,7 @@ fn sentencepiece_normaliser(tokenizer: &Value) -> Result<bool, LoadError> {
             && text(v, "content").as_deref() == Some(mark.as_str())
     };
     let normalizer = tokenizer.get("normalizer").unwrap_or(&Value::Null);
-    let parts: Vec<&Value> = match kind(normalizer).as_deref() {
-        Some("Sequence") => normalizer
-            .get("normalizers")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().collect())
-            .unwrap_or_default(),
-        Some(_) => vec![normalizer],
-        None => Vec::new(),
-    };
+    let parts = sequence_parts(normalizer, "normalizers");
     // A normaliser that also puts `▁` first (Llama 2's) would be llama.cpp's
     // `add_space_prefix`, which splits text starting with spaces otherwise
     // (checked on Gemma's vocabulary): refused with the rest.
@@ -536,14 +535,7 @@ pub fn tokenizer_metadata(
     // Whether a BOS is added: the post-processor puts it first, or the
     // tokenizer configuration says so.
     let post = tokenizer.get("post_processor").unwrap_or(&Value::Null);
-    let templates: Vec<&Value> = match post.get("type").and_then(Value::as_str) {
-        Some("Sequence") => post
-            .get("processors")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().collect())
-            .unwrap_or_default(),
-        _ => vec![post],
-    };
+    let templates = sequence_parts(post, "processors");
     let bos_text = bos.and_then(|b| match &tokens[b as usize] {
         MetaValue::String(s) => Some(s.as_str()),
         _ => None,
@@ -579,17 +571,12 @@ pub fn tokenizer_metadata(
             "tokenizer.ggml.add_space_prefix".into(),
             MetaValue::Bool(add_space_prefix),
         );
-        if let Some(unk) = unk {
-            m.insert(
-                "tokenizer.ggml.unknown_token_id".into(),
-                MetaValue::U32(unk),
-            );
-        }
     }
     for (key, id) in [
         ("tokenizer.ggml.bos_token_id", bos),
         ("tokenizer.ggml.eos_token_id", eos),
         ("tokenizer.ggml.padding_token_id", pad),
+        ("tokenizer.ggml.unknown_token_id", unk.filter(|_| spm)),
     ] {
         if let Some(id) = id {
             m.insert(key.into(), MetaValue::U32(id));
