@@ -260,11 +260,24 @@ fn greedy(n: usize) -> GenerateOptions {
 /// Fuses a random adapter into a random `model_type` model, exports `ty`,
 /// and checks the GGUF on llama.cpp against the fused directory on MLX.
 fn check(model_type: &str, family: &str, tied: bool, ty: GgufType, margin: f32) {
+    check_with(model_type, family, tied, ty, margin, |_| {});
+}
+
+/// [`check`], with the base directory changed by `reshape` before fusing.
+fn check_with(
+    model_type: &str,
+    family: &str,
+    tied: bool,
+    ty: GgufType,
+    margin: f32,
+    reshape: impl FnOnce(&Path),
+) {
     let base = tempfile::tempdir().unwrap();
     let adapter = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let fused = out.path().join("fused");
     random_model(base.path(), model_type, family, tied);
+    reshape(base.path());
     random_adapter(adapter.path(), layers_of(model_type));
     let opts = FuseOptions {
         dequantize: false,
@@ -342,6 +355,53 @@ fn fused_llama_exports_to_a_q8_0_gguf_llama_cpp_runs_alike() {
 #[test]
 fn fused_gemma3_exports_to_a_gguf_llama_cpp_runs_alike() {
     check("gemma3_text", "gemma3", false, GgufType::F16, 0.05);
+}
+
+/// A multimodal Gemma 3 checkpoint (`Gemma3ForConditionalGeneration`: the
+/// text model under `language_model.` and `text_config`, a vision tower
+/// beside it) exports its text model alone, which llama.cpp runs as MLX
+/// runs the fused directory.
+#[test]
+fn a_multimodal_gemma3_exports_its_text_model() {
+    check_with("gemma3_text", "gemma3", false, GgufType::F16, 0.05, |dir| {
+        let path = dir.join("config.json");
+        let text: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let config = json!({"model_type": "gemma3",
+                "architectures": ["Gemma3ForConditionalGeneration"],
+                "text_config": text, "vision_config": {"model_type": "siglip_vision_model"}});
+        std::fs::write(&path, config.to_string()).unwrap();
+        let weights = dir.join("model.safetensors");
+        let bytes = std::fs::read(&weights).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = file
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                let values = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                (
+                    format!("language_model.{name}"),
+                    view.shape().to_vec(),
+                    values,
+                )
+            })
+            .collect();
+        t.push((
+            "vision_tower.vision_model.embeddings.patch_embedding.weight".into(),
+            vec![4, 4],
+            vec![0.5; 16],
+        ));
+        t.push((
+            "multi_modal_projector.mm_input_projection_weight".into(),
+            vec![4, HIDDEN],
+            vec![0.25; 4 * HIDDEN],
+        ));
+        write_safetensors(&weights, &t);
+    });
 }
 
 /// Fusing a random `model_type` model whose `tokenizer.json` `edit`

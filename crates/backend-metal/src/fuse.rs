@@ -24,7 +24,7 @@ use mlx_rs::{Array, Dtype};
 use serde_json::Value;
 
 use crate::error::mlx_error;
-use crate::load::weights::{read_raw, weight_files};
+use crate::load::weights::{normalise, read_raw, weight_files};
 use crate::save::{serialise, write_file};
 
 /// The largest weight file written before the weights are sharded (mlx-lm's
@@ -285,6 +285,11 @@ fn export_hf_gguf(dir: &Path, plan: &HfGguf, ty: GgufType, path: &Path) -> Resul
     let mut tensors = Vec::new();
     for file in weight_files(dir).map_err(|e| e.into_error(dir))? {
         for (name, array) in read_raw(&file).map_err(|e| e.into_error(&file))?.0 {
+            // A multimodal checkpoint's text model alone (llama.cpp keeps the
+            // other modalities in a file of their own).
+            let Some(name) = normalise(&name) else {
+                continue;
+            };
             if name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight") {
                 continue;
             }

@@ -74,7 +74,9 @@ fn mlx_dtype(dtype: StDtype) -> Option<Dtype> {
     })
 }
 
-fn normalise(name: &str) -> Option<String> {
+/// A tensor's name in the text model (a multimodal checkpoint's prefixes
+/// taken off); `None` for a tensor of another modality.
+pub(crate) fn normalise(name: &str) -> Option<String> {
     if OTHER_MODALITIES.iter().any(|p| name.starts_with(p)) {
         return None;
     }
