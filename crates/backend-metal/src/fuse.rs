@@ -265,8 +265,11 @@ fn write_gguf_file(
 fn export_hf_gguf(dir: &Path, plan: &HfGguf, ty: GgufType, path: &Path) -> Result<()> {
     use inference_formats::gguf::writer::TensorOut;
     use inference_formats::gguf::{from_hf, hf, GgmlType, MetaValue};
-    let (metadata, config) = (&plan.metadata, &plan.config);
-    let count = |key: &str| config.get(key).and_then(Value::as_u64).map(|v| v as usize);
+    let metadata = &plan.metadata;
+    // The text model's configuration (a multimodal one's `text_config`).
+    let config = inference_formats::config::HfConfig::from_value(&plan.config)
+        .map_err(|e| e.into_error(dir))?;
+    let count = |key: &str| config.get::<usize>(key).ok().flatten();
     let heads = count("num_attention_heads").unwrap_or(1);
     let kv_heads = count("num_key_value_heads").unwrap_or(heads);
     let arch = match metadata.get("general.architecture") {
@@ -275,8 +278,9 @@ fn export_hf_gguf(dir: &Path, plan: &HfGguf, ty: GgufType, path: &Path) -> Resul
     };
     let (llama, gemma) = (arch == "llama", arch == "gemma3");
     let tied = config
-        .get("tie_word_embeddings")
-        .and_then(Value::as_bool)
+        .get::<bool>("tie_word_embeddings")
+        .ok()
+        .flatten()
         .unwrap_or(false);
     let tokens = match metadata.get("tokenizer.ggml.tokens") {
         Some(MetaValue::Array(t)) => t.len(),

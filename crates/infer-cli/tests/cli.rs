@@ -1469,21 +1469,26 @@ fn a_fused_gguf_export_runs_on_llama_cpp() {
 
     // A Hugging Face directory too (the fixture's byte-level BPE splits
     // with GPT-2's regex, llama.cpp's `gpt-2`).
+    // `infer fuse` of a fixture with one of the adapter fixtures, exporting F16.
+    let fuse_export = |model: &str, adapter: &str, out: &Path| {
+        run(&[
+            "fuse",
+            "--model",
+            fixture(model).to_str().unwrap(),
+            "--adapter",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/adapters")
+                .join(adapter)
+                .to_str()
+                .unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--export-gguf",
+            "f16",
+        ])
+    };
     let hf = dir.path().join("hf");
-    let o = run(&[
-        "fuse",
-        "--model",
-        fixture("qwen3-f32").to_str().unwrap(),
-        "--adapter",
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/adapters/qwen3-f32-ours")
-            .to_str()
-            .unwrap(),
-        "--out",
-        hf.to_str().unwrap(),
-        "--export-gguf",
-        "f16",
-    ]);
+    let o = fuse_export("qwen3-f32", "qwen3-f32-ours", &hf);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let prompt = "What is the capital of France?";
     let greedy = |backend: &str, model: &Path| {
@@ -1522,20 +1527,7 @@ fn a_fused_gguf_export_runs_on_llama_cpp() {
     // A Gemma 3 that llama.cpp would run differently (this fixture's global
     // layer is the third of five; llama.cpp fixes every sixth) is refused
     // before anything is written.
-    let o = run(&[
-        "fuse",
-        "--model",
-        fixture("gemma3-f32").to_str().unwrap(),
-        "--adapter",
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/adapters/gemma3-f32-lora")
-            .to_str()
-            .unwrap(),
-        "--out",
-        dir.path().join("gemma").to_str().unwrap(),
-        "--export-gguf",
-        "f16",
-    ]);
+    let o = fuse_export("gemma3-f32", "gemma3-f32-lora", &dir.path().join("gemma"));
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(
         stderr(&o).contains("llama.cpp would run it differently"),

@@ -681,47 +681,46 @@ impl<N: Norm> Attention<N> {
     ) -> Result<Array> {
         let (b, l) = (x.dim(0), x.dim(1));
         let trim = last_only && l > 1;
-        if let Some([q, k, v]) = self.qkv.forward_heads(x, self.head_dim)? {
-            // One position: the projections are heads already.
-            let norm = |y: Array, n: Option<&N>| match n {
-                Some(n) => n.forward(&y),
-                None => Ok(y),
-            };
-            let start = cache.positions()?;
-            let q = rope.forward(&norm(q, self.q_norm.as_ref())?, &start)?;
-            let k = rope.forward(&norm(k, self.k_norm.as_ref())?, &start)?;
-            let (k, v, mask) = cache.update(&k, &v)?;
-            let out = attend(&q, &k, &v, self.scale, &mask)?;
-            return self
-                .o_proj
-                .forward(&out.reshape(&[b, 1, self.heads * self.head_dim])?);
-        }
-        let [q, k, v] = self.qkv.forward(x)?;
-        // With `last_only`, the last position alone queries.
-        let q = if trim { last_keepdim(&q) } else { q };
-        let lq = q.dim(1);
-        // `[B, L, n × D]` → `[B, n, L, D]`, normed per head. With one position
-        // (a decode step) both layouts hold the same bytes in the same order,
-        // so a reshape alone does it: one graph node fewer per projection
-        // and step, and host time per node is what bounds small models.
-        let heads = |y: Array, n: i32, norm: Option<&N>| -> Result<Array> {
-            let ly = y.dim(1);
-            let norm = |y: Array| match norm {
-                Some(norm) => norm.forward(&y),
-                None => Ok(y),
-            };
-            if ly == 1 {
-                return norm(y.reshape(&[b, n, 1, self.head_dim])?);
-            }
-            norm(y.reshape(&[b, ly, n, self.head_dim])?)?.transpose_axes(&[0, 2, 1, 3])
+        let norm = |y: Array, norm: Option<&N>| match norm {
+            Some(norm) => norm.forward(&y),
+            None => Ok(y),
         };
+        // Queries, keys and values as heads `[B, n, L, D]`, q and k normed.
+        let [q, k, v] = match self.qkv.forward_heads(x, self.head_dim)? {
+            // One position: the projections are heads already.
+            Some([q, k, v]) => [
+                norm(q, self.q_norm.as_ref())?,
+                norm(k, self.k_norm.as_ref())?,
+                v,
+            ],
+            None => {
+                let [q, k, v] = self.qkv.forward(x)?;
+                // With `last_only`, the last position alone queries.
+                let q = if trim { last_keepdim(&q) } else { q };
+                // `[B, L, n × D]` → `[B, n, L, D]`, normed per head. With one
+                // position (a decode step) both layouts hold the same bytes in
+                // the same order, so a reshape alone does it: one graph node
+                // fewer per projection and step, and host time per node is
+                // what bounds small models.
+                let heads = |y: Array, n: i32, n_norm: Option<&N>| -> Result<Array> {
+                    let ly = y.dim(1);
+                    if ly == 1 {
+                        return norm(y.reshape(&[b, n, 1, self.head_dim])?, n_norm);
+                    }
+                    norm(y.reshape(&[b, ly, n, self.head_dim])?, n_norm)?
+                        .transpose_axes(&[0, 2, 1, 3])
+                };
+                [
+                    heads(q, self.heads, self.q_norm.as_ref())?,
+                    heads(k, self.kv_heads, self.k_norm.as_ref())?,
+                    heads(v, self.kv_heads, None)?,
+                ]
+            }
+        };
+        let lq = q.dim(2);
         let start = cache.positions()?;
-        let q = rope.forward(
-            &heads(q, self.heads, self.q_norm.as_ref())?,
-            &start.shifted(l - lq)?,
-        )?;
-        let k = rope.forward(&heads(k, self.kv_heads, self.k_norm.as_ref())?, &start)?;
-        let v = heads(v, self.kv_heads, None)?;
+        let q = rope.forward(&q, &start.shifted(l - lq)?)?;
+        let k = rope.forward(&k, &start)?;
         let (k, v, mask) = cache.update(&k, &v)?;
         let mask = if trim { mask.last_query()? } else { mask };
         let out = attend(&q, &k, &v, self.scale, &mask)?;

@@ -291,12 +291,12 @@ fn is_byte_token(token: &str) -> bool {
         && token[3..5].chars().all(|c| c.is_ascii_hexdigit())
 }
 
-/// Whether a SentencePiece vocabulary converted by transformers (a BPE with
-/// byte fallback) normalises text as llama.cpp's `llama` tokenizer does
-/// without a space prefix: spaces become `▁`, nothing else changes, and no
-/// pre-tokenizer splits (Gemma 3's splits on spaces, of which none are left
-/// by then). Answers llama.cpp's `add_space_prefix` (always `false` now).
-fn sentencepiece_normaliser(tokenizer: &Value) -> Result<bool, LoadError> {
+/// Refuses a SentencePiece vocabulary converted by transformers (a BPE with
+/// byte fallback) unless it normalises text as llama.cpp's `llama`
+/// tokenizer does without a space prefix: spaces become `▁`, nothing else
+/// changes, and no pre-tokenizer splits (Gemma 3's splits on spaces, of
+/// which none are left by then).
+fn check_sentencepiece_normaliser(tokenizer: &Value) -> Result<(), LoadError> {
     let kind = |v: &Value| v.get("type").and_then(Value::as_str).map(str::to_owned);
     let text = |v: &Value, key: &str| {
         v.get(key)
@@ -315,16 +315,13 @@ fn sentencepiece_normaliser(tokenizer: &Value) -> Result<bool, LoadError> {
     // A normaliser that also puts `▁` first (Llama 2's) would be llama.cpp's
     // `add_space_prefix`, which splits text starting with spaces otherwise
     // (checked on Gemma's vocabulary): refused with the rest.
-    let prefix = match parts.as_slice() {
-        [r] if replaces_spaces(r) => false,
-        _ => {
-            return Err(unsupported(format!(
-                "GGUF export of a SentencePiece vocabulary normalised by {} (the export \
-                 writes only one that turns spaces into U+2581 and does nothing else)",
-                serde_json::to_string(normalizer).unwrap_or_default()
-            )))
-        }
-    };
+    if !matches!(parts.as_slice(), [r] if replaces_spaces(r)) {
+        return Err(unsupported(format!(
+            "GGUF export of a SentencePiece vocabulary normalised by {} (the export \
+             writes only one that turns spaces into U+2581 and does nothing else)",
+            serde_json::to_string(normalizer).unwrap_or_default()
+        )));
+    }
     let pre = tokenizer.get("pre_tokenizer").unwrap_or(&Value::Null);
     let splits_on_spaces = kind(pre).as_deref() == Some("Split")
         && text(pre, "pattern").as_deref() == Some(" ")
@@ -341,7 +338,7 @@ fn sentencepiece_normaliser(tokenizer: &Value) -> Result<bool, LoadError> {
             "GGUF export of a SentencePiece vocabulary with `ignore_merges`",
         ));
     }
-    Ok(prefix)
+    Ok(())
 }
 
 /// Scores for a SentencePiece vocabulary from its BPE `merges` (in
@@ -404,10 +401,11 @@ pub fn tokenizer_metadata(
     // A BPE with byte fallback is a SentencePiece vocabulary (Gemma's),
     // written as llama.cpp's `llama` tokenizer.
     let spm = model.get("byte_fallback").and_then(Value::as_bool) == Some(true);
-    let (pre, add_space_prefix) = if spm {
-        ("default", sentencepiece_normaliser(tokenizer)?)
+    let pre = if spm {
+        check_sentencepiece_normaliser(tokenizer)?;
+        "default"
     } else {
-        (pre_tokenizer(tokenizer)?, false)
+        pre_tokenizer(tokenizer)?
     };
     let bad = |what: String| LoadError::Tokenizer(what);
     let mut by_id: BTreeMap<u64, (String, i32)> = BTreeMap::new();
@@ -569,7 +567,7 @@ pub fn tokenizer_metadata(
     if spm {
         m.insert(
             "tokenizer.ggml.add_space_prefix".into(),
-            MetaValue::Bool(add_space_prefix),
+            MetaValue::Bool(false),
         );
     }
     for (key, id) in [
