@@ -280,6 +280,11 @@ impl Row<'_> {
         matches!(self.place, Place::Alone(_) | Place::Batch(_))
     }
 
+    /// Whether the row still has prompt to prefill (and has not ended).
+    fn prefilling(&self) -> bool {
+        matches!(self.place, Place::Prefill { .. }) && self.end.is_none()
+    }
+
     /// Whether a step follows the pending id: room under `max_tokens` and
     /// the context after it.
     fn wants_step(&self, limit: usize) -> bool {
@@ -442,10 +447,60 @@ pub(crate) struct Scheduler<'a> {
     /// Whether batches grow in powers of two ([`BatchKv::with_buckets`]):
     /// on a GPU (`INFER_BATCH_BUCKETS=0` or `1` overrides).
     bucket_batches: bool,
-    /// Whether first tokens go out as soon as their prefill ends
-    /// ([`Scheduler::deliver_first_tokens`]; `INFER_EAGER_FIRST=1`; off
-    /// by default until it is measured on a GPU).
-    eager_first: bool,
+    /// When first tokens go out as soon as their prefill ends
+    /// ([`Scheduler::deliver_first_tokens`]; `INFER_EAGER_FIRST`; off by
+    /// default until `auto` is measured on a GPU).
+    eager_first: EagerFirst,
+}
+
+/// When a call's first token is read back as soon as its prefill is
+/// queued, before the batch's next decode step is built
+/// ([`Scheduler::deliver_first_tokens`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EagerFirst {
+    /// Never: a first token is read with the step after its prefill.
+    Off,
+    /// Always (`INFER_EAGER_FIRST=1`).
+    Always,
+    /// Only for a call that arrived alone: no other call waits to be
+    /// admitted or is still prefilling (`INFER_EAGER_FIRST=auto`). Each
+    /// early read leaves the GPU idle while the next step is built, which
+    /// a lone arrival pays once; in a burst every admission would pay it
+    /// in turn (on an H100, 16 calls at once: first-token p99 26 ms
+    /// without early reads, 152 ms with them).
+    WhenAlone,
+}
+
+impl EagerFirst {
+    /// The setting of `INFER_EAGER_FIRST` (`0`, `1` or `auto`; anything
+    /// else, or nothing, is `Off`).
+    fn from_env() -> Self {
+        let value = std::env::var("INFER_EAGER_FIRST").ok();
+        let setting = Self::parse(value.as_deref());
+        if let Some(v) = value.filter(|v| setting == EagerFirst::Off && v != "0") {
+            tracing::warn!(value = %v, "INFER_EAGER_FIRST is 0, 1 or auto; taken as 0");
+        }
+        setting
+    }
+
+    fn parse(value: Option<&str>) -> Self {
+        match value {
+            Some("1") => EagerFirst::Always,
+            Some("auto") => EagerFirst::WhenAlone,
+            _ => EagerFirst::Off,
+        }
+    }
+
+    /// Whether the first tokens of this pass are read at once;
+    /// `others_pending` says whether another call waits to be admitted or
+    /// is still prefilling (asked only for `auto`).
+    fn now(self, others_pending: impl FnOnce() -> bool) -> bool {
+        match self {
+            EagerFirst::Off => false,
+            EagerFirst::Always => true,
+            EagerFirst::WhenAlone => !others_pending(),
+        }
+    }
 }
 
 /// Where the passes' time goes while calls run: building and queueing the
@@ -510,7 +565,7 @@ impl<'a> Scheduler<'a> {
                 Ok("1") => true,
                 _ => crate::device::default_is_gpu(),
             },
-            eager_first: std::env::var("INFER_EAGER_FIRST").as_deref() == Ok("1"),
+            eager_first: EagerFirst::from_env(),
         }
     }
 
@@ -1044,11 +1099,7 @@ impl<'a> Scheduler<'a> {
             bounds.chunk
         }
         .max(1);
-        let Some(r) = self
-            .rows
-            .iter()
-            .position(|r| matches!(r.place, Place::Prefill { .. }) && r.end.is_none())
-        else {
+        let Some(r) = self.rows.iter().position(Row::prefilling) else {
             return Ok(());
         };
         if self.rows[r].req.sink.is_cancelled() {
@@ -1533,10 +1584,17 @@ impl<'a> Scheduler<'a> {
     /// first token waits for its prefill alone, not also for the building
     /// and queueing of a step of the whole batch (which, joins and new
     /// shapes included, can take tens of milliseconds on a GPU). The GPU
-    /// idles while that step is built, once per arrival. Not under tensor
-    /// parallelism, where reads follow rank 0's lock step.
+    /// idles while that step is built, once per arrival (with
+    /// [`EagerFirst::WhenAlone`], only where no other call waits or is
+    /// still prefilling). Not under tensor parallelism, where reads follow
+    /// rank 0's lock step.
     fn deliver_first_tokens(&mut self, first_draw: usize) {
-        if !self.eager_first || self.tp.is_some() {
+        // Most passes drew nothing in their prefill: nothing to deliver.
+        if self.unread.len() == first_draw || self.tp.is_some() {
+            return;
+        }
+        let others_pending = || !self.waiting.is_empty() || self.rows.iter().any(Row::prefilling);
+        if !self.eager_first.now(others_pending) {
             return;
         }
         let limit = self.shared.bounds().limit;
@@ -1773,4 +1831,26 @@ fn draw_one(
         host: None,
         stop,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EagerFirst;
+
+    /// `auto` reads a first token early only for a call that arrived
+    /// alone; `1` always, anything else never.
+    #[test]
+    fn eager_first_settings() {
+        assert_eq!(EagerFirst::parse(None), EagerFirst::Off);
+        assert_eq!(EagerFirst::parse(Some("0")), EagerFirst::Off);
+        assert_eq!(EagerFirst::parse(Some("yes")), EagerFirst::Off);
+        assert_eq!(EagerFirst::parse(Some("1")), EagerFirst::Always);
+        assert_eq!(EagerFirst::parse(Some("auto")), EagerFirst::WhenAlone);
+        for others in [false, true] {
+            assert!(!EagerFirst::Off.now(|| others));
+            assert!(EagerFirst::Always.now(|| others));
+        }
+        assert!(EagerFirst::WhenAlone.now(|| false));
+        assert!(!EagerFirst::WhenAlone.now(|| true));
+    }
 }
