@@ -57,7 +57,9 @@
 #                             and once in reverse (ROUNDS=fwd or rev for one
 #                             half); records go to OUT-ENGINE-SETTING.jsonl,
 #                             the engine's log (RUST_LOG, mlx-lm's step
-#                             profile) to OUT-ENGINE-SETTING.log
+#                             profile) to OUT-ENGINE-SETTING.log (SETTING
+#                             with every character but letters, digits, `_`,
+#                             `.` and `-` written `_`)
 #
 # Raw records go through `cargo xtask bench report` back on the build machine.
 set -euo pipefail
@@ -163,7 +165,9 @@ envs)
     shift 4
     one() { # ENGINE SETTING
         local engine=$1 setting=$2 base vars=()
-        base=${out%.jsonl}-$engine-${setting//[^A-Za-z0-9_.=-]/_}
+        # Letters, digits, `_`, `.` and `-` only: the device tool brings back
+        # no file whose name has an `=` or a `,`.
+        base=${out%.jsonl}-$engine-${setting//[^A-Za-z0-9_.-]/_}
         [ "$setting" = default ] || IFS=, read -ra vars <<<"$setting"
         case $engine in
         ours) env "${vars[@]}" "$WORK/infer-bench" run --model "$WORK/models/$model" \

@@ -73,6 +73,8 @@ def main() -> int:
             adapter_file=str(Path(tmp) / "adapters.safetensors"),
             grad_checkpoint=a.grad_checkpoint,
         )
+        # What MLX holds before the first step (weights, adapters).
+        active_start = mx.get_active_memory()
         mx.reset_peak_memory()
         # The trainer's progress display writes to stdout.
         stdout, sys.stdout = sys.stdout, sys.stderr
@@ -94,6 +96,7 @@ def main() -> int:
                 "run": i - 1,
                 "train_tps": r["tokens_per_second"],
                 "peak_memory_mb": r["peak_memory"] * 1e3,
+                "active_start_mb": active_start / 1e6,
                 "train_loss": r["train_loss"],
                 "mlx_version": mx.__version__,
                 "mlx_lm_version": mlx_lm.__version__,

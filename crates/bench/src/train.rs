@@ -88,6 +88,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         grad_checkpoint: args.grad_checkpoint,
         ..TrainOptions::default()
     };
+    // What MLX holds before the first step (weights, adapters): the part of
+    // the peak that is not the step's own.
+    let active_start = backend_metal::memory::active();
     let mut out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -107,6 +110,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             "run": i as i64 - 1,
             "train_tps": p.tokens_per_sec,
             "peak_memory_mb": p.peak_memory_bytes as f64 / 1e6,
+            "active_start_mb": active_start as f64 / 1e6,
             "train_loss": p.train_loss,
             "mlx_version": backend_metal::device::mlx_version(),
             "device": backend_metal::MlxBackend.device(),
