@@ -137,8 +137,9 @@ impl KvCache {
 /// capacity is never a multiple of [`KvCache::STEP`] (`INFER_KV_PAD`, 0 by
 /// default). MLX's CUDA backend sends a one-query attention over a slice of a
 /// cache whose capacity is a multiple of 256 to cuDNN rather than to its
-/// vector kernel; the padding keeps decode steps on the vector kernel (an
-/// experiment: see docs/benchmarks.md).
+/// vector kernel; the padding keeps decode steps on the vector kernel. An
+/// experiment, kept off: on an H100 it did not speed up Qwen3-4B's decode
+/// and was slower over 8,192 positions (docs/benchmarks.md).
 fn kv_pad() -> i32 {
     static PAD: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
     *PAD.get_or_init(|| {

@@ -1467,8 +1467,6 @@ fn a_fused_gguf_export_runs_on_llama_cpp() {
     assert_eq!(ids(&v["ids"]).len(), 6, "{v}");
     assert!(!v["text"].as_str().unwrap().trim().is_empty(), "{v}");
 
-    // A Hugging Face directory too (the fixture's byte-level BPE splits
-    // with GPT-2's regex, llama.cpp's `gpt-2`).
     // `infer fuse` of a fixture with one of the adapter fixtures, exporting F16.
     let fuse_export = |model: &str, adapter: &str, out: &Path| {
         run(&[
@@ -1487,6 +1485,8 @@ fn a_fused_gguf_export_runs_on_llama_cpp() {
             "f16",
         ])
     };
+    // A Hugging Face directory too (the fixture's byte-level BPE splits
+    // with GPT-2's regex, llama.cpp's `gpt-2`).
     let hf = dir.path().join("hf");
     let o = fuse_export("qwen3-f32", "qwen3-f32-ours", &hf);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
