@@ -1,9 +1,11 @@
 //! Batched work on the model's worker.
 //!
-//! - [`classify`]: one forward pass over every prompt at once, right-padded to
-//!   the longest, under an explicit boolean mask `[B, 1, L, L]` (causal, the
-//!   padding, and for sliding-window layers the window). Every row starts at
-//!   position 0, so positions (and RoPE) are those of the prompt run alone.
+//! - [`classify`]: forward passes over groups of prompts, each group
+//!   right-padded to its longest and at most a prefill chunk of tokens
+//!   (rows × length), under an explicit boolean mask `[B, 1, L, L]` (causal,
+//!   the padding, and for sliding-window layers the window); a prompt longer
+//!   than a chunk is prefilled alone, in chunks. Every row starts at position
+//!   0, so positions (and RoPE) are those of the prompt run alone.
 //! - [`batch_generate`]: prompts of equal length are decoded together, one
 //!   batch per length, each batch with its own caches; rows of a batch share
 //!   positions, so no padding or mask is needed and each row's greedy ids are
@@ -13,13 +15,13 @@
 use inference_core::{ClassifyResult, Error, GenerateOptions, Token};
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::IndexOp;
-use mlx_rs::ops::stack;
+use mlx_rs::ops::{concatenate, stack};
 use mlx_rs::transforms::eval;
 use mlx_rs::{Array, Dtype};
 
 use crate::cache::{LayerCache, Rotation};
 use crate::error::mlx_error;
-use crate::generate::Bounds;
+use crate::generate::{prefill, Bounds};
 use crate::models::CausalLm;
 use crate::sample::Sampler;
 use inference_text::{ModelTokenizer, StreamDecoder};
@@ -54,13 +56,75 @@ pub fn padded_mask(
     keep.logical_and(&real)
 }
 
+/// The forward passes of a classify call over prompts of lengths `lens`:
+/// rows grouped shortest first, each group's right-padded batch (rows × the
+/// group's longest prompt) at most `chunk` tokens; a prompt longer than
+/// `chunk` is a group of its own (prefilled in chunks).
+fn passes(lens: &[usize], chunk: usize) -> Vec<Vec<usize>> {
+    let chunk = chunk.max(1);
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&r| lens[r]);
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for r in order {
+        // Sorted, so `lens[r]` is the group's longest prompt.
+        match groups.last_mut() {
+            Some(g) if (g.len() + 1) * lens[r] <= chunk => g.push(r),
+            _ => groups.push(vec![r]),
+        }
+    }
+    groups
+}
+
+/// The last positions' hidden states `[rows, hidden]` of `prompts[rows]`,
+/// from one forward pass over their right-padded batch under
+/// [`padded_mask`].
+fn padded_last(
+    model: &dyn CausalLm,
+    prompts: &[Vec<u32>],
+    rows: &[usize],
+    bounds: Bounds,
+) -> Result<Array, Exception> {
+    let lens: Vec<usize> = rows.iter().map(|&r| prompts[r].len()).collect();
+    let (b, l) = (rows.len(), lens.iter().copied().max().unwrap_or(0));
+    let mut ids = vec![0u32; b * l];
+    for (row, &r) in ids.chunks_mut(l).zip(rows) {
+        row[..prompts[r].len()].copy_from_slice(&prompts[r]);
+    }
+    // One mask per distinct window, shared by the layers that use it.
+    let mut masks: Vec<(Option<Rotation>, Array)> = Vec::new();
+    let mut caches = Vec::new();
+    for cache in model.new_caches(bounds.context) {
+        let w = cache.rotation();
+        let mask = match masks.iter().find(|(mw, _)| *mw == w) {
+            Some((_, m)) => m.clone(),
+            None => {
+                let m = padded_mask(&lens, l, w)?;
+                masks.push((w, m.clone()));
+                m
+            }
+        };
+        caches.push(LayerCache::one_shot(mask));
+    }
+    let h = model.hidden(&Array::from_slice(&ids, &[b as i32, l as i32]), &mut caches)?;
+    let hidden = h.dim(2);
+    let picks: Vec<u32> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, len)| (i * l + len - 1) as u32)
+        .collect();
+    h.reshape(&[(b * l) as i32, hidden])?
+        .take_axis(Array::from_slice(&picks, &[b as i32]), 0)
+}
+
 /// What the classify pass reads back: the picked ids, the f32 logits of
 /// every row when asked for, and the vocabulary size.
 type Picked = (Vec<u32>, Option<Vec<f32>>, usize);
 
 /// The next token of each prompt (non-empty, inside the context) and, with
-/// `opts.return_logits`, its f32 last-position logits, from one masked
-/// forward pass over the right-padded batch.
+/// `opts.return_logits`, its f32 last-position logits. Prompts go through
+/// masked forward passes over right-padded batches of at most
+/// `bounds.chunk` tokens ([`passes`]); a longer prompt is prefilled alone in
+/// chunks. The tokens are then drawn from every row's logits at once.
 pub fn classify(
     model: &dyn CausalLm,
     tokenizer: &ModelTokenizer,
@@ -77,35 +141,30 @@ pub fn classify(
     }
     let run = || -> Result<Picked, Exception> {
         let b = prompts.len();
-        let mut ids = vec![0u32; b * l];
-        for (row, p) in ids.chunks_mut(l).zip(prompts) {
-            row[..p.len()].copy_from_slice(p);
-        }
-        // One mask per distinct window, shared by the layers that use it.
-        let mut masks: Vec<(Option<Rotation>, Array)> = Vec::new();
-        let mut caches = Vec::new();
-        for cache in model.new_caches(bounds.context) {
-            let w = cache.rotation();
-            let mask = match masks.iter().find(|(mw, _)| *mw == w) {
-                Some((_, m)) => m.clone(),
-                None => {
-                    let m = padded_mask(&lens, l, w)?;
-                    masks.push((w, m.clone()));
-                    m
+        // Each pass's last positions, and the caller's row of each.
+        let (mut parts, mut order) = (Vec::new(), Vec::with_capacity(b));
+        for group in passes(&lens, bounds.chunk) {
+            let h = match group.as_slice() {
+                // Longer than a pass: prefilled alone, in chunks, through a
+                // cache (the same attention as a one-shot pass).
+                &[r] if lens[r] > bounds.chunk => {
+                    let mut caches = model.new_caches(bounds.context);
+                    prefill(model, &prompts[r], &mut caches, bounds.chunk, || false)?
+                        .ok_or_else(|| Exception::custom("prefill was cancelled"))?
                 }
+                rows => padded_last(model, prompts, rows, bounds)?,
             };
-            caches.push(LayerCache::one_shot(mask));
+            // A pass's intermediates go once its last positions are held.
+            h.eval()?;
+            order.extend(group);
+            parts.push(h);
         }
-        let h = model.hidden(&Array::from_slice(&ids, &[b as i32, l as i32]), &mut caches)?;
-        let hidden = h.dim(2);
-        let rows: Vec<u32> = lens
-            .iter()
-            .enumerate()
-            .map(|(r, len)| (r * l + len - 1) as u32)
-            .collect();
-        let last = h
-            .reshape(&[(b * l) as i32, hidden])?
-            .take_axis(Array::from_slice(&rows, &[b as i32]), 0)?;
+        // Back in the caller's order: row `r` is row `at[r]` of the parts.
+        let mut at = vec![0u32; b];
+        for (k, &r) in order.iter().enumerate() {
+            at[r] = k as u32;
+        }
+        let last = concatenate(&parts, 0)?.take_axis(Array::from_slice(&at, &[b as i32]), 0)?;
         let logits = model.logits(&last)?;
         let vocab = logits.dim(1) as usize;
         let mut sampler = Sampler::new(opts)?;
@@ -202,5 +261,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Groups hold every row once, shortest first, within the chunk (rows ×
+    /// longest); a prompt past the chunk is alone.
+    #[test]
+    fn passes_stay_within_the_chunk() {
+        let lens = [5usize, 1, 9, 3, 3, 20, 2];
+        for chunk in [1usize, 4, 9, 10, 64] {
+            let groups = passes(&lens, chunk);
+            let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>(), "chunk {chunk}");
+            for g in &groups {
+                let longest = g.iter().map(|&r| lens[r]).max().unwrap();
+                assert!(g.len() == 1 || g.len() * longest <= chunk, "{chunk}: {g:?}");
+                assert!(g.windows(2).all(|w| lens[w[0]] <= lens[w[1]]));
+            }
+        }
+        assert_eq!(passes(&lens, 140), vec![vec![1, 6, 3, 4, 0, 2, 5]]);
+        assert_eq!(passes(&lens, 64), vec![vec![1, 6, 3, 4, 0, 2], vec![5]]);
+        assert_eq!(
+            passes(&lens, 6),
+            vec![vec![1, 6], vec![3, 4], vec![0], vec![2], vec![5]]
+        );
     }
 }

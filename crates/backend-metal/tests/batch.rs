@@ -5,7 +5,8 @@
 //!   `last_logits` run (argmax equal, logits within 1e-4 × max|logit|), on
 //!   every architecture, with prompts of different lengths in one batch (so
 //!   rows are padded) in both orders, including Gemma prompts far longer
-//!   than its 8-token sliding window.
+//!   than its 8-token sliding window; in one pass, and with a 4-token prefill
+//!   chunk that splits the batch and prefills the longer prompts in chunks.
 //! - `batch_generate`: each row's tokens and finish reason equal a lone
 //!   `generate` with the same options, for greedy decoding with and without
 //!   stops, with rows of equal and of different lengths.
@@ -66,22 +67,33 @@ fn check_classify(name: &str) {
     let opts = GenerateOptions::new().return_logits(true);
     let mut reversed = texts.clone();
     reversed.reverse();
-    for batch in [texts.clone(), reversed] {
-        let results = model.classify(&batch, &opts).unwrap();
-        assert_eq!(results.len(), batch.len());
-        for (text, r) in batch.iter().zip(&results) {
-            let label = format!("{name}/{text:.20}");
-            let alone = model.last_logits(&model.encode(text).unwrap()).unwrap();
-            let ours = r.logits.as_ref().expect("logits were asked for");
-            let (err, scale) = logit_error(ours, &alone);
-            assert!(
-                err <= F32_LOGIT_TOL * scale,
-                "{label}: logits differ by {err} (max |logit| {scale})"
-            );
-            assert_eq!(r.token.id, argmax(&alone), "{label}: next token");
-            assert_eq!(argmax(ours), argmax(&alone), "{label}: argmax");
+    // The lone runs, with the default prefill chunk.
+    let alone: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| model.last_logits(&model.encode(t).unwrap()).unwrap())
+        .collect();
+    // One pass for the whole batch; then passes of at most 4 tokens (rows ×
+    // length), which split the batch and prefill longer prompts in chunks.
+    for chunk in [2048, 4] {
+        model.set_prefill_chunk(chunk);
+        for batch in [texts.clone(), reversed.clone()] {
+            let results = model.classify(&batch, &opts).unwrap();
+            assert_eq!(results.len(), batch.len());
+            for (text, r) in batch.iter().zip(&results) {
+                let label = format!("{name}/chunk {chunk}/{text:.20}");
+                let alone = &alone[texts.iter().position(|t| t == text).unwrap()];
+                let ours = r.logits.as_ref().expect("logits were asked for");
+                let (err, scale) = logit_error(ours, alone);
+                assert!(
+                    err <= F32_LOGIT_TOL * scale,
+                    "{label}: logits differ by {err} (max |logit| {scale})"
+                );
+                assert_eq!(r.token.id, argmax(alone), "{label}: next token");
+                assert_eq!(argmax(ours), argmax(alone), "{label}: argmax");
+            }
         }
     }
+    model.set_prefill_chunk(2048);
     // Without return_logits: the same tokens, no logits.
     let plain = model.classify(&texts, &GenerateOptions::new()).unwrap();
     let with = model.classify(&texts, &opts).unwrap();
