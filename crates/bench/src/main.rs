@@ -30,7 +30,8 @@ struct Cli {
 enum Command {
     /// Writes a random-weight model in the shape of a real checkpoint.
     RandomModel {
-        /// The shape: qwen3-0.6b, qwen3-1.7b, qwen3-4b or gemma3-1b.
+        /// The shape: qwen3-0.6b, qwen3-1.7b, qwen3-4b, gemma3-1b, or
+        /// qwen3-overhead / gemma3-overhead (their depths, tiny matrices).
         #[arg(long)]
         shape: String,
         /// float32, bfloat16 or float16.

@@ -116,6 +116,19 @@ pub const SHAPES: &[Shape] = &[
         kv_heads: 1,
         head_dim: 32,
     },
+    // The same for Gemma-3-1B: its depth, its 512-position sliding window
+    // on five layers in six, tiny matrices.
+    Shape {
+        name: "gemma3-overhead",
+        family: Family::Gemma3,
+        vocab: 1024,
+        hidden: 64,
+        intermediate: 128,
+        layers: 26,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 32,
+    },
 ];
 
 /// The shape called `name`.
