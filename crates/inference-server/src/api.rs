@@ -2,7 +2,8 @@
 //! messages and [`GenerateOptions`].
 //!
 //! Fields are checked as OpenAI's own API checks them: a field outside the
-//! spec is a 400 (`unrecognized request argument`); the fields this server
+//! spec is a 400 (`unrecognized request argument`), in messages, content
+//! parts, tool calls and tools too; the fields this server
 //! honours are honoured; `user`, `metadata`, `store`, `service_tier` and
 //! `parallel_tool_calls` are accepted and have no effect; `n > 1`, a
 //! `response_format` other than text, audio and images are a 400 naming the
@@ -57,7 +58,7 @@ pub struct ChatMessage {
     pub content: Option<Content>,
     /// An assistant message's calls.
     #[serde(default)]
-    pub tool_calls: Option<Vec<ToolCall>>,
+    pub tool_calls: Option<Vec<RequestToolCall>>,
     /// The call a tool message answers.
     #[serde(default)]
     pub tool_call_id: Option<String>,
@@ -67,6 +68,60 @@ pub struct ChatMessage {
     /// A participant's name (accepted; templates do not use it).
     #[serde(default)]
     pub name: Option<String>,
+}
+
+/// A call in an assistant message of a request:
+/// `{"id", "type": "function", "function": {"name", "arguments"}}`, nothing
+/// else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestToolCall {
+    /// The call's id.
+    pub id: String,
+    /// Only `function`.
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    /// The function called.
+    pub function: RequestFunctionCall,
+}
+
+/// The function of a [`RequestToolCall`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestFunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// A string of JSON, as OpenAI sends it, or a JSON object.
+    pub arguments: Value,
+}
+
+impl RequestToolCall {
+    /// The call, or a 400 for message `at` where its type is not
+    /// `function` or its arguments are neither a string nor an object.
+    fn to_call(&self, at: usize) -> Result<ToolCall, ApiError> {
+        if self.kind.as_deref().is_some_and(|k| k != "function") {
+            return Err(ApiError::bad_param(
+                "messages",
+                format!("message {at}: a tool call's type must be \"function\""),
+            ));
+        }
+        if !(self.function.arguments.is_string() || self.function.arguments.is_object()) {
+            return Err(ApiError::bad_param(
+                "messages",
+                format!(
+                    "message {at}: a tool call's arguments must be a string of JSON or an object"
+                ),
+            ));
+        }
+        Ok(ToolCall {
+            id: self.id.clone(),
+            kind: "function".into(),
+            function: inference_core::FunctionCall {
+                name: self.function.name.clone(),
+                arguments: self.function.arguments.clone(),
+            },
+        })
+    }
 }
 
 /// `POST /v1/chat/completions`.
@@ -331,8 +386,20 @@ fn text_of(content: Option<&Content>, at: usize) -> Result<String, ApiError> {
         None => String::new(),
         Some(Content::Text(t)) => t.clone(),
         Some(Content::Parts(parts)) => {
+            if parts.is_empty() {
+                return Err(ApiError::bad_param(
+                    "messages",
+                    format!("message {at}: content parts must not be empty"),
+                ));
+            }
             let mut text = String::new();
             for part in parts {
+                if let Some(k) = part.keys().find(|k| !matches!(k.as_str(), "type" | "text")) {
+                    return Err(ApiError::bad_param(
+                        "messages",
+                        format!("message {at}: unknown field {k:?} in a content part"),
+                    ));
+                }
                 match part.get("type").and_then(Value::as_str) {
                     Some("text") => text.push_str(
                         part.get("text")
@@ -388,11 +455,37 @@ pub fn messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
                 }
             };
             let _ = &m.name;
+            // As OpenAI: only an assistant message may leave out its text.
+            if role != Role::Assistant && m.content.is_none() {
+                return Err(ApiError::bad_param(
+                    "messages",
+                    format!("message {i}: a {} message needs content", m.role),
+                ));
+            }
+            if role == Role::Tool && m.tool_call_id.is_none() {
+                return Err(ApiError::bad_param(
+                    "messages",
+                    format!("message {i}: a tool message needs tool_call_id"),
+                ));
+            }
+            let tool_calls = match (&m.tool_calls, role) {
+                (None, _) => Vec::new(),
+                (Some(calls), Role::Assistant) => calls
+                    .iter()
+                    .map(|c| c.to_call(i))
+                    .collect::<Result<_, _>>()?,
+                (Some(_), _) => {
+                    return Err(ApiError::bad_param(
+                        "messages",
+                        format!("message {i}: only an assistant message has tool_calls"),
+                    ))
+                }
+            };
             Ok(Message {
                 role,
                 content: text_of(m.content.as_ref(), i)?,
                 reasoning_content: m.reasoning_content.clone(),
-                tool_calls: m.tool_calls.clone().unwrap_or_default(),
+                tool_calls,
                 tool_call_id: m.tool_call_id.clone(),
             })
         })
@@ -459,6 +552,39 @@ pub fn offered_tools(req: &ChatRequest) -> Result<(Vec<Value>, Forced), ApiError
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     };
     for (i, t) in tools.iter().enumerate() {
+        let unknown = |v: &Value, known: &[&str]| {
+            v.as_object()
+                .and_then(|m| m.keys().find(|k| !known.contains(&k.as_str())).cloned())
+        };
+        if let Some(k) = unknown(t, &["type", "function"]).or_else(|| {
+            unknown(
+                &t["function"],
+                &["name", "description", "parameters", "strict"],
+            )
+        }) {
+            return Err(ApiError::bad_param(
+                "tools",
+                format!("tool {i}: unknown field {k:?}"),
+            ));
+        }
+        if t.pointer("/function/strict").and_then(Value::as_bool) == Some(true) {
+            return Err(ApiError::bad_param(
+                "tools",
+                format!("tool {i}: strict schema adherence is not supported"),
+            ));
+        }
+        if t.pointer("/function/parameters")
+            .is_some_and(|p| !p.is_object())
+            || t.pointer("/function/description")
+                .is_some_and(|d| !d.is_string())
+            || t.pointer("/function/strict")
+                .is_some_and(|d| !(d.is_boolean() || d.is_null()))
+        {
+            return Err(ApiError::bad_param(
+                "tools",
+                format!("tool {i}: parameters must be an object, description a string and strict a boolean"),
+            ));
+        }
         if t.get("type").and_then(Value::as_str) != Some("function")
             || !t
                 .pointer("/function/name")

@@ -179,6 +179,21 @@ fn errors_are_openai_errors_with_their_status() {
         (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": []}).to_string(), Some("tool_choice")),
         (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f</tool_call>"}}]}).to_string(), Some("tools")),
         (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "audio": {}}).to_string(), Some("audio")),
+        // Unknown or malformed fields inside messages and tools, as OpenAI
+        // refuses them; content that only an assistant may leave out.
+        (json!({"model": "a", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "seed": 1}]}]}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": []}]}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "user"}]}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "system"}, {"role": "user", "content": "hi"}]}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "2"}]}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi", "tool_calls": []}]}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": 3}}]}]}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}", "zzz": 1}}]}]}).to_string(), None),
+        (json!({"model": "a", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "other", "function": {"name": "f", "arguments": "{}"}}]}]}).to_string(), Some("messages")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}, "max_tokens": 1}]}).to_string(), Some("tools")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", "seed": 1}}]}).to_string(), Some("tools")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", "strict": true}}]}).to_string(), Some("tools")),
+        (json!({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}).to_string(), Some("tools")),
     ];
     for (body, param) in cases {
         let (st, v) = send(&body, Some("sekret"));
@@ -626,4 +641,226 @@ fn a_named_or_required_tool_choice_forces_the_call() {
             "{what}"
         );
     }
+}
+
+/// A small deterministic generator (SplitMix64) for the mutation test.
+struct Mix(u64);
+
+impl Mix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// A value of the wrong kind, size or range for any field.
+fn odd_value(rng: &mut Mix) -> Value {
+    let mut deep = json!([]);
+    for _ in 0..200 {
+        deep = json!([deep]);
+    }
+    let picks = [
+        Value::Null,
+        json!(true),
+        json!(-1),
+        json!(0),
+        json!(1e308),
+        json!(-1e308),
+        json!(9_007_199_254_740_993u64),
+        json!(u64::MAX),
+        json!(i64::MIN),
+        json!(0.5),
+        json!(""),
+        json!("x".repeat(20_000)),
+        json!("\u{0}\u{202e}\u{1f600}<|im_end|>{{ raise('x') }}"),
+        json!([]),
+        json!({}),
+        json!([1, "a", null, {"b": []}]),
+        json!({"role": "user"}),
+        json!({"type": "function", "function": {}}),
+        json!([{"role": "user", "content": null}]),
+        deep,
+    ];
+    picks[rng.below(picks.len())].clone()
+}
+
+/// Every object and array inside `v`, by JSON pointer.
+fn containers(v: &Value, at: String, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            out.push(at.clone());
+            for (k, x) in m {
+                containers(x, format!("{at}/{k}"), out);
+            }
+        }
+        Value::Array(a) => {
+            out.push(at.clone());
+            for (i, x) in a.iter().enumerate() {
+                containers(x, format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One to three changes to `body`: a field replaced by an odd value,
+/// removed, or added under an unknown or known name.
+fn mutate(body: &Value, rng: &mut Mix) -> Value {
+    const NAMES: [&str; 12] = [
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "tools",
+        "tool_choice",
+        "stream_options",
+        "zzz",
+    ];
+    let mut v = body.clone();
+    for _ in 0..1 + rng.below(3) {
+        let mut places = Vec::new();
+        containers(&v, String::new(), &mut places);
+        let at = places[rng.below(places.len())].clone();
+        let action = rng.below(3);
+        let value = odd_value(rng);
+        match v.pointer_mut(&at) {
+            Some(Value::Object(m)) => {
+                let keys: Vec<String> = m.keys().cloned().collect();
+                match action {
+                    0 if !keys.is_empty() => {
+                        m.remove(&keys[rng.below(keys.len())]);
+                    }
+                    1 if !keys.is_empty() => {
+                        m.insert(keys[rng.below(keys.len())].clone(), value);
+                    }
+                    _ => {
+                        m.insert(NAMES[rng.below(NAMES.len())].into(), value);
+                    }
+                }
+            }
+            Some(Value::Array(a)) => match action {
+                0 if !a.is_empty() => {
+                    a.remove(rng.below(a.len()));
+                }
+                1 if !a.is_empty() => {
+                    let i = rng.below(a.len());
+                    a[i] = value;
+                }
+                _ => a.push(value),
+            },
+            _ => {}
+        }
+    }
+    v
+}
+
+/// Requests changed at random (fields of the wrong type, size or range,
+/// missing or unknown; bodies cut short or with a stray byte), on both
+/// endpoints, streamed or not: every answer is a success or an OpenAI error
+/// with a 4xx status, never a 5xx or a dropped connection, and the server
+/// answers a plain request afterwards. `INFER_TEST_FUZZ_SEED` and
+/// `INFER_TEST_FUZZ_REQUESTS` (400) run other and longer series.
+#[test]
+fn requests_changed_at_random_get_answers_or_4xx() {
+    // A fixture MLX model, which takes every option (sampling, logprobs,
+    // logit bias, tools in its template).
+    let s = start(
+        vec![ServedModel::new("m", mlx("qwen3-f32", LoadOptions::new()))],
+        ServerConfig::default(),
+    );
+    let chat = json!({
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "f", "arguments": "{\"x\": 1}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "2"},
+            {"role": "user", "content": "again"}
+        ],
+        "max_tokens": 3, "temperature": 0.7, "top_p": 0.9, "seed": 7, "stop": ["\n", "two"],
+        "logprobs": true, "top_logprobs": 2, "logit_bias": {"1": 2.5},
+        "presence_penalty": 0.1, "frequency_penalty": 0.1,
+        "tools": [{"type": "function", "function": {"name": "f", "description": "d",
+            "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}],
+        "tool_choice": "auto", "stream": false, "stream_options": {"include_usage": true}
+    });
+    let completion = json!({
+        "model": "m", "prompt": "count:", "max_tokens": 2, "temperature": 0, "echo": true,
+        "stop": "three", "seed": 1, "logprobs": 1, "stream": false
+    });
+    for (path, base) in [
+        ("/v1/chat/completions", &chat),
+        ("/v1/completions", &completion),
+    ] {
+        let (st, v) = post(&s, path, base);
+        assert_eq!(st, 200, "{path}: {v}");
+    }
+    let c = client();
+    let knob = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let mut rng = Mix(knob("INFER_TEST_FUZZ_SEED", 0x5eed));
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..knob("INFER_TEST_FUZZ_REQUESTS", 400) {
+        let (path, base) = match i % 2 {
+            0 => ("/v1/chat/completions", &chat),
+            _ => ("/v1/completions", &completion),
+        };
+        let mut body = mutate(base, &mut rng);
+        if rng.below(2) == 0 {
+            body["stream"] = json!(true);
+        }
+        let mut text = body.to_string().into_bytes();
+        match rng.below(8) {
+            0 => text.truncate(rng.below(text.len())),
+            1 => {
+                let at = rng.below(text.len());
+                text.insert(at, (rng.next() & 0xff) as u8);
+            }
+            _ => {}
+        }
+        let r = c
+            .post(format!("{}{path}", s.base))
+            .header("content-type", "application/json")
+            .body(text.clone())
+            .send()
+            .unwrap_or_else(|e| panic!("request {i} to {path}: no answer ({e}): {body}"));
+        let status = r.status().as_u16();
+        let answer = r
+            .text()
+            .unwrap_or_else(|e| panic!("request {i}: the body broke off ({e}): {body}"));
+        *statuses.entry(status).or_insert(0) += 1;
+        assert!(
+            status == 200 || (400..500).contains(&status),
+            "request {i} to {path}: {status} {answer:.300}\n{:.2000}",
+            String::from_utf8_lossy(&text)
+        );
+        if status != 200 {
+            let v: Value = serde_json::from_str(&answer)
+                .unwrap_or_else(|_| panic!("request {i}: {status} without JSON: {answer:.300}"));
+            assert!(v["error"]["message"].is_string(), "request {i}: {v}");
+        }
+    }
+    // Both kinds of answer came up, so the mutations reached past the parser.
+    assert!(
+        statuses.contains_key(&200) && statuses.contains_key(&400),
+        "{statuses:?}"
+    );
+    let (st, v) = post(&s, "/v1/chat/completions", &hello());
+    assert_eq!(st, 200, "{v}");
 }
