@@ -686,3 +686,166 @@ fn load_errors_keep_their_io_sources() {
     assert_eq!(kind, Some(std::io::ErrorKind::InvalidData), "{err}");
     assert!(err.to_string().contains("config.json"), "{err}");
 }
+
+/// Every top-level field of each architecture's `config.json` (nested
+/// objects' fields too) set in turn to a value of the wrong kind, size or
+/// range: the model loads (the field is unused or the value is allowed) or
+/// the load is a typed error; never a panic, an abort or a hang. Where it
+/// loads, a one-token call gives a token or a typed error.
+#[test]
+fn every_config_field_set_to_odd_values_loads_or_errs() {
+    let odd = [
+        Value::Null,
+        Value::from(0),
+        Value::from(-1),
+        Value::from(3),
+        Value::from(i64::from(i32::MAX) + 1),
+        Value::from(u64::MAX),
+        Value::from(1e308),
+        Value::from(0.5),
+        Value::from("x"),
+        Value::from(Vec::<Value>::new()),
+        Value::Object(serde_json::Map::new()),
+    ];
+    for name in ["qwen3-f32", "qwen2-f32", "llama-f32", "gemma3-f32"] {
+        let tmp = copy_fixture(name);
+        let p = tmp.path().join("config.json");
+        let clean: Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+        // JSON pointers of every field, nested ones included.
+        let mut fields = Vec::new();
+        let mut stack = vec![(String::new(), &clean)];
+        while let Some((at, v)) = stack.pop() {
+            if let Value::Object(m) = v {
+                for (k, x) in m {
+                    let here = format!("{at}/{k}");
+                    fields.push(here.clone());
+                    stack.push((here, x));
+                }
+            }
+        }
+        let (mut loaded, mut refused) = (0, 0);
+        for field in &fields {
+            for value in &odd {
+                let mut v = clean.clone();
+                *v.pointer_mut(field).unwrap() = value.clone();
+                fs::write(&p, v.to_string()).unwrap();
+                let what = format!("{name}: {field} = {value}");
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    backend_metal::MlxModel::load(
+                        tmp.path(),
+                        &LoadOptions::new().gpu_layers(0),
+                        backend_metal::Placement::Cpu,
+                    )
+                    .map(|m| {
+                        m.generate(
+                            "Hello",
+                            &GenerateOptions::new().max_tokens(1).temperature(0.0),
+                        )
+                        .and_then(|mut s| s.collect_tokens())
+                    })
+                }));
+                match outcome {
+                    Err(_) => panic!("{what}: the load panicked"),
+                    Ok(Ok(Ok(_))) => loaded += 1,
+                    // A typed error, from the load or (a context too
+                    // small for the prompt, say) from the call.
+                    Ok(Ok(Err(_)) | Err(_)) => refused += 1,
+                }
+            }
+        }
+        assert!(
+            loaded > 0 && refused > 0,
+            "{name}: {loaded} loaded, {refused} refused"
+        );
+    }
+}
+
+/// Values that would load into a model computing nonsense (a division by
+/// zero, an infinite scale, NaN norms) or that would be ignored are refused
+/// at load, naming the key.
+#[test]
+fn config_values_that_would_compute_nonsense_are_refused() {
+    use serde_json::json;
+    let cases: [(&str, &str, Value, &str); 14] = [
+        (
+            "qwen3-f32",
+            "/max_position_embeddings",
+            json!(0),
+            "max_position_embeddings",
+        ),
+        ("qwen3-f32", "/rms_norm_eps", json!(-1), "rms_norm_eps"),
+        (
+            "qwen3-f32",
+            "/intermediate_size",
+            json!(0),
+            "intermediate_size",
+        ),
+        ("qwen3-f32", "/rope_theta", json!(0), "rope_theta"),
+        ("qwen3-f32", "/eos_token_id", json!("x"), "eos_token_id"),
+        ("qwen3-f32", "/rope_scaling", json!("x"), "rope_scaling"),
+        ("llama-f32", "/rope_scaling/factor", json!(0), "factor"),
+        (
+            "llama-f32",
+            "/rope_scaling/high_freq_factor",
+            json!(1),
+            "high_freq_factor",
+        ),
+        (
+            "llama-f32",
+            "/rope_scaling/rope_type",
+            json!(3),
+            "rope_type",
+        ),
+        (
+            "qwen2-f32",
+            "/rope_parameters",
+            json!([]),
+            "rope_parameters",
+        ),
+        (
+            "qwen2-f32",
+            "/rope_parameters/rope_theta",
+            json!("x"),
+            "rope_theta",
+        ),
+        (
+            "gemma3-f32",
+            "/query_pre_attn_scalar",
+            json!(0),
+            "query_pre_attn_scalar",
+        ),
+        (
+            "gemma3-f32",
+            "/final_logit_softcapping",
+            json!(-1),
+            "final_logit_softcapping",
+        ),
+        (
+            "gemma3-f32",
+            "/use_bidirectional_attention",
+            json!(true),
+            "use_bidirectional_attention",
+        ),
+    ];
+    for (name, field, value, key) in cases {
+        let tmp = copy_fixture(name);
+        let p = tmp.path().join("config.json");
+        let mut v: Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+        match v.pointer_mut(field) {
+            Some(x) => *x = value.clone(),
+            None => {
+                v.as_object_mut()
+                    .unwrap()
+                    .insert(field[1..].to_owned(), value.clone());
+            }
+        }
+        fs::write(&p, v.to_string()).unwrap();
+        // A configuration error, or `Unsupported` for another model.
+        let cause = match load_err(tmp.path()) {
+            Error::ModelLoad { source, .. } => source.to_string(),
+            Error::Unsupported { feature } => feature,
+            other => panic!("{name}: {field} = {value}: {other:?}"),
+        };
+        assert!(cause.contains(key), "{name}: {field} = {value}: {cause}");
+    }
+}

@@ -169,21 +169,42 @@ impl HfConfig {
         theta_key: &str,
         default_theta: f32,
     ) -> Result<Rope, LoadError> {
-        let params = self.value("rope_parameters").filter(|p| p.is_object());
-        let full = layer_type == "full_attention";
-        let chosen = params.and_then(|p| {
-            if full {
-                rope_from_parameters(p, layer_type)
-            } else {
-                p.get(layer_type)
+        let params = match self.value("rope_parameters") {
+            None | Some(Value::Null) => None,
+            Some(p @ Value::Object(_)) => Some(p),
+            Some(other) => {
+                return Err(LoadError::Config(format!(
+                    "`rope_parameters` must be an object, got {other}"
+                )))
             }
-        });
-        let theta = chosen
-            .and_then(|p| p.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .map(|x| x as f32)
-            .map_or_else(|| self.get::<f32>(theta_key), |t| Ok(Some(t)))?
-            .unwrap_or(default_theta);
+        };
+        let full = layer_type == "full_attention";
+        let chosen = params
+            .and_then(|p| {
+                if full {
+                    rope_from_parameters(p, layer_type)
+                } else {
+                    p.get(layer_type)
+                }
+            })
+            .filter(|p| !p.is_null());
+        if let Some(p) = chosen.filter(|p| !p.is_object()) {
+            return Err(LoadError::Config(format!(
+                "`rope_parameters` for {layer_type} must be an object, got {p}"
+            )));
+        }
+        let theta = match chosen.and_then(|p| p.get("rope_theta")) {
+            None | Some(Value::Null) => self.get::<f32>(theta_key)?,
+            Some(t) => Some(t.as_f64().map(|x| x as f32).ok_or_else(|| {
+                LoadError::Config(format!("`rope_theta` must be a number, got {t}"))
+            })?),
+        }
+        .unwrap_or(default_theta);
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(LoadError::Config(format!(
+                "`{theta_key}` must be a positive number, got {theta}"
+            )));
+        }
         let scaling = match chosen {
             Some(p) => Some(p),
             None if full => self.value("rope_scaling"),
@@ -317,7 +338,8 @@ pub struct TextConfig {
 
 impl TextConfig {
     /// Reads the shared part of `c`, with `defaults` where it is silent:
-    /// sizes must be positive and the query heads a multiple of the
+    /// sizes (and the context) must be positive, `rms_norm_eps` at least 0,
+    /// and the query heads a multiple of the
     /// key/value heads. Partial rotary embeddings and attention-logit
     /// soft-capping, which no architecture here implements, are refused.
     pub fn read(c: &HfConfig, defaults: &Defaults) -> Result<Self, LoadError> {
@@ -364,6 +386,32 @@ impl TextConfig {
                 "config key `attn_logit_softcapping` (attention soft-capping)".into(),
             ));
         }
+        let vocab_size: i32 = c.require("vocab_size")?;
+        let intermediate_size: i32 = c.require("intermediate_size")?;
+        for (name, v) in [
+            ("vocab_size", vocab_size),
+            ("intermediate_size", intermediate_size),
+        ] {
+            if v <= 0 {
+                return Err(LoadError::Config(format!(
+                    "`{name}` must be positive, got {v}"
+                )));
+            }
+        }
+        let rms_norm_eps: f32 = c.get("rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+            return Err(LoadError::Config(format!(
+                "`rms_norm_eps` must be a number of at least 0, got {rms_norm_eps}"
+            )));
+        }
+        let max_position_embeddings: usize = c
+            .get("max_position_embeddings")?
+            .unwrap_or(defaults.max_position_embeddings);
+        if max_position_embeddings == 0 {
+            return Err(LoadError::Config(
+                "`max_position_embeddings` must be positive, got 0".into(),
+            ));
+        }
         let (quantization, quantization_overrides) = c.quantization()?;
         let dtype = match c.get::<String>("dtype")? {
             Some(d) => Some(d),
@@ -371,25 +419,23 @@ impl TextConfig {
         };
         Ok(Self {
             model_type: c.model_type().to_owned(),
-            vocab_size: c.require("vocab_size")?,
+            vocab_size,
             hidden_size,
-            intermediate_size: c.require("intermediate_size")?,
+            intermediate_size,
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: c.get("rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps),
-            max_position_embeddings: c
-                .get("max_position_embeddings")?
-                .unwrap_or(defaults.max_position_embeddings),
+            rms_norm_eps,
+            max_position_embeddings,
             tie_word_embeddings: c
                 .get("tie_word_embeddings")?
                 .unwrap_or(defaults.tie_word_embeddings),
             quantization,
             quantization_overrides,
             dtype,
-            bos_token_id: token_ids(c.value("bos_token_id")).first().copied(),
-            eos_token_ids: token_ids(c.value("eos_token_id")),
+            bos_token_id: checked_token_ids(c, "bos_token_id")?.first().copied(),
+            eos_token_ids: checked_token_ids(c, "eos_token_id")?,
             gguf_architecture: None,
         })
     }
@@ -440,6 +486,21 @@ pub fn token_text(v: Option<&Value>) -> Option<&str> {
     }
 }
 
+/// The token ids of `key` in `c`: absent or null, an id, or a list of ids;
+/// anything else is an error.
+fn checked_token_ids(c: &HfConfig, key: &str) -> Result<Vec<u32>, LoadError> {
+    let v = c.value(key);
+    let id = |x: &Value| x.as_u64().is_some_and(|x| u32::try_from(x).is_ok());
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(x) if id(x) => Ok(token_ids(v)),
+        Some(Value::Array(a)) if a.iter().all(id) => Ok(token_ids(v)),
+        Some(other) => Err(LoadError::Config(format!(
+            "`{key}` must be a token id or a list of them, got {other}"
+        ))),
+    }
+}
+
 /// Token ids from a JSON number or array of numbers.
 pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
@@ -463,30 +524,58 @@ fn parse_rope(theta: f32, scaling: Option<&Value>) -> Result<Rope, LoadError> {
             scaling: RopeScaling::None,
         });
     };
-    let named = s.get("rope_type").or_else(|| s.get("type"));
+    if !s.is_object() {
+        return Err(LoadError::Config(format!(
+            "`rope_scaling` must be an object, got {s}"
+        )));
+    }
+    let named = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .filter(|n| !n.is_null());
     if named.is_none() && s.get("factor").is_some() {
         return Err(LoadError::Unsupported(
             "config key `rope_scaling` with a `factor` but no `rope_type`".into(),
         ));
     }
-    let kind = named.and_then(Value::as_str).unwrap_or("default");
+    let kind = match named {
+        None => "default",
+        Some(n) => n
+            .as_str()
+            .ok_or_else(|| LoadError::Config(format!("`rope_type` must be a string, got {n}")))?,
+    };
+    // Every factor and length is a positive number.
     let num = |k: &str| -> Result<f32, LoadError> {
         s.get(k)
             .and_then(Value::as_f64)
             .map(|x| x as f32)
-            .ok_or_else(|| LoadError::Config(format!("rope scaling `{kind}` needs `{k}`")))
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| {
+                LoadError::Config(format!(
+                    "rope scaling `{kind}` needs `{k}`, a positive number"
+                ))
+            })
     };
     let scaling = match kind {
         "default" => RopeScaling::None,
         "linear" => RopeScaling::Linear {
             factor: num("factor")?,
         },
-        "llama3" => RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")?,
-        },
+        "llama3" => {
+            let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+            // The smoothing between the two divides by their difference.
+            if high <= low {
+                return Err(LoadError::Config(format!(
+                    "rope scaling `llama3` needs `high_freq_factor` ({high}) above `low_freq_factor` ({low})"
+                )));
+            }
+            RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            }
+        }
         other => {
             return Err(LoadError::Unsupported(format!(
                 "config key `rope_scaling` of type {other:?}"

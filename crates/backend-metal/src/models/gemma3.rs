@@ -62,6 +62,17 @@ pub struct Gemma3Config {
     pub final_logit_softcapping: Option<f32>,
 }
 
+/// `v`, where it is a positive number: `name`'s value.
+fn positive(v: f32, name: &str) -> std::result::Result<f32, FormatError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(FormatError::Config(format!(
+            "`{name}` must be a positive number, got {v}"
+        )))
+    }
+}
+
 impl Gemma3Config {
     /// Reads the configuration of a `gemma3_text` model (or the text part
     /// of a `gemma3` one). Activations other than GELU-tanh are refused.
@@ -83,6 +94,12 @@ impl Gemma3Config {
                 "`sliding_window` must be positive".into(),
             ));
         }
+        // EmbeddingGemma's bidirectional attention is another model.
+        if c.get::<bool>("use_bidirectional_attention")? == Some(true) {
+            return Err(FormatError::Unsupported(
+                "config key `use_bidirectional_attention` (bidirectional attention)".into(),
+            ));
+        }
         let attention_bias = c.get::<bool>("attention_bias")?.unwrap_or(false);
         Ok(Self {
             biases: AttentionBiases {
@@ -94,8 +111,14 @@ impl Gemma3Config {
             rope_local,
             sliding_window,
             layer_types,
-            query_pre_attn_scalar: c.get("query_pre_attn_scalar")?.unwrap_or(256.0),
-            final_logit_softcapping: c.get("final_logit_softcapping")?,
+            query_pre_attn_scalar: positive(
+                c.get("query_pre_attn_scalar")?.unwrap_or(256.0),
+                "query_pre_attn_scalar",
+            )?,
+            final_logit_softcapping: c
+                .get("final_logit_softcapping")?
+                .map(|v| positive(v, "final_logit_softcapping"))
+                .transpose()?,
             text,
         })
     }
