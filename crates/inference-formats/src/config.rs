@@ -486,11 +486,14 @@ pub fn token_text(v: Option<&Value>) -> Option<&str> {
     }
 }
 
-/// The token ids of `key` in `c`: absent or null, an id, or a list of ids;
+/// The token ids of `key` in `c`: absent or null, an id, or a list of ids
+/// (a negative one, as some configurations write for "none", is dropped);
 /// anything else is an error.
 fn checked_token_ids(c: &HfConfig, key: &str) -> Result<Vec<u32>, LoadError> {
     let v = c.value(key);
-    let id = |x: &Value| x.as_u64().is_some_and(|x| u32::try_from(x).is_ok());
+    let id = |x: &Value| {
+        x.as_u64().is_some_and(|x| u32::try_from(x).is_ok()) || x.as_i64().is_some_and(|x| x < 0)
+    };
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(x) if id(x) => Ok(token_ids(v)),
