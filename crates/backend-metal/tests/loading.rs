@@ -687,13 +687,13 @@ fn load_errors_keep_their_io_sources() {
     assert!(err.to_string().contains("config.json"), "{err}");
 }
 
-/// Every top-level field of each architecture's `config.json` (nested
-/// objects' fields too) set in turn to a value of the wrong kind, size or
-/// range: the model loads (the field is unused or the value is allowed) or
-/// the load is a typed error; never a panic, an abort or a hang. Where it
-/// loads, a one-token call gives a token or a typed error.
-#[test]
-fn every_config_field_set_to_odd_values_loads_or_errs() {
+/// Every field of `file` in fixture `name` (with `nested`, the fields of
+/// nested objects too) set in turn to a value of the wrong kind, size or
+/// range: the model loads (the field is unused or the value is allowed) and
+/// a one-token chat gives a token or a typed error, or the load is a typed
+/// error; never a panic, an abort or a hang. Returns how many loaded and
+/// how many were refused.
+fn sweep(name: &str, file: &str, nested: bool) -> (usize, usize) {
     let odd = [
         Value::Null,
         Value::from(0),
@@ -707,56 +707,78 @@ fn every_config_field_set_to_odd_values_loads_or_errs() {
         Value::from(Vec::<Value>::new()),
         Value::Object(serde_json::Map::new()),
     ];
-    for name in ["qwen3-f32", "qwen2-f32", "llama-f32", "gemma3-f32"] {
-        let tmp = copy_fixture(name);
-        let p = tmp.path().join("config.json");
-        let clean: Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
-        // JSON pointers of every field, nested ones included.
-        let mut fields = Vec::new();
-        let mut stack = vec![(String::new(), &clean)];
-        while let Some((at, v)) = stack.pop() {
-            if let Value::Object(m) = v {
-                for (k, x) in m {
-                    let here = format!("{at}/{k}");
-                    fields.push(here.clone());
+    let tmp = copy_fixture(name);
+    let p = tmp.path().join(file);
+    let clean: Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    // JSON pointers of every field.
+    let mut fields = Vec::new();
+    let mut stack = vec![(String::new(), &clean)];
+    while let Some((at, v)) = stack.pop() {
+        if let Value::Object(m) = v {
+            for (k, x) in m {
+                let here = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
+                fields.push(here.clone());
+                if nested {
                     stack.push((here, x));
                 }
             }
         }
-        let (mut loaded, mut refused) = (0, 0);
-        for field in &fields {
-            for value in &odd {
-                let mut v = clean.clone();
-                *v.pointer_mut(field).unwrap() = value.clone();
-                fs::write(&p, v.to_string()).unwrap();
-                let what = format!("{name}: {field} = {value}");
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    backend_metal::MlxModel::load(
-                        tmp.path(),
-                        &LoadOptions::new().gpu_layers(0),
-                        backend_metal::Placement::Cpu,
+    }
+    let (mut loaded, mut refused) = (0, 0);
+    for field in &fields {
+        for value in &odd {
+            let mut v = clean.clone();
+            *v.pointer_mut(field).unwrap() = value.clone();
+            fs::write(&p, v.to_string()).unwrap();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                backend_metal::MlxModel::load(
+                    tmp.path(),
+                    &LoadOptions::new().gpu_layers(0),
+                    backend_metal::Placement::Cpu,
+                )
+                .map(|m| {
+                    m.chat(
+                        &[inference_core::Message::user("Hello")],
+                        &GenerateOptions::new().max_tokens(1).temperature(0.0),
                     )
-                    .map(|m| {
-                        m.generate(
-                            "Hello",
-                            &GenerateOptions::new().max_tokens(1).temperature(0.0),
-                        )
-                        .and_then(|mut s| s.collect_tokens())
-                    })
-                }));
-                match outcome {
-                    Err(_) => panic!("{what}: the load panicked"),
-                    Ok(Ok(Ok(_))) => loaded += 1,
-                    // A typed error, from the load or (a context too
-                    // small for the prompt, say) from the call.
-                    Ok(Ok(Err(_)) | Err(_)) => refused += 1,
-                }
+                    .and_then(|mut s| s.collect_tokens())
+                })
+            }));
+            match outcome {
+                Err(_) => panic!("{name}: {file} {field} = {value}: the load panicked"),
+                Ok(Ok(Ok(_))) => loaded += 1,
+                // A typed error, from the load or (a context too small
+                // for the prompt, say) from the call.
+                Ok(Ok(Err(_)) | Err(_)) => refused += 1,
             }
         }
+    }
+    (loaded, refused)
+}
+
+#[test]
+fn every_config_field_set_to_odd_values_loads_or_errs() {
+    for name in ["qwen3-f32", "qwen2-f32", "llama-f32", "gemma3-f32"] {
+        let (loaded, refused) = sweep(name, "config.json", true);
         assert!(
             loaded > 0 && refused > 0,
             "{name}: {loaded} loaded, {refused} refused"
         );
+    }
+}
+
+/// The same for the tokenizer's and the generation configurations' fields
+/// (top level: the added tokens' table is left whole).
+#[test]
+fn every_tokenizer_and_generation_config_field_set_to_odd_values_loads_or_errs() {
+    for name in ["qwen3-f32", "llama-f32", "gemma3-f32"] {
+        for file in ["tokenizer_config.json", "generation_config.json"] {
+            let (loaded, refused) = sweep(name, file, false);
+            assert!(
+                loaded > 0,
+                "{name} {file}: {loaded} loaded, {refused} refused"
+            );
+        }
     }
 }
 
@@ -848,4 +870,16 @@ fn config_values_that_would_compute_nonsense_are_refused() {
         };
         assert!(cause.contains(key), "{name}: {field} = {value}: {cause}");
     }
+    // The generation config's ids are checked as config.json's are.
+    let tmp = copy_fixture("qwen3-f32");
+    fs::write(
+        tmp.path().join("generation_config.json"),
+        r#"{"eos_token_id": "x"}"#,
+    )
+    .unwrap();
+    let cause = format!("{:?}", load_err(tmp.path()));
+    assert!(
+        cause.contains("generation_config.json: eos_token_id"),
+        "{cause}"
+    );
 }

@@ -486,11 +486,15 @@ pub fn token_text(v: Option<&Value>) -> Option<&str> {
     }
 }
 
-/// The token ids of `key` in `c`: absent or null, an id, or a list of ids
-/// (a negative one, as some configurations write for "none", is dropped);
-/// anything else is an error.
+/// The token ids of `key` in `c`.
 fn checked_token_ids(c: &HfConfig, key: &str) -> Result<Vec<u32>, LoadError> {
-    let v = c.value(key);
+    checked_ids(c.value(key), key)
+}
+
+/// Token ids from `v`, the value of `key`: absent or null, an id, or a list
+/// of ids (a negative one, as some configurations write for "none", is
+/// dropped); anything else is an error.
+pub fn checked_ids(v: Option<&Value>, key: &str) -> Result<Vec<u32>, LoadError> {
     let id = |x: &Value| {
         x.as_u64().is_some_and(|x| u32::try_from(x).is_ok()) || x.as_i64().is_some_and(|x| x < 0)
     };

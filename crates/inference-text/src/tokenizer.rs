@@ -8,7 +8,7 @@ use inference_core::{Error, Message, Result as CoreResult};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use inference_formats::config::{token_ids, token_text};
+use inference_formats::config::{checked_ids, token_ids, token_text};
 use inference_formats::LoadError;
 
 use crate::gguf::GgufTokenizer;
@@ -150,18 +150,18 @@ impl ModelTokenizer {
                 .and_then(|t| inner.token_to_id(t))
         };
 
+        // The generation config's ids, checked as config.json's are.
+        let gen_ids = |key: &str| {
+            checked_ids(
+                gen_config.as_ref().and_then(|g| g.get(key)),
+                &format!("generation_config.json: {key}"),
+            )
+        };
         let mut eos: BTreeSet<u32> = config_eos.iter().copied().collect();
-        eos.extend(token_ids(
-            gen_config.as_ref().and_then(|g| g.get("eos_token_id")),
-        ));
+        eos.extend(gen_ids("eos_token_id")?);
         eos.extend(by_text("eos_token"));
-        let bos = by_text("bos_token")
-            .or_else(|| {
-                token_ids(gen_config.as_ref().and_then(|g| g.get("bos_token_id")))
-                    .first()
-                    .copied()
-            })
-            .or(config_bos);
+        let gen_bos = gen_ids("bos_token_id")?.first().copied();
+        let bos = by_text("bos_token").or(gen_bos).or(config_bos);
 
         let chat_template = chat_template_of(dir, tok_config.as_ref())?;
 
