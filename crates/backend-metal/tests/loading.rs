@@ -15,8 +15,13 @@ use serde_json::Value;
 
 /// Copies a fixture into a temporary directory.
 fn copy_fixture(name: &str) -> tempfile::TempDir {
+    copy_dir(&fixture(name))
+}
+
+/// Copies the files of `dir` into a temporary directory.
+fn copy_dir(dir: &Path) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    for entry in fs::read_dir(fixture(name)).unwrap() {
+    for entry in fs::read_dir(dir).unwrap() {
         let p = entry.unwrap().path();
         fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
     }
@@ -687,13 +692,19 @@ fn load_errors_keep_their_io_sources() {
     assert!(err.to_string().contains("config.json"), "{err}");
 }
 
-/// Every field of `file` in fixture `name` (with `nested`, the fields of
+/// Every field of `file` in a copy of `source` (with `nested`, the fields of
 /// nested objects too) set in turn to a value of the wrong kind, size or
-/// range: the model loads (the field is unused or the value is allowed) and
-/// a one-token chat gives a token or a typed error, or the load is a typed
-/// error; never a panic, an abort or a hang. Returns how many loaded and
-/// how many were refused.
-fn sweep(name: &str, file: &str, nested: bool) -> (usize, usize) {
+/// range, then `load` of the copy: the model loads (the field is unused or
+/// the value is allowed) and a one-token chat gives a token or a typed
+/// error, or the load is a typed error; never a panic, an abort or a hang.
+/// Returns how many loaded and how many were refused.
+fn sweep(
+    source: &Path,
+    file: &str,
+    nested: bool,
+    load: impl Fn(&Path) -> Result<backend_metal::MlxModel, Error>,
+) -> (usize, usize) {
+    let name = source.file_name().unwrap().to_string_lossy().into_owned();
     let odd = [
         Value::Null,
         Value::from(0),
@@ -707,7 +718,7 @@ fn sweep(name: &str, file: &str, nested: bool) -> (usize, usize) {
         Value::from(Vec::<Value>::new()),
         Value::Object(serde_json::Map::new()),
     ];
-    let tmp = copy_fixture(name);
+    let tmp = copy_dir(source);
     let p = tmp.path().join(file);
     let clean: Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
     // JSON pointers of every field.
@@ -731,12 +742,7 @@ fn sweep(name: &str, file: &str, nested: bool) -> (usize, usize) {
             *v.pointer_mut(field).unwrap() = value.clone();
             fs::write(&p, v.to_string()).unwrap();
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                backend_metal::MlxModel::load(
-                    tmp.path(),
-                    &LoadOptions::new().gpu_layers(0),
-                    backend_metal::Placement::Cpu,
-                )
-                .map(|m| {
+                load(tmp.path()).map(|m| {
                     m.chat(
                         &[inference_core::Message::user("Hello")],
                         &GenerateOptions::new().max_tokens(1).temperature(0.0),
@@ -756,10 +762,19 @@ fn sweep(name: &str, file: &str, nested: bool) -> (usize, usize) {
     (loaded, refused)
 }
 
+/// A model directory on the CPU.
+fn load_dir(dir: &Path) -> Result<backend_metal::MlxModel, Error> {
+    backend_metal::MlxModel::load(
+        dir,
+        &LoadOptions::new().gpu_layers(0),
+        backend_metal::Placement::Cpu,
+    )
+}
+
 #[test]
 fn every_config_field_set_to_odd_values_loads_or_errs() {
     for name in ["qwen3-f32", "qwen2-f32", "llama-f32", "gemma3-f32"] {
-        let (loaded, refused) = sweep(name, "config.json", true);
+        let (loaded, refused) = sweep(&fixture(name), "config.json", true, load_dir);
         assert!(
             loaded > 0 && refused > 0,
             "{name}: {loaded} loaded, {refused} refused"
@@ -773,7 +788,7 @@ fn every_config_field_set_to_odd_values_loads_or_errs() {
 fn every_tokenizer_and_generation_config_field_set_to_odd_values_loads_or_errs() {
     for name in ["qwen3-f32", "llama-f32", "gemma3-f32"] {
         for file in ["tokenizer_config.json", "generation_config.json"] {
-            let (loaded, refused) = sweep(name, file, false);
+            let (loaded, refused) = sweep(&fixture(name), file, false, load_dir);
             assert!(
                 loaded > 0,
                 "{name} {file}: {loaded} loaded, {refused} refused"
@@ -881,5 +896,23 @@ fn config_values_that_would_compute_nonsense_are_refused() {
     assert!(
         cause.contains("generation_config.json: eos_token_id"),
         "{cause}"
+    );
+}
+
+/// The same for an mlx-lm adapter's `adapter_config.json` (nested fields
+/// too), loaded over its model.
+#[test]
+fn every_adapter_config_field_set_to_odd_values_loads_or_errs() {
+    let adapter = fixture("qwen3-f32").join("../../adapters/qwen3-f32-mlxlm");
+    let (loaded, refused) = sweep(&adapter, "adapter_config.json", true, |dir| {
+        backend_metal::MlxModel::load(
+            &fixture("qwen3-f32"),
+            &LoadOptions::new().gpu_layers(0).adapter_path(dir),
+            backend_metal::Placement::Cpu,
+        )
+    });
+    assert!(
+        loaded > 0 && refused > 0,
+        "{loaded} loaded, {refused} refused"
     );
 }
