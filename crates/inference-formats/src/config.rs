@@ -200,11 +200,7 @@ impl HfConfig {
             })?),
         }
         .unwrap_or(default_theta);
-        if !(theta.is_finite() && theta > 0.0) {
-            return Err(LoadError::Config(format!(
-                "`{theta_key}` must be a positive number, got {theta}"
-            )));
-        }
+        let theta = positive(theta, theta_key)?;
         let scaling = match chosen {
             Some(p) => Some(p),
             None if full => self.value("rope_scaling"),
@@ -339,9 +335,9 @@ pub struct TextConfig {
 impl TextConfig {
     /// Reads the shared part of `c`, with `defaults` where it is silent:
     /// sizes (and the context) must be positive, `rms_norm_eps` at least 0,
-    /// and the query heads a multiple of the
-    /// key/value heads. Partial rotary embeddings and attention-logit
-    /// soft-capping, which no architecture here implements, are refused.
+    /// and the query heads a multiple of the key/value heads. Partial rotary
+    /// embeddings and attention-logit soft-capping, which no architecture
+    /// here implements, are refused.
     pub fn read(c: &HfConfig, defaults: &Defaults) -> Result<Self, LoadError> {
         let hidden_size: i32 = c.require("hidden_size")?;
         let num_attention_heads: i32 = c.require("num_attention_heads")?;
@@ -357,12 +353,16 @@ impl TextConfig {
         let num_key_value_heads = c
             .get::<i32>("num_key_value_heads")?
             .unwrap_or(num_attention_heads);
+        let vocab_size: i32 = c.require("vocab_size")?;
+        let intermediate_size: i32 = c.require("intermediate_size")?;
         for (name, v) in [
             ("hidden_size", hidden_size),
             ("num_attention_heads", num_attention_heads),
             ("num_hidden_layers", num_hidden_layers),
             ("num_key_value_heads", num_key_value_heads),
             ("head_dim", head_dim),
+            ("vocab_size", vocab_size),
+            ("intermediate_size", intermediate_size),
         ] {
             if v <= 0 {
                 return Err(LoadError::Config(format!(
@@ -385,18 +385,6 @@ impl TextConfig {
             return Err(LoadError::Unsupported(
                 "config key `attn_logit_softcapping` (attention soft-capping)".into(),
             ));
-        }
-        let vocab_size: i32 = c.require("vocab_size")?;
-        let intermediate_size: i32 = c.require("intermediate_size")?;
-        for (name, v) in [
-            ("vocab_size", vocab_size),
-            ("intermediate_size", intermediate_size),
-        ] {
-            if v <= 0 {
-                return Err(LoadError::Config(format!(
-                    "`{name}` must be positive, got {v}"
-                )));
-            }
         }
         let rms_norm_eps: f32 = c.get("rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps);
         if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
@@ -434,8 +422,10 @@ impl TextConfig {
             quantization,
             quantization_overrides,
             dtype,
-            bos_token_id: checked_token_ids(c, "bos_token_id")?.first().copied(),
-            eos_token_ids: checked_token_ids(c, "eos_token_id")?,
+            bos_token_id: checked_ids(c.value("bos_token_id"), "bos_token_id")?
+                .first()
+                .copied(),
+            eos_token_ids: checked_ids(c.value("eos_token_id"), "eos_token_id")?,
             gguf_architecture: None,
         })
     }
@@ -486,9 +476,16 @@ pub fn token_text(v: Option<&Value>) -> Option<&str> {
     }
 }
 
-/// The token ids of `key` in `c`.
-fn checked_token_ids(c: &HfConfig, key: &str) -> Result<Vec<u32>, LoadError> {
-    checked_ids(c.value(key), key)
+/// `v`, the value of `name`, where it is a positive number; else an error
+/// naming it.
+pub fn positive(v: f32, name: &str) -> Result<f32, LoadError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(LoadError::Config(format!(
+            "`{name}` must be a positive number, got {v}"
+        )))
+    }
 }
 
 /// Token ids from `v`, the value of `key`: absent or null, an id, or a list

@@ -11,7 +11,7 @@ use mlx_rs::error::Exception;
 use mlx_rs::ops::tanh;
 use mlx_rs::{fast, Array, Dtype};
 
-use inference_formats::config::{Defaults, HfConfig, LayerKind, Rope, TextConfig};
+use inference_formats::config::{positive, Defaults, HfConfig, LayerKind, Rope, TextConfig};
 
 use crate::cache::{LayerCache, Rotation};
 use crate::error::{FormatError, LoadError};
@@ -60,17 +60,6 @@ pub struct Gemma3Config {
     pub query_pre_attn_scalar: f32,
     /// Final logit soft-capping, where configured.
     pub final_logit_softcapping: Option<f32>,
-}
-
-/// `v`, where it is a positive number: `name`'s value.
-fn positive(v: f32, name: &str) -> std::result::Result<f32, FormatError> {
-    if v.is_finite() && v > 0.0 {
-        Ok(v)
-    } else {
-        Err(FormatError::Config(format!(
-            "`{name}` must be a positive number, got {v}"
-        )))
-    }
 }
 
 impl Gemma3Config {
