@@ -188,15 +188,15 @@ fn test(root: &Path) -> Result<()> {
         .args(FEATURES)
         .env("INFER_TEST_OPENAI_PYTHON", &openai))?;
     // The continuous-batching tests again under the scheduler's GPU
-    // settings (batches grown in power-of-two buckets) and with first
-    // tokens delivered as their prefill ends where a call arrives alone
-    // (`auto`: early reads for some calls and not for others within one
-    // test), which a CPU does not take by default.
+    // settings (batches grown in power-of-two buckets), which a CPU does
+    // not take by default, and with every first token read with the step
+    // after its prefill (`INFER_EAGER_FIRST=0`; the default, `auto`, reads
+    // some early and not others within one test).
     run(cargo(root, &env)
         .args(["test", "--workspace", "--test", "continuous"])
         .args(FEATURES)
         .env("INFER_BATCH_BUCKETS", "1")
-        .env("INFER_EAGER_FIRST", "auto"))?;
+        .env("INFER_EAGER_FIRST", "0"))?;
     // The training tests again with the compiled step a GPU takes.
     run(cargo(root, &env)
         .args(["test", "--workspace", "--test", "training"])
