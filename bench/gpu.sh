@@ -24,8 +24,9 @@
 #   gpu.sh train OUT.jsonl MODEL TRAIN-ARGS...
 #                             LoRA training (infer-bench train and
 #                             mlx_lm_train_bench.py: --batch --seq --layers
-#                             --rank --report --runs [--grad-checkpoint]) in
-#                             two rounds, ours first then mlx-lm first
+#                             --rank --report --runs [--grad-checkpoint]
+#                             [--window-peaks]) in two rounds, ours first
+#                             then mlx-lm first (ROUNDS=fwd: the first only)
 #
 #   gpu.sh http OUT.jsonl MODEL CLIENTS...
 #                             serving over HTTP: our server (infer-bench serve)
@@ -191,7 +192,9 @@ train)
     shift 2
     ours() { "$WORK/infer-bench" train --model "$WORK/models/$model" --label "$model" --out "$out" "$@"; }
     theirs() { "$PY" "$HERE/mlx_lm_train_bench.py" --model "$WORK/models/$model" --label "$model" --out "$out" "$@"; }
-    ours "$@" && theirs "$@" && theirs "$@" && ours "$@"
+    # ROUNDS=fwd: ours then mlx-lm only.
+    ours "$@" && theirs "$@"
+    if [ "${ROUNDS:-both}" != fwd ]; then theirs "$@" && ours "$@"; fi
     ;;
 http)
     out=$1 model=$2

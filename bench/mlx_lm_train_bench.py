@@ -32,11 +32,15 @@ from mlx_lm_bench import prompt_ids, vocab_size  # noqa: E402
 
 
 class Capture(TrainingCallback):
-    def __init__(self):
+    def __init__(self, window_peaks=False):
         self.reports = []
+        self.window_peaks = window_peaks
 
     def on_train_loss_report(self, info):
         self.reports.append(info)
+        # Each report's peak then is its window's own.
+        if self.window_peaks:
+            mx.reset_peak_memory()
 
 
 def main() -> int:
@@ -49,6 +53,7 @@ def main() -> int:
     p.add_argument("--report", type=int, default=5)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--window-peaks", action="store_true")
     p.add_argument("--out", required=True)
     p.add_argument("--label", required=True)
     a = p.parse_args()
@@ -61,7 +66,7 @@ def main() -> int:
     )
     data = [(prompt_ids(a.seq, row, vocab), 0) for row in range(8 * a.batch)]
     mx.random.seed(0)
-    cap = Capture()
+    cap = Capture(a.window_peaks)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArgs(
             batch_size=a.batch,
@@ -101,6 +106,7 @@ def main() -> int:
                 "mlx_version": mx.__version__,
                 "mlx_lm_version": mlx_lm.__version__,
                 "grad_checkpoint": int(a.grad_checkpoint),
+                "window_peaks": a.window_peaks,
             }
             line = json.dumps(rec)
             print(("(warm-up) " if i == 0 else "") + line, file=sys.stderr)

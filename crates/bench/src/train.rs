@@ -43,6 +43,10 @@ pub struct TrainArgs {
     /// Gradient checkpointing per layer.
     #[arg(long)]
     pub grad_checkpoint: bool,
+    /// Each report's peak is that window's own (the peak is reset after each
+    /// report), to tell the first, compiling steps from the later ones.
+    #[arg(long)]
+    pub window_peaks: bool,
     /// The JSON-lines file to append to.
     #[arg(long)]
     pub out: PathBuf,
@@ -107,6 +111,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             "layers": args.layers,
             "rank": args.rank,
             "grad_checkpoint": u64::from(args.grad_checkpoint),
+            "window_peaks": args.window_peaks,
             "run": i as i64 - 1,
             "train_tps": p.tokens_per_sec,
             "peak_memory_mb": p.peak_memory_bytes as f64 / 1e6,
@@ -115,6 +120,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             "mlx_version": backend_metal::device::mlx_version(),
             "device": backend_metal::MlxBackend.device(),
         });
+        if args.window_peaks {
+            backend_metal::memory::reset_peak();
+        }
         let line = serde_json::to_string(&rec)?;
         eprintln!("{}{line}", if i == 0 { "(warm-up) " } else { "" });
         if i > 0 {
