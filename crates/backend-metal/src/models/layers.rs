@@ -385,6 +385,9 @@ enum LinearGroup<const N: usize> {
 impl<const N: usize> LinearGroup<N> {
     /// Stacks `parts` where they allow it; `what` names them in an error.
     fn new(parts: [Linear; N], what: &str) -> std::result::Result<Self, LoadError> {
+        if !stacking() {
+            return Ok(LinearGroup::Apart(parts));
+        }
         let stacked = Linear::stack(&parts.each_ref())
             .map_err(|e| FormatError::Config(format!("stacking {what}: {e}")))?;
         Ok(match stacked {
@@ -464,6 +467,13 @@ impl<const N: usize> LinearGroup<N> {
             }
         }
     }
+}
+
+/// Whether linear layers applied to one input are stacked into one matmul
+/// ([`LinearGroup`]; `INFER_STACK=0` keeps them apart, for an A/B).
+fn stacking() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("INFER_STACK").as_deref() != Ok("0"))
 }
 
 /// Whether one-position steps take [`LinearGroup::forward_heads`]
