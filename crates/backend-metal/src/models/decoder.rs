@@ -206,18 +206,17 @@ impl CausalLm for Decoder {
             let last = last_only && i + 1 == n;
             let slots = || layer_slots(&layer.self_attn, &layer.mlp);
             h = run_layer(&h, cache, slots, move |h, cache| {
-                let a = layer.self_attn.forward(
+                let residual = if last { last_keepdim(h) } else { h.clone() };
+                let h = layer.self_attn.forward(
                     &layer.input_layernorm.forward(h)?,
                     cache,
                     rope,
                     last,
+                    Some(&residual),
                 )?;
-                let h = if last { last_keepdim(h) } else { h.clone() };
-                let h = h.add(a)?;
-                let m = layer
+                layer
                     .mlp
-                    .forward(&layer.post_attention_layernorm.forward(&h)?)?;
-                h.add(m)
+                    .forward_add(&layer.post_attention_layernorm.forward(&h)?, &h)
             })?;
         }
         self.norm.forward(&h)
