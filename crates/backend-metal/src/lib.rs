@@ -63,5 +63,15 @@ pub use mlx_rs;
 pub use scheduler::SchedulerStats;
 pub use session::IdSession;
 
+/// An on/off environment switch: `Some(true)` for `1`, `Some(false)` for
+/// `0`, `None` when unset or anything else (the caller's default then).
+pub(crate) fn env_switch(name: &str) -> Option<bool> {
+    match std::env::var(name).as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    }
+}
+
 inference_core::register_backend!(|| Box::new(MlxBackend));
 inference_core::register_backend!(|| Box::new(MetalBackend));

@@ -561,11 +561,8 @@ impl<'a> Scheduler<'a> {
             tp: None,
             followed: None,
             slow: SlowPass::default(),
-            bucket_batches: match std::env::var("INFER_BATCH_BUCKETS").as_deref() {
-                Ok("0") => false,
-                Ok("1") => true,
-                _ => crate::device::default_is_gpu(),
-            },
+            bucket_batches: crate::env_switch("INFER_BATCH_BUCKETS")
+                .unwrap_or_else(crate::device::default_is_gpu),
             eager_first: EagerFirst::from_env(),
         }
     }

@@ -230,11 +230,8 @@ pub fn compiled_loss_and_grads<'m>(
 /// `INFER_TRAIN_COMPILE=0` or `1` overrides (on this project's 2-core CPU
 /// a compiled step trained no faster and peaked 3% higher).
 fn compile_steps(adapted: &Adapted) -> bool {
-    let wanted = match std::env::var("INFER_TRAIN_COMPILE").as_deref() {
-        Ok("0") => false,
-        Ok("1") => true,
-        _ => crate::device::default_is_gpu(),
-    };
+    let wanted =
+        crate::env_switch("INFER_TRAIN_COMPILE").unwrap_or_else(crate::device::default_is_gpu);
     wanted && adapted.dropout == 0.0
 }
 

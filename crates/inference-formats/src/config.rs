@@ -492,17 +492,26 @@ pub fn positive(v: f32, name: &str) -> Result<f32, LoadError> {
 /// of ids (a negative one, as some configurations write for "none", is
 /// dropped); anything else is an error.
 pub fn checked_ids(v: Option<&Value>, key: &str) -> Result<Vec<u32>, LoadError> {
-    let id = |x: &Value| {
-        x.as_u64().is_some_and(|x| u32::try_from(x).is_ok()) || x.as_i64().is_some_and(|x| x < 0)
+    // `Some(Some(id))`, `Some(None)` for a negative "none", `None` for
+    // anything else.
+    let id = |x: &Value| match x.as_u64() {
+        Some(u) => u32::try_from(u).ok().map(Some),
+        None => x.as_i64().filter(|i| *i < 0).map(|_| None),
     };
-    match v {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(x) if id(x) => Ok(token_ids(v)),
-        Some(Value::Array(a)) if a.iter().all(id) => Ok(token_ids(v)),
-        Some(other) => Err(LoadError::Config(format!(
-            "`{key}` must be a token id or a list of them, got {other}"
-        ))),
-    }
+    let x = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(x) => x,
+    };
+    let ids = match x {
+        Value::Array(a) => a.iter().map(id).collect::<Option<Vec<_>>>(),
+        one => id(one).map(|one| vec![one]),
+    };
+    ids.map(|ids| ids.into_iter().flatten().collect())
+        .ok_or_else(|| {
+            LoadError::Config(format!(
+                "`{key}` must be a token id or a list of them, got {x}"
+            ))
+        })
 }
 
 /// Token ids from a JSON number or array of numbers.

@@ -499,21 +499,21 @@ impl<const N: usize> LinearGroup<N> {
 /// on a GPU).
 fn fused_residuals() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("INFER_ADDMM").as_deref() == Ok("1"))
+    *ON.get_or_init(|| crate::env_switch("INFER_ADDMM").unwrap_or(false))
 }
 
 /// Whether linear layers applied to one input are stacked into one matmul
 /// ([`LinearGroup`]; `INFER_STACK=0` keeps them apart, for an A/B).
 fn stacking() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("INFER_STACK").as_deref() != Ok("0"))
+    *ON.get_or_init(|| crate::env_switch("INFER_STACK").unwrap_or(true))
 }
 
 /// Whether one-position steps take [`LinearGroup::forward_heads`]
 /// (`INFER_STEP_SPLIT=0` turns it off, for an A/B).
 fn heads_in_one_split() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("INFER_STEP_SPLIT").as_deref() != Ok("0"))
+    *ON.get_or_init(|| crate::env_switch("INFER_STEP_SPLIT").unwrap_or(true))
 }
 
 /// `y` split along `axis` into `N` parts ending at `ends` (the last end is
