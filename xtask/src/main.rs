@@ -197,11 +197,13 @@ fn test(root: &Path) -> Result<()> {
         .args(FEATURES)
         .env("INFER_BATCH_BUCKETS", "1")
         .env("INFER_EAGER_FIRST", "0"))?;
-    // The training tests again with the compiled step a GPU takes.
+    // The training tests again with the compiled step and the queue
+    // throttle (`memory::QueueThrottle`) a GPU takes.
     run(cargo(root, &env)
         .args(["test", "--workspace", "--test", "training"])
         .args(FEATURES)
-        .env("INFER_TRAIN_COMPILE", "1"))?;
+        .env("INFER_TRAIN_COMPILE", "1")
+        .env("INFER_TRAIN_THROTTLE", "1"))?;
     run(cargo(root, &env)
         .args(["doc", "--workspace", "--no-deps"])
         .args(FEATURES)

@@ -5,6 +5,9 @@
 //! MLX reports an error. For what the device is, see
 //! [`device::describe`](crate::device::describe).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use inference_core::Error;
 use mlx_rs::memory as mx;
 
@@ -20,7 +23,26 @@ pub fn active() -> u64 {
 
 /// The most bytes MLX held since the last [`reset_peak`].
 pub fn peak() -> u64 {
+    raw_peak().max(FOLDED_PEAK.load(Ordering::Relaxed))
+}
+
+/// MLX's own peak counter, which [`QueueThrottle`] restarts for each step
+/// it measures; [`peak`] keeps what it reached before.
+fn raw_peak() -> u64 {
     mx::peak_memory().map_or(0, |b| b as u64)
+}
+
+/// What MLX's peak counter had reached when [`QueueThrottle`] last
+/// restarted it (0 after [`reset_peak`]).
+static FOLDED_PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// Restarts MLX's peak counter to measure one step, keeping the peak so far
+/// in [`peak`].
+fn restart_raw_peak() {
+    FOLDED_PEAK.fetch_max(raw_peak(), Ordering::Relaxed);
+    if let Err(e) = mx::reset_peak_memory() {
+        tracing::debug!(error = %e, "reset_peak_memory failed");
+    }
 }
 
 /// Bytes MLX keeps in its buffer cache (freed buffers kept for reuse).
@@ -30,6 +52,7 @@ pub fn cache() -> u64 {
 
 /// Starts a new peak measurement.
 pub fn reset_peak() {
+    FOLDED_PEAK.store(0, Ordering::Relaxed);
     if let Err(e) = mx::reset_peak_memory() {
         tracing::debug!(error = %e, "reset_peak_memory failed");
     }
@@ -97,4 +120,132 @@ pub fn apply_limits(
         set_wired_limit(b)?;
     }
     Ok(())
+}
+
+/// Bounds how far ahead of the GPU MLX queues a training step's work.
+///
+/// MLX keeps every input of a queued kernel alive until the GPU has run it,
+/// and lets the host run up to ten command graphs ahead. A fast host thus
+/// holds arrays that are already dead: on an H100, a Qwen3-0.6B LoRA step
+/// (4 × 512 tokens, 16 layers) peaked at 8.4–8.7 GB against the 5.7 GB it
+/// needs when nothing runs ahead. MLX's evaluation waits for queued work
+/// while active memory is over the memory limit, so the throttle sets that
+/// limit around each step: the first step of each batch width runs with the
+/// limit at the memory already in use (nothing queued ahead) and its peak
+/// is that width's need; later steps of the width run with the limit at that
+/// need, so that the host queues freely until the step nears its peak. On
+/// that H100 the step then peaked at 6.1 GB against mlx-lm's 6.2 GB, as fast
+/// as mlx-lm (a 5 % or 2 % margin peaked no lower and trained no faster).
+/// The limit never exceeds the one set before (a load's
+/// `memory_limit_bytes`), which is restored after each step and on drop.
+pub(crate) struct QueueThrottle {
+    /// The memory limit before training.
+    original: u64,
+    /// Each batch width's need: its first step's peak.
+    needs: HashMap<i32, u64>,
+    /// The width whose first step is running.
+    measuring: Option<i32>,
+}
+
+impl QueueThrottle {
+    /// A throttle where the default device is a GPU, unless
+    /// `INFER_TRAIN_THROTTLE=0` (`1` turns it on for a CPU too); `None` where
+    /// it is off.
+    pub(crate) fn new() -> Option<Self> {
+        let on =
+            crate::env_switch("INFER_TRAIN_THROTTLE").unwrap_or_else(crate::device::default_is_gpu);
+        on.then(|| Self {
+            original: memory_limit(),
+            needs: HashMap::new(),
+            measuring: None,
+        })
+    }
+
+    /// Sets the limit for a step of batches `width` tokens wide.
+    pub(crate) fn before_step(&mut self, width: i32) -> Result<(), Error> {
+        let limit = match self.needs.get(&width) {
+            Some(&need) => need,
+            None => {
+                self.measuring = Some(width);
+                restart_raw_peak();
+                active()
+            }
+        };
+        set_memory_limit(limit.clamp(1, self.original.max(1)))?;
+        Ok(())
+    }
+
+    /// After the step's evaluation: records a measured need and restores
+    /// the limit.
+    pub(crate) fn after_step(&mut self) -> Result<(), Error> {
+        if let Some(width) = self.measuring.take() {
+            let need = raw_peak();
+            tracing::debug!(
+                width,
+                need_mb = need / 1_000_000,
+                "training step need measured"
+            );
+            self.needs.insert(width, need);
+        }
+        set_memory_limit(self.original)?;
+        Ok(())
+    }
+}
+
+impl Drop for QueueThrottle {
+    fn drop(&mut self) {
+        if let Err(e) = set_memory_limit(self.original) {
+            tracing::warn!(error = %e, "could not restore MLX's memory limit after training");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::Array;
+
+    /// A width's first step runs with nothing queued ahead and measures its
+    /// need (at least what the step held); the next step of that width is
+    /// limited to the need; the limit before training comes back after
+    /// each step and when the throttle goes.
+    #[test]
+    fn throttle_limits_a_width_to_its_first_steps_need_and_restores_the_limit() {
+        let original = memory_limit();
+        let mut t = QueueThrottle {
+            original,
+            needs: HashMap::new(),
+            measuring: None,
+        };
+        t.before_step(65).unwrap();
+        assert_eq!(t.measuring, Some(65));
+        assert!(
+            memory_limit() < original,
+            "the measured step queues nothing ahead"
+        );
+        // What the step holds: 16 MB, alive until after the step.
+        let held = Array::ones::<f32>(&[2048, 2048]).unwrap();
+        held.eval().unwrap();
+        t.after_step().unwrap();
+        let need = t.needs[&65];
+        assert!(
+            need >= 16 << 20,
+            "need {need} below the 16 MB the step held"
+        );
+        assert!(peak() >= 16 << 20);
+        assert_eq!(memory_limit(), original);
+
+        t.before_step(65).unwrap();
+        assert_eq!(t.measuring, None, "a known width is not measured again");
+        assert_eq!(memory_limit(), need.min(original));
+        t.after_step().unwrap();
+        assert_eq!(t.needs[&65], need);
+        assert_eq!(memory_limit(), original);
+
+        t.before_step(129).unwrap();
+        assert_eq!(t.measuring, Some(129), "a new width is measured");
+        drop(t);
+        assert_eq!(memory_limit(), original);
+        drop(held);
+    }
 }

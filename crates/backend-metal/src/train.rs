@@ -726,6 +726,7 @@ pub fn train(
         order.next();
     }
     crate::memory::reset_peak();
+    let mut throttle = crate::memory::QueueThrottle::new();
     let (mut window_loss, mut window_steps, mut window_tokens) = (0f64, 0usize, 0f64);
     let mut window_start = Instant::now();
     let mut lr = opts.learning_rate_at(run.updates.saturating_sub(1));
@@ -753,6 +754,9 @@ pub fn train(
         let rows: Vec<&Example> = group.iter().map(|&i| &data.train[i]).collect();
         let (batch, lengths) = make_batch(&rows, opts).map_err(e)?;
         random::seed(opts.seed.wrapping_add(it as u64)).map_err(e)?;
+        if let Some(t) = throttle.as_mut() {
+            t.before_step(batch.dim(1))?;
+        }
         let before = grad_checkpoint::checkpoint_layers(opts.grad_checkpoint);
         let outcome = match compiled.as_mut() {
             Some(step) => step_compiled(step, model, adapted, &params, &batch, &lengths),
@@ -799,6 +803,9 @@ pub fn train(
                 .chain([&loss, &ntoks]),
         )
         .map_err(e)?;
+        if let Some(t) = throttle.as_mut() {
+            t.after_step()?;
+        }
         let n = f64::from(scalar(&ntoks)?);
         window_loss += f64::from(scalar(&loss)?);
         window_steps += 1;
