@@ -495,8 +495,9 @@ impl<const N: usize> LinearGroup<N> {
 }
 
 /// Whether residual additions ride on the matmul before them
-/// ([`Linear::forward_add`]; `INFER_ADDMM=1`, off by default until measured
-/// on a GPU).
+/// ([`Linear::forward_add`]; `INFER_ADDMM=1`). Off by default: on an H100
+/// Qwen3-0.6B decoded a third slower with it (one position's `addmm` goes to
+/// cuBLASLt, not MLX's gemv; docs/benchmarks.md).
 fn fused_residuals() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| crate::env_switch("INFER_ADDMM").unwrap_or(false))
