@@ -148,12 +148,14 @@ pub(crate) struct QueueThrottle {
 }
 
 impl QueueThrottle {
-    /// A throttle where the default device is a GPU, unless
-    /// `INFER_TRAIN_THROTTLE=0` (`1` turns it on for a CPU too); `None` where
-    /// it is off.
+    /// A throttle where the default device is an NVIDIA GPU, where it was
+    /// measured (Metal's queue is untested), unless `INFER_TRAIN_THROTTLE=0`;
+    /// `1` turns it on for any device. `None` where it is off.
     pub(crate) fn new() -> Option<Self> {
-        let on =
-            crate::env_switch("INFER_TRAIN_THROTTLE").unwrap_or_else(crate::device::default_is_gpu);
+        let on = crate::env_switch("INFER_TRAIN_THROTTLE").unwrap_or_else(|| {
+            let info = crate::device::mlx();
+            info.default_is_gpu && info.gpu == Some(crate::device::GpuApi::Cuda)
+        });
         on.then(|| Self {
             original: memory_limit(),
             needs: HashMap::new(),
