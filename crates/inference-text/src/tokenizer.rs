@@ -145,9 +145,20 @@ impl ModelTokenizer {
             .map_err(|e| LoadError::Tokenizer(format!("{}: {e}", path.display())))?;
         let tok_config = read_json(&dir.join("tokenizer_config.json"))?;
         let gen_config = read_json(&dir.join("generation_config.json"))?;
+        // A named token missing from the vocabulary is left out, and said so
+        // (transformers would add it as a new token, one the model has no
+        // embedding or logit for).
         let by_text = |key: &str| {
-            token_text(tok_config.as_ref().and_then(|c| c.get(key)))
-                .and_then(|t| inner.token_to_id(t))
+            let text = token_text(tok_config.as_ref().and_then(|c| c.get(key)))?;
+            let id = inner.token_to_id(text);
+            if id.is_none() {
+                tracing::warn!(
+                    key,
+                    token = text,
+                    "tokenizer_config.json names a token that is not in tokenizer.json's vocabulary; left out"
+                );
+            }
+            id
         };
 
         // The generation config's ids, checked as config.json's are.
