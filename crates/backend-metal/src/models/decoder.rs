@@ -206,17 +206,18 @@ impl CausalLm for Decoder {
             let last = last_only && i + 1 == n;
             let slots = || layer_slots(&layer.self_attn, &layer.mlp);
             h = run_layer(&h, cache, slots, move |h, cache| {
-                let residual = if last { last_keepdim(h) } else { h.clone() };
-                let h = layer.self_attn.forward(
+                let a = layer.self_attn.forward(
                     &layer.input_layernorm.forward(h)?,
                     cache,
                     rope,
                     last,
-                    Some(&residual),
                 )?;
-                layer
+                let h = if last { last_keepdim(h) } else { h.clone() };
+                let h = h.add(a)?;
+                let m = layer
                     .mlp
-                    .forward_add(&layer.post_attention_layernorm.forward(&h)?, &h)
+                    .forward(&layer.post_attention_layernorm.forward(&h)?)?;
+                h.add(m)
             })?;
         }
         self.norm.forward(&h)

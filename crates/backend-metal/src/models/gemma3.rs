@@ -285,7 +285,6 @@ impl CausalLm for Gemma3 {
                     cache,
                     rope,
                     last,
-                    None,
                 )?;
                 let h = if last { last_keepdim(h) } else { h.clone() };
                 let h = h.add(layer.post_attention_layernorm.forward(&a)?)?;

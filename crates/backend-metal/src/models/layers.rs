@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::IndexOp;
-use mlx_rs::ops::{addmm, concatenate, dequantize, matmul, quantized_matmul, sigmoid, tanh};
+use mlx_rs::ops::{concatenate, dequantize, matmul, quantized_matmul, sigmoid, tanh};
 use mlx_rs::transforms::compile::compile;
 use mlx_rs::transforms::eval;
 use mlx_rs::{fast, with_stream, Array, Device, Stream};
@@ -361,31 +361,6 @@ impl Linear {
         self.lora.apply(x, y)
     }
 
-    /// `residual + self.forward(x)`: with `INFER_ADDMM=1`, as one MLX
-    /// `addmm` (the matmul's epilogue adds the residual: one kernel fewer)
-    /// where the layer is a plain dense matmul (no bias, adapter, tensor
-    /// parallel sum or CPU split); otherwise a matmul and an add.
-    pub fn forward_add(&self, x: &Array, residual: &Array) -> Result<Array> {
-        self.residual_add(x, residual, fused_residuals())
-    }
-
-    /// [`forward_add`](Self::forward_add), fused where `fuse` and the layer
-    /// allow it.
-    fn residual_add(&self, x: &Array, residual: &Array, fuse: bool) -> Result<Array> {
-        match &self.weight {
-            Matrix::Dense(w)
-                if fuse
-                    && self.bias.is_none()
-                    && self.reduce.is_none()
-                    && !self.lora.is_set()
-                    && CPU_STREAMS.with_borrow(Vec::is_empty) =>
-            {
-                addmm(residual, x, w.t(), 1.0, 1.0)
-            }
-            _ => residual.add(self.forward(x)?),
-        }
-    }
-
     /// Input features.
     pub fn in_features(&self) -> i32 {
         match &self.weight {
@@ -494,15 +469,6 @@ impl<const N: usize> LinearGroup<N> {
     }
 }
 
-/// Whether residual additions ride on the matmul before them
-/// ([`Linear::forward_add`]; `INFER_ADDMM=1`). Off by default: on an H100
-/// Qwen3-0.6B decoded a third slower with it (one position's `addmm` goes to
-/// cuBLASLt, not MLX's gemv; docs/benchmarks.md).
-fn fused_residuals() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| crate::env_switch("INFER_ADDMM").unwrap_or(false))
-}
-
 /// Whether linear layers applied to one input are stacked into one matmul
 /// ([`LinearGroup`]; `INFER_STACK=0` keeps them apart, for an A/B).
 fn stacking() -> bool {
@@ -600,18 +566,9 @@ impl GatedMlp {
 
     /// Applies the MLP.
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        self.down_proj.forward(&self.hidden(x)?)
-    }
-
-    /// `residual + self.forward(x)` ([`Linear::forward_add`]).
-    pub fn forward_add(&self, x: &Array, residual: &Array) -> Result<Array> {
-        self.down_proj.forward_add(&self.hidden(x)?, residual)
-    }
-
-    /// `act(gate(x)) × up(x)`, the down projection's input.
-    fn hidden(&self, x: &Array) -> Result<Array> {
         let [gate, up] = self.gate_up.forward(x)?;
-        (self.fused.borrow_mut())((&gate, &up))
+        let hidden = (self.fused.borrow_mut())((&gate, &up))?;
+        self.down_proj.forward(&hidden)
     }
 }
 
@@ -724,15 +681,13 @@ impl<N: Norm> Attention<N> {
     /// extends with every position's keys and values. With `last_only`, only
     /// the last position queries (the output is `[B, 1, hidden]`): what the
     /// final layer of a prefill needs, since only the last position's hidden
-    /// state is read. With `residual` (of the output's shape), the output is
-    /// added to it ([`Linear::forward_add`]).
+    /// state is read.
     pub fn forward(
         &self,
         x: &Array,
         cache: &mut LayerCache,
         rope: &RotaryEmbedding,
         last_only: bool,
-        residual: Option<&Array>,
     ) -> Result<Array> {
         let (b, l) = (x.dim(0), x.dim(1));
         let trim = last_only && l > 1;
@@ -785,10 +740,7 @@ impl<N: Norm> Attention<N> {
             _ => out.transpose_axes(&[0, 2, 1, 3])?,
         }
         .reshape(&[b, lq, self.heads * self.head_dim])?;
-        match residual {
-            Some(r) => self.o_proj.forward_add(&out, r),
-            None => self.o_proj.forward(&out),
-        }
+        self.o_proj.forward(&out)
     }
 }
 
@@ -1013,39 +965,6 @@ mod stack_tests {
     fn values(a: &Array) -> Vec<f32> {
         a.eval().unwrap();
         a.as_slice::<f32>().to_vec()
-    }
-
-    /// A residual added by the matmul's epilogue equals the matmul then the
-    /// add (one position and several, as decode and prefill call it); a
-    /// layer with a bias is never fused.
-    #[test]
-    fn fused_residuals_equal_a_matmul_then_an_add() {
-        for (shape, bias) in [
-            (vec![1, 1, 64], false),
-            (vec![2, 3, 64], false),
-            (vec![1, 1, 64], true),
-        ] {
-            let layer = dense(24, 7, bias);
-            let x = random::normal::<f32>(&shape, None, None, None).unwrap();
-            let mut out_shape = shape.clone();
-            out_shape[2] = 24;
-            let r = random::normal::<f32>(&out_shape, None, None, None).unwrap();
-            let fused = layer.residual_add(&x, &r, true).unwrap();
-            let plain = layer.residual_add(&x, &r, false).unwrap();
-            assert_eq!(fused.shape(), plain.shape());
-            let (f, p) = (values(&fused), values(&plain));
-            let scale = p.iter().fold(1f32, |m, v| m.max(v.abs()));
-            for (a, b) in f.iter().zip(&p) {
-                assert!(
-                    (a - b).abs() <= 1e-5 * scale,
-                    "{shape:?} {bias}: {a} vs {b}"
-                );
-            }
-            // With a bias the layer is not fused, so both are the same ops.
-            if bias {
-                assert_eq!(f, p);
-            }
-        }
     }
 
     /// A stack of alike parts computes exactly the parts' outputs side by
