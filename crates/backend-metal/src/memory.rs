@@ -138,6 +138,8 @@ pub fn apply_limits(
 /// as mlx-lm (a 5 % or 2 % margin peaked no lower and trained no faster).
 /// The limit never exceeds the one set before (a load's
 /// `memory_limit_bytes`), which is restored after each step and on drop.
+/// The limit is process-wide: other work of the process during a step
+/// (another model's generation) waits on the same queue.
 pub(crate) struct QueueThrottle {
     /// The memory limit before training.
     original: u64,
@@ -156,8 +158,10 @@ impl QueueThrottle {
             let info = crate::device::mlx();
             info.default_is_gpu && info.gpu == Some(crate::device::GpuApi::Cuda)
         });
-        on.then(|| Self {
-            original: memory_limit(),
+        // No limit to come back to (MLX reported none): no throttle.
+        let original = memory_limit();
+        (on && original > 0).then(|| Self {
+            original,
             needs: HashMap::new(),
             measuring: None,
         })
