@@ -109,6 +109,26 @@ pub fn synchronize() -> bool {
     unsafe { mlx_sys::mlx_synchronize_default() == 0 }
 }
 
+/// Whether this thread's default stream (the one MLX operations without a
+/// stream run on, as [`mlx_rs::with_device`] sets it) is on the GPU.
+pub fn thread_stream_is_gpu() -> bool {
+    let stream = mlx_rs::Stream::thread_local_or_default();
+    let mut kind = mlx_sys::mlx_device_type__MLX_CPU;
+    // SAFETY: `stream` is a live handle for the call; `dev` starts empty,
+    // MLX fills it, it is read while alive and freed once; the type is
+    // written through a pointer to a live local.
+    let status = unsafe {
+        let mut dev = mlx_sys::mlx_device_new();
+        let mut status = mlx_sys::mlx_stream_get_device(&mut dev, stream.as_ptr());
+        if status == 0 {
+            status = mlx_sys::mlx_device_get_type(&mut kind, dev);
+        }
+        mlx_sys::mlx_device_free(dev);
+        status
+    };
+    status == 0 && kind == mlx_sys::mlx_device_type__MLX_GPU
+}
+
 /// One value of MLX's device information.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InfoValue {

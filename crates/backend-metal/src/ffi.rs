@@ -1,7 +1,7 @@
 //! `unsafe` at the edge of MLX: handing raw bytes to MLX, and the MLX
-//! operations called through its C API directly ([`slice_update`], and
-//! [`checkpoint`] and [`Compiled`] for functions that borrow, which
-//! mlx-rs does not wrap). (The only other `unsafe`
+//! operations called through its C API directly ([`slice_update`],
+//! [`checkpoint`] and [`Compiled`] for functions that borrow, and
+//! [`CudaKernel`] for kernels of ours, which mlx-rs does not wrap). (The only other `unsafe`
 //! code of the crate is `device`'s queries of MLX's C API; weight files are
 //! mapped by `inference_formats::map_file`.)
 
@@ -424,6 +424,177 @@ impl Drop for Compiled<'_> {
         // SAFETY: the handle came from `mlx_compile` and is freed once.
         unsafe {
             mlx_sys::mlx_closure_free(self.closure);
+        }
+    }
+}
+
+/// A CUDA kernel of ours run by MLX (`mlx_fast_cuda_kernel`): MLX compiles
+/// the source with NVRTC at its first evaluation (and caches the result),
+/// then launches it as one node of its command graphs. MLX has no gradient
+/// for it, and only its CUDA backend runs it.
+pub struct CudaKernel {
+    raw: mlx_sys::mlx_fast_cuda_kernel,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl std::fmt::Debug for CudaKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaKernel")
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+/// An MLX vector of the strings `items` (freed by the caller).
+fn vector_string(items: &[&str]) -> Result<mlx_sys::mlx_vector_string, Exception> {
+    let owned = items
+        .iter()
+        .map(|s| std::ffi::CString::new(*s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Exception::custom(format!("kernel argument name: {e}")))?;
+    // SAFETY: MLX copies each NUL-terminated string while `owned` lives.
+    unsafe {
+        let v = mlx_sys::mlx_vector_string_new();
+        for s in &owned {
+            mlx_sys::mlx_vector_string_append_value(v, s.as_ptr());
+        }
+        Ok(v)
+    }
+}
+
+impl CudaKernel {
+    /// A kernel named `name` whose body is `source`, taking the arrays
+    /// `inputs` (row-contiguous: MLX copies any that are not) and writing
+    /// `outputs`, by those names. Nothing is compiled yet.
+    pub fn new(
+        name: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        source: &str,
+    ) -> Result<Self, Exception> {
+        let c = |s: &str| {
+            std::ffi::CString::new(s).map_err(|e| Exception::custom(format!("kernel text: {e}")))
+        };
+        let (c_name, c_source, c_header) = (c(name)?, c(source)?, c("")?);
+        let input_names = vector_string(inputs)?;
+        let output_names = match vector_string(outputs) {
+            Ok(v) => v,
+            Err(e) => {
+                // SAFETY: made above, freed once.
+                unsafe { mlx_sys::mlx_vector_string_free(input_names) };
+                return Err(e);
+            }
+        };
+        // SAFETY: every pointer is a live NUL-terminated string or MLX
+        // vector for the call; MLX copies them into the kernel function.
+        // The vectors are freed here; the kernel handle is owned by the
+        // returned value (freed on drop), or freed here when MLX failed.
+        unsafe {
+            let raw = mlx_sys::mlx_fast_cuda_kernel_new(
+                c_name.as_ptr(),
+                input_names,
+                output_names,
+                c_source.as_ptr(),
+                c_header.as_ptr(),
+                true,
+                0,
+            );
+            mlx_sys::mlx_vector_string_free(input_names);
+            mlx_sys::mlx_vector_string_free(output_names);
+            if raw.ctx.is_null() {
+                return Err(Exception::custom(format!(
+                    "MLX could not make kernel {name}"
+                )));
+            }
+            Ok(Self {
+                raw,
+                inputs: inputs.len(),
+                outputs: outputs.len(),
+            })
+        }
+    }
+
+    /// The kernel over `inputs` (in the order of their names), writing
+    /// outputs of the given shapes and dtypes, with `grid` threads in all
+    /// in blocks of `block` threads (MLX's convention: a grid of threads,
+    /// not of blocks), on the thread's default stream.
+    pub fn apply(
+        &self,
+        inputs: &[&Array],
+        outputs: &[(&[i32], Dtype)],
+        grid: [i32; 3],
+        block: [i32; 3],
+    ) -> Result<Vec<Array>, Exception> {
+        if inputs.len() != self.inputs || outputs.len() != self.outputs {
+            return Err(Exception::custom(format!(
+                "kernel called with {} inputs and {} outputs, not {} and {}",
+                inputs.len(),
+                outputs.len(),
+                self.inputs,
+                self.outputs
+            )));
+        }
+        let ptrs: Vec<mlx_sys::mlx_array> = inputs.iter().map(|a| a.as_ptr()).collect();
+        let stream = Stream::thread_local_or_default();
+        // SAFETY: the config, the input vector and the output vector are
+        // made here and freed before returning; each shape slice is live
+        // for its call (MLX copies it); `self.raw` lives while `self` does.
+        // Each array read from the output vector is a new reference that
+        // the returned `Array` takes over.
+        unsafe {
+            let config = mlx_sys::mlx_fast_cuda_kernel_config_new();
+            let mut status = 0;
+            for (shape, dtype) in outputs {
+                status |= mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(
+                    config,
+                    shape.as_ptr(),
+                    shape.len(),
+                    *dtype as mlx_sys::mlx_dtype,
+                );
+            }
+            status |=
+                mlx_sys::mlx_fast_cuda_kernel_config_set_grid(config, grid[0], grid[1], grid[2]);
+            status |= mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(
+                config, block[0], block[1], block[2],
+            );
+            let input = mlx_sys::mlx_vector_array_new_data(ptrs.as_ptr(), ptrs.len());
+            let mut output = mlx_sys::mlx_vector_array_new();
+            if status == 0 {
+                status = mlx_sys::mlx_fast_cuda_kernel_apply(
+                    &mut output,
+                    self.raw,
+                    input,
+                    config,
+                    stream.as_ptr(),
+                );
+            }
+            mlx_sys::mlx_vector_array_free(input);
+            mlx_sys::mlx_fast_cuda_kernel_config_free(config);
+            if status != 0 {
+                mlx_sys::mlx_vector_array_free(output);
+                return Err(Exception::custom("MLX could not apply a CUDA kernel"));
+            }
+            let out = (0..mlx_sys::mlx_vector_array_size(output))
+                .map(|i| {
+                    let mut a = mlx_sys::mlx_array_new();
+                    mlx_sys::mlx_vector_array_get(&mut a, output, i);
+                    Array::from_ptr(a)
+                })
+                .collect();
+            mlx_sys::mlx_vector_array_free(output);
+            Ok(out)
+        }
+    }
+}
+
+impl Drop for CudaKernel {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `mlx_fast_cuda_kernel_new` and is
+        // freed once.
+        unsafe {
+            mlx_sys::mlx_fast_cuda_kernel_free(self.raw);
         }
     }
 }

@@ -60,6 +60,7 @@ pub use backend::{placement_for, MetalBackend, MlxBackend};
 pub use engine::{MlxModel, Placement};
 pub use error::{METAL_NAME, NAME};
 pub use mlx_rs;
+pub use models::fused::{check as check_fused_kernels, CheckResult as FusedCheck};
 pub use scheduler::SchedulerStats;
 pub use session::IdSession;
 

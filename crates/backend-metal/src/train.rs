@@ -174,6 +174,8 @@ pub fn loss_and_grads(
     lengths: &Array,
     training: bool,
 ) -> Result<(Array, Array, Vec<Array>)> {
+    // MLX has no gradient for the fused decode kernels.
+    let _plain = crate::models::fused::Suspend::new();
     let argnums: Vec<i32> = (0..params.len() as i32).collect();
     let f = |p: &[Array]| -> Result<Vec<Array>> {
         adapted.install(model, p, training)?;
@@ -694,6 +696,8 @@ pub fn train(
     sink: &TrainSink,
 ) -> inference_core::Result<()> {
     let e = mlx_error;
+    // MLX has no gradient for the fused decode kernels.
+    let _plain = crate::models::fused::Suspend::new();
     if opts.grad_checkpoint && adapted.dropout > 0.0 {
         return Err(Error::unsupported(
             "grad_checkpoint with adapter dropout (a recomputed layer would draw other dropout masks)",

@@ -126,6 +126,11 @@ enum Command {
     Serve(http::ServeArgs),
     /// Drives an OpenAI-compatible server with concurrent streaming clients.
     HttpLoad(http::LoadArgs),
+    /// Compares the fused CUDA decode kernels with MLX's own operations on
+    /// random inputs (bfloat16, float16, float32) and prints one JSON line
+    /// per comparison; fails where a difference is more than a rounding of
+    /// the dtype. Needs MLX's CUDA backend.
+    FusedCheck,
     /// llama-bench's method on llama.cpp's own API (no wrapper of ours):
     /// the `single` steps of a plan on a GGUF file, appended as records of
     /// engine `llama.cpp-raw`.
@@ -184,6 +189,7 @@ fn main() -> Result<()> {
             );
         }
         Command::Train(args) => train::train(&args)?,
+        Command::FusedCheck => fused_check()?,
         Command::Serve(args) => http::serve(&args)?,
         Command::HttpLoad(args) => http::load(&args)?,
         Command::LlamaRaw {
@@ -251,6 +257,48 @@ fn main() -> Result<()> {
             })?;
         }
     }
+    Ok(())
+}
+
+/// [`Command::FusedCheck`]: each comparison as a JSON line; an error where
+/// a kernel is further from MLX than a couple of roundings of its dtype
+/// (relative to the largest value), which the sums' other order of addition
+/// can cost.
+fn fused_check() -> Result<()> {
+    use backend_metal::mlx_rs::Dtype;
+    let mut worst: Vec<String> = Vec::new();
+    for (dtype, ulp) in [
+        (Dtype::Bfloat16, 2f32.powi(-7)),
+        (Dtype::Float16, 2f32.powi(-10)),
+        (Dtype::Float32, 2f32.powi(-20)),
+    ] {
+        for c in backend_metal::check_fused_kernels(dtype)? {
+            let bound = 4.0 * ulp * c.max_abs.max(1.0);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "dtype": format!("{dtype:?}"),
+                    "case": c.case,
+                    "max_abs_diff": c.max_abs_diff,
+                    "max_abs": c.max_abs,
+                    "differing": c.differing,
+                    "elements": c.elements,
+                    "bound": bound,
+                })
+            );
+            if c.max_abs_diff.is_nan() || c.max_abs_diff > bound {
+                worst.push(format!(
+                    "{dtype:?} {}: {} > {bound}",
+                    c.case, c.max_abs_diff
+                ));
+            }
+        }
+    }
+    anyhow::ensure!(
+        worst.is_empty(),
+        "fused kernels off MLX: {}",
+        worst.join("; ")
+    );
     Ok(())
 }
 

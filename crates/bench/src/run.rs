@@ -226,6 +226,9 @@ fn measure(model: &Engine, scenario: Scenario, vocab: usize) -> Result<Map<Strin
             );
             m.insert("generated".into(), json!(ids.len()));
             m.insert("first_ids".into(), json!(&ids[..ids.len().min(16)]));
+            // Every id, so that two settings' greedy outputs can be compared
+            // in full (an A/B of a kernel change).
+            m.insert("ids".into(), json!(&ids));
         }
         Scenario::Batch {
             prompt,

@@ -10,6 +10,7 @@ use inference_formats::config::{Defaults, HfConfig, LayerKind, Rope, TextConfig}
 use crate::cache::{LayerCache, Rotation};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
+use crate::models::fused::{AddNorm, QkRope, QkShape};
 use crate::models::grad_checkpoint::run_layer;
 use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, RmsNorm,
@@ -130,6 +131,14 @@ pub struct Decoder {
     /// `None` when tied to the embedding.
     lm_head: Option<Matrix>,
     rope: RotaryEmbedding,
+    /// The fused decode-step kernels, on MLX's CUDA backend.
+    fused: Fused,
+}
+
+/// A decoder's fused kernels ([`crate::models::fused`]), where built.
+struct Fused {
+    add_norm: Option<AddNorm>,
+    qk: Option<QkRope>,
 }
 
 impl Decoder {
@@ -187,21 +196,72 @@ impl Decoder {
             Some(Matrix::load(w, "lm_head", c.vocab_size, c.hidden_size, q)?)
         };
         let rope = RotaryEmbedding::new(c.head_dim, &config.rope)?;
+        let dtype = norm.weight.dtype();
+        let kernel =
+            |e: Exception| LoadError::from(FormatError::Config(format!("fused kernel: {e}")));
+        let fused = Fused {
+            add_norm: AddNorm::new(c.hidden_size, c.rms_norm_eps, dtype).map_err(kernel)?,
+            qk: QkRope::new(
+                QkShape {
+                    heads: c.num_attention_heads,
+                    kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                    norm_eps: config.qk_norm.then_some(c.rms_norm_eps),
+                },
+                dtype,
+            )
+            .map_err(kernel)?,
+        };
         Ok(Self {
             embed_tokens,
             layers,
             norm,
             lm_head,
             rope,
+            fused,
         })
+    }
+}
+
+impl Decoder {
+    /// A decode step with each residual add and the norm after it in one
+    /// kernel ([`AddNorm`]); `None` (nothing computed) where the kernel
+    /// does not apply to `h`.
+    fn fused_step(&self, h: &Array, caches: &mut [LayerCache]) -> Result<Option<Array>> {
+        let Some(add_norm) = &self.fused.add_norm else {
+            return Ok(None);
+        };
+        let (Some(first), true) = (self.layers.first(), add_norm.applies(h)) else {
+            return Ok(None);
+        };
+        let qk = self.fused.qk.as_ref();
+        let mut h = h.clone();
+        let mut normed = first.input_layernorm.forward(&h)?;
+        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+            let a = layer
+                .self_attn
+                .forward(&normed, cache, &self.rope, false, qk)?;
+            let (h1, n1) = add_norm.apply(&h, &a, &layer.post_attention_layernorm)?;
+            let m = layer.mlp.forward(&n1)?;
+            let next = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.norm, |l| &l.input_layernorm);
+            (h, normed) = add_norm.apply(&h1, &m, next)?;
+        }
+        Ok(Some(normed))
     }
 }
 
 impl CausalLm for Decoder {
     fn forward(&self, ids: &Array, caches: &mut [LayerCache], last_only: bool) -> Result<Array> {
         let mut h = self.embed_tokens.rows(ids)?;
+        if let Some(out) = self.fused_step(&h, caches)? {
+            return Ok(out);
+        }
         let n = self.layers.len();
         let rope = &self.rope;
+        let qk = self.fused.qk.as_ref();
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             let last = last_only && i + 1 == n;
             let slots = || layer_slots(&layer.self_attn, &layer.mlp);
@@ -211,6 +271,7 @@ impl CausalLm for Decoder {
                     cache,
                     rope,
                     last,
+                    qk,
                 )?;
                 let h = if last { last_keepdim(h) } else { h.clone() };
                 let h = h.add(a)?;

@@ -16,6 +16,7 @@ use inference_formats::config::{positive, Defaults, HfConfig, LayerKind, Rope, T
 use crate::cache::{LayerCache, Rotation};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
+use crate::models::fused::{QkRope, QkShape};
 use crate::models::grad_checkpoint::run_layer;
 use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, Norm, RotaryEmbedding,
@@ -138,6 +139,10 @@ impl Norm for GemmaNorm {
     fn forward(&self, x: &Array) -> Result<Array> {
         GemmaNorm::forward(self, x)
     }
+
+    fn rms_weight(&self) -> Option<(&Array, f32)> {
+        Some((&self.scale, self.eps))
+    }
 }
 
 impl GemmaNorm {
@@ -187,6 +192,9 @@ pub struct Gemma3 {
     sliding_window: usize,
     final_logit_softcapping: Option<f32>,
     dtype: Dtype,
+    /// The fused q/k norm and RoPE kernel of decode steps, on MLX's CUDA
+    /// backend.
+    qk: Option<QkRope>,
 }
 
 impl Gemma3 {
@@ -251,6 +259,16 @@ impl Gemma3 {
             sliding_window: config.sliding_window,
             final_logit_softcapping: config.final_logit_softcapping,
             dtype,
+            qk: QkRope::new(
+                QkShape {
+                    heads: c.num_attention_heads,
+                    kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                    norm_eps: Some(c.rms_norm_eps),
+                },
+                dtype,
+            )
+            .map_err(|e| FormatError::Config(format!("fused kernel: {e}")))?,
         })
     }
 }
@@ -272,6 +290,7 @@ impl CausalLm for Gemma3 {
     fn forward(&self, ids: &Array, caches: &mut [LayerCache], last_only: bool) -> Result<Array> {
         let mut h = self.embed_tokens.rows(ids)?.multiply(&self.embed_scale)?;
         let n = self.layers.len();
+        let qk = self.qk.as_ref();
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             let rope = match layer.kind {
                 LayerKind::Sliding => &self.rope_local,
@@ -285,6 +304,7 @@ impl CausalLm for Gemma3 {
                     cache,
                     rope,
                     last,
+                    qk,
                 )?;
                 let h = if last { last_keepdim(h) } else { h.clone() };
                 let h = h.add(layer.post_attention_layernorm.forward(&a)?)?;

@@ -17,6 +17,7 @@ use crate::cache::{attend, LayerCache, Positions};
 use crate::distributed::Group;
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
+use crate::models::fused::QkRope;
 use crate::models::lora::LoraSlot;
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -443,6 +444,20 @@ impl<const N: usize> LinearGroup<N> {
         )?))
     }
 
+    /// For one position (`x` `[B, 1, in]`) of a stacked group without
+    /// adapters, the stacked output `[B, 1, out]` itself; `None` where this
+    /// does not apply.
+    fn stacked_step(&self, x: &Array) -> Result<Option<Array>> {
+        match self {
+            LinearGroup::Stacked(s, _, loras)
+                if x.dim(1) == 1 && !loras.iter().any(LoraSlot::is_set) =>
+            {
+                s.forward(x).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Each part's output for `x` `[B, L, in]`, in order.
     fn forward(&self, x: &Array) -> Result<[Array; N]> {
         match self {
@@ -594,6 +609,12 @@ fn gelu_tanh_mul((gate, up): (&Array, &Array)) -> Result<Array> {
 pub trait Norm {
     /// Normalises the last axis of `x`.
     fn forward(&self, x: &Array) -> Result<Array>;
+
+    /// The weight and epsilon where the norm is MLX's plain `rms_norm`
+    /// with that weight (what a fused kernel can compute instead).
+    fn rms_weight(&self) -> Option<(&Array, f32)> {
+        None
+    }
 }
 
 /// Grouped-query self-attention with RoPE and optional per-head q/k norms,
@@ -682,13 +703,22 @@ impl<N: Norm> Attention<N> {
     /// the last position queries (the output is `[B, 1, hidden]`): what the
     /// final layer of a prefill needs, since only the last position's hidden
     /// state is read.
+    ///
+    /// With `fused` (a CUDA model's kernel), a decode step takes q and k,
+    /// normed and rotated, from one kernel over the stacked projection.
     pub fn forward(
         &self,
         x: &Array,
         cache: &mut LayerCache,
         rope: &RotaryEmbedding,
         last_only: bool,
+        fused: Option<&QkRope>,
     ) -> Result<Array> {
+        if let Some(kernel) = fused.filter(|k| k.applies(x, rope)) {
+            if let Some(out) = self.fused_step(x, cache, rope, kernel)? {
+                return Ok(out);
+            }
+        }
         let (b, l) = (x.dim(0), x.dim(1));
         let trim = last_only && l > 1;
         let norm = |y: Array, norm: Option<&N>| match norm {
@@ -744,6 +774,43 @@ impl<N: Norm> Attention<N> {
     }
 }
 
+impl<N: Norm> Attention<N> {
+    /// A decode step through `kernel`; `None` (nothing computed) where the
+    /// projections are not stacked, carry adapters, or the norms are not
+    /// the kernel's.
+    fn fused_step(
+        &self,
+        x: &Array,
+        cache: &mut LayerCache,
+        rope: &RotaryEmbedding,
+        kernel: &QkRope,
+    ) -> Result<Option<Array>> {
+        let norms = match (&self.q_norm, &self.k_norm) {
+            (None, None) => None,
+            (Some(q), Some(k)) => match (q.rms_weight(), k.rms_weight()) {
+                (Some((qw, qe)), Some((kw, ke))) if qe == ke => Some((qw, kw, qe)),
+                _ => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        if !kernel.takes_norm(norms.map(|(_, _, e)| e)) {
+            return Ok(None);
+        }
+        let Some(qkv) = self.qkv.stacked_step(x)? else {
+            return Ok(None);
+        };
+        let (b, d) = (x.dim(0), self.head_dim);
+        let start = cache.positions()?;
+        let (q, k) = kernel.apply(&qkv, norms.map(|(q, k, _)| (q, k)), rope, &start)?;
+        let v = qkv
+            .reshape(&[b, self.heads + 2 * self.kv_heads, 1, d])?
+            .index((.., self.heads + self.kv_heads.., .., ..));
+        let (k, v, mask) = cache.update(&k, &v)?;
+        let out = attend(&q, &k, &v, self.scale, &mask)?.reshape(&[b, 1, self.heads * d])?;
+        self.o_proj.forward(&out).map(Some)
+    }
+}
+
 /// The last position of `x` `[B, L, …]`, keeping the axis: `[B, 1, …]`.
 pub fn last_keepdim(x: &Array) -> Array {
     let l = x.dim(1);
@@ -762,6 +829,10 @@ pub struct RmsNorm {
 impl Norm for RmsNorm {
     fn forward(&self, x: &Array) -> Result<Array> {
         RmsNorm::forward(self, x)
+    }
+
+    fn rms_weight(&self) -> Option<(&Array, f32)> {
+        Some((&self.weight, self.eps))
     }
 }
 
@@ -793,6 +864,9 @@ pub struct RotaryEmbedding {
     /// MLX's `freqs` (periods, `1 / inv_freq`) when scaling changes them.
     freqs: Option<Array>,
     scale: f32,
+    /// `[log2 base, scale]` in f32, as the fused q/k kernel takes them
+    /// (MLX's RoPE kernel takes `log2 base`; 0 where `freqs` is set).
+    kernel_params: Array,
 }
 
 impl RotaryEmbedding {
@@ -804,18 +878,13 @@ impl RotaryEmbedding {
             .map(|i| 1.0 / rope.theta.powf((2 * i) as f32 / dims as f32))
             .collect();
         match &rope.scaling {
-            RopeScaling::None => Ok(Self {
+            RopeScaling::None => Ok(Self::with_params(dims, Some(rope.theta), None, 1.0)),
+            RopeScaling::Linear { factor } => Ok(Self::with_params(
                 dims,
-                base: Some(rope.theta),
-                freqs: None,
-                scale: 1.0,
-            }),
-            RopeScaling::Linear { factor } => Ok(Self {
-                dims,
-                base: Some(rope.theta),
-                freqs: None,
-                scale: 1.0 / factor,
-            }),
+                Some(rope.theta),
+                None,
+                1.0 / factor,
+            )),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -842,14 +911,31 @@ impl RotaryEmbedding {
                     })
                     .collect();
                 let freqs = Array::from_slice(&periods, &[dims / 2]);
-                Ok(Self {
-                    dims,
-                    base: None,
-                    freqs: Some(freqs),
-                    scale: 1.0,
-                })
+                Ok(Self::with_params(dims, None, Some(freqs), 1.0))
             }
         }
+    }
+
+    fn with_params(dims: i32, base: Option<f32>, freqs: Option<Array>, scale: f32) -> Self {
+        let log2_base = base.map_or(0.0, f32::log2);
+        Self {
+            dims,
+            base,
+            freqs,
+            scale,
+            kernel_params: Array::from_slice(&[log2_base, scale], &[2]),
+        }
+    }
+
+    /// The features it rotates (from the first of each head).
+    pub fn dims(&self) -> i32 {
+        self.dims
+    }
+
+    /// What the fused q/k kernel takes: `[log2 base, scale]` (f32), and
+    /// the periods where scaling sets them.
+    pub fn kernel_inputs(&self) -> (&Array, Option<&Array>) {
+        (&self.kernel_params, self.freqs.as_ref())
     }
 
     /// Rotates `x` `[B, H, L, D]` whose first position (per row, or for

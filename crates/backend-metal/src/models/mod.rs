@@ -5,6 +5,7 @@
 //! adding a file and a line there.
 
 pub mod decoder;
+pub mod fused;
 pub mod gemma3;
 pub mod grad_checkpoint;
 pub mod layers;
