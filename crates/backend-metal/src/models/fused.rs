@@ -211,6 +211,9 @@ pub struct QkRope {
     freqs: CudaKernel,
     shape: QkShape,
     dtype: Dtype,
+    /// One element of `dtype`, passed for the norms' weights where the
+    /// model has none (the kernel's text reads them in that type).
+    no_norm: Array,
 }
 
 impl QkRope {
@@ -236,6 +239,7 @@ impl QkRope {
             freqs: make(true)?,
             shape,
             dtype,
+            no_norm: Array::zeros::<f32>(&[1])?.as_dtype(dtype)?,
         }))
     }
 
@@ -280,7 +284,7 @@ impl QkRope {
         let (params, freqs) = rope.kernel_inputs();
         let (qw, kw) = match (norms, norm_eps) {
             (Some((qw, kw)), Some(_)) => (qw, kw),
-            (None, None) => (params, params),
+            (None, None) => (&self.no_norm, &self.no_norm),
             _ => return Err(Exception::custom("q/k kernel: norms unlike its model's")),
         };
         let offsets = match start {
