@@ -135,13 +135,10 @@ pub fn apply_limits(
 /// while active memory is over the memory limit, so the throttle sets that
 /// limit around each step: the first step of each batch width runs with the
 /// limit at the memory already in use (nothing queued ahead) and its peak
-/// is that width's need; the second step runs with the limit at that need,
-/// so that the host queues freely until the step nears its peak. MLX checks
-/// the limit only between command graphs, so that step still peaks above
-/// the need (on that H100, 6,086 MB against a need of 5,669 and mlx-lm's
-/// 5,900–6,070, as fast as mlx-lm; a 5 % or 2 % margin peaked no lower);
-/// later steps of the width run with the limit at the need less that
-/// overshoot, never below the memory in use when the step starts.
+/// is that width's need; later steps of the width run with the limit at that
+/// need, so that the host queues freely until the step nears its peak. On
+/// that H100 the step then peaked at 6.1 GB against mlx-lm's 6.2 GB, as fast
+/// as mlx-lm (a 5 % or 2 % margin peaked no lower and trained no faster).
 /// The limit never exceeds the one set before (a load's
 /// `memory_limit_bytes`), which is restored after each step and on drop.
 /// The limit is process-wide: other work of the process during a step
@@ -149,32 +146,10 @@ pub fn apply_limits(
 pub(crate) struct QueueThrottle {
     /// The memory limit before training.
     original: u64,
-    /// Each batch width's limit, as far as it is known.
-    widths: HashMap<i32, WidthLimit>,
-    /// The width whose step is being measured, with what it measures.
-    measuring: Option<(i32, Measure)>,
-}
-
-/// What the throttle knows of one batch width.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum WidthLimit {
-    /// The first step's peak, with nothing queued ahead: the next step runs
-    /// with the limit there and its overshoot is measured.
-    Need(u64),
-    /// The limit for every later step: the need, less the overshoot of the
-    /// step limited to it (MLX checks its limit only between command
-    /// graphs, so a step limited to its need still peaks above it).
-    Settled(u64),
-}
-
-/// What a measured step measures.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Measure {
-    /// The need of a width's first step.
-    Need,
-    /// The overshoot of the step limited to `need`, which started with
-    /// `floor` bytes in use (the lowest limit worth setting).
-    Overshoot { need: u64, floor: u64 },
+    /// Each batch width's need: its first step's peak.
+    needs: HashMap<i32, u64>,
+    /// The width whose first step is running.
+    measuring: Option<i32>,
 }
 
 impl QueueThrottle {
@@ -190,23 +165,17 @@ impl QueueThrottle {
         let original = memory_limit();
         (on && original > 0).then(|| Self {
             original,
-            widths: HashMap::new(),
+            needs: HashMap::new(),
             measuring: None,
         })
     }
 
     /// Sets the limit for a step of batches `width` tokens wide.
     pub(crate) fn before_step(&mut self, width: i32) -> Result<(), Error> {
-        let limit = match self.widths.get(&width) {
-            Some(&WidthLimit::Settled(limit)) => limit,
-            Some(&WidthLimit::Need(need)) => {
-                let floor = active();
-                self.measuring = Some((width, Measure::Overshoot { need, floor }));
-                restart_raw_peak();
-                need
-            }
+        let limit = match self.needs.get(&width) {
+            Some(&need) => need,
             None => {
-                self.measuring = Some((width, Measure::Need));
+                self.measuring = Some(width);
                 restart_raw_peak();
                 active()
             }
@@ -215,34 +184,21 @@ impl QueueThrottle {
         Ok(())
     }
 
-    /// After the step's evaluation: records what a measured step measured
-    /// and restores the limit.
+    /// After the step's evaluation: records a measured need and restores
+    /// the limit.
     pub(crate) fn after_step(&mut self) -> Result<(), Error> {
-        if let Some((width, measure)) = self.measuring.take() {
-            let peak = raw_peak();
-            let known = match measure {
-                Measure::Need => WidthLimit::Need(peak),
-                Measure::Overshoot { need, floor } => {
-                    WidthLimit::Settled(settled_limit(need, peak, floor))
-                }
-            };
+        if let Some(width) = self.measuring.take() {
+            let need = raw_peak();
             tracing::debug!(
                 width,
-                peak_mb = peak / 1_000_000,
-                ?known,
-                "training step measured for the queue throttle"
+                need_mb = need / 1_000_000,
+                "training step need measured"
             );
-            self.widths.insert(width, known);
+            self.needs.insert(width, need);
         }
         set_memory_limit(self.original)?;
         Ok(())
     }
-}
-
-/// The limit a width settles at: its `need` less how far the step limited
-/// to the need peaked above it (`peak`), never below `floor`.
-fn settled_limit(need: u64, peak: u64, floor: u64) -> u64 {
-    need.saturating_sub(peak.saturating_sub(need)).max(floor)
 }
 
 impl Drop for QueueThrottle {
@@ -260,20 +216,18 @@ mod tests {
 
     /// A width's first step runs with nothing queued ahead and measures its
     /// need (at least what the step held); the next step of that width is
-    /// limited to the need and measures its overshoot; later steps keep the
-    /// need less the overshoot, never below the memory in use at the start.
-    /// The limit before training comes back after each step and when the
-    /// throttle goes.
+    /// limited to the need; the limit before training comes back after
+    /// each step and when the throttle goes.
     #[test]
-    fn throttle_limits_a_width_to_its_need_less_the_overshoot_and_restores_the_limit() {
+    fn throttle_limits_a_width_to_its_first_steps_need_and_restores_the_limit() {
         let original = memory_limit();
         let mut t = QueueThrottle {
             original,
-            widths: HashMap::new(),
+            needs: HashMap::new(),
             measuring: None,
         };
         t.before_step(65).unwrap();
-        assert_eq!(t.measuring, Some((65, Measure::Need)));
+        assert_eq!(t.measuring, Some(65));
         assert!(
             memory_limit() < original,
             "the measured step queues nothing ahead"
@@ -282,9 +236,7 @@ mod tests {
         let held = Array::ones::<f32>(&[2048, 2048]).unwrap();
         held.eval().unwrap();
         t.after_step().unwrap();
-        let Some(&WidthLimit::Need(need)) = t.widths.get(&65) else {
-            panic!("no need recorded: {:?}", t.widths);
-        };
+        let need = t.needs[&65];
         assert!(
             need >= 16 << 20,
             "need {need} below the 16 MB the step held"
@@ -292,48 +244,17 @@ mod tests {
         assert!(peak() >= 16 << 20);
         assert_eq!(memory_limit(), original);
 
-        // The second step is limited to the need and measures how far it
-        // peaks above it (other tests of this process allocate meanwhile,
-        // so only the limit's bounds are certain here; `settled_limit`'s
-        // arithmetic is checked below).
         t.before_step(65).unwrap();
+        assert_eq!(t.measuring, None, "a known width is not measured again");
         assert_eq!(memory_limit(), need.min(original));
-        assert!(matches!(t.measuring, Some((65, Measure::Overshoot { .. }))));
-        let extra = Array::ones::<f32>(&[2048, 2048]).unwrap();
-        extra.eval().unwrap();
         t.after_step().unwrap();
-        let Some(&WidthLimit::Settled(expected)) = t.widths.get(&65) else {
-            panic!("width not settled: {:?}", t.widths);
-        };
-        assert_eq!(memory_limit(), original);
-        drop(extra);
-
-        t.before_step(65).unwrap();
-        assert_eq!(t.measuring, None, "a settled width is not measured again");
-        assert_eq!(memory_limit(), expected.max(1).min(original));
-        t.after_step().unwrap();
-        assert_eq!(t.widths[&65], WidthLimit::Settled(expected));
+        assert_eq!(t.needs[&65], need);
         assert_eq!(memory_limit(), original);
 
         t.before_step(129).unwrap();
-        assert_eq!(
-            t.measuring,
-            Some((129, Measure::Need)),
-            "a new width is measured"
-        );
+        assert_eq!(t.measuring, Some(129), "a new width is measured");
         drop(t);
         assert_eq!(memory_limit(), original);
         drop(held);
-    }
-
-    /// A width settles at its need less the overshoot, never below the
-    /// memory in use when its step started, and at the need where the step
-    /// stayed under it.
-    #[test]
-    fn a_width_settles_at_its_need_less_the_overshoot() {
-        assert_eq!(settled_limit(5_669, 6_086, 1_192), 5_252);
-        assert_eq!(settled_limit(5_669, 5_000, 1_192), 5_669);
-        assert_eq!(settled_limit(5_669, 11_000, 1_192), 1_192);
-        assert_eq!(settled_limit(5_669, 20_000, 0), 0);
     }
 }
