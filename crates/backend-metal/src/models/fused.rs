@@ -62,11 +62,27 @@ impl Drop for Suspend {
     }
 }
 
-/// Whether a model loaded on this thread should build fused kernels: MLX
-/// reaches the GPU through CUDA, this thread's default stream is on the
-/// GPU, and `INFER_FUSE` is not `0`.
-pub fn wanted() -> bool {
-    crate::env_switch("INFER_FUSE").unwrap_or(true)
+/// The fused kernels of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// [`AddNorm`].
+    AddNorm,
+    /// [`QkRope`].
+    QkRope,
+}
+
+/// Whether a model loaded on this thread should build the fused kernel
+/// `kind`: MLX reaches the GPU through CUDA, this thread's default stream is
+/// on the GPU, and `INFER_FUSE` allows it (`0`: none, `add` or `qk`: that
+/// one alone, anything else: both).
+pub fn wanted(kind: Kind) -> bool {
+    let allowed = match (std::env::var("INFER_FUSE").as_deref(), kind) {
+        (Ok("0"), _) => false,
+        (Ok("add"), k) => k == Kind::AddNorm,
+        (Ok("qk"), k) => k == Kind::QkRope,
+        _ => true,
+    };
+    allowed
         && crate::device::mlx().gpu == Some(crate::device::GpuApi::Cuda)
         && crate::device::thread_stream_is_gpu()
 }
@@ -103,7 +119,7 @@ impl AddNorm {
     /// The kernel for rows of `dim` features in `dtype`, with `eps`; `None`
     /// where [`wanted`] says no or the dtype has no kernel.
     pub fn new(dim: i32, eps: f32, dtype: Dtype) -> Result<Option<Self>> {
-        let Some(ty) = cuda_type(dtype).filter(|_| wanted() && dim > 0) else {
+        let Some(ty) = cuda_type(dtype).filter(|_| wanted(Kind::AddNorm) && dim > 0) else {
             return Ok(None);
         };
         let source = format!(
@@ -112,7 +128,7 @@ impl AddNorm {
     constexpr int D = {dim};
     constexpr int TPB = {ADD_NORM_THREADS};
     constexpr float EPS = {eps:e}f;
-    __shared__ float part[TPB];
+    __shared__ float part[TPB / 32];
     const int t = threadIdx.x;
     const size_t row = blockIdx.x;
     const T* xr = x + row * D;
@@ -126,13 +142,12 @@ impl AddNorm {
         float f = static_cast<float>(v);
         ss += f * f;
     }}
-    part[t] = ss;
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((t & 31) == 0) part[t >> 5] = ss;
     __syncthreads();
-    for (int s = TPB / 2; s > 0; s >>= 1) {{
-        if (t < s) part[t] += part[t + s];
-        __syncthreads();
-    }}
-    const float inv = ::rsqrtf(part[0] / static_cast<float>(D) + EPS);
+    float total = 0.0f;
+    for (int k = 0; k < TPB / 32; ++k) total += part[k];
+    const float inv = ::rsqrtf(total / static_cast<float>(D) + EPS);
     for (int j = t; j < D; j += TPB) {{
         float f = static_cast<float>(hr[j]);
         nr[j] = w[j] * static_cast<T>(f * inv);
@@ -221,7 +236,7 @@ impl QkRope {
     /// the dtype has no kernel or a head's size is odd or over 2,048.
     pub fn new(shape: QkShape, dtype: Dtype) -> Result<Option<Self>> {
         let d = shape.head_dim;
-        let ok = wanted() && d > 0 && d % 2 == 0 && d <= 2048 && shape.heads > 0;
+        let ok = wanted(Kind::QkRope) && d > 0 && d % 2 == 0 && d <= 2048 && shape.heads > 0;
         let Some(ty) = cuda_type(dtype).filter(|_| ok && shape.kv_heads > 0) else {
             return Ok(None);
         };
@@ -509,9 +524,13 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
             let (q, k) = kernel.apply(&qkv, norms, &rope, &start)?;
             let heads = qkv.reshape(&[b, hq + 2 * hk, 1, d])?;
             let parts = heads.split_at_indices(&[hq, hq + hk], 1)?;
+            // MLX's RoPE of a strided view of two rows with one offset
+            // wrote the second row wrongly (f16, f32, on an H100): the
+            // reference takes a contiguous copy (`x + 0`, exact).
+            let zero = Array::zeros::<f32>(&[1])?.as_dtype(dtype)?;
             let prep = |x: &Array, n: &RmsNorm| match with_norms {
                 true => n.forward(x),
-                false => Ok(x.clone()),
+                false => x.add(&zero),
             };
             let want_q = rope.forward(&prep(&parts[0], &qn)?, &start)?;
             let want_k = rope.forward(&prep(&parts[1], &kn)?, &start)?;
@@ -531,7 +550,7 @@ mod tests {
     #[test]
     fn no_kernels_off_cuda_and_suspension_nests() {
         if crate::device::mlx().gpu != Some(crate::device::GpuApi::Cuda) {
-            assert!(!wanted());
+            assert!(!wanted(Kind::AddNorm) && !wanted(Kind::QkRope));
             assert!(AddNorm::new(64, 1e-6, Dtype::Float32).unwrap().is_none());
         }
         let x = Array::zeros::<f32>(&[1, 1, 8]).unwrap();
