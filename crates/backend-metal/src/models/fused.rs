@@ -414,7 +414,8 @@ pub struct CheckResult {
 /// and compares it with MLX's own operations: the residual add and norm,
 /// and q/k norms with RoPE from a base, with Llama 3 frequencies and
 /// without norms, for one position for every row and for a position per
-/// row. An error where the kernels are not built here (see [`wanted`]).
+/// row. An error where the kernels are not built here (they need MLX's
+/// CUDA backend, and `INFER_FUSE` not `0`).
 pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
     use inference_formats::config::{Rope, RopeScaling};
     use mlx_rs::random;
