@@ -20,7 +20,8 @@
 //! Only MLX's CUDA backend runs them (MLX compiles them with NVRTC on first
 //! use); anywhere else, and while training (MLX has no gradient for a
 //! custom kernel; see [`Suspend`]), the model runs MLX's own operations, so
-//! Metal and the CPU keep the portable path. `INFER_FUSE=0` turns them off.
+//! Metal and the CPU keep the portable path. They are off unless
+//! `INFER_FUSE` asks for them (see [`wanted`]).
 
 use std::cell::Cell;
 
@@ -72,18 +73,23 @@ pub enum Kind {
 }
 
 /// Whether a model loaded on this thread should build the fused kernel
-/// `kind`: MLX reaches the GPU through CUDA, this thread's default stream is
-/// on the GPU, and `INFER_FUSE` allows it (`0`: none, `add` or `qk`: that
-/// one alone, anything else: both).
+/// `kind`: `INFER_FUSE` asks for it (`1`: both kernels, `add` or `qk`: that
+/// one alone; unset or `0`: none, the default, since on an H100 they made
+/// Qwen3-0.6B's decode faster but Qwen3-4B's slower) and [`cuda_here`].
 pub fn wanted(kind: Kind) -> bool {
-    let allowed = match (std::env::var("INFER_FUSE").as_deref(), kind) {
-        (Ok("0"), _) => false,
+    let asked = match (std::env::var("INFER_FUSE").as_deref(), kind) {
+        (Ok("1"), _) => true,
         (Ok("add"), k) => k == Kind::AddNorm,
         (Ok("qk"), k) => k == Kind::QkRope,
-        _ => true,
+        _ => false,
     };
-    allowed
-        && crate::device::mlx().gpu == Some(crate::device::GpuApi::Cuda)
+    asked && cuda_here()
+}
+
+/// Whether MLX reaches the GPU through CUDA and this thread's default
+/// stream is on the GPU: where the kernels can run.
+pub fn cuda_here() -> bool {
+    crate::device::mlx().gpu == Some(crate::device::GpuApi::Cuda)
         && crate::device::thread_stream_is_gpu()
 }
 
@@ -119,7 +125,16 @@ impl AddNorm {
     /// The kernel for rows of `dim` features in `dtype`, with `eps`; `None`
     /// where [`wanted`] says no or the dtype has no kernel.
     pub fn new(dim: i32, eps: f32, dtype: Dtype) -> Result<Option<Self>> {
-        let Some(ty) = cuda_type(dtype).filter(|_| wanted(Kind::AddNorm) && dim > 0) else {
+        match wanted(Kind::AddNorm) {
+            true => Self::make(dim, eps, dtype),
+            false => Ok(None),
+        }
+    }
+
+    /// The kernel whatever `INFER_FUSE` says (`None` for a dtype without
+    /// one).
+    fn make(dim: i32, eps: f32, dtype: Dtype) -> Result<Option<Self>> {
+        let Some(ty) = cuda_type(dtype).filter(|_| dim > 0) else {
             return Ok(None);
         };
         let source = format!(
@@ -235,8 +250,17 @@ impl QkRope {
     /// The kernels for `shape` in `dtype`; `None` where [`wanted`] says no,
     /// the dtype has no kernel or a head's size is odd or over 2,048.
     pub fn new(shape: QkShape, dtype: Dtype) -> Result<Option<Self>> {
+        match wanted(Kind::QkRope) {
+            true => Self::make(shape, dtype),
+            false => Ok(None),
+        }
+    }
+
+    /// The kernels whatever `INFER_FUSE` says (`None` where they do not
+    /// apply).
+    fn make(shape: QkShape, dtype: Dtype) -> Result<Option<Self>> {
         let d = shape.head_dim;
-        let ok = wanted(Kind::QkRope) && d > 0 && d % 2 == 0 && d <= 2048 && shape.heads > 0;
+        let ok = d > 0 && d % 2 == 0 && d <= 2048 && shape.heads > 0;
         let Some(ty) = cuda_type(dtype).filter(|_| ok && shape.kv_heads > 0) else {
             return Ok(None);
         };
@@ -414,8 +438,7 @@ pub struct CheckResult {
 /// and compares it with MLX's own operations: the residual add and norm,
 /// and q/k norms with RoPE from a base, with Llama 3 frequencies and
 /// without norms, for one position for every row and for a position per
-/// row. An error where the kernels are not built here (they need MLX's
-/// CUDA backend, and `INFER_FUSE` not `0`).
+/// row, whatever `INFER_FUSE` says. An error off MLX's CUDA backend.
 pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
     use inference_formats::config::{Rope, RopeScaling};
     use mlx_rs::random;
@@ -451,11 +474,16 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
     let normal = |shape: &[i32]| -> Result<Array> {
         random::normal::<f32>(shape, None, None, None)?.as_dtype(dtype)
     };
+    if !cuda_here() {
+        return Err(Exception::custom(
+            "no fused kernels here (MLX CUDA backend only)",
+        ));
+    }
     random::seed(7)?;
     let mut out = Vec::new();
     let (b, hidden, eps) = (2, 1024, 1e-6);
-    let add_norm = AddNorm::new(hidden, eps, dtype)?
-        .ok_or_else(|| Exception::custom("no fused kernels here (MLX CUDA backend only)"))?;
+    let add_norm = AddNorm::make(hidden, eps, dtype)?
+        .ok_or_else(|| Exception::custom(format!("no add-norm kernel for {dtype:?}")))?;
     let (x, r) = (normal(&[b, 1, hidden])?, normal(&[b, 1, hidden])?);
     let norm = RmsNorm {
         weight: normal(&[hidden])?,
@@ -551,8 +579,10 @@ mod tests {
     #[test]
     fn no_kernels_off_cuda_and_suspension_nests() {
         if crate::device::mlx().gpu != Some(crate::device::GpuApi::Cuda) {
+            assert!(!cuda_here());
             assert!(!wanted(Kind::AddNorm) && !wanted(Kind::QkRope));
             assert!(AddNorm::new(64, 1e-6, Dtype::Float32).unwrap().is_none());
+            assert!(check(Dtype::Float32).is_err(), "the check needs CUDA");
         }
         let x = Array::zeros::<f32>(&[1, 1, 8]).unwrap();
         assert!(step_applies(&x, Dtype::Float32));
