@@ -20,8 +20,8 @@
 //! Only MLX's CUDA backend runs them (MLX compiles them with NVRTC on first
 //! use); anywhere else, and while training (MLX has no gradient for a
 //! custom kernel; see [`Suspend`]), the model runs MLX's own operations, so
-//! Metal and the CPU keep the portable path. They are off unless
-//! `INFER_FUSE` asks for them (see [`wanted`]).
+//! Metal and the CPU keep the portable path. [`QkRope`] is on by default
+//! there, [`AddNorm`] only when `INFER_FUSE` asks for it (see [`wanted`]).
 
 use std::cell::Cell;
 
@@ -73,15 +73,16 @@ pub enum Kind {
 }
 
 /// Whether a model loaded on this thread should build the fused kernel
-/// `kind`: `INFER_FUSE` asks for it (`1`: both kernels, `add` or `qk`: that
-/// one alone; unset or `0`: none, the default, since on an H100 they made
-/// Qwen3-0.6B's decode faster but Qwen3-4B's slower) and [`cuda_here`].
+/// `kind` (where [`cuda_here`]): `INFER_FUSE` unset builds [`QkRope`]
+/// alone, `1` both, `add` or `qk` that one alone, `0` none. On an H100 the
+/// q/k kernel made Qwen3-4B's decode faster and both kernels Qwen3-0.6B's,
+/// but [`AddNorm`] made Qwen3-4B's slower, so it is opt-in.
 pub fn wanted(kind: Kind) -> bool {
     let asked = match (std::env::var("INFER_FUSE").as_deref(), kind) {
+        (Ok("0"), _) => false,
         (Ok("1"), _) => true,
         (Ok("add"), k) => k == Kind::AddNorm,
-        (Ok("qk"), k) => k == Kind::QkRope,
-        _ => false,
+        (_, k) => k == Kind::QkRope,
     };
     asked && cuda_here()
 }
@@ -528,8 +529,8 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
             head_dim: d,
             norm_eps: with_norms.then_some(eps),
         };
-        let kernel =
-            QkRope::new(shape, dtype)?.ok_or_else(|| Exception::custom("no q/k kernel here"))?;
+        let kernel = QkRope::make(shape, dtype)?
+            .ok_or_else(|| Exception::custom(format!("no q/k kernel for {dtype:?}")))?;
         let qkv = normal(&[b, 1, (hq + 2 * hk) * d])?;
         let (qn, kn) = (
             RmsNorm {
