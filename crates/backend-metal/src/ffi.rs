@@ -305,6 +305,26 @@ unsafe fn closure<'a>(
     }
 }
 
+/// The arrays of an MLX vector, which is freed.
+///
+/// # Safety
+/// `vector` must be a live MLX vector of arrays, not used after the call.
+unsafe fn take_arrays(vector: mlx_sys::mlx_vector_array) -> Vec<Array> {
+    // SAFETY: each array read is a new reference the `Array` takes over;
+    // the vector is freed once, here.
+    unsafe {
+        let out = (0..mlx_sys::mlx_vector_array_size(vector))
+            .map(|i| {
+                let mut a = mlx_sys::mlx_array_new();
+                mlx_sys::mlx_vector_array_get(&mut a, vector, i);
+                Array::from_ptr(a)
+            })
+            .collect();
+        mlx_sys::mlx_vector_array_free(vector);
+        out
+    }
+}
+
 /// `closure(inputs)`, the outputs' references passing to the arrays
 /// returned; `what` names the function in an error without a message of
 /// its own.
@@ -331,15 +351,7 @@ unsafe fn apply(
                 .unwrap_or_else(|| format!("MLX could not apply {what}"));
             return Err(Exception::custom(message));
         }
-        let out = (0..mlx_sys::mlx_vector_array_size(output))
-            .map(|i| {
-                let mut a = mlx_sys::mlx_array_new();
-                mlx_sys::mlx_vector_array_get(&mut a, output, i);
-                Array::from_ptr(a)
-            })
-            .collect();
-        mlx_sys::mlx_vector_array_free(output);
-        Ok(out)
+        Ok(take_arrays(output))
     }
 }
 
@@ -576,15 +588,7 @@ impl CudaKernel {
                 mlx_sys::mlx_vector_array_free(output);
                 return Err(Exception::custom("MLX could not apply a CUDA kernel"));
             }
-            let out = (0..mlx_sys::mlx_vector_array_size(output))
-                .map(|i| {
-                    let mut a = mlx_sys::mlx_array_new();
-                    mlx_sys::mlx_vector_array_get(&mut a, output, i);
-                    Array::from_ptr(a)
-                })
-                .collect();
-            mlx_sys::mlx_vector_array_free(output);
-            Ok(out)
+            Ok(take_arrays(output))
         }
     }
 }
