@@ -425,16 +425,15 @@ impl<const N: usize> LinearGroup<N> {
     /// split once (two graph nodes, where slicing and reshaping each part
     /// takes 2N). `None` where this does not apply.
     fn forward_heads(&self, x: &Array, head_dim: i32) -> Result<Option<[Array; N]>> {
-        let LinearGroup::Stacked(s, columns, loras) = self else {
+        let LinearGroup::Stacked(_, columns, _) = self else {
             return Ok(None);
         };
-        if x.dim(1) != 1 || loras.iter().any(LoraSlot::is_set) || !heads_in_one_split() {
+        if !heads_in_one_split() || columns.iter().any(|&(a, b)| (b - a) % head_dim != 0) {
             return Ok(None);
         }
-        if columns.iter().any(|&(a, b)| (b - a) % head_dim != 0) {
+        let Some(y) = self.stacked_step(x)? else {
             return Ok(None);
-        }
-        let y = s.forward(x)?;
+        };
         let heads = y.dim(-1) / head_dim;
         let y = y.reshape(&[x.dim(0), heads, 1, head_dim])?;
         Ok(Some(split_parts(
