@@ -46,6 +46,12 @@
 #                             writes the records (single-stream steps only)
 #   gpu.sh exec COMMAND...    COMMAND with the environment above (the CUDA and
 #                             MLX libraries); $WORK is /tmp/bench
+#   gpu.sh trace OUT.csv COMMAND...
+#                             COMMAND (as for exec) with every kernel, copy and
+#                             memset it runs on the GPU recorded in OUT.csv by
+#                             cupti/trace.c (built here with gcc against the
+#                             environment's CUPTI on first use); read it with
+#                             cupti/steps.py
 #   gpu.sh ab OUT.jsonl MODEL PLAN.json VAR=A VAR=B
 #                             an A/B of our engine alone under two settings of
 #                             an environment variable, in the order A, B, B, A;
@@ -136,6 +142,31 @@ plan)
     ;;
 exec)
     exec "$@"
+    ;;
+trace)
+    out=$1
+    shift
+    lib=$WORK/libinfer_trace.so
+    if [ ! -f "$lib" ]; then
+        incs=() cupti=
+        for d in "$VENV"/lib/python3*/site-packages/nvidia/*/include /usr/local/cuda/include \
+            /usr/local/cuda/extras/CUPTI/include; do
+            [ -d "$d" ] && incs+=("-I$d")
+        done
+        for f in "$VENV"/lib/python3*/site-packages/nvidia/*/lib/libcupti.so* \
+            /usr/local/cuda/extras/CUPTI/lib64/libcupti.so*; do
+            [ -f "$f" ] && cupti=$f && break
+        done
+        [ -n "$cupti" ] || { echo "trace: no libcupti.so found" >&2; exit 1; }
+        mkdir -p "$WORK"
+        # The newest kernel record the headers know is the layout CUPTI writes.
+        for v in 14 13 12 11 10 9 8 7 6 5; do
+            gcc -O2 -shared -fPIC "${incs[@]}" -DKERNEL_RECORD="CUpti_ActivityKernel$v" \
+                "$HERE/cupti/trace.c" "$cupti" -lpthread -o "$lib" 2>/dev/null && break
+        done
+        [ -f "$lib" ] || { echo "trace: could not build cupti/trace.c" >&2; exit 1; }
+    fi
+    CUDA_INJECTION64_PATH=$lib INFER_TRACE_OUT=$out "$@"
     ;;
 tp)
     out=$1 model=$2 n=$3 plan=$4

@@ -658,7 +658,7 @@ fn gpu_bundle(root: &Path) -> Result<()> {
     run(Command::new("sh").arg("-c").arg(format!(
         "strip -o '{b}/infer-bench' '{bin}' && xz -T2 -6 -f '{b}/infer-bench' && \
          tar -C '{tok}' -cJf '{b}/tokenizers.tar.xz' qwen3 gemma3 && \
-         cp -r '{root}/bench/mlx_lm_bench.py' '{root}/bench/mlx_lm_train_bench.py' '{root}/bench/gpu.sh' '{root}/bench/plans' '{b}/'",
+         cp -r '{root}/bench/mlx_lm_bench.py' '{root}/bench/mlx_lm_train_bench.py' '{root}/bench/gpu.sh' '{root}/bench/plans' '{root}/bench/cupti' '{b}/'",
         b = bundle.display(),
         bin = bin.display(),
         tok = root.join(".cache/tokenizers").display(),
