@@ -72,19 +72,46 @@ pub enum Kind {
     QkRope,
 }
 
+impl Kind {
+    /// The name `INFER_FUSE` lists it by.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::AddNorm => "add",
+            Kind::QkRope => "qk",
+        }
+    }
+}
+
+/// Whether `INFER_FUSE` (`setting`, `None` when unset) asks for `kind`:
+/// unset builds [`QkRope`] alone, `1` both, `0` none, and a list of `qk`
+/// and `add` (separated by `,` or `+`) those named.
+/// Anything else is warned of and read as unset.
+fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
+    const NAMES: [&str; 2] = ["qk", "add"];
+    match setting.map(str::trim) {
+        None => kind == Kind::QkRope,
+        Some("0") => false,
+        Some("1") => true,
+        Some(list) if list.split([',', '+']).all(|n| NAMES.contains(&n.trim())) => {
+            list.split([',', '+']).any(|n| n.trim() == kind.name())
+        }
+        Some(other) => {
+            tracing::warn!(
+                "INFER_FUSE={other:?} is not 0, 1 or a list of qk and add; \
+                 read as unset"
+            );
+            kind == Kind::QkRope
+        }
+    }
+}
+
 /// Whether a model loaded on this thread should build the fused kernel
-/// `kind` (where [`cuda_here`]): `INFER_FUSE` unset builds [`QkRope`]
-/// alone, `1` both, `add` or `qk` that one alone, `0` none. On an H100 the
-/// q/k kernel made Qwen3-4B's decode faster and both kernels Qwen3-0.6B's,
-/// but [`AddNorm`] made Qwen3-4B's slower, so it is opt-in.
+/// `kind` (where [`cuda_here`]), as `INFER_FUSE` says (see [`asks_for`]).
+/// On an H100 the q/k kernel made Qwen3-4B's decode faster and the q/k and
+/// add-norm kernels Qwen3-0.6B's, but [`AddNorm`] made Qwen3-4B's slower,
+/// so it is opt-in.
 pub fn wanted(kind: Kind) -> bool {
-    let asked = match (std::env::var("INFER_FUSE").as_deref(), kind) {
-        (Ok("0"), _) => false,
-        (Ok("1"), _) => true,
-        (Ok("add"), k) => k == Kind::AddNorm,
-        (_, k) => k == Kind::QkRope,
-    };
-    asked && cuda_here()
+    asks_for(std::env::var("INFER_FUSE").ok().as_deref(), kind) && cuda_here()
 }
 
 /// Whether MLX reaches the GPU through CUDA and this thread's default
@@ -110,13 +137,22 @@ fn cuda_type(dtype: Dtype) -> Option<&'static str> {
     }
 }
 
-/// Threads per block of [`AddNorm`].
-const ADD_NORM_THREADS: i32 = 256;
+/// Threads per block of [`AddNorm`] for rows of `dim` in `dtype`: one per
+/// 16 bytes of a row, in whole warps, between 64 and 1,024.
+fn add_norm_threads(dim: i32, dtype: Dtype) -> i32 {
+    let per_load = match dtype {
+        Dtype::Bfloat16 | Dtype::Float16 => 8,
+        _ => 4,
+    };
+    let loads = (dim + per_load - 1) / per_load;
+    ((loads + 31) / 32 * 32).clamp(64, 1_024)
+}
 
 /// `h = x + r` and `n = rms_norm(h) · w` in one kernel, one block per row.
 #[derive(Debug)]
 pub struct AddNorm {
     kernel: CudaKernel,
+    threads: i32,
     dim: i32,
     eps: f32,
     dtype: Dtype,
@@ -138,11 +174,15 @@ impl AddNorm {
         let Some(ty) = cuda_type(dtype).filter(|_| dim > 0) else {
             return Ok(None);
         };
+        let threads = add_norm_threads(dim, dtype);
         let source = format!(
             r#"
     using T = {ty};
     constexpr int D = {dim};
-    constexpr int TPB = {ADD_NORM_THREADS};
+    constexpr int TPB = {threads};
+    constexpr int V = 16 / sizeof(T);
+    constexpr int NV = D % V == 0 ? D / V : 0;
+    constexpr int C = NV > 0 ? (NV + TPB - 1) / TPB : 1;
     constexpr float EPS = {eps:e}f;
     __shared__ float part[TPB / 32];
     const int t = threadIdx.x;
@@ -151,12 +191,40 @@ impl AddNorm {
     const T* rr = r + row * D;
     T* hr = h + row * D;
     T* nr = n + row * D;
+    const bool vector = NV > 0
+        && ((reinterpret_cast<size_t>(xr) | reinterpret_cast<size_t>(rr)
+             | reinterpret_cast<size_t>(hr) | reinterpret_cast<size_t>(nr)
+             | reinterpret_cast<size_t>(w)) & 15) == 0;
     float ss = 0.0f;
-    for (int j = t; j < D; j += TPB) {{
-        T v = xr[j] + rr[j];
-        hr[j] = v;
-        float f = static_cast<float>(v);
-        ss += f * f;
+    uint4 held[C];
+    if (vector) {{
+        // 16 bytes a load; the sums stay in registers for the norm.
+#pragma unroll
+        for (int c = 0; c < C; ++c) {{
+            const int j = t + c * TPB;
+            if (j < NV) {{
+                const uint4 a = reinterpret_cast<const uint4*>(xr)[j];
+                const uint4 b = reinterpret_cast<const uint4*>(rr)[j];
+                const T* pa = reinterpret_cast<const T*>(&a);
+                const T* pb = reinterpret_cast<const T*>(&b);
+                T* ps = reinterpret_cast<T*>(&held[c]);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {{
+                    const T v = pa[e] + pb[e];
+                    ps[e] = v;
+                    const float f = static_cast<float>(v);
+                    ss += f * f;
+                }}
+                reinterpret_cast<uint4*>(hr)[j] = held[c];
+            }}
+        }}
+    }} else {{
+        for (int j = t; j < D; j += TPB) {{
+            T v = xr[j] + rr[j];
+            hr[j] = v;
+            float f = static_cast<float>(v);
+            ss += f * f;
+        }}
     }}
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     if ((t & 31) == 0) part[t >> 5] = ss;
@@ -164,15 +232,35 @@ impl AddNorm {
     float total = 0.0f;
     for (int k = 0; k < TPB / 32; ++k) total += part[k];
     const float inv = ::rsqrtf(total / static_cast<float>(D) + EPS);
-    for (int j = t; j < D; j += TPB) {{
-        float f = static_cast<float>(hr[j]);
-        nr[j] = w[j] * static_cast<T>(f * inv);
+    if (vector) {{
+#pragma unroll
+        for (int c = 0; c < C; ++c) {{
+            const int j = t + c * TPB;
+            if (j < NV) {{
+                const uint4 wv = reinterpret_cast<const uint4*>(w)[j];
+                const T* pw = reinterpret_cast<const T*>(&wv);
+                const T* ph = reinterpret_cast<const T*>(&held[c]);
+                uint4 o;
+                T* po = reinterpret_cast<T*>(&o);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {{
+                    po[e] = pw[e] * static_cast<T>(static_cast<float>(ph[e]) * inv);
+                }}
+                reinterpret_cast<uint4*>(nr)[j] = o;
+            }}
+        }}
+    }} else {{
+        for (int j = t; j < D; j += TPB) {{
+            float f = static_cast<float>(hr[j]);
+            nr[j] = w[j] * static_cast<T>(f * inv);
+        }}
     }}
 "#
         );
         let kernel = CudaKernel::new("infer_add_rms_norm", &["x", "r", "w"], &["h", "n"], &source)?;
         Ok(Some(Self {
             kernel,
+            threads,
             dim,
             eps,
             dtype,
@@ -206,8 +294,8 @@ impl AddNorm {
             .apply(
                 &[x, r, &norm.weight],
                 &[(shape, self.dtype), (shape, self.dtype)],
-                [ADD_NORM_THREADS * rows, 1, 1],
-                [ADD_NORM_THREADS, 1, 1],
+                [self.threads * rows, 1, 1],
+                [self.threads, 1, 1],
             )?
             .into_iter();
         match (out.next(), out.next()) {
@@ -232,8 +320,9 @@ pub struct QkShape {
 
 /// From a decode step's stacked q/k/v projection `[B, 1, (H + 2·Hkv)·D]`:
 /// q and k normed per head (where the model has q/k norms) and rotated,
-/// as `[B, H, 1, D]` and `[B, Hkv, 1, D]`. One block per head and row, a
-/// thread per rotated pair.
+/// and v, as heads `[B, H, 1, D]`, `[B, Hkv, 1, D]` and `[B, Hkv, 1, D]`
+/// (v contiguous, so that the cache takes it in a plain copy). One block
+/// per head and row, a thread per rotated pair.
 #[derive(Debug)]
 pub struct QkRope {
     /// With RoPE from a base (MLX's `exp2(-d · log2 base)`), and with
@@ -270,7 +359,7 @@ impl QkRope {
             CudaKernel::new(
                 "infer_qk_norm_rope",
                 &["qkv", "qw", "kw", "rope_p", "freqs", "offsets"],
-                &["q", "k"],
+                &["q", "k", "v"],
                 &source,
             )
         };
@@ -295,16 +384,17 @@ impl QkRope {
         self.shape.norm_eps == eps
     }
 
-    /// q and k of the stacked projection `qkv` `[B, 1, (H + 2·Hkv)·D]`,
-    /// normed by `norms` (the q and k norms' weights, where the model has
-    /// them) and rotated by `rope` from `start`.
+    /// q, k and v of the stacked projection `qkv` `[B, 1, (H + 2·Hkv)·D]`
+    /// as heads: q and k normed by `norms` (the q and k norms' weights,
+    /// where the model has them) and rotated by `rope` from `start`, v
+    /// copied.
     pub fn apply(
         &self,
         qkv: &Array,
         norms: Option<(&Array, &Array)>,
         rope: &RotaryEmbedding,
         start: &Positions,
-    ) -> Result<(Array, Array)> {
+    ) -> Result<(Array, Array, Array)> {
         let QkShape {
             heads,
             kv_heads,
@@ -331,6 +421,8 @@ impl QkRope {
             Positions::Start(p) => Array::from_slice(&[*p], &[1]),
             Positions::Rows(a) => a.as_dtype(Dtype::Int32)?,
         };
+        // A thread per rotated pair, in whole warps.
+        let threads = (d / 2 + 31) / 32 * 32;
         let kernel = if freqs.is_some() {
             &self.freqs
         } else {
@@ -342,13 +434,14 @@ impl QkRope {
                 &[
                     (&[b, heads, 1, d], self.dtype),
                     (&[b, kv_heads, 1, d], self.dtype),
+                    (&[b, kv_heads, 1, d], self.dtype),
                 ],
-                [(heads + kv_heads) * d / 2, b, 1],
-                [d / 2, 1, 1],
+                [(heads + 2 * kv_heads) * threads, b, 1],
+                [threads, 1, 1],
             )?
             .into_iter();
-        match (out.next(), out.next()) {
-            (Some(q), Some(k)) => Ok((q, k)),
+        match (out.next(), out.next(), out.next()) {
+            (Some(q), Some(k), Some(v)) => Ok((q, k, v)),
             _ => Err(Exception::custom("the q/k kernel lost an output")),
         }
     }
@@ -373,41 +466,60 @@ fn qk_rope_source(ty: &str, shape: QkShape, with_freqs: bool) -> String {
     using T = {ty};
     constexpr int D = {head_dim};
     constexpr int HALF = D / 2;
+    constexpr int TPB = (HALF + 31) / 32 * 32;
     constexpr int HQ = {heads};
     constexpr int HK = {kv_heads};
     constexpr int ROW = (HQ + 2 * HK) * D;
     constexpr bool NORM = {norm};
     constexpr bool FREQS = {with_freqs};
     constexpr float EPS = {eps:e}f;
-    __shared__ float part[HALF];
+    __shared__ float part[TPB / 32];
     const int i = threadIdx.x;
     const int head = blockIdx.x;
     const int b = blockIdx.y;
+    const bool live = i < HALF;
     const T* x = qkv + static_cast<size_t>(b) * ROW + static_cast<size_t>(head) * D;
-    float x1 = static_cast<float>(x[i]);
-    float x2 = static_cast<float>(x[i + HALF]);
-    if (NORM) {{
-        part[i] = x1 * x1 + x2 * x2;
-        __syncthreads();
-        for (int s = 1; s < HALF; s *= 2) {{
-            if (i % (2 * s) == 0 && i + s < HALF) part[i] += part[i + s];
-            __syncthreads();
-        }}
-        const float inv = ::rsqrtf(part[0] / static_cast<float>(D) + EPS);
-        const T* w = head < HQ ? qw : kw;
-        x1 = static_cast<float>(w[i] * static_cast<T>(x1 * inv));
-        x2 = static_cast<float>(w[i + HALF] * static_cast<T>(x2 * inv));
-    }}
+    // Every load is issued before any result is needed.
     const int pos = offsets[offsets_shape[0] == 1 ? 0 : b];
-    const float L = rope_p[1] * static_cast<float>(pos);
+    const T a1 = live ? x[i] : static_cast<T>(0.0f);
+    const T a2 = live ? x[i + HALF] : static_cast<T>(0.0f);
+    if (head >= HQ + HK) {{
+        // A value head: copied out as it is.
+        if (live) {{
+            T* out = v + (static_cast<size_t>(b) * HK + (head - HQ - HK)) * D;
+            out[i] = a1;
+            out[i + HALF] = a2;
+        }}
+        return;
+    }}
+    const T* w = head < HQ ? qw : kw;
+    const T w1 = NORM && live ? w[i] : static_cast<T>(0.0f);
+    const T w2 = NORM && live ? w[i + HALF] : static_cast<T>(0.0f);
     float inv_freq;
     if (FREQS) {{
-        inv_freq = 1.0 / freqs[i];
+        inv_freq = live ? 1.0 / freqs[i] : 0.0f;
     }} else {{
         const float d = static_cast<float>(i) / static_cast<float>(HALF);
         inv_freq = ::exp2f(-d * rope_p[0]);
     }}
-    const float theta = L * inv_freq;
+    const float scale = rope_p[1];
+    float x1 = static_cast<float>(a1);
+    float x2 = static_cast<float>(a2);
+    if (NORM) {{
+        float ss = x1 * x1 + x2 * x2;
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (TPB > 32) {{
+            if ((i & 31) == 0) part[i >> 5] = ss;
+            __syncthreads();
+            ss = 0.0f;
+            for (int k = 0; k < TPB / 32; ++k) ss += part[k];
+        }}
+        const float inv = ::rsqrtf(ss / static_cast<float>(D) + EPS);
+        x1 = static_cast<float>(w1 * static_cast<T>(x1 * inv));
+        x2 = static_cast<float>(w2 * static_cast<T>(x2 * inv));
+    }}
+    if (!live) return;
+    const float theta = scale * static_cast<float>(pos) * inv_freq;
     const float c = ::cosf(theta);
     const float s = ::sinf(theta);
     T* out = head < HQ
@@ -482,22 +594,26 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
     }
     random::seed(7)?;
     let mut out = Vec::new();
-    let (b, hidden, eps) = (2, 1024, 1e-6);
-    let add_norm = AddNorm::make(hidden, eps, dtype)?
-        .ok_or_else(|| Exception::custom(format!("no add-norm kernel for {dtype:?}")))?;
-    let (x, r) = (normal(&[b, 1, hidden])?, normal(&[b, 1, hidden])?);
-    let norm = RmsNorm {
-        weight: normal(&[hidden])?,
-        eps,
-    };
-    let (h, n) = add_norm.apply(&x, &r, &norm)?;
-    let want_h = x.add(&r)?;
-    out.push(compare("add_norm: sum".into(), &h, &want_h)?);
-    out.push(compare(
-        "add_norm: norm".into(),
-        &n,
-        &norm.forward(&want_h)?,
-    )?);
+    let (b, eps) = (2, 1e-6);
+    // Qwen3-0.6B's and -4B's widths (16-byte loads) and one that is not a
+    // whole number of loads (the kernel's element-wise path).
+    for hidden in [1_024, 2_560, 1_001] {
+        let add_norm = AddNorm::make(hidden, eps, dtype)?
+            .ok_or_else(|| Exception::custom(format!("no add-norm kernel for {dtype:?}")))?;
+        let (x, r) = (normal(&[b, 1, hidden])?, normal(&[b, 1, hidden])?);
+        let norm = RmsNorm {
+            weight: normal(&[hidden])?,
+            eps,
+        };
+        let (h, n) = add_norm.apply(&x, &r, &norm)?;
+        let want_h = x.add(&r)?;
+        out.push(compare(format!("add_norm {hidden}: sum"), &h, &want_h)?);
+        out.push(compare(
+            format!("add_norm {hidden}: norm"),
+            &n,
+            &norm.forward(&want_h)?,
+        )?);
+    }
 
     let (hq, hk, d) = (16, 8, 128);
     let llama3 = RopeScaling::Llama3 {
@@ -551,7 +667,7 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
         ];
         for (at, start) in starts {
             let norms = with_norms.then_some((&qn.weight, &kn.weight));
-            let (q, k) = kernel.apply(&qkv, norms, &rope, &start)?;
+            let (q, k, v) = kernel.apply(&qkv, norms, &rope, &start)?;
             let heads = qkv.reshape(&[b, hq + 2 * hk, 1, d])?;
             let parts = heads.split_at_indices(&[hq, hq + hk], 1)?;
             // MLX's RoPE of a strided view of two rows with one offset
@@ -566,8 +682,10 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
             let want_k = rope.forward(&prep(&parts[1], &kn)?, &start)?;
             out.push(compare(format!("q: {what}, {at}"), &q, &want_q)?);
             out.push(compare(format!("k: {what}, {at}"), &k, &want_k)?);
+            out.push(compare(format!("v: {what}, {at}"), &v, &parts[2])?);
         }
     }
+
     Ok(out)
 }
 
@@ -634,5 +752,38 @@ mod tests {
         ] {
             assert!(s.contains(name), "{name} unused");
         }
+    }
+
+    /// `INFER_FUSE`: unset gives the q/k kernel alone, `0` none, `1` both,
+    /// a list those named; a value it does not know reads as unset.
+    #[test]
+    fn infer_fuse_reads_lists() {
+        use Kind::*;
+        let on = |setting: Option<&str>| {
+            [QkRope, AddNorm]
+                .into_iter()
+                .filter(|k| asks_for(setting, *k))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(on(None), [QkRope]);
+        assert_eq!(on(Some("0")), []);
+        assert_eq!(on(Some("1")), [QkRope, AddNorm]);
+        assert_eq!(on(Some("add")), [AddNorm]);
+        assert_eq!(on(Some("qk,add")), [QkRope, AddNorm]);
+        assert_eq!(on(Some(" add ")), [AddNorm]);
+        assert_eq!(on(Some("add+qk")), [QkRope, AddNorm]);
+        assert_eq!(on(Some("qk,ad")), [QkRope], "a typo reads as unset");
+        assert_eq!(on(Some("")), [QkRope]);
+    }
+
+    /// The add-norm kernel's blocks: a thread per 16-byte load, in whole
+    /// warps, at least two warps and at most 1,024 threads.
+    #[test]
+    fn add_norm_blocks_fit_rows() {
+        assert_eq!(add_norm_threads(2_560, Dtype::Bfloat16), 320);
+        assert_eq!(add_norm_threads(1_024, Dtype::Float32), 256);
+        assert_eq!(add_norm_threads(1_001, Dtype::Float16), 128);
+        assert_eq!(add_norm_threads(64, Dtype::Bfloat16), 64);
+        assert_eq!(add_norm_threads(65_536, Dtype::Float32), 1_024);
     }
 }

@@ -800,10 +800,7 @@ impl<N: Norm> Attention<N> {
         };
         let (b, d) = (x.dim(0), self.head_dim);
         let start = cache.positions()?;
-        let (q, k) = kernel.apply(&qkv, norms.map(|(q, k, _)| (q, k)), rope, &start)?;
-        let v = qkv
-            .reshape(&[b, self.heads + 2 * self.kv_heads, 1, d])?
-            .index((.., self.heads + self.kv_heads.., .., ..));
+        let (q, k, v) = kernel.apply(&qkv, norms.map(|(q, k, _)| (q, k)), rope, &start)?;
         let (k, v, mask) = cache.update(&k, &v)?;
         let out = attend(&q, &k, &v, self.scale, &mask)?.reshape(&[b, 1, self.heads * d])?;
         self.o_proj.forward(&out).map(Some)
