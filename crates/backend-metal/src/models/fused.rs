@@ -10,7 +10,9 @@
 //!   and after the MLP (fused with the next layer's input norm, or the
 //!   model's final norm).
 //! - [`QkRope`]: from the stacked q/k/v projection, the per-head q and k
-//!   RMSNorms (Qwen3) and RoPE of both, written as heads `[B, H, 1, D]`.
+//!   RMSNorms (Qwen3) and RoPE of both, written as heads `[B, H, 1, D]`,
+//!   and v copied out as contiguous heads (so that the cache takes it in a
+//!   plain copy, not a strided one).
 //!
 //! They compute what MLX's `add`, `fast::rms_norm` and `fast::rope` compute,
 //! in the same order of roundings (each intermediate rounded to the
@@ -106,10 +108,12 @@ fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
 }
 
 /// Whether a model loaded on this thread should build the fused kernel
-/// `kind` (where [`cuda_here`]), as `INFER_FUSE` says (see [`asks_for`]).
-/// On an H100 the q/k kernel made Qwen3-4B's decode faster and the q/k and
-/// add-norm kernels Qwen3-0.6B's, but [`AddNorm`] made Qwen3-4B's slower,
-/// so it is opt-in.
+/// `kind` (where [`cuda_here`]), as `INFER_FUSE` says: unset builds
+/// [`QkRope`] alone, `1` both, `0` none, and a list of `qk` and `add`
+/// (separated by `,` or `+`) those named. On an H100 the q/k kernel made
+/// decode faster; [`AddNorm`] saves GPU time but each call of a custom
+/// kernel costs the host more than MLX's own two kernels, so with it decode
+/// was slower and it is opt-in.
 pub fn wanted(kind: Kind) -> bool {
     asks_for(std::env::var("INFER_FUSE").ok().as_deref(), kind) && cuda_here()
 }
