@@ -75,29 +75,19 @@ def short_names(names):
 
 def busy_and_gaps(items, lo, hi):
     """Busy time, short-gap time and long-gap time of sorted intervals in (lo, hi]."""
-    busy = short = long_ = 0
+    busy = 0
+    gaps = [0, 0]  # short, long
     cursor = lo
-    for start, end in items:
+    for start, end in items + [(hi, hi)]:
         start = max(start, lo)
         end = min(end, hi)
-        if end <= cursor:
-            continue
         if start > cursor:
-            gap = start - cursor
-            if gap < GAP_US * 1000:
-                short += gap
-            else:
-                long_ += gap
+            gaps[start - cursor >= GAP_US * 1000] += start - cursor
             cursor = start
-        busy += end - cursor
-        cursor = end
-    if hi > cursor:
-        gap = hi - cursor
-        if gap < GAP_US * 1000:
-            short += gap
-        else:
-            long_ += gap
-    return busy, short, long_
+        if end > cursor:
+            busy += end - cursor
+            cursor = end
+    return busy, gaps[0], gaps[1]
 
 
 def analyse(rows, marker, top):
