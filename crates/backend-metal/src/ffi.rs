@@ -486,10 +486,22 @@ impl CudaKernel {
         outputs: &[&str],
         source: &str,
     ) -> Result<Self, Exception> {
+        Self::with_header(name, inputs, outputs, source, "")
+    }
+
+    /// As [`CudaKernel::new`], with `header` placed before the kernel
+    /// (`#include`s of MLX's device headers, helper functions).
+    pub fn with_header(
+        name: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        source: &str,
+        header: &str,
+    ) -> Result<Self, Exception> {
         let c = |s: &str| {
             std::ffi::CString::new(s).map_err(|e| Exception::custom(format!("kernel text: {e}")))
         };
-        let (c_name, c_source, c_header) = (c(name)?, c(source)?, c("")?);
+        let (c_name, c_source, c_header) = (c(name)?, c(source)?, c(header)?);
         let input_names = vector_string(inputs)?;
         let output_names = match vector_string(outputs) {
             Ok(v) => v,

@@ -505,7 +505,7 @@ impl EagerFirst {
 }
 
 /// Where the passes' time goes while calls run: building and queueing the
-/// decode step, and waiting for the previous step's ids (the rest is
+/// decode step (`build_us`, of which `queue_us` queueing), and waiting for the previous step's ids (the rest is
 /// detokenising, stop strings and streaming). Logged at `debug` level, as
 /// means per step, whenever the scheduler falls idle.
 #[derive(Debug, Default)]
@@ -513,6 +513,10 @@ struct StepProfile {
     steps: u32,
     rows: u64,
     build: Duration,
+    /// The part of `build` spent queueing the step (MLX's `async_eval`:
+    /// evaluating each node's primitive and handing its work to the
+    /// device); the rest is building the graph.
+    queue: Duration,
     wait: Duration,
 }
 
@@ -526,6 +530,7 @@ impl StepProfile {
             steps = self.steps,
             mean_rows = self.rows as f64 / f64::from(self.steps),
             build_us = per(self.build),
+            queue_us = per(self.queue),
             wait_us = per(self.wait),
             "decode step profile (means)"
         );
@@ -1403,7 +1408,9 @@ impl<'a> Scheduler<'a> {
         // An id already read back is among the row's recent ids.
         let unread = (!pending.read).then_some(&y);
         let draw = row.draw(&logits, unread).map_err(mlx_error)?;
+        let t_queue = Instant::now();
         draw.queue().map_err(mlx_error)?;
+        self.profile.queue += t_queue.elapsed();
         row.next = Some(Pending {
             draw: self.fresh.len(),
             index: 0,
@@ -1534,6 +1541,7 @@ impl<'a> Scheduler<'a> {
         draw.queue().map_err(mlx_error)?;
         self.slow.draw += t_queue - t_draw;
         self.slow.queue += t_queue.elapsed();
+        self.profile.queue += t_queue.elapsed();
         let d = self.fresh.len();
         self.fresh.push(draw);
         for (b, o) in owner.iter().enumerate() {

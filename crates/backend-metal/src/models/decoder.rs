@@ -10,7 +10,8 @@ use inference_formats::config::{Defaults, HfConfig, LayerKind, Rope, TextConfig}
 use crate::cache::{LayerCache, Rotation};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
-use crate::models::fused::{AddNorm, QkRope, QkShape};
+use crate::models::fused::{step_applies, wanted, AddNorm, Kind, QkRope, QkShape};
+use crate::models::fused_gemv::{Fold, FusedGemv};
 use crate::models::grad_checkpoint::run_layer;
 use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, RmsNorm,
@@ -139,6 +140,50 @@ pub struct Decoder {
 struct Fused {
     add_norm: Option<AddNorm>,
     qk: Option<QkRope>,
+    /// Built only with [`Fused::qk`].
+    gemv: Option<LayerGemvs>,
+}
+
+/// A decoder layer's four products with what [`FusedGemv`] folds in.
+struct LayerGemvs {
+    /// Input norm and q/k/v.
+    qkv: FusedGemv,
+    /// Output projection and the residual add.
+    o: FusedGemv,
+    /// Post-attention norm, gate/up and SiLU × up.
+    gate_up: FusedGemv,
+    /// Down projection and the residual add.
+    down: FusedGemv,
+}
+
+impl LayerGemvs {
+    /// The kernels for `c`'s sizes in `dtype`, where `INFER_FUSE` asks for
+    /// them and every one applies.
+    fn new(c: &TextConfig, dtype: Dtype) -> Result<Option<Self>> {
+        if !wanted(Kind::Gemv) {
+            return Ok(None);
+        }
+        let (hidden, eps) = (c.hidden_size, c.rms_norm_eps);
+        let attn = c.num_attention_heads * c.head_dim;
+        let qkv_rows = attn + 2 * c.num_key_value_heads * c.head_dim;
+        let make = |fold, k, n| FusedGemv::make(fold, k, n, eps, dtype);
+        Ok(
+            match (
+                make(Fold::Norm, hidden, qkv_rows)?,
+                make(Fold::Residual, attn, hidden)?,
+                make(Fold::NormSwiglu, hidden, c.intermediate_size)?,
+                make(Fold::Residual, c.intermediate_size, hidden)?,
+            ) {
+                (Some(qkv), Some(o), Some(gate_up), Some(down)) => Some(Self {
+                    qkv,
+                    o,
+                    gate_up,
+                    down,
+                }),
+                _ => None,
+            },
+        )
+    }
 }
 
 impl Decoder {
@@ -199,18 +244,24 @@ impl Decoder {
         let dtype = norm.weight.dtype();
         let kernel =
             |e: Exception| LoadError::from(FormatError::Config(format!("fused kernel: {e}")));
+        let qk = QkRope::new(
+            QkShape {
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                norm_eps: config.qk_norm.then_some(c.rms_norm_eps),
+            },
+            dtype,
+        )
+        .map_err(kernel)?;
+        let gemv = match qk {
+            Some(_) => LayerGemvs::new(c, dtype).map_err(kernel)?,
+            None => None,
+        };
         let fused = Fused {
             add_norm: AddNorm::new(c.hidden_size, c.rms_norm_eps, dtype).map_err(kernel)?,
-            qk: QkRope::new(
-                QkShape {
-                    heads: c.num_attention_heads,
-                    kv_heads: c.num_key_value_heads,
-                    head_dim: c.head_dim,
-                    norm_eps: config.qk_norm.then_some(c.rms_norm_eps),
-                },
-                dtype,
-            )
-            .map_err(kernel)?,
+            qk,
+            gemv,
         };
         Ok(Self {
             embed_tokens,
@@ -224,6 +275,62 @@ impl Decoder {
 }
 
 impl Decoder {
+    /// A decode step of one row through [`LayerGemvs`] (each layer that
+    /// they do not fit, through MLX's operations); `None` (nothing
+    /// computed) where they are not built or `h` is not one row's step.
+    fn gemv_step(&self, h: &Array, caches: &mut [LayerCache]) -> Result<Option<Array>> {
+        let (Some(g), Some(qk)) = (&self.fused.gemv, &self.fused.qk) else {
+            return Ok(None);
+        };
+        if h.dim(0) != 1 || !step_applies(h, self.dtype()) {
+            return Ok(None);
+        }
+        let mut h = h.clone();
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            h = match self.gemv_layer(layer, &h, cache, g, qk)? {
+                Some(next) => next,
+                None => layer_step(layer, &h, cache, &self.rope, false, Some(qk))?,
+            };
+        }
+        self.norm.forward(&h).map(Some)
+    }
+
+    /// One layer's step through `g`; `None` (nothing computed) where the
+    /// layer's weights or norms are not theirs (adapters, biases, a
+    /// quantised or tensor-parallel weight).
+    fn gemv_layer(
+        &self,
+        layer: &Layer,
+        h: &Array,
+        cache: &mut LayerCache,
+        g: &LayerGemvs,
+        qk: &QkRope,
+    ) -> Result<Option<Array>> {
+        let (Some((wqkv, wo)), Some((wgu, wd))) =
+            (layer.self_attn.dense_qkv_o(), layer.mlp.dense_swiglu())
+        else {
+            return Ok(None);
+        };
+        let (n_in, n_post) = (&layer.input_layernorm, &layer.post_attention_layernorm);
+        let fits = g.qkv.takes(wqkv, Some((&n_in.weight, n_in.eps)))
+            && g.o.takes(wo, None)
+            && g.gate_up.takes(wgu, Some((&n_post.weight, n_post.eps)))
+            && g.down.takes(wd, None);
+        if !fits {
+            return Ok(None);
+        }
+        let qkv = g.qkv.apply(h, Some(&n_in.weight), wqkv, None)?;
+        let Some(heads) = layer
+            .self_attn
+            .attend_projected(&qkv, cache, &self.rope, qk)?
+        else {
+            return Ok(None);
+        };
+        let h1 = g.o.apply(&heads, None, wo, Some(h))?;
+        let act = g.gate_up.apply(&h1, Some(&n_post.weight), wgu, None)?;
+        g.down.apply(&act, None, wd, Some(&h1)).map(Some)
+    }
+
     /// A decode step with each residual add and the norm after it in one
     /// kernel ([`AddNorm`]); `None` (nothing computed) where the kernel
     /// does not apply to `h`.
@@ -253,9 +360,33 @@ impl Decoder {
     }
 }
 
+/// `layer` over `h` through MLX's operations (and the q/k kernel where
+/// given), extending `cache`; with `last`, for the last position only.
+fn layer_step(
+    layer: &Layer,
+    h: &Array,
+    cache: &mut LayerCache,
+    rope: &RotaryEmbedding,
+    last: bool,
+    qk: Option<&QkRope>,
+) -> Result<Array> {
+    let a = layer
+        .self_attn
+        .forward(&layer.input_layernorm.forward(h)?, cache, rope, last, qk)?;
+    let h = if last { last_keepdim(h) } else { h.clone() };
+    let h = h.add(a)?;
+    let m = layer
+        .mlp
+        .forward(&layer.post_attention_layernorm.forward(&h)?)?;
+    h.add(m)
+}
+
 impl CausalLm for Decoder {
     fn forward(&self, ids: &Array, caches: &mut [LayerCache], last_only: bool) -> Result<Array> {
         let mut h = self.embed_tokens.rows(ids)?;
+        if let Some(out) = self.gemv_step(&h, caches)? {
+            return Ok(out);
+        }
         if let Some(out) = self.fused_step(&h, caches)? {
             return Ok(out);
         }
@@ -266,19 +397,7 @@ impl CausalLm for Decoder {
             let last = last_only && i + 1 == n;
             let slots = || layer_slots(&layer.self_attn, &layer.mlp);
             h = run_layer(&h, cache, slots, move |h, cache| {
-                let a = layer.self_attn.forward(
-                    &layer.input_layernorm.forward(h)?,
-                    cache,
-                    rope,
-                    last,
-                    qk,
-                )?;
-                let h = if last { last_keepdim(h) } else { h.clone() };
-                let h = h.add(a)?;
-                let m = layer
-                    .mlp
-                    .forward(&layer.post_attention_layernorm.forward(&h)?)?;
-                h.add(m)
+                layer_step(layer, h, cache, rope, last, qk)
             })?;
         }
         self.norm.forward(&h)

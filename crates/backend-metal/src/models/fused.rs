@@ -24,14 +24,19 @@
 //! custom kernel; see [`Suspend`]), the model runs MLX's own operations, so
 //! Metal and the CPU keep the portable path. [`QkRope`] is on by default
 //! there, [`AddNorm`] only when `INFER_FUSE` asks for it (see [`wanted`]).
+//! [`crate::models::fused_gemv`] holds the third kind, on by default with
+//! [`QkRope`]: a layer's matrix-vector products with its norms, activation
+//! and residual adds folded in (which leaves [`AddNorm`] nothing to do).
 
 use std::cell::Cell;
+use std::sync::Mutex;
 
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 
 use crate::cache::Positions;
 use crate::ffi::CudaKernel;
+use crate::models::fused_gemv::{Fold, FusedGemv};
 use crate::models::layers::{RmsNorm, RotaryEmbedding};
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -72,6 +77,9 @@ pub enum Kind {
     AddNorm,
     /// [`QkRope`].
     QkRope,
+    /// [`FusedGemv`](crate::models::fused_gemv::FusedGemv): a layer's four
+    /// products with its norms, activation and residual adds folded in.
+    Gemv,
 }
 
 impl Kind {
@@ -80,18 +88,20 @@ impl Kind {
         match self {
             Kind::AddNorm => "add",
             Kind::QkRope => "qk",
+            Kind::Gemv => "gemv",
         }
     }
 }
 
 /// Whether `INFER_FUSE` (`setting`, `None` when unset) asks for `kind`:
-/// unset builds [`QkRope`] alone, `1` both, `0` none, and a list of `qk`
-/// and `add` (separated by `,` or `+`) those named.
-/// Anything else is warned of and read as unset.
+/// unset builds [`QkRope`] and the gemv kernels, `1` every kind, `0` none,
+/// and a list of `qk`, `add` and `gemv` (separated by `,` or `+`) those
+/// named (the gemv kernels serve only with the q/k one). Anything else is
+/// warned of and read as unset.
 fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
-    const NAMES: [&str; 2] = ["qk", "add"];
+    const NAMES: [&str; 3] = ["qk", "add", "gemv"];
     match setting.map(str::trim) {
-        None => kind == Kind::QkRope,
+        None => kind != Kind::AddNorm,
         Some("0") => false,
         Some("1") => true,
         Some(list) if list.split([',', '+']).all(|n| NAMES.contains(&n.trim())) => {
@@ -99,21 +109,22 @@ fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
         }
         Some(other) => {
             tracing::warn!(
-                "INFER_FUSE={other:?} is not 0, 1 or a list of qk and add; \
+                "INFER_FUSE={other:?} is not 0, 1 or a list of qk, add and gemv; \
                  read as unset"
             );
-            kind == Kind::QkRope
+            kind != Kind::AddNorm
         }
     }
 }
 
 /// Whether a model loaded on this thread should build the fused kernel
 /// `kind` (where [`cuda_here`]), as `INFER_FUSE` says: unset builds
-/// [`QkRope`] alone, `1` both, `0` none, and a list of `qk` and `add`
-/// (separated by `,` or `+`) those named. On an H100 the q/k kernel made
-/// decode faster; [`AddNorm`] saves GPU time but each call of a custom
-/// kernel costs the host more than MLX's own two kernels, so with it decode
-/// was slower and it is opt-in.
+/// [`QkRope`] and the gemv kernels, `1` every kind, `0` none, and a list of
+/// `qk`, `add` and `gemv` (separated by `,` or `+`) those named. On an H100
+/// both default kinds made decode faster; [`AddNorm`] saves GPU time but
+/// each call of a custom kernel costs the host more than MLX's own two
+/// kernels, so with it decode was slower and it is opt-in (the gemv kernels
+/// fold its work into theirs).
 pub fn wanted(kind: Kind) -> bool {
     asks_for(std::env::var("INFER_FUSE").ok().as_deref(), kind) && cuda_here()
 }
@@ -127,12 +138,12 @@ pub fn cuda_here() -> bool {
 
 /// Whether a step of `x` `[B, L, …]` in `dtype` may take a kernel made for
 /// `dtype`: one position per row, the same dtype, not training.
-fn step_applies(x: &Array, dtype: Dtype) -> bool {
+pub(crate) fn step_applies(x: &Array, dtype: Dtype) -> bool {
     x.ndim() == 3 && x.dim(1) == 1 && x.dtype() == dtype && !SUSPENDED.with(Cell::get)
 }
 
 /// The CUDA spelling of an MLX dtype the kernels take.
-fn cuda_type(dtype: Dtype) -> Option<&'static str> {
+pub(crate) fn cuda_type(dtype: Dtype) -> Option<&'static str> {
     match dtype {
         Dtype::Bfloat16 => Some("__nv_bfloat16"),
         Dtype::Float16 => Some("__half"),
@@ -338,6 +349,9 @@ pub struct QkRope {
     /// One element of `dtype`, passed for the norms' weights where the
     /// model has none (the kernel's text reads them in that type).
     no_norm: Array,
+    /// Every layer of a decode step rotates from the same position: one
+    /// offset array serves them all.
+    offset: OffsetMemo,
 }
 
 impl QkRope {
@@ -373,6 +387,7 @@ impl QkRope {
             shape,
             dtype,
             no_norm: Array::zeros::<f32>(&[1])?.as_dtype(dtype)?,
+            offset: OffsetMemo::default(),
         }))
     }
 
@@ -422,7 +437,7 @@ impl QkRope {
             _ => return Err(Exception::custom("q/k kernel: norms unlike its model's")),
         };
         let offsets = match start {
-            Positions::Start(p) => Array::from_slice(&[*p], &[1]),
+            Positions::Start(p) => self.offset.get(*p),
             Positions::Rows(a) => a.as_dtype(Dtype::Int32)?,
         };
         // A thread per rotated pair, in whole warps.
@@ -447,6 +462,29 @@ impl QkRope {
         match (out.next(), out.next(), out.next()) {
             (Some(q), Some(k), Some(v)) => Ok((q, k, v)),
             _ => Err(Exception::custom("the q/k kernel lost an output")),
+        }
+    }
+}
+
+/// The last single position passed to the q/k kernel and its `[1]` int32
+/// array, so that the layers of one decode step share one array instead of
+/// making one each (a host allocation and a graph input per layer).
+#[derive(Debug, Default)]
+struct OffsetMemo(Mutex<Option<(i32, Array)>>);
+
+impl OffsetMemo {
+    /// `[p]` as an int32 array, the same array while `p` repeats.
+    fn get(&self, p: i32) -> Array {
+        // A poisoned lock only means a panic elsewhere mid-update: the
+        // memo is then rebuilt.
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match memo.as_ref() {
+            Some((q, a)) if *q == p => a.clone(),
+            _ => {
+                let a = Array::from_slice(&[p], &[1]);
+                *memo = Some((p, a.clone()));
+                a
+            }
         }
     }
 }
@@ -690,6 +728,60 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
         }
     }
 
+    // The folded products (bf16 and f16 only so far), at Qwen3-0.6B's and
+    // -4B's sizes: (hidden, q/k/v rows, attention width, intermediate).
+    let sizes: &[(i32, i32, i32, i32)] = match dtype {
+        Dtype::Float32 => &[],
+        _ => &[(1_024, 4_096, 2_048, 3_072), (2_560, 6_144, 4_096, 9_728)],
+    };
+    for &(hidden, qkv_rows, attn, inter) in sizes {
+        let x = normal(&[1, 1, hidden])?;
+        let norm = RmsNorm {
+            weight: normal(&[hidden])?,
+            eps,
+        };
+        let scaled = |rows: i32, cols: i32| -> Result<Array> {
+            // Weights of a trained model's size, so that sums stay in range.
+            normal(&[rows, cols])?.multiply(Array::from_f32(0.05).as_dtype(dtype)?)
+        };
+        let make = |fold, k, n| {
+            FusedGemv::make(fold, k, n, eps, dtype)?
+                .ok_or_else(|| Exception::custom(format!("no gemv kernel for {k} × {n} {dtype:?}")))
+        };
+        let w = scaled(qkv_rows, hidden)?;
+        let got = make(Fold::Norm, hidden, qkv_rows)?.apply(&x, Some(&norm.weight), &w, None)?;
+        let want = norm.forward(&x)?.matmul(w.t())?;
+        out.push(compare(
+            format!("gemv norm: {hidden} → {qkv_rows}"),
+            &got,
+            &want,
+        )?);
+
+        let w = scaled(2 * inter, hidden)?;
+        let got = make(Fold::NormSwiglu, hidden, inter)?.apply(&x, Some(&norm.weight), &w, None)?;
+        let gu = norm.forward(&x)?.matmul(w.t())?;
+        let halves = gu.split_equal(2, -1)?;
+        let (g, u) = (&halves[0], &halves[1]);
+        let want = g.multiply(mlx_rs::ops::sigmoid(g)?)?.multiply(u)?;
+        out.push(compare(
+            format!("gemv norm swiglu: {hidden} → {inter}"),
+            &got,
+            &want,
+        )?);
+
+        for (k, what) in [(attn, "output"), (inter, "down")] {
+            let a = normal(&[1, 1, k])?;
+            let w = scaled(hidden, k)?;
+            let got = make(Fold::Residual, k, hidden)?.apply(&a, None, &w, Some(&x))?;
+            let want = x.add(a.matmul(w.t())?)?;
+            out.push(compare(
+                format!("gemv residual ({what}): {k} → {hidden}"),
+                &got,
+                &want,
+            )?);
+        }
+    }
+
     Ok(out)
 }
 
@@ -764,20 +856,43 @@ mod tests {
     fn infer_fuse_reads_lists() {
         use Kind::*;
         let on = |setting: Option<&str>| {
-            [QkRope, AddNorm]
+            [QkRope, AddNorm, Gemv]
                 .into_iter()
                 .filter(|k| asks_for(setting, *k))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(on(None), [QkRope]);
+        assert_eq!(on(None), [QkRope, Gemv]);
         assert_eq!(on(Some("0")), []);
-        assert_eq!(on(Some("1")), [QkRope, AddNorm]);
+        assert_eq!(on(Some("1")), [QkRope, AddNorm, Gemv]);
+        assert_eq!(on(Some("qk+gemv")), [QkRope, Gemv]);
         assert_eq!(on(Some("add")), [AddNorm]);
         assert_eq!(on(Some("qk,add")), [QkRope, AddNorm]);
         assert_eq!(on(Some(" add ")), [AddNorm]);
         assert_eq!(on(Some("add+qk")), [QkRope, AddNorm]);
-        assert_eq!(on(Some("qk,ad")), [QkRope], "a typo reads as unset");
-        assert_eq!(on(Some("")), [QkRope]);
+        assert_eq!(on(Some("qk")), [QkRope]);
+        assert_eq!(on(Some("qk,ad")), [QkRope, Gemv], "a typo reads as unset");
+        assert_eq!(on(Some("")), [QkRope, Gemv]);
+    }
+
+    /// The layers of a step share one offset array; the next position
+    /// gets a new one and leaves the old one as it was.
+    #[test]
+    fn one_offset_array_per_position() {
+        let memo = OffsetMemo::default();
+        let a = memo.get(7);
+        let b = memo.get(7);
+        assert_eq!(a.as_slice::<i32>(), [7]);
+        // The same MLX array (one buffer), not an equal copy.
+        let data = |x: &Array| x.as_slice::<i32>().as_ptr();
+        assert_eq!(data(&a), data(&b));
+        let c = memo.get(8);
+        assert_eq!(c.as_slice::<i32>(), [8]);
+        assert_ne!(data(&a), data(&c));
+        assert_eq!(
+            a.as_slice::<i32>(),
+            [7],
+            "an earlier step's array is untouched"
+        );
     }
 
     /// The add-norm kernel's blocks: a thread per 16-byte load, in whole

@@ -362,6 +362,16 @@ impl Linear {
         self.lora.apply(x, y)
     }
 
+    /// The dense weight of a layer that applies nothing else (no bias,
+    /// adapter or tensor-parallel sum): what a fused product may take in
+    /// its place.
+    pub fn plain_dense(&self) -> Option<&Array> {
+        match (&self.weight, &self.bias, &self.reduce) {
+            (Matrix::Dense(w), None, None) if !self.lora.is_set() => Some(w),
+            _ => None,
+        }
+    }
+
     /// Input features.
     pub fn in_features(&self) -> i32 {
         match &self.weight {
@@ -454,6 +464,17 @@ impl<const N: usize> LinearGroup<N> {
                 s.forward(x).map(Some)
             }
             _ => Ok(None),
+        }
+    }
+
+    /// The stacked dense weight (the parts' rows in order) of a group that
+    /// applies nothing else ([`Linear::plain_dense`], no adapters).
+    fn plain_dense(&self) -> Option<&Array> {
+        match self {
+            LinearGroup::Stacked(s, _, loras) if !loras.iter().any(LoraSlot::is_set) => {
+                s.plain_dense()
+            }
+            _ => None,
         }
     }
 
@@ -576,6 +597,16 @@ impl GatedMlp {
                 d.weight.out_features(),
             ),
         ]
+    }
+
+    /// For a SiLU MLP whose gate and up projections are one stacked dense
+    /// weight (gate rows first) and whose down projection is dense, both
+    /// applying nothing else: `(gate/up, down)`.
+    pub fn dense_swiglu(&self) -> Option<(&Array, &Array)> {
+        if self.activation != Activation::Silu {
+            return None;
+        }
+        Some((self.gate_up.plain_dense()?, self.down_proj.plain_dense()?))
     }
 
     /// Applies the MLP.
@@ -784,26 +815,60 @@ impl<N: Norm> Attention<N> {
         rope: &RotaryEmbedding,
         kernel: &QkRope,
     ) -> Result<Option<Array>> {
-        let norms = match (&self.q_norm, &self.k_norm) {
-            (None, None) => None,
-            (Some(q), Some(k)) => match (q.rms_weight(), k.rms_weight()) {
-                (Some((qw, qe)), Some((kw, ke))) if qe == ke => Some((qw, kw, qe)),
-                _ => return Ok(None),
-            },
-            _ => return Ok(None),
-        };
-        if !kernel.takes_norm(norms.map(|(_, _, e)| e)) {
+        if self.kernel_norms(kernel).is_none() {
             return Ok(None);
         }
         let Some(qkv) = self.qkv.stacked_step(x)? else {
             return Ok(None);
         };
-        let (b, d) = (x.dim(0), self.head_dim);
-        let start = cache.positions()?;
-        let (q, k, v) = kernel.apply(&qkv, norms.map(|(q, k, _)| (q, k)), rope, &start)?;
-        let (k, v, mask) = cache.update(&k, &v)?;
-        let out = attend(&q, &k, &v, self.scale, &mask)?.reshape(&[b, 1, self.heads * d])?;
+        let Some(out) = self.attend_projected(&qkv, cache, rope, kernel)? else {
+            return Ok(None);
+        };
+        let out = out.reshape(&[x.dim(0), 1, self.heads * self.head_dim])?;
         self.o_proj.forward(&out).map(Some)
+    }
+
+    /// The q and k norms' weights as `kernel` takes them (`Some(None)` for
+    /// a model without q/k norms); `None` where the kernel was not made for
+    /// this layer's norms.
+    fn kernel_norms(&self, kernel: &QkRope) -> Option<Option<(&Array, &Array)>> {
+        let norms = match (&self.q_norm, &self.k_norm) {
+            (None, None) => None,
+            (Some(q), Some(k)) => match (q.rms_weight(), k.rms_weight()) {
+                (Some((qw, qe)), Some((kw, ke))) if qe == ke => Some((qw, kw, qe)),
+                _ => return None,
+            },
+            _ => return None,
+        };
+        kernel
+            .takes_norm(norms.map(|(_, _, e)| e))
+            .then_some(norms.map(|(q, k, _)| (q, k)))
+    }
+
+    /// The stacked q/k/v and output projections' dense weights, where both
+    /// apply nothing else ([`Linear::plain_dense`]).
+    pub fn dense_qkv_o(&self) -> Option<(&Array, &Array)> {
+        Some((self.qkv.plain_dense()?, self.o_proj.plain_dense()?))
+    }
+
+    /// A decode step's attention from the stacked projection `qkv`
+    /// `[B, 1, (H + 2·Hkv)·D]` through `kernel`, extending `cache`: the
+    /// heads `[B, H, 1, D]` before the output projection; `None` (nothing
+    /// computed) where the kernel was not made for this layer's norms.
+    pub fn attend_projected(
+        &self,
+        qkv: &Array,
+        cache: &mut LayerCache,
+        rope: &RotaryEmbedding,
+        kernel: &QkRope,
+    ) -> Result<Option<Array>> {
+        let Some(norms) = self.kernel_norms(kernel) else {
+            return Ok(None);
+        };
+        let start = cache.positions()?;
+        let (q, k, v) = kernel.apply(qkv, norms, rope, &start)?;
+        let (k, v, mask) = cache.update(&k, &v)?;
+        attend(&q, &k, &v, self.scale, &mask).map(Some)
     }
 }
 

@@ -1,0 +1,373 @@
+//! Matrix-vector kernels for a decode step of one row, with the small
+//! operations around each product folded in (`INFER_FUSE` names them
+//! `gemv`; opt-in).
+//!
+//! A decoder layer's step otherwise runs, around its four products, two
+//! RMSNorms, two residual adds and the SiLU × up: five kernels and six graph
+//! nodes (the gate/up split too) that each cost the host as much as a
+//! product does. Here:
+//!
+//! - [`Fold::Norm`]: `y = W · rms_norm(x)`: each block normalises `x` into
+//!   shared memory before its rows (the input norm before q/k/v);
+//! - [`Fold::NormSwiglu`]: `y = silu(g) · u` with `[g; u] = W · rms_norm(x)`
+//!   for a gate/up weight stacked `[2I, K]`: a warp computes row `i` of the
+//!   gate and of the up part together (the post-attention norm, gate/up and
+//!   the activation);
+//! - [`Fold::Residual`]: `y = r + W · x` (the output projection and the
+//!   down projection, each with the residual add after it).
+//!
+//! A layer's step is then eight kernels instead of thirteen. Each rounds
+//! where MLX's own operations round (the norm's output, each product's
+//! output, each step of the activation, which is MLX's own `Sigmoid` and
+//! `Multiply`), but the products and the norm's sum of squares add in
+//! another order than MLX's, so a result can differ in its last bit.
+//! [`check`](crate::models::fused::check) compares them with MLX's
+//! operations. Dense weights only, in bf16, f16 or f32, one row (a batch or
+//! a quantised model keeps MLX's kernels).
+
+use mlx_rs::error::Exception;
+use mlx_rs::{Array, Dtype};
+
+use crate::ffi::CudaKernel;
+
+type Result<T> = std::result::Result<T, Exception>;
+
+/// What a [`FusedGemv`] folds into its product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    /// `W · rms_norm(x)`.
+    Norm,
+    /// `silu(g) · u` of `[g; u] = W · rms_norm(x)`.
+    NormSwiglu,
+    /// `r + W · x`.
+    Residual,
+}
+
+impl Fold {
+    fn code(self) -> i32 {
+        match self {
+            Fold::Norm => 0,
+            Fold::NormSwiglu => 1,
+            Fold::Residual => 2,
+        }
+    }
+}
+
+/// Threads per block.
+const THREADS: i32 = 256;
+
+/// Most bytes of the input vector a block holds in shared memory.
+const MAX_INPUT_BYTES: i32 = 40 * 1024;
+
+/// Rows per block for `n` output rows: the most (up to 32) that still
+/// leaves 512 blocks, so that every SM of a large GPU holds several.
+fn rows_per_block(n: i32) -> i32 {
+    let mut rows = 32;
+    while rows > 1 && (n + rows - 1) / rows < 512 {
+        rows /= 2;
+    }
+    rows
+}
+
+/// A matrix-vector product of one row with [`Fold`] folded in, for one
+/// weight shape.
+#[derive(Debug)]
+pub struct FusedGemv {
+    kernel: CudaKernel,
+    fold: Fold,
+    /// Input features.
+    k: i32,
+    /// Output features (for [`Fold::NormSwiglu`], of the activation: the
+    /// weight has twice as many rows).
+    n: i32,
+    rows: i32,
+    eps: f32,
+    dtype: Dtype,
+    /// One element, passed where the fold takes no norm weight or residual.
+    none: Array,
+}
+
+impl FusedGemv {
+    /// The kernel for a weight of `n` (× 2 for [`Fold::NormSwiglu`]) rows of
+    /// `k` features in `dtype`, norms of epsilon `eps`; `None` where it does
+    /// not apply (a dtype without one, `k` not a whole number of 16-byte
+    /// loads, or an input too large for shared memory).
+    pub fn make(fold: Fold, k: i32, n: i32, eps: f32, dtype: Dtype) -> Result<Option<Self>> {
+        // f32 waits for its check on a GPU (bf16 and f16 passed it).
+        let Some(ty) = super::fused::cuda_type(dtype).filter(|_| dtype != Dtype::Float32) else {
+            return Ok(None);
+        };
+        let size = match dtype {
+            Dtype::Float32 => 4,
+            _ => 2,
+        };
+        if k <= 0 || n <= 0 || k % (16 / size) != 0 || k * size > MAX_INPUT_BYTES {
+            return Ok(None);
+        }
+        let rows = rows_per_block(n);
+        let source = gemv_source(ty, fold, k, n, rows, eps);
+        let kernel = CudaKernel::with_header(
+            "infer_gemv",
+            &["x", "nw", "w", "res"],
+            &["y"],
+            &source,
+            GEMV_HEADER,
+        )?;
+        Ok(Some(Self {
+            kernel,
+            fold,
+            k,
+            n,
+            rows,
+            eps,
+            dtype,
+            none: Array::zeros::<f32>(&[1])?.as_dtype(dtype)?,
+        }))
+    }
+
+    /// Whether it takes weight `w` and (where its fold has one) a norm of
+    /// weight `norm` with epsilon `eps`.
+    pub fn takes(&self, w: &Array, norm: Option<(&Array, f32)>) -> bool {
+        let rows = match self.fold {
+            Fold::NormSwiglu => 2 * self.n,
+            _ => self.n,
+        };
+        let norm_fits = match (self.fold, norm) {
+            (Fold::Residual, None) => true,
+            (Fold::Norm | Fold::NormSwiglu, Some((nw, eps))) => {
+                nw.shape() == [self.k] && nw.dtype() == self.dtype && eps == self.eps
+            }
+            _ => false,
+        };
+        w.shape() == [rows, self.k] && w.dtype() == self.dtype && norm_fits
+    }
+
+    /// The product for `x` `[1, 1, k]` (or any shape of `k` elements, such
+    /// as attention heads `[1, H, 1, D]`), weight `w`, the norm's weight
+    /// `nw` and the residual `res` `[1, 1, n]` where the fold takes them:
+    /// `[1, 1, n]`.
+    pub fn apply(
+        &self,
+        x: &Array,
+        nw: Option<&Array>,
+        w: &Array,
+        res: Option<&Array>,
+    ) -> Result<Array> {
+        let extra = |a: Option<&Array>, len: usize| {
+            a.is_some_and(|a| a.size() != len || a.dtype() != self.dtype)
+        };
+        if x.size() != self.k as usize
+            || x.dtype() != self.dtype
+            || extra(nw, self.k as usize)
+            || extra(res, self.n as usize)
+        {
+            return Err(Exception::custom(format!(
+                "fused gemv ({:?}, {} → {}): input {:?} {:?} does not fit",
+                self.fold,
+                self.k,
+                self.n,
+                x.shape(),
+                x.dtype()
+            )));
+        }
+        let blocks = (self.n + self.rows - 1) / self.rows;
+        let out = self.kernel.apply(
+            &[x, nw.unwrap_or(&self.none), w, res.unwrap_or(&self.none)],
+            &[(&[1, 1, self.n], self.dtype)],
+            [blocks * THREADS, 1, 1],
+            [THREADS, 1, 1],
+        )?;
+        out.into_iter()
+            .next()
+            .ok_or_else(|| Exception::custom("the gemv kernel lost its output"))
+    }
+}
+
+/// MLX's own device operations (its `Sigmoid`, `Multiply` and `Add`), so
+/// that the folded activation and residual round as MLX's kernels do.
+const GEMV_HEADER: &str = "#include \"mlx/backend/cuda/device/unary_ops.cuh\"\n\
+                           #include \"mlx/backend/cuda/device/binary_ops.cuh\"\n";
+
+/// The body of [`FusedGemv`]'s kernel. Block: 256 threads; `RPB` output
+/// rows a block, each row by `WPR` warps (each a share of the row's 16-byte
+/// chunks) or each warp `RPW` rows. The block first asks L2 for the start
+/// of its rows, then writes its (normalised) input into shared memory.
+fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> String {
+    let mode = fold.code();
+    format!(
+        r#"
+    using T = {ty};
+    constexpr int K = {k};
+    constexpr int N = {n};
+    constexpr int MODE = {mode};
+    constexpr float EPS = {eps:e}f;
+    constexpr int RPB = {rows};
+    constexpr int THREADS = {THREADS};
+    constexpr int WARPS = THREADS / 32;
+    constexpr int RPW = RPB > WARPS ? RPB / WARPS : 1;
+    constexpr int WPR = RPB < WARPS ? WARPS / RPB : 1;
+    constexpr int DOTS = MODE == 1 ? 2 * RPW : RPW;
+    constexpr int V = 16 / sizeof(T);
+    constexpr int NV = K / V;
+    constexpr int ROW_BYTES = K * sizeof(T);
+    constexpr int PREFETCH = ROW_BYTES < 4096 ? ROW_BYTES : 4096;
+    __shared__ __align__(16) T xs[K];
+    __shared__ float red[WARPS * DOTS];
+    const int t = threadIdx.x;
+    const int lane = t & 31;
+    const int warp = t >> 5;
+    const int group = warp / WPR;
+    const int part = warp % WPR;
+    const int first = blockIdx.x * RPB + group * RPW;
+    const T* rows[DOTS];
+#pragma unroll
+    for (int d = 0; d < DOTS; ++d) {{
+        int r = first + (MODE == 1 ? d / 2 : d);
+        r = r < N ? r : N - 1;
+        rows[d] = w + static_cast<size_t>(MODE == 1 && (d & 1) ? r + N : r) * K;
+    }}
+    // The first bytes of every row of the block, into L2 while the input
+    // is prepared.
+    {{
+        constexpr int LINES = PREFETCH / 128 > 0 ? PREFETCH / 128 : 1;
+        constexpr int BLOCK_ROWS = MODE == 1 ? 2 * RPB : RPB;
+        for (int j = t; j < BLOCK_ROWS * LINES; j += THREADS) {{
+            const int br = j / LINES;
+            int r = blockIdx.x * RPB + (MODE == 1 ? br / 2 : br);
+            r = r < N ? r : N - 1;
+            const char* p = reinterpret_cast<const char*>(
+                w + static_cast<size_t>(MODE == 1 && (br & 1) ? r + N : r) * K);
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(p + (j % LINES) * 128));
+        }}
+    }}
+    if (MODE == 2) {{
+        for (int j = t; j < K; j += THREADS) xs[j] = x[j];
+    }} else {{
+        float ss = 0.0f;
+        for (int j = t; j < K; j += THREADS) {{
+            const float f = static_cast<float>(x[j]);
+            ss += f * f;
+        }}
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[warp] = ss;
+        __syncthreads();
+        float total = 0.0f;
+        for (int j = 0; j < WARPS; ++j) total += red[j];
+        const float inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
+        for (int j = t; j < K; j += THREADS) {{
+            xs[j] = nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv);
+        }}
+    }}
+    __syncthreads();
+    float acc[DOTS];
+#pragma unroll
+    for (int d = 0; d < DOTS; ++d) acc[d] = 0.0f;
+    const int lo = part * NV / WPR;
+    const int hi = (part + 1) * NV / WPR;
+    if ((reinterpret_cast<size_t>(w) & 15) == 0) {{
+#pragma unroll 4
+        for (int c = lo + lane; c < hi; c += 32) {{
+            const uint4 xv = reinterpret_cast<const uint4*>(xs)[c];
+            const T* px = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+            for (int d = 0; d < DOTS; ++d) {{
+                const uint4 wv = reinterpret_cast<const uint4*>(rows[d])[c];
+                const T* pw = reinterpret_cast<const T*>(&wv);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {{
+                    acc[d] += static_cast<float>(pw[e]) * static_cast<float>(px[e]);
+                }}
+            }}
+        }}
+    }} else {{
+        // A weight that does not start on 16 bytes: element by element.
+        for (int j = lo * V + lane; j < hi * V; j += 32) {{
+            const float xf = static_cast<float>(xs[j]);
+#pragma unroll
+            for (int d = 0; d < DOTS; ++d) acc[d] += static_cast<float>(rows[d][j]) * xf;
+        }}
+    }}
+#pragma unroll
+    for (int d = 0; d < DOTS; ++d) {{
+        for (int o = 16; o > 0; o >>= 1) acc[d] += __shfl_xor_sync(0xffffffffu, acc[d], o);
+    }}
+    if (WPR > 1) {{
+        __syncthreads();
+        if (lane == 0) {{
+#pragma unroll
+            for (int d = 0; d < DOTS; ++d) red[warp * DOTS + d] = acc[d];
+        }}
+        __syncthreads();
+        if (part != 0) return;
+#pragma unroll
+        for (int d = 0; d < DOTS; ++d) {{
+            float s = 0.0f;
+            for (int p = 0; p < WPR; ++p) s += red[(group * WPR + p) * DOTS + d];
+            acc[d] = s;
+        }}
+    }}
+    if (lane != 0) return;
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {{
+        const int r = first + i;
+        if (r < N) {{
+            if (MODE == 1) {{
+                const T g = static_cast<T>(acc[2 * i]);
+                const T u = static_cast<T>(acc[2 * i + 1]);
+                y[r] = Multiply{{}}(Multiply{{}}(g, Sigmoid{{}}(g)), u);
+            }} else if (MODE == 2) {{
+                y[r] = Add{{}}(res[r], static_cast<T>(acc[i]));
+            }} else {{
+                y[r] = static_cast<T>(acc[i]);
+            }}
+        }}
+    }}
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_keep_large_gpus_busy() {
+        // Qwen3-0.6B's and -4B's products: q/k/v, gate/up, output, down.
+        assert_eq!(rows_per_block(4_096), 8);
+        assert_eq!(rows_per_block(3_072), 4);
+        assert_eq!(rows_per_block(1_024), 2);
+        assert_eq!(rows_per_block(9_728), 16);
+        assert_eq!(rows_per_block(2_560), 4);
+        assert_eq!(rows_per_block(300), 1);
+        assert_eq!(rows_per_block(1 << 20), 32);
+    }
+
+    #[test]
+    fn kernels_only_for_shapes_they_serve() {
+        // 16-byte loads: bf16 rows of a multiple of 8, f32 of 4.
+        let make = |k, dtype| FusedGemv::make(Fold::Norm, k, 64, 1e-6, dtype);
+        assert!(make(1_001, Dtype::Bfloat16).unwrap().is_none());
+        assert!(make(1_002, Dtype::Float32).unwrap().is_none());
+        // Inputs over 40 KiB do not fit shared memory beside the rest.
+        assert!(make(24_576, Dtype::Float16).unwrap().is_none());
+        // f32 waits for its check on a GPU.
+        assert!(make(1_024, Dtype::Float32).unwrap().is_none());
+        assert!(make(1_024, Dtype::Int32).unwrap().is_none());
+    }
+
+    #[test]
+    fn source_bakes_in_the_shape_and_fold() {
+        let s = gemv_source("__nv_bfloat16", Fold::NormSwiglu, 2_560, 9_728, 16, 1e-6);
+        for want in [
+            "using T = __nv_bfloat16;",
+            "constexpr int K = 2560;",
+            "constexpr int N = 9728;",
+            "constexpr int MODE = 1;",
+            "constexpr int RPB = 16;",
+            "Sigmoid{}(g)",
+        ] {
+            assert!(s.contains(want), "{want} missing");
+        }
+        assert!(!s.contains("{{"), "format braces left in the text");
+    }
+}
