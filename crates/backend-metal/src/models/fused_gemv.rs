@@ -1,6 +1,7 @@
 //! Matrix-vector kernels for a decode step of one row, with the small
 //! operations around each product folded in (`INFER_FUSE` names them
-//! `gemv`; opt-in).
+//! `gemv`; on by default with the q/k kernel, see
+//! [`wanted`](crate::models::fused::wanted)).
 //!
 //! A decoder layer's step otherwise runs, around its four products, two
 //! RMSNorms, two residual adds and the SiLU × up: five kernels and six graph
@@ -22,8 +23,8 @@
 //! `Multiply`), but the products and the norm's sum of squares add in
 //! another order than MLX's, so a result can differ in its last bit.
 //! [`check`](crate::models::fused::check) compares them with MLX's
-//! operations. Dense weights only, in bf16, f16 or f32, one row (a batch or
-//! a quantised model keeps MLX's kernels).
+//! operations. Dense weights only, in bf16 or f16 (f32 waits for its check
+//! on a GPU), one row (a batch or a quantised model keeps MLX's kernels).
 
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
