@@ -33,8 +33,11 @@ pub const MLX_SYS_VERSION: &str = "0.7.0";
 /// The wheel that carries MLX for CUDA 13.
 const CUDA_WHEEL: &str = "mlx-cuda-13";
 
-/// Bytes per piece of the CUDA wheel in a bundle: the device tool carries at most 64 MiB a call.
-const WHEEL_PART_BYTES: usize = 44_000_000;
+/// Bytes per piece of the CUDA wheel in a bundle. The device tool carries at most 64 MiB a
+/// call, the repository's tracked files included (11 MB by 2026-12-06): the first call
+/// carries this piece, the second the rest (35 MB of the 87 MB wheel) with a bundle of up
+/// to 16 MB, so both stay near 63 MB.
+const WHEEL_PART_BYTES: usize = 52_000_000;
 
 /// What set-up found or installed; [`MlxEnv::apply`] puts it into a cargo child process's
 /// environment.
@@ -640,7 +643,7 @@ exec "$here/mlx_smoke" --test-threads=1 --nocapture "$@"
 ///
 /// The bundle holds the stripped release test executable (rpath `$ORIGIN/site/mlx/lib`),
 /// `run.sh`, and the wheel's name and SHA-256. libmlx.so (142 MB) is not in it: the wheel
-/// is cut into pieces of at most 44 MB in `target/cuda/bundle-wheel/`, which a machine
+/// is cut into pieces of at most 52 MB in `target/cuda/bundle-wheel/`, which a machine
 /// that cannot reach PyPI gets one piece per transfer; `run.sh` joins, checks and installs
 /// them (see docs/building.md).
 pub fn bundle_cuda(root: &Path) -> Result<PathBuf> {
@@ -706,7 +709,7 @@ pub fn bundle_cuda(root: &Path) -> Result<PathBuf> {
 }
 
 /// Downloads the mlx-cuda-13 wheel (once) and cuts it into pieces of at most
-/// 44 MB in `target/bundle-wheel/` (a machine that cannot reach PyPI gets one
+/// 52 MB in `target/bundle-wheel/` (a machine that cannot reach PyPI gets one
 /// piece per transfer); returns the wheel's file name.
 pub fn cuda_wheel_pieces(root: &Path, target: &Path) -> Result<String> {
     let wheels = root.join(".cache/mlx/wheels");
