@@ -1539,9 +1539,10 @@ impl<'a> Scheduler<'a> {
         };
         let t_queue = Instant::now();
         draw.queue().map_err(mlx_error)?;
+        let queued = t_queue.elapsed();
         self.slow.draw += t_queue - t_draw;
-        self.slow.queue += t_queue.elapsed();
-        self.profile.queue += t_queue.elapsed();
+        self.slow.queue += queued;
+        self.profile.queue += queued;
         let d = self.fresh.len();
         self.fresh.push(draw);
         for (b, o) in owner.iter().enumerate() {

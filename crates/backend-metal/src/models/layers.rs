@@ -815,15 +815,13 @@ impl<N: Norm> Attention<N> {
         rope: &RotaryEmbedding,
         kernel: &QkRope,
     ) -> Result<Option<Array>> {
-        if self.kernel_norms(kernel).is_none() {
+        let Some(norms) = self.kernel_norms(kernel) else {
             return Ok(None);
-        }
+        };
         let Some(qkv) = self.qkv.stacked_step(x)? else {
             return Ok(None);
         };
-        let Some(out) = self.attend_projected(&qkv, cache, rope, kernel)? else {
-            return Ok(None);
-        };
+        let out = self.attend_with(&qkv, norms, cache, rope, kernel)?;
         let out = out.reshape(&[x.dim(0), 1, self.heads * self.head_dim])?;
         self.o_proj.forward(&out).map(Some)
     }
@@ -862,13 +860,26 @@ impl<N: Norm> Attention<N> {
         rope: &RotaryEmbedding,
         kernel: &QkRope,
     ) -> Result<Option<Array>> {
-        let Some(norms) = self.kernel_norms(kernel) else {
-            return Ok(None);
-        };
+        match self.kernel_norms(kernel) {
+            Some(norms) => self.attend_with(qkv, norms, cache, rope, kernel).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Attention::attend_projected`] with the norms' weights already
+    /// matched to `kernel` ([`Attention::kernel_norms`]).
+    fn attend_with(
+        &self,
+        qkv: &Array,
+        norms: Option<(&Array, &Array)>,
+        cache: &mut LayerCache,
+        rope: &RotaryEmbedding,
+        kernel: &QkRope,
+    ) -> Result<Array> {
         let start = cache.positions()?;
         let (q, k, v) = kernel.apply(qkv, norms, rope, &start)?;
         let (k, v, mask) = cache.update(&k, &v)?;
-        attend(&q, &k, &v, self.scale, &mask).map(Some)
+        attend(&q, &k, &v, self.scale, &mask)
     }
 }
 
