@@ -330,6 +330,17 @@ pub fn options(s: &Sampling<'_>, max_default: usize) -> Result<GenerateOptions, 
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         None => max_default,
     };
+    // OpenAI's ranges: a value outside them is refused there, so here too.
+    let within = |name: &'static str, v: Option<f32>, lo: f32, hi: f32| match v {
+        Some(x) if !(lo..=hi).contains(&x) => Err(ApiError::bad_param(
+            name,
+            format!("must be between {lo} and {hi}, got {x}"),
+        )),
+        _ => Ok(()),
+    };
+    within("temperature", s.temperature, 0.0, 2.0)?;
+    within("presence_penalty", s.presence_penalty, -2.0, 2.0)?;
+    within("frequency_penalty", s.frequency_penalty, -2.0, 2.0)?;
     // OpenAI samples at temperature 1 unless told otherwise.
     o.temperature = s.temperature.unwrap_or(1.0);
     if let Some(p) = s.top_p {
