@@ -60,10 +60,15 @@ const THREADS: i32 = 256;
 /// Most bytes of the input vector a block holds in shared memory.
 const MAX_INPUT_BYTES: i32 = 40 * 1024;
 
-/// Rows per block for `n` output rows: the most (up to 32) that still
-/// leaves 512 blocks, so that every SM of a large GPU holds several.
+/// Rows per block for `n` output rows: the most (up to 8, one a warp)
+/// that still leaves 512 blocks, so that every SM of a large GPU holds
+/// several.
+///
+/// Eight, not more: Qwen3-4B's gate/up product (9,728 activation rows, two
+/// weight rows each) in blocks of 16 decoded at 225 tok/s on an H100 and in
+/// blocks of 8 at 234 (docs/benchmarks.md, item 12).
 fn rows_per_block(n: i32) -> i32 {
-    let mut rows = 32;
+    let mut rows = 8;
     while rows > 1 && (n + rows - 1) / rows < 512 {
         rows /= 2;
     }
@@ -337,10 +342,10 @@ mod tests {
         assert_eq!(rows_per_block(4_096), 8);
         assert_eq!(rows_per_block(3_072), 4);
         assert_eq!(rows_per_block(1_024), 2);
-        assert_eq!(rows_per_block(9_728), 16);
+        assert_eq!(rows_per_block(9_728), 8);
         assert_eq!(rows_per_block(2_560), 4);
         assert_eq!(rows_per_block(300), 1);
-        assert_eq!(rows_per_block(1 << 20), 32);
+        assert_eq!(rows_per_block(1 << 20), 8);
     }
 
     #[test]
