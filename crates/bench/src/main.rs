@@ -130,7 +130,12 @@ enum Command {
     /// random inputs (bfloat16, float16, float32) and prints one JSON line
     /// per comparison; fails where a difference is more than a rounding of
     /// the dtype. Needs MLX's CUDA backend.
-    FusedCheck,
+    FusedCheck {
+        /// Only this dtype (each one compiles its own kernels, which takes
+        /// a while on a GPU machine); every one when left out.
+        #[arg(long, value_enum)]
+        dtype: Option<CheckDtype>,
+    },
     /// llama-bench's method on llama.cpp's own API (no wrapper of ours):
     /// the `single` steps of a plan on a GGUF file, appended as records of
     /// engine `llama.cpp-raw`.
@@ -189,7 +194,7 @@ fn main() -> Result<()> {
             );
         }
         Command::Train(args) => train::train(&args)?,
-        Command::FusedCheck => fused_check()?,
+        Command::FusedCheck { dtype } => fused_check(dtype)?,
         Command::Serve(args) => http::serve(&args)?,
         Command::HttpLoad(args) => http::load(&args)?,
         Command::LlamaRaw {
@@ -260,18 +265,33 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// A dtype [`Command::FusedCheck`] can be limited to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CheckDtype {
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
+    /// float32.
+    F32,
+}
+
 /// [`Command::FusedCheck`]: each comparison as a JSON line; an error where
 /// a kernel is further from MLX than a couple of roundings of its dtype
 /// (relative to the largest value), which the sums' other order of addition
 /// can cost.
-fn fused_check() -> Result<()> {
+fn fused_check(only: Option<CheckDtype>) -> Result<()> {
     use backend_metal::mlx_rs::Dtype;
     let mut worst: Vec<String> = Vec::new();
-    for (dtype, ulp) in [
-        (Dtype::Bfloat16, 2f32.powi(-7)),
-        (Dtype::Float16, 2f32.powi(-10)),
-        (Dtype::Float32, 2f32.powi(-20)),
-    ] {
+    let all = [
+        (CheckDtype::Bf16, Dtype::Bfloat16, 2f32.powi(-7)),
+        (CheckDtype::F16, Dtype::Float16, 2f32.powi(-10)),
+        (CheckDtype::F32, Dtype::Float32, 2f32.powi(-20)),
+    ];
+    for (_, dtype, ulp) in all
+        .into_iter()
+        .filter(|(d, ..)| only.is_none_or(|o| o == *d))
+    {
         for c in backend_metal::check_fused_kernels(dtype)? {
             let bound = 4.0 * ulp * c.max_abs.max(1.0);
             println!(
