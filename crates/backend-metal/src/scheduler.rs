@@ -505,9 +505,10 @@ impl EagerFirst {
 }
 
 /// Where the passes' time goes while calls run: building and queueing the
-/// decode step (`build_us`, of which `queue_us` queueing), and waiting for the previous step's ids (the rest is
-/// detokenising, stop strings and streaming). Logged at `debug` level, as
-/// means per step, whenever the scheduler falls idle.
+/// decode step (`build_us`, of which `queue_us` queueing), and waiting for
+/// the previous step's ids (the rest is detokenising, stop strings and
+/// streaming). Logged at `debug` level, as means per step, whenever the
+/// scheduler falls idle.
 #[derive(Debug, Default)]
 struct StepProfile {
     steps: u32,

@@ -748,9 +748,10 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
             FusedGemv::make(fold, k, n, eps, dtype)?
                 .ok_or_else(|| Exception::custom(format!("no gemv kernel for {k} × {n} {dtype:?}")))
         };
+        let normed = norm.forward(&x)?;
         let w = scaled(qkv_rows, hidden)?;
         let got = make(Fold::Norm, hidden, qkv_rows)?.apply(&x, Some(&norm.weight), &w, None)?;
-        let want = norm.forward(&x)?.matmul(w.t())?;
+        let want = normed.matmul(w.t())?;
         out.push(compare(
             format!("gemv norm: {hidden} → {qkv_rows}"),
             &got,
@@ -759,7 +760,7 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
 
         let w = scaled(2 * inter, hidden)?;
         let got = make(Fold::NormSwiglu, hidden, inter)?.apply(&x, Some(&norm.weight), &w, None)?;
-        let gu = norm.forward(&x)?.matmul(w.t())?;
+        let gu = normed.matmul(w.t())?;
         let halves = gu.split_equal(2, -1)?;
         let (g, u) = (&halves[0], &halves[1]);
         let want = g.multiply(mlx_rs::ops::sigmoid(g)?)?.multiply(u)?;
