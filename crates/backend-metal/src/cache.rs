@@ -800,7 +800,6 @@ impl LayerCache {
     }
 }
 
-/// `[B, H, L, D]` attention of queries on keys/values under `mask`, scaled.
 impl AttnMask {
     /// The mask of the last query alone (the queries are the mask's
     /// second-to-last axis).
@@ -818,6 +817,7 @@ impl AttnMask {
     }
 }
 
+/// `[B, H, L, D]` attention of queries on keys/values under `mask`, scaled.
 pub fn attend(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttnMask) -> Result<Array> {
     use mlx_rs::fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask};
     match mask {
