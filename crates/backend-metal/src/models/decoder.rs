@@ -11,7 +11,7 @@ use crate::cache::{LayerCache, Rotation};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
 use crate::models::fused::{step_applies, wanted, AddNorm, Kind, QkRope, QkShape};
-use crate::models::fused_gemv::{Fold, FusedGemv};
+use crate::models::fused_gemv::{Fold, FusedGemv, GemvWeight, Storage};
 use crate::models::grad_checkpoint::run_layer;
 use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, RmsNorm,
@@ -157,22 +157,37 @@ struct LayerGemvs {
 }
 
 impl LayerGemvs {
-    /// The kernels for `c`'s sizes in `dtype`, where `INFER_FUSE` asks for
-    /// them and every one applies.
-    fn new(c: &TextConfig, dtype: Dtype) -> Result<Option<Self>> {
+    /// The kernels for `c`'s sizes in `dtype`, for weights stored as
+    /// `first`'s (the first layer's: a layer stored otherwise, such as one
+    /// quantised with other bits, runs MLX's operations), where `INFER_FUSE`
+    /// asks for them (for quantised weights, `qgemv` too) and every one
+    /// applies.
+    fn new(c: &TextConfig, dtype: Dtype, first: &Layer) -> Result<Option<Self>> {
         if !wanted(Kind::Gemv) {
+            return Ok(None);
+        }
+        let (Some((qkv, o)), Some((gate_up, down))) =
+            (first.self_attn.plain_qkv_o(), first.mlp.plain_swiglu())
+        else {
+            return Ok(None);
+        };
+        let quantised = [qkv, o, gate_up, down]
+            .iter()
+            .any(|w| w.storage() != Storage::Dense);
+        if quantised && !wanted(Kind::QGemv) {
             return Ok(None);
         }
         let (hidden, eps) = (c.hidden_size, c.rms_norm_eps);
         let attn = c.num_attention_heads * c.head_dim;
         let qkv_rows = attn + 2 * c.num_key_value_heads * c.head_dim;
-        let make = |fold, k, n| FusedGemv::make(fold, k, n, eps, dtype);
+        let make =
+            |fold, k, n, w: GemvWeight<'_>| FusedGemv::make(fold, k, n, eps, dtype, w.storage());
         Ok(
             match (
-                make(Fold::Norm, hidden, qkv_rows)?,
-                make(Fold::Residual, attn, hidden)?,
-                make(Fold::NormSwiglu, hidden, c.intermediate_size)?,
-                make(Fold::Residual, c.intermediate_size, hidden)?,
+                make(Fold::Norm, hidden, qkv_rows, qkv)?,
+                make(Fold::Residual, attn, hidden, o)?,
+                make(Fold::NormSwiglu, hidden, c.intermediate_size, gate_up)?,
+                make(Fold::Residual, c.intermediate_size, hidden, down)?,
             ) {
                 (Some(qkv), Some(o), Some(gate_up), Some(down)) => Some(Self {
                     qkv,
@@ -254,9 +269,9 @@ impl Decoder {
             dtype,
         )
         .map_err(kernel)?;
-        let gemv = match qk {
-            Some(_) => LayerGemvs::new(c, dtype).map_err(kernel)?,
-            None => None,
+        let gemv = match (&qk, layers.first()) {
+            (Some(_), Some(first)) => LayerGemvs::new(c, dtype, first).map_err(kernel)?,
+            _ => None,
         };
         let fused = Fused {
             add_norm: AddNorm::new(c.hidden_size, c.rms_norm_eps, dtype).map_err(kernel)?,
@@ -296,8 +311,8 @@ impl Decoder {
     }
 
     /// One layer's step through `g`; `None` (nothing computed) where the
-    /// layer's weights or norms are not theirs (adapters, biases, a
-    /// quantised or tensor-parallel weight).
+    /// layer's weights or norms are not theirs (adapters, biases, another
+    /// storage than the first layer's, a tensor-parallel weight).
     fn gemv_layer(
         &self,
         layer: &Layer,
@@ -307,28 +322,28 @@ impl Decoder {
         qk: &QkRope,
     ) -> Result<Option<Array>> {
         let (Some((wqkv, wo)), Some((wgu, wd))) =
-            (layer.self_attn.dense_qkv_o(), layer.mlp.dense_swiglu())
+            (layer.self_attn.plain_qkv_o(), layer.mlp.plain_swiglu())
         else {
             return Ok(None);
         };
         let (n_in, n_post) = (&layer.input_layernorm, &layer.post_attention_layernorm);
-        let fits = g.qkv.takes(wqkv, Some((&n_in.weight, n_in.eps)))
-            && g.o.takes(wo, None)
-            && g.gate_up.takes(wgu, Some((&n_post.weight, n_post.eps)))
-            && g.down.takes(wd, None);
+        let fits = g.qkv.takes(&wqkv, Some((&n_in.weight, n_in.eps)))
+            && g.o.takes(&wo, None)
+            && g.gate_up.takes(&wgu, Some((&n_post.weight, n_post.eps)))
+            && g.down.takes(&wd, None);
         if !fits {
             return Ok(None);
         }
-        let qkv = g.qkv.apply(h, Some(&n_in.weight), wqkv, None)?;
+        let qkv = g.qkv.apply(h, Some(&n_in.weight), &wqkv, None)?;
         let Some(heads) = layer
             .self_attn
             .attend_projected(&qkv, cache, &self.rope, qk)?
         else {
             return Ok(None);
         };
-        let h1 = g.o.apply(&heads, None, wo, Some(h))?;
-        let act = g.gate_up.apply(&h1, Some(&n_post.weight), wgu, None)?;
-        g.down.apply(&act, None, wd, Some(&h1)).map(Some)
+        let h1 = g.o.apply(&heads, None, &wo, Some(h))?;
+        let act = g.gate_up.apply(&h1, Some(&n_post.weight), &wgu, None)?;
+        g.down.apply(&act, None, &wd, Some(&h1)).map(Some)
     }
 
     /// A decode step with each residual add and the norm after it in one

@@ -36,7 +36,7 @@ use mlx_rs::{Array, Dtype};
 
 use crate::cache::Positions;
 use crate::ffi::CudaKernel;
-use crate::models::fused_gemv::{Fold, FusedGemv};
+use crate::models::fused_gemv::{Fold, FusedGemv, GemvWeight, Storage};
 use crate::models::layers::{RmsNorm, RotaryEmbedding};
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -80,6 +80,9 @@ pub enum Kind {
     /// [`FusedGemv`](crate::models::fused_gemv::FusedGemv): a layer's four
     /// products with its norms, activation and residual adds folded in.
     Gemv,
+    /// The gemv kernels also for MLX affine-quantised weights (with
+    /// [`Kind::Gemv`]). Opt-in until a GPU has checked and measured them.
+    QGemv,
 }
 
 impl Kind {
@@ -89,19 +92,25 @@ impl Kind {
             Kind::AddNorm => "add",
             Kind::QkRope => "qk",
             Kind::Gemv => "gemv",
+            Kind::QGemv => "qgemv",
         }
+    }
+
+    /// Whether an unset `INFER_FUSE` builds it.
+    fn by_default(self) -> bool {
+        matches!(self, Kind::QkRope | Kind::Gemv)
     }
 }
 
 /// Whether `INFER_FUSE` (`setting`, `None` when unset) asks for `kind`:
 /// unset builds [`QkRope`] and the gemv kernels, `1` every kind, `0` none,
-/// and a list of `qk`, `add` and `gemv` (separated by `,` or `+`) those
-/// named (the gemv kernels serve only with the q/k one). Anything else is
-/// warned of and read as unset.
+/// and a list of `qk`, `add`, `gemv` and `qgemv` (separated by `,` or `+`)
+/// those named (the gemv kernels serve only with the q/k one, `qgemv` only
+/// with `gemv`). Anything else is warned of and read as unset.
 fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
-    const NAMES: [&str; 3] = ["qk", "add", "gemv"];
+    const NAMES: [&str; 4] = ["qk", "add", "gemv", "qgemv"];
     match setting.map(str::trim) {
-        None => kind != Kind::AddNorm,
+        None => kind.by_default(),
         Some("0") => false,
         Some("1") => true,
         Some(list) if list.split([',', '+']).all(|n| NAMES.contains(&n.trim())) => {
@@ -109,10 +118,10 @@ fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
         }
         Some(other) => {
             tracing::warn!(
-                "INFER_FUSE={other:?} is not 0, 1 or a list of qk, add and gemv; \
+                "INFER_FUSE={other:?} is not 0, 1 or a list of qk, add, gemv and qgemv; \
                  read as unset"
             );
-            kind != Kind::AddNorm
+            kind.by_default()
         }
     }
 }
@@ -120,7 +129,8 @@ fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
 /// Whether a model loaded on this thread should build the fused kernel
 /// `kind` (where [`cuda_here`]), as `INFER_FUSE` says: unset builds
 /// [`QkRope`] and the gemv kernels, `1` every kind, `0` none, and a list of
-/// `qk`, `add` and `gemv` (separated by `,` or `+`) those named. On an H100
+/// `qk`, `add`, `gemv` and `qgemv` (separated by `,` or `+`) those named
+/// ([`Kind::QGemv`] is opt-in: never run on a GPU yet). On an H100
 /// both default kinds made decode faster; [`AddNorm`] saves GPU time but
 /// each call of a custom kernel costs the host more than MLX's own two
 /// kernels, so with it decode was slower and it is opt-in (the gemv kernels
@@ -729,60 +739,146 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
     }
 
     // The folded products (bf16 and f16 only so far), at Qwen3-0.6B's and
-    // -4B's sizes: (hidden, q/k/v rows, attention width, intermediate).
+    // -4B's sizes: (hidden, q/k/v rows, attention width, intermediate);
+    // dense, then quantised as `mlx_lm.convert -q` does (4 and 8 bits,
+    // groups of 64).
     let sizes: &[(i32, i32, i32, i32)] = match dtype {
         Dtype::Float32 => &[],
         _ => &[(1_024, 4_096, 2_048, 3_072), (2_560, 6_144, 4_096, 9_728)],
     };
     for &(hidden, qkv_rows, attn, inter) in sizes {
-        let x = normal(&[1, 1, hidden])?;
-        let norm = RmsNorm {
-            weight: normal(&[hidden])?,
-            eps,
-        };
-        let scaled = |rows: i32, cols: i32| -> Result<Array> {
-            // Weights of a trained model's size, so that sums stay in range.
-            normal(&[rows, cols])?.multiply(Array::from_f32(0.05).as_dtype(dtype)?)
-        };
-        let make = |fold, k, n| {
-            FusedGemv::make(fold, k, n, eps, dtype)?
-                .ok_or_else(|| Exception::custom(format!("no gemv kernel for {k} × {n} {dtype:?}")))
-        };
-        let normed = norm.forward(&x)?;
-        let w = scaled(qkv_rows, hidden)?;
-        let got = make(Fold::Norm, hidden, qkv_rows)?.apply(&x, Some(&norm.weight), &w, None)?;
-        let want = normed.matmul(w.t())?;
-        out.push(compare(
-            format!("gemv norm: {hidden} → {qkv_rows}"),
-            &got,
-            &want,
-        )?);
-
-        let w = scaled(2 * inter, hidden)?;
-        let got = make(Fold::NormSwiglu, hidden, inter)?.apply(&x, Some(&norm.weight), &w, None)?;
-        let gu = normed.matmul(w.t())?;
-        let halves = gu.split_equal(2, -1)?;
-        let (g, u) = (&halves[0], &halves[1]);
-        let want = g.multiply(mlx_rs::ops::sigmoid(g)?)?.multiply(u)?;
-        out.push(compare(
-            format!("gemv norm swiglu: {hidden} → {inter}"),
-            &got,
-            &want,
-        )?);
-
-        for (k, what) in [(attn, "output"), (inter, "down")] {
-            let a = normal(&[1, 1, k])?;
-            let w = scaled(hidden, k)?;
-            let got = make(Fold::Residual, k, hidden)?.apply(&a, None, &w, Some(&x))?;
-            let want = x.add(a.matmul(w.t())?)?;
-            out.push(compare(
-                format!("gemv residual ({what}): {k} → {hidden}"),
-                &got,
-                &want,
+        for storage in [
+            Storage::Dense,
+            Storage::Affine { bits: 4, group: 64 },
+            Storage::Affine { bits: 8, group: 64 },
+        ] {
+            out.extend(check_gemvs(
+                storage,
+                (hidden, qkv_rows, attn, inter),
+                dtype,
+                &compare,
             )?);
         }
     }
 
+    Ok(out)
+}
+
+/// [`check`]'s folded products for weights stored as `storage`, at sizes
+/// `(hidden, q/k/v rows, attention width, intermediate)`. A quantised
+/// weight's reference is its dequantised matrix in f32 (the kernels add
+/// `scale · q + bias` in f32 where MLX's `qmv` rounds it to the
+/// activations' dtype), multiplied and summed in f32.
+fn check_gemvs(
+    storage: Storage,
+    (hidden, qkv_rows, attn, inter): (i32, i32, i32, i32),
+    dtype: Dtype,
+    compare: &dyn Fn(String, &Array, &Array) -> Result<CheckResult>,
+) -> Result<Vec<CheckResult>> {
+    use mlx_rs::random;
+
+    let eps = 1e-6;
+    let normal = |shape: &[i32]| -> Result<Array> {
+        random::normal::<f32>(shape, None, None, None)?.as_dtype(dtype)
+    };
+    let x = normal(&[1, 1, hidden])?;
+    let norm = RmsNorm {
+        weight: normal(&[hidden])?,
+        eps,
+    };
+    // A weight of a trained model's size (so that sums stay in range), as
+    // the kernel takes it, and as the reference multiplies it.
+    let weight = |rows: i32, cols: i32| -> Result<(Vec<Array>, Array)> {
+        let w = normal(&[rows, cols])?.multiply(Array::from_f32(0.05).as_dtype(dtype)?)?;
+        match storage {
+            Storage::Dense => Ok((vec![w.clone()], w)),
+            Storage::Affine { bits, group } => {
+                let (q, sc, bi) = mlx_rs::ops::quantize(&w, group, bits)?;
+                let f32s = |a: &Array| a.as_dtype(Dtype::Float32);
+                let reference = mlx_rs::ops::dequantize(&q, &f32s(&sc)?, &f32s(&bi)?, group, bits)?;
+                Ok((vec![q, sc, bi], reference))
+            }
+        }
+    };
+    fn view(storage: Storage, parts: &[Array]) -> GemvWeight<'_> {
+        match (storage, parts) {
+            (Storage::Affine { bits, group }, [weight, scales, biases]) => GemvWeight::Affine {
+                weight,
+                scales,
+                biases,
+                bits,
+                group,
+            },
+            _ => GemvWeight::Dense(&parts[0]),
+        }
+    }
+    // `a` `[1, 1, k]` times `w`ᵀ: MLX's own product for a dense weight, in
+    // f32 for a quantised one (rounded to `dtype` once, as the kernel does).
+    let product = |a: &Array, w: &Array| -> Result<Array> {
+        match storage {
+            Storage::Dense => a.matmul(w.t()),
+            Storage::Affine { .. } => w
+                .multiply(a.as_dtype(Dtype::Float32)?.reshape(&[1, -1])?)?
+                .sum_axis(-1, None)?
+                .reshape(&[1, 1, -1])?
+                .as_dtype(dtype),
+        }
+    };
+    let make = |fold, k, n| {
+        FusedGemv::make(fold, k, n, eps, dtype, storage)?.ok_or_else(|| {
+            Exception::custom(format!(
+                "no gemv kernel for {k} × {n} {dtype:?} {storage:?}"
+            ))
+        })
+    };
+    let what = match storage {
+        Storage::Dense => String::new(),
+        Storage::Affine { bits, group } => format!(", {bits}-bit groups of {group}"),
+    };
+    let mut out = Vec::new();
+    let normed = norm.forward(&x)?;
+    let (parts, w) = weight(qkv_rows, hidden)?;
+    let got = make(Fold::Norm, hidden, qkv_rows)?.apply(
+        &x,
+        Some(&norm.weight),
+        &view(storage, &parts),
+        None,
+    )?;
+    out.push(compare(
+        format!("gemv norm: {hidden} → {qkv_rows}{what}"),
+        &got,
+        &product(&normed, &w)?,
+    )?);
+
+    let (parts, w) = weight(2 * inter, hidden)?;
+    let got = make(Fold::NormSwiglu, hidden, inter)?.apply(
+        &x,
+        Some(&norm.weight),
+        &view(storage, &parts),
+        None,
+    )?;
+    let gu = product(&normed, &w)?;
+    let halves = gu.split_equal(2, -1)?;
+    let (g, u) = (&halves[0], &halves[1]);
+    let want = g.multiply(mlx_rs::ops::sigmoid(g)?)?.multiply(u)?;
+    out.push(compare(
+        format!("gemv norm swiglu: {hidden} → {inter}{what}"),
+        &got,
+        &want,
+    )?);
+
+    for (k, name) in [(attn, "output"), (inter, "down")] {
+        let a = normal(&[1, 1, k])?;
+        let (parts, w) = weight(hidden, k)?;
+        let got =
+            make(Fold::Residual, k, hidden)?.apply(&a, None, &view(storage, &parts), Some(&x))?;
+        let want = x.add(product(&a, &w)?)?;
+        out.push(compare(
+            format!("gemv residual ({name}): {k} → {hidden}{what}"),
+            &got,
+            &want,
+        )?);
+    }
     Ok(out)
 }
 
@@ -857,14 +953,15 @@ mod tests {
     fn infer_fuse_reads_lists() {
         use Kind::*;
         let on = |setting: Option<&str>| {
-            [QkRope, AddNorm, Gemv]
+            [QkRope, AddNorm, Gemv, QGemv]
                 .into_iter()
                 .filter(|k| asks_for(setting, *k))
                 .collect::<Vec<_>>()
         };
         assert_eq!(on(None), [QkRope, Gemv]);
         assert_eq!(on(Some("0")), []);
-        assert_eq!(on(Some("1")), [QkRope, AddNorm, Gemv]);
+        assert_eq!(on(Some("1")), [QkRope, AddNorm, Gemv, QGemv]);
+        assert_eq!(on(Some("qk,gemv,qgemv")), [QkRope, Gemv, QGemv]);
         assert_eq!(on(Some("qk+gemv")), [QkRope, Gemv]);
         assert_eq!(on(Some("add")), [AddNorm]);
         assert_eq!(on(Some("qk,add")), [QkRope, AddNorm]);

@@ -23,8 +23,18 @@
 //! `Multiply`), but the products and the norm's sum of squares add in
 //! another order than MLX's, so a result can differ in its last bit.
 //! [`check`](crate::models::fused::check) compares them with MLX's
-//! operations. Dense weights only, in bf16 or f16 (f32 waits for its check
-//! on a GPU), one row (a batch or a quantised model keeps MLX's kernels).
+//! operations. Weights dense or MLX affine-quantised (4 or 8 bits, groups
+//! of 32, 64 or 128; [`Storage`]), activations in bf16 or f16 (f32 waits
+//! for its check on a GPU), one row (a batch keeps MLX's kernels).
+//!
+//! A quantised product adds `scale · Σ q·x + bias · Σ x` per group in f32
+//! (the sum of each load's inputs is made once a block), where MLX's own
+//! `qmv` dequantises each weight into the activations' dtype (and, for
+//! fewer than 8 bits, adds the products in it too): the same value, with
+//! fewer roundings. The quantised kernels are opt-in (`INFER_FUSE` naming
+//! `qgemv`, [`Kind::QGemv`](crate::models::fused::Kind::QGemv)) until a GPU
+//! has run [`check`](crate::models::fused::check) and a decode A/B on them:
+//! so far only NVRTC has compiled them.
 
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
@@ -54,6 +64,52 @@ impl Fold {
     }
 }
 
+/// How a product's weight is stored, which decides its kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// `[rows, k]` in the activations' dtype.
+    Dense,
+    /// MLX's affine quantisation: `bits` a value, a scale and a bias (in
+    /// the activations' dtype) for every `group` values of a row.
+    Affine {
+        /// Bits a value (4 or 8 have kernels).
+        bits: i32,
+        /// Values a group (32, 64 or 128 have kernels).
+        group: i32,
+    },
+}
+
+/// A product's weight as the kernels read it.
+#[derive(Debug, Clone, Copy)]
+pub enum GemvWeight<'a> {
+    /// `[rows, k]`.
+    Dense(&'a Array),
+    /// MLX's affine layout: `weight` `[rows, k · bits / 32]` uint32 (the
+    /// lowest bits first), `scales` and `biases` `[rows, k / group]`.
+    Affine {
+        /// The packed values.
+        weight: &'a Array,
+        /// A scale a group.
+        scales: &'a Array,
+        /// A bias a group.
+        biases: &'a Array,
+        /// Bits a value.
+        bits: i32,
+        /// Values a group.
+        group: i32,
+    },
+}
+
+impl GemvWeight<'_> {
+    /// How it is stored.
+    pub fn storage(&self) -> Storage {
+        match *self {
+            GemvWeight::Dense(_) => Storage::Dense,
+            GemvWeight::Affine { bits, group, .. } => Storage::Affine { bits, group },
+        }
+    }
+}
+
 /// Threads per block.
 const THREADS: i32 = 256;
 
@@ -76,11 +132,12 @@ fn rows_per_block(n: i32) -> i32 {
 }
 
 /// A matrix-vector product of one row with [`Fold`] folded in, for one
-/// weight shape.
+/// weight shape and [`Storage`].
 #[derive(Debug)]
 pub struct FusedGemv {
     kernel: CudaKernel,
     fold: Fold,
+    storage: Storage,
     /// Input features.
     k: i32,
     /// Output features (for [`Fold::NormSwiglu`], of the activation: the
@@ -95,10 +152,18 @@ pub struct FusedGemv {
 
 impl FusedGemv {
     /// The kernel for a weight of `n` (× 2 for [`Fold::NormSwiglu`]) rows of
-    /// `k` features in `dtype`, norms of epsilon `eps`; `None` where it does
-    /// not apply (a dtype without one, `k` not a whole number of 16-byte
-    /// loads, or an input too large for shared memory).
-    pub fn make(fold: Fold, k: i32, n: i32, eps: f32, dtype: Dtype) -> Result<Option<Self>> {
+    /// `k` features stored as `storage`, activations in `dtype`, norms of
+    /// epsilon `eps`; `None` where it does not apply (a dtype or a
+    /// quantisation without one, `k` not a whole number of 16-byte loads or
+    /// groups, or an input too large for shared memory).
+    pub fn make(
+        fold: Fold,
+        k: i32,
+        n: i32,
+        eps: f32,
+        dtype: Dtype,
+        storage: Storage,
+    ) -> Result<Option<Self>> {
         // f32 waits for its check on a GPU (bf16 and f16 passed it).
         let Some(ty) = super::fused::cuda_type(dtype).filter(|_| dtype != Dtype::Float32) else {
             return Ok(None);
@@ -111,17 +176,28 @@ impl FusedGemv {
             return Ok(None);
         }
         let rows = rows_per_block(n);
-        let source = gemv_source(ty, fold, k, n, rows, eps);
-        let kernel = CudaKernel::with_header(
-            "infer_gemv",
-            &["x", "nw", "w", "res"],
-            &["y"],
-            &source,
-            GEMV_HEADER,
-        )?;
+        let (source, inputs): (String, &[&str]) = match storage {
+            Storage::Dense => (
+                gemv_source(ty, fold, k, n, rows, eps),
+                &["x", "nw", "w", "res"],
+            ),
+            Storage::Affine { bits, group } => {
+                let quantised =
+                    matches!(bits, 4 | 8) && matches!(group, 32 | 64 | 128) && k % group == 0;
+                if !quantised {
+                    return Ok(None);
+                }
+                (
+                    qgemv_source(ty, fold, k, n, rows, eps, bits, group),
+                    &["x", "nw", "w", "sc", "bi", "res"],
+                )
+            }
+        };
+        let kernel = CudaKernel::with_header("infer_gemv", inputs, &["y"], &source, GEMV_HEADER)?;
         Ok(Some(Self {
             kernel,
             fold,
+            storage,
             k,
             n,
             rows,
@@ -133,7 +209,7 @@ impl FusedGemv {
 
     /// Whether it takes weight `w` and (where its fold has one) a norm of
     /// weight `norm` with epsilon `eps`.
-    pub fn takes(&self, w: &Array, norm: Option<(&Array, f32)>) -> bool {
+    pub fn takes(&self, w: &GemvWeight<'_>, norm: Option<(&Array, f32)>) -> bool {
         let rows = match self.fold {
             Fold::NormSwiglu => 2 * self.n,
             _ => self.n,
@@ -145,18 +221,35 @@ impl FusedGemv {
             }
             _ => false,
         };
-        w.shape() == [rows, self.k] && w.dtype() == self.dtype && norm_fits
+        let weight_fits = match *w {
+            GemvWeight::Dense(w) => w.shape() == [rows, self.k] && w.dtype() == self.dtype,
+            GemvWeight::Affine {
+                weight,
+                scales,
+                biases,
+                bits,
+                group,
+            } => {
+                let per_group =
+                    |a: &Array| a.shape() == [rows, self.k / group] && a.dtype() == self.dtype;
+                weight.shape() == [rows, self.k * bits / 32]
+                    && weight.dtype() == Dtype::Uint32
+                    && per_group(scales)
+                    && per_group(biases)
+            }
+        };
+        w.storage() == self.storage && weight_fits && norm_fits
     }
 
     /// The product for `x` `[1, 1, k]` (or any shape of `k` elements, such
-    /// as attention heads `[1, H, 1, D]`), weight `w`, the norm's weight
-    /// `nw` and the residual `res` `[1, 1, n]` where the fold takes them:
-    /// `[1, 1, n]`.
+    /// as attention heads `[1, H, 1, D]`), weight `w` (which it
+    /// [`takes`](Self::takes)), the norm's weight `nw` and the residual
+    /// `res` `[1, 1, n]` where the fold takes them: `[1, 1, n]`.
     pub fn apply(
         &self,
         x: &Array,
         nw: Option<&Array>,
-        w: &Array,
+        w: &GemvWeight<'_>,
         res: Option<&Array>,
     ) -> Result<Array> {
         let extra = |a: Option<&Array>, len: usize| {
@@ -166,19 +259,39 @@ impl FusedGemv {
             || x.dtype() != self.dtype
             || extra(nw, self.k as usize)
             || extra(res, self.n as usize)
+            || w.storage() != self.storage
         {
             return Err(Exception::custom(format!(
-                "fused gemv ({:?}, {} → {}): input {:?} {:?} does not fit",
+                "fused gemv ({:?}, {} → {}, {:?}): input {:?} {:?} or weight {:?} does not fit",
                 self.fold,
                 self.k,
                 self.n,
+                self.storage,
                 x.shape(),
-                x.dtype()
+                x.dtype(),
+                w.storage()
             )));
         }
         let blocks = (self.n + self.rows - 1) / self.rows;
+        let (nw, res) = (nw.unwrap_or(&self.none), res.unwrap_or(&self.none));
+        let (dense, affine);
+        let inputs: &[&Array] = match *w {
+            GemvWeight::Dense(w) => {
+                dense = [x, nw, w, res];
+                &dense
+            }
+            GemvWeight::Affine {
+                weight,
+                scales,
+                biases,
+                ..
+            } => {
+                affine = [x, nw, weight, scales, biases, res];
+                &affine
+            }
+        };
         let out = self.kernel.apply(
-            &[x, nw.unwrap_or(&self.none), w, res.unwrap_or(&self.none)],
+            inputs,
             &[(&[1, 1, self.n], self.dtype)],
             [blocks * THREADS, 1, 1],
             [THREADS, 1, 1],
@@ -332,6 +445,199 @@ fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> Str
     )
 }
 
+/// The body of a quantised [`FusedGemv`]'s kernel: as [`gemv_source`]
+/// with `w` `[rows, K·BITS/32]` uint32 and a scale `sc` and bias `bi`
+/// `[rows, K/GROUP]` a group. A lane's 16-byte load holds `VALS` values of
+/// one group; the block keeps the sum of the inputs each load meets
+/// (`xsum`), so that a load adds `scale · Σ q·x + bias · Σ x`. A value `q`
+/// becomes a float by its bits (`2²³ + q`, less `2²³`), not by a
+/// conversion instruction (a quarter of the rate).
+#[allow(clippy::too_many_arguments)]
+fn qgemv_source(
+    ty: &str,
+    fold: Fold,
+    k: i32,
+    n: i32,
+    rows: i32,
+    eps: f32,
+    bits: i32,
+    group: i32,
+) -> String {
+    let mode = fold.code();
+    format!(
+        r#"
+    using T = {ty};
+    constexpr int K = {k};
+    constexpr int N = {n};
+    constexpr int MODE = {mode};
+    constexpr float EPS = {eps:e}f;
+    constexpr int RPB = {rows};
+    constexpr int BITS = {bits};
+    constexpr int GROUP = {group};
+    constexpr int THREADS = {THREADS};
+    constexpr int WARPS = THREADS / 32;
+    constexpr int RPW = RPB > WARPS ? RPB / WARPS : 1;
+    constexpr int WPR = RPB < WARPS ? WARPS / RPB : 1;
+    constexpr int DOTS = MODE == 1 ? 2 * RPW : RPW;
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr int VALS = 4 * PER_WORD;
+    constexpr int NV = K / VALS;
+    constexpr int WORDS = K / PER_WORD;
+    constexpr int GROUPS = K / GROUP;
+    constexpr unsigned MASK = (1u << BITS) - 1u;
+    constexpr int ROW_BYTES = WORDS * 4;
+    constexpr int PREFETCH = ROW_BYTES < 4096 ? ROW_BYTES : 4096;
+    static_assert(K % GROUP == 0 && GROUP % VALS == 0, "a load holds values of one group");
+    static_assert(sizeof(T) == 2, "16-bit activations");
+    __shared__ __align__(16) T xs[K];
+    __shared__ float xsum[NV];
+    __shared__ float red[WARPS * DOTS];
+    const int t = threadIdx.x;
+    const int lane = t & 31;
+    const int warp = t >> 5;
+    const int set = warp / WPR;
+    const int part = warp % WPR;
+    const int first = blockIdx.x * RPB + set * RPW;
+    const unsigned* wrow[DOTS];
+    const T* srow[DOTS];
+    const T* brow[DOTS];
+#pragma unroll
+    for (int d = 0; d < DOTS; ++d) {{
+        int r = first + (MODE == 1 ? d / 2 : d);
+        r = r < N ? r : N - 1;
+        const size_t rr = static_cast<size_t>(MODE == 1 && (d & 1) ? r + N : r);
+        wrow[d] = w + rr * WORDS;
+        srow[d] = sc + rr * GROUPS;
+        brow[d] = bi + rr * GROUPS;
+    }}
+    // The first bytes of every row of the block, into L2 while the input
+    // is prepared.
+    {{
+        constexpr int LINES = PREFETCH / 128 > 0 ? PREFETCH / 128 : 1;
+        constexpr int BLOCK_ROWS = MODE == 1 ? 2 * RPB : RPB;
+        for (int j = t; j < BLOCK_ROWS * LINES; j += THREADS) {{
+            const int br = j / LINES;
+            int r = blockIdx.x * RPB + (MODE == 1 ? br / 2 : br);
+            r = r < N ? r : N - 1;
+            const char* p = reinterpret_cast<const char*>(
+                w + static_cast<size_t>(MODE == 1 && (br & 1) ? r + N : r) * WORDS);
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(p + (j % LINES) * 128));
+        }}
+    }}
+    float inv = 1.0f;
+    if (MODE != 2) {{
+        float ss = 0.0f;
+        for (int j = t; j < K; j += THREADS) {{
+            const float f = static_cast<float>(x[j]);
+            ss += f * f;
+        }}
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[warp] = ss;
+        __syncthreads();
+        float total = 0.0f;
+        for (int j = 0; j < WARPS; ++j) total += red[j];
+        inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
+    }}
+    // The (normalised) input, and the sum of each load's share of it.
+    for (int c = t; c < NV; c += THREADS) {{
+        float s = 0.0f;
+#pragma unroll
+        for (int e = 0; e < VALS; ++e) {{
+            const int j = c * VALS + e;
+            const T v = MODE == 2 ? x[j] : nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv);
+            xs[j] = v;
+            s += static_cast<float>(v);
+        }}
+        xsum[c] = s;
+    }}
+    __syncthreads();
+    float acc[DOTS];
+#pragma unroll
+    for (int d = 0; d < DOTS; ++d) acc[d] = 0.0f;
+    const int lo = part * NV / WPR;
+    const int hi = (part + 1) * NV / WPR;
+    const bool aligned = (reinterpret_cast<size_t>(w) & 15) == 0;
+#pragma unroll 2
+    for (int c = lo + lane; c < hi; c += 32) {{
+        float xf[VALS];
+#pragma unroll
+        for (int u = 0; u < VALS / 8; ++u) {{
+            const uint4 v = reinterpret_cast<const uint4*>(xs + c * VALS)[u];
+            const T* p = reinterpret_cast<const T*>(&v);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) xf[u * 8 + e] = static_cast<float>(p[e]);
+        }}
+        const float xc = xsum[c];
+        const int g = c * VALS / GROUP;
+#pragma unroll
+        for (int d = 0; d < DOTS; ++d) {{
+            unsigned words[4];
+            if (aligned) {{
+                const uint4 wv = reinterpret_cast<const uint4*>(wrow[d])[c];
+                words[0] = wv.x;
+                words[1] = wv.y;
+                words[2] = wv.z;
+                words[3] = wv.w;
+            }} else {{
+#pragma unroll
+                for (int q = 0; q < 4; ++q) words[q] = wrow[d][4 * c + q];
+            }}
+            float qx[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {{
+                qx[q] = 0.0f;
+#pragma unroll
+                for (int e = 0; e < PER_WORD; ++e) {{
+                    const unsigned v = (words[q] >> (BITS * e)) & MASK;
+                    const float f = __uint_as_float(0x4b000000u | v) - 8388608.0f;
+                    qx[q] = fmaf(f, xf[q * PER_WORD + e], qx[q]);
+                }}
+            }}
+            const float dot = (qx[0] + qx[1]) + (qx[2] + qx[3]);
+            const float s = static_cast<float>(srow[d][g]);
+            const float b = static_cast<float>(brow[d][g]);
+            acc[d] = fmaf(s, dot, fmaf(b, xc, acc[d]));
+        }}
+    }}
+#pragma unroll
+    for (int d = 0; d < DOTS; ++d) {{
+        for (int o = 16; o > 0; o >>= 1) acc[d] += __shfl_xor_sync(0xffffffffu, acc[d], o);
+    }}
+    if (WPR > 1) {{
+        __syncthreads();
+        if (lane == 0) {{
+#pragma unroll
+            for (int d = 0; d < DOTS; ++d) red[warp * DOTS + d] = acc[d];
+        }}
+        __syncthreads();
+        if (part != 0) return;
+#pragma unroll
+        for (int d = 0; d < DOTS; ++d) {{
+            float s = 0.0f;
+            for (int p = 0; p < WPR; ++p) s += red[(set * WPR + p) * DOTS + d];
+            acc[d] = s;
+        }}
+    }}
+    if (lane != 0) return;
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {{
+        const int r = first + i;
+        if (r < N) {{
+            if (MODE == 1) {{
+                const T gv = static_cast<T>(acc[2 * i]);
+                const T uv = static_cast<T>(acc[2 * i + 1]);
+                y[r] = Multiply{{}}(Multiply{{}}(gv, Sigmoid{{}}(gv)), uv);
+            }} else if (MODE == 2) {{
+                y[r] = Add{{}}(res[r], static_cast<T>(acc[i]));
+            }} else {{
+                y[r] = static_cast<T>(acc[i]);
+            }}
+        }}
+    }}
+"#
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,7 +657,7 @@ mod tests {
     #[test]
     fn kernels_only_for_shapes_they_serve() {
         // 16-byte loads: bf16 rows of a multiple of 8, f32 of 4.
-        let make = |k, dtype| FusedGemv::make(Fold::Norm, k, 64, 1e-6, dtype);
+        let make = |k, dtype| FusedGemv::make(Fold::Norm, k, 64, 1e-6, dtype, Storage::Dense);
         assert!(make(1_001, Dtype::Bfloat16).unwrap().is_none());
         assert!(make(1_002, Dtype::Float32).unwrap().is_none());
         // Inputs over 40 KiB do not fit shared memory beside the rest.
@@ -359,6 +665,31 @@ mod tests {
         // f32 waits for its check on a GPU.
         assert!(make(1_024, Dtype::Float32).unwrap().is_none());
         assert!(make(1_024, Dtype::Int32).unwrap().is_none());
+        // Quantised: 4 or 8 bits, groups of 32, 64 or 128 that divide a row.
+        let affine = |k, bits, group| {
+            let storage = Storage::Affine { bits, group };
+            FusedGemv::make(Fold::Norm, k, 64, 1e-6, Dtype::Bfloat16, storage)
+        };
+        assert!(affine(1_024, 3, 64).unwrap().is_none());
+        assert!(affine(1_024, 4, 16).unwrap().is_none());
+        assert!(affine(1_056, 4, 64).unwrap().is_none());
+        assert!(affine(24_576, 8, 64).unwrap().is_none());
+    }
+
+    #[test]
+    fn quantised_source_bakes_in_the_layout() {
+        let s = qgemv_source("__half", Fold::Residual, 9_728, 2_560, 4, 1e-6, 4, 64);
+        for want in [
+            "using T = __half;",
+            "constexpr int K = 9728;",
+            "constexpr int BITS = 4;",
+            "constexpr int GROUP = 64;",
+            "constexpr int MODE = 2;",
+            "Add{}(res[r]",
+        ] {
+            assert!(s.contains(want), "{want} missing");
+        }
+        assert!(!s.contains("{{"), "format braces left in the text");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::distributed::Group;
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
 use crate::models::fused::QkRope;
+use crate::models::fused_gemv::GemvWeight;
 use crate::models::lora::LoraSlot;
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -362,14 +363,23 @@ impl Linear {
         self.lora.apply(x, y)
     }
 
-    /// The dense weight of a layer that applies nothing else (no bias,
-    /// adapter or tensor-parallel sum): what a fused product may take in
-    /// its place.
-    pub fn plain_dense(&self) -> Option<&Array> {
-        match (&self.weight, &self.bias, &self.reduce) {
-            (Matrix::Dense(w), None, None) if !self.lora.is_set() => Some(w),
-            _ => None,
+    /// The weight of a layer that applies nothing else (no bias, adapter
+    /// or tensor-parallel sum), as a fused product reads it: what it may
+    /// take in the layer's place.
+    pub fn plain_weight(&self) -> Option<GemvWeight<'_>> {
+        if self.bias.is_some() || self.reduce.is_some() || self.lora.is_set() {
+            return None;
         }
+        Some(match &self.weight {
+            Matrix::Dense(w) => GemvWeight::Dense(w),
+            Matrix::Quantized(q) => GemvWeight::Affine {
+                weight: &q.weight,
+                scales: &q.scales,
+                biases: &q.biases,
+                bits: q.bits,
+                group: q.group_size,
+            },
+        })
     }
 
     /// Input features.
@@ -467,12 +477,12 @@ impl<const N: usize> LinearGroup<N> {
         }
     }
 
-    /// The stacked dense weight (the parts' rows in order) of a group that
-    /// applies nothing else ([`Linear::plain_dense`], no adapters).
-    fn plain_dense(&self) -> Option<&Array> {
+    /// The stacked weight (the parts' rows in order) of a group that
+    /// applies nothing else ([`Linear::plain_weight`], no adapters).
+    fn plain_weight(&self) -> Option<GemvWeight<'_>> {
         match self {
             LinearGroup::Stacked(s, _, loras) if !loras.iter().any(LoraSlot::is_set) => {
-                s.plain_dense()
+                s.plain_weight()
             }
             _ => None,
         }
@@ -599,14 +609,14 @@ impl GatedMlp {
         ]
     }
 
-    /// For a SiLU MLP whose gate and up projections are one stacked dense
-    /// weight (gate rows first) and whose down projection is dense, both
-    /// applying nothing else: `(gate/up, down)`.
-    pub fn dense_swiglu(&self) -> Option<(&Array, &Array)> {
+    /// For a SiLU MLP whose gate and up projections are one stacked weight
+    /// (gate rows first), both it and the down projection applying nothing
+    /// else: `(gate/up, down)`.
+    pub fn plain_swiglu(&self) -> Option<(GemvWeight<'_>, GemvWeight<'_>)> {
         if self.activation != Activation::Silu {
             return None;
         }
-        Some((self.gate_up.plain_dense()?, self.down_proj.plain_dense()?))
+        Some((self.gate_up.plain_weight()?, self.down_proj.plain_weight()?))
     }
 
     /// Applies the MLP.
@@ -843,10 +853,10 @@ impl<N: Norm> Attention<N> {
             .then_some(norms.map(|(q, k, _)| (q, k)))
     }
 
-    /// The stacked q/k/v and output projections' dense weights, where both
-    /// apply nothing else ([`Linear::plain_dense`]).
-    pub fn dense_qkv_o(&self) -> Option<(&Array, &Array)> {
-        Some((self.qkv.plain_dense()?, self.o_proj.plain_dense()?))
+    /// The stacked q/k/v and output projections' weights, where both apply
+    /// nothing else ([`Linear::plain_weight`]).
+    pub fn plain_qkv_o(&self) -> Option<(GemvWeight<'_>, GemvWeight<'_>)> {
+        Some((self.qkv.plain_weight()?, self.o_proj.plain_weight()?))
     }
 
     /// A decode step's attention from the stacked projection `qkv`
