@@ -307,15 +307,12 @@ impl FusedGemv {
 const GEMV_HEADER: &str = "#include \"mlx/backend/cuda/device/unary_ops.cuh\"\n\
                            #include \"mlx/backend/cuda/device/binary_ops.cuh\"\n";
 
-/// The body of [`FusedGemv`]'s kernel. Block: 256 threads; `RPB` output
-/// rows a block, each row by `WPR` warps (each a share of the row's 16-byte
-/// chunks) or each warp `RPW` rows. The block first asks L2 for the start
-/// of its rows, then writes its (normalised) input into shared memory.
-fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> String {
+/// Both kernels' first lines: the dtype `T`, the shape, the fold (`MODE`),
+/// the norm's `EPS`, and how a block's 256 threads share its `RPB` rows.
+fn preamble(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> String {
     let mode = fold.code();
     format!(
-        r#"
-    using T = {ty};
+        r#"    using T = {ty};
     constexpr int K = {k};
     constexpr int N = {n};
     constexpr int MODE = {mode};
@@ -326,7 +323,58 @@ fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> Str
     constexpr int RPW = RPB > WARPS ? RPB / WARPS : 1;
     constexpr int WPR = RPB < WARPS ? WARPS / RPB : 1;
     constexpr int DOTS = MODE == 1 ? 2 * RPW : RPW;
-    constexpr int V = 16 / sizeof(T);
+"#
+    )
+}
+
+/// The end of both kernels: each dot product's lanes added, the warps of a
+/// row added where several share it, and the row's output written with its
+/// fold (MLX's `Sigmoid`, `Multiply` and `Add`).
+const GEMV_EPILOGUE: &str = r#"#pragma unroll
+    for (int d = 0; d < DOTS; ++d) {
+        for (int o = 16; o > 0; o >>= 1) acc[d] += __shfl_xor_sync(0xffffffffu, acc[d], o);
+    }
+    if (WPR > 1) {
+        __syncthreads();
+        if (lane == 0) {
+#pragma unroll
+            for (int d = 0; d < DOTS; ++d) red[warp * DOTS + d] = acc[d];
+        }
+        __syncthreads();
+        if (part != 0) return;
+#pragma unroll
+        for (int d = 0; d < DOTS; ++d) {
+            float s = 0.0f;
+            for (int p = 0; p < WPR; ++p) s += red[(group * WPR + p) * DOTS + d];
+            acc[d] = s;
+        }
+    }
+    if (lane != 0) return;
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        const int r = first + i;
+        if (r < N) {
+            if (MODE == 1) {
+                const T g = static_cast<T>(acc[2 * i]);
+                const T u = static_cast<T>(acc[2 * i + 1]);
+                y[r] = Multiply{}(Multiply{}(g, Sigmoid{}(g)), u);
+            } else if (MODE == 2) {
+                y[r] = Add{}(res[r], static_cast<T>(acc[i]));
+            } else {
+                y[r] = static_cast<T>(acc[i]);
+            }
+        }
+    }"#;
+
+/// The body of [`FusedGemv`]'s kernel. Block: 256 threads; `RPB` output
+/// rows a block, each row by `WPR` warps (each a share of the row's 16-byte
+/// chunks) or each warp `RPW` rows. The block first asks L2 for the start
+/// of its rows, then writes its (normalised) input into shared memory.
+fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> String {
+    let preamble = preamble(ty, fold, k, n, rows, eps);
+    format!(
+        r#"
+{preamble}    constexpr int V = 16 / sizeof(T);
     constexpr int NV = K / V;
     constexpr int ROW_BYTES = K * sizeof(T);
     constexpr int PREFETCH = ROW_BYTES < 4096 ? ROW_BYTES : 4096;
@@ -406,41 +454,7 @@ fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> Str
             for (int d = 0; d < DOTS; ++d) acc[d] += static_cast<float>(rows[d][j]) * xf;
         }}
     }}
-#pragma unroll
-    for (int d = 0; d < DOTS; ++d) {{
-        for (int o = 16; o > 0; o >>= 1) acc[d] += __shfl_xor_sync(0xffffffffu, acc[d], o);
-    }}
-    if (WPR > 1) {{
-        __syncthreads();
-        if (lane == 0) {{
-#pragma unroll
-            for (int d = 0; d < DOTS; ++d) red[warp * DOTS + d] = acc[d];
-        }}
-        __syncthreads();
-        if (part != 0) return;
-#pragma unroll
-        for (int d = 0; d < DOTS; ++d) {{
-            float s = 0.0f;
-            for (int p = 0; p < WPR; ++p) s += red[(group * WPR + p) * DOTS + d];
-            acc[d] = s;
-        }}
-    }}
-    if (lane != 0) return;
-#pragma unroll
-    for (int i = 0; i < RPW; ++i) {{
-        const int r = first + i;
-        if (r < N) {{
-            if (MODE == 1) {{
-                const T g = static_cast<T>(acc[2 * i]);
-                const T u = static_cast<T>(acc[2 * i + 1]);
-                y[r] = Multiply{{}}(Multiply{{}}(g, Sigmoid{{}}(g)), u);
-            }} else if (MODE == 2) {{
-                y[r] = Add{{}}(res[r], static_cast<T>(acc[i]));
-            }} else {{
-                y[r] = static_cast<T>(acc[i]);
-            }}
-        }}
-    }}
+{GEMV_EPILOGUE}
 "#
     )
 }
@@ -463,22 +477,11 @@ fn qgemv_source(
     bits: i32,
     group: i32,
 ) -> String {
-    let mode = fold.code();
+    let preamble = preamble(ty, fold, k, n, rows, eps);
     format!(
         r#"
-    using T = {ty};
-    constexpr int K = {k};
-    constexpr int N = {n};
-    constexpr int MODE = {mode};
-    constexpr float EPS = {eps:e}f;
-    constexpr int RPB = {rows};
-    constexpr int BITS = {bits};
+{preamble}    constexpr int BITS = {bits};
     constexpr int GROUP = {group};
-    constexpr int THREADS = {THREADS};
-    constexpr int WARPS = THREADS / 32;
-    constexpr int RPW = RPB > WARPS ? RPB / WARPS : 1;
-    constexpr int WPR = RPB < WARPS ? WARPS / RPB : 1;
-    constexpr int DOTS = MODE == 1 ? 2 * RPW : RPW;
     constexpr int PER_WORD = 32 / BITS;
     constexpr int VALS = 4 * PER_WORD;
     constexpr int NV = K / VALS;
@@ -495,9 +498,9 @@ fn qgemv_source(
     const int t = threadIdx.x;
     const int lane = t & 31;
     const int warp = t >> 5;
-    const int set = warp / WPR;
+    const int group = warp / WPR;
     const int part = warp % WPR;
-    const int first = blockIdx.x * RPB + set * RPW;
+    const int first = blockIdx.x * RPB + group * RPW;
     const unsigned* wrow[DOTS];
     const T* srow[DOTS];
     const T* brow[DOTS];
@@ -599,41 +602,7 @@ fn qgemv_source(
             acc[d] = fmaf(s, dot, fmaf(b, xc, acc[d]));
         }}
     }}
-#pragma unroll
-    for (int d = 0; d < DOTS; ++d) {{
-        for (int o = 16; o > 0; o >>= 1) acc[d] += __shfl_xor_sync(0xffffffffu, acc[d], o);
-    }}
-    if (WPR > 1) {{
-        __syncthreads();
-        if (lane == 0) {{
-#pragma unroll
-            for (int d = 0; d < DOTS; ++d) red[warp * DOTS + d] = acc[d];
-        }}
-        __syncthreads();
-        if (part != 0) return;
-#pragma unroll
-        for (int d = 0; d < DOTS; ++d) {{
-            float s = 0.0f;
-            for (int p = 0; p < WPR; ++p) s += red[(set * WPR + p) * DOTS + d];
-            acc[d] = s;
-        }}
-    }}
-    if (lane != 0) return;
-#pragma unroll
-    for (int i = 0; i < RPW; ++i) {{
-        const int r = first + i;
-        if (r < N) {{
-            if (MODE == 1) {{
-                const T gv = static_cast<T>(acc[2 * i]);
-                const T uv = static_cast<T>(acc[2 * i + 1]);
-                y[r] = Multiply{{}}(Multiply{{}}(gv, Sigmoid{{}}(gv)), uv);
-            }} else if (MODE == 2) {{
-                y[r] = Add{{}}(res[r], static_cast<T>(acc[i]));
-            }} else {{
-                y[r] = static_cast<T>(acc[i]);
-            }}
-        }}
-    }}
+{GEMV_EPILOGUE}
 "#
     )
 }
