@@ -327,6 +327,53 @@ fn preamble(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> String
     )
 }
 
+/// Both kernels' L2 prefetch of the first bytes (up to `PREFETCH`) of each
+/// of the block's weight rows, `row` elements of `w` apart, issued while
+/// the input is prepared.
+fn l2_prefetch(row: &str) -> String {
+    format!(
+        r#"    // The first bytes of every row of the block, into L2 while the input
+    // is prepared.
+    {{
+        constexpr int LINES = PREFETCH / 128 > 0 ? PREFETCH / 128 : 1;
+        constexpr int BLOCK_ROWS = MODE == 1 ? 2 * RPB : RPB;
+        for (int j = t; j < BLOCK_ROWS * LINES; j += THREADS) {{
+            const int br = j / LINES;
+            int r = blockIdx.x * RPB + (MODE == 1 ? br / 2 : br);
+            r = r < N ? r : N - 1;
+            const char* p = reinterpret_cast<const char*>(
+                w + static_cast<size_t>(MODE == 1 && (br & 1) ? r + N : r) * {row});
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(p + (j % LINES) * 128));
+        }}
+    }}
+"#
+    )
+}
+
+/// Both kernels' sum of the input's squares over the block (for the norm):
+/// each warp's in `red`, then their `total` in every thread.
+const SUM_OF_SQUARES: &str = r#"        float ss = 0.0f;
+        for (int j = t; j < K; j += THREADS) {
+            const float f = static_cast<float>(x[j]);
+            ss += f * f;
+        }
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[warp] = ss;
+        __syncthreads();
+        float total = 0.0f;
+        for (int j = 0; j < WARPS; ++j) total += red[j];
+"#;
+
+/// Both kernels' thread roles: lane and warp, the warp's row set (`group`)
+/// and its share of each row (`part`), and the set's first row.
+const THREAD_ROLES: &str = r#"    const int t = threadIdx.x;
+    const int lane = t & 31;
+    const int warp = t >> 5;
+    const int group = warp / WPR;
+    const int part = warp % WPR;
+    const int first = blockIdx.x * RPB + group * RPW;
+"#;
+
 /// The end of both kernels: each dot product's lanes added, the warps of a
 /// row added where several share it, and the row's output written with its
 /// fold (MLX's `Sigmoid`, `Multiply` and `Add`).
@@ -372,6 +419,7 @@ const GEMV_EPILOGUE: &str = r#"#pragma unroll
 /// of its rows, then writes its (normalised) input into shared memory.
 fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> String {
     let preamble = preamble(ty, fold, k, n, rows, eps);
+    let prefetch = l2_prefetch("K");
     format!(
         r#"
 {preamble}    constexpr int V = 16 / sizeof(T);
@@ -380,47 +428,17 @@ fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> Str
     constexpr int PREFETCH = ROW_BYTES < 4096 ? ROW_BYTES : 4096;
     __shared__ __align__(16) T xs[K];
     __shared__ float red[WARPS * DOTS];
-    const int t = threadIdx.x;
-    const int lane = t & 31;
-    const int warp = t >> 5;
-    const int group = warp / WPR;
-    const int part = warp % WPR;
-    const int first = blockIdx.x * RPB + group * RPW;
-    const T* rows[DOTS];
+{THREAD_ROLES}    const T* rows[DOTS];
 #pragma unroll
     for (int d = 0; d < DOTS; ++d) {{
         int r = first + (MODE == 1 ? d / 2 : d);
         r = r < N ? r : N - 1;
         rows[d] = w + static_cast<size_t>(MODE == 1 && (d & 1) ? r + N : r) * K;
     }}
-    // The first bytes of every row of the block, into L2 while the input
-    // is prepared.
-    {{
-        constexpr int LINES = PREFETCH / 128 > 0 ? PREFETCH / 128 : 1;
-        constexpr int BLOCK_ROWS = MODE == 1 ? 2 * RPB : RPB;
-        for (int j = t; j < BLOCK_ROWS * LINES; j += THREADS) {{
-            const int br = j / LINES;
-            int r = blockIdx.x * RPB + (MODE == 1 ? br / 2 : br);
-            r = r < N ? r : N - 1;
-            const char* p = reinterpret_cast<const char*>(
-                w + static_cast<size_t>(MODE == 1 && (br & 1) ? r + N : r) * K);
-            asm volatile("prefetch.global.L2 [%0];" :: "l"(p + (j % LINES) * 128));
-        }}
-    }}
-    if (MODE == 2) {{
+{prefetch}    if (MODE == 2) {{
         for (int j = t; j < K; j += THREADS) xs[j] = x[j];
     }} else {{
-        float ss = 0.0f;
-        for (int j = t; j < K; j += THREADS) {{
-            const float f = static_cast<float>(x[j]);
-            ss += f * f;
-        }}
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) red[warp] = ss;
-        __syncthreads();
-        float total = 0.0f;
-        for (int j = 0; j < WARPS; ++j) total += red[j];
-        const float inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
+{SUM_OF_SQUARES}        const float inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
         for (int j = t; j < K; j += THREADS) {{
             xs[j] = nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv);
         }}
@@ -478,6 +496,7 @@ fn qgemv_source(
     group: i32,
 ) -> String {
     let preamble = preamble(ty, fold, k, n, rows, eps);
+    let prefetch = l2_prefetch("WORDS");
     format!(
         r#"
 {preamble}    constexpr int BITS = {bits};
@@ -495,13 +514,7 @@ fn qgemv_source(
     __shared__ __align__(16) T xs[K];
     __shared__ float xsum[NV];
     __shared__ float red[WARPS * DOTS];
-    const int t = threadIdx.x;
-    const int lane = t & 31;
-    const int warp = t >> 5;
-    const int group = warp / WPR;
-    const int part = warp % WPR;
-    const int first = blockIdx.x * RPB + group * RPW;
-    const unsigned* wrow[DOTS];
+{THREAD_ROLES}    const unsigned* wrow[DOTS];
     const T* srow[DOTS];
     const T* brow[DOTS];
 #pragma unroll
@@ -513,33 +526,9 @@ fn qgemv_source(
         srow[d] = sc + rr * GROUPS;
         brow[d] = bi + rr * GROUPS;
     }}
-    // The first bytes of every row of the block, into L2 while the input
-    // is prepared.
-    {{
-        constexpr int LINES = PREFETCH / 128 > 0 ? PREFETCH / 128 : 1;
-        constexpr int BLOCK_ROWS = MODE == 1 ? 2 * RPB : RPB;
-        for (int j = t; j < BLOCK_ROWS * LINES; j += THREADS) {{
-            const int br = j / LINES;
-            int r = blockIdx.x * RPB + (MODE == 1 ? br / 2 : br);
-            r = r < N ? r : N - 1;
-            const char* p = reinterpret_cast<const char*>(
-                w + static_cast<size_t>(MODE == 1 && (br & 1) ? r + N : r) * WORDS);
-            asm volatile("prefetch.global.L2 [%0];" :: "l"(p + (j % LINES) * 128));
-        }}
-    }}
-    float inv = 1.0f;
+{prefetch}    float inv = 1.0f;
     if (MODE != 2) {{
-        float ss = 0.0f;
-        for (int j = t; j < K; j += THREADS) {{
-            const float f = static_cast<float>(x[j]);
-            ss += f * f;
-        }}
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) red[warp] = ss;
-        __syncthreads();
-        float total = 0.0f;
-        for (int j = 0; j < WARPS; ++j) total += red[j];
-        inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
+{SUM_OF_SQUARES}        inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
     }}
     // The (normalised) input, and the sum of each load's share of it.
     for (int c = t; c < NV; c += THREADS) {{
