@@ -13,6 +13,15 @@
 //!
 //! [`LayerCache`] is either kind; its `update` returns the keys and values to
 //! attend and the mask to apply.
+//!
+//! A slice update is a new array: MLX writes it into the old cache's buffer
+//! only where nothing else holds that buffer, and otherwise copies the whole
+//! cache first. While a decode step is still running on the device, the
+//! kernels reading its cache hold the buffer, so a pipelined decode (the
+//! next step queued before the last one finishes) can pay that copy every
+//! step. [`KvCache::write_in_place`] lets a kernel write a step's keys and
+//! values straight into the buffer instead, where no other cache or view can
+//! see the positions written.
 
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::IndexOp;
@@ -30,6 +39,13 @@ pub struct KvCache {
     keys: Option<Array>,
     values: Option<Array>,
     offset: i32,
+    /// Positions of the buffers that views handed out, clones or the
+    /// arrays' first owner may see: every position below is off limits to
+    /// [`KvCache::write_in_place`].
+    seen: i32,
+    /// Shared by the clones that share the buffers: a write in place needs
+    /// it unshared.
+    buffers: std::sync::Arc<()>,
 }
 
 impl KvCache {
@@ -50,24 +66,7 @@ impl KvCache {
     pub fn update(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
         let prev = self.offset;
         let len = keys.dim(2);
-        let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
-        if prev + len > capacity {
-            let (b, h, dk) = (keys.dim(0), keys.dim(1), keys.dim(3));
-            let dv = values.dim(3);
-            let room = growth_room(prev, len, kv_pad());
-            let grow_k = zeros_dtype(&[b, h, room, dk], keys.dtype())?;
-            let grow_v = zeros_dtype(&[b, h, room, dv], values.dtype())?;
-            let grow = |old: Option<Array>, new: Array| -> Result<Array> {
-                match old {
-                    // Unfilled room is dropped before growing, so the new room is
-                    // whole steps past the offset.
-                    Some(old) => concatenate(&[old.index((.., .., ..prev, ..)), new], 2),
-                    None => Ok(new),
-                }
-            };
-            self.keys = Some(grow(self.keys.take(), grow_k)?);
-            self.values = Some(grow(self.values.take(), grow_v)?);
-        }
+        self.make_room(len, keys, values)?;
         self.offset = prev + len;
         let end = self.offset;
         let (Some(k), Some(v)) = (self.keys.as_mut(), self.values.as_mut()) else {
@@ -75,7 +74,82 @@ impl KvCache {
         };
         *k = write_positions(k, keys, prev)?;
         *v = write_positions(v, values, prev)?;
+        // A slice update's result is a buffer of its own (MLX copied the
+        // old one wherever something else held it).
+        self.buffers = std::sync::Arc::new(());
+        self.seen = end;
         Ok((k.index((.., .., ..end, ..)), v.index((.., .., ..end, ..))))
+    }
+
+    /// Grows the buffers (shaped and typed like `keys`/`values`) until
+    /// `len` more positions fit.
+    fn make_room(&mut self, len: i32, keys: &Array, values: &Array) -> Result<()> {
+        let prev = self.offset;
+        let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
+        if prev + len <= capacity {
+            return Ok(());
+        }
+        let (b, h, dk) = (keys.dim(0), keys.dim(1), keys.dim(3));
+        let dv = values.dim(3);
+        let room = growth_room(prev, len, kv_pad());
+        let grow_k = zeros_dtype(&[b, h, room, dk], keys.dtype())?;
+        let grow_v = zeros_dtype(&[b, h, room, dv], values.dtype())?;
+        let grow = |old: Option<Array>, new: Array| -> Result<Array> {
+            match old {
+                // Unfilled room is dropped before growing, so the new room is
+                // whole steps past the offset.
+                Some(old) => concatenate(&[old.index((.., .., ..prev, ..)), new], 2),
+                None => Ok(new),
+            }
+        };
+        self.keys = Some(grow(self.keys.take(), grow_k)?);
+        self.values = Some(grow(self.values.take(), grow_v)?);
+        // New buffers, nobody else's; the positions kept were seen.
+        self.buffers = std::sync::Arc::new(());
+        self.seen = prev;
+        Ok(())
+    }
+
+    /// Adds `len` positions that `write` puts straight into the buffers:
+    /// `write(keys, values, at)` gets the whole `[B, H_kv, capacity, D]`
+    /// arrays and must write positions `at..at + len` of them in place,
+    /// ahead of whatever reads its result (a device kernel whose output
+    /// the attention then reads). Returns the keys and values to attend
+    /// (positions `0..at + len`) and `write`'s result; `None`, with nothing
+    /// changed or called, where the cache is empty or where positions
+    /// `at..` of its buffers might be visible elsewhere (a clone sharing
+    /// them, views handed out before a trim, arrays taken from outside),
+    /// and the caller then takes [`KvCache::update`]. Growth, where
+    /// needed, happens first, as in `update`.
+    ///
+    /// The buffers are arrays the cache made itself (a growth's
+    /// concatenation or a slice update's result), so they are row-major.
+    pub fn write_in_place<R>(
+        &mut self,
+        len: i32,
+        write: impl FnOnce(&Array, &Array, i32) -> Result<R>,
+    ) -> Result<Option<(Array, Array, R)>> {
+        let (Some(k), Some(v)) = (self.keys.clone(), self.values.clone()) else {
+            return Ok(None);
+        };
+        let at = self.offset;
+        let capacity = k.dim(2);
+        let grows = at + len > capacity;
+        // Growth makes new buffers, which nothing else holds.
+        let unshared = grows || std::sync::Arc::get_mut(&mut self.buffers).is_some();
+        if len < 1 || !unshared || (!grows && at < self.seen) {
+            return Ok(None);
+        }
+        self.make_room(len, &k, &v)?;
+        drop((k, v));
+        let (Some(k), Some(v)) = (self.keys.as_ref(), self.values.as_ref()) else {
+            return Err(Exception::custom("KV cache has no storage after growing"));
+        };
+        let out = write(k, v, at)?;
+        let end = at + len;
+        let (k, v) = (k.index((.., .., ..end, ..)), v.index((.., .., ..end, ..)));
+        self.offset = end;
+        Ok(Some((k, v, out)))
     }
 }
 
@@ -88,11 +162,16 @@ impl KvCache {
             keys: Some(keys),
             values: Some(values),
             offset,
+            // Arrays from outside: never written in place.
+            seen: offset,
+            buffers: std::sync::Arc::new(()),
         }
     }
 
     /// The positions held, `[B, H_kv, offset, D]` each; `None` when empty.
     pub fn contents(&self) -> Option<(Array, Array)> {
+        // Views of positions below the offset: in-place writes land at the
+        // offset or past it, and a trim marks what it drops as seen.
         let end = self.offset;
         match (&self.keys, &self.values) {
             (Some(k), Some(v)) if end > 0 => {
@@ -122,7 +201,9 @@ impl KvCache {
             return false;
         }
         // Room past the offset is overwritten by the next update and never
-        // returned before.
+        // returned before. The positions dropped may have been handed out,
+        // so they are not written in place.
+        self.seen = self.seen.max(self.offset);
         self.offset = n;
         true
     }
@@ -892,6 +973,73 @@ mod tests {
 
     /// Updates of assorted lengths across several growth steps return exactly
     /// the concatenation of everything written.
+    /// A write in place is offered only where nothing else can see the
+    /// positions written: not to an empty cache, a cache sharing its
+    /// buffers with a clone, positions a trim dropped, or arrays taken from
+    /// outside before they grow.
+    #[test]
+    fn writes_in_place_only_where_nothing_else_sees() {
+        let kv = |len: i32| {
+            let a = Array::from_slice(&vec![1f32; (2 * len * 2) as usize], &[1, 2, len, 2]);
+            (a.clone(), a)
+        };
+        let mut calls = Vec::new();
+        let mut write = |cache: &mut KvCache| {
+            cache
+                .write_in_place(1, |k, v, at| {
+                    // The whole buffers, with room for the position.
+                    assert!(k.dim(2) > at && v.dim(2) > at);
+                    calls.push(at);
+                    Ok(at)
+                })
+                .unwrap()
+                .map(|(k, v, at)| (k.shape().to_vec(), v.dim(2), at))
+        };
+        let mut cache = KvCache::new();
+        assert_eq!(write(&mut cache), None, "empty");
+        let (k, v) = kv(3);
+        cache.update(&k, &v).unwrap();
+        assert_eq!(write(&mut cache), Some((vec![1, 2, 4, 2], 4, 3)));
+        assert_eq!(write(&mut cache), Some((vec![1, 2, 5, 2], 5, 4)));
+        assert_eq!(cache.offset(), 5);
+        let clone = cache.clone();
+        assert_eq!(write(&mut cache), None, "a clone shares the buffers");
+        assert_eq!(cache.offset(), 5);
+        drop(clone);
+        assert_eq!(write(&mut cache).map(|w| w.2), Some(5));
+        assert!(cache.trim_to(2));
+        assert_eq!(write(&mut cache), None, "positions 2..6 were handed out");
+        let (k, v) = kv(1);
+        cache.update(&k, &v).unwrap();
+        assert_eq!(
+            write(&mut cache).map(|w| w.2),
+            Some(3),
+            "a slice update's own buffer"
+        );
+        // Up to the capacity, then a growth: new buffers, offered again.
+        let capacity = cache.keys.as_ref().unwrap().dim(2);
+        while cache.offset() < capacity {
+            assert!(write(&mut cache).is_some());
+        }
+        assert_eq!(write(&mut cache).map(|w| w.2), Some(capacity));
+        assert_eq!(
+            cache.keys.as_ref().unwrap().dim(2),
+            capacity + KvCache::STEP
+        );
+        // Arrays from outside: only once grown into buffers of its own.
+        let (k, v) = kv(4);
+        let mut outside = KvCache::from_contents(k.clone(), v);
+        assert_eq!(write(&mut outside).map(|w| w.2), Some(4), "grows first");
+        let mut outside = KvCache::from_contents(
+            concatenate(&[k.clone(), k.clone()], 2).unwrap(),
+            concatenate(&[k.clone(), k], 2).unwrap(),
+        );
+        assert!(outside.trim_to(4));
+        assert_eq!(write(&mut outside), None, "room taken from outside");
+
+        assert_eq!(calls.len(), (capacity - 3) as usize + 4 + 1);
+    }
+
     #[test]
     fn grows_in_steps_and_returns_everything_written() {
         let mut cache = KvCache::new();

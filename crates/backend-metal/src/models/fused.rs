@@ -34,7 +34,7 @@ use std::sync::Mutex;
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 
-use crate::cache::Positions;
+use crate::cache::{KvCache, Positions};
 use crate::ffi::CudaKernel;
 use crate::models::fused_gemv::{Fold, FusedGemv, GemvWeight, Storage};
 use crate::models::layers::{RmsNorm, RotaryEmbedding};
@@ -83,6 +83,11 @@ pub enum Kind {
     /// The gemv kernels also for MLX affine-quantised weights (with
     /// [`Kind::Gemv`]). Opt-in until a GPU has checked and measured them.
     QGemv,
+    /// [`QkRope`] writing a decode step's keys and values straight into
+    /// the layer's cache ([`KvCache::write_in_place`](crate::cache::KvCache::write_in_place))
+    /// instead of MLX's slice updates. Opt-in until a GPU has checked and
+    /// measured it.
+    KvWrite,
 }
 
 impl Kind {
@@ -93,6 +98,7 @@ impl Kind {
             Kind::QkRope => "qk",
             Kind::Gemv => "gemv",
             Kind::QGemv => "qgemv",
+            Kind::KvWrite => "kv",
         }
     }
 
@@ -104,11 +110,11 @@ impl Kind {
 
 /// Whether `INFER_FUSE` (`setting`, `None` when unset) asks for `kind`:
 /// unset builds [`QkRope`] and the gemv kernels, `1` every kind, `0` none,
-/// and a list of `qk`, `add`, `gemv` and `qgemv` (separated by `,` or `+`)
-/// those named (the gemv kernels serve only with the q/k one, `qgemv` only
-/// with `gemv`). Anything else is warned of and read as unset.
+/// and a list of `qk`, `add`, `gemv`, `qgemv` and `kv` (separated by `,` or
+/// `+`) those named (the gemv kernels and `kv` serve only with the q/k one,
+/// `qgemv` only with `gemv`). Anything else is warned of and read as unset.
 fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
-    const NAMES: [&str; 4] = ["qk", "add", "gemv", "qgemv"];
+    const NAMES: [&str; 5] = ["qk", "add", "gemv", "qgemv", "kv"];
     match setting.map(str::trim) {
         None => kind.by_default(),
         Some("0") => false,
@@ -118,7 +124,7 @@ fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
         }
         Some(other) => {
             tracing::warn!(
-                "INFER_FUSE={other:?} is not 0, 1 or a list of qk, add, gemv and qgemv; \
+                "INFER_FUSE={other:?} is not 0, 1 or a list of qk, add, gemv, qgemv and kv; \
                  read as unset"
             );
             kind.by_default()
@@ -129,8 +135,9 @@ fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
 /// Whether a model loaded on this thread should build the fused kernel
 /// `kind` (where [`cuda_here`]), as `INFER_FUSE` says: unset builds
 /// [`QkRope`] and the gemv kernels, `1` every kind, `0` none, and a list of
-/// `qk`, `add`, `gemv` and `qgemv` (separated by `,` or `+`) those named
-/// ([`Kind::QGemv`] is opt-in: never run on a GPU yet). On an H100
+/// `qk`, `add`, `gemv`, `qgemv` and `kv` (separated by `,` or `+`) those
+/// named ([`Kind::QGemv`] and [`Kind::KvWrite`] are opt-in: never run on a
+/// GPU yet). On an H100
 /// both default kinds made decode faster; [`AddNorm`] saves GPU time but
 /// each call of a custom kernel costs the host more than MLX's own two
 /// kernels, so with it decode was slower and it is opt-in (the gemv kernels
@@ -346,14 +353,20 @@ pub struct QkShape {
 /// From a decode step's stacked q/k/v projection `[B, 1, (H + 2·Hkv)·D]`:
 /// q and k normed per head (where the model has q/k norms) and rotated,
 /// and v, as heads `[B, H, 1, D]`, `[B, Hkv, 1, D]` and `[B, Hkv, 1, D]`
-/// (v contiguous, so that the cache takes it in a plain copy). One block
-/// per head and row, a thread per rotated pair.
+/// (v contiguous, so that the cache takes it in a plain copy); or q alone,
+/// with k and v written into the layer's cache ([`QkRope::apply_into`]).
+/// One block per head and row, a thread per rotated pair.
 #[derive(Debug)]
 pub struct QkRope {
     /// With RoPE from a base (MLX's `exp2(-d · log2 base)`), and with
     /// explicit frequencies (Llama 3 scaling); each compiled on first use.
     base: CudaKernel,
     freqs: CudaKernel,
+    /// The same writing k and v into the cache.
+    base_into: CudaKernel,
+    freqs_into: CudaKernel,
+    /// Whether decode steps take [`QkRope::apply_into`] ([`Kind::KvWrite`]).
+    into_cache: bool,
     shape: QkShape,
     dtype: Dtype,
     /// One element of `dtype`, passed for the norms' weights where the
@@ -369,7 +382,10 @@ impl QkRope {
     /// the dtype has no kernel or a head's size is odd or over 2,048.
     pub fn new(shape: QkShape, dtype: Dtype) -> Result<Option<Self>> {
         match wanted(Kind::QkRope) {
-            true => Self::make(shape, dtype),
+            true => Ok(Self::make(shape, dtype)?.map(|k| Self {
+                into_cache: wanted(Kind::KvWrite),
+                ..k
+            })),
             false => Ok(None),
         }
     }
@@ -382,18 +398,25 @@ impl QkRope {
         let Some(ty) = cuda_type(dtype).filter(|_| ok && shape.kv_heads > 0) else {
             return Ok(None);
         };
-        let make = |with_freqs: bool| {
-            let source = qk_rope_source(ty, shape, with_freqs);
-            CudaKernel::new(
-                "infer_qk_norm_rope",
-                &["qkv", "qw", "kw", "rope_p", "freqs", "offsets"],
-                &["q", "k", "v"],
-                &source,
-            )
+        let make = |with_freqs: bool, into_cache: bool| {
+            let source = qk_rope_source(ty, shape, with_freqs, into_cache);
+            let inputs = ["qkv", "qw", "kw", "rope_p", "freqs", "offsets", "kc", "vc"];
+            match into_cache {
+                true => CudaKernel::new("infer_qk_norm_rope_kv", &inputs, &["q"], &source),
+                false => CudaKernel::new(
+                    "infer_qk_norm_rope",
+                    &inputs[..6],
+                    &["q", "k", "v"],
+                    &source,
+                ),
+            }
         };
         Ok(Some(Self {
-            base: make(false)?,
-            freqs: make(true)?,
+            base: make(false, false)?,
+            freqs: make(true, false)?,
+            base_into: make(false, true)?,
+            freqs_into: make(true, true)?,
+            into_cache: false,
             shape,
             dtype,
             no_norm: Array::zeros::<f32>(&[1])?.as_dtype(dtype)?,
@@ -405,6 +428,12 @@ impl QkRope {
     /// with `rope` takes this kernel.
     pub fn applies(&self, x: &Array, rope: &RotaryEmbedding) -> bool {
         step_applies(x, self.dtype) && rope.dims() == self.shape.head_dim
+    }
+
+    /// Whether decode steps should write k and v straight into their cache
+    /// ([`QkRope::apply_into`]).
+    pub fn writes_cache(&self) -> bool {
+        self.into_cache
     }
 
     /// Whether the kernel was made for q/k norms of epsilon `eps` (`None`:
@@ -424,6 +453,70 @@ impl QkRope {
         rope: &RotaryEmbedding,
         start: &Positions,
     ) -> Result<(Array, Array, Array)> {
+        let offsets = match start {
+            Positions::Start(p) => self.offset.get(*p),
+            Positions::Rows(a) => a.as_dtype(Dtype::Int32)?,
+        };
+        let mut out = self.launch(qkv, norms, rope, &offsets, None)?.into_iter();
+        match (out.next(), out.next(), out.next()) {
+            (Some(q), Some(k), Some(v)) => Ok((q, k, v)),
+            _ => Err(Exception::custom("the q/k kernel lost an output")),
+        }
+    }
+
+    /// As [`QkRope::apply`] from position `at` for every row, returning q
+    /// and writing k and v into position `at` of `cache` (the keys and
+    /// values `[B, H_kv, capacity, D]`, row-major) in place. For
+    /// [`KvCache::write_in_place`](crate::cache::KvCache::write_in_place),
+    /// whose rules make the write safe: the returned q depends on it, so
+    /// an attention reading q reads the cache after the write.
+    pub fn apply_into(
+        &self,
+        qkv: &Array,
+        norms: Option<(&Array, &Array)>,
+        rope: &RotaryEmbedding,
+        at: i32,
+        cache: (&Array, &Array),
+    ) -> Result<Array> {
+        let QkShape {
+            kv_heads, head_dim, ..
+        } = self.shape;
+        let want = |a: &Array| {
+            let s = a.shape();
+            s.len() == 4
+                && s[0] == qkv.dim(0)
+                && s[1] == kv_heads
+                && s[3] == head_dim
+                && (0..s[2]).contains(&at)
+                && a.dtype() == self.dtype
+        };
+        if !want(cache.0) || !want(cache.1) {
+            return Err(Exception::custom(format!(
+                "q/k kernel: cache {:?} {:?} and {:?} cannot take position {at} of {:?} {:?}",
+                cache.0.shape(),
+                cache.0.dtype(),
+                cache.1.shape(),
+                qkv.shape(),
+                self.dtype
+            )));
+        }
+        let offsets = self.offset.get(at);
+        self.launch(qkv, norms, rope, &offsets, Some(cache))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Exception::custom("the q/k kernel lost its output"))
+    }
+
+    /// The kernel over `qkv` from the positions `offsets` (one, or one a
+    /// row): q, k and v, or q alone with k and v written into `cache`.
+    fn launch(
+        &self,
+        qkv: &Array,
+        norms: Option<(&Array, &Array)>,
+        rope: &RotaryEmbedding,
+        offsets: &Array,
+        cache: Option<(&Array, &Array)>,
+    ) -> Result<Vec<Array>> {
         let QkShape {
             heads,
             kv_heads,
@@ -446,32 +539,29 @@ impl QkRope {
             (None, None) => (&self.no_norm, &self.no_norm),
             _ => return Err(Exception::custom("q/k kernel: norms unlike its model's")),
         };
-        let offsets = match start {
-            Positions::Start(p) => self.offset.get(*p),
-            Positions::Rows(a) => a.as_dtype(Dtype::Int32)?,
-        };
         // A thread per rotated pair, in whole warps.
         let threads = (d / 2 + 31) / 32 * 32;
-        let kernel = if freqs.is_some() {
-            &self.freqs
-        } else {
-            &self.base
-        };
-        let mut out = kernel
-            .apply(
-                &[qkv, qw, kw, params, freqs.unwrap_or(params), &offsets],
-                &[
-                    (&[b, heads, 1, d], self.dtype),
-                    (&[b, kv_heads, 1, d], self.dtype),
-                    (&[b, kv_heads, 1, d], self.dtype),
-                ],
-                [(heads + 2 * kv_heads) * threads, b, 1],
-                [threads, 1, 1],
-            )?
-            .into_iter();
-        match (out.next(), out.next(), out.next()) {
-            (Some(q), Some(k), Some(v)) => Ok((q, k, v)),
-            _ => Err(Exception::custom("the q/k kernel lost an output")),
+        let grid = [(heads + 2 * kv_heads) * threads, b, 1];
+        let inputs = [qkv, qw, kw, params, freqs.unwrap_or(params), offsets];
+        let q = (&[b, heads, 1, d][..], self.dtype);
+        match cache {
+            Some((kc, vc)) => {
+                let kernel = match freqs {
+                    Some(_) => &self.freqs_into,
+                    None => &self.base_into,
+                };
+                let mut all = inputs.to_vec();
+                all.extend([kc, vc]);
+                kernel.apply(&all, &[q], grid, [threads, 1, 1])
+            }
+            None => {
+                let kernel = match freqs {
+                    Some(_) => &self.freqs,
+                    None => &self.base,
+                };
+                let kv = (&[b, kv_heads, 1, d][..], self.dtype);
+                kernel.apply(&inputs, &[q, kv, kv], grid, [threads, 1, 1])
+            }
         }
     }
 }
@@ -501,8 +591,11 @@ impl OffsetMemo {
 
 /// The body of [`QkRope`]'s kernel for `ty`, `shape`, and RoPE from a base
 /// or (`with_freqs`) from explicit frequencies. `rope_p` is `[log2 base,
-/// scale]` in f32; `offsets` holds one position, or one per row.
-fn qk_rope_source(ty: &str, shape: QkShape, with_freqs: bool) -> String {
+/// scale]` in f32; `offsets` holds one position, or one per row. With
+/// `into_cache`, k and v go to their position in the caches `kc` and `vc`
+/// `[B, H_kv, capacity, D]` (inputs, written through a cast: MLX has no
+/// in-place outputs) instead of to outputs.
+fn qk_rope_source(ty: &str, shape: QkShape, with_freqs: bool, into_cache: bool) -> String {
     let QkShape {
         heads,
         kv_heads,
@@ -513,6 +606,16 @@ fn qk_rope_source(ty: &str, shape: QkShape, with_freqs: bool) -> String {
         Some(e) => ("true", e),
         None => ("false", 0.0),
     };
+    // Where head `kh` of kind `k` or `v` of row `b` goes.
+    let to = |out: &str, kh: &str| {
+        match into_cache {
+        true => format!(
+            "const_cast<T*>({out}c) + ((static_cast<size_t>(b) * HK + ({kh})) * {out}c_shape[2] + pos) * D"
+        ),
+        false => format!("{out} + (static_cast<size_t>(b) * HK + ({kh})) * D"),
+    }
+    };
+    let (v_out, k_out) = (to("v", "head - HQ - HK"), to("k", "head - HQ"));
     format!(
         r#"
     using T = {ty};
@@ -538,7 +641,7 @@ fn qk_rope_source(ty: &str, shape: QkShape, with_freqs: bool) -> String {
     if (head >= HQ + HK) {{
         // A value head: copied out as it is.
         if (live) {{
-            T* out = v + (static_cast<size_t>(b) * HK + (head - HQ - HK)) * D;
+            T* out = {v_out};
             out[i] = a1;
             out[i + HALF] = a2;
         }}
@@ -576,7 +679,7 @@ fn qk_rope_source(ty: &str, shape: QkShape, with_freqs: bool) -> String {
     const float s = ::sinf(theta);
     T* out = head < HQ
         ? q + (static_cast<size_t>(b) * HQ + head) * D
-        : k + (static_cast<size_t>(b) * HK + (head - HQ)) * D;
+        : {k_out};
     out[i] = static_cast<T>(x1 * c - x2 * s);
     out[i + HALF] = static_cast<T>(x1 * s + x2 * c);
 "#
@@ -606,6 +709,7 @@ pub struct CheckResult {
 /// row, whatever `INFER_FUSE` says. An error off MLX's CUDA backend.
 pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
     use inference_formats::config::{Rope, RopeScaling};
+    use mlx_rs::ops::concatenate;
     use mlx_rs::random;
 
     let compare = |case: String, got: &Array, want: &Array| -> Result<CheckResult> {
@@ -717,25 +821,43 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
                 Positions::Rows(Array::from_slice(&[5i32, 70_000], &[2])),
             ),
         ];
+        let norms = with_norms.then_some((&qn.weight, &kn.weight));
+        let heads = qkv.reshape(&[b, hq + 2 * hk, 1, d])?;
+        let parts = heads.split_at_indices(&[hq, hq + hk], 1)?;
+        // MLX's RoPE of a strided view of two rows with one offset wrote
+        // the second row wrongly (f16, f32, on an H100): the reference
+        // takes a contiguous copy (`x + 0`, exact).
+        let zero = Array::zeros::<f32>(&[1])?.as_dtype(dtype)?;
+        let prep = |x: &Array, n: &RmsNorm| match with_norms {
+            true => n.forward(x),
+            false => x.add(&zero),
+        };
         for (at, start) in starts {
-            let norms = with_norms.then_some((&qn.weight, &kn.weight));
             let (q, k, v) = kernel.apply(&qkv, norms, &rope, &start)?;
-            let heads = qkv.reshape(&[b, hq + 2 * hk, 1, d])?;
-            let parts = heads.split_at_indices(&[hq, hq + hk], 1)?;
-            // MLX's RoPE of a strided view of two rows with one offset
-            // wrote the second row wrongly (f16, f32, on an H100): the
-            // reference takes a contiguous copy (`x + 0`, exact).
-            let zero = Array::zeros::<f32>(&[1])?.as_dtype(dtype)?;
-            let prep = |x: &Array, n: &RmsNorm| match with_norms {
-                true => n.forward(x),
-                false => x.add(&zero),
-            };
             let want_q = rope.forward(&prep(&parts[0], &qn)?, &start)?;
             let want_k = rope.forward(&prep(&parts[1], &kn)?, &start)?;
             out.push(compare(format!("q: {what}, {at}"), &q, &want_q)?);
             out.push(compare(format!("k: {what}, {at}"), &k, &want_k)?);
             out.push(compare(format!("v: {what}, {at}"), &v, &parts[2])?);
         }
+        // Into a cache holding five positions: q as above, and the cache
+        // read back holds the five and then this step's k and v.
+        let mut cache = KvCache::new();
+        let (pk, pv) = (normal(&[b, hk, 5, d])?, normal(&[b, hk, 5, d])?);
+        cache.update(&pk, &pv)?;
+        let (k, v, q) = cache
+            .write_in_place(1, |kc, vc, at| {
+                kernel.apply_into(&qkv, norms, &rope, at, (kc, vc))
+            })?
+            .ok_or_else(|| Exception::custom("the cache refused a write in place"))?;
+        let start = Positions::Start(5);
+        let want_q = rope.forward(&prep(&parts[0], &qn)?, &start)?;
+        let want_k = rope.forward(&prep(&parts[1], &kn)?, &start)?;
+        let want_k = concatenate(&[pk, want_k], 2)?;
+        let want_v = concatenate(&[pv, parts[2].add(&zero)?], 2)?;
+        out.push(compare(format!("q into the cache: {what}"), &q, &want_q)?);
+        out.push(compare(format!("cached k: {what}"), &k, &want_k)?);
+        out.push(compare(format!("cached v: {what}"), &v, &want_v)?);
     }
 
     // The folded products (bf16 and f16 only so far), at Qwen3-0.6B's and
@@ -928,7 +1050,7 @@ mod tests {
             head_dim: 128,
             norm_eps: Some(1e-6),
         };
-        let s = qk_rope_source("__nv_bfloat16", shape, false);
+        let s = qk_rope_source("__nv_bfloat16", shape, false, false);
         for want in [
             "constexpr int D = 128;",
             "constexpr int HQ = 16;",
@@ -945,6 +1067,18 @@ mod tests {
         ] {
             assert!(s.contains(name), "{name} unused");
         }
+        assert!(!s.contains("kc") && !s.contains("vc"));
+        // Into the cache: k and v to their position of `kc` and `vc`, whose
+        // capacity MLX passes because the text reads `kc_shape`.
+        let s = qk_rope_source("__nv_bfloat16", shape, true, true);
+        for want in [
+            "constexpr bool FREQS = true;",
+            "const_cast<T*>(vc) + ((static_cast<size_t>(b) * HK + (head - HQ - HK)) * vc_shape[2] + pos) * D",
+            "const_cast<T*>(kc) + ((static_cast<size_t>(b) * HK + (head - HQ)) * kc_shape[2] + pos) * D",
+        ] {
+            assert!(s.contains(want), "{want} missing");
+        }
+        assert!(!s.contains("k + (static_cast") && !s.contains("v + (static_cast"));
     }
 
     /// `INFER_FUSE`: unset gives the q/k kernel alone, `0` none, `1` both,
@@ -953,15 +1087,16 @@ mod tests {
     fn infer_fuse_reads_lists() {
         use Kind::*;
         let on = |setting: Option<&str>| {
-            [QkRope, AddNorm, Gemv, QGemv]
+            [QkRope, AddNorm, Gemv, QGemv, KvWrite]
                 .into_iter()
                 .filter(|k| asks_for(setting, *k))
                 .collect::<Vec<_>>()
         };
         assert_eq!(on(None), [QkRope, Gemv]);
         assert_eq!(on(Some("0")), []);
-        assert_eq!(on(Some("1")), [QkRope, AddNorm, Gemv, QGemv]);
+        assert_eq!(on(Some("1")), [QkRope, AddNorm, Gemv, QGemv, KvWrite]);
         assert_eq!(on(Some("qk,gemv,qgemv")), [QkRope, Gemv, QGemv]);
+        assert_eq!(on(Some("qk+gemv+kv")), [QkRope, Gemv, KvWrite]);
         assert_eq!(on(Some("qk+gemv")), [QkRope, Gemv]);
         assert_eq!(on(Some("add")), [AddNorm]);
         assert_eq!(on(Some("qk,add")), [QkRope, AddNorm]);

@@ -13,7 +13,7 @@ use mlx_rs::{fast, with_stream, Array, Device, Stream};
 
 use inference_formats::config::{Quantization, Rope, RopeScaling, TextConfig};
 
-use crate::cache::{attend, LayerCache, Positions};
+use crate::cache::{attend, AttnMask, LayerCache, Positions};
 use crate::distributed::Group;
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
@@ -886,6 +886,15 @@ impl<N: Norm> Attention<N> {
         rope: &RotaryEmbedding,
         kernel: &QkRope,
     ) -> Result<Array> {
+        if let (true, LayerCache::Full(c)) = (kernel.writes_cache(), &mut *cache) {
+            let written = c.write_in_place(1, |kc, vc, at| {
+                kernel.apply_into(qkv, norms, rope, at, (kc, vc))
+            })?;
+            if let Some((k, v, q)) = written {
+                // One query sees every key.
+                return attend(&q, &k, &v, self.scale, &AttnMask::None);
+            }
+        }
         let start = cache.positions()?;
         let (q, k, v) = kernel.apply(qkv, norms, rope, &start)?;
         let (k, v, mask) = cache.update(&k, &v)?;
