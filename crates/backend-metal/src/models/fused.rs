@@ -12,7 +12,10 @@
 //! - [`QkRope`]: from the stacked q/k/v projection, the per-head q and k
 //!   RMSNorms (Qwen3) and RoPE of both, written as heads `[B, H, 1, D]`,
 //!   and v copied out as contiguous heads (so that the cache takes it in a
-//!   plain copy, not a strided one).
+//!   plain copy, not a strided one); by default ([`Kind::KvWrite`]) k and v
+//!   go straight into the layer's KV cache instead, which saves MLX's two
+//!   slice updates a layer and the copies of the whole cache they make
+//!   while the previous step still holds it (see [`crate::cache`]).
 //!
 //! They compute what MLX's `add`, `fast::rms_norm` and `fast::rope` compute,
 //! in the same order of roundings (each intermediate rounded to the
@@ -85,8 +88,7 @@ pub enum Kind {
     QGemv,
     /// [`QkRope`] writing a decode step's keys and values straight into
     /// the layer's cache ([`KvCache::write_in_place`](crate::cache::KvCache::write_in_place))
-    /// instead of MLX's slice updates. Opt-in until a GPU has checked and
-    /// measured it.
+    /// instead of MLX's slice updates.
     KvWrite,
 }
 
@@ -104,12 +106,13 @@ impl Kind {
 
     /// Whether an unset `INFER_FUSE` builds it.
     fn by_default(self) -> bool {
-        matches!(self, Kind::QkRope | Kind::Gemv)
+        matches!(self, Kind::QkRope | Kind::Gemv | Kind::KvWrite)
     }
 }
 
 /// Whether `INFER_FUSE` (`setting`, `None` when unset) asks for `kind`:
-/// unset builds [`QkRope`] and the gemv kernels, `1` every kind, `0` none,
+/// unset builds [`QkRope`] (writing into the caches) and the gemv kernels,
+/// `1` every kind, `0` none,
 /// and a list of `qk`, `add`, `gemv`, `qgemv` and `kv` (separated by `,` or
 /// `+`) those named (the gemv kernels and `kv` serve only with the q/k one,
 /// `qgemv` only with `gemv`). Anything else is warned of and read as unset.
@@ -134,10 +137,11 @@ fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
 
 /// Whether a model loaded on this thread should build the fused kernel
 /// `kind` (where [`cuda_here`]), as `INFER_FUSE` says: unset builds
-/// [`QkRope`] and the gemv kernels, `1` every kind, `0` none, and a list of
-/// `qk`, `add`, `gemv`, `qgemv` and `kv` (separated by `,` or `+`) those
-/// named ([`Kind::QGemv`] and [`Kind::KvWrite`] are opt-in: never run on a
-/// GPU yet). On an H100
+/// [`QkRope`] writing into the caches ([`Kind::KvWrite`]) and the gemv
+/// kernels, `1` every kind, `0` none, and a list of `qk`, `add`, `gemv`,
+/// `qgemv` and `kv` (separated by `,` or `+`) those named ([`Kind::QGemv`]
+/// is opt-in: on an H100 it made a 4-bit Qwen3-4B's decode slower). On an
+/// H100
 /// both default kinds made decode faster; [`AddNorm`] saves GPU time but
 /// each call of a custom kernel costs the host more than MLX's own two
 /// kernels, so with it decode was slower and it is opt-in (the gemv kernels
@@ -858,6 +862,38 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
         out.push(compare(format!("q into the cache: {what}"), &q, &want_q)?);
         out.push(compare(format!("cached k: {what}"), &k, &want_k)?);
         out.push(compare(format!("cached v: {what}"), &v, &want_v)?);
+        // Decode steps queued one after another without waiting (as
+        // generation does), past a growth of the cache: the same cache as
+        // the q/k kernel's outputs written with slice updates.
+        let mut slices = cache.clone();
+        let mut queued = Vec::new();
+        for _ in 0..KvCache::STEP {
+            let qkv = normal(&[b, 1, (hq + 2 * hk) * d])?;
+            let at = slices.offset();
+            let (_, k, v) = kernel.apply(&qkv, norms, &rope, &Positions::Start(at))?;
+            slices.update(&k, &v)?;
+            let (_, _, q) = cache
+                .write_in_place(1, |kc, vc, at| {
+                    kernel.apply_into(&qkv, norms, &rope, at, (kc, vc))
+                })?
+                .ok_or_else(|| Exception::custom("the cache refused a write in place"))?;
+            mlx_rs::transforms::async_eval([&q])?;
+            queued.push(q);
+        }
+        mlx_rs::transforms::eval(&queued)?;
+        let (Some((k, v)), Some((want_k, want_v))) = (cache.contents(), slices.contents()) else {
+            return Err(Exception::custom("an empty cache after the steps"));
+        };
+        out.push(compare(
+            format!("k after {} steps: {what}", KvCache::STEP),
+            &k,
+            &want_k,
+        )?);
+        out.push(compare(
+            format!("v after {} steps: {what}", KvCache::STEP),
+            &v,
+            &want_v,
+        )?);
     }
 
     // The folded products (bf16 and f16 only so far), at Qwen3-0.6B's and
@@ -1081,7 +1117,7 @@ mod tests {
         assert!(!s.contains("k + (static_cast") && !s.contains("v + (static_cast"));
     }
 
-    /// `INFER_FUSE`: unset gives the q/k kernel alone, `0` none, `1` both,
+    /// `INFER_FUSE`: unset gives the default kinds, `0` none, `1` all,
     /// a list those named; a value it does not know reads as unset.
     #[test]
     fn infer_fuse_reads_lists() {
@@ -1092,7 +1128,7 @@ mod tests {
                 .filter(|k| asks_for(setting, *k))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(on(None), [QkRope, Gemv]);
+        assert_eq!(on(None), [QkRope, Gemv, KvWrite]);
         assert_eq!(on(Some("0")), []);
         assert_eq!(on(Some("1")), [QkRope, AddNorm, Gemv, QGemv, KvWrite]);
         assert_eq!(on(Some("qk,gemv,qgemv")), [QkRope, Gemv, QGemv]);
@@ -1103,8 +1139,12 @@ mod tests {
         assert_eq!(on(Some(" add ")), [AddNorm]);
         assert_eq!(on(Some("add+qk")), [QkRope, AddNorm]);
         assert_eq!(on(Some("qk")), [QkRope]);
-        assert_eq!(on(Some("qk,ad")), [QkRope, Gemv], "a typo reads as unset");
-        assert_eq!(on(Some("")), [QkRope, Gemv]);
+        assert_eq!(
+            on(Some("qk,ad")),
+            [QkRope, Gemv, KvWrite],
+            "a typo reads as unset"
+        );
+        assert_eq!(on(Some("")), [QkRope, Gemv, KvWrite]);
     }
 
     /// The layers of a step share one offset array; the next position
