@@ -94,16 +94,10 @@ impl KvCache {
         let room = growth_room(prev, len, kv_pad());
         let grow_k = zeros_dtype(&[b, h, room, dk], keys.dtype())?;
         let grow_v = zeros_dtype(&[b, h, room, dv], values.dtype())?;
-        let grow = |old: Option<Array>, new: Array| -> Result<Array> {
-            match old {
-                // Unfilled room is dropped before growing, so the new room is
-                // whole steps past the offset.
-                Some(old) => concatenate(&[old.index((.., .., ..prev, ..)), new], 2),
-                None => Ok(new),
-            }
-        };
-        self.keys = Some(grow(self.keys.take(), grow_k)?);
-        self.values = Some(grow(self.values.take(), grow_v)?);
+        // Unfilled room is dropped before growing, so the new room is whole
+        // steps past the offset.
+        self.keys = Some(extended(self.keys.take(), prev, grow_k)?);
+        self.values = Some(extended(self.values.take(), prev, grow_v)?);
         // New buffers, nobody else's; the positions kept were seen.
         self.buffers = std::sync::Arc::new(());
         self.seen = prev;
@@ -242,6 +236,15 @@ fn growth_room(prev: i32, len: i32, pad: i32) -> i32 {
         room + pad
     } else {
         room
+    }
+}
+
+/// The first `keep` positions of `old` `[B, H, T, D]` (if any) followed by
+/// `room`: a grown cache buffer.
+fn extended(old: Option<Array>, keep: i32, room: Array) -> Result<Array> {
+    match old {
+        Some(old) => concatenate(&[old.index((.., .., ..keep, ..)), room], 2),
+        None => Ok(room),
     }
 }
 
@@ -481,15 +484,8 @@ impl RotatingKvCache {
                 let new_room =
                     |a: &Array| zeros_dtype(&[a.dim(0), a.dim(1), grow, a.dim(3)], a.dtype());
                 let (gk, gv) = (new_room(keys)?, new_room(values)?);
-                let len = self.len;
-                let extend = |old: Option<Array>, new: Array| -> Result<Array> {
-                    match old {
-                        Some(old) => concatenate(&[old.index((.., .., ..len, ..)), new], 2),
-                        None => Ok(new),
-                    }
-                };
-                self.keys = Some(extend(self.keys.take(), gk)?);
-                self.values = Some(extend(self.values.take(), gv)?);
+                self.keys = Some(extended(self.keys.take(), self.len, gk)?);
+                self.values = Some(extended(self.values.take(), self.len, gv)?);
             }
             let slot = self.len;
             self.write(slot, keys, values)?;

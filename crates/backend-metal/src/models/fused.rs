@@ -846,14 +846,17 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
         }
         // Into a cache holding five positions: q as above, and the cache
         // read back holds the five and then this step's k and v.
+        let into = |cache: &mut KvCache, qkv: &Array| {
+            cache
+                .write_in_place(1, |kc, vc, at| {
+                    kernel.apply_into(qkv, norms, &rope, at, (kc, vc))
+                })?
+                .ok_or_else(|| Exception::custom("the cache refused a write in place"))
+        };
         let mut cache = KvCache::new();
         let (pk, pv) = (normal(&[b, hk, 5, d])?, normal(&[b, hk, 5, d])?);
         cache.update(&pk, &pv)?;
-        let (k, v, q) = cache
-            .write_in_place(1, |kc, vc, at| {
-                kernel.apply_into(&qkv, norms, &rope, at, (kc, vc))
-            })?
-            .ok_or_else(|| Exception::custom("the cache refused a write in place"))?;
+        let (k, v, q) = into(&mut cache, &qkv)?;
         let start = Positions::Start(5);
         let want_q = rope.forward(&prep(&parts[0], &qn)?, &start)?;
         let want_k = rope.forward(&prep(&parts[1], &kn)?, &start)?;
@@ -872,11 +875,7 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
             let at = slices.offset();
             let (_, k, v) = kernel.apply(&qkv, norms, &rope, &Positions::Start(at))?;
             slices.update(&k, &v)?;
-            let (_, _, q) = cache
-                .write_in_place(1, |kc, vc, at| {
-                    kernel.apply_into(&qkv, norms, &rope, at, (kc, vc))
-                })?
-                .ok_or_else(|| Exception::custom("the cache refused a write in place"))?;
+            let (_, _, q) = into(&mut cache, &qkv)?;
             mlx_rs::transforms::async_eval([&q])?;
             queued.push(q);
         }
