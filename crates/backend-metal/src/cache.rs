@@ -967,8 +967,6 @@ mod tests {
         }
     }
 
-    /// Updates of assorted lengths across several growth steps return exactly
-    /// the concatenation of everything written.
     /// A write in place is offered only where nothing else can see the
     /// positions written: not to an empty cache, a cache sharing its
     /// buffers with a clone, positions a trim dropped, or arrays taken from
@@ -1036,6 +1034,8 @@ mod tests {
         assert_eq!(calls.len(), (capacity - 3) as usize + 4 + 1);
     }
 
+    /// Updates of assorted lengths across several growth steps return exactly
+    /// the concatenation of everything written.
     #[test]
     fn grows_in_steps_and_returns_everything_written() {
         let mut cache = KvCache::new();

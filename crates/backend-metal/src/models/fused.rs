@@ -112,10 +112,10 @@ impl Kind {
 
 /// Whether `INFER_FUSE` (`setting`, `None` when unset) asks for `kind`:
 /// unset builds [`QkRope`] (writing into the caches) and the gemv kernels,
-/// `1` every kind, `0` none,
-/// and a list of `qk`, `add`, `gemv`, `qgemv` and `kv` (separated by `,` or
-/// `+`) those named (the gemv kernels and `kv` serve only with the q/k one,
-/// `qgemv` only with `gemv`). Anything else is warned of and read as unset.
+/// `1` every kind, `0` none, and a list of `qk`, `add`, `gemv`, `qgemv` and
+/// `kv` (separated by `,` or `+`) those named (the gemv kernels and `kv`
+/// serve only with the q/k one, `qgemv` only with `gemv`). Anything else is
+/// warned of and read as unset.
 fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
     const NAMES: [&str; 5] = ["qk", "add", "gemv", "qgemv", "kv"];
     match setting.map(str::trim) {
@@ -546,7 +546,7 @@ impl QkRope {
         // A thread per rotated pair, in whole warps.
         let threads = (d / 2 + 31) / 32 * 32;
         let grid = [(heads + 2 * kv_heads) * threads, b, 1];
-        let inputs = [qkv, qw, kw, params, freqs.unwrap_or(params), offsets];
+        let f = freqs.unwrap_or(params);
         let q = (&[b, heads, 1, d][..], self.dtype);
         match cache {
             Some((kc, vc)) => {
@@ -554,9 +554,8 @@ impl QkRope {
                     Some(_) => &self.freqs_into,
                     None => &self.base_into,
                 };
-                let mut all = inputs.to_vec();
-                all.extend([kc, vc]);
-                kernel.apply(&all, &[q], grid, [threads, 1, 1])
+                let inputs = [qkv, qw, kw, params, f, offsets, kc, vc];
+                kernel.apply(&inputs, &[q], grid, [threads, 1, 1])
             }
             None => {
                 let kernel = match freqs {
@@ -564,6 +563,7 @@ impl QkRope {
                     None => &self.base,
                 };
                 let kv = (&[b, kv_heads, 1, d][..], self.dtype);
+                let inputs = [qkv, qw, kw, params, f, offsets];
                 kernel.apply(&inputs, &[q, kv, kv], grid, [threads, 1, 1])
             }
         }
@@ -611,13 +611,12 @@ fn qk_rope_source(ty: &str, shape: QkShape, with_freqs: bool, into_cache: bool) 
         None => ("false", 0.0),
     };
     // Where head `kh` of kind `k` or `v` of row `b` goes.
-    let to = |out: &str, kh: &str| {
-        match into_cache {
+    let to = |out: &str, kh: &str| match into_cache {
         true => format!(
-            "const_cast<T*>({out}c) + ((static_cast<size_t>(b) * HK + ({kh})) * {out}c_shape[2] + pos) * D"
+            "const_cast<T*>({out}c) + ((static_cast<size_t>(b) * HK + ({kh})) \
+             * {out}c_shape[2] + pos) * D"
         ),
         false => format!("{out} + (static_cast<size_t>(b) * HK + ({kh})) * D"),
-    }
     };
     let (v_out, k_out) = (to("v", "head - HQ - HK"), to("k", "head - HQ"));
     format!(
