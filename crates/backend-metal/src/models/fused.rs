@@ -84,7 +84,8 @@ pub enum Kind {
     /// products with its norms, activation and residual adds folded in.
     Gemv,
     /// The gemv kernels also for MLX affine-quantised weights (with
-    /// [`Kind::Gemv`]). Opt-in until a GPU has checked and measured them.
+    /// [`Kind::Gemv`]). Opt-in: on an H100 they were slower than MLX's
+    /// `qmv`.
     QGemv,
     /// [`QkRope`] writing a decode step's keys and values straight into
     /// the layer's cache ([`KvCache::write_in_place`](crate::cache::KvCache::write_in_place))

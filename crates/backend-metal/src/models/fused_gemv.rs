@@ -32,9 +32,10 @@
 //! `qmv` dequantises each weight into the activations' dtype (and, for
 //! fewer than 8 bits, adds the products in it too): the same value, with
 //! fewer roundings. The quantised kernels are opt-in (`INFER_FUSE` naming
-//! `qgemv`, [`Kind::QGemv`](crate::models::fused::Kind::QGemv)) until a GPU
-//! has run [`check`](crate::models::fused::check) and a decode A/B on them:
-//! so far only NVRTC has compiled them.
+//! `qgemv`, [`Kind::QGemv`](crate::models::fused::Kind::QGemv)): on an H100
+//! they passed [`check`](crate::models::fused::check) but made a 4-bit
+//! Qwen3-4B's decode 12 % slower than MLX's `qmv` (docs/benchmarks.md,
+//! item 13).
 
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
