@@ -74,11 +74,12 @@ impl KvCache {
         };
         *k = write_positions(k, keys, prev)?;
         *v = write_positions(v, values, prev)?;
+        let out = (k.index((.., .., ..end, ..)), v.index((.., .., ..end, ..)));
         // A slice update's result is a buffer of its own (MLX copied the
         // old one wherever something else held it).
-        self.buffers = std::sync::Arc::new(());
+        self.own_buffers();
         self.seen = end;
-        Ok((k.index((.., .., ..end, ..)), v.index((.., .., ..end, ..))))
+        Ok(out)
     }
 
     /// Grows the buffers (shaped and typed like `keys`/`values`) until
@@ -99,9 +100,18 @@ impl KvCache {
         self.keys = Some(extended(self.keys.take(), prev, grow_k)?);
         self.values = Some(extended(self.values.take(), prev, grow_v)?);
         // New buffers, nobody else's; the positions kept were seen.
-        self.buffers = std::sync::Arc::new(());
+        self.own_buffers();
         self.seen = prev;
         Ok(())
+    }
+
+    /// Marks the buffers as this cache's alone (new ones, which no clone
+    /// shares): a new token only where a clone holds the old one, so that
+    /// a decode step allocates nothing here.
+    fn own_buffers(&mut self) {
+        if std::sync::Arc::get_mut(&mut self.buffers).is_none() {
+            self.buffers = std::sync::Arc::new(());
+        }
     }
 
     /// Adds `len` positions that `write` puts straight into the buffers:
@@ -123,19 +133,25 @@ impl KvCache {
         len: i32,
         write: impl FnOnce(&Array, &Array, i32) -> Result<R>,
     ) -> Result<Option<(Array, Array, R)>> {
-        let (Some(k), Some(v)) = (self.keys.clone(), self.values.clone()) else {
+        let (Some(capacity), true) = (self.keys.as_ref().map(|k| k.dim(2)), self.values.is_some())
+        else {
             return Ok(None);
         };
         let at = self.offset;
-        let capacity = k.dim(2);
         let grows = at + len > capacity;
         // Growth makes new buffers, which nothing else holds.
         let unshared = grows || std::sync::Arc::get_mut(&mut self.buffers).is_some();
         if len < 1 || !unshared || (!grows && at < self.seen) {
             return Ok(None);
         }
-        self.make_room(len, &k, &v)?;
-        drop((k, v));
+        if grows {
+            // The buffers are the shape and type templates of their growth
+            // (handles cloned only then: a step without growth allocates
+            // nothing here).
+            if let (Some(k), Some(v)) = (self.keys.clone(), self.values.clone()) {
+                self.make_room(len, &k, &v)?;
+            }
+        }
         let (Some(k), Some(v)) = (self.keys.as_ref(), self.values.as_ref()) else {
             return Err(Exception::custom("KV cache has no storage after growing"));
         };

@@ -994,26 +994,22 @@ fn check_gemvs(
     };
     let mut out = Vec::new();
     let normed = norm.forward(&x)?;
-    let (parts, w) = weight(qkv_rows, hidden)?;
-    let got = make(Fold::Norm, hidden, qkv_rows)?.apply(
-        &x,
-        Some(&norm.weight),
-        &view(storage, &parts),
-        None,
-    )?;
+    // A kernel that norms `x` first, for `n` outputs from a weight of
+    // `rows` rows: its result and the reference weight.
+    let normed_gemv = |fold, n, rows| -> Result<(Array, Array)> {
+        let (parts, w) = weight(rows, hidden)?;
+        let got =
+            make(fold, hidden, n)?.apply(&x, Some(&norm.weight), &view(storage, &parts), None)?;
+        Ok((got, w))
+    };
+    let (got, w) = normed_gemv(Fold::Norm, qkv_rows, qkv_rows)?;
     out.push(compare(
         format!("gemv norm: {hidden} → {qkv_rows}{what}"),
         &got,
         &product(&normed, &w)?,
     )?);
 
-    let (parts, w) = weight(2 * inter, hidden)?;
-    let got = make(Fold::NormSwiglu, hidden, inter)?.apply(
-        &x,
-        Some(&norm.weight),
-        &view(storage, &parts),
-        None,
-    )?;
+    let (got, w) = normed_gemv(Fold::NormSwiglu, inter, 2 * inter)?;
     let gu = product(&normed, &w)?;
     let halves = gu.split_equal(2, -1)?;
     let (g, u) = (&halves[0], &halves[1]);
