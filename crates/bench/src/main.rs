@@ -136,6 +136,18 @@ enum Command {
         #[arg(long, value_enum)]
         dtype: Option<CheckDtype>,
     },
+    /// Times the decode step's folded products of Qwen3-0.6B and Qwen3-4B
+    /// (bf16): MLX's own operations and each gemv kernel text named, one
+    /// JSON line a case (run it under `gpu.sh trace` for each kernel's own
+    /// time). Needs MLX's CUDA backend.
+    GemvTime {
+        /// Kernel texts, as `INFER_GEMV` names them (1, 2, 2:N).
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        variants: Vec<String>,
+        /// Products timed a case.
+        #[arg(long, default_value_t = 200)]
+        reps: usize,
+    },
     /// llama-bench's method on llama.cpp's own API (no wrapper of ours):
     /// the `single` steps of a plan on a GGUF file, appended as records of
     /// engine `llama.cpp-raw`.
@@ -195,6 +207,7 @@ fn main() -> Result<()> {
         }
         Command::Train(args) => train::train(&args)?,
         Command::FusedCheck { dtype } => fused_check(dtype)?,
+        Command::GemvTime { variants, reps } => gemv_time(&variants, reps)?,
         Command::Serve(args) => http::serve(&args)?,
         Command::HttpLoad(args) => http::load(&args)?,
         Command::LlamaRaw {
@@ -319,6 +332,35 @@ fn fused_check(only: Option<CheckDtype>) -> Result<()> {
         "fused kernels off MLX: {}",
         worst.join("; ")
     );
+    Ok(())
+}
+
+fn gemv_time(variants: &[String], reps: usize) -> Result<()> {
+    use backend_metal::GemvVariant;
+    let variants = variants
+        .iter()
+        .map(|v| {
+            GemvVariant::parse_strict(v)
+                .ok_or_else(|| anyhow::anyhow!("--variants: {v:?} is not 1, 2 or 2:N (N 1 to 16)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for t in backend_metal::time_gemv_kernels(&variants, reps)? {
+        let per = t.seconds / t.reps as f64;
+        println!(
+            "{}",
+            serde_json::json!({
+                "case": t.case,
+                "implementation": t.implementation,
+                "weight_bytes": t.weight_bytes,
+                "reps": t.reps,
+                "seconds": t.seconds,
+                "us_per_product": per * 1e6,
+                "wall_gb_per_s": t.weight_bytes as f64 / per / 1e9,
+                "max_abs_diff": t.max_abs_diff,
+                "max_abs": t.max_abs,
+            })
+        );
+    }
     Ok(())
 }
 

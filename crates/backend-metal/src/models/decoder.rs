@@ -267,6 +267,7 @@ impl Decoder {
                 norm_eps: config.qk_norm.then_some(c.rms_norm_eps),
             },
             dtype,
+            1.0 / (c.head_dim as f32).sqrt(),
         )
         .map_err(kernel)?;
         let gemv = match (&qk, layers.first()) {

@@ -39,6 +39,7 @@ use mlx_rs::{Array, Dtype};
 
 use crate::cache::{KvCache, Positions};
 use crate::ffi::CudaKernel;
+use crate::models::fused_attn::{AttnShape, DecodeAttention};
 use crate::models::fused_gemv::{Fold, FusedGemv, GemvWeight, Storage};
 use crate::models::layers::{RmsNorm, RotaryEmbedding};
 
@@ -91,6 +92,10 @@ pub enum Kind {
     /// the layer's cache ([`KvCache::write_in_place`](crate::cache::KvCache::write_in_place))
     /// instead of MLX's slice updates.
     KvWrite,
+    /// [`DecodeAttention`]: a decode step's attention over the cache that
+    /// [`Kind::KvWrite`] writes, instead of MLX's `sdpa_vector`. Opt-in
+    /// until measured on a GPU.
+    Attn,
 }
 
 impl Kind {
@@ -102,6 +107,7 @@ impl Kind {
             Kind::Gemv => "gemv",
             Kind::QGemv => "qgemv",
             Kind::KvWrite => "kv",
+            Kind::Attn => "attn",
         }
     }
 
@@ -118,7 +124,7 @@ impl Kind {
 /// serve only with the q/k one, `qgemv` only with `gemv`). Anything else is
 /// warned of and read as unset.
 fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
-    const NAMES: [&str; 5] = ["qk", "add", "gemv", "qgemv", "kv"];
+    const NAMES: [&str; 6] = ["qk", "add", "gemv", "qgemv", "kv", "attn"];
     match setting.map(str::trim) {
         None => kind.by_default(),
         Some("0") => false,
@@ -128,7 +134,7 @@ fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
         }
         Some(other) => {
             tracing::warn!(
-                "INFER_FUSE={other:?} is not 0, 1 or a list of qk, add, gemv, qgemv and kv; \
+                "INFER_FUSE={other:?} is not 0, 1 or a list of qk, add, gemv, qgemv, kv and attn; \
                  read as unset"
             );
             kind.by_default()
@@ -372,6 +378,8 @@ pub struct QkRope {
     freqs_into: CudaKernel,
     /// Whether decode steps take [`QkRope::apply_into`] ([`Kind::KvWrite`]).
     into_cache: bool,
+    /// The attention after it, over the cache it wrote ([`Kind::Attn`]).
+    attention: Option<DecodeAttention>,
     shape: QkShape,
     dtype: Dtype,
     /// One element of `dtype`, passed for the norms' weights where the
@@ -384,15 +392,34 @@ pub struct QkRope {
 
 impl QkRope {
     /// The kernels for `shape` in `dtype`; `None` where [`wanted`] says no,
-    /// the dtype has no kernel or a head's size is odd or over 2,048.
-    pub fn new(shape: QkShape, dtype: Dtype) -> Result<Option<Self>> {
-        match wanted(Kind::QkRope) {
-            true => Ok(Self::make(shape, dtype)?.map(|k| Self {
-                into_cache: wanted(Kind::KvWrite),
-                ..k
-            })),
-            false => Ok(None),
+    /// the dtype has no kernel or a head's size is odd or over 2,048. With
+    /// the attention after them ([`Kind::Attn`]) for scores scaled by
+    /// `scale`, where it applies.
+    pub fn new(shape: QkShape, dtype: Dtype, scale: f32) -> Result<Option<Self>> {
+        if !wanted(Kind::QkRope) {
+            return Ok(None);
         }
+        let Some(k) = Self::make(shape, dtype)? else {
+            return Ok(None);
+        };
+        let into_cache = wanted(Kind::KvWrite);
+        let attention = match into_cache && wanted(Kind::Attn) {
+            true => DecodeAttention::make(
+                AttnShape {
+                    heads: shape.heads,
+                    kv_heads: shape.kv_heads,
+                    head_dim: shape.head_dim,
+                    scale,
+                },
+                dtype,
+            )?,
+            false => None,
+        };
+        Ok(Some(Self {
+            into_cache,
+            attention,
+            ..k
+        }))
     }
 
     /// The kernels whatever `INFER_FUSE` says (`None` where they do not
@@ -422,6 +449,7 @@ impl QkRope {
             base_into: make(false, true)?,
             freqs_into: make(true, true)?,
             into_cache: false,
+            attention: None,
             shape,
             dtype,
             no_norm: Array::zeros::<f32>(&[1])?.as_dtype(dtype)?,
@@ -459,7 +487,7 @@ impl QkRope {
         start: &Positions,
     ) -> Result<(Array, Array, Array)> {
         let offsets = match start {
-            Positions::Start(p) => self.offset.get(*p),
+            Positions::Start(p) => self.offset.get(*p)?,
             Positions::Rows(a) => a.as_dtype(Dtype::Int32)?,
         };
         let mut out = self.launch(qkv, norms, rope, &offsets, None)?.into_iter();
@@ -505,11 +533,44 @@ impl QkRope {
                 self.dtype
             )));
         }
-        let offsets = self.offset.get(at);
+        let offsets = self.offset.get(at)?;
         self.launch(qkv, norms, rope, &offsets, Some(cache))?
             .into_iter()
             .next()
             .ok_or_else(|| Exception::custom("the q/k kernel lost its output"))
+    }
+
+    /// As [`QkRope::apply_into`], then, where this kernel has its
+    /// attention ([`Kind::Attn`]) for scores scaled by `scale`, the
+    /// attention of q over positions `0..=at` of `cache`:
+    /// [`StepOut::Attended`] `[B, H, 1, D]`; otherwise [`StepOut::Query`]
+    /// (q, for the caller's attention).
+    pub fn attend_into(
+        &self,
+        qkv: &Array,
+        norms: Option<(&Array, &Array)>,
+        rope: &RotaryEmbedding,
+        at: i32,
+        cache: (&Array, &Array),
+        scale: f32,
+    ) -> Result<StepOut> {
+        let q = self.apply_into(qkv, norms, rope, at, cache)?;
+        let shape = AttnShape {
+            heads: self.shape.heads,
+            kv_heads: self.shape.kv_heads,
+            head_dim: self.shape.head_dim,
+            scale,
+        };
+        match &self.attention {
+            Some(attention) if attention.serves(&shape) => {
+                // The array the q/k kernel read the position from.
+                let offsets = self.offset.get(at)?;
+                attention
+                    .apply(&q, cache.0, cache.1, &offsets, at + 1)
+                    .map(StepOut::Attended)
+            }
+            _ => Ok(StepOut::Query(q)),
+        }
     }
 
     /// The kernel over `qkv` from the positions `offsets` (one, or one a
@@ -571,25 +632,77 @@ impl QkRope {
     }
 }
 
-/// The last single position passed to the q/k kernel and its `[1]` int32
+/// What [`QkRope::attend_into`] made.
+#[derive(Debug)]
+pub enum StepOut {
+    /// The attention's output `[B, H, 1, D]`.
+    Attended(Array),
+    /// q `[B, H, 1, D]` alone: the caller attends.
+    Query(Array),
+}
+
+/// The last single position passed to the q/k kernel and its int32
 /// array, so that the layers of one decode step share one array instead of
 /// making one each (a host allocation and a graph input per layer).
-#[derive(Debug, Default)]
-struct OffsetMemo(Mutex<Option<(i32, Array)>>);
+///
+/// Where [`device_scalars`] says so, the array is `[1, 4]`
+/// (the position, then three zeros) and the next position's is made on the
+/// GPU from the last one's (`+ [1, 0, 0, 0]`): MLX keeps arrays of at most
+/// 8 bytes, and arrays the host wrote, in managed memory that the GPU
+/// reads across the bus (or faults in), while an output of a GPU operation
+/// over 8 bytes is device memory; every layer's kernel then reads the
+/// position from the GPU's own memory. Otherwise it is the host's `[1]`
+/// array, a new one each position.
+#[derive(Debug)]
+struct OffsetMemo {
+    last: Mutex<Option<(i32, Array)>>,
+    /// `[1, 4]` int32 `[1, 0, 0, 0]`, where positions are made on the GPU.
+    step: Option<Array>,
+}
+
+impl Default for OffsetMemo {
+    fn default() -> Self {
+        Self::new(device_scalars())
+    }
+}
 
 impl OffsetMemo {
-    /// `[p]` as an int32 array, the same array while `p` repeats.
-    fn get(&self, p: i32) -> Array {
+    fn new(on_device: bool) -> Self {
+        Self {
+            last: Mutex::new(None),
+            step: on_device.then(|| Array::from_slice(&[1i32, 0, 0, 0], &[1, 4])),
+        }
+    }
+
+    /// The position `p` as an int32 array whose first element is `p`, the
+    /// same array while `p` repeats.
+    fn get(&self, p: i32) -> Result<Array> {
         // A poisoned lock only means a panic elsewhere mid-update: the
         // memo is then rebuilt.
-        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match memo.as_ref() {
-            Some((q, a)) if *q == p => a.clone(),
-            _ => {
-                let a = Array::from_slice(&[p], &[1]);
-                *memo = Some((p, a.clone()));
-                a
-            }
+        let mut memo = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let a = match (memo.as_ref(), &self.step) {
+            (Some((q, a)), _) if *q == p => return Ok(a.clone()),
+            (Some((q, a)), Some(step)) if q.checked_add(1) == Some(p) => a.add(step)?,
+            (_, Some(_)) => Array::from_slice(&[p, 0, 0, 0], &[1, 4]),
+            (_, None) => Array::from_slice(&[p], &[1]),
+        };
+        *memo = Some((p, a.clone()));
+        Ok(a)
+    }
+}
+
+/// Whether the small per-step inputs of the decode kernels (the position,
+/// RoPE's parameters) are made so that they live in the GPU's memory
+/// (`INFER_SCALARS=device`; unset or `host` keeps the host's arrays, as
+/// before, until measured on a GPU; anything else is warned of and read as
+/// unset).
+pub(crate) fn device_scalars() -> bool {
+    match std::env::var("INFER_SCALARS").as_deref().map(str::trim) {
+        Ok("device") => true,
+        Err(_) | Ok("host") => false,
+        Ok(other) => {
+            tracing::warn!("INFER_SCALARS={other:?} is not device or host; read as unset");
+            false
         }
     }
 }
@@ -918,6 +1031,68 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
         }
     }
 
+    // The decode attention (bf16 and f16 only so far) at Qwen3-4B's,
+    // Qwen3-0.6B's, Gemma-3-1B's and Llama-3.2-1B's head sizes, against
+    // MLX's attention over the same positions of the cache: within one
+    // block, over several, and over more than MLX's own kernel takes in
+    // one pass; two rows with positions past the last block's end. An
+    // error (a kernel that does not compile) is a failed case, so that the
+    // results above still print.
+    if dtype != Dtype::Float32 {
+        for (heads, kv_heads, head_dim) in [(32, 8, 128), (16, 8, 128), (4, 1, 256), (32, 8, 64)] {
+            let case = format!("attention {heads}/{kv_heads} heads of {head_dim}");
+            match check_attention((heads, kv_heads, head_dim), dtype, &normal, &compare) {
+                Ok(results) => out.extend(results),
+                Err(e) => out.push(CheckResult {
+                    case: format!("{case}: {e}"),
+                    max_abs_diff: f32::NAN,
+                    max_abs: 0.0,
+                    differing: 0,
+                    elements: 0,
+                }),
+            }
+        }
+    }
+
+    Ok(out)
+}
+
+/// [`check`]'s decode attention for `(heads, kv_heads, head_dim)` in
+/// `dtype`, on inputs from `normal`.
+fn check_attention(
+    (heads, kv_heads, head_dim): (i32, i32, i32),
+    dtype: Dtype,
+    normal: &dyn Fn(&[i32]) -> Result<Array>,
+    compare: &dyn Fn(String, &Array, &Array) -> Result<CheckResult>,
+) -> Result<Vec<CheckResult>> {
+    use mlx_rs::ops::indexing::IndexOp;
+
+    let shape = AttnShape {
+        heads,
+        kv_heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    };
+    let attention = DecodeAttention::make(shape, dtype)?
+        .ok_or_else(|| Exception::custom(format!("no decode attention for {shape:?} {dtype:?}")))?;
+    let mut out = Vec::new();
+    for (b, len) in [(1, 1), (1, 65), (1, 2_100), (2, 300)] {
+        let cap = len + 7;
+        let q = normal(&[b, heads, 1, head_dim])?;
+        let (kc, vc) = (
+            normal(&[b, kv_heads, cap, head_dim])?,
+            normal(&[b, kv_heads, cap, head_dim])?,
+        );
+        let offsets = OffsetMemo::new(true).get(len - 1)?;
+        let got = attention.apply(&q, &kc, &vc, &offsets, len)?;
+        let (k, v) = (kc.index((.., .., ..len, ..)), vc.index((.., .., ..len, ..)));
+        let want = crate::cache::attend(&q, &k, &v, shape.scale, &crate::cache::AttnMask::None)?;
+        out.push(compare(
+            format!("attention {heads}/{kv_heads} heads of {head_dim}: {b} × {len}"),
+            &got,
+            &want,
+        )?);
+    }
     Ok(out)
 }
 
@@ -1118,14 +1293,15 @@ mod tests {
     fn infer_fuse_reads_lists() {
         use Kind::*;
         let on = |setting: Option<&str>| {
-            [QkRope, AddNorm, Gemv, QGemv, KvWrite]
+            [QkRope, AddNorm, Gemv, QGemv, KvWrite, Attn]
                 .into_iter()
                 .filter(|k| asks_for(setting, *k))
                 .collect::<Vec<_>>()
         };
         assert_eq!(on(None), [QkRope, Gemv, KvWrite]);
         assert_eq!(on(Some("0")), []);
-        assert_eq!(on(Some("1")), [QkRope, AddNorm, Gemv, QGemv, KvWrite]);
+        assert_eq!(on(Some("1")), [QkRope, AddNorm, Gemv, QGemv, KvWrite, Attn]);
+        assert_eq!(on(Some("qk+gemv+kv+attn")), [QkRope, Gemv, KvWrite, Attn]);
         assert_eq!(on(Some("qk,gemv,qgemv")), [QkRope, Gemv, QGemv]);
         assert_eq!(on(Some("qk+gemv+kv")), [QkRope, Gemv, KvWrite]);
         assert_eq!(on(Some("qk+gemv")), [QkRope, Gemv]);
@@ -1143,24 +1319,32 @@ mod tests {
     }
 
     /// The layers of a step share one offset array; the next position
-    /// gets a new one and leaves the old one as it was.
+    /// gets a new one and leaves the old one as it was; on the device's
+    /// side the next one is made from the last one, and a jump starts
+    /// afresh.
     #[test]
     fn one_offset_array_per_position() {
-        let memo = OffsetMemo::default();
-        let a = memo.get(7);
-        let b = memo.get(7);
-        assert_eq!(a.as_slice::<i32>(), [7]);
-        // The same MLX array (one buffer), not an equal copy.
-        let data = |x: &Array| x.as_slice::<i32>().as_ptr();
-        assert_eq!(data(&a), data(&b));
-        let c = memo.get(8);
-        assert_eq!(c.as_slice::<i32>(), [8]);
-        assert_ne!(data(&a), data(&c));
-        assert_eq!(
-            a.as_slice::<i32>(),
-            [7],
-            "an earlier step's array is untouched"
-        );
+        for on_device in [false, true] {
+            let memo = OffsetMemo::new(on_device);
+            let first = |x: &Array| -> i32 {
+                let x = x.reshape(&[-1]).unwrap();
+                x.as_slice::<i32>()[0]
+            };
+            let a = memo.get(7).unwrap();
+            let b = memo.get(7).unwrap();
+            assert_eq!(first(&a), 7);
+            assert_eq!(a.shape(), if on_device { &[1, 4][..] } else { &[1][..] });
+            // The same MLX array (one buffer), not an equal copy.
+            let data = |x: &Array| x.as_slice::<i32>().as_ptr();
+            assert_eq!(data(&a), data(&b));
+            let c = memo.get(8).unwrap();
+            assert_eq!(first(&c), 8);
+            assert_ne!(data(&a), data(&c));
+            assert_eq!(first(&a), 7, "an earlier step's array is untouched");
+            assert_eq!(first(&memo.get(3).unwrap()), 3);
+            assert_eq!(first(&memo.get(4).unwrap()), 4);
+            assert_eq!(first(&memo.get(i32::MAX).unwrap()), i32::MAX);
+        }
     }
 
     /// The add-norm kernel's blocks: a thread per 16-byte load, in whole

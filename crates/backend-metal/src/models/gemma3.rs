@@ -267,6 +267,7 @@ impl Gemma3 {
                     norm_eps: Some(c.rms_norm_eps),
                 },
                 dtype,
+                config.query_pre_attn_scalar.powf(-0.5),
             )
             .map_err(|e| FormatError::Config(format!("fused kernel: {e}")))?,
         })

@@ -17,7 +17,7 @@ use crate::cache::{attend, AttnMask, LayerCache, Positions};
 use crate::distributed::Group;
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
-use crate::models::fused::QkRope;
+use crate::models::fused::{QkRope, StepOut};
 use crate::models::fused_gemv::GemvWeight;
 use crate::models::lora::LoraSlot;
 
@@ -888,11 +888,15 @@ impl<N: Norm> Attention<N> {
     ) -> Result<Array> {
         if let (true, LayerCache::Full(c)) = (kernel.writes_cache(), &mut *cache) {
             let written = c.write_in_place(1, |kc, vc, at| {
-                kernel.apply_into(qkv, norms, rope, at, (kc, vc))
+                kernel.attend_into(qkv, norms, rope, at, (kc, vc), self.scale)
             })?;
-            if let Some((k, v, q)) = written {
+            match written {
+                Some((_, _, StepOut::Attended(out))) => return Ok(out),
                 // One query sees every key.
-                return attend(&q, &k, &v, self.scale, &AttnMask::None);
+                Some((k, v, StepOut::Query(q))) => {
+                    return attend(&q, &k, &v, self.scale, &AttnMask::None)
+                }
+                None => {}
             }
         }
         let start = cache.positions()?;
@@ -1014,7 +1018,13 @@ impl RotaryEmbedding {
             base,
             freqs,
             scale,
-            kernel_params: Array::from_slice(&[log2_base, scale], &[2]),
+            // Over 8 bytes where the kernel's scalars live on the device
+            // (MLX keeps smaller arrays in memory the GPU reads across
+            // the bus; see `fused::device_scalars`).
+            kernel_params: match crate::models::fused::device_scalars() {
+                true => Array::from_slice(&[log2_base, scale, 0.0, 0.0], &[4]),
+                false => Array::from_slice(&[log2_base, scale], &[2]),
+            },
         }
     }
 
@@ -1023,7 +1033,8 @@ impl RotaryEmbedding {
         self.dims
     }
 
-    /// What the fused q/k kernel takes: `[log2 base, scale]` (f32), and
+    /// What the fused q/k kernel takes: `[log2 base, scale]` (f32, two
+    /// zeros after them where the kernels' scalars live on the device), and
     /// the periods where scaling sets them.
     pub fn kernel_inputs(&self) -> (&Array, Option<&Array>) {
         (&self.kernel_params, self.freqs.as_ref())

@@ -6,6 +6,7 @@
 
 pub mod decoder;
 pub mod fused;
+pub mod fused_attn;
 pub mod fused_gemv;
 pub mod gemma3;
 pub mod grad_checkpoint;

@@ -1,0 +1,399 @@
+//! Attention of a decode step (one query per row) over a layer's KV cache
+//! in two kernels, split over the cache's positions (`INFER_FUSE` names it
+//! `attn`; made by [`QkRope`](crate::models::fused::QkRope) beside the
+//! kernel that writes the cache).
+//!
+//! MLX's own kernel for one query (`sdpa_vector`) gives each query head one
+//! block that walks every position in turn, a key and a value a warp at a
+//! time, and reads a key/value head once for each query head that shares
+//! it: its time grows with the context from a few hundred positions on
+//! (about 9.5 µs a layer at 128–256 positions on an H100, more with every
+//! position up to 1,024, where it splits the positions over 32 blocks).
+//! Here:
+//!
+//! - [`DecodeAttention`]'s first kernel gives each block 64 positions of
+//!   one key/value head and every query head that shares it: each of its
+//!   eight warps loads eight keys and values at once (every load issued
+//!   before the first is used), scores them against each query head, and
+//!   keeps a running maximum, sum and weighted value per head (the
+//!   online softmax); the block combines its warps and writes the
+//!   unnormalised sums with their maximum and weight;
+//! - its second kernel combines each query head's blocks and divides.
+//!
+//! The sums are f32 and each result is rounded once to the activations'
+//! dtype, as MLX's kernel does, but in another order, so a result can
+//! differ in its last bit. [`check`](crate::models::fused::check) compares
+//! it with MLX's `scaled_dot_product_attention`. bf16 and f16 only (f32
+//! waits for its check on a GPU); heads of 64, 128 or 256 features.
+
+use mlx_rs::error::Exception;
+use mlx_rs::{Array, Dtype};
+
+use crate::ffi::CudaKernel;
+
+type Result<T> = std::result::Result<T, Exception>;
+
+/// Warps a block of the first kernel.
+const WARPS: i32 = 8;
+
+/// Positions a warp loads at once.
+const PER_WARP: i32 = 8;
+
+/// Positions a block of the first kernel: every warp's loads at once.
+pub const CHUNK: i32 = WARPS * PER_WARP;
+
+/// The sizes of the attention a [`DecodeAttention`] serves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnShape {
+    /// Query heads.
+    pub heads: i32,
+    /// Key and value heads.
+    pub kv_heads: i32,
+    /// Features per head.
+    pub head_dim: i32,
+    /// The scores' scale (`1/√head_dim` for most models).
+    pub scale: f32,
+}
+
+/// A decode step's attention over a whole-sequence cache: see the module
+/// documentation.
+#[derive(Debug)]
+pub struct DecodeAttention {
+    part: CudaKernel,
+    merge: CudaKernel,
+    shape: AttnShape,
+    dtype: Dtype,
+}
+
+impl DecodeAttention {
+    /// The kernels for `shape` in `dtype`; `None` where they do not apply
+    /// (a dtype other than bf16 or f16, heads of other than 64, 128 or 256
+    /// features, query heads not a multiple of the key/value heads, or
+    /// more than 1,024 features of query heads a key/value head, which the
+    /// block's shared memory holds).
+    pub fn make(shape: AttnShape, dtype: Dtype) -> Result<Option<Self>> {
+        let AttnShape {
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+        } = shape;
+        let ty = match dtype {
+            Dtype::Bfloat16 => "__nv_bfloat16",
+            Dtype::Float16 => "__half",
+            _ => return Ok(None),
+        };
+        let fits = matches!(head_dim, 64 | 128 | 256)
+            && kv_heads > 0
+            && heads > 0
+            && heads % kv_heads == 0
+            && heads / kv_heads * head_dim <= 1_024
+            && scale.is_finite()
+            && scale > 0.0;
+        if !fits {
+            return Ok(None);
+        }
+        let part = CudaKernel::new(
+            "infer_attn_part",
+            &["q", "kc", "vc", "offsets"],
+            &["op", "ml"],
+            &part_source(ty, shape),
+        )?;
+        let merge = CudaKernel::new(
+            "infer_attn_merge",
+            &["op", "ml"],
+            &["y"],
+            &merge_source(ty, heads, head_dim),
+        )?;
+        Ok(Some(Self {
+            part,
+            merge,
+            shape,
+            dtype,
+        }))
+    }
+
+    /// Whether it serves attention of this shape.
+    pub fn serves(&self, shape: &AttnShape) -> bool {
+        self.shape == *shape
+    }
+
+    /// The attention of `q` `[B, H, 1, D]` over positions `0..len` of the
+    /// caches `kc` and `vc` `[B, H_kv, capacity, D]` (row-major), where
+    /// `offsets`' first element is `len - 1` on the device (the position
+    /// the step's key was written at): `[B, H, 1, D]`.
+    pub fn apply(
+        &self,
+        q: &Array,
+        kc: &Array,
+        vc: &Array,
+        offsets: &Array,
+        len: i32,
+    ) -> Result<Array> {
+        let AttnShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            ..
+        } = self.shape;
+        let b = q.dim(0);
+        let cache_fits = |c: &Array| {
+            let s = c.shape();
+            s.len() == 4
+                && s[0] == b
+                && s[1] == kv_heads
+                && s[3] == d
+                && (1..=s[2]).contains(&len)
+                && c.dtype() == self.dtype
+        };
+        if q.shape() != [b, heads, 1, d]
+            || q.dtype() != self.dtype
+            || !cache_fits(kc)
+            || !cache_fits(vc)
+            || offsets.dtype() != Dtype::Int32
+        {
+            return Err(Exception::custom(format!(
+                "decode attention ({heads} heads, {kv_heads} kv heads of {d}): query {:?} {:?}, \
+                 caches {:?} and {:?} {:?}, {len} positions",
+                q.shape(),
+                q.dtype(),
+                kc.shape(),
+                vc.shape(),
+                kc.dtype()
+            )));
+        }
+        let splits = (len + CHUNK - 1) / CHUNK;
+        let threads = WARPS * 32;
+        let f32 = Dtype::Float32;
+        let mut part = self
+            .part
+            .apply(
+                &[q, kc, vc, offsets],
+                &[(&[b, heads, splits, d], f32), (&[b, heads, splits, 2], f32)],
+                [splits * threads, kv_heads, b],
+                [threads, 1, 1],
+            )?
+            .into_iter();
+        let (Some(op), Some(ml)) = (part.next(), part.next()) else {
+            return Err(Exception::custom("the attention kernel lost an output"));
+        };
+        self.merge
+            .apply(
+                &[&op, &ml],
+                &[(&[b, heads, 1, d], self.dtype)],
+                [heads * d, b, 1],
+                [d, 1, 1],
+            )?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Exception::custom("the attention merge lost its output"))
+    }
+}
+
+/// The first kernel's body: block `(s, kh, b)` takes positions
+/// `s·CHUNK ..` of key/value head `kh` of row `b` for its `G` query heads;
+/// a lane holds `E = D/32` features of each.
+fn part_source(ty: &str, shape: AttnShape) -> String {
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim,
+        scale,
+    } = shape;
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    format!(
+        r#"
+    using T = {ty};
+    constexpr int D = {head_dim};
+    constexpr int HQ = {heads};
+    constexpr int HK = {kv_heads};
+    constexpr int G = HQ / HK;
+    constexpr int E = D / 32;
+    constexpr int WARPS = {WARPS};
+    constexpr int U = {PER_WARP};
+    constexpr int CHUNK = WARPS * U;
+    constexpr float SCALE_LOG2 = {scale_log2:e}f;
+    constexpr float LOWEST = -3.402823466e38f;
+    struct alignas(E * sizeof(T)) Row {{ T v[E]; }};
+    __shared__ float sm_m[WARPS][G];
+    __shared__ float sm_l[WARPS][G];
+    __shared__ float sm_o[WARPS][G][D];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int s = blockIdx.x;
+    const int kh = blockIdx.y;
+    const int b = blockIdx.z;
+    const int splits = gridDim.x;
+    const int len = offsets[0] + 1;
+    const size_t base =
+        (static_cast<size_t>(b) * HK + kh) * static_cast<size_t>(kc_shape[2]) * D + lane * E;
+    // Every key and value of the warp asked for before any is used.
+    const int first = s * CHUNK + warp;
+    Row kr[U];
+    Row vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {{
+        const int i = first + WARPS * u;
+        if (i < len) {{
+            kr[u] = *reinterpret_cast<const Row*>(kc + base + static_cast<size_t>(i) * D);
+            vr[u] = *reinterpret_cast<const Row*>(vc + base + static_cast<size_t>(i) * D);
+        }}
+    }}
+    float qv[G][E];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {{
+        const Row r = *reinterpret_cast<const Row*>(
+            q + (static_cast<size_t>(b) * HQ + kh * G + g) * D + lane * E);
+#pragma unroll
+        for (int e = 0; e < E; ++e) qv[g][e] = SCALE_LOG2 * static_cast<float>(r.v[e]);
+    }}
+    float m[G];
+    float l[G];
+    float o[G][E];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {{
+        m[g] = LOWEST;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) o[g][e] = 0.0f;
+    }}
+#pragma unroll
+    for (int u = 0; u < U; ++u) {{
+        if (first + WARPS * u < len) {{
+            float sc[G];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {{
+                sc[g] = 0.0f;
+#pragma unroll
+                for (int e = 0; e < E; ++e) sc[g] += qv[g][e] * static_cast<float>(kr[u].v[e]);
+            }}
+#pragma unroll
+            for (int k = 16; k > 0; k >>= 1) {{
+#pragma unroll
+                for (int g = 0; g < G; ++g) sc[g] += __shfl_xor_sync(0xffffffffu, sc[g], k);
+            }}
+#pragma unroll
+            for (int g = 0; g < G; ++g) {{
+                const float nm = fmaxf(m[g], sc[g]);
+                const float f = exp2f(m[g] - nm);
+                const float p = exp2f(sc[g] - nm);
+                l[g] = l[g] * f + p;
+#pragma unroll
+                for (int e = 0; e < E; ++e) o[g][e] = o[g][e] * f + p * static_cast<float>(vr[u].v[e]);
+                m[g] = nm;
+            }}
+        }}
+    }}
+    // The block's warps combined: each head's sums, weighted by its maxima.
+#pragma unroll
+    for (int g = 0; g < G; ++g) {{
+        if (lane == 0) {{
+            sm_m[warp][g] = m[g];
+            sm_l[warp][g] = l[g];
+        }}
+#pragma unroll
+        for (int e = 0; e < E; ++e) sm_o[warp][g][lane * E + e] = o[g][e];
+    }}
+    __syncthreads();
+    for (int j = threadIdx.x; j < G * D; j += WARPS * 32) {{
+        const int g = j / D;
+        const int d = j % D;
+        float mx = LOWEST;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
+        float lsum = 0.0f;
+        float acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {{
+            const float f = exp2f(sm_m[w][g] - mx);
+            lsum += sm_l[w][g] * f;
+            acc += sm_o[w][g][d] * f;
+        }}
+        const size_t row = (static_cast<size_t>(b) * HQ + kh * G + g) * splits + s;
+        op[row * D + d] = acc;
+        if (d == 0) {{
+            ml[row * 2] = mx;
+            ml[row * 2 + 1] = lsum;
+        }}
+    }}
+"#
+    )
+}
+
+/// The second kernel's body: block `(h, b)`, a thread a feature, adds
+/// query head `h`'s blocks, each weighted by its maximum, and divides.
+fn merge_source(ty: &str, heads: i32, head_dim: i32) -> String {
+    format!(
+        r#"
+    using T = {ty};
+    constexpr int D = {head_dim};
+    constexpr int HQ = {heads};
+    const int h = blockIdx.x;
+    const int b = blockIdx.y;
+    const int d = threadIdx.x;
+    const int splits = ml_shape[2];
+    const size_t row = (static_cast<size_t>(b) * HQ + h) * splits;
+    float mx = -3.402823466e38f;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ml[(row + s) * 2]);
+    float lsum = 0.0f;
+    float acc = 0.0f;
+    for (int s = 0; s < splits; ++s) {{
+        const float f = exp2f(ml[(row + s) * 2] - mx);
+        lsum += ml[(row + s) * 2 + 1] * f;
+        acc += op[(row + s) * D + d] * f;
+    }}
+    y[(static_cast<size_t>(b) * HQ + h) * D + d] = static_cast<T>(acc / lsum);
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(heads: i32, kv_heads: i32, head_dim: i32) -> AttnShape {
+        AttnShape {
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
+    #[test]
+    fn kernels_only_for_shapes_they_serve() {
+        let make = |s, dtype| DecodeAttention::make(s, dtype).unwrap().is_some();
+        // Heads of 96 features, f32, and groups over 1,024 features: none.
+        assert!(!make(shape(32, 8, 96), Dtype::Bfloat16));
+        assert!(!make(shape(32, 8, 128), Dtype::Float32));
+        assert!(!make(shape(16, 2, 256), Dtype::Float16));
+        assert!(!make(shape(30, 8, 128), Dtype::Bfloat16));
+        let bad_scale = AttnShape {
+            scale: f32::NAN,
+            ..shape(32, 8, 128)
+        };
+        assert!(!make(bad_scale, Dtype::Bfloat16));
+    }
+
+    #[test]
+    fn sources_bake_in_the_shape() {
+        let s = part_source("__nv_bfloat16", shape(32, 8, 128));
+        for want in [
+            "using T = __nv_bfloat16;",
+            "constexpr int D = 128;",
+            "constexpr int HQ = 32;",
+            "constexpr int HK = 8;",
+            "constexpr int WARPS = 8;",
+            "constexpr int U = 8;",
+            "kc_shape[2]",
+        ] {
+            assert!(s.contains(want), "{want} missing");
+        }
+        assert!(!s.contains("{{"), "format braces left in the text");
+        let m = merge_source("__half", 16, 64);
+        for want in ["using T = __half;", "constexpr int D = 64;", "ml_shape[2]"] {
+            assert!(m.contains(want), "{want} missing");
+        }
+        assert!(!m.contains("{{"), "format braces left in the text");
+    }
+}
