@@ -119,10 +119,11 @@ impl Kind {
 
 /// Whether `INFER_FUSE` (`setting`, `None` when unset) asks for `kind`:
 /// unset builds [`QkRope`] (writing into the caches) and the gemv kernels,
-/// `1` every kind, `0` none, and a list of `qk`, `add`, `gemv`, `qgemv` and
-/// `kv` (separated by `,` or `+`) those named (the gemv kernels and `kv`
-/// serve only with the q/k one, `qgemv` only with `gemv`). Anything else is
-/// warned of and read as unset.
+/// `1` every kind (`attn` included), `0` none, and a list of `qk`, `add`,
+/// `gemv`, `qgemv`, `kv` and `attn` (separated by `,` or `+`) those named
+/// (the gemv kernels and `kv` serve only with the q/k one, `qgemv` only
+/// with `gemv`, `attn` only with `kv`). Anything else is warned of and read
+/// as unset.
 fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
     const NAMES: [&str; 6] = ["qk", "add", "gemv", "qgemv", "kv", "attn"];
     match setting.map(str::trim) {
@@ -146,8 +147,9 @@ fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
 /// `kind` (where [`cuda_here`]), as `INFER_FUSE` says: unset builds
 /// [`QkRope`] writing into the caches ([`Kind::KvWrite`]) and the gemv
 /// kernels, `1` every kind, `0` none, and a list of `qk`, `add`, `gemv`,
-/// `qgemv` and `kv` (separated by `,` or `+`) those named ([`Kind::QGemv`]
-/// is opt-in: on an H100 it made a 4-bit Qwen3-4B's decode slower). On an
+/// `qgemv`, `kv` and `attn` (separated by `,` or `+`) those named
+/// ([`Kind::QGemv`] is opt-in: on an H100 it made a 4-bit Qwen3-4B's
+/// decode slower; [`Kind::Attn`] waits for its measurement). On an
 /// H100
 /// both default kinds made decode faster; [`AddNorm`] saves GPU time but
 /// each call of a custom kernel costs the host more than MLX's own two
@@ -1083,7 +1085,9 @@ fn check_attention(
             normal(&[b, kv_heads, cap, head_dim])?,
             normal(&[b, kv_heads, cap, head_dim])?,
         );
-        let offsets = OffsetMemo::new(true).get(len - 1)?;
+        // The position as the device's `[1, 4]` array, and for two rows
+        // as the host's `[1]`.
+        let offsets = OffsetMemo::new(b == 1).get(len - 1)?;
         let got = attention.apply(&q, &kc, &vc, &offsets, len)?;
         let (k, v) = (kc.index((.., .., ..len, ..)), vc.index((.., .., ..len, ..)));
         let want = crate::cache::attend(&q, &k, &v, shape.scale, &crate::cache::AttnMask::None)?;

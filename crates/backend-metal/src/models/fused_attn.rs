@@ -119,9 +119,12 @@ impl DecodeAttention {
     }
 
     /// The attention of `q` `[B, H, 1, D]` over positions `0..len` of the
-    /// caches `kc` and `vc` `[B, H_kv, capacity, D]` (row-major), where
-    /// `offsets`' first element is `len - 1` on the device (the position
-    /// the step's key was written at): `[B, H, 1, D]`.
+    /// caches `kc` and `vc` `[B, H_kv, capacity, D]` (row-major, one
+    /// shape), where `offsets`' first element must be `len - 1` on the
+    /// device (the position the step's key was written at; the grid is
+    /// sized from `len`, the kernel reads the device's value): `[B, H, 1,
+    /// D]`. Each array must start on its own buffer's alignment (fresh
+    /// arrays do; the kernel loads a head's features `D/32` at a time).
     pub fn apply(
         &self,
         q: &Array,
@@ -149,17 +152,19 @@ impl DecodeAttention {
         if q.shape() != [b, heads, 1, d]
             || q.dtype() != self.dtype
             || !cache_fits(kc)
-            || !cache_fits(vc)
+            || vc.shape() != kc.shape()
+            || vc.dtype() != kc.dtype()
             || offsets.dtype() != Dtype::Int32
         {
             return Err(Exception::custom(format!(
                 "decode attention ({heads} heads, {kv_heads} kv heads of {d}): query {:?} {:?}, \
-                 caches {:?} and {:?} {:?}, {len} positions",
+                 caches {:?} {:?} and {:?} {:?}, {len} positions",
                 q.shape(),
                 q.dtype(),
                 kc.shape(),
+                kc.dtype(),
                 vc.shape(),
-                kc.dtype()
+                vc.dtype()
             )));
         }
         let splits = (len + CHUNK - 1) / CHUNK;
