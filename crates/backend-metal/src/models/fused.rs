@@ -922,6 +922,19 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
         };
         let kernel = QkRope::make(shape, dtype)?
             .ok_or_else(|| Exception::custom(format!("no q/k kernel for {dtype:?}")))?;
+        // With its attention where the dtype has one (the queued steps
+        // below then run the write and our attention as decode does).
+        let scale = 1.0 / (d as f32).sqrt();
+        let attn_shape = AttnShape {
+            heads: hq,
+            kv_heads: hk,
+            head_dim: d,
+            scale,
+        };
+        let kernel = QkRope {
+            attention: DecodeAttention::make(attn_shape, dtype)?,
+            ..kernel
+        };
         let qkv = normal(&[b, 1, (hq + 2 * hk) * d])?;
         let (qn, kn) = (
             RmsNorm {
@@ -983,18 +996,47 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
         // Decode steps queued one after another without waiting (as
         // generation does), past a growth of the cache: the same cache as
         // the q/k kernel's outputs written with slice updates.
+        // Where the kernel has its attention, each step attends as decode
+        // does (`attend_into`), against MLX's attention over the slice
+        // updates' cache.
         let mut slices = cache.clone();
         let mut queued = Vec::new();
+        let (mut attended, mut want_attended) = (Vec::new(), Vec::new());
         for _ in 0..KvCache::STEP {
             let qkv = normal(&[b, 1, (hq + 2 * hk) * d])?;
             let at = slices.offset();
-            let (_, k, v) = kernel.apply(&qkv, norms, &rope, &Positions::Start(at))?;
-            slices.update(&k, &v)?;
-            let (_, _, q) = into(&mut cache, &qkv)?;
-            mlx_rs::transforms::async_eval([&q])?;
-            queued.push(q);
+            let (q_ref, k, v) = kernel.apply(&qkv, norms, &rope, &Positions::Start(at))?;
+            let (k_all, v_all) = slices.update(&k, &v)?;
+            let step = cache
+                .write_in_place(1, |kc, vc, at| {
+                    kernel.attend_into(&qkv, norms, &rope, at, (kc, vc), scale)
+                })?
+                .ok_or_else(|| Exception::custom("the cache refused a write in place"))?;
+            let done = match step.2 {
+                StepOut::Attended(out) => {
+                    want_attended.push(crate::cache::attend(
+                        &q_ref,
+                        &k_all,
+                        &v_all,
+                        scale,
+                        &crate::cache::AttnMask::None,
+                    )?);
+                    attended.push(out.clone());
+                    out
+                }
+                StepOut::Query(q) => q,
+            };
+            mlx_rs::transforms::async_eval([&done])?;
+            queued.push(done);
         }
         mlx_rs::transforms::eval(&queued)?;
+        if !attended.is_empty() {
+            out.push(compare(
+                format!("attention of {} queued steps: {what}", attended.len()),
+                &concatenate(&attended, 2)?,
+                &concatenate(&want_attended, 2)?,
+            )?);
+        }
         let (Some((k, v)), Some((want_k, want_v))) = (cache.contents(), slices.contents()) else {
             return Err(Exception::custom("an empty cache after the steps"));
         };
