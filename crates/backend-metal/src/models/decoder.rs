@@ -206,6 +206,7 @@ impl Decoder {
     pub fn load(config: &DecoderConfig, w: &mut Weights) -> std::result::Result<Self, LoadError> {
         let c = &config.text;
         let q = c.quantization;
+        let attn_scale = 1.0 / (c.head_dim as f32).sqrt();
         let embed_tokens = Matrix::load(w, "model.embed_tokens", c.vocab_size, c.hidden_size, q)?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
@@ -222,7 +223,7 @@ impl Decoder {
                         &format!("{p}.self_attn"),
                         c,
                         config.biases,
-                        1.0 / (c.head_dim as f32).sqrt(),
+                        attn_scale,
                         |w, name| match config.qk_norm {
                             true => RmsNorm::load(w, name, c.head_dim, c.rms_norm_eps).map(Some),
                             false => Ok(None),
@@ -267,7 +268,7 @@ impl Decoder {
                 norm_eps: config.qk_norm.then_some(c.rms_norm_eps),
             },
             dtype,
-            1.0 / (c.head_dim as f32).sqrt(),
+            attn_scale,
         )
         .map_err(kernel)?;
         let gemv = match (&qk, layers.first()) {

@@ -513,6 +513,14 @@ impl QkRope {
         at: i32,
         cache: (&Array, &Array),
     ) -> Result<Array> {
+        self.check_cache(qkv, at, cache)?;
+        let offsets = self.offset.get(at)?;
+        self.write_at(qkv, norms, rope, &offsets, cache)
+    }
+
+    /// An error unless `cache` `[B, H_kv, capacity, D]` of this kernel's
+    /// dtype can take position `at` of `qkv`'s rows.
+    fn check_cache(&self, qkv: &Array, at: i32, cache: (&Array, &Array)) -> Result<()> {
         let QkShape {
             kv_heads, head_dim, ..
         } = self.shape;
@@ -535,8 +543,20 @@ impl QkRope {
                 self.dtype
             )));
         }
-        let offsets = self.offset.get(at)?;
-        self.launch(qkv, norms, rope, &offsets, Some(cache))?
+        Ok(())
+    }
+
+    /// The q/k kernel from the position array `offsets`, writing into
+    /// `cache` (already checked to take the position): q.
+    fn write_at(
+        &self,
+        qkv: &Array,
+        norms: Option<(&Array, &Array)>,
+        rope: &RotaryEmbedding,
+        offsets: &Array,
+        cache: (&Array, &Array),
+    ) -> Result<Array> {
+        self.launch(qkv, norms, rope, offsets, Some(cache))?
             .into_iter()
             .next()
             .ok_or_else(|| Exception::custom("the q/k kernel lost its output"))
@@ -556,7 +576,11 @@ impl QkRope {
         cache: (&Array, &Array),
         scale: f32,
     ) -> Result<StepOut> {
-        let q = self.apply_into(qkv, norms, rope, at, cache)?;
+        self.check_cache(qkv, at, cache)?;
+        // One position array for both kernels (the attention reads the
+        // length from it).
+        let offsets = self.offset.get(at)?;
+        let q = self.write_at(qkv, norms, rope, &offsets, cache)?;
         let shape = AttnShape {
             heads: self.shape.heads,
             kv_heads: self.shape.kv_heads,
@@ -564,13 +588,9 @@ impl QkRope {
             scale,
         };
         match &self.attention {
-            Some(attention) if attention.serves(&shape) => {
-                // The array the q/k kernel read the position from.
-                let offsets = self.offset.get(at)?;
-                attention
-                    .apply(&q, cache.0, cache.1, &offsets, at + 1)
-                    .map(StepOut::Attended)
-            }
+            Some(attention) if attention.serves(&shape) => attention
+                .apply(&q, cache.0, cache.1, &offsets, at + 1)
+                .map(StepOut::Attended),
             _ => Ok(StepOut::Query(q)),
         }
     }

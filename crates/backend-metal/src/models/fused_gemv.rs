@@ -430,19 +430,34 @@ fn l2_prefetch(row: &str) -> String {
     )
 }
 
-/// Both kernels' sum of the input's squares over the block (for the norm):
-/// each warp's in `red`, then their `total` in every thread.
-const SUM_OF_SQUARES: &str = r#"        float ss = 0.0f;
-        for (int j = t; j < K; j += THREADS) {
-            const float f = static_cast<float>(x[j]);
-            ss += f * f;
-        }
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+/// The block's total of each thread's `ss`: each warp's in `red`, then
+/// their `total` in every thread (a macro, so that the texts below take it
+/// in at compile time).
+macro_rules! block_total {
+    () => {
+        r#"        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
         if (lane == 0) red[warp] = ss;
         __syncthreads();
         float total = 0.0f;
         for (int j = 0; j < WARPS; ++j) total += red[j];
-"#;
+"#
+    };
+}
+
+/// [`block_total`]'s text, for the streamed kernel's own sums.
+const BLOCK_TOTAL: &str = block_total!();
+
+/// Both kernels' sum of the input's squares over the block (for the norm):
+/// each warp's in `red`, then their `total` in every thread.
+const SUM_OF_SQUARES: &str = concat!(
+    r#"        float ss = 0.0f;
+        for (int j = t; j < K; j += THREADS) {
+            const float f = static_cast<float>(x[j]);
+            ss += f * f;
+        }
+"#,
+    block_total!()
+);
 
 /// Both kernels' thread roles: lane and warp, the warp's row set (`group`)
 /// and its share of each row (`part`), and the set's first row.
@@ -639,12 +654,7 @@ fn streamed_source(
                 ss += f * f;
             }}
         }}
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) red[warp] = ss;
-        __syncthreads();
-        float total = 0.0f;
-        for (int j = 0; j < WARPS; ++j) total += red[j];
-        const float inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
+{BLOCK_TOTAL}        const float inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
         if (x16 && n16) {{
             for (int c = t; c < NV; c += THREADS) {{
                 const uint4 xv = reinterpret_cast<const uint4*>(x)[c];
