@@ -61,7 +61,7 @@ pub use engine::{MlxModel, Placement};
 pub use error::{METAL_NAME, NAME};
 pub use mlx_rs;
 pub use models::fused::{check as check_fused_kernels, CheckResult as FusedCheck};
-pub use models::fused_gemv::{time as time_gemv_kernels, GemvTiming, GemvVariant};
+pub use models::fused_gemv::{time as time_gemv_kernels, GemvTiming};
 pub use scheduler::SchedulerStats;
 pub use session::IdSession;
 

@@ -137,13 +137,10 @@ enum Command {
         dtype: Option<CheckDtype>,
     },
     /// Times the decode step's folded products of Qwen3-0.6B and Qwen3-4B
-    /// (bf16): MLX's own operations and each gemv kernel text named, one
-    /// JSON line a case (run it under `gpu.sh trace` for each kernel's own
+    /// (bf16): MLX's own operations and our gemv kernel, one JSON line a
+    /// case (run it under `gpu.sh trace` for each kernel's own
     /// time). Needs MLX's CUDA backend.
     GemvTime {
-        /// Kernel texts, as `INFER_GEMV` names them (1, 2, 2:N).
-        #[arg(long, value_delimiter = ',', default_value = "1,2")]
-        variants: Vec<String>,
         /// Products timed a case.
         #[arg(long, default_value_t = 200)]
         reps: usize,
@@ -207,7 +204,7 @@ fn main() -> Result<()> {
         }
         Command::Train(args) => train::train(&args)?,
         Command::FusedCheck { dtype } => fused_check(dtype)?,
-        Command::GemvTime { variants, reps } => gemv_time(&variants, reps)?,
+        Command::GemvTime { reps } => gemv_time(reps)?,
         Command::Serve(args) => http::serve(&args)?,
         Command::HttpLoad(args) => http::load(&args)?,
         Command::LlamaRaw {
@@ -335,16 +332,8 @@ fn fused_check(only: Option<CheckDtype>) -> Result<()> {
     Ok(())
 }
 
-fn gemv_time(variants: &[String], reps: usize) -> Result<()> {
-    use backend_metal::GemvVariant;
-    let variants = variants
-        .iter()
-        .map(|v| {
-            GemvVariant::parse_strict(v)
-                .ok_or_else(|| anyhow::anyhow!("--variants: {v:?} is not 1, 2 or 2:N (N 1 to 16)"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    for t in backend_metal::time_gemv_kernels(&variants, reps)? {
+fn gemv_time(reps: usize) -> Result<()> {
+    for t in backend_metal::time_gemv_kernels(reps)? {
         let per = t.seconds / t.reps as f64;
         println!(
             "{}",

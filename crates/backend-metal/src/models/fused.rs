@@ -93,8 +93,7 @@ pub enum Kind {
     /// instead of MLX's slice updates.
     KvWrite,
     /// [`DecodeAttention`]: a decode step's attention over the cache that
-    /// [`Kind::KvWrite`] writes, instead of MLX's `sdpa_vector`. Opt-in
-    /// until measured on a GPU.
+    /// [`Kind::KvWrite`] writes, instead of MLX's `sdpa_vector`.
     Attn,
 }
 
@@ -113,13 +112,13 @@ impl Kind {
 
     /// Whether an unset `INFER_FUSE` builds it.
     fn by_default(self) -> bool {
-        matches!(self, Kind::QkRope | Kind::Gemv | Kind::KvWrite)
+        matches!(self, Kind::QkRope | Kind::Gemv | Kind::KvWrite | Kind::Attn)
     }
 }
 
 /// Whether `INFER_FUSE` (`setting`, `None` when unset) asks for `kind`:
-/// unset builds [`QkRope`] (writing into the caches) and the gemv kernels,
-/// `1` every kind (`attn` included), `0` none, and a list of `qk`, `add`,
+/// unset builds [`QkRope`] (writing into the caches), the gemv kernels and
+/// the decode attention, `1` every kind, `0` none, and a list of `qk`, `add`,
 /// `gemv`, `qgemv`, `kv` and `attn` (separated by `,` or `+`) those named
 /// (the gemv kernels and `kv` serve only with the q/k one, `qgemv` only
 /// with `gemv`, `attn` only with `kv`). Anything else is warned of and read
@@ -145,13 +144,12 @@ fn asks_for(setting: Option<&str>, kind: Kind) -> bool {
 
 /// Whether a model loaded on this thread should build the fused kernel
 /// `kind` (where [`cuda_here`]), as `INFER_FUSE` says: unset builds
-/// [`QkRope`] writing into the caches ([`Kind::KvWrite`]) and the gemv
-/// kernels, `1` every kind, `0` none, and a list of `qk`, `add`, `gemv`,
-/// `qgemv`, `kv` and `attn` (separated by `,` or `+`) those named
-/// ([`Kind::QGemv`] is opt-in: on an H100 it made a 4-bit Qwen3-4B's
-/// decode slower; [`Kind::Attn`] waits for its measurement). On an
-/// H100
-/// both default kinds made decode faster; [`AddNorm`] saves GPU time but
+/// [`QkRope`] writing into the caches ([`Kind::KvWrite`]), the gemv
+/// kernels and the decode attention ([`Kind::Attn`]), `1` every kind, `0`
+/// none, and a list of `qk`, `add`, `gemv`, `qgemv`, `kv` and `attn`
+/// (separated by `,` or `+`) those named ([`Kind::QGemv`] is opt-in: on an
+/// H100 it made a 4-bit Qwen3-4B's decode slower). On an H100 each default
+/// kind made decode faster; [`AddNorm`] saves GPU time but
 /// each call of a custom kernel costs the host more than MLX's own two
 /// kernels, so with it decode was slower and it is opt-in (the gemv kernels
 /// fold its work into theirs).
@@ -715,16 +713,18 @@ impl OffsetMemo {
 
 /// Whether the small per-step inputs of the decode kernels (the position,
 /// RoPE's parameters) are made so that they live in the GPU's memory
-/// (`INFER_SCALARS=device`; unset or `host` keeps the host's arrays, as
-/// before, until measured on a GPU; anything else is warned of and read as
-/// unset).
+/// (unset or `INFER_SCALARS=device`; `host` keeps the host's arrays, which
+/// MLX's CUDA allocator leaves in managed memory that the kernels read
+/// across the bus; anything else is warned of and read as unset). On an
+/// H100 they made Qwen3-4B's decode 8 % (128 tokens) to 31 % (512) faster
+/// (docs/benchmarks.md, item 15).
 pub(crate) fn device_scalars() -> bool {
     match std::env::var("INFER_SCALARS").as_deref().map(str::trim) {
-        Ok("device") => true,
-        Err(_) | Ok("host") => false,
+        Err(_) | Ok("device") => true,
+        Ok("host") => false,
         Ok(other) => {
             tracing::warn!("INFER_SCALARS={other:?} is not device or host; read as unset");
-            false
+            true
         }
     }
 }
@@ -1364,7 +1364,7 @@ mod tests {
                 .filter(|k| asks_for(setting, *k))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(on(None), [QkRope, Gemv, KvWrite]);
+        assert_eq!(on(None), [QkRope, Gemv, KvWrite, Attn]);
         assert_eq!(on(Some("0")), []);
         assert_eq!(on(Some("1")), [QkRope, AddNorm, Gemv, QGemv, KvWrite, Attn]);
         assert_eq!(on(Some("qk+gemv+kv+attn")), [QkRope, Gemv, KvWrite, Attn]);
@@ -1378,10 +1378,10 @@ mod tests {
         assert_eq!(on(Some("qk")), [QkRope]);
         assert_eq!(
             on(Some("qk,ad")),
-            [QkRope, Gemv, KvWrite],
+            [QkRope, Gemv, KvWrite, Attn],
             "a typo reads as unset"
         );
-        assert_eq!(on(Some("")), [QkRope, Gemv, KvWrite]);
+        assert_eq!(on(Some("")), [QkRope, Gemv, KvWrite, Attn]);
     }
 
     /// The layers of a step share one offset array; the next position

@@ -18,7 +18,9 @@
 //!   keeps a running maximum, sum and weighted value per head (the
 //!   online softmax); the block combines its warps and writes the
 //!   unnormalised sums with their maximum and weight;
-//! - its second kernel combines each query head's blocks and divides.
+//! - its second kernel combines each query head's blocks (in up to eight
+//!   groups of threads at once, so that a long context's many blocks do
+//!   not make one long chain) and divides.
 //!
 //! The sums are f32 and each result is rounded once to the activations'
 //! dtype, as MLX's kernel does, but in another order, so a result can
@@ -169,6 +171,7 @@ impl DecodeAttention {
         }
         let splits = (len + CHUNK - 1) / CHUNK;
         let threads = WARPS * 32;
+        let groups = merge_groups(d);
         let f32 = Dtype::Float32;
         let mut part = self
             .part
@@ -186,8 +189,8 @@ impl DecodeAttention {
             .apply(
                 &[&op, &ml],
                 &[(&[b, heads, 1, d], self.dtype)],
-                [heads * d, b, 1],
-                [d, 1, 1],
+                [heads * d * groups, b, 1],
+                [d * groups, 1, 1],
             )?
             .into_iter()
             .next()
@@ -325,29 +328,68 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
     )
 }
 
-/// The second kernel's body: block `(h, b)`, a thread a feature, adds
-/// query head `h`'s blocks, each weighted by its maximum, and divides.
+/// Groups of `D` threads a block of the second kernel: each takes every
+/// `merge_groups`-th block of the first kernel's (so that a long context's
+/// many blocks are added in parallel), at most 1,024 threads a block.
+fn merge_groups(head_dim: i32) -> i32 {
+    (1_024 / head_dim).clamp(1, 8)
+}
+
+/// The second kernel's body: block `(h, b)` adds query head `h`'s blocks
+/// of the first kernel, each weighted by its maximum, and divides; a
+/// thread a feature in each of `SW` groups, each group taking every
+/// `SW`-th block (with a running maximum, as the first kernel's warps do),
+/// and the first group combining the groups.
 fn merge_source(ty: &str, heads: i32, head_dim: i32) -> String {
+    let groups = merge_groups(head_dim);
     format!(
         r#"
     using T = {ty};
     constexpr int D = {head_dim};
     constexpr int HQ = {heads};
+    constexpr int SW = {groups};
+    constexpr float LOWEST = -3.402823466e38f;
+    __shared__ float sm_m[SW];
+    __shared__ float sm_l[SW];
+    __shared__ float sm_o[SW][D];
     const int h = blockIdx.x;
     const int b = blockIdx.y;
-    const int d = threadIdx.x;
+    const int d = threadIdx.x % D;
+    const int w = threadIdx.x / D;
     const int splits = ml_shape[2];
     const size_t row = (static_cast<size_t>(b) * HQ + h) * splits;
-    float mx = -3.402823466e38f;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ml[(row + s) * 2]);
+    float mx = LOWEST;
     float lsum = 0.0f;
     float acc = 0.0f;
-    for (int s = 0; s < splits; ++s) {{
-        const float f = exp2f(ml[(row + s) * 2] - mx);
-        lsum += ml[(row + s) * 2 + 1] * f;
-        acc += op[(row + s) * D + d] * f;
+    for (int s = w; s < splits; s += SW) {{
+        const float ms = ml[(row + s) * 2];
+        const float nm = fmaxf(mx, ms);
+        const float f = exp2f(mx - nm);
+        const float g = exp2f(ms - nm);
+        lsum = lsum * f + ml[(row + s) * 2 + 1] * g;
+        acc = acc * f + op[(row + s) * D + d] * g;
+        mx = nm;
     }}
-    y[(static_cast<size_t>(b) * HQ + h) * D + d] = static_cast<T>(acc / lsum);
+    if (d == 0) {{
+        sm_m[w] = mx;
+        sm_l[w] = lsum;
+    }}
+    sm_o[w][d] = acc;
+    __syncthreads();
+    if (w == 0) {{
+        float m = LOWEST;
+#pragma unroll
+        for (int j = 0; j < SW; ++j) m = fmaxf(m, sm_m[j]);
+        float l = 0.0f;
+        float a = 0.0f;
+#pragma unroll
+        for (int j = 0; j < SW; ++j) {{
+            const float f = exp2f(sm_m[j] - m);
+            l += sm_l[j] * f;
+            a += sm_o[j][d] * f;
+        }}
+        y[(static_cast<size_t>(b) * HQ + h) * D + d] = static_cast<T>(a / l);
+    }}
 "#
     )
 }
@@ -396,7 +438,12 @@ mod tests {
         }
         assert!(!s.contains("{{"), "format braces left in the text");
         let m = merge_source("__half", 16, 64);
-        for want in ["using T = __half;", "constexpr int D = 64;", "ml_shape[2]"] {
+        for want in [
+            "using T = __half;",
+            "constexpr int D = 64;",
+            "constexpr int SW = 8;",
+            "ml_shape[2]",
+        ] {
             assert!(m.contains(want), "{want} missing");
         }
         assert!(!m.contains("{{"), "format braces left in the text");

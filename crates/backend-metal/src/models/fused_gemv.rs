@@ -114,64 +114,6 @@ impl GemvWeight<'_> {
 /// Threads per block.
 const THREADS: i32 = 256;
 
-/// Which kernel text a dense `FusedGemv` takes (`INFER_GEMV`, an A/B
-/// switch while the second is measured against the first on a GPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GemvVariant {
-    /// `gemv_source`: the input prepared in shared memory first, then the
-    /// rows streamed with the start of each asked into L2 beforehand.
-    Prepared,
-    /// `streamed_source`: the first two batches of `batch` 16-byte loads a
-    /// lane (half as many with two dot products a warp) issued before the
-    /// input is prepared, the rest in a fully unrolled pipeline of two
-    /// batches.
-    Streamed {
-        /// 16-byte loads a lane and batch.
-        batch: i32,
-    },
-}
-
-impl GemvVariant {
-    /// `INFER_GEMV`: unset or `1` [`GemvVariant::Prepared`], `2`
-    /// [`GemvVariant::Streamed`] with batches of 8, `2:N` with batches of
-    /// `N` (1 to 16); anything else is warned of and read as unset.
-    pub fn from_env() -> Self {
-        Self::parse(std::env::var("INFER_GEMV").ok().as_deref())
-    }
-
-    fn parse(setting: Option<&str>) -> Self {
-        match setting {
-            None => Self::Prepared,
-            Some(s) => Self::parse_strict(s).unwrap_or_else(|| {
-                tracing::warn!("INFER_GEMV={s:?} is not 1, 2 or 2:N (N 1 to 16); read as unset");
-                Self::Prepared
-            }),
-        }
-    }
-
-    /// `1`, `2` or `2:N` (N 1 to 16) as [`from_env`](Self::from_env) reads
-    /// them; `None` for anything else.
-    pub fn parse_strict(setting: &str) -> Option<Self> {
-        match setting.trim() {
-            "1" => Some(Self::Prepared),
-            "2" => Some(Self::Streamed { batch: 8 }),
-            other => match other.strip_prefix("2:").map(str::parse::<i32>) {
-                Some(Ok(batch @ 1..=16)) => Some(Self::Streamed { batch }),
-                _ => None,
-            },
-        }
-    }
-
-    /// The kernel's name (each variant its own, so that a trace tells them
-    /// apart).
-    fn kernel_name(self) -> String {
-        match self {
-            Self::Prepared => "infer_gemv".into(),
-            Self::Streamed { batch } => format!("infer_gemv2_b{batch}"),
-        }
-    }
-}
-
 /// Most bytes of the input vector a block holds in shared memory.
 const MAX_INPUT_BYTES: i32 = 40 * 1024;
 
@@ -223,20 +165,6 @@ impl FusedGemv {
         dtype: Dtype,
         storage: Storage,
     ) -> Result<Option<Self>> {
-        Self::make_variant(fold, k, n, eps, dtype, storage, GemvVariant::from_env())
-    }
-
-    /// As [`make`](Self::make), with a dense weight's kernel text chosen
-    /// by `variant` instead of `INFER_GEMV`.
-    pub fn make_variant(
-        fold: Fold,
-        k: i32,
-        n: i32,
-        eps: f32,
-        dtype: Dtype,
-        storage: Storage,
-        variant: GemvVariant,
-    ) -> Result<Option<Self>> {
         // f32 waits for its check on a GPU (bf16 and f16 passed it).
         let Some(ty) = super::fused::cuda_type(dtype).filter(|_| dtype != Dtype::Float32) else {
             return Ok(None);
@@ -249,18 +177,11 @@ impl FusedGemv {
             return Ok(None);
         }
         let rows = rows_per_block(n);
-        let mut name = "infer_gemv".to_string();
         let (source, inputs): (String, &[&str]) = match storage {
-            Storage::Dense => {
-                name = variant.kernel_name();
-                let source = match variant {
-                    GemvVariant::Prepared => gemv_source(ty, fold, k, n, rows, eps),
-                    GemvVariant::Streamed { batch } => {
-                        streamed_source(ty, fold, k, n, rows, eps, batch)
-                    }
-                };
-                (source, &["x", "nw", "w", "res"])
-            }
+            Storage::Dense => (
+                gemv_source(ty, fold, k, n, rows, eps),
+                &["x", "nw", "w", "res"],
+            ),
             Storage::Affine { bits, group } => {
                 let quantised =
                     matches!(bits, 4 | 8) && matches!(group, 32 | 64 | 128) && k % group == 0;
@@ -273,7 +194,7 @@ impl FusedGemv {
                 )
             }
         };
-        let kernel = CudaKernel::with_header(&name, inputs, &["y"], &source, GEMV_HEADER)?;
+        let kernel = CudaKernel::with_header("infer_gemv", inputs, &["y"], &source, GEMV_HEADER)?;
         Ok(Some(Self {
             kernel,
             fold,
@@ -430,34 +351,19 @@ fn l2_prefetch(row: &str) -> String {
     )
 }
 
-/// The block's total of each thread's `ss`: each warp's in `red`, then
-/// their `total` in every thread (a macro, so that the texts below take it
-/// in at compile time).
-macro_rules! block_total {
-    () => {
-        r#"        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) red[warp] = ss;
-        __syncthreads();
-        float total = 0.0f;
-        for (int j = 0; j < WARPS; ++j) total += red[j];
-"#
-    };
-}
-
-/// [`block_total`]'s text, for the streamed kernel's own sums.
-const BLOCK_TOTAL: &str = block_total!();
-
 /// Both kernels' sum of the input's squares over the block (for the norm):
 /// each warp's in `red`, then their `total` in every thread.
-const SUM_OF_SQUARES: &str = concat!(
-    r#"        float ss = 0.0f;
+const SUM_OF_SQUARES: &str = r#"        float ss = 0.0f;
         for (int j = t; j < K; j += THREADS) {
             const float f = static_cast<float>(x[j]);
             ss += f * f;
         }
-"#,
-    block_total!()
-);
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[warp] = ss;
+        __syncthreads();
+        float total = 0.0f;
+        for (int j = 0; j < WARPS; ++j) total += red[j];
+"#;
 
 /// Both kernels' thread roles: lane and warp, the warp's row set (`group`)
 /// and its share of each row (`part`), and the set's first row.
@@ -572,166 +478,6 @@ fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> Str
     )
 }
 
-/// The body of [`GemvVariant::Streamed`]'s kernel: the roles of
-/// [`gemv_source`], but a lane's share of its rows is `CPL` 16-byte loads
-/// known when the kernel is compiled, taken in `STEPS` batches of `B`,
-/// two batches in flight: the first two are issued before the input is
-/// read (they do not need it), and each batch's successor but one is
-/// issued as soon as the batch is used, so that the weights keep flowing
-/// while the block prepares its input and adds its products. The input is
-/// read, normalised and written into shared memory 16 bytes at a time
-/// where it is aligned.
-fn streamed_source(
-    ty: &str,
-    fold: Fold,
-    k: i32,
-    n: i32,
-    rows: i32,
-    eps: f32,
-    batch: i32,
-) -> String {
-    let preamble = preamble(ty, fold, k, n, rows, eps);
-    format!(
-        r#"
-{preamble}    constexpr int V = 16 / sizeof(T);
-    constexpr int NV = K / V;
-    constexpr int CPL = ((NV + WPR - 1) / WPR + 31) / 32;
-    constexpr int B1 = MODE == 1 ? ({batch} / 2 > 0 ? {batch} / 2 : 1) : {batch};
-    constexpr int B = B1 < CPL ? B1 : CPL;
-    constexpr int STEPS = (CPL + B - 1) / B;
-    __shared__ __align__(16) T xs[K];
-    __shared__ float red[WARPS * DOTS];
-{THREAD_ROLES}    const uint4* rows[DOTS];
-#pragma unroll
-    for (int d = 0; d < DOTS; ++d) {{
-        int r = first + (MODE == 1 ? d / 2 : d);
-        r = r < N ? r : N - 1;
-        rows[d] = reinterpret_cast<const uint4*>(
-            w + static_cast<size_t>(MODE == 1 && (d & 1) ? r + N : r) * K);
-    }}
-    const int lo = part * NV / WPR;
-    const int hi = (part + 1) * NV / WPR;
-    const bool aligned = (reinterpret_cast<size_t>(w) & 15) == 0;
-    uint4 wa[B][DOTS];
-    uint4 wb[B][DOTS];
-    if (aligned) {{
-#pragma unroll
-        for (int j = 0; j < B; ++j) {{
-            const int ca = lo + lane + 32 * j;
-            const int cb = lo + lane + 32 * (B + j);
-#pragma unroll
-            for (int d = 0; d < DOTS; ++d) {{
-                if (ca < hi) wa[j][d] = __ldg(rows[d] + ca);
-                if (cb < hi) wb[j][d] = __ldg(rows[d] + cb);
-            }}
-        }}
-    }}
-    const bool x16 = (reinterpret_cast<size_t>(x) & 15) == 0;
-    if (MODE == 2) {{
-        if (x16) {{
-            for (int c = t; c < NV; c += THREADS) {{
-                reinterpret_cast<uint4*>(xs)[c] = reinterpret_cast<const uint4*>(x)[c];
-            }}
-        }} else {{
-            for (int j = t; j < K; j += THREADS) xs[j] = x[j];
-        }}
-    }} else {{
-        const bool n16 = (reinterpret_cast<size_t>(nw) & 15) == 0;
-        float ss = 0.0f;
-        if (x16) {{
-            for (int c = t; c < NV; c += THREADS) {{
-                const uint4 v = reinterpret_cast<const uint4*>(x)[c];
-                const T* p = reinterpret_cast<const T*>(&v);
-#pragma unroll
-                for (int e = 0; e < V; ++e) {{
-                    const float f = static_cast<float>(p[e]);
-                    ss += f * f;
-                }}
-            }}
-        }} else {{
-            for (int j = t; j < K; j += THREADS) {{
-                const float f = static_cast<float>(x[j]);
-                ss += f * f;
-            }}
-        }}
-{BLOCK_TOTAL}        const float inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
-        if (x16 && n16) {{
-            for (int c = t; c < NV; c += THREADS) {{
-                const uint4 xv = reinterpret_cast<const uint4*>(x)[c];
-                const uint4 nv = reinterpret_cast<const uint4*>(nw)[c];
-                const T* px = reinterpret_cast<const T*>(&xv);
-                const T* pn = reinterpret_cast<const T*>(&nv);
-                uint4 ov;
-                T* po = reinterpret_cast<T*>(&ov);
-#pragma unroll
-                for (int e = 0; e < V; ++e) {{
-                    po[e] = pn[e] * static_cast<T>(static_cast<float>(px[e]) * inv);
-                }}
-                reinterpret_cast<uint4*>(xs)[c] = ov;
-            }}
-        }} else {{
-            for (int j = t; j < K; j += THREADS) {{
-                xs[j] = nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv);
-            }}
-        }}
-    }}
-    __syncthreads();
-    float acc[DOTS];
-#pragma unroll
-    for (int d = 0; d < DOTS; ++d) acc[d] = 0.0f;
-    if (aligned) {{
-#pragma unroll
-        for (int s = 0; s < STEPS; ++s) {{
-            uint4 (&cur)[B][DOTS] = (s & 1) ? wb : wa;
-#pragma unroll
-            for (int j = 0; j < B; ++j) {{
-                const int c = lo + lane + 32 * (s * B + j);
-                if (c < hi) {{
-                    const uint4 xv = reinterpret_cast<const uint4*>(xs)[c];
-                    const T* px = reinterpret_cast<const T*>(&xv);
-#pragma unroll
-                    for (int d = 0; d < DOTS; ++d) {{
-                        const T* pw = reinterpret_cast<const T*>(&cur[j][d]);
-#pragma unroll
-                        for (int e = 0; e < V; ++e) {{
-                            acc[d] += static_cast<float>(pw[e]) * static_cast<float>(px[e]);
-                        }}
-                    }}
-                }}
-            }}
-            if (s + 2 < STEPS) {{
-#pragma unroll
-                for (int j = 0; j < B; ++j) {{
-                    const int c = lo + lane + 32 * ((s + 2) * B + j);
-#pragma unroll
-                    for (int d = 0; d < DOTS; ++d) {{
-                        if (c < hi) cur[j][d] = __ldg(rows[d] + c);
-                    }}
-                }}
-            }}
-        }}
-    }} else {{
-        // A weight that does not start on 16 bytes: element by element.
-        const T* wr[DOTS];
-#pragma unroll
-        for (int d = 0; d < DOTS; ++d) wr[d] = reinterpret_cast<const T*>(rows[d]);
-        for (int j = lo * V + lane; j < hi * V; j += 32) {{
-            const float xf = static_cast<float>(xs[j]);
-#pragma unroll
-            for (int d = 0; d < DOTS; ++d) acc[d] += static_cast<float>(wr[d][j]) * xf;
-        }}
-    }}
-{GEMV_EPILOGUE}
-"#
-    )
-}
-
-/// The body of a quantised [`FusedGemv`]'s kernel: as [`gemv_source`]
-/// with `w` `[rows, K·BITS/32]` uint32 and a scale `sc` and bias `bi`
-/// `[rows, K/GROUP]` a group. A lane's 16-byte load holds `VALS` values of
-/// one group; the block keeps the sum of the inputs each load meets
-/// (`xsum`), so that a load adds `scale · Σ q·x + bias · Σ x`. A value `q`
-/// becomes a float by its bits (`2²³ + q`, less `2²³`), not by a
 /// conversion instruction (a quarter of the rate).
 #[allow(clippy::too_many_arguments)]
 fn qgemv_source(
@@ -873,11 +619,10 @@ pub struct GemvTiming {
 }
 
 /// Times each folded product of Qwen3-0.6B's and Qwen3-4B's decode step in
-/// bf16, by MLX's own operations and by the dense kernel of each of
-/// `variants`, in that order, each timed run between pauses of 20 ms (so
-/// that a trace of the run shows where each begins and ends). An error off
-/// MLX's CUDA backend.
-pub fn time(variants: &[GemvVariant], reps: usize) -> Result<Vec<GemvTiming>> {
+/// bf16, by MLX's own operations and by the dense kernel, in that order,
+/// each timed run between pauses of 20 ms (so that a trace of the run shows
+/// where each begins and ends). An error off MLX's CUDA backend.
+pub fn time(reps: usize) -> Result<Vec<GemvTiming>> {
     use mlx_rs::random;
     use mlx_rs::transforms::eval;
 
@@ -934,22 +679,15 @@ pub fn time(variants: &[GemvVariant], reps: usize) -> Result<Vec<GemvTiming>> {
                     Fold::Residual => res.add(x.matmul(w.t())?),
                 }
             };
-            let mut implementations: Vec<(String, Product<'_>)> =
-                vec![("mlx".into(), Box::new(&mlx))];
-            for &variant in variants {
-                let kernel =
-                    FusedGemv::make_variant(fold, k, n, eps, dtype, Storage::Dense, variant)?
-                        .ok_or_else(|| Exception::custom(format!("no gemv kernel for {case}")))?;
-                let (nw, r) = match fold {
-                    Fold::Residual => (None, Some(&res)),
-                    _ => (Some(&norm.weight), None),
-                };
-                let x = &x;
-                implementations.push((
-                    variant.kernel_name(),
-                    Box::new(move |w: &Array| kernel.apply(x, nw, &GemvWeight::Dense(w), r)),
-                ));
-            }
+            let kernel = FusedGemv::make(fold, k, n, eps, dtype, Storage::Dense)?
+                .ok_or_else(|| Exception::custom(format!("no gemv kernel for {case}")))?;
+            let (nw, r) = match fold {
+                Fold::Residual => (None, Some(&res)),
+                _ => (Some(&norm.weight), None),
+            };
+            let ours = |w: &Array| kernel.apply(&x, nw, &GemvWeight::Dense(w), r);
+            let implementations: [(&str, Product<'_>); 2] =
+                [("mlx", Box::new(&mlx)), ("infer_gemv", Box::new(ours))];
             let reference = mlx(&weights[0])?;
             let max_abs = reference.abs()?.max(None)?;
             eval([&reference, &max_abs])?;
@@ -978,7 +716,7 @@ pub fn time(variants: &[GemvVariant], reps: usize) -> Result<Vec<GemvTiming>> {
                 std::thread::sleep(std::time::Duration::from_millis(20));
                 out.push(GemvTiming {
                     case: case.clone(),
-                    implementation: name.clone(),
+                    implementation: name.to_string(),
                     weight_bytes: bytes,
                     reps,
                     seconds,
@@ -994,31 +732,6 @@ pub fn time(variants: &[GemvVariant], reps: usize) -> Result<Vec<GemvTiming>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn variant_from_setting() {
-        use GemvVariant::*;
-        assert_eq!(GemvVariant::parse(None), Prepared);
-        assert_eq!(GemvVariant::parse(Some("1")), Prepared);
-        assert_eq!(GemvVariant::parse(Some(" 2 ")), Streamed { batch: 8 });
-        assert_eq!(GemvVariant::parse(Some("2:4")), Streamed { batch: 4 });
-        assert_eq!(GemvVariant::parse(Some("2:0")), Prepared);
-        assert_eq!(GemvVariant::parse(Some("2:17")), Prepared);
-        assert_eq!(GemvVariant::parse(Some("fast")), Prepared);
-    }
-
-    #[test]
-    fn streamed_source_bakes_in_the_batch() {
-        let s = streamed_source("__nv_bfloat16", Fold::Residual, 9_728, 2_560, 4, 1e-6, 8);
-        for want in [
-            "constexpr int K = 9728;",
-            "constexpr int MODE = 2;",
-            "? 8 / 2 : 1) : 8;",
-        ] {
-            assert!(s.contains(want), "{want} missing");
-        }
-        assert!(!s.contains("{{"), "format braces left in the text");
-    }
 
     #[test]
     fn blocks_keep_large_gpus_busy() {
