@@ -65,6 +65,26 @@ pub struct DecodeAttention {
     merge: CudaKernel,
     shape: AttnShape,
     dtype: Dtype,
+    /// Most blocks of the first kernel a key/value head and row
+    /// ([`max_blocks`]); `None`: one a chunk.
+    max_blocks: Option<i32>,
+}
+
+/// `INFER_ATTN_BLOCKS` (`setting`, `None` when unset): at most `N` blocks
+/// of the first kernel a key/value head and row (1 to 4,096), each then
+/// taking every `N`-th chunk of 64 positions in turn, so that a long
+/// context writes fewer partial sums and each block keeps loading; unset,
+/// one block a chunk. Opt-in until measured on a GPU; anything else is
+/// warned of and read as unset.
+fn max_blocks(setting: Option<&str>) -> Option<i32> {
+    let s = setting?;
+    match s.trim().parse::<i32>() {
+        Ok(n @ 1..=4_096) => Some(n),
+        _ => {
+            tracing::warn!("INFER_ATTN_BLOCKS={s:?} is not a number from 1 to 4096; read as unset");
+            None
+        }
+    }
 }
 
 impl DecodeAttention {
@@ -95,11 +115,16 @@ impl DecodeAttention {
         if !fits {
             return Ok(None);
         }
+        let max_blocks = max_blocks(std::env::var("INFER_ATTN_BLOCKS").ok().as_deref());
         let part = CudaKernel::new(
-            "infer_attn_part",
+            // Each text its own name, so that a trace tells them apart.
+            match max_blocks {
+                None => "infer_attn_part",
+                Some(_) => "infer_attn_loop",
+            },
             &["q", "kc", "vc", "offsets"],
             &["op", "ml"],
-            &part_source(ty, shape),
+            &part_source(ty, shape, max_blocks.is_some()),
         )?;
         let merge = CudaKernel::new(
             "infer_attn_merge",
@@ -112,6 +137,7 @@ impl DecodeAttention {
             merge,
             shape,
             dtype,
+            max_blocks,
         }))
     }
 
@@ -169,7 +195,8 @@ impl DecodeAttention {
                 vc.dtype()
             )));
         }
-        let splits = (len + CHUNK - 1) / CHUNK;
+        let chunks = (len + CHUNK - 1) / CHUNK;
+        let splits = self.max_blocks.map_or(chunks, |n| chunks.min(n));
         let threads = WARPS * 32;
         let groups = merge_groups(d);
         let f32 = Dtype::Float32;
@@ -198,10 +225,24 @@ impl DecodeAttention {
     }
 }
 
+/// A warp's loads of its `U` keys and values from position `first` on
+/// (those before `len`), every one issued before any is used.
+const KV_LOADS: &str = r#"#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int i = first + WARPS * u;
+        if (i < len) {
+            kr[u] = *reinterpret_cast<const Row*>(kc + base + static_cast<size_t>(i) * D);
+            vr[u] = *reinterpret_cast<const Row*>(vc + base + static_cast<size_t>(i) * D);
+        }
+    }
+"#;
+
 /// The first kernel's body: block `(s, kh, b)` takes positions
-/// `s·CHUNK ..` of key/value head `kh` of row `b` for its `G` query heads;
-/// a lane holds `E = D/32` features of each.
-fn part_source(ty: &str, shape: AttnShape) -> String {
+/// `s·CHUNK ..` of key/value head `kh` of row `b` for its `G` query heads
+/// (`looped`: and every `gridDim.x`-th chunk after it, the next chunk's
+/// loads issued as soon as a chunk is used); a lane holds `E = D/32`
+/// features of each.
+fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
     let AttnShape {
         heads,
         kv_heads,
@@ -209,6 +250,17 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
         scale,
     } = shape;
     let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let (first_decl, loop_open, loop_close) = if looped {
+        (
+            "int",
+            "    for (int c = s;;) {\n".to_string(),
+            format!(
+                "    c += splits;\n    if (c * CHUNK >= len) break;\n    first = c * CHUNK + warp;\n{KV_LOADS}    }}\n"
+            ),
+        )
+    } else {
+        ("const int", String::new(), String::new())
+    };
     format!(
         r#"
     using T = {ty};
@@ -236,18 +288,10 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
     const size_t base =
         (static_cast<size_t>(b) * HK + kh) * static_cast<size_t>(kc_shape[2]) * D + lane * E;
     // Every key and value of the warp asked for before any is used.
-    const int first = s * CHUNK + warp;
+    {first_decl} first = s * CHUNK + warp;
     Row kr[U];
     Row vr[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {{
-        const int i = first + WARPS * u;
-        if (i < len) {{
-            kr[u] = *reinterpret_cast<const Row*>(kc + base + static_cast<size_t>(i) * D);
-            vr[u] = *reinterpret_cast<const Row*>(vc + base + static_cast<size_t>(i) * D);
-        }}
-    }}
-    float qv[G][E];
+{KV_LOADS}    float qv[G][E];
 #pragma unroll
     for (int g = 0; g < G; ++g) {{
         const Row r = *reinterpret_cast<const Row*>(
@@ -265,7 +309,7 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
 #pragma unroll
         for (int e = 0; e < E; ++e) o[g][e] = 0.0f;
     }}
-#pragma unroll
+{loop_open}#pragma unroll
     for (int u = 0; u < U; ++u) {{
         if (first + WARPS * u < len) {{
             float sc[G];
@@ -292,7 +336,7 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
             }}
         }}
     }}
-    // The block's warps combined: each head's sums, weighted by its maxima.
+{loop_close}    // The block's warps combined: each head's sums, weighted by its maxima.
 #pragma unroll
     for (int g = 0; g < G; ++g) {{
         if (lane == 0) {{
@@ -424,7 +468,7 @@ mod tests {
 
     #[test]
     fn sources_bake_in_the_shape() {
-        let s = part_source("__nv_bfloat16", shape(32, 8, 128));
+        let s = part_source("__nv_bfloat16", shape(32, 8, 128), false);
         for want in [
             "using T = __nv_bfloat16;",
             "constexpr int D = 128;",
@@ -447,5 +491,35 @@ mod tests {
             assert!(m.contains(want), "{want} missing");
         }
         assert!(!m.contains("{{"), "format braces left in the text");
+        // Looped: the same text around a walk over the block's chunks.
+        let l = part_source("__nv_bfloat16", shape(32, 8, 128), true);
+        for want in [
+            "int first = s * CHUNK + warp;",
+            "for (int c = s;;) {",
+            "c += splits;",
+            "if (c * CHUNK >= len) break;",
+        ] {
+            assert!(l.contains(want), "{want} missing");
+        }
+        assert!(!s.contains("for (int c = s;;)") && s.contains("const int first"));
+        assert_eq!(
+            l.matches("kr[u] = ").count(),
+            2,
+            "loads before and in the walk"
+        );
+        assert_eq!(l.matches('{').count(), l.matches('}').count());
+        assert!(!l.contains("{{"), "format braces left in the text");
+    }
+
+    /// `INFER_ATTN_BLOCKS`: a number from 1 to 4,096, else unset.
+    #[test]
+    fn max_blocks_from_setting() {
+        assert_eq!(max_blocks(None), None);
+        assert_eq!(max_blocks(Some("16")), Some(16));
+        assert_eq!(max_blocks(Some(" 1 ")), Some(1));
+        assert_eq!(max_blocks(Some("4096")), Some(4_096));
+        for bad in ["0", "-3", "4097", "many", ""] {
+            assert_eq!(max_blocks(Some(bad)), None, "{bad:?}");
+        }
     }
 }
