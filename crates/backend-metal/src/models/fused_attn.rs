@@ -225,8 +225,8 @@ impl DecodeAttention {
     }
 }
 
-/// A warp's loads of its `U` keys and values from position `first` on
-/// (those before `len`), every one issued before any is used.
+/// A warp's loads of its first `U` keys and values from position `first`
+/// on (those before `len`), every one issued before any is used.
 const KV_LOADS: &str = r#"#pragma unroll
     for (int u = 0; u < U; ++u) {
         const int i = first + WARPS * u;
@@ -239,9 +239,9 @@ const KV_LOADS: &str = r#"#pragma unroll
 
 /// The first kernel's body: block `(s, kh, b)` takes positions
 /// `s·CHUNK ..` of key/value head `kh` of row `b` for its `G` query heads
-/// (`looped`: and every `gridDim.x`-th chunk after it, the next chunk's
-/// loads issued as soon as a chunk is used); a lane holds `E = D/32`
-/// features of each.
+/// (`looped`: and every `gridDim.x`-th chunk after it, up to the cache's
+/// capacity, each key and value of the next chunk asked for as soon as the
+/// one in its registers is used); a lane holds `E = D/32` features of each.
 fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
     let AttnShape {
         heads,
@@ -250,16 +250,23 @@ fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
         scale,
     } = shape;
     let scale_log2 = scale * std::f32::consts::LOG2_E;
-    let (first_decl, loop_open, loop_close) = if looped {
+    // Empty unless looped, so that the one-chunk text stays the one
+    // measured.
+    let (first_decl, loop_open, prefetch, loop_close) = if looped {
         (
             "int",
-            "    for (int c = s;;) {\n".to_string(),
-            format!(
-                "    c += splits;\n    if (c * CHUNK >= len) break;\n    first = c * CHUNK + warp;\n{KV_LOADS}    }}\n"
-            ),
+            "    for (int c = s;;) {\n    const int next = first + splits * CHUNK;\n",
+            r#"        if (next + WARPS * u < len) {
+            const size_t at = base + static_cast<size_t>(next + WARPS * u) * D;
+            kr[u] = *reinterpret_cast<const Row*>(kc + at);
+            vr[u] = *reinterpret_cast<const Row*>(vc + at);
+        }
+"#,
+            "    c += splits;\n    if (c * CHUNK >= len || c * CHUNK >= kc_shape[2]) break;\n    \
+             first = next;\n    }\n",
         )
     } else {
-        ("const int", String::new(), String::new())
+        ("const int", "", "", "")
     };
     format!(
         r#"
@@ -335,7 +342,7 @@ fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
                 m[g] = nm;
             }}
         }}
-    }}
+{prefetch}    }}
 {loop_close}    // The block's warps combined: each head's sums, weighted by its maxima.
 #pragma unroll
     for (int g = 0; g < G; ++g) {{
@@ -496,8 +503,11 @@ mod tests {
         for want in [
             "int first = s * CHUNK + warp;",
             "for (int c = s;;) {",
+            "const int next = first + splits * CHUNK;",
+            "if (next + WARPS * u < len) {",
             "c += splits;",
-            "if (c * CHUNK >= len) break;",
+            "if (c * CHUNK >= len || c * CHUNK >= kc_shape[2]) break;",
+            "first = next;",
         ] {
             assert!(l.contains(want), "{want} missing");
         }
@@ -507,8 +517,20 @@ mod tests {
             2,
             "loads before and in the walk"
         );
-        assert_eq!(l.matches('{').count(), l.matches('}').count());
         assert!(!l.contains("{{"), "format braces left in the text");
+    }
+
+    /// The one-chunk text is the one measured on an H100 on 2026-12-07
+    /// (docs/benchmarks.md, item 15): a change to it must be checked and
+    /// timed on a GPU again, and then this hash (FNV-1a of the bf16 text
+    /// for Qwen3-4B's heads) updated.
+    #[test]
+    fn measured_text_unchanged() {
+        let text = part_source("__nv_bfloat16", shape(32, 8, 128), false);
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        assert_eq!(hash, 12_536_950_139_908_923_137, "{text}");
     }
 
     /// `INFER_ATTN_BLOCKS`: a number from 1 to 4,096, else unset.
