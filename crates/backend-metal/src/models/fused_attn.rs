@@ -225,18 +225,6 @@ impl DecodeAttention {
     }
 }
 
-/// A warp's loads of its first `U` keys and values from position `first`
-/// on (those before `len`), every one issued before any is used.
-const KV_LOADS: &str = r#"#pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const int i = first + WARPS * u;
-        if (i < len) {
-            kr[u] = *reinterpret_cast<const Row*>(kc + base + static_cast<size_t>(i) * D);
-            vr[u] = *reinterpret_cast<const Row*>(vc + base + static_cast<size_t>(i) * D);
-        }
-    }
-"#;
-
 /// The first kernel's body: block `(s, kh, b)` takes positions
 /// `s·CHUNK ..` of key/value head `kh` of row `b` for its `G` query heads
 /// (`looped`: and every `gridDim.x`-th chunk after it, up to the cache's
@@ -298,7 +286,15 @@ fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
     {first_decl} first = s * CHUNK + warp;
     Row kr[U];
     Row vr[U];
-{KV_LOADS}    float qv[G][E];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {{
+        const int i = first + WARPS * u;
+        if (i < len) {{
+            kr[u] = *reinterpret_cast<const Row*>(kc + base + static_cast<size_t>(i) * D);
+            vr[u] = *reinterpret_cast<const Row*>(vc + base + static_cast<size_t>(i) * D);
+        }}
+    }}
+    float qv[G][E];
 #pragma unroll
     for (int g = 0; g < G; ++g) {{
         const Row r = *reinterpret_cast<const Row*>(
