@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: EUPL-1.2
+#
+# One device call's worth of `gpu.sh` steps, run from the repository root on
+# the GPU machine, each step only while the call's time lasts, everything
+# under $OUT/r and brought back as one tarball ($OUT/r.tgz: the device tool
+# returns only a few files a call). The first call of a cold machine carries
+# the wheel's first piece only (`pieces-a`); the next, at once, the bundle and
+# the second piece (docs/building.md says why).
+#
+#   bash bench/gpu-session.sh LIMIT_S STEP...
+#
+#   pieces-a           copy the wheel's first piece to /tmp/mlx-wheel
+#   setup              copy the second piece and run `gpu.sh setup` (skipped
+#                      when an earlier call on this machine did it)
+#   models:SHAPE,...   `gpu.sh models` (random bf16 models, -q4/-q8 forms)
+#   check:DTYPE[:VAR=VALUE,...]
+#                      `infer-bench fused-check --dtype DTYPE` under those
+#                      settings, records to check-DTYPE.jsonl, failing cases
+#                      to the log
+#   plan:MODEL:PLAN    `gpu.sh plan` beside mlx-lm, PLAN a file of
+#                      bench/plans/ without `.json`, records to
+#                      PLAN-MODEL.jsonl (at most 170 s a step)
+#   envs:MODEL:PLAN:SETTING/SETTING...
+#                      `gpu.sh envs` of our engine alone under each SETTING
+#                      (`default` or VAR=VALUE,...), then
+#                      bench/pick_setting.py's table and choice in the log
+#
+# LIMIT_S is the call's time limit less the transfers (575 for a 600 s call);
+# a step that would start with less than 80 s left is skipped.
+set -uo pipefail
+
+limit=$1
+shift
+root=$(pwd)
+bundle=$root/target/cuda/bench-bundle
+pieces=$root/target/cuda/bundle-wheel
+gpu="bash $bundle/gpu.sh"
+work=/tmp/bench
+py=${VENV:-/opt/torch/.venv}/bin/python
+out=$OUT/r
+mkdir -p "$out"
+t0=$(date +%s)
+left() { echo $((limit - ($(date +%s) - t0))); }
+say() { echo "== $(($(date +%s) - t0)) s: $*" | tee -a "$out/log.txt"; }
+# A `timeout` that ends gpu.sh leaves its Python child running; the bracket
+# keeps the pattern from matching the command line that runs it.
+leftovers() {
+    pkill -x infer-bench
+    pkill -f "[m]lx_lm_"
+    true
+}
+
+for step in "$@"; do
+    IFS=: read -r kind a b c <<<"$step"
+    if [ "$kind" != pieces-a ] && [ "$(left)" -lt 80 ]; then
+        say "skipped $step: $(left) s left"
+        continue
+    fi
+    case $kind in
+    pieces-a)
+        mkdir -p /tmp/mlx-wheel && cp "$pieces"/*.part-aa /tmp/mlx-wheel/
+        ;;
+    setup)
+        if [ ! -x "$work/infer-bench" ]; then
+            cp "$pieces"/*.part-ab /tmp/mlx-wheel/
+            say setup
+            $gpu setup /tmp/mlx-wheel >>"$out/log.txt" 2>&1 || { say "setup failed"; break; }
+        fi
+        nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv \
+            >>"$out/log.txt"
+        ;;
+    models)
+        say "models $a"
+        $gpu models ${a//,/ } >>"$out/log.txt" 2>&1
+        ;;
+    check)
+        vars=()
+        [ -z "$b" ] || IFS=, read -ra vars <<<"$b"
+        say "check $a ${vars[*]}"
+        env "${vars[@]}" timeout $(($(left) - 5)) $gpu exec "$work/infer-bench" fused-check \
+            --dtype "$a" >"$out/check-$a.jsonl" 2>>"$out/log.txt"
+        say "check exit $?"
+        "$py" -c '
+import json, sys
+bad = 0
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        r = json.loads(line)
+        d = r["max_abs_diff"]
+        if d is None or d != d or d > r["bound"]:
+            bad += 1
+            print("FAIL", line.strip())
+print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
+        ;;
+    plan)
+        n=$(($(left) - 5))
+        [ "$n" -gt 170 ] && n=170
+        say "plan $a $b ($n s at most)"
+        timeout "$n" $gpu plan "$out/$b-$a.jsonl" "$a" "$root/bench/plans/$b.json" \
+            >>"$out/log.txt" 2>&1
+        leftovers
+        ;;
+    envs)
+        IFS=/ read -ra settings <<<"$c"
+        say "envs $a $b ${settings[*]}"
+        timeout $(($(left) - 5)) $gpu envs "$out/envs-$b-$a.jsonl" "$a" "$root/bench/plans/$b.json" \
+            ours "${settings[@]}" >>"$out/log.txt" 2>&1
+        leftovers
+        "$py" "$root/bench/pick_setting.py" "$out/envs-$b-$a.jsonl" "${settings[@]}" \
+            >>"$out/log.txt" 2>&1
+        ;;
+    *)
+        say "unknown step $step"
+        ;;
+    esac
+done
+say done
+grep -v '^{\|^(warm\|^\[mlx-lm' "$out/log.txt" | tail -40
+tar czf "$OUT/r.tgz" -C "$OUT" r
