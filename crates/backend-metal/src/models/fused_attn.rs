@@ -513,6 +513,9 @@ mod tests {
             2,
             "loads before and in the walk"
         );
+        for text in [&s, &m, &l] {
+            assert_eq!(text.matches('{').count(), text.matches('}').count());
+        }
         assert!(!l.contains("{{"), "format braces left in the text");
     }
 
