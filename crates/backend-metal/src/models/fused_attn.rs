@@ -65,26 +65,6 @@ pub struct DecodeAttention {
     merge: CudaKernel,
     shape: AttnShape,
     dtype: Dtype,
-    /// Most blocks of the first kernel a key/value head and row
-    /// ([`max_blocks`]); `None`: one a chunk.
-    max_blocks: Option<i32>,
-}
-
-/// `INFER_ATTN_BLOCKS` (`setting`, `None` when unset): at most `N` blocks
-/// of the first kernel a key/value head and row (1 to 4,096), each then
-/// taking every `N`-th chunk of 64 positions in turn, so that a long
-/// context writes fewer partial sums and each block keeps loading; unset,
-/// one block a chunk. Opt-in until measured on a GPU; anything else is
-/// warned of and read as unset.
-fn max_blocks(setting: Option<&str>) -> Option<i32> {
-    let s = setting?;
-    match s.trim().parse::<i32>() {
-        Ok(n @ 1..=4_096) => Some(n),
-        _ => {
-            tracing::warn!("INFER_ATTN_BLOCKS={s:?} is not a number from 1 to 4096; read as unset");
-            None
-        }
-    }
 }
 
 impl DecodeAttention {
@@ -115,16 +95,11 @@ impl DecodeAttention {
         if !fits {
             return Ok(None);
         }
-        let max_blocks = max_blocks(std::env::var("INFER_ATTN_BLOCKS").ok().as_deref());
         let part = CudaKernel::new(
-            // Each text its own name, so that a trace tells them apart.
-            match max_blocks {
-                None => "infer_attn_part",
-                Some(_) => "infer_attn_loop",
-            },
+            "infer_attn_part",
             &["q", "kc", "vc", "offsets"],
             &["op", "ml"],
-            &part_source(ty, shape, max_blocks.is_some()),
+            &part_source(ty, shape),
         )?;
         let merge = CudaKernel::new(
             "infer_attn_merge",
@@ -137,7 +112,6 @@ impl DecodeAttention {
             merge,
             shape,
             dtype,
-            max_blocks,
         }))
     }
 
@@ -195,8 +169,7 @@ impl DecodeAttention {
                 vc.dtype()
             )));
         }
-        let chunks = (len + CHUNK - 1) / CHUNK;
-        let splits = self.max_blocks.map_or(chunks, |n| chunks.min(n));
+        let splits = (len + CHUNK - 1) / CHUNK;
         let threads = WARPS * 32;
         let groups = merge_groups(d);
         let f32 = Dtype::Float32;
@@ -226,11 +199,9 @@ impl DecodeAttention {
 }
 
 /// The first kernel's body: block `(s, kh, b)` takes positions
-/// `s·CHUNK ..` of key/value head `kh` of row `b` for its `G` query heads
-/// (`looped`: and every `gridDim.x`-th chunk after it, up to the cache's
-/// capacity, each key and value of the next chunk asked for as soon as the
-/// one in its registers is used); a lane holds `E = D/32` features of each.
-fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
+/// `s·CHUNK ..` of key/value head `kh` of row `b` for its `G` query
+/// heads; a lane holds `E = D/32` features of each.
+fn part_source(ty: &str, shape: AttnShape) -> String {
     let AttnShape {
         heads,
         kv_heads,
@@ -238,24 +209,6 @@ fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
         scale,
     } = shape;
     let scale_log2 = scale * std::f32::consts::LOG2_E;
-    // Empty unless looped, so that the one-chunk text stays the one
-    // measured.
-    let (first_decl, loop_open, prefetch, loop_close) = if looped {
-        (
-            "int",
-            "    for (int c = s;;) {\n    const int next = first + splits * CHUNK;\n",
-            r#"        if (next + WARPS * u < len) {
-            const size_t at = base + static_cast<size_t>(next + WARPS * u) * D;
-            kr[u] = *reinterpret_cast<const Row*>(kc + at);
-            vr[u] = *reinterpret_cast<const Row*>(vc + at);
-        }
-"#,
-            "    c += splits;\n    if (c * CHUNK >= len || c * CHUNK >= kc_shape[2]) break;\n    \
-             first = next;\n    }\n",
-        )
-    } else {
-        ("const int", "", "", "")
-    };
     format!(
         r#"
     using T = {ty};
@@ -283,7 +236,7 @@ fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
     const size_t base =
         (static_cast<size_t>(b) * HK + kh) * static_cast<size_t>(kc_shape[2]) * D + lane * E;
     // Every key and value of the warp asked for before any is used.
-    {first_decl} first = s * CHUNK + warp;
+    const int first = s * CHUNK + warp;
     Row kr[U];
     Row vr[U];
 #pragma unroll
@@ -312,7 +265,7 @@ fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
 #pragma unroll
         for (int e = 0; e < E; ++e) o[g][e] = 0.0f;
     }}
-{loop_open}#pragma unroll
+#pragma unroll
     for (int u = 0; u < U; ++u) {{
         if (first + WARPS * u < len) {{
             float sc[G];
@@ -338,8 +291,8 @@ fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
                 m[g] = nm;
             }}
         }}
-{prefetch}    }}
-{loop_close}    // The block's warps combined: each head's sums, weighted by its maxima.
+    }}
+    // The block's warps combined: each head's sums, weighted by its maxima.
 #pragma unroll
     for (int g = 0; g < G; ++g) {{
         if (lane == 0) {{
@@ -471,7 +424,7 @@ mod tests {
 
     #[test]
     fn sources_bake_in_the_shape() {
-        let s = part_source("__nv_bfloat16", shape(32, 8, 128), false);
+        let s = part_source("__nv_bfloat16", shape(32, 8, 128));
         for want in [
             "using T = __nv_bfloat16;",
             "constexpr int D = 128;",
@@ -494,53 +447,21 @@ mod tests {
             assert!(m.contains(want), "{want} missing");
         }
         assert!(!m.contains("{{"), "format braces left in the text");
-        // Looped: the same text around a walk over the block's chunks.
-        let l = part_source("__nv_bfloat16", shape(32, 8, 128), true);
-        for want in [
-            "int first = s * CHUNK + warp;",
-            "for (int c = s;;) {",
-            "const int next = first + splits * CHUNK;",
-            "if (next + WARPS * u < len) {",
-            "c += splits;",
-            "if (c * CHUNK >= len || c * CHUNK >= kc_shape[2]) break;",
-            "first = next;",
-        ] {
-            assert!(l.contains(want), "{want} missing");
-        }
-        assert!(!s.contains("for (int c = s;;)") && s.contains("const int first"));
-        assert_eq!(
-            l.matches("kr[u] = ").count(),
-            2,
-            "loads before and in the walk"
-        );
-        for text in [&s, &m, &l] {
+        for text in [&s, &m] {
             assert_eq!(text.matches('{').count(), text.matches('}').count());
         }
-        assert!(!l.contains("{{"), "format braces left in the text");
     }
 
-    /// The one-chunk text is the one measured on an H100 on 2026-12-07
+    /// The text is the one measured on an H100 on 2026-12-07
     /// (docs/benchmarks.md, item 15): a change to it must be checked and
     /// timed on a GPU again, and then this hash (FNV-1a of the bf16 text
     /// for Qwen3-4B's heads) updated.
     #[test]
     fn measured_text_unchanged() {
-        let text = part_source("__nv_bfloat16", shape(32, 8, 128), false);
+        let text = part_source("__nv_bfloat16", shape(32, 8, 128));
         let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
         assert_eq!(hash, 12_536_950_139_908_923_137, "{text}");
-    }
-
-    /// `INFER_ATTN_BLOCKS`: a number from 1 to 4,096, else unset.
-    #[test]
-    fn max_blocks_from_setting() {
-        assert_eq!(max_blocks(None), None);
-        assert_eq!(max_blocks(Some("16")), Some(16));
-        assert_eq!(max_blocks(Some(" 1 ")), Some(1));
-        assert_eq!(max_blocks(Some("4096")), Some(4_096));
-        for bad in ["0", "-3", "4097", "many", ""] {
-            assert_eq!(max_blocks(Some(bad)), None, "{bad:?}");
-        }
     }
 }
