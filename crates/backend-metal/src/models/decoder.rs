@@ -11,7 +11,7 @@ use crate::cache::{LayerCache, Rotation};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
 use crate::models::fused::{step_applies, wanted, AddNorm, Kind, QkRope, QkShape};
-use crate::models::fused_gemv::{Fold, FusedGemv, GemvWeight, Storage};
+use crate::models::fused_gemv::{l2_next_bytes, Fold, FusedGemv, GemvWeight, Storage};
 use crate::models::grad_checkpoint::run_layer;
 use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, RmsNorm,
@@ -180,14 +180,19 @@ impl LayerGemvs {
         let (hidden, eps) = (c.hidden_size, c.rms_norm_eps);
         let attn = c.num_attention_heads * c.head_dim;
         let qkv_rows = attn + 2 * c.num_key_value_heads * c.head_dim;
-        let make =
-            |fold, k, n, w: GemvWeight<'_>| FusedGemv::make(fold, k, n, eps, dtype, w.storage());
+        // Each asks L2 for the start of the product after it (down: the
+        // next layer's q/k/v) where `INFER_L2_NEXT` says so.
+        let l2 = l2_next_bytes();
+        let make = |fold, k, n, w: GemvWeight<'_>, next: GemvWeight<'_>| {
+            let next_bytes = l2.min(next.values().nbytes() as i64);
+            FusedGemv::make(fold, k, n, eps, dtype, w.storage(), next_bytes)
+        };
         Ok(
             match (
-                make(Fold::Norm, hidden, qkv_rows, qkv)?,
-                make(Fold::Residual, attn, hidden, o)?,
-                make(Fold::NormSwiglu, hidden, c.intermediate_size, gate_up)?,
-                make(Fold::Residual, c.intermediate_size, hidden, down)?,
+                make(Fold::Norm, hidden, qkv_rows, qkv, o)?,
+                make(Fold::Residual, attn, hidden, o, gate_up)?,
+                make(Fold::NormSwiglu, hidden, c.intermediate_size, gate_up, down)?,
+                make(Fold::Residual, c.intermediate_size, hidden, down, qkv)?,
             ) {
                 (Some(qkv), Some(o), Some(gate_up), Some(down)) => Some(Self {
                     qkv,
@@ -303,8 +308,15 @@ impl Decoder {
             return Ok(None);
         }
         let mut h = h.clone();
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            h = match self.gemv_layer(layer, &h, cache, g, qk)? {
+        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+            // The weight the down projection asks L2 for: the next layer's
+            // q/k/v (the last layer's: its own, of the same size).
+            let next = self
+                .layers
+                .get(i + 1)
+                .and_then(|l| l.self_attn.plain_qkv_o())
+                .map(|(w, _)| w);
+            h = match self.gemv_layer(layer, &h, cache, g, qk, next)? {
                 Some(next) => next,
                 None => layer_step(layer, &h, cache, &self.rope, false, Some(qk))?,
             };
@@ -322,6 +334,7 @@ impl Decoder {
         cache: &mut LayerCache,
         g: &LayerGemvs,
         qk: &QkRope,
+        next_qkv: Option<GemvWeight<'_>>,
     ) -> Result<Option<Array>> {
         let (Some((wqkv, wo)), Some((wgu, wd))) =
             (layer.self_attn.plain_qkv_o(), layer.mlp.plain_swiglu())
@@ -336,16 +349,26 @@ impl Decoder {
         if !fits {
             return Ok(None);
         }
-        let qkv = g.qkv.apply(h, Some(&n_in.weight), &wqkv, None)?;
+        // A next layer stored otherwise may hold fewer bytes than asked for.
+        let next_qkv = next_qkv
+            .filter(|n| n.values().nbytes() >= wqkv.values().nbytes())
+            .unwrap_or(wqkv);
+        let qkv = g
+            .qkv
+            .apply(h, Some(&n_in.weight), &wqkv, None, Some(wo.values()))?;
         let Some(heads) = layer
             .self_attn
             .attend_projected(&qkv, cache, &self.rope, qk)?
         else {
             return Ok(None);
         };
-        let h1 = g.o.apply(&heads, None, &wo, Some(h))?;
-        let act = g.gate_up.apply(&h1, Some(&n_post.weight), &wgu, None)?;
-        g.down.apply(&act, None, &wd, Some(&h1)).map(Some)
+        let h1 = g.o.apply(&heads, None, &wo, Some(h), Some(wgu.values()))?;
+        let act = g
+            .gate_up
+            .apply(&h1, Some(&n_post.weight), &wgu, None, Some(wd.values()))?;
+        g.down
+            .apply(&act, None, &wd, Some(&h1), Some(next_qkv.values()))
+            .map(Some)
     }
 
     /// A decode step with each residual add and the norm after it in one

@@ -1222,8 +1222,11 @@ fn check_gemvs(
                 .as_dtype(dtype),
         }
     };
-    let make = |fold, k, n| {
-        FusedGemv::make(fold, k, n, eps, dtype, storage)?.ok_or_else(|| {
+    // With `INFER_L2_NEXT` set, each kernel asks L2 for its own weight as
+    // the next one (the request must not change a result).
+    let make = |fold, k, n, next: &Array| {
+        let next_bytes = crate::models::fused_gemv::l2_next_bytes().min(next.nbytes() as i64);
+        FusedGemv::make(fold, k, n, eps, dtype, storage, next_bytes)?.ok_or_else(|| {
             Exception::custom(format!(
                 "no gemv kernel for {k} × {n} {dtype:?} {storage:?}"
             ))
@@ -1239,8 +1242,14 @@ fn check_gemvs(
     // `rows` rows: its result and the reference weight.
     let normed_gemv = |fold, n, rows| -> Result<(Array, Array)> {
         let (parts, w) = weight(rows, hidden)?;
-        let got =
-            make(fold, hidden, n)?.apply(&x, Some(&norm.weight), &view(storage, &parts), None)?;
+        let v = view(storage, &parts);
+        let got = make(fold, hidden, n, v.values())?.apply(
+            &x,
+            Some(&norm.weight),
+            &v,
+            None,
+            Some(v.values()),
+        )?;
         Ok((got, w))
     };
     let (got, w) = normed_gemv(Fold::Norm, qkv_rows, qkv_rows)?;
@@ -1264,8 +1273,14 @@ fn check_gemvs(
     for (k, name) in [(attn, "output"), (inter, "down")] {
         let a = normal(&[1, 1, k])?;
         let (parts, w) = weight(hidden, k)?;
-        let got =
-            make(Fold::Residual, k, hidden)?.apply(&a, None, &view(storage, &parts), Some(&x))?;
+        let v = view(storage, &parts);
+        let got = make(Fold::Residual, k, hidden, v.values())?.apply(
+            &a,
+            None,
+            &v,
+            Some(&x),
+            Some(v.values()),
+        )?;
         let want = x.add(product(&a, &w)?)?;
         out.push(compare(
             format!("gemv residual ({name}): {k} → {hidden}{what}"),

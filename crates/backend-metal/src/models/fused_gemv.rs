@@ -102,6 +102,14 @@ pub enum GemvWeight<'a> {
 }
 
 impl GemvWeight<'_> {
+    /// The array holding its values (for affine storage, the packed
+    /// values): what [`FusedGemv::apply`] asks L2 for as the next weight.
+    pub fn values(&self) -> &Array {
+        match *self {
+            GemvWeight::Dense(w) | GemvWeight::Affine { weight: w, .. } => w,
+        }
+    }
+
     /// How it is stored.
     pub fn storage(&self) -> Storage {
         match *self {
@@ -113,6 +121,32 @@ impl GemvWeight<'_> {
 
 /// Threads per block.
 const THREADS: i32 = 256;
+
+/// Most megabytes `INFER_L2_NEXT` may ask for (an H100's L2 holds 50).
+const MAX_L2_NEXT_MB: i64 = 48;
+
+/// `INFER_L2_NEXT=MB` (`setting`; 1 to 48): the bytes of the next
+/// product's weight each product's kernel asks L2 for as it ends (see
+/// [`FusedGemv::make`]); `0` when unset. Opt-in until measured on a GPU;
+/// anything else is warned of and read as unset.
+fn l2_next(setting: Option<&str>) -> i64 {
+    let Some(s) = setting else { return 0 };
+    match s.trim().parse::<i64>() {
+        Ok(mb @ 1..=MAX_L2_NEXT_MB) => mb << 20,
+        _ => {
+            tracing::warn!(
+                "INFER_L2_NEXT={s:?} is not a number of megabytes from 1 to {MAX_L2_NEXT_MB}; \
+                 read as unset"
+            );
+            0
+        }
+    }
+}
+
+/// [`l2_next`] of the environment.
+pub(crate) fn l2_next_bytes() -> i64 {
+    l2_next(std::env::var("INFER_L2_NEXT").ok().as_deref())
+}
 
 /// Most bytes of the input vector a block holds in shared memory.
 const MAX_INPUT_BYTES: i32 = 40 * 1024;
@@ -147,6 +181,8 @@ pub struct FusedGemv {
     rows: i32,
     eps: f32,
     dtype: Dtype,
+    /// Bytes of the next product's weight asked for (0: none).
+    next_bytes: i64,
     /// One element, passed where the fold takes no norm weight or residual.
     none: Array,
 }
@@ -157,6 +193,12 @@ impl FusedGemv {
     /// epsilon `eps`; `None` where it does not apply (a dtype or a
     /// quantisation without one, `k` not a whole number of 16-byte loads or
     /// groups, or an input too large for shared memory).
+    ///
+    /// With `next_bytes` over 0 the last quarter of its blocks, each once
+    /// its own rows are done, asks L2 for the first `next_bytes` of the
+    /// weight passed to [`apply`](Self::apply) as `next` (the product that
+    /// follows), so that the next kernel's first loads find it there while
+    /// this one drains (`INFER_L2_NEXT`, [`l2_next_bytes`]).
     pub fn make(
         fold: Fold,
         k: i32,
@@ -164,6 +206,7 @@ impl FusedGemv {
         eps: f32,
         dtype: Dtype,
         storage: Storage,
+        next_bytes: i64,
     ) -> Result<Option<Self>> {
         // f32 waits for its check on a GPU (bf16 and f16 passed it).
         let Some(ty) = super::fused::cuda_type(dtype).filter(|_| dtype != Dtype::Float32) else {
@@ -173,14 +216,15 @@ impl FusedGemv {
             Dtype::Float32 => 4,
             _ => 2,
         };
-        if k <= 0 || n <= 0 || k % (16 / size) != 0 || k * size > MAX_INPUT_BYTES {
+        if k <= 0 || n <= 0 || k % (16 / size) != 0 || k * size > MAX_INPUT_BYTES || next_bytes < 0
+        {
             return Ok(None);
         }
         let rows = rows_per_block(n);
         let (source, inputs): (String, &[&str]) = match storage {
             Storage::Dense => (
-                gemv_source(ty, fold, k, n, rows, eps),
-                &["x", "nw", "w", "res"],
+                gemv_source(ty, fold, k, n, rows, eps, next_bytes),
+                &["x", "nw", "w", "res", "nx"],
             ),
             Storage::Affine { bits, group } => {
                 let quantised =
@@ -189,11 +233,13 @@ impl FusedGemv {
                     return Ok(None);
                 }
                 (
-                    qgemv_source(ty, fold, k, n, rows, eps, bits, group),
-                    &["x", "nw", "w", "sc", "bi", "res"],
+                    qgemv_source(ty, fold, k, n, rows, eps, bits, group, next_bytes),
+                    &["x", "nw", "w", "sc", "bi", "res", "nx"],
                 )
             }
         };
+        // The next weight is an input only where the text reads it.
+        let inputs = &inputs[..inputs.len() - usize::from(next_bytes == 0)];
         let kernel = CudaKernel::with_header("infer_gemv", inputs, &["y"], &source, GEMV_HEADER)?;
         Ok(Some(Self {
             kernel,
@@ -204,6 +250,7 @@ impl FusedGemv {
             rows,
             eps,
             dtype,
+            next_bytes,
             none: Array::zeros::<f32>(&[1])?.as_dtype(dtype)?,
         }))
     }
@@ -245,13 +292,16 @@ impl FusedGemv {
     /// The product for `x` `[1, 1, k]` (or any shape of `k` elements, such
     /// as attention heads `[1, H, 1, D]`), weight `w` (which it
     /// [`takes`](Self::takes)), the norm's weight `nw` and the residual
-    /// `res` `[1, 1, n]` where the fold takes them: `[1, 1, n]`.
+    /// `res` `[1, 1, n]` where the fold takes them, and the next product's
+    /// weight `next` where it was made to ask L2 for one (at least as many
+    /// bytes as it asks for; ignored otherwise): `[1, 1, n]`.
     pub fn apply(
         &self,
         x: &Array,
         nw: Option<&Array>,
         w: &GemvWeight<'_>,
         res: Option<&Array>,
+        next: Option<&Array>,
     ) -> Result<Array> {
         let extra = |a: Option<&Array>, len: usize| {
             a.is_some_and(|a| a.size() != len || a.dtype() != self.dtype)
@@ -261,6 +311,7 @@ impl FusedGemv {
             || extra(nw, self.k as usize)
             || extra(res, self.n as usize)
             || w.storage() != self.storage
+            || (self.next_bytes > 0 && next.is_none_or(|a| (a.nbytes() as i64) < self.next_bytes))
         {
             return Err(Exception::custom(format!(
                 "fused gemv ({:?}, {} → {}, {:?}): input {:?} {:?} or weight {:?} does not fit",
@@ -278,7 +329,7 @@ impl FusedGemv {
         let (dense, affine);
         let inputs: &[&Array] = match *w {
             GemvWeight::Dense(w) => {
-                dense = [x, nw, w, res];
+                dense = [x, nw, w, res, next.unwrap_or(&self.none)];
                 &dense
             }
             GemvWeight::Affine {
@@ -287,10 +338,19 @@ impl FusedGemv {
                 biases,
                 ..
             } => {
-                affine = [x, nw, weight, scales, biases, res];
+                affine = [
+                    x,
+                    nw,
+                    weight,
+                    scales,
+                    biases,
+                    res,
+                    next.unwrap_or(&self.none),
+                ];
                 &affine
             }
         };
+        let inputs = &inputs[..inputs.len() - usize::from(self.next_bytes == 0)];
         let out = self.kernel.apply(
             inputs,
             &[(&[1, 1, self.n], self.dtype)],
@@ -345,6 +405,36 @@ fn l2_prefetch(row: &str) -> String {
             const char* p = reinterpret_cast<const char*>(
                 w + static_cast<size_t>(MODE == 1 && (br & 1) ? r + N : r) * {row});
             asm volatile("prefetch.global.L2 [%0];" :: "l"(p + (j % LINES) * 128));
+        }}
+    }}
+"#
+    )
+}
+
+/// Both kernels' request, with `bytes` over 0, for the first `bytes` of
+/// the next product's weight `nx` into L2: spread over the last quarter
+/// of the blocks (those that run as the kernel drains), 128-byte lines,
+/// each block's share after its own rows. Empty with `bytes` 0, so that
+/// the text is the one measured.
+fn next_prefetch(bytes: i64) -> String {
+    if bytes <= 0 {
+        return String::new();
+    }
+    format!(
+        r#"    // The first bytes of the next product's weight, into L2 as this
+    // kernel drains.
+    {{
+        constexpr long long LINES = ({bytes}LL + 127) / 128;
+        const int tail = gridDim.x >= 4 ? gridDim.x / 4 : gridDim.x;
+        const int b = static_cast<int>(blockIdx.x) - static_cast<int>(gridDim.x - tail);
+        if (b >= 0) {{
+            const long long per = (LINES + tail - 1) / tail;
+            const long long lo = b * per;
+            const long long hi = lo + per < LINES ? lo + per : LINES;
+            const char* p = reinterpret_cast<const char*>(nx);
+            for (long long j = lo + t; j < hi; j += THREADS) {{
+                asm volatile("prefetch.global.L2 [%0];" :: "l"(p + j * 128));
+            }}
         }}
     }}
 "#
@@ -417,10 +507,20 @@ const GEMV_EPILOGUE: &str = r#"#pragma unroll
 /// The body of [`FusedGemv`]'s kernel. Block: 256 threads; `RPB` output
 /// rows a block, each row by `WPR` warps (each a share of the row's 16-byte
 /// chunks) or each warp `RPW` rows. The block first asks L2 for the start
-/// of its rows, then writes its (normalised) input into shared memory.
-fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> String {
+/// of its rows, then writes its (normalised) input into shared memory;
+/// with `next_bytes`, [`next_prefetch`] after its rows.
+fn gemv_source(
+    ty: &str,
+    fold: Fold,
+    k: i32,
+    n: i32,
+    rows: i32,
+    eps: f32,
+    next_bytes: i64,
+) -> String {
     let preamble = preamble(ty, fold, k, n, rows, eps);
     let prefetch = l2_prefetch("K");
+    let next = next_prefetch(next_bytes);
     format!(
         r#"
 {preamble}    constexpr int V = 16 / sizeof(T);
@@ -473,11 +573,17 @@ fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> Str
             for (int d = 0; d < DOTS; ++d) acc[d] += static_cast<float>(rows[d][j]) * xf;
         }}
     }}
-{GEMV_EPILOGUE}
+{next}{GEMV_EPILOGUE}
 "#
     )
 }
 
+/// The body of a quantised [`FusedGemv`]'s kernel: as [`gemv_source`]
+/// with `w` `[rows, K·BITS/32]` uint32 and a scale `sc` and bias `bi`
+/// `[rows, K/GROUP]` a group. A lane's 16-byte load holds `VALS` values of
+/// one group; the block keeps the sum of the inputs each load meets
+/// (`xsum`), so that a load adds `scale · Σ q·x + bias · Σ x`. A value `q`
+/// becomes a float by its bits (`2²³ + q`, less `2²³`), not by a
 /// conversion instruction (a quarter of the rate).
 #[allow(clippy::too_many_arguments)]
 fn qgemv_source(
@@ -489,9 +595,11 @@ fn qgemv_source(
     eps: f32,
     bits: i32,
     group: i32,
+    next_bytes: i64,
 ) -> String {
     let preamble = preamble(ty, fold, k, n, rows, eps);
     let prefetch = l2_prefetch("WORDS");
+    let next = next_prefetch(next_bytes);
     format!(
         r#"
 {preamble}    constexpr int BITS = {bits};
@@ -586,7 +694,7 @@ fn qgemv_source(
             acc[d] = fmaf(s, dot, fmaf(b, xc, acc[d]));
         }}
     }}
-{GEMV_EPILOGUE}
+{next}{GEMV_EPILOGUE}
 "#
     )
 }
@@ -679,13 +787,13 @@ pub fn time(reps: usize) -> Result<Vec<GemvTiming>> {
                     Fold::Residual => res.add(x.matmul(w.t())?),
                 }
             };
-            let kernel = FusedGemv::make(fold, k, n, eps, dtype, Storage::Dense)?
+            let kernel = FusedGemv::make(fold, k, n, eps, dtype, Storage::Dense, 0)?
                 .ok_or_else(|| Exception::custom(format!("no gemv kernel for {case}")))?;
             let (nw, r) = match fold {
                 Fold::Residual => (None, Some(&res)),
                 _ => (Some(&norm.weight), None),
             };
-            let ours = |w: &Array| kernel.apply(&x, nw, &GemvWeight::Dense(w), r);
+            let ours = |w: &Array| kernel.apply(&x, nw, &GemvWeight::Dense(w), r, None);
             let implementations: [(&str, Product<'_>); 2] =
                 [("mlx", Box::new(&mlx)), ("infer_gemv", Box::new(ours))];
             let reference = mlx(&weights[0])?;
@@ -748,7 +856,7 @@ mod tests {
     #[test]
     fn kernels_only_for_shapes_they_serve() {
         // 16-byte loads: bf16 rows of a multiple of 8, f32 of 4.
-        let make = |k, dtype| FusedGemv::make(Fold::Norm, k, 64, 1e-6, dtype, Storage::Dense);
+        let make = |k, dtype| FusedGemv::make(Fold::Norm, k, 64, 1e-6, dtype, Storage::Dense, 0);
         assert!(make(1_001, Dtype::Bfloat16).unwrap().is_none());
         assert!(make(1_002, Dtype::Float32).unwrap().is_none());
         // Inputs over 40 KiB do not fit shared memory beside the rest.
@@ -759,7 +867,7 @@ mod tests {
         // Quantised: 4 or 8 bits, groups of 32, 64 or 128 that divide a row.
         let affine = |k, bits, group| {
             let storage = Storage::Affine { bits, group };
-            FusedGemv::make(Fold::Norm, k, 64, 1e-6, Dtype::Bfloat16, storage)
+            FusedGemv::make(Fold::Norm, k, 64, 1e-6, Dtype::Bfloat16, storage, 0)
         };
         assert!(affine(1_024, 3, 64).unwrap().is_none());
         assert!(affine(1_024, 4, 16).unwrap().is_none());
@@ -769,7 +877,7 @@ mod tests {
 
     #[test]
     fn quantised_source_bakes_in_the_layout() {
-        let s = qgemv_source("__half", Fold::Residual, 9_728, 2_560, 4, 1e-6, 4, 64);
+        let s = qgemv_source("__half", Fold::Residual, 9_728, 2_560, 4, 1e-6, 4, 64, 0);
         for want in [
             "using T = __half;",
             "constexpr int K = 9728;",
@@ -785,7 +893,7 @@ mod tests {
 
     #[test]
     fn source_bakes_in_the_shape_and_fold() {
-        let s = gemv_source("__nv_bfloat16", Fold::NormSwiglu, 2_560, 9_728, 16, 1e-6);
+        let s = gemv_source("__nv_bfloat16", Fold::NormSwiglu, 2_560, 9_728, 16, 1e-6, 0);
         for want in [
             "using T = __nv_bfloat16;",
             "constexpr int K = 2560;",
@@ -797,5 +905,90 @@ mod tests {
             assert!(s.contains(want), "{want} missing");
         }
         assert!(!s.contains("{{"), "format braces left in the text");
+    }
+
+    /// The texts without the L2 request are the ones measured on an H100
+    /// on 2026-12-07 (docs/benchmarks.md): a change to them must be checked
+    /// and timed on a GPU again, and then these hashes (FNV-1a of the bf16
+    /// texts for a 2,560 → 6,144 product in each fold, dense and 4-bit)
+    /// updated.
+    #[test]
+    fn measured_texts_unchanged() {
+        let hash = |t: String| {
+            t.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+        };
+        let mut got = Vec::new();
+        for fold in [Fold::Norm, Fold::NormSwiglu, Fold::Residual] {
+            got.push(hash(gemv_source(
+                "__nv_bfloat16",
+                fold,
+                2560,
+                6144,
+                8,
+                1e-6,
+                0,
+            )));
+            got.push(hash(qgemv_source(
+                "__nv_bfloat16",
+                fold,
+                2560,
+                6144,
+                8,
+                1e-6,
+                4,
+                64,
+                0,
+            )));
+        }
+        assert_eq!(
+            got,
+            [
+                10_777_791_978_383_443_436,
+                12_361_575_103_592_491_213,
+                7_858_505_738_467_951_383,
+                3_987_679_108_191_362_112,
+                4_729_371_061_142_048_450,
+                8_523_673_951_010_454_119,
+            ]
+        );
+    }
+
+    #[test]
+    fn next_weight_request_only_when_asked() {
+        let with = gemv_source("__half", Fold::Residual, 4_096, 2_560, 4, 1e-6, 16 << 20);
+        let without = gemv_source("__half", Fold::Residual, 4_096, 2_560, 4, 1e-6, 0);
+        for s in [&with, &without] {
+            assert_eq!(s.matches('{').count(), s.matches('}').count());
+            assert!(!s.contains("{{"), "format braces left in the text");
+        }
+        assert!(with.contains("constexpr long long LINES = (16777216LL + 127) / 128;"));
+        assert!(with.contains("reinterpret_cast<const char*>(nx)"));
+        assert!(!without.contains("nx"));
+        let q = qgemv_source("__half", Fold::Norm, 2_560, 6_144, 8, 1e-6, 8, 64, 1 << 20);
+        assert!(q.contains("(1048576LL + 127) / 128"));
+        // The request comes after the block's rows, before the epilogue.
+        let at = with
+            .find("prefetch.global.L2 [%0];\" :: \"l\"(p + j * 128)")
+            .unwrap();
+        assert!(at > with.find("acc[d] +=").unwrap());
+        assert!(
+            at < with
+                .find("__shfl_xor_sync(0xffffffffu, acc[d], o)")
+                .unwrap()
+        );
+    }
+
+    /// `INFER_L2_NEXT`: megabytes from 1 to 48, else unset.
+    #[test]
+    fn l2_next_from_setting() {
+        assert_eq!(l2_next(None), 0);
+        assert_eq!(l2_next(Some("16")), 16 << 20);
+        assert_eq!(l2_next(Some(" 1 ")), 1 << 20);
+        assert_eq!(l2_next(Some("48")), 48 << 20);
+        for bad in ["0", "-3", "49", "lots", ""] {
+            assert_eq!(l2_next(Some(bad)), 0, "{bad:?}");
+        }
     }
 }
