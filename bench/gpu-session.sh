@@ -28,9 +28,9 @@
 #   trace:MODEL:PROMPT:DECODE:ENGINE
 #                      `gpu.sh trace` of one warm-up and one run of ENGINE
 #                      (`ours` or `mlx-lm`), the kernel list gzipped to
-#                      trace-ENGINE-MODEL-PROMPT.csv.gz and
+#                      trace-ENGINE-MODEL-PROMPT-DECODE.csv.gz and
 #                      bench/cupti/steps.py's summary beside it (.txt, .json;
-#                      at most 120 s a step)
+#                      at most 120 s a step, 40 s kept for the summary)
 #
 # LIMIT_S is the call's time limit less the transfers (575 for a 600 s call);
 # a step that would start with less than 80 s left is skipped.
@@ -118,7 +118,7 @@ print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
         ;;
     trace)
         IFS=: read -r _ a b c engine <<<"$step"
-        name=trace-$engine-$a-$b
+        name=trace-$engine-$a-$b-$c
         case $engine in
         ours) run=("$work/infer-bench" run) ;;
         mlx-lm) run=("$py" "$bundle/mlx_lm_bench.py") ;;
@@ -127,7 +127,7 @@ print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
             continue
             ;;
         esac
-        n=$(($(left) - 5))
+        n=$(($(left) - 40))
         [ "$n" -gt 120 ] && n=120
         say "trace $engine $a $b/$c ($n s at most)"
         timeout "$n" $gpu trace "$out/$name.csv" "${run[@]}" --model "$work/models/$a" \
@@ -135,10 +135,14 @@ print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
             --out "$out/$name.jsonl" >>"$out/log.txt" 2>&1
         say "trace exit $?"
         leftovers
-        "$py" "$root/bench/cupti/steps.py" "$out/$name.csv" --top 40 --sequence 60 \
-            --json "$out/$name-steps.json" >"$out/$name-steps.txt" 2>&1
-        head -12 "$out/$name-steps.txt" >>"$out/log.txt"
-        gzip -f "$out/$name.csv"
+        if [ -s "$out/$name.csv" ]; then
+            timeout 30 "$py" "$root/bench/cupti/steps.py" "$out/$name.csv" --top 40 --sequence 60 \
+                --json "$out/$name-steps.json" >"$out/$name-steps.txt" 2>&1
+            head -12 "$out/$name-steps.txt" >>"$out/log.txt"
+            gzip -f "$out/$name.csv"
+        else
+            say "no trace written"
+        fi
         ;;
     *)
         say "unknown step $step"

@@ -327,6 +327,9 @@ impl Decoder {
     /// One layer's step through `g`; `None` (nothing computed) where the
     /// layer's weights or norms are not theirs (adapters, biases, another
     /// storage than the first layer's, a tensor-parallel weight).
+    /// `next_qkv`: the next layer's q/k/v weight, which the down projection
+    /// asks L2 for where `INFER_L2_NEXT` is set (this layer's own where it
+    /// is `None` or holds fewer bytes).
     fn gemv_layer(
         &self,
         layer: &Layer,

@@ -192,7 +192,8 @@ impl FusedGemv {
     /// `k` features stored as `storage`, activations in `dtype`, norms of
     /// epsilon `eps`; `None` where it does not apply (a dtype or a
     /// quantisation without one, `k` not a whole number of 16-byte loads or
-    /// groups, or an input too large for shared memory).
+    /// groups, an input too large for shared memory, or `next_bytes` below
+    /// 0).
     ///
     /// With `next_bytes` over 0 the last quarter of its blocks, each once
     /// its own rows are done, asks L2 for the first `next_bytes` of the
@@ -294,7 +295,8 @@ impl FusedGemv {
     /// [`takes`](Self::takes)), the norm's weight `nw` and the residual
     /// `res` `[1, 1, n]` where the fold takes them, and the next product's
     /// weight `next` where it was made to ask L2 for one (at least as many
-    /// bytes as it asks for; ignored otherwise): `[1, 1, n]`.
+    /// bytes as it asks for, and row-contiguous, as loaded weights are, or
+    /// MLX copies it; ignored otherwise): `[1, 1, n]`.
     pub fn apply(
         &self,
         x: &Array,
@@ -314,14 +316,17 @@ impl FusedGemv {
             || (self.next_bytes > 0 && next.is_none_or(|a| (a.nbytes() as i64) < self.next_bytes))
         {
             return Err(Exception::custom(format!(
-                "fused gemv ({:?}, {} → {}, {:?}): input {:?} {:?} or weight {:?} does not fit",
+                "fused gemv ({:?}, {} → {}, {:?}): input {:?} {:?}, weight {:?} or next weight \
+                 ({} bytes for {} asked) does not fit",
                 self.fold,
                 self.k,
                 self.n,
                 self.storage,
                 x.shape(),
                 x.dtype(),
-                w.storage()
+                w.storage(),
+                next.map_or(0, |a| a.nbytes()),
+                self.next_bytes
             )));
         }
         let blocks = (self.n + self.rows - 1) / self.rows;
