@@ -309,13 +309,16 @@ impl Decoder {
         }
         let mut h = h.clone();
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
-            // The weight the down projection asks L2 for: the next layer's
-            // q/k/v (the last layer's: its own, of the same size).
-            let next = self
-                .layers
-                .get(i + 1)
-                .and_then(|l| l.self_attn.plain_qkv_o())
-                .map(|(w, _)| w);
+            // The weight the down projection asks L2 for, if it asks: the
+            // next layer's q/k/v (the last layer's: its own, of the same size).
+            let next = match g.down.next_bytes() {
+                0 => None,
+                _ => self
+                    .layers
+                    .get(i + 1)
+                    .and_then(|l| l.self_attn.plain_qkv_o())
+                    .map(|(w, _)| w),
+            };
             h = match self.gemv_layer(layer, &h, cache, g, qk, next)? {
                 Some(next) => next,
                 None => layer_step(layer, &h, cache, &self.rope, false, Some(qk))?,
@@ -354,7 +357,7 @@ impl Decoder {
         }
         // A next layer stored otherwise may hold fewer bytes than asked for.
         let next_qkv = next_qkv
-            .filter(|n| n.values().nbytes() >= wqkv.values().nbytes())
+            .filter(|n| n.values().nbytes() as i64 >= g.down.next_bytes())
             .unwrap_or(wqkv);
         let qkv = g
             .qkv

@@ -40,7 +40,7 @@ use mlx_rs::{Array, Dtype};
 use crate::cache::{KvCache, Positions};
 use crate::ffi::CudaKernel;
 use crate::models::fused_attn::{AttnShape, DecodeAttention};
-use crate::models::fused_gemv::{Fold, FusedGemv, GemvWeight, Storage};
+use crate::models::fused_gemv::{l2_next_bytes, Fold, FusedGemv, GemvWeight, Storage};
 use crate::models::layers::{RmsNorm, RotaryEmbedding};
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -1224,8 +1224,9 @@ fn check_gemvs(
     };
     // With `INFER_L2_NEXT` set, each kernel asks L2 for its own weight as
     // the next one (the request must not change a result).
+    let l2 = l2_next_bytes();
     let make = |fold, k, n, next: &Array| {
-        let next_bytes = crate::models::fused_gemv::l2_next_bytes().min(next.nbytes() as i64);
+        let next_bytes = l2.min(next.nbytes() as i64);
         FusedGemv::make(fold, k, n, eps, dtype, storage, next_bytes)?.ok_or_else(|| {
             Exception::custom(format!(
                 "no gemv kernel for {k} × {n} {dtype:?} {storage:?}"

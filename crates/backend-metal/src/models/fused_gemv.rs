@@ -256,6 +256,12 @@ impl FusedGemv {
         }))
     }
 
+    /// Bytes of the next product's weight it asks L2 for (0: none); `next`
+    /// of [`apply`](Self::apply) must hold at least as many.
+    pub fn next_bytes(&self) -> i64 {
+        self.next_bytes
+    }
+
     /// Whether it takes weight `w` and (where its fold has one) a norm of
     /// weight `norm` with epsilon `eps`.
     pub fn takes(&self, w: &GemvWeight<'_>, norm: Option<(&Array, f32)>) -> bool {
