@@ -25,10 +25,11 @@
 #                      `gpu.sh envs` of our engine alone under each SETTING
 #                      (`default` or VAR=VALUE,...), then
 #                      bench/pick_setting.py's table and choice in the log
-#   trace:MODEL:PROMPT:DECODE:ENGINE
+#   trace:MODEL:PROMPT:DECODE:ENGINE[:VAR=VALUE,...]
 #                      `gpu.sh trace` of one warm-up and one run of ENGINE
-#                      (`ours` or `mlx-lm`), the kernel list gzipped to
-#                      trace-ENGINE-MODEL-PROMPT-DECODE.csv.gz and
+#                      (`ours` or `mlx-lm`) under those settings, the kernel
+#                      list gzipped to trace-ENGINE-MODEL-PROMPT-DECODE.csv.gz
+#                      (-VAR=VALUE-... added where settings are given) and
 #                      bench/cupti/steps.py's summary beside it (.txt, .json;
 #                      at most 120 s a step, 40 s kept for the summary)
 #
@@ -117,8 +118,13 @@ print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
             >>"$out/log.txt" 2>&1
         ;;
     trace)
-        IFS=: read -r _ a b c engine <<<"$step"
+        IFS=: read -r _ a b c engine settings <<<"$step"
         name=trace-$engine-$a-$b-$c
+        vars=()
+        if [ -n "$settings" ]; then
+            IFS=, read -ra vars <<<"$settings"
+            name=$name-${settings//,/-}
+        fi
         case $engine in
         ours) run=("$work/infer-bench" run) ;;
         mlx-lm) run=("$py" "$bundle/mlx_lm_bench.py") ;;
@@ -129,8 +135,8 @@ print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
         esac
         n=$(($(left) - 40))
         [ "$n" -gt 120 ] && n=120
-        say "trace $engine $a $b/$c ($n s at most)"
-        timeout "$n" $gpu trace "$out/$name.csv" "${run[@]}" --model "$work/models/$a" \
+        say "trace $engine $a $b/$c ${vars[*]} ($n s at most)"
+        env "${vars[@]}" timeout "$n" $gpu trace "$out/$name.csv" "${run[@]}" --model "$work/models/$a" \
             --scenario single --prompt "$b" --decode "$c" --runs 1 --warmup 1 \
             --out "$out/$name.jsonl" >>"$out/log.txt" 2>&1
         say "trace exit $?"

@@ -148,6 +148,47 @@ pub(crate) fn l2_next_bytes() -> i64 {
     l2_next(std::env::var("INFER_L2_NEXT").ok().as_deref())
 }
 
+/// `INFER_GEMV_DIRECT=1` (`setting`): the dense kernels read their input
+/// from global memory, each warp normalising its own share of it, instead
+/// of a block's copy in shared memory (see [`gemv_source`]). Opt-in until
+/// measured on a GPU; anything but `0` or `1` is warned of and read as
+/// unset.
+fn gemv_direct(setting: Option<&str>) -> bool {
+    match setting.map(str::trim) {
+        None | Some("0") => false,
+        Some("1") => true,
+        Some(s) => {
+            tracing::warn!("INFER_GEMV_DIRECT={s:?} is not 0 or 1; read as unset");
+            false
+        }
+    }
+}
+
+/// `INFER_GEMV_ROWS=N` (`setting`; 1, 2, 4, 8 or 16): output rows a block
+/// of every gemv kernel, in place of [`rows_per_block`]'s choice. Opt-in
+/// until measured on a GPU; anything else is warned of and read as unset.
+fn gemv_rows(setting: Option<&str>) -> Option<i32> {
+    let s = setting?;
+    match s.trim().parse::<i32>() {
+        Ok(r @ (1 | 2 | 4 | 8 | 16)) => Some(r),
+        _ => {
+            tracing::warn!("INFER_GEMV_ROWS={s:?} is not 1, 2, 4, 8 or 16; read as unset");
+            None
+        }
+    }
+}
+
+/// [`gemv_direct`] and [`gemv_rows`] of the environment, read once.
+fn gemv_layout() -> (bool, Option<i32>) {
+    static LAYOUT: std::sync::OnceLock<(bool, Option<i32>)> = std::sync::OnceLock::new();
+    *LAYOUT.get_or_init(|| {
+        (
+            gemv_direct(std::env::var("INFER_GEMV_DIRECT").ok().as_deref()),
+            gemv_rows(std::env::var("INFER_GEMV_ROWS").ok().as_deref()),
+        )
+    })
+}
+
 /// Most bytes of the input vector a block holds in shared memory.
 const MAX_INPUT_BYTES: i32 = 40 * 1024;
 
@@ -221,10 +262,11 @@ impl FusedGemv {
         {
             return Ok(None);
         }
-        let rows = rows_per_block(n);
+        let (direct, rows) = gemv_layout();
+        let rows = rows.unwrap_or_else(|| rows_per_block(n));
         let (source, inputs): (String, &[&str]) = match storage {
             Storage::Dense => (
-                gemv_source(ty, fold, k, n, rows, eps, next_bytes),
+                gemv_source(ty, fold, k, n, rows, eps, next_bytes, direct),
                 &["x", "nw", "w", "res", "nx"],
             ),
             Storage::Affine { bits, group } => {
@@ -520,6 +562,12 @@ const GEMV_EPILOGUE: &str = r#"#pragma unroll
 /// chunks) or each warp `RPW` rows. The block first asks L2 for the start
 /// of its rows, then writes its (normalised) input into shared memory;
 /// with `next_bytes`, [`next_prefetch`] after its rows.
+///
+/// With `direct` there is no shared copy and no wait for the block: each
+/// warp sums the input's squares itself (for a norm) and normalises the
+/// chunks it meets as it goes, reading them from global memory (L1), as
+/// MLX's own gemv reads its vector.
+#[allow(clippy::too_many_arguments)]
 fn gemv_source(
     ty: &str,
     fold: Fold,
@@ -528,18 +576,36 @@ fn gemv_source(
     rows: i32,
     eps: f32,
     next_bytes: i64,
+    direct: bool,
 ) -> String {
     let preamble = preamble(ty, fold, k, n, rows, eps);
     let prefetch = l2_prefetch("K");
     let next = next_prefetch(next_bytes);
+    let (shared, input, aligned, chunk, element) = if direct {
+        (
+            "",
+            DIRECT_INPUT.to_string(),
+            "((reinterpret_cast<size_t>(w) | reinterpret_cast<size_t>(x) \
+             | (MODE == 2 ? 0 : reinterpret_cast<size_t>(nw))) & 15) == 0",
+            DIRECT_CHUNK,
+            "MODE == 2 ? x[j] : nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv)",
+        )
+    } else {
+        (
+            "    __shared__ __align__(16) T xs[K];\n",
+            format!("{}{SUM_OF_SQUARES}{}", SHARED_INPUT[0], SHARED_INPUT[1]),
+            "(reinterpret_cast<size_t>(w) & 15) == 0",
+            "            const uint4 xv = reinterpret_cast<const uint4*>(xs)[c];\n",
+            "xs[j]",
+        )
+    };
     format!(
         r#"
 {preamble}    constexpr int V = 16 / sizeof(T);
     constexpr int NV = K / V;
     constexpr int ROW_BYTES = K * sizeof(T);
     constexpr int PREFETCH = ROW_BYTES < 4096 ? ROW_BYTES : 4096;
-    __shared__ __align__(16) T xs[K];
-    __shared__ float red[WARPS * DOTS];
+{shared}    __shared__ float red[WARPS * DOTS];
 {THREAD_ROLES}    const T* rows[DOTS];
 #pragma unroll
     for (int d = 0; d < DOTS; ++d) {{
@@ -547,25 +613,15 @@ fn gemv_source(
         r = r < N ? r : N - 1;
         rows[d] = w + static_cast<size_t>(MODE == 1 && (d & 1) ? r + N : r) * K;
     }}
-{prefetch}    if (MODE == 2) {{
-        for (int j = t; j < K; j += THREADS) xs[j] = x[j];
-    }} else {{
-{SUM_OF_SQUARES}        const float inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
-        for (int j = t; j < K; j += THREADS) {{
-            xs[j] = nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv);
-        }}
-    }}
-    __syncthreads();
-    float acc[DOTS];
+{prefetch}{input}    float acc[DOTS];
 #pragma unroll
     for (int d = 0; d < DOTS; ++d) acc[d] = 0.0f;
     const int lo = part * NV / WPR;
     const int hi = (part + 1) * NV / WPR;
-    if ((reinterpret_cast<size_t>(w) & 15) == 0) {{
+    if ({aligned}) {{
 #pragma unroll 4
         for (int c = lo + lane; c < hi; c += 32) {{
-            const uint4 xv = reinterpret_cast<const uint4*>(xs)[c];
-            const T* px = reinterpret_cast<const T*>(&xv);
+{chunk}            const T* px = reinterpret_cast<const T*>(&xv);
 #pragma unroll
             for (int d = 0; d < DOTS; ++d) {{
                 const uint4 wv = reinterpret_cast<const uint4*>(rows[d])[c];
@@ -579,7 +635,7 @@ fn gemv_source(
     }} else {{
         // A weight that does not start on 16 bytes: element by element.
         for (int j = lo * V + lane; j < hi * V; j += 32) {{
-            const float xf = static_cast<float>(xs[j]);
+            const float xf = static_cast<float>({element});
 #pragma unroll
             for (int d = 0; d < DOTS; ++d) acc[d] += static_cast<float>(rows[d][j]) * xf;
         }}
@@ -588,6 +644,62 @@ fn gemv_source(
 "#
     )
 }
+
+/// [`gemv_source`]'s input, shared: the block's (normalised) copy in `xs`
+/// (the norm's sum of squares, [`SUM_OF_SQUARES`], between the two).
+const SHARED_INPUT: [&str; 2] = [
+    r#"    if (MODE == 2) {
+        for (int j = t; j < K; j += THREADS) xs[j] = x[j];
+    } else {
+"#,
+    r#"        const float inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
+        for (int j = t; j < K; j += THREADS) {
+            xs[j] = nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv);
+        }
+    }
+    __syncthreads();
+"#,
+];
+
+/// [`gemv_source`]'s input, direct: each warp's own sum of squares (16-byte
+/// loads where the input starts on 16 bytes) and `inv`, no wait.
+const DIRECT_INPUT: &str = r#"    float inv = 1.0f;
+    if (MODE != 2) {
+        float ss = 0.0f;
+        if ((reinterpret_cast<size_t>(x) & 15) == 0) {
+            for (int c = lane; c < NV; c += 32) {
+                const uint4 xv = reinterpret_cast<const uint4*>(x)[c];
+                const T* px = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    const float f = static_cast<float>(px[e]);
+                    ss += f * f;
+                }
+            }
+        } else {
+            for (int j = lane; j < K; j += 32) {
+                const float f = static_cast<float>(x[j]);
+                ss += f * f;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        inv = ::rsqrtf(ss / static_cast<float>(K) + EPS);
+    }
+"#;
+
+/// [`gemv_source`]'s 16-byte input chunk `c`, direct: read from `x` and,
+/// for a norm, normalised as MLX's norm rounds it.
+const DIRECT_CHUNK: &str = r#"            uint4 xv = reinterpret_cast<const uint4*>(x)[c];
+            if (MODE != 2) {
+                const uint4 nv = reinterpret_cast<const uint4*>(nw)[c];
+                T* pn = reinterpret_cast<T*>(&xv);
+                const T* pg = reinterpret_cast<const T*>(&nv);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    pn[e] = pg[e] * static_cast<T>(static_cast<float>(pn[e]) * inv);
+                }
+            }
+"#;
 
 /// The body of a quantised [`FusedGemv`]'s kernel: as [`gemv_source`]
 /// with `w` `[rows, K·BITS/32]` uint32 and a scale `sc` and bias `bi`
@@ -904,7 +1016,16 @@ mod tests {
 
     #[test]
     fn source_bakes_in_the_shape_and_fold() {
-        let s = gemv_source("__nv_bfloat16", Fold::NormSwiglu, 2_560, 9_728, 16, 1e-6, 0);
+        let s = gemv_source(
+            "__nv_bfloat16",
+            Fold::NormSwiglu,
+            2_560,
+            9_728,
+            16,
+            1e-6,
+            0,
+            false,
+        );
         for want in [
             "using T = __nv_bfloat16;",
             "constexpr int K = 2560;",
@@ -940,6 +1061,7 @@ mod tests {
                 8,
                 1e-6,
                 0,
+                false,
             )));
             got.push(hash(qgemv_source(
                 "__nv_bfloat16",
@@ -966,10 +1088,62 @@ mod tests {
         );
     }
 
+    /// The direct input: no shared copy and no wait before the rows; each
+    /// warp's own sum of squares, the chunks normalised as they are met.
+    #[test]
+    fn direct_input_has_no_shared_copy() {
+        for fold in [Fold::Norm, Fold::NormSwiglu, Fold::Residual] {
+            let s = gemv_source("__nv_bfloat16", fold, 2_560, 6_144, 8, 1e-6, 0, true);
+            assert_eq!(s.matches('{').count(), s.matches('}').count());
+            assert!(!s.contains("{{"), "format braces left in the text");
+            assert!(!s.contains("xs"), "a shared copy in the direct text");
+            let first_wait = s.find("__syncthreads()").unwrap();
+            assert!(
+                first_wait > s.find("acc[d] +=").unwrap(),
+                "a wait before the rows"
+            );
+            for want in [
+                "ss += __shfl_xor_sync(0xffffffffu, ss, o);",
+                "uint4 xv = reinterpret_cast<const uint4*>(x)[c];",
+                "pn[e] = pg[e] * static_cast<T>(static_cast<float>(pn[e]) * inv);",
+                "nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv)",
+            ] {
+                assert!(s.contains(want), "{want} missing");
+            }
+        }
+        let shared = gemv_source("__nv_bfloat16", Fold::Norm, 2_560, 6_144, 8, 1e-6, 0, false);
+        assert!(shared.find("__syncthreads()").unwrap() < shared.find("acc[d] +=").unwrap());
+    }
+
+    /// `INFER_GEMV_DIRECT` and `INFER_GEMV_ROWS`: anything else is unset.
+    #[test]
+    fn layout_from_settings() {
+        assert!(!gemv_direct(None));
+        assert!(!gemv_direct(Some("0")));
+        assert!(gemv_direct(Some(" 1")));
+        assert!(!gemv_direct(Some("yes")));
+        assert_eq!(gemv_rows(None), None);
+        for r in [1, 2, 4, 8, 16] {
+            assert_eq!(gemv_rows(Some(&r.to_string())), Some(r));
+        }
+        for bad in ["0", "3", "32", "-8", "eight", ""] {
+            assert_eq!(gemv_rows(Some(bad)), None, "{bad:?}");
+        }
+    }
+
     #[test]
     fn next_weight_request_only_when_asked() {
-        let with = gemv_source("__half", Fold::Residual, 4_096, 2_560, 4, 1e-6, 16 << 20);
-        let without = gemv_source("__half", Fold::Residual, 4_096, 2_560, 4, 1e-6, 0);
+        let with = gemv_source(
+            "__half",
+            Fold::Residual,
+            4_096,
+            2_560,
+            4,
+            1e-6,
+            16 << 20,
+            false,
+        );
+        let without = gemv_source("__half", Fold::Residual, 4_096, 2_560, 4, 1e-6, 0, false);
         for s in [&with, &without] {
             assert_eq!(s.matches('{').count(), s.matches('}').count());
             assert!(!s.contains("{{"), "format braces left in the text");
