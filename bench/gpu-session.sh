@@ -18,9 +18,12 @@
 #                      `infer-bench fused-check --dtype DTYPE` under those
 #                      settings, records to check-DTYPE.jsonl, failing cases
 #                      to the log
-#   plan:MODEL:PLAN    `gpu.sh plan` beside mlx-lm, PLAN a file of
+#   plan:MODEL:PLAN[:VAR=VALUE,...]
+#                      `gpu.sh plan` beside mlx-lm under those settings
+#                      (INFER_* ones change only our engine), PLAN a file of
 #                      bench/plans/ without `.json`, records to
-#                      PLAN-MODEL.jsonl (at most 170 s a step)
+#                      PLAN-MODEL.jsonl (-VAR=VALUE-... added where settings
+#                      are given; at most 170 s a step)
 #   envs:MODEL:PLAN:SETTING/SETTING...
 #                      `gpu.sh envs` of our engine alone under each SETTING
 #                      (`default` or VAR=VALUE,...), then
@@ -103,8 +106,13 @@ print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
     plan)
         n=$(($(left) - 5))
         [ "$n" -gt 170 ] && n=170
-        say "plan $a $b ($n s at most)"
-        timeout "$n" $gpu plan "$out/$b-$a.jsonl" "$a" "$root/bench/plans/$b.json" \
+        vars=() name=$b-$a
+        if [ -n "$c" ]; then
+            IFS=, read -ra vars <<<"$c"
+            name=$name-${c//,/-}
+        fi
+        say "plan $a $b ${vars[*]} ($n s at most)"
+        env "${vars[@]}" timeout "$n" $gpu plan "$out/$name.jsonl" "$a" "$root/bench/plans/$b.json" \
             >>"$out/log.txt" 2>&1
         leftovers
         ;;
