@@ -28,6 +28,8 @@
 #                      `gpu.sh envs` of our engine alone under each SETTING
 #                      (`default` or VAR=VALUE,...), then
 #                      bench/pick_setting.py's table and choice in the log
+#   (a step's settings `@pick`: the setting the last `envs` step chose,
+#   none where it chose `default`)
 #   trace:MODEL:PROMPT:DECODE:ENGINE[:VAR=VALUE,...]
 #                      `gpu.sh trace` of one warm-up and one run of ENGINE
 #                      (`ours` or `mlx-lm`) under those settings, the kernel
@@ -61,6 +63,19 @@ leftovers() {
     true
 }
 
+# The settings `$1` names as VAR=VALUE words in `vars` (`@pick`: the last
+# `envs` step's choice) and as a file name's tail in `tag`.
+use_settings() {
+    local s=$1
+    [ "$s" = @pick ] && s=$(cat "$out/pick.txt" 2>/dev/null)
+    [ "$s" = default ] && s=
+    vars=() tag=
+    if [ -n "$s" ]; then
+        IFS=, read -ra vars <<<"$s"
+        tag=-${s//,/-}
+    fi
+}
+
 for step in "$@"; do
     IFS=: read -r kind a b c <<<"$step"
     if [ "$kind" != pieces-a ] && [ "$(left)" -lt 80 ]; then
@@ -85,8 +100,7 @@ for step in "$@"; do
         $gpu models ${a//,/ } >>"$out/log.txt" 2>&1
         ;;
     check)
-        vars=()
-        [ -z "$b" ] || IFS=, read -ra vars <<<"$b"
+        use_settings "$b"
         say "check $a ${vars[*]}"
         env "${vars[@]}" timeout $(($(left) - 5)) $gpu exec "$work/infer-bench" fused-check \
             --dtype "$a" >"$out/check-$a.jsonl" 2>>"$out/log.txt"
@@ -106,11 +120,8 @@ print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
     plan)
         n=$(($(left) - 5))
         [ "$n" -gt 170 ] && n=170
-        vars=() name=$b-$a
-        if [ -n "$c" ]; then
-            IFS=, read -ra vars <<<"$c"
-            name=$name-${c//,/-}
-        fi
+        use_settings "$c"
+        name=$b-$a$tag
         say "plan $a $b ${vars[*]} ($n s at most)"
         env "${vars[@]}" timeout "$n" $gpu plan "$out/$name.jsonl" "$a" "$root/bench/plans/$b.json" \
             >>"$out/log.txt" 2>&1
@@ -123,16 +134,13 @@ print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
             ours "${settings[@]}" >>"$out/log.txt" 2>&1
         leftovers
         "$py" "$root/bench/pick_setting.py" "$out/envs-$b-$a.jsonl" "${settings[@]}" \
-            >>"$out/log.txt" 2>&1
+            2>>"$out/log.txt" | tail -1 >"$out/pick.txt"
+        say "envs chose $(cat "$out/pick.txt")"
         ;;
     trace)
-        IFS=: read -r _ a b c engine settings <<<"$step"
-        name=trace-$engine-$a-$b-$c
-        vars=()
-        if [ -n "$settings" ]; then
-            IFS=, read -ra vars <<<"$settings"
-            name=$name-${settings//,/-}
-        fi
+        IFS=: read -r _ a b c engine chosen <<<"$step"
+        use_settings "$chosen"
+        name=trace-$engine-$a-$b-$c$tag
         case $engine in
         ours) run=("$work/infer-bench" run) ;;
         mlx-lm) run=("$py" "$bundle/mlx_lm_bench.py") ;;
