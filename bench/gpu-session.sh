@@ -16,7 +16,7 @@
 #   models:SHAPE,...   `gpu.sh models` (random bf16 models, -q4/-q8 forms)
 #   check:DTYPE[:VAR=VALUE,...]
 #                      `infer-bench fused-check --dtype DTYPE` under those
-#                      settings, records to check-DTYPE.jsonl, failing cases
+#                      settings, records to check-DTYPE[-VAR=VALUE...].jsonl, failing cases
 #                      to the log
 #   plan:MODEL:PLAN[:VAR=VALUE,...]
 #                      `gpu.sh plan` beside mlx-lm under those settings
@@ -28,8 +28,8 @@
 #                      `gpu.sh envs` of our engine alone under each SETTING
 #                      (`default` or VAR=VALUE,...), then
 #                      bench/pick_setting.py's table and choice in the log
-#   (a step's settings `@pick`: the setting the last `envs` step chose,
-#   none where it chose `default`)
+#   (a step's settings `@pick`: the setting the last `envs` step on this
+#   machine chose, none where it chose `default`)
 #   trace:MODEL:PROMPT:DECODE:ENGINE[:VAR=VALUE,...]
 #                      `gpu.sh trace` of one warm-up and one run of ENGINE
 #                      (`ours` or `mlx-lm`) under those settings, the kernel
@@ -67,7 +67,7 @@ leftovers() {
 # `envs` step's choice) and as a file name's tail in `tag`.
 use_settings() {
     local s=$1
-    [ "$s" = @pick ] && s=$(cat "$out/pick.txt" 2>/dev/null)
+    [ "$s" = @pick ] && s=$(cat "$work/pick.txt" 2>/dev/null)
     [ "$s" = default ] && s=
     vars=() tag=
     if [ -n "$s" ]; then
@@ -103,7 +103,7 @@ for step in "$@"; do
         use_settings "$b"
         say "check $a ${vars[*]}"
         env "${vars[@]}" timeout $(($(left) - 5)) $gpu exec "$work/infer-bench" fused-check \
-            --dtype "$a" >"$out/check-$a.jsonl" 2>>"$out/log.txt"
+            --dtype "$a" >"$out/check-$a$tag.jsonl" 2>>"$out/log.txt"
         say "check exit $?"
         "$py" -c '
 import json, sys
@@ -115,7 +115,7 @@ for line in open(sys.argv[1]):
         if d is None or d != d or d > r["bound"]:
             bad += 1
             print("FAIL", line.strip())
-print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
+print("failing cases:", bad)' "$out/check-$a$tag.jsonl" >>"$out/log.txt" 2>&1
         ;;
     plan)
         n=$(($(left) - 5))
@@ -134,8 +134,8 @@ print("failing cases:", bad)' "$out/check-$a.jsonl" >>"$out/log.txt" 2>&1
             ours "${settings[@]}" >>"$out/log.txt" 2>&1
         leftovers
         "$py" "$root/bench/pick_setting.py" "$out/envs-$b-$a.jsonl" "${settings[@]}" \
-            2>>"$out/log.txt" | tail -1 >"$out/pick.txt"
-        say "envs chose $(cat "$out/pick.txt")"
+            2>>"$out/log.txt" | tail -1 >"$work/pick.txt"
+        say "envs chose $(cat "$work/pick.txt")"
         ;;
     trace)
         IFS=: read -r _ a b c engine chosen <<<"$step"
