@@ -66,10 +66,15 @@ leftovers() {
 # The settings `$1` names as VAR=VALUE words in `vars` (`@pick`: the last
 # `envs` step's choice) and as a file name's tail in `tag`.
 use_settings() {
-    local s=$1
-    [ "$s" = @pick ] && s=$(cat "$work/pick.txt" 2>/dev/null)
+    local s=$1 picked=
+    if [ "$s" = @pick ]; then
+        s=$(cat "$work/pick.txt" 2>/dev/null) picked=1
+        [ -n "$s" ] || say "no envs choice on this machine: @pick runs with no settings"
+    fi
     [ "$s" = default ] && s=
     vars=() tag=
+    # A pick of no settings still gets a name of its own.
+    [ -n "$picked" ] && [ -z "$s" ] && tag=-default
     if [ -n "$s" ]; then
         IFS=, read -ra vars <<<"$s"
         tag=-${s//,/-}
@@ -129,6 +134,7 @@ print("failing cases:", bad)' "$out/check-$a$tag.jsonl" >>"$out/log.txt" 2>&1
         ;;
     envs)
         IFS=/ read -ra settings <<<"$c"
+        rm -f "$work/pick.txt"
         say "envs $a $b ${settings[*]}"
         timeout $(($(left) - 5)) $gpu envs "$out/envs-$b-$a.jsonl" "$a" "$root/bench/plans/$b.json" \
             ours "${settings[@]}" >>"$out/log.txt" 2>&1

@@ -11,7 +11,8 @@
 //! position up to 1,024, where it splits the positions over 32 blocks).
 //! Here:
 //!
-//! - [`DecodeAttention`]'s first kernel gives each block 64 positions of
+//! - [`DecodeAttention`]'s first kernel (in its default layout; see
+//!   `INFER_ATTN_WARPS` in docs/cli.md) gives each block 64 positions of
 //!   one key/value head and every query head that shares it: each of its
 //!   eight warps loads eight keys and values at once (every load issued
 //!   before the first is used), scores them against each query head, and
@@ -43,9 +44,10 @@ const PER_WARP: i32 = 8;
 
 /// `INFER_ATTN_WARPS=W` and `INFER_ATTN_PER_WARP=U` (`warps`,
 /// `per_warp`): the first kernel's warps a block (2, 4 or 8) and positions
-/// a warp loads at once (2, 4, 8 or 16), in place of [`WARPS`] and
-/// [`PER_WARP`]. Opt-in until measured on a GPU; anything else is warned
-/// of and read as unset.
+/// a warp loads at once (2, 4 or 8; 16 spilled registers for heads of 256
+/// features under NVRTC 13.5), in place of [`WARPS`] and [`PER_WARP`].
+/// Opt-in until measured on a GPU; anything else is warned of and read as
+/// unset.
 fn layout_from(warps: Option<&str>, per_warp: Option<&str>) -> (i32, i32) {
     let read = |name: &str, s: Option<&str>, allowed: &[i32], default: i32| {
         let Some(s) = s else { return default };
@@ -59,7 +61,7 @@ fn layout_from(warps: Option<&str>, per_warp: Option<&str>) -> (i32, i32) {
     };
     (
         read("INFER_ATTN_WARPS", warps, &[2, 4, 8], WARPS),
-        read("INFER_ATTN_PER_WARP", per_warp, &[2, 4, 8, 16], PER_WARP),
+        read("INFER_ATTN_PER_WARP", per_warp, &[2, 4, 8], PER_WARP),
     )
 }
 
@@ -495,8 +497,8 @@ mod tests {
     #[test]
     fn layout_from_settings() {
         assert_eq!(layout_from(None, None), (WARPS, PER_WARP));
-        assert_eq!(layout_from(Some("4"), Some(" 16")), (4, 16));
-        assert_eq!(layout_from(Some("16"), Some("3")), (WARPS, PER_WARP));
+        assert_eq!(layout_from(Some("4"), Some(" 4")), (4, 4));
+        assert_eq!(layout_from(Some("16"), Some("16")), (WARPS, PER_WARP));
         assert_eq!(layout_from(Some("x"), Some("2")), (WARPS, 2));
         let a = part_source("__half", shape(32, 8, 128), 8, 8);
         let b = part_source("__half", shape(32, 8, 128), 4, 16);
