@@ -11,7 +11,7 @@ use crate::cache::{LayerCache, Rotation};
 use crate::error::{FormatError, LoadError};
 use crate::load::weights::Weights;
 use crate::models::fused::{step_applies, wanted, AddNorm, Kind, QkRope, QkShape};
-use crate::models::fused_gemv::{l2_next_bytes, Fold, FusedGemv, GemvWeight, Storage};
+use crate::models::fused_gemv::{Fold, FusedGemv, Storage};
 use crate::models::grad_checkpoint::run_layer;
 use crate::models::layers::{
     last_keepdim, Activation, Attention, AttentionBiases, GatedMlp, Matrix, RmsNorm,
@@ -180,19 +180,18 @@ impl LayerGemvs {
         let (hidden, eps) = (c.hidden_size, c.rms_norm_eps);
         let attn = c.num_attention_heads * c.head_dim;
         let qkv_rows = attn + 2 * c.num_key_value_heads * c.head_dim;
-        // Each asks L2 for the start of the product after it (down: the
-        // next layer's q/k/v) where `INFER_L2_NEXT` says so.
-        let l2 = l2_next_bytes();
-        let make = |fold, k, n, w: GemvWeight<'_>, next: GemvWeight<'_>| {
-            let next_bytes = l2.min(next.values().nbytes() as i64);
-            FusedGemv::make(fold, k, n, eps, dtype, w.storage(), next_bytes)
-        };
+        let make = |fold, k, n, storage| FusedGemv::make(fold, k, n, eps, dtype, storage);
         Ok(
             match (
-                make(Fold::Norm, hidden, qkv_rows, qkv, o)?,
-                make(Fold::Residual, attn, hidden, o, gate_up)?,
-                make(Fold::NormSwiglu, hidden, c.intermediate_size, gate_up, down)?,
-                make(Fold::Residual, c.intermediate_size, hidden, down, qkv)?,
+                make(Fold::Norm, hidden, qkv_rows, qkv.storage())?,
+                make(Fold::Residual, attn, hidden, o.storage())?,
+                make(
+                    Fold::NormSwiglu,
+                    hidden,
+                    c.intermediate_size,
+                    gate_up.storage(),
+                )?,
+                make(Fold::Residual, c.intermediate_size, hidden, down.storage())?,
             ) {
                 (Some(qkv), Some(o), Some(gate_up), Some(down)) => Some(Self {
                     qkv,
@@ -308,18 +307,8 @@ impl Decoder {
             return Ok(None);
         }
         let mut h = h.clone();
-        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
-            // The weight the down projection asks L2 for, if it asks: the
-            // next layer's q/k/v (the last layer's: its own, of the same size).
-            let next = match g.down.next_bytes() {
-                0 => None,
-                _ => self
-                    .layers
-                    .get(i + 1)
-                    .and_then(|l| l.self_attn.plain_qkv_o())
-                    .map(|(w, _)| w),
-            };
-            h = match self.gemv_layer(layer, &h, cache, g, qk, next)? {
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            h = match self.gemv_layer(layer, &h, cache, g, qk)? {
                 Some(next) => next,
                 None => layer_step(layer, &h, cache, &self.rope, false, Some(qk))?,
             };
@@ -330,9 +319,6 @@ impl Decoder {
     /// One layer's step through `g`; `None` (nothing computed) where the
     /// layer's weights or norms are not theirs (adapters, biases, another
     /// storage than the first layer's, a tensor-parallel weight).
-    /// `next_qkv`: the next layer's q/k/v weight, which the down projection
-    /// asks L2 for where `INFER_L2_NEXT` is set (this layer's own where it
-    /// is `None` or holds fewer bytes).
     fn gemv_layer(
         &self,
         layer: &Layer,
@@ -340,7 +326,6 @@ impl Decoder {
         cache: &mut LayerCache,
         g: &LayerGemvs,
         qk: &QkRope,
-        next_qkv: Option<GemvWeight<'_>>,
     ) -> Result<Option<Array>> {
         let (Some((wqkv, wo)), Some((wgu, wd))) =
             (layer.self_attn.plain_qkv_o(), layer.mlp.plain_swiglu())
@@ -355,26 +340,16 @@ impl Decoder {
         if !fits {
             return Ok(None);
         }
-        // A next layer stored otherwise may hold fewer bytes than asked for.
-        let next_qkv = next_qkv
-            .filter(|n| n.values().nbytes() as i64 >= g.down.next_bytes())
-            .unwrap_or(wqkv);
-        let qkv = g
-            .qkv
-            .apply(h, Some(&n_in.weight), &wqkv, None, Some(wo.values()))?;
+        let qkv = g.qkv.apply(h, Some(&n_in.weight), &wqkv, None)?;
         let Some(heads) = layer
             .self_attn
             .attend_projected(&qkv, cache, &self.rope, qk)?
         else {
             return Ok(None);
         };
-        let h1 = g.o.apply(&heads, None, &wo, Some(h), Some(wgu.values()))?;
-        let act = g
-            .gate_up
-            .apply(&h1, Some(&n_post.weight), &wgu, None, Some(wd.values()))?;
-        g.down
-            .apply(&act, None, &wd, Some(&h1), Some(next_qkv.values()))
-            .map(Some)
+        let h1 = g.o.apply(&heads, None, &wo, Some(h))?;
+        let act = g.gate_up.apply(&h1, Some(&n_post.weight), &wgu, None)?;
+        g.down.apply(&act, None, &wd, Some(&h1)).map(Some)
     }
 
     /// A decode step with each residual add and the norm after it in one

@@ -40,7 +40,7 @@ use mlx_rs::{Array, Dtype};
 use crate::cache::{KvCache, Positions};
 use crate::ffi::CudaKernel;
 use crate::models::fused_attn::{AttnShape, DecodeAttention};
-use crate::models::fused_gemv::{l2_next_bytes, Fold, FusedGemv, GemvWeight, Storage};
+use crate::models::fused_gemv::{Fold, FusedGemv, GemvWeight, Storage};
 use crate::models::layers::{RmsNorm, RotaryEmbedding};
 
 type Result<T> = std::result::Result<T, Exception>;
@@ -1222,12 +1222,8 @@ fn check_gemvs(
                 .as_dtype(dtype),
         }
     };
-    // With `INFER_L2_NEXT` set, each kernel asks L2 for its own weight as
-    // the next one (the request must not change a result).
-    let l2 = l2_next_bytes();
-    let make = |fold, k, n, next: &Array| {
-        let next_bytes = l2.min(next.nbytes() as i64);
-        FusedGemv::make(fold, k, n, eps, dtype, storage, next_bytes)?.ok_or_else(|| {
+    let make = |fold, k, n| {
+        FusedGemv::make(fold, k, n, eps, dtype, storage)?.ok_or_else(|| {
             Exception::custom(format!(
                 "no gemv kernel for {k} × {n} {dtype:?} {storage:?}"
             ))
@@ -1244,13 +1240,7 @@ fn check_gemvs(
     let normed_gemv = |fold, n, rows| -> Result<(Array, Array)> {
         let (parts, w) = weight(rows, hidden)?;
         let v = view(storage, &parts);
-        let got = make(fold, hidden, n, v.values())?.apply(
-            &x,
-            Some(&norm.weight),
-            &v,
-            None,
-            Some(v.values()),
-        )?;
+        let got = make(fold, hidden, n)?.apply(&x, Some(&norm.weight), &v, None)?;
         Ok((got, w))
     };
     let (got, w) = normed_gemv(Fold::Norm, qkv_rows, qkv_rows)?;
@@ -1275,13 +1265,7 @@ fn check_gemvs(
         let a = normal(&[1, 1, k])?;
         let (parts, w) = weight(hidden, k)?;
         let v = view(storage, &parts);
-        let got = make(Fold::Residual, k, hidden, v.values())?.apply(
-            &a,
-            None,
-            &v,
-            Some(&x),
-            Some(v.values()),
-        )?;
+        let got = make(Fold::Residual, k, hidden)?.apply(&a, None, &v, Some(&x))?;
         let want = x.add(product(&a, &w)?)?;
         out.push(compare(
             format!("gemv residual ({name}): {k} → {hidden}{what}"),

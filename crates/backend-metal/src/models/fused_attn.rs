@@ -11,8 +11,7 @@
 //! position up to 1,024, where it splits the positions over 32 blocks).
 //! Here:
 //!
-//! - [`DecodeAttention`]'s first kernel (in its default layout; see
-//!   `INFER_ATTN_WARPS` in docs/cli.md) gives each block 64 positions of
+//! - [`DecodeAttention`]'s first kernel gives each block 64 positions of
 //!   one key/value head and every query head that shares it: each of its
 //!   eight warps loads eight keys and values at once (every load issued
 //!   before the first is used), scores them against each query head, and
@@ -42,39 +41,8 @@ const WARPS: i32 = 8;
 /// Positions a warp loads at once.
 const PER_WARP: i32 = 8;
 
-/// `INFER_ATTN_WARPS=W` and `INFER_ATTN_PER_WARP=U` (`warps`,
-/// `per_warp`): the first kernel's warps a block (2, 4 or 8) and positions
-/// a warp loads at once (2, 4 or 8; 16 spilled registers for heads of 256
-/// features under NVRTC 13.5), in place of [`WARPS`] and [`PER_WARP`].
-/// Opt-in until measured on a GPU; anything else is warned of and read as
-/// unset.
-fn layout_from(warps: Option<&str>, per_warp: Option<&str>) -> (i32, i32) {
-    let read = |name: &str, s: Option<&str>, allowed: &[i32], default: i32| {
-        let Some(s) = s else { return default };
-        match s.trim().parse::<i32>() {
-            Ok(v) if allowed.contains(&v) => v,
-            _ => {
-                tracing::warn!("{name}={s:?} is not one of {allowed:?}; read as unset");
-                default
-            }
-        }
-    };
-    (
-        read("INFER_ATTN_WARPS", warps, &[2, 4, 8], WARPS),
-        read("INFER_ATTN_PER_WARP", per_warp, &[2, 4, 8], PER_WARP),
-    )
-}
-
-/// [`layout_from`] of the environment, read once.
-fn layout() -> (i32, i32) {
-    static LAYOUT: std::sync::OnceLock<(i32, i32)> = std::sync::OnceLock::new();
-    *LAYOUT.get_or_init(|| {
-        layout_from(
-            std::env::var("INFER_ATTN_WARPS").ok().as_deref(),
-            std::env::var("INFER_ATTN_PER_WARP").ok().as_deref(),
-        )
-    })
-}
+/// Positions a block of the first kernel: every warp's loads at once.
+pub const CHUNK: i32 = WARPS * PER_WARP;
 
 /// The sizes of the attention a [`DecodeAttention`] serves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -97,9 +65,6 @@ pub struct DecodeAttention {
     merge: CudaKernel,
     shape: AttnShape,
     dtype: Dtype,
-    /// The first kernel's warps a block and positions a warp ([`layout`]).
-    warps: i32,
-    per_warp: i32,
 }
 
 impl DecodeAttention {
@@ -130,12 +95,11 @@ impl DecodeAttention {
         if !fits {
             return Ok(None);
         }
-        let (warps, per_warp) = layout();
         let part = CudaKernel::new(
             "infer_attn_part",
             &["q", "kc", "vc", "offsets"],
             &["op", "ml"],
-            &part_source(ty, shape, warps, per_warp),
+            &part_source(ty, shape),
         )?;
         let merge = CudaKernel::new(
             "infer_attn_merge",
@@ -148,8 +112,6 @@ impl DecodeAttention {
             merge,
             shape,
             dtype,
-            warps,
-            per_warp,
         }))
     }
 
@@ -207,9 +169,8 @@ impl DecodeAttention {
                 vc.dtype()
             )));
         }
-        let chunk = self.warps * self.per_warp;
-        let splits = (len + chunk - 1) / chunk;
-        let threads = self.warps * 32;
+        let splits = (len + CHUNK - 1) / CHUNK;
+        let threads = WARPS * 32;
         let groups = merge_groups(d);
         let f32 = Dtype::Float32;
         let mut part = self
@@ -239,9 +200,8 @@ impl DecodeAttention {
 
 /// The first kernel's body: block `(s, kh, b)` takes positions
 /// `s·CHUNK ..` of key/value head `kh` of row `b` for its `G` query
-/// heads, `warps` warps each loading `per_warp` positions at once; a lane
-/// holds `E = D/32` features of each.
-fn part_source(ty: &str, shape: AttnShape, warps: i32, per_warp: i32) -> String {
+/// heads; a lane holds `E = D/32` features of each.
+fn part_source(ty: &str, shape: AttnShape) -> String {
     let AttnShape {
         heads,
         kv_heads,
@@ -257,8 +217,8 @@ fn part_source(ty: &str, shape: AttnShape, warps: i32, per_warp: i32) -> String 
     constexpr int HK = {kv_heads};
     constexpr int G = HQ / HK;
     constexpr int E = D / 32;
-    constexpr int WARPS = {warps};
-    constexpr int U = {per_warp};
+    constexpr int WARPS = {WARPS};
+    constexpr int U = {PER_WARP};
     constexpr int CHUNK = WARPS * U;
     constexpr float SCALE_LOG2 = {scale_log2:e}f;
     constexpr float LOWEST = -3.402823466e38f;
@@ -464,7 +424,7 @@ mod tests {
 
     #[test]
     fn sources_bake_in_the_shape() {
-        let s = part_source("__nv_bfloat16", shape(32, 8, 128), WARPS, PER_WARP);
+        let s = part_source("__nv_bfloat16", shape(32, 8, 128));
         for want in [
             "using T = __nv_bfloat16;",
             "constexpr int D = 128;",
@@ -492,30 +452,13 @@ mod tests {
         }
     }
 
-    /// `INFER_ATTN_WARPS` and `INFER_ATTN_PER_WARP`: anything else is
-    /// unset; another layout changes only those two lines of the text.
-    #[test]
-    fn layout_from_settings() {
-        assert_eq!(layout_from(None, None), (WARPS, PER_WARP));
-        assert_eq!(layout_from(Some("4"), Some(" 4")), (4, 4));
-        assert_eq!(layout_from(Some("16"), Some("16")), (WARPS, PER_WARP));
-        assert_eq!(layout_from(Some("x"), Some("2")), (WARPS, 2));
-        let a = part_source("__half", shape(32, 8, 128), 8, 8);
-        let b = part_source("__half", shape(32, 8, 128), 4, 16);
-        assert_eq!(
-            a.replace("WARPS = 8;", "WARPS = 4;")
-                .replace("U = 8;", "U = 16;"),
-            b
-        );
-    }
-
     /// The text is the one measured on an H100 on 2026-12-07
     /// (docs/benchmarks.md, item 15): a change to it must be checked and
     /// timed on a GPU again, and then this hash (FNV-1a of the bf16 text
     /// for Qwen3-4B's heads) updated.
     #[test]
     fn measured_text_unchanged() {
-        let text = part_source("__nv_bfloat16", shape(32, 8, 128), WARPS, PER_WARP);
+        let text = part_source("__nv_bfloat16", shape(32, 8, 128));
         let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });

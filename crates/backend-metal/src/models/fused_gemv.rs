@@ -8,8 +8,10 @@
 //! nodes (the gate/up split too) that each cost the host as much as a
 //! product does. Here:
 //!
-//! - [`Fold::Norm`]: `y = W · rms_norm(x)`: each block normalises `x` into
-//!   shared memory before its rows (the input norm before q/k/v);
+//! - [`Fold::Norm`]: `y = W · rms_norm(x)`: for a dense weight each warp
+//!   sums `x`'s squares itself and normalises the pieces of `x` it reads
+//!   (for a quantised one each block first normalises `x` into shared
+//!   memory) (the input norm before q/k/v);
 //! - [`Fold::NormSwiglu`]: `y = silu(g) · u` with `[g; u] = W · rms_norm(x)`
 //!   for a gate/up weight stacked `[2I, K]`: a warp computes row `i` of the
 //!   gate and of the up part together (the post-attention norm, gate/up and
@@ -102,14 +104,6 @@ pub enum GemvWeight<'a> {
 }
 
 impl GemvWeight<'_> {
-    /// The array holding its values (for affine storage, the packed
-    /// values): what [`FusedGemv::apply`] asks L2 for as the next weight.
-    pub fn values(&self) -> &Array {
-        match *self {
-            GemvWeight::Dense(w) | GemvWeight::Affine { weight: w, .. } => w,
-        }
-    }
-
     /// How it is stored.
     pub fn storage(&self) -> Storage {
         match *self {
@@ -122,74 +116,9 @@ impl GemvWeight<'_> {
 /// Threads per block.
 const THREADS: i32 = 256;
 
-/// Most megabytes `INFER_L2_NEXT` may ask for (an H100's L2 holds 50).
-const MAX_L2_NEXT_MB: i64 = 48;
-
-/// `INFER_L2_NEXT=MB` (`setting`; 1 to 48): the bytes of the next
-/// product's weight each product's kernel asks L2 for as it ends (see
-/// [`FusedGemv::make`]); `0` when unset. Opt-in until measured on a GPU;
-/// anything else is warned of and read as unset.
-fn l2_next(setting: Option<&str>) -> i64 {
-    let Some(s) = setting else { return 0 };
-    match s.trim().parse::<i64>() {
-        Ok(mb @ 1..=MAX_L2_NEXT_MB) => mb << 20,
-        _ => {
-            tracing::warn!(
-                "INFER_L2_NEXT={s:?} is not a number of megabytes from 1 to {MAX_L2_NEXT_MB}; \
-                 read as unset"
-            );
-            0
-        }
-    }
-}
-
-/// [`l2_next`] of the environment.
-pub(crate) fn l2_next_bytes() -> i64 {
-    l2_next(std::env::var("INFER_L2_NEXT").ok().as_deref())
-}
-
-/// `INFER_GEMV_DIRECT=1` (`setting`): the dense kernels read their input
-/// from global memory, each warp normalising its own share of it, instead
-/// of a block's copy in shared memory (see [`gemv_source`]). Opt-in until
-/// measured on a GPU; anything but `0` or `1` is warned of and read as
-/// unset.
-fn gemv_direct(setting: Option<&str>) -> bool {
-    match setting.map(str::trim) {
-        None | Some("0") => false,
-        Some("1") => true,
-        Some(s) => {
-            tracing::warn!("INFER_GEMV_DIRECT={s:?} is not 0 or 1; read as unset");
-            false
-        }
-    }
-}
-
-/// `INFER_GEMV_ROWS=N` (`setting`; 1, 2, 4, 8 or 16): output rows a block
-/// of every gemv kernel, in place of [`rows_per_block`]'s choice. Opt-in
-/// until measured on a GPU; anything else is warned of and read as unset.
-fn gemv_rows(setting: Option<&str>) -> Option<i32> {
-    let s = setting?;
-    match s.trim().parse::<i32>() {
-        Ok(r @ (1 | 2 | 4 | 8 | 16)) => Some(r),
-        _ => {
-            tracing::warn!("INFER_GEMV_ROWS={s:?} is not 1, 2, 4, 8 or 16; read as unset");
-            None
-        }
-    }
-}
-
-/// [`gemv_direct`] and [`gemv_rows`] of the environment, read once.
-fn gemv_layout() -> (bool, Option<i32>) {
-    static LAYOUT: std::sync::OnceLock<(bool, Option<i32>)> = std::sync::OnceLock::new();
-    *LAYOUT.get_or_init(|| {
-        (
-            gemv_direct(std::env::var("INFER_GEMV_DIRECT").ok().as_deref()),
-            gemv_rows(std::env::var("INFER_GEMV_ROWS").ok().as_deref()),
-        )
-    })
-}
-
-/// Most bytes of the input vector a block holds in shared memory.
+/// Most bytes of the input vector: a quantised kernel's block holds it in
+/// shared memory (the dense kernels, which do not, keep the same bound
+/// until they are checked on a GPU at larger sizes).
 const MAX_INPUT_BYTES: i32 = 40 * 1024;
 
 /// Rows per block for `n` output rows: the most (up to 8, one a warp)
@@ -222,8 +151,6 @@ pub struct FusedGemv {
     rows: i32,
     eps: f32,
     dtype: Dtype,
-    /// Bytes of the next product's weight asked for (0: none).
-    next_bytes: i64,
     /// One element, passed where the fold takes no norm weight or residual.
     none: Array,
 }
@@ -233,14 +160,7 @@ impl FusedGemv {
     /// `k` features stored as `storage`, activations in `dtype`, norms of
     /// epsilon `eps`; `None` where it does not apply (a dtype or a
     /// quantisation without one, `k` not a whole number of 16-byte loads or
-    /// groups, an input too large for shared memory, or `next_bytes` below
-    /// 0).
-    ///
-    /// With `next_bytes` over 0 the last quarter of its blocks, each once
-    /// its own rows are done, asks L2 for the first `next_bytes` of the
-    /// weight passed to [`apply`](Self::apply) as `next` (the product that
-    /// follows), so that the next kernel's first loads find it there while
-    /// this one drains (`INFER_L2_NEXT`, [`l2_next_bytes`]).
+    /// groups, or an input over [`MAX_INPUT_BYTES`]).
     pub fn make(
         fold: Fold,
         k: i32,
@@ -248,7 +168,6 @@ impl FusedGemv {
         eps: f32,
         dtype: Dtype,
         storage: Storage,
-        next_bytes: i64,
     ) -> Result<Option<Self>> {
         // f32 waits for its check on a GPU (bf16 and f16 passed it).
         let Some(ty) = super::fused::cuda_type(dtype).filter(|_| dtype != Dtype::Float32) else {
@@ -258,16 +177,14 @@ impl FusedGemv {
             Dtype::Float32 => 4,
             _ => 2,
         };
-        if k <= 0 || n <= 0 || k % (16 / size) != 0 || k * size > MAX_INPUT_BYTES || next_bytes < 0
-        {
+        if k <= 0 || n <= 0 || k % (16 / size) != 0 || k * size > MAX_INPUT_BYTES {
             return Ok(None);
         }
-        let (direct, rows) = gemv_layout();
-        let rows = rows.unwrap_or_else(|| rows_per_block(n));
+        let rows = rows_per_block(n);
         let (source, inputs): (String, &[&str]) = match storage {
             Storage::Dense => (
-                gemv_source(ty, fold, k, n, rows, eps, next_bytes, direct),
-                &["x", "nw", "w", "res", "nx"],
+                gemv_source(ty, fold, k, n, rows, eps),
+                &["x", "nw", "w", "res"],
             ),
             Storage::Affine { bits, group } => {
                 let quantised =
@@ -276,13 +193,11 @@ impl FusedGemv {
                     return Ok(None);
                 }
                 (
-                    qgemv_source(ty, fold, k, n, rows, eps, bits, group, next_bytes),
-                    &["x", "nw", "w", "sc", "bi", "res", "nx"],
+                    qgemv_source(ty, fold, k, n, rows, eps, bits, group),
+                    &["x", "nw", "w", "sc", "bi", "res"],
                 )
             }
         };
-        // The next weight is an input only where the text reads it.
-        let inputs = &inputs[..inputs.len() - usize::from(next_bytes == 0)];
         let kernel = CudaKernel::with_header("infer_gemv", inputs, &["y"], &source, GEMV_HEADER)?;
         Ok(Some(Self {
             kernel,
@@ -293,15 +208,8 @@ impl FusedGemv {
             rows,
             eps,
             dtype,
-            next_bytes,
             none: Array::zeros::<f32>(&[1])?.as_dtype(dtype)?,
         }))
-    }
-
-    /// Bytes of the next product's weight it asks L2 for (0: none); `next`
-    /// of [`apply`](Self::apply) must hold at least as many.
-    pub fn next_bytes(&self) -> i64 {
-        self.next_bytes
     }
 
     /// Whether it takes weight `w` and (where its fold has one) a norm of
@@ -341,17 +249,13 @@ impl FusedGemv {
     /// The product for `x` `[1, 1, k]` (or any shape of `k` elements, such
     /// as attention heads `[1, H, 1, D]`), weight `w` (which it
     /// [`takes`](Self::takes)), the norm's weight `nw` and the residual
-    /// `res` `[1, 1, n]` where the fold takes them, and the next product's
-    /// weight `next` where it was made to ask L2 for one (at least as many
-    /// bytes as it asks for, and row-contiguous, as loaded weights are, or
-    /// MLX copies it; ignored otherwise): `[1, 1, n]`.
+    /// `res` `[1, 1, n]` where the fold takes them: `[1, 1, n]`.
     pub fn apply(
         &self,
         x: &Array,
         nw: Option<&Array>,
         w: &GemvWeight<'_>,
         res: Option<&Array>,
-        next: Option<&Array>,
     ) -> Result<Array> {
         let extra = |a: Option<&Array>, len: usize| {
             a.is_some_and(|a| a.size() != len || a.dtype() != self.dtype)
@@ -361,20 +265,16 @@ impl FusedGemv {
             || extra(nw, self.k as usize)
             || extra(res, self.n as usize)
             || w.storage() != self.storage
-            || (self.next_bytes > 0 && next.is_none_or(|a| (a.nbytes() as i64) < self.next_bytes))
         {
             return Err(Exception::custom(format!(
-                "fused gemv ({:?}, {} → {}, {:?}): input {:?} {:?}, weight {:?} or next weight \
-                 ({} bytes for {} asked) does not fit",
+                "fused gemv ({:?}, {} → {}, {:?}): input {:?} {:?} or weight {:?} does not fit",
                 self.fold,
                 self.k,
                 self.n,
                 self.storage,
                 x.shape(),
                 x.dtype(),
-                w.storage(),
-                next.map_or(0, |a| a.nbytes()),
-                self.next_bytes
+                w.storage()
             )));
         }
         let blocks = (self.n + self.rows - 1) / self.rows;
@@ -382,7 +282,7 @@ impl FusedGemv {
         let (dense, affine);
         let inputs: &[&Array] = match *w {
             GemvWeight::Dense(w) => {
-                dense = [x, nw, w, res, next.unwrap_or(&self.none)];
+                dense = [x, nw, w, res];
                 &dense
             }
             GemvWeight::Affine {
@@ -391,19 +291,10 @@ impl FusedGemv {
                 biases,
                 ..
             } => {
-                affine = [
-                    x,
-                    nw,
-                    weight,
-                    scales,
-                    biases,
-                    res,
-                    next.unwrap_or(&self.none),
-                ];
+                affine = [x, nw, weight, scales, biases, res];
                 &affine
             }
         };
-        let inputs = &inputs[..inputs.len() - usize::from(self.next_bytes == 0)];
         let out = self.kernel.apply(
             inputs,
             &[(&[1, 1, self.n], self.dtype)],
@@ -464,37 +355,7 @@ fn l2_prefetch(row: &str) -> String {
     )
 }
 
-/// Both kernels' request, with `bytes` over 0, for the first `bytes` of
-/// the next product's weight `nx` into L2: spread over the last quarter
-/// of the blocks (those that run as the kernel drains), 128-byte lines,
-/// each block's share after its own rows. Empty with `bytes` 0, so that
-/// the text is the one measured.
-fn next_prefetch(bytes: i64) -> String {
-    if bytes <= 0 {
-        return String::new();
-    }
-    format!(
-        r#"    // The first bytes of the next product's weight, into L2 as this
-    // kernel drains.
-    {{
-        constexpr long long LINES = ({bytes}LL + 127) / 128;
-        const int tail = gridDim.x >= 4 ? gridDim.x / 4 : gridDim.x;
-        const int b = static_cast<int>(blockIdx.x) - static_cast<int>(gridDim.x - tail);
-        if (b >= 0) {{
-            const long long per = (LINES + tail - 1) / tail;
-            const long long lo = b * per;
-            const long long hi = lo + per < LINES ? lo + per : LINES;
-            const char* p = reinterpret_cast<const char*>(nx);
-            for (long long j = lo + t; j < hi; j += THREADS) {{
-                asm volatile("prefetch.global.L2 [%0];" :: "l"(p + j * 128));
-            }}
-        }}
-    }}
-"#
-    )
-}
-
-/// Both kernels' sum of the input's squares over the block (for the norm):
+/// The quantised kernel's sum of the input's squares over the block (for the norm):
 /// each warp's in `red`, then their `total` in every thread.
 const SUM_OF_SQUARES: &str = r#"        float ss = 0.0f;
         for (int j = t; j < K; j += THREADS) {
@@ -560,52 +421,24 @@ const GEMV_EPILOGUE: &str = r#"#pragma unroll
 /// The body of [`FusedGemv`]'s kernel. Block: 256 threads; `RPB` output
 /// rows a block, each row by `WPR` warps (each a share of the row's 16-byte
 /// chunks) or each warp `RPW` rows. The block first asks L2 for the start
-/// of its rows, then writes its (normalised) input into shared memory;
-/// with `next_bytes`, [`next_prefetch`] after its rows.
+/// of its rows; then, with no shared copy of the input and no wait for the
+/// block, each warp sums the input's squares itself (for a norm) and
+/// normalises the chunks it meets as it goes, reading them from global
+/// memory (L1), as MLX's own gemv reads its vector.
 ///
-/// With `direct` there is no shared copy and no wait for the block: each
-/// warp sums the input's squares itself (for a norm) and normalises the
-/// chunks it meets as it goes, reading them from global memory (L1), as
-/// MLX's own gemv reads its vector.
-#[allow(clippy::too_many_arguments)]
-fn gemv_source(
-    ty: &str,
-    fold: Fold,
-    k: i32,
-    n: i32,
-    rows: i32,
-    eps: f32,
-    next_bytes: i64,
-    direct: bool,
-) -> String {
+/// Reading the input this way, instead of a block's normalised copy in
+/// shared memory behind two waits, made a Qwen3-4B step's products 6 %
+/// faster on an H100 (docs/benchmarks.md, item 17).
+fn gemv_source(ty: &str, fold: Fold, k: i32, n: i32, rows: i32, eps: f32) -> String {
     let preamble = preamble(ty, fold, k, n, rows, eps);
     let prefetch = l2_prefetch("K");
-    let next = next_prefetch(next_bytes);
-    let (shared, input, aligned, chunk, element) = if direct {
-        (
-            "",
-            DIRECT_INPUT.to_string(),
-            "((reinterpret_cast<size_t>(w) | reinterpret_cast<size_t>(x) \
-             | (MODE == 2 ? 0 : reinterpret_cast<size_t>(nw))) & 15) == 0",
-            DIRECT_CHUNK,
-            "MODE == 2 ? x[j] : nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv)",
-        )
-    } else {
-        (
-            "    __shared__ __align__(16) T xs[K];\n",
-            format!("{}{SUM_OF_SQUARES}{}", SHARED_INPUT[0], SHARED_INPUT[1]),
-            "(reinterpret_cast<size_t>(w) & 15) == 0",
-            "            const uint4 xv = reinterpret_cast<const uint4*>(xs)[c];\n",
-            "xs[j]",
-        )
-    };
     format!(
         r#"
 {preamble}    constexpr int V = 16 / sizeof(T);
     constexpr int NV = K / V;
     constexpr int ROW_BYTES = K * sizeof(T);
     constexpr int PREFETCH = ROW_BYTES < 4096 ? ROW_BYTES : 4096;
-{shared}    __shared__ float red[WARPS * DOTS];
+    __shared__ float red[WARPS * DOTS];
 {THREAD_ROLES}    const T* rows[DOTS];
 #pragma unroll
     for (int d = 0; d < DOTS; ++d) {{
@@ -613,15 +446,15 @@ fn gemv_source(
         r = r < N ? r : N - 1;
         rows[d] = w + static_cast<size_t>(MODE == 1 && (d & 1) ? r + N : r) * K;
     }}
-{prefetch}{input}    float acc[DOTS];
+{prefetch}{DIRECT_INPUT}    float acc[DOTS];
 #pragma unroll
     for (int d = 0; d < DOTS; ++d) acc[d] = 0.0f;
     const int lo = part * NV / WPR;
     const int hi = (part + 1) * NV / WPR;
-    if ({aligned}) {{
+    if (((reinterpret_cast<size_t>(w) | reinterpret_cast<size_t>(x) | (MODE == 2 ? 0 : reinterpret_cast<size_t>(nw))) & 15) == 0) {{
 #pragma unroll 4
         for (int c = lo + lane; c < hi; c += 32) {{
-{chunk}            const T* px = reinterpret_cast<const T*>(&xv);
+{DIRECT_CHUNK}            const T* px = reinterpret_cast<const T*>(&xv);
 #pragma unroll
             for (int d = 0; d < DOTS; ++d) {{
                 const uint4 wv = reinterpret_cast<const uint4*>(rows[d])[c];
@@ -635,31 +468,15 @@ fn gemv_source(
     }} else {{
         // A weight that does not start on 16 bytes: element by element.
         for (int j = lo * V + lane; j < hi * V; j += 32) {{
-            const float xf = static_cast<float>({element});
+            const float xf = static_cast<float>(MODE == 2 ? x[j] : nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv));
 #pragma unroll
             for (int d = 0; d < DOTS; ++d) acc[d] += static_cast<float>(rows[d][j]) * xf;
         }}
     }}
-{next}{GEMV_EPILOGUE}
+{GEMV_EPILOGUE}
 "#
     )
 }
-
-/// [`gemv_source`]'s input, shared: the block's (normalised) copy in `xs`
-/// (the norm's sum of squares, [`SUM_OF_SQUARES`], between the two).
-const SHARED_INPUT: [&str; 2] = [
-    r#"    if (MODE == 2) {
-        for (int j = t; j < K; j += THREADS) xs[j] = x[j];
-    } else {
-"#,
-    r#"        const float inv = ::rsqrtf(total / static_cast<float>(K) + EPS);
-        for (int j = t; j < K; j += THREADS) {
-            xs[j] = nw[j] * static_cast<T>(static_cast<float>(x[j]) * inv);
-        }
-    }
-    __syncthreads();
-"#,
-];
 
 /// [`gemv_source`]'s input, direct: each warp's own sum of squares (16-byte
 /// loads where the input starts on 16 bytes) and `inv`, no wait.
@@ -703,7 +520,9 @@ const DIRECT_CHUNK: &str = r#"            uint4 xv = reinterpret_cast<const uint
 
 /// The body of a quantised [`FusedGemv`]'s kernel: as [`gemv_source`]
 /// with `w` `[rows, K·BITS/32]` uint32 and a scale `sc` and bias `bi`
-/// `[rows, K/GROUP]` a group. A lane's 16-byte load holds `VALS` values of
+/// `[rows, K/GROUP]` a group, and the (normalised) input first copied into
+/// shared memory (the block's sum of squares, [`SUM_OF_SQUARES`], then a
+/// wait). A lane's 16-byte load holds `VALS` values of
 /// one group; the block keeps the sum of the inputs each load meets
 /// (`xsum`), so that a load adds `scale · Σ q·x + bias · Σ x`. A value `q`
 /// becomes a float by its bits (`2²³ + q`, less `2²³`), not by a
@@ -718,11 +537,9 @@ fn qgemv_source(
     eps: f32,
     bits: i32,
     group: i32,
-    next_bytes: i64,
 ) -> String {
     let preamble = preamble(ty, fold, k, n, rows, eps);
     let prefetch = l2_prefetch("WORDS");
-    let next = next_prefetch(next_bytes);
     format!(
         r#"
 {preamble}    constexpr int BITS = {bits};
@@ -817,7 +634,7 @@ fn qgemv_source(
             acc[d] = fmaf(s, dot, fmaf(b, xc, acc[d]));
         }}
     }}
-{next}{GEMV_EPILOGUE}
+{GEMV_EPILOGUE}
 "#
     )
 }
@@ -910,13 +727,13 @@ pub fn time(reps: usize) -> Result<Vec<GemvTiming>> {
                     Fold::Residual => res.add(x.matmul(w.t())?),
                 }
             };
-            let kernel = FusedGemv::make(fold, k, n, eps, dtype, Storage::Dense, 0)?
+            let kernel = FusedGemv::make(fold, k, n, eps, dtype, Storage::Dense)?
                 .ok_or_else(|| Exception::custom(format!("no gemv kernel for {case}")))?;
             let (nw, r) = match fold {
                 Fold::Residual => (None, Some(&res)),
                 _ => (Some(&norm.weight), None),
             };
-            let ours = |w: &Array| kernel.apply(&x, nw, &GemvWeight::Dense(w), r, None);
+            let ours = |w: &Array| kernel.apply(&x, nw, &GemvWeight::Dense(w), r);
             let implementations: [(&str, Product<'_>); 2] =
                 [("mlx", Box::new(&mlx)), ("infer_gemv", Box::new(ours))];
             let reference = mlx(&weights[0])?;
@@ -979,7 +796,7 @@ mod tests {
     #[test]
     fn kernels_only_for_shapes_they_serve() {
         // 16-byte loads: bf16 rows of a multiple of 8, f32 of 4.
-        let make = |k, dtype| FusedGemv::make(Fold::Norm, k, 64, 1e-6, dtype, Storage::Dense, 0);
+        let make = |k, dtype| FusedGemv::make(Fold::Norm, k, 64, 1e-6, dtype, Storage::Dense);
         assert!(make(1_001, Dtype::Bfloat16).unwrap().is_none());
         assert!(make(1_002, Dtype::Float32).unwrap().is_none());
         // Inputs over 40 KiB do not fit shared memory beside the rest.
@@ -990,7 +807,7 @@ mod tests {
         // Quantised: 4 or 8 bits, groups of 32, 64 or 128 that divide a row.
         let affine = |k, bits, group| {
             let storage = Storage::Affine { bits, group };
-            FusedGemv::make(Fold::Norm, k, 64, 1e-6, Dtype::Bfloat16, storage, 0)
+            FusedGemv::make(Fold::Norm, k, 64, 1e-6, Dtype::Bfloat16, storage)
         };
         assert!(affine(1_024, 3, 64).unwrap().is_none());
         assert!(affine(1_024, 4, 16).unwrap().is_none());
@@ -1000,7 +817,7 @@ mod tests {
 
     #[test]
     fn quantised_source_bakes_in_the_layout() {
-        let s = qgemv_source("__half", Fold::Residual, 9_728, 2_560, 4, 1e-6, 4, 64, 0);
+        let s = qgemv_source("__half", Fold::Residual, 9_728, 2_560, 4, 1e-6, 4, 64);
         for want in [
             "using T = __half;",
             "constexpr int K = 9728;",
@@ -1016,16 +833,7 @@ mod tests {
 
     #[test]
     fn source_bakes_in_the_shape_and_fold() {
-        let s = gemv_source(
-            "__nv_bfloat16",
-            Fold::NormSwiglu,
-            2_560,
-            9_728,
-            16,
-            1e-6,
-            0,
-            false,
-        );
+        let s = gemv_source("__nv_bfloat16", Fold::NormSwiglu, 2_560, 9_728, 16, 1e-6);
         for want in [
             "using T = __nv_bfloat16;",
             "constexpr int K = 2560;",
@@ -1039,11 +847,11 @@ mod tests {
         assert!(!s.contains("{{"), "format braces left in the text");
     }
 
-    /// The texts without the L2 request are the ones measured on an H100
-    /// on 2026-12-07 (docs/benchmarks.md): a change to them must be checked
-    /// and timed on a GPU again, and then these hashes (FNV-1a of the bf16
-    /// texts for a 2,560 → 6,144 product in each fold, dense and 4-bit)
-    /// updated.
+    /// The texts are the ones measured on an H100 on 2026-12-07
+    /// (docs/benchmarks.md, item 17, the dense ones as `INFER_GEMV_DIRECT=1`
+    /// then): a change to them must be checked and timed on a GPU again,
+    /// and then these hashes (FNV-1a of the bf16 texts for a 2,560 → 6,144
+    /// product in each fold, dense and 4-bit) updated.
     #[test]
     fn measured_texts_unchanged() {
         let hash = |t: String| {
@@ -1053,50 +861,32 @@ mod tests {
         };
         let mut got = Vec::new();
         for fold in [Fold::Norm, Fold::NormSwiglu, Fold::Residual] {
-            got.push(hash(gemv_source(
-                "__nv_bfloat16",
-                fold,
-                2560,
-                6144,
-                8,
-                1e-6,
-                0,
-                false,
-            )));
-            got.push(hash(qgemv_source(
-                "__nv_bfloat16",
-                fold,
-                2560,
-                6144,
-                8,
-                1e-6,
-                4,
-                64,
-                0,
-            )));
+            let ty = "__nv_bfloat16";
+            got.push(hash(gemv_source(ty, fold, 2560, 6144, 8, 1e-6)));
+            got.push(hash(qgemv_source(ty, fold, 2560, 6144, 8, 1e-6, 4, 64)));
         }
         assert_eq!(
             got,
             [
-                10_777_791_978_383_443_436,
+                4_381_777_901_363_287_007,
                 12_361_575_103_592_491_213,
-                7_858_505_738_467_951_383,
+                16_404_091_769_412_173_452,
                 3_987_679_108_191_362_112,
-                4_729_371_061_142_048_450,
+                8_853_799_127_680_232_961,
                 8_523_673_951_010_454_119,
             ]
         );
     }
 
-    /// The direct input: no shared copy and no wait before the rows; each
-    /// warp's own sum of squares, the chunks normalised as they are met.
+    /// The input: no shared copy and no wait before the rows; each warp's
+    /// own sum of squares, the chunks normalised as they are met.
     #[test]
-    fn direct_input_has_no_shared_copy() {
+    fn input_has_no_shared_copy() {
         for fold in [Fold::Norm, Fold::NormSwiglu, Fold::Residual] {
-            let s = gemv_source("__nv_bfloat16", fold, 2_560, 6_144, 8, 1e-6, 0, true);
+            let s = gemv_source("__nv_bfloat16", fold, 2_560, 6_144, 8, 1e-6);
             assert_eq!(s.matches('{').count(), s.matches('}').count());
             assert!(!s.contains("{{"), "format braces left in the text");
-            assert!(!s.contains("xs"), "a shared copy in the direct text");
+            assert!(!s.contains("xs"), "a shared copy in the text");
             let first_wait = s.find("__syncthreads()").unwrap();
             assert!(
                 first_wait > s.find("acc[d] +=").unwrap(),
@@ -1111,69 +901,8 @@ mod tests {
                 assert!(s.contains(want), "{want} missing");
             }
         }
-        let shared = gemv_source("__nv_bfloat16", Fold::Norm, 2_560, 6_144, 8, 1e-6, 0, false);
-        assert!(shared.find("__syncthreads()").unwrap() < shared.find("acc[d] +=").unwrap());
-    }
-
-    /// `INFER_GEMV_DIRECT` and `INFER_GEMV_ROWS`: anything else is unset.
-    #[test]
-    fn layout_from_settings() {
-        assert!(!gemv_direct(None));
-        assert!(!gemv_direct(Some("0")));
-        assert!(gemv_direct(Some(" 1")));
-        assert!(!gemv_direct(Some("yes")));
-        assert_eq!(gemv_rows(None), None);
-        for r in [1, 2, 4, 8, 16] {
-            assert_eq!(gemv_rows(Some(&r.to_string())), Some(r));
-        }
-        for bad in ["0", "3", "32", "-8", "eight", ""] {
-            assert_eq!(gemv_rows(Some(bad)), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn next_weight_request_only_when_asked() {
-        let with = gemv_source(
-            "__half",
-            Fold::Residual,
-            4_096,
-            2_560,
-            4,
-            1e-6,
-            16 << 20,
-            false,
-        );
-        let without = gemv_source("__half", Fold::Residual, 4_096, 2_560, 4, 1e-6, 0, false);
-        for s in [&with, &without] {
-            assert_eq!(s.matches('{').count(), s.matches('}').count());
-            assert!(!s.contains("{{"), "format braces left in the text");
-        }
-        assert!(with.contains("constexpr long long LINES = (16777216LL + 127) / 128;"));
-        assert!(with.contains("reinterpret_cast<const char*>(nx)"));
-        assert!(!without.contains("nx"));
-        let q = qgemv_source("__half", Fold::Norm, 2_560, 6_144, 8, 1e-6, 8, 64, 1 << 20);
-        assert!(q.contains("(1048576LL + 127) / 128"));
-        // The request comes after the block's rows, before the epilogue.
-        let at = with
-            .find("prefetch.global.L2 [%0];\" :: \"l\"(p + j * 128)")
-            .unwrap();
-        assert!(at > with.find("acc[d] +=").unwrap());
-        assert!(
-            at < with
-                .find("__shfl_xor_sync(0xffffffffu, acc[d], o)")
-                .unwrap()
-        );
-    }
-
-    /// `INFER_L2_NEXT`: megabytes from 1 to 48, else unset.
-    #[test]
-    fn l2_next_from_setting() {
-        assert_eq!(l2_next(None), 0);
-        assert_eq!(l2_next(Some("16")), 16 << 20);
-        assert_eq!(l2_next(Some(" 1 ")), 1 << 20);
-        assert_eq!(l2_next(Some("48")), 48 << 20);
-        for bad in ["0", "-3", "49", "lots", ""] {
-            assert_eq!(l2_next(Some(bad)), 0, "{bad:?}");
-        }
+        // The quantised kernel keeps its shared copy, written before the rows.
+        let q = qgemv_source("__half", Fold::Norm, 2_560, 6_144, 8, 1e-6, 8, 64);
+        assert!(q.find("__syncthreads()").unwrap() < q.find("acc[d] +=").unwrap());
     }
 }
