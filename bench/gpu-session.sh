@@ -63,6 +63,13 @@ leftovers() {
     true
 }
 
+# The host's load and its busiest processes, to the log before a timed step:
+# a slow or busy host slows mlx-lm's step more than ours (2026-12-07 evening).
+host_state() {
+    { uptime; ps -eo pcpu=,comm= --sort=-pcpu | head -4; } 2>/dev/null | sed 's/^/   host: /' \
+        >>"$out/log.txt"
+}
+
 # The settings `$1` names as VAR=VALUE words in `vars` (`@pick`: the last
 # `envs` step's choice) and as a file name's tail in `tag`.
 use_settings() {
@@ -99,6 +106,7 @@ for step in "$@"; do
         fi
         nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv \
             >>"$out/log.txt"
+        { nproc; grep -m1 'model name' /proc/cpuinfo; } >>"$out/log.txt" 2>&1
         ;;
     models)
         say "models $a"
@@ -110,6 +118,7 @@ for step in "$@"; do
         env "${vars[@]}" timeout $(($(left) - 5)) $gpu exec "$work/infer-bench" fused-check \
             --dtype "$a" >"$out/check-$a$tag.jsonl" 2>>"$out/log.txt"
         say "check exit $?"
+        leftovers
         "$py" -c '
 import json, sys
 bad = 0
@@ -128,6 +137,7 @@ print("failing cases:", bad)' "$out/check-$a$tag.jsonl" >>"$out/log.txt" 2>&1
         use_settings "$c"
         name=$b-$a$tag
         say "plan $a $b ${vars[*]} ($n s at most)"
+        host_state
         env "${vars[@]}" timeout "$n" $gpu plan "$out/$name.jsonl" "$a" "$root/bench/plans/$b.json" \
             >>"$out/log.txt" 2>&1
         leftovers
@@ -136,6 +146,7 @@ print("failing cases:", bad)' "$out/check-$a$tag.jsonl" >>"$out/log.txt" 2>&1
         IFS=/ read -ra settings <<<"$c"
         rm -f "$work/pick.txt"
         say "envs $a $b ${settings[*]}"
+        host_state
         timeout $(($(left) - 5)) $gpu envs "$out/envs-$b-$a.jsonl" "$a" "$root/bench/plans/$b.json" \
             ours "${settings[@]}" >>"$out/log.txt" 2>&1
         leftovers
