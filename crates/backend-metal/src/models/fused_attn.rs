@@ -230,6 +230,34 @@ impl DecodeAttention {
     }
 }
 
+/// The end of both first-kernel bodies: once every warp has written its
+/// maximum, sum and weighted values (`sm_m`, `sm_l`, `sm_o`), the block's
+/// threads combine the warps for each head and feature and write the
+/// block's partial result (`op`) with its maximum and sum (`ml`).
+const BLOCK_MERGE: &str = r#"    __syncthreads();
+    for (int j = threadIdx.x; j < G * D; j += WARPS * 32) {
+        const int g = j / D;
+        const int d = j % D;
+        float mx = LOWEST;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
+        float lsum = 0.0f;
+        float acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float f = exp2f(sm_m[w][g] - mx);
+            lsum += sm_l[w][g] * f;
+            acc += sm_o[w][g][d] * f;
+        }
+        const size_t row = (static_cast<size_t>(b) * HQ + kh * G + g) * splits + s;
+        op[row * D + d] = acc;
+        if (d == 0) {
+            ml[row * 2] = mx;
+            ml[row * 2 + 1] = lsum;
+        }
+    }
+"#;
+
 /// The first kernel's body: block `(s, kh, b)` takes positions
 /// `s·CHUNK ..` of key/value head `kh` of row `b` for its `G` query
 /// heads; a lane holds `E = D/32` features of each.
@@ -334,29 +362,7 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
 #pragma unroll
         for (int e = 0; e < E; ++e) sm_o[warp][g][lane * E + e] = o[g][e];
     }}
-    __syncthreads();
-    for (int j = threadIdx.x; j < G * D; j += WARPS * 32) {{
-        const int g = j / D;
-        const int d = j % D;
-        float mx = LOWEST;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
-        float lsum = 0.0f;
-        float acc = 0.0f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {{
-            const float f = exp2f(sm_m[w][g] - mx);
-            lsum += sm_l[w][g] * f;
-            acc += sm_o[w][g][d] * f;
-        }}
-        const size_t row = (static_cast<size_t>(b) * HQ + kh * G + g) * splits + s;
-        op[row * D + d] = acc;
-        if (d == 0) {{
-            ml[row * 2] = mx;
-            ml[row * 2 + 1] = lsum;
-        }}
-    }}
-"#
+{BLOCK_MERGE}"#
     )
 }
 
@@ -516,29 +522,7 @@ fn part_source_vec(ty: &str, shape: AttnShape) -> Option<String> {
             for (int e = 0; e < E; ++e) sm_o[warp][g][sl * E + e] = o[g][e];
         }}
     }}
-    __syncthreads();
-    for (int j = threadIdx.x; j < G * D; j += WARPS * 32) {{
-        const int g = j / D;
-        const int d = j % D;
-        float mx = LOWEST;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
-        float lsum = 0.0f;
-        float acc = 0.0f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {{
-            const float f = exp2f(sm_m[w][g] - mx);
-            lsum += sm_l[w][g] * f;
-            acc += sm_o[w][g][d] * f;
-        }}
-        const size_t row = (static_cast<size_t>(b) * HQ + kh * G + g) * splits + s;
-        op[row * D + d] = acc;
-        if (d == 0) {{
-            ml[row * 2] = mx;
-            ml[row * 2 + 1] = lsum;
-        }}
-    }}
-"#
+{BLOCK_MERGE}"#
     ))
 }
 
