@@ -47,6 +47,12 @@ pub const CHUNK: i32 = WARPS * PER_WARP;
 /// Warps a block of [`part_source_vec`]'s kernel (also [`CHUNK`] positions).
 const VEC_WARPS: i32 = 16;
 
+/// Most query heads a key/value head [`part_source_vec`] takes: its
+/// registers grow with them, and a 512-thread block may use 128 a thread
+/// (NVRTC 13.5 for sm_90a, bf16, 128 features: 121 at 4, 141 at 5, 190 at
+/// 8; its shared memory passes 48 KiB from 6).
+const MAX_VEC_GROUP: i32 = 4;
+
 /// `INFER_ATTN_VEC=1` (`setting`): the first kernel loads 16 bytes a lane
 /// (for heads of 64 or 128 features), several positions a warp at once
 /// ([`part_source_vec`]). Opt-in until measured on a GPU; anything but `0`
@@ -377,7 +383,8 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
 /// the block fits an SM's registers (121 a thread for Qwen3-4B's heads in
 /// bf16 under NVRTC 13.5 for sm_90a: one block, sixteen warps, an SM, as
 /// [`part_source`]'s two blocks of eight). `None` for heads of 256
-/// features, which [`part_source`] already loads 16 bytes a lane.
+/// features, which [`part_source`] already loads 16 bytes a lane, and for
+/// more than [`MAX_VEC_GROUP`] query heads a key/value head.
 fn part_source_vec(ty: &str, shape: AttnShape) -> Option<String> {
     let AttnShape {
         heads,
@@ -386,7 +393,7 @@ fn part_source_vec(ty: &str, shape: AttnShape) -> Option<String> {
         scale,
     } = shape;
     let lanes = head_dim / 8;
-    if !matches!(lanes, 8 | 16) {
+    if !matches!(lanes, 8 | 16) || heads / kv_heads > MAX_VEC_GROUP {
         return None;
     }
     let warps = VEC_WARPS;
@@ -652,7 +659,8 @@ mod tests {
 
     /// The 16-byte variant: `L = D/8` lanes a position, sixteen warps,
     /// still [`CHUNK`] positions a block (the host sizes the grid by it);
-    /// none for heads of 256 features.
+    /// none for heads of 256 features or over four query heads a key/value
+    /// head.
     #[test]
     fn vec_source_keeps_the_chunk() {
         for (d, lanes, loads) in [(128, 16, 2), (64, 8, 1)] {
@@ -674,6 +682,9 @@ mod tests {
             assert_eq!(s.matches('{').count(), s.matches('}').count());
         }
         assert!(part_source_vec("__half", shape(8, 4, 256)).is_none());
+        // Five query heads a key/value head would not fit the registers.
+        assert!(part_source_vec("__nv_bfloat16", shape(40, 8, 128)).is_none());
+        assert!(part_source_vec("__half", shape(64, 8, 64)).is_none());
         assert!(!attn_vec_from(None));
         assert!(!attn_vec_from(Some("0")));
         assert!(attn_vec_from(Some(" 1")));
