@@ -236,6 +236,35 @@ impl DecodeAttention {
     }
 }
 
+/// Both first-kernel bodies' running softmax state, empty: each head's
+/// maximum `m`, sum `l` and weighted values `o`.
+const STATE_INIT: &str = r#"    float m[G];
+    float l[G];
+    float o[G][E];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        m[g] = LOWEST;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) o[g][e] = 0.0f;
+    }
+"#;
+
+/// Both first-kernel bodies' online softmax: position `u`'s scores `sc`
+/// (log2 units) folded into each head's running maximum `m`, sum `l` and
+/// weighted values `o`.
+const ONLINE_UPDATE: &str = r#"#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float nm = fmaxf(m[g], sc[g]);
+                const float f = exp2f(m[g] - nm);
+                const float p = exp2f(sc[g] - nm);
+                l[g] = l[g] * f + p;
+#pragma unroll
+                for (int e = 0; e < E; ++e) o[g][e] = o[g][e] * f + p * static_cast<float>(vr[u].v[e]);
+                m[g] = nm;
+            }
+"#;
+
 /// The end of both first-kernel bodies: once every warp has written its
 /// maximum, sum and weighted values (`sm_m`, `sm_l`, `sm_o`), the block's
 /// threads combine the warps for each head and feature and write the
@@ -321,17 +350,7 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
 #pragma unroll
         for (int e = 0; e < E; ++e) qv[g][e] = SCALE_LOG2 * static_cast<float>(r.v[e]);
     }}
-    float m[G];
-    float l[G];
-    float o[G][E];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {{
-        m[g] = LOWEST;
-        l[g] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) o[g][e] = 0.0f;
-    }}
-#pragma unroll
+{STATE_INIT}#pragma unroll
     for (int u = 0; u < U; ++u) {{
         if (first + WARPS * u < len) {{
             float sc[G];
@@ -346,17 +365,7 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
 #pragma unroll
                 for (int g = 0; g < G; ++g) sc[g] += __shfl_xor_sync(0xffffffffu, sc[g], k);
             }}
-#pragma unroll
-            for (int g = 0; g < G; ++g) {{
-                const float nm = fmaxf(m[g], sc[g]);
-                const float f = exp2f(m[g] - nm);
-                const float p = exp2f(sc[g] - nm);
-                l[g] = l[g] * f + p;
-#pragma unroll
-                for (int e = 0; e < E; ++e) o[g][e] = o[g][e] * f + p * static_cast<float>(vr[u].v[e]);
-                m[g] = nm;
-            }}
-        }}
+{ONLINE_UPDATE}        }}
     }}
     // The block's warps combined: each head's sums, weighted by its maxima.
 #pragma unroll
@@ -456,17 +465,7 @@ fn part_source_vec(ty: &str, shape: AttnShape) -> Option<String> {
         qr[g] = *reinterpret_cast<const Row*>(
             q + (static_cast<size_t>(b) * HQ + kh * G + g) * D + sl * E);
     }}
-    float m[G];
-    float l[G];
-    float o[G][E];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {{
-        m[g] = LOWEST;
-        l[g] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) o[g][e] = 0.0f;
-    }}
-#pragma unroll
+{STATE_INIT}#pragma unroll
     for (int u = 0; u < U; ++u) {{
         if (first + WARPS * P * u < len) {{
             float sc[G];
@@ -485,19 +484,9 @@ fn part_source_vec(ty: &str, shape: AttnShape) -> Option<String> {
             }}
 #pragma unroll
             for (int g = 0; g < G; ++g) sc[g] *= SCALE_LOG2;
-            if (first + WARPS * P * u + sub < len) {{
-#pragma unroll
-                for (int g = 0; g < G; ++g) {{
-                    const float nm = fmaxf(m[g], sc[g]);
-                    const float f = exp2f(m[g] - nm);
-                    const float p = exp2f(sc[g] - nm);
-                    l[g] = l[g] * f + p;
-#pragma unroll
-                    for (int e = 0; e < E; ++e) o[g][e] = o[g][e] * f + p * static_cast<float>(vr[u].v[e]);
-                    m[g] = nm;
-                }}
-            }}
-        }}
+            // A lane past the end has shuffled its zeros; it takes no part.
+            if (first + WARPS * P * u + sub >= len) continue;
+{ONLINE_UPDATE}        }}
     }}
     // The warp's groups of lanes combined, each weighted by its maximum.
 #pragma unroll
