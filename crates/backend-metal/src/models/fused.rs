@@ -1140,7 +1140,18 @@ fn check_attention(
     let attention = DecodeAttention::make(shape, dtype)?
         .ok_or_else(|| Exception::custom(format!("no decode attention for {shape:?} {dtype:?}")))?;
     let mut out = Vec::new();
-    for (b, len) in [(1, 1), (1, 65), (1, 2_100), (2, 300)] {
+    // The last three reach the first kernel's looped text under the
+    // default cap (`DEFAULT_SPLITS` blocks a layer): at 8,200 and 2 × 3,000
+    // for eight key/value heads, at 17,000 for one.
+    for (b, len) in [
+        (1, 1),
+        (1, 65),
+        (1, 2_100),
+        (2, 300),
+        (1, 8_200),
+        (2, 3_000),
+        (1, 17_000),
+    ] {
         let cap = len + 7;
         let q = normal(&[b, heads, 1, head_dim])?;
         let (kc, vc) = (

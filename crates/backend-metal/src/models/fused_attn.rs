@@ -17,7 +17,11 @@
 //!   before the first is used), scores them against each query head, and
 //!   keeps a running maximum, sum and weighted value per head (the
 //!   online softmax); the block combines its warps and writes the
-//!   unnormalised sums with their maximum and weight;
+//!   unnormalised sums with their maximum and weight. Once a layer would
+//!   have more blocks than about two an SM ([`DEFAULT_SPLITS`] over all
+//!   heads and rows, `INFER_ATTN_SPLITS`), each block instead walks
+//!   several chunks of 64 in turn with one running softmax, so that a long
+//!   context gives fewer, longer blocks and fewer partial results;
 //! - its second kernel combines each query head's blocks (in up to eight
 //!   groups of threads at once, so that a long context's many blocks do
 //!   not make one long chain) and divides.
@@ -44,34 +48,56 @@ const PER_WARP: i32 = 8;
 /// Positions a block of the first kernel: every warp's loads at once.
 pub const CHUNK: i32 = WARPS * PER_WARP;
 
-/// Warps a block of [`part_source_vec`]'s kernel (also [`CHUNK`] positions).
-const VEC_WARPS: i32 = 16;
+/// Blocks of the first kernel a layer by default, over all key/value
+/// heads and rows, when the context is long enough to need more
+/// (`INFER_ATTN_SPLITS` changes it): two an SM of a 132-SM H100 or H200,
+/// whose registers hold two 256-thread blocks of the kernel.
+const DEFAULT_SPLITS: i32 = 264;
 
-/// Most query heads a key/value head [`part_source_vec`] takes: its
-/// registers grow with them, and a 512-thread block may use 128 a thread
-/// (NVRTC 13.5 for sm_90a, bf16, 128 features: 121 at 4, 141 at 5, 190 at
-/// 8; its shared memory passes 48 KiB from 6).
-const MAX_VEC_GROUP: i32 = 4;
-
-/// `INFER_ATTN_VEC=1` (`setting`): the first kernel loads 16 bytes a lane
-/// (for heads of 64 or 128 features), several positions a warp at once
-/// ([`part_source_vec`]). Opt-in until measured on a GPU; anything but `0`
-/// or `1` is warned of and read as unset.
-fn attn_vec_from(setting: Option<&str>) -> bool {
-    match setting.map(str::trim) {
-        None | Some("0") => false,
-        Some("1") => true,
-        Some(s) => {
-            tracing::warn!("INFER_ATTN_VEC={s:?} is not 0 or 1; read as unset");
-            false
+/// `INFER_ATTN_SPLITS=N` (`setting`): the first kernel's blocks for a
+/// layer kept to about `N` over all key/value heads and rows (at least one
+/// a head) once the context has more chunks of [`CHUNK`] positions than
+/// that, each block walking its share of them in turn ([`part_source`]'s
+/// `looped` text); `0` gives every chunk its own block at any length (the
+/// kernel before 2026-12-07 night). Unset: [`DEFAULT_SPLITS`]. `N` from 0
+/// to 65,536; anything else is warned of and read as unset.
+fn attn_splits_from(setting: Option<&str>) -> Option<i32> {
+    let Some(s) = setting.map(str::trim) else {
+        return Some(DEFAULT_SPLITS);
+    };
+    match s.parse::<i32>() {
+        Ok(0) => None,
+        Ok(n) if (1..=65_536).contains(&n) => Some(n),
+        _ => {
+            tracing::warn!(
+                "INFER_ATTN_SPLITS={s:?} is not a whole number from 0 to 65536; read as unset"
+            );
+            Some(DEFAULT_SPLITS)
         }
     }
 }
 
-/// [`attn_vec_from`] of the environment, read once.
-fn attn_vec() -> bool {
-    static VEC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *VEC.get_or_init(|| attn_vec_from(std::env::var("INFER_ATTN_VEC").ok().as_deref()))
+/// [`attn_splits_from`] of the environment, read once.
+fn attn_splits() -> Option<i32> {
+    static SPLITS: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
+    *SPLITS.get_or_init(|| attn_splits_from(std::env::var("INFER_ATTN_SPLITS").ok().as_deref()))
+}
+
+/// Blocks of the first kernel a key/value head of a row for `len`
+/// positions: one a [`CHUNK`], or with a cap on a head's blocks (from
+/// [`attn_splits`]) the fewest that take no more chunks each than spreading them over `cap`
+/// blocks would. The looped kernel gives block `s` chunks `s·per ..
+/// min((s+1)·per, chunks)` with `per = ⌈chunks / splits⌉`, which covers
+/// every chunk once (`splits · per ≥ chunks`).
+fn splits_for(len: i32, cap: Option<i32>) -> i32 {
+    let chunks = (len + CHUNK - 1) / CHUNK;
+    match cap {
+        Some(cap) if cap > 0 => {
+            let per = (chunks + cap - 1) / cap;
+            (chunks + per - 1) / per
+        }
+        _ => chunks,
+    }
 }
 
 /// The sizes of the attention a [`DecodeAttention`] serves.
@@ -91,12 +117,17 @@ pub struct AttnShape {
 /// documentation.
 #[derive(Debug)]
 pub struct DecodeAttention {
+    /// The first kernel, one chunk a block.
     part: CudaKernel,
+    /// The first kernel walking several chunks a block, where the cap
+    /// leaves fewer blocks than chunks.
+    part_looped: CudaKernel,
     merge: CudaKernel,
     shape: AttnShape,
     dtype: Dtype,
-    /// Threads a block of the first kernel (512 for [`part_source_vec`]).
-    threads: i32,
+    /// About how many blocks the first kernel may have over all heads and
+    /// rows ([`attn_splits`]).
+    split_cap: Option<i32>,
 }
 
 impl DecodeAttention {
@@ -127,16 +158,20 @@ impl DecodeAttention {
         if !fits {
             return Ok(None);
         }
-        let (source, threads) = match attn_vec().then(|| part_source_vec(ty, shape)).flatten() {
-            Some(vec) => (vec, VEC_WARPS * 32),
-            None => (part_source(ty, shape), WARPS * 32),
+        let part_kernel = |looped| {
+            CudaKernel::new(
+                if looped {
+                    "infer_attn_part_looped"
+                } else {
+                    "infer_attn_part"
+                },
+                &["q", "kc", "vc", "offsets"],
+                &["op", "ml"],
+                &part_source(ty, shape, looped),
+            )
         };
-        let part = CudaKernel::new(
-            "infer_attn_part",
-            &["q", "kc", "vc", "offsets"],
-            &["op", "ml"],
-            &source,
-        )?;
+        let part = part_kernel(false)?;
+        let part_looped = part_kernel(true)?;
         let merge = CudaKernel::new(
             "infer_attn_merge",
             &["op", "ml"],
@@ -145,10 +180,11 @@ impl DecodeAttention {
         )?;
         Ok(Some(Self {
             part,
+            part_looped,
             merge,
             shape,
             dtype,
-            threads,
+            split_cap: attn_splits(),
         }))
     }
 
@@ -163,8 +199,7 @@ impl DecodeAttention {
     /// device (the position the step's key was written at; the grid is
     /// sized from `len`, the kernel reads the device's value): `[B, H, 1,
     /// D]`. Each array must start on its own buffer's alignment (fresh
-    /// arrays do; the kernel loads a head's features `D/32` at a time, or
-    /// `D/8` with `INFER_ATTN_VEC`).
+    /// arrays do; the kernel loads a head's features `D/32` at a time).
     pub fn apply(
         &self,
         q: &Array,
@@ -207,12 +242,17 @@ impl DecodeAttention {
                 vc.dtype()
             )));
         }
-        let splits = (len + CHUNK - 1) / CHUNK;
-        let threads = self.threads;
+        let head_cap = self.split_cap.map(|n| (n / (kv_heads * b).max(1)).max(1));
+        let splits = splits_for(len, head_cap);
+        let part_kernel = if splits < (len + CHUNK - 1) / CHUNK {
+            &self.part_looped
+        } else {
+            &self.part
+        };
+        let threads = WARPS * 32;
         let groups = merge_groups(d);
         let f32 = Dtype::Float32;
-        let mut part = self
-            .part
+        let mut part = part_kernel
             .apply(
                 &[q, kc, vc, offsets],
                 &[(&[b, heads, splits, d], f32), (&[b, heads, splits, 2], f32)],
@@ -295,8 +335,12 @@ const BLOCK_MERGE: &str = r#"    __syncthreads();
 
 /// The first kernel's body: block `(s, kh, b)` takes positions
 /// `s·CHUNK ..` of key/value head `kh` of row `b` for its `G` query
-/// heads; a lane holds `E = D/32` features of each.
-fn part_source(ty: &str, shape: AttnShape) -> String {
+/// heads; a lane holds `E = D/32` features of each. With `looped`
+/// (`INFER_ATTN_SPLITS`), block `s` walks chunks `s·per .. (s+1)·per` of
+/// [`CHUNK`] positions in turn (`per` = the chunks over the grid's blocks,
+/// rounded up; [`splits_for`] sizes the grid so that they cover every
+/// position), keeping its running softmax across them.
+fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
     let AttnShape {
         heads,
         kv_heads,
@@ -304,7 +348,7 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
         scale,
     } = shape;
     let scale_log2 = scale * std::f32::consts::LOG2_E;
-    format!(
+    let preamble = format!(
         r#"
     using T = {ty};
     constexpr int D = {head_dim};
@@ -330,27 +374,30 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
     const int len = offsets[0] + 1;
     const size_t base =
         (static_cast<size_t>(b) * HK + kh) * static_cast<size_t>(kc_shape[2]) * D + lane * E;
-    // Every key and value of the warp asked for before any is used.
-    const int first = s * CHUNK + warp;
-    Row kr[U];
+"#
+    );
+    let loads = r#"    Row kr[U];
     Row vr[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {{
+    for (int u = 0; u < U; ++u) {
         const int i = first + WARPS * u;
-        if (i < len) {{
+        if (i < len) {
             kr[u] = *reinterpret_cast<const Row*>(kc + base + static_cast<size_t>(i) * D);
             vr[u] = *reinterpret_cast<const Row*>(vc + base + static_cast<size_t>(i) * D);
-        }}
-    }}
-    float qv[G][E];
+        }
+    }
+"#;
+    let query = r#"    float qv[G][E];
 #pragma unroll
-    for (int g = 0; g < G; ++g) {{
+    for (int g = 0; g < G; ++g) {
         const Row r = *reinterpret_cast<const Row*>(
             q + (static_cast<size_t>(b) * HQ + kh * G + g) * D + lane * E);
 #pragma unroll
         for (int e = 0; e < E; ++e) qv[g][e] = SCALE_LOG2 * static_cast<float>(r.v[e]);
-    }}
-{STATE_INIT}#pragma unroll
+    }
+"#;
+    let scores = format!(
+        r#"#pragma unroll
     for (int u = 0; u < U; ++u) {{
         if (first + WARPS * u < len) {{
             float sc[G];
@@ -367,7 +414,28 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
             }}
 {ONLINE_UPDATE}        }}
     }}
-    // The block's warps combined: each head's sums, weighted by its maxima.
+"#
+    );
+    let body = if looped {
+        format!(
+            r#"{query}{STATE_INIT}    // This block's chunks, each loaded whole before it is used.
+    const int chunks = (len + CHUNK - 1) / CHUNK;
+    const int per = (chunks + splits - 1) / splits;
+    const int c_end = min(chunks, (s + 1) * per);
+    for (int c = s * per; c < c_end; ++c) {{
+    const int first = c * CHUNK + warp;
+{loads}{scores}    }}
+"#
+        )
+    } else {
+        format!(
+            r#"    // Every key and value of the warp asked for before any is used.
+    const int first = s * CHUNK + warp;
+{loads}{query}{STATE_INIT}{scores}"#
+        )
+    };
+    format!(
+        r#"{preamble}{body}    // The block's warps combined: each head's sums, weighted by its maxima.
 #pragma unroll
     for (int g = 0; g < G; ++g) {{
         if (lane == 0) {{
@@ -379,147 +447,6 @@ fn part_source(ty: &str, shape: AttnShape) -> String {
     }}
 {BLOCK_MERGE}"#
     )
-}
-
-/// The first kernel's body with 16-byte loads (`INFER_ATTN_VEC=1`):
-/// `L = D/8` lanes share a position, so a warp takes `P = 32/L` positions
-/// at each load; sixteen warps a block (512 threads) of `64/(16·P)` loads
-/// each, still 64 positions a block. Each group of `L` lanes keeps its own
-/// running softmax, and the warp's groups are combined before the block's
-/// warps are. Fewer shuffles a position (`log2 L` steps instead of five,
-/// each serving `P` positions) and half the load instructions; the query
-/// heads stay in their dtype and the scale multiplies each score, so that
-/// the block fits an SM's registers (121 a thread for Qwen3-4B's heads in
-/// bf16 under NVRTC 13.5 for sm_90a: one block, sixteen warps, an SM, as
-/// [`part_source`]'s two blocks of eight). `None` for heads of 256
-/// features, which [`part_source`] already loads 16 bytes a lane, and for
-/// more than [`MAX_VEC_GROUP`] query heads a key/value head.
-fn part_source_vec(ty: &str, shape: AttnShape) -> Option<String> {
-    let AttnShape {
-        heads,
-        kv_heads,
-        head_dim,
-        scale,
-    } = shape;
-    let lanes = head_dim / 8;
-    if !matches!(lanes, 8 | 16) || heads / kv_heads > MAX_VEC_GROUP {
-        return None;
-    }
-    let warps = VEC_WARPS;
-    let loads = CHUNK * lanes / 32 / warps;
-    let scale_log2 = scale * std::f32::consts::LOG2_E;
-    Some(format!(
-        r#"
-    using T = {ty};
-    constexpr int D = {head_dim};
-    constexpr int HQ = {heads};
-    constexpr int HK = {kv_heads};
-    constexpr int G = HQ / HK;
-    constexpr int L = {lanes};
-    constexpr int P = 32 / L;
-    constexpr int E = D / L;
-    constexpr int WARPS = {warps};
-    constexpr int U = {loads};
-    constexpr int CHUNK = WARPS * U * P;
-    constexpr float SCALE_LOG2 = {scale_log2:e}f;
-    constexpr float LOWEST = -3.402823466e38f;
-    struct alignas(E * sizeof(T)) Row {{ T v[E]; }};
-    __shared__ float sm_m[WARPS][G];
-    __shared__ float sm_l[WARPS][G];
-    __shared__ float sm_o[WARPS][G][D];
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int sub = lane / L;
-    const int sl = lane % L;
-    const int s = blockIdx.x;
-    const int kh = blockIdx.y;
-    const int b = blockIdx.z;
-    const int splits = gridDim.x;
-    const int len = offsets[0] + 1;
-    const size_t base =
-        (static_cast<size_t>(b) * HK + kh) * static_cast<size_t>(kc_shape[2]) * D + sl * E;
-    // Every key and value of the warp asked for before any is used; a
-    // position past the end reads as zeros (its lanes still shuffle).
-    const int first = s * CHUNK + warp * P;
-    Row kr[U];
-    Row vr[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {{
-        const int i = first + WARPS * P * u + sub;
-        if (i < len) {{
-            kr[u] = *reinterpret_cast<const Row*>(kc + base + static_cast<size_t>(i) * D);
-            vr[u] = *reinterpret_cast<const Row*>(vc + base + static_cast<size_t>(i) * D);
-        }} else {{
-#pragma unroll
-            for (int e = 0; e < E; ++e) {{
-                kr[u].v[e] = static_cast<T>(0.0f);
-                vr[u].v[e] = static_cast<T>(0.0f);
-            }}
-        }}
-    }}
-    // The query heads kept in their dtype (half the registers of f32),
-    // the scale applied to each score.
-    Row qr[G];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {{
-        qr[g] = *reinterpret_cast<const Row*>(
-            q + (static_cast<size_t>(b) * HQ + kh * G + g) * D + sl * E);
-    }}
-{STATE_INIT}#pragma unroll
-    for (int u = 0; u < U; ++u) {{
-        if (first + WARPS * P * u < len) {{
-            float sc[G];
-#pragma unroll
-            for (int g = 0; g < G; ++g) {{
-                sc[g] = 0.0f;
-#pragma unroll
-                for (int e = 0; e < E; ++e) {{
-                    sc[g] += static_cast<float>(qr[g].v[e]) * static_cast<float>(kr[u].v[e]);
-                }}
-            }}
-#pragma unroll
-            for (int k = L / 2; k > 0; k >>= 1) {{
-#pragma unroll
-                for (int g = 0; g < G; ++g) sc[g] += __shfl_xor_sync(0xffffffffu, sc[g], k);
-            }}
-#pragma unroll
-            for (int g = 0; g < G; ++g) sc[g] *= SCALE_LOG2;
-            // A lane past the end has shuffled its zeros; it takes no part.
-            if (first + WARPS * P * u + sub >= len) continue;
-{ONLINE_UPDATE}        }}
-    }}
-    // The warp's groups of lanes combined, each weighted by its maximum.
-#pragma unroll
-    for (int k = L; k < 32; k <<= 1) {{
-#pragma unroll
-        for (int g = 0; g < G; ++g) {{
-            const float om = __shfl_xor_sync(0xffffffffu, m[g], k);
-            const float ol = __shfl_xor_sync(0xffffffffu, l[g], k);
-            const float nm = fmaxf(m[g], om);
-            const float f = exp2f(m[g] - nm);
-            const float fo = exp2f(om - nm);
-            l[g] = l[g] * f + ol * fo;
-#pragma unroll
-            for (int e = 0; e < E; ++e) {{
-                o[g][e] = o[g][e] * f + __shfl_xor_sync(0xffffffffu, o[g][e], k) * fo;
-            }}
-            m[g] = nm;
-        }}
-    }}
-    // The block's warps combined: each head's sums, weighted by its maxima.
-#pragma unroll
-    for (int g = 0; g < G; ++g) {{
-        if (lane == 0) {{
-            sm_m[warp][g] = m[g];
-            sm_l[warp][g] = l[g];
-        }}
-        if (sub == 0) {{
-#pragma unroll
-            for (int e = 0; e < E; ++e) sm_o[warp][g][sl * E + e] = o[g][e];
-        }}
-    }}
-{BLOCK_MERGE}"#
-    ))
 }
 
 /// Groups of `D` threads a block of the second kernel: each takes every
@@ -618,7 +545,7 @@ mod tests {
 
     #[test]
     fn sources_bake_in_the_shape() {
-        let s = part_source("__nv_bfloat16", shape(32, 8, 128));
+        let s = part_source("__nv_bfloat16", shape(32, 8, 128), false);
         for want in [
             "using T = __nv_bfloat16;",
             "constexpr int D = 128;",
@@ -646,50 +573,164 @@ mod tests {
         }
     }
 
-    /// The 16-byte variant: `L = D/8` lanes a position, sixteen warps,
-    /// still [`CHUNK`] positions a block (the host sizes the grid by it);
-    /// none for heads of 256 features or over four query heads a key/value
-    /// head.
+    /// The looped text (`INFER_ATTN_SPLITS`) walks its block's share of
+    /// the chunks with the running softmax set up once before them.
     #[test]
-    fn vec_source_keeps_the_chunk() {
-        for (d, lanes, loads) in [(128, 16, 2), (64, 8, 1)] {
-            let s = part_source_vec("__nv_bfloat16", shape(32, 8, d)).unwrap();
-            let p = 32 / lanes;
-            assert_eq!(VEC_WARPS * loads * p, CHUNK);
-            for want in [
-                format!("constexpr int D = {d};"),
-                format!("constexpr int L = {lanes};"),
-                format!("constexpr int U = {loads};"),
-                format!("constexpr int WARPS = {VEC_WARPS};"),
-                "constexpr int CHUNK = WARPS * U * P;".to_string(),
-                "for (int k = L / 2; k > 0; k >>= 1)".to_string(),
-                "for (int k = L; k < 32; k <<= 1)".to_string(),
-            ] {
-                assert!(s.contains(&want), "{want} missing");
-            }
-            assert!(!s.contains("{{"), "format braces left in the text");
-            assert_eq!(s.matches('{').count(), s.matches('}').count());
-        }
-        assert!(part_source_vec("__half", shape(8, 4, 256)).is_none());
-        // Five query heads a key/value head would not fit the registers.
-        assert!(part_source_vec("__nv_bfloat16", shape(40, 8, 128)).is_none());
-        assert!(part_source_vec("__half", shape(64, 8, 64)).is_none());
-        assert!(!attn_vec_from(None));
-        assert!(!attn_vec_from(Some("0")));
-        assert!(attn_vec_from(Some(" 1")));
-        assert!(!attn_vec_from(Some("yes")));
+    fn looped_source_walks_its_chunks() {
+        let s = part_source("__nv_bfloat16", shape(32, 8, 128), true);
+        let init = s.find("float m[G];").unwrap();
+        let walk = s.find("for (int c = s * per; c < c_end; ++c) {").unwrap();
+        let first = s.find("const int first = c * CHUNK + warp;").unwrap();
+        assert!(init < walk && walk < first);
+        assert!(s.contains("const int per = (chunks + splits - 1) / splits;"));
+        assert!(!s.contains("{{"), "format braces left in the text");
+        assert_eq!(s.matches('{').count(), s.matches('}').count());
+        assert_ne!(s, part_source("__nv_bfloat16", shape(32, 8, 128), false));
     }
 
-    /// The text is the one measured on an H100 on 2026-12-07
-    /// (docs/benchmarks.md, item 15): a change to it must be checked and
-    /// timed on a GPU again, and then this hash (FNV-1a of the bf16 text
-    /// for Qwen3-4B's heads) updated.
+    /// The host's grid and the looped kernel's share of each block cover
+    /// every chunk exactly once, no block takes more than a cap's share,
+    /// and no block is left without a chunk.
+    #[test]
+    fn split_cap_covers_every_chunk() {
+        assert_eq!(splits_for(1, None), 1);
+        assert_eq!(splits_for(64, None), 1);
+        assert_eq!(splits_for(65, None), 2);
+        assert_eq!(splits_for(8_192, Some(32)), 32);
+        assert_eq!(splits_for(128, Some(32)), 2);
+        for cap in [1, 2, 3, 7, 16, 32, 100, 4_096] {
+            for len in (1..3_000).chain([8_192, 8_193, 40_000, 131_072]) {
+                let chunks = (len + CHUNK - 1) / CHUNK;
+                let splits = splits_for(len, Some(cap));
+                assert!((1..=cap.min(chunks)).contains(&splits), "{len} {cap}");
+                // The kernel's arithmetic.
+                let per = (chunks + splits - 1) / splits;
+                assert!(per <= (chunks + cap - 1) / cap, "{len} {cap}");
+                let mut seen = 0;
+                for s in 0..splits {
+                    let (lo, hi) = (s * per, chunks.min((s + 1) * per));
+                    assert!(lo < hi, "empty block {s} at {len} {cap}");
+                    assert_eq!(lo, seen);
+                    seen = hi;
+                }
+                assert_eq!(seen, chunks);
+            }
+        }
+        assert_eq!(attn_splits_from(None), Some(DEFAULT_SPLITS));
+        assert_eq!(attn_splits_from(Some("0")), None);
+        assert_eq!(attn_splits_from(Some(" 32")), Some(32));
+        assert_eq!(attn_splits_from(Some("65536")), Some(65_536));
+        for bad in ["-1", "65537", "x", ""] {
+            assert_eq!(attn_splits_from(Some(bad)), Some(DEFAULT_SPLITS), "{bad}");
+        }
+        // The default for Qwen3-4B's eight key/value heads, one row: the
+        // one-chunk kernel up to 33 chunks (2,112 positions), then 32 or
+        // 33 blocks a head; 8,192 positions in 32 blocks of 256.
+        let head_cap = DEFAULT_SPLITS / 8;
+        assert_eq!(splits_for(2_112, Some(head_cap)), 33);
+        assert_eq!(splits_for(2_113, Some(head_cap)), 17);
+        assert_eq!(splits_for(8_192, Some(head_cap)), 32);
+    }
+
+    /// Both first-kernel texts and the merge, run on the CPU by
+    /// `tests/support/cuda_emu.cpp` (one thread a CUDA thread, `T =
+    /// float`) against float64 softmax attention: one chunk a block, and
+    /// looped blocks walking one to eleven chunks, over one and two rows,
+    /// heads of 256 and 128 features, lengths that end mid-chunk. The
+    /// one-chunk text given fewer blocks than chunks must fail (it skips
+    /// positions), so the harness can tell.
+    #[test]
+    fn kernel_texts_run_on_the_cpu() {
+        let dir = std::env::temp_dir().join(format!("infer-cuda-emu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let harness = dir.join("cuda_emu.cpp");
+        std::fs::write(&harness, include_str!("../../tests/support/cuda_emu.cpp")).unwrap();
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+        let build = |name: &str, sh: AttnShape, looped: bool| {
+            let part = dir.join(format!("{name}-{looped}-part.inc"));
+            let merge = dir.join(format!("{name}-merge.inc"));
+            std::fs::write(&part, part_source("float", sh, looped)).unwrap();
+            std::fs::write(&merge, merge_source("float", sh.heads, sh.head_dim)).unwrap();
+            let exe = dir.join(format!("emu-{name}-{looped}"));
+            let status = std::process::Command::new(&cxx)
+                .args(["-std=c++20", "-O1", "-pthread"])
+                .arg(format!("-DPART_INC=\"{}\"", part.display()))
+                .arg(format!("-DMERGE_INC=\"{}\"", merge.display()))
+                .arg(&harness)
+                .arg("-o")
+                .arg(&exe)
+                .status()
+                .expect("a C++ compiler (CXX or c++)");
+            assert!(
+                status.success(),
+                "{cxx} could not build the emulator for {name}"
+            );
+            exe
+        };
+        let run = |exe: &std::path::Path, sh: AttnShape, rows: i32, len: i32, splits: i32| {
+            let out = std::process::Command::new(exe)
+                .args(
+                    [
+                        sh.heads,
+                        sh.kv_heads,
+                        sh.head_dim,
+                        merge_groups(sh.head_dim),
+                        rows,
+                        len,
+                        splits,
+                        WARPS * 32,
+                    ]
+                    .map(|v| v.to_string()),
+                )
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (out.status.success(), text)
+        };
+        // Gemma's one key/value head of 256 features, four query heads.
+        let gemma = shape(4, 1, 256);
+        let (plain, looped) = (build("g", gemma, false), build("g", gemma, true));
+        for (rows, len) in [(1, 1), (1, 65), (2, 300)] {
+            let (ok, text) = run(&plain, gemma, rows, len, splits_for(len, None));
+            assert!(ok, "one chunk a block: {text}");
+        }
+        for (rows, len, cap) in [
+            (1, 65, 1),
+            (1, 300, 3),
+            (2, 300, 2),
+            (1, 700, 1),
+            (1, 130, 2),
+        ] {
+            let splits = splits_for(len, Some(cap));
+            assert!(splits < (len + CHUNK - 1) / CHUNK || len <= CHUNK);
+            let (ok, text) = run(&looped, gemma, rows, len, splits);
+            assert!(ok, "looped, cap {cap}: {text}");
+        }
+        let (ok, text) = run(&plain, gemma, 1, 300, 2);
+        assert!(!ok, "the one-chunk text over too few blocks passed: {text}");
+        // Qwen3's grouped heads: eight key/value heads of 128 features.
+        let qwen = shape(16, 8, 128);
+        let looped = build("q", qwen, true);
+        let (ok, text) = run(&looped, qwen, 1, 200, splits_for(200, Some(2)));
+        assert!(ok, "looped, grouped heads: {text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The texts are the ones measured on an H100 on 2026-12-07
+    /// (docs/benchmarks.md, items 15 and 19): a change to one must be
+    /// checked and timed on a GPU again, and then its hash (FNV-1a of the
+    /// bf16 text for Qwen3-4B's heads) updated.
     #[test]
     fn measured_text_unchanged() {
-        let text = part_source("__nv_bfloat16", shape(32, 8, 128));
-        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        assert_eq!(hash, 12_536_950_139_908_923_137, "{text}");
+        for (looped, want) in [
+            (false, 12_536_950_139_908_923_137_u64),
+            (true, 948_220_996_937_756_850),
+        ] {
+            let text = part_source("__nv_bfloat16", shape(32, 8, 128), looped);
+            let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            assert_eq!(hash, want, "{looped} {hash}");
+        }
     }
 }
