@@ -85,10 +85,10 @@ fn attn_splits() -> Option<i32> {
 
 /// Blocks of the first kernel a key/value head of a row for `len`
 /// positions: one a [`CHUNK`], or with a cap on a head's blocks (from
-/// [`attn_splits`]) the fewest that take no more chunks each than spreading them over `cap`
-/// blocks would. The looped kernel gives block `s` chunks `s·per ..
-/// min((s+1)·per, chunks)` with `per = ⌈chunks / splits⌉`, which covers
-/// every chunk once (`splits · per ≥ chunks`).
+/// [`attn_splits`]) the fewest that take no more chunks each than
+/// spreading them over `cap` blocks would. The looped kernel gives block
+/// `s` chunks `s·per .. min((s+1)·per, chunks)` with `per = ⌈chunks /
+/// splits⌉`, which covers every chunk once (`splits · per ≥ chunks`).
 fn splits_for(len: i32, cap: Option<i32>) -> i32 {
     let chunks = (len + CHUNK - 1) / CHUNK;
     match cap {
@@ -120,7 +120,9 @@ pub struct DecodeAttention {
     /// The first kernel, one chunk a block.
     part: CudaKernel,
     /// The first kernel walking several chunks a block, where the cap
-    /// leaves fewer blocks than chunks.
+    /// leaves fewer blocks than chunks (MLX compiles it, as every kernel
+    /// here, the first time a step uses it: the first time a context
+    /// passes the cap).
     part_looped: CudaKernel,
     merge: CudaKernel,
     shape: AttnShape,
