@@ -1099,9 +1099,10 @@ pub fn check(dtype: Dtype) -> Result<Vec<CheckResult>> {
     // Qwen3-0.6B's, Gemma-3-1B's and Llama-3.2-1B's head sizes, against
     // MLX's attention over the same positions of the cache: within one
     // block, over several, and over more than MLX's own kernel takes in
-    // one pass; two rows with positions past the last block's end. An
-    // error (a kernel that does not compile) is a failed case, so that the
-    // results above still print.
+    // one pass; two rows with positions past the last block's end; and
+    // contexts long enough for the looped first kernel (each block walking
+    // several chunks) under the default cap. An error (a kernel that does
+    // not compile) is a failed case, so that the results above still print.
     if dtype != Dtype::Float32 {
         for (heads, kv_heads, head_dim) in [(32, 8, 128), (16, 8, 128), (4, 1, 256), (32, 8, 64)] {
             let case = format!("attention {heads}/{kv_heads} heads of {head_dim}");

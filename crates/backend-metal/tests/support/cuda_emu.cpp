@@ -6,7 +6,9 @@
 // `__shared__` arrays as statics (one block at a time), `T = float`. The
 // texts come in as PART_INC and MERGE_INC (files the test writes); the
 // result is compared with float64 softmax attention, and the exit status
-// is 0 when every output is within 1e-4 of it.
+// is 0 when every output is within 1e-4 of it, 1 when one is not (2: bad
+// arguments). A deadlock (a shuffle or barrier some threads never reach)
+// ends it by SIGALRM after 120 s.
 //
 //   emu HQ HK D MERGE_GROUPS ROWS LEN SPLITS THREADS
 #include <algorithm>
@@ -19,6 +21,7 @@
 #include <thread>
 #include <vector>
 #include <memory>
+#include <unistd.h>
 using std::min;
 struct Dim3 { int x, y, z; };
 thread_local Dim3 threadIdx;
@@ -36,6 +39,16 @@ float __shfl_xor_sync(unsigned, float v, int k) {
 }
 void __syncthreads() { block_bar->arrive_and_wait(); }
 #define __shared__ static
+template <class T> struct Aligned {
+    using value_type = T;
+    Aligned() = default;
+    template <class U> Aligned(const Aligned<U>&) {}
+    T* allocate(size_t n) {
+        return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(256)));
+    }
+    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(256)); }
+    template <class U> bool operator==(const Aligned<U>&) const { return true; }
+};
 struct Shape4 { int v[4]; int operator[](int i) const { return v[i]; } };
 
 void part_kernel(const float* q, const float* kc, const float* vc, const int* offsets,
@@ -63,6 +76,7 @@ template <class F> void launch(Dim3 grid, int threads, F f) {
 
 int main(int argc, char** argv) {
     if (argc != 9) return 2;
+    alarm(120);
     const int threads = atoi(argv[8]);
     const int HQ = atoi(argv[1]), HK = atoi(argv[2]), D = atoi(argv[3]), SW = atoi(argv[4]);
     const int B = atoi(argv[5]), len = atoi(argv[6]), splits = atoi(argv[7]);
@@ -70,12 +84,19 @@ int main(int argc, char** argv) {
     const float scale = 1.0f / std::sqrt((float)D);
     std::mt19937 rng(len * 131 + splits * 7 + B);
     std::normal_distribution<float> nd(0, 1);
-    std::vector<float> q(B * HQ * D), kc((size_t)B * HK * cap * D), vc(kc.size());
+    // Buffers aligned as a device allocation is (a row of the kernel
+    // loads up to 32 bytes at once).
+    auto buffer = [](size_t n) {
+        return std::vector<float, Aligned<float>>(n);
+    };
+    auto q = buffer(B * HQ * D), kc = buffer((size_t)B * HK * cap * D), vc = buffer(kc.size());
     for (auto& x : q) x = 2.0f * nd(rng);  // larger scores: a peaked softmax
     for (auto& x : kc) x = nd(rng);
     for (auto& x : vc) x = nd(rng);
     int off = len - 1;
-    std::vector<float> op((size_t)B * HQ * splits * D, NAN), ml((size_t)B * HQ * splits * 2, NAN), y(B * HQ * D, NAN);
+    auto op = buffer((size_t)B * HQ * splits * D), ml = buffer((size_t)B * HQ * splits * 2),
+         y = buffer(B * HQ * D);
+    for (auto* v : {&op, &ml, &y}) std::fill(v->begin(), v->end(), NAN);
     Shape4 ks{{B, HK, cap, D}}, ms{{B, HQ, splits, 2}};
     launch({splits, HK, B}, threads, [&] { part_kernel(q.data(), kc.data(), vc.data(), &off, ks, op.data(), ml.data()); });
     launch({HQ, B, 1}, D * SW, [&] { merge_kernel(op.data(), ml.data(), ms, y.data()); });
