@@ -8,7 +8,7 @@
 // result is compared with float64 softmax attention, and the exit status
 // is 0 when every output is within 1e-4 of it, 1 when one is not (2: bad
 // arguments). A deadlock (a shuffle or barrier some threads never reach)
-// ends it by SIGALRM after 120 s.
+// ends it by SIGALRM after 600 s.
 //
 //   emu HQ HK D MERGE_GROUPS ROWS LEN SPLITS THREADS
 #include <algorithm>
@@ -76,7 +76,7 @@ template <class F> void launch(Dim3 grid, int threads, F f) {
 
 int main(int argc, char** argv) {
     if (argc != 9) return 2;
-    alarm(120);
+    alarm(600);
     const int threads = atoi(argv[8]);
     const int HQ = atoi(argv[1]), HK = atoi(argv[2]), D = atoi(argv[3]), SW = atoi(argv[4]);
     const int B = atoi(argv[5]), len = atoi(argv[6]), splits = atoi(argv[7]);
