@@ -81,6 +81,35 @@ fn attn_splits_from(setting: Option<&str>) -> Option<i32> {
     }
 }
 
+/// `INFER_ATTN_FOLD=1` (`setting`): both first-kernel texts fold a
+/// warp's [`PER_WARP`] positions into the running softmax at once
+/// ([`FOLDED_SCORES`]) instead of one at a time; unset or `0`: one at a
+/// time (the measured text). Anything else is warned of and read as unset.
+fn attn_fold_from(setting: Option<&str>) -> bool {
+    match setting.map(str::trim) {
+        None | Some("0") => false,
+        Some("1") => true,
+        Some(s) => {
+            tracing::warn!("INFER_ATTN_FOLD={s:?} is neither 0 nor 1; read as unset");
+            false
+        }
+    }
+}
+
+/// [`attn_fold_from`] of the environment, read once.
+fn attn_fold() -> bool {
+    static FOLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOLD.get_or_init(|| attn_fold_from(std::env::var("INFER_ATTN_FOLD").ok().as_deref()))
+}
+
+/// Whether the folded text serves heads of `head_dim` features with
+/// `group` query heads a key/value head: its scores take `group ·`
+/// [`PER_WARP`] registers beside the values, so at most 32 of them, and
+/// heads of at most 128 features (256 already take 217 registers).
+fn fold_fits(group: i32, head_dim: i32) -> bool {
+    group * PER_WARP <= 32 && head_dim <= 128
+}
+
 /// [`attn_splits_from`] of the environment, read once.
 fn attn_splits() -> Option<i32> {
     static SPLITS: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
@@ -160,6 +189,7 @@ impl DecodeAttention {
         if !fits {
             return Ok(None);
         }
+        let fold = attn_fold() && fold_fits(heads / kv_heads, head_dim);
         let part_kernel = |looped| {
             CudaKernel::new(
                 if looped {
@@ -169,7 +199,7 @@ impl DecodeAttention {
                 },
                 &["q", "kc", "vc", "offsets"],
                 &["op", "ml"],
-                &part_source(ty, shape, looped),
+                &part_source(ty, shape, looped, fold),
             )
         };
         let part = part_kernel(false)?;
@@ -307,6 +337,68 @@ const ONLINE_UPDATE: &str = r#"#pragma unroll
             }
 "#;
 
+/// Both first-kernel bodies' scores with `INFER_ATTN_FOLD=1`: the warp's
+/// [`PER_WARP`] positions scored (`sc[u][g]`, log2 units) and reduced
+/// first; each head's running maximum `m`, sum `l` and weighted values
+/// `o` then rescaled once to the largest of them, and each position's
+/// weight added (its values converted once for all heads): one rescale
+/// and `U + 1` `exp2f` a head instead of one rescale and two `exp2f` a
+/// position. Whether a position is in the context depends on the warp
+/// and `u` only, so a warp's lanes agree on it (the shuffles need every
+/// lane); a position past `len` (its key and value never loaded) scores
+/// 0 without reading them and is left out of the softmax.
+const FOLDED_SCORES: &str = r#"    float sc[U][G];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            float a = 0.0f;
+            if (first + WARPS * u < len) {
+#pragma unroll
+                for (int e = 0; e < E; ++e) a += qv[g][e] * static_cast<float>(kr[u].v[e]);
+            }
+            sc[u][g] = a;
+        }
+    }
+#pragma unroll
+    for (int k = 16; k > 0; k >>= 1) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) sc[u][g] += __shfl_xor_sync(0xffffffffu, sc[u][g], k);
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        float cm = LOWEST;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (first + WARPS * u < len) cm = fmaxf(cm, sc[u][g]);
+        }
+        const float nm = fmaxf(m[g], cm);
+        const float f = exp2f(m[g] - nm);
+        l[g] *= f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) o[g][e] *= f;
+        m[g] = nm;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        if (first + WARPS * u < len) {
+            float v[E];
+#pragma unroll
+            for (int e = 0; e < E; ++e) v[e] = static_cast<float>(vr[u].v[e]);
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float p = exp2f(sc[u][g] - m[g]);
+                l[g] += p;
+#pragma unroll
+                for (int e = 0; e < E; ++e) o[g][e] += p * v[e];
+            }
+        }
+    }
+"#;
+
 /// The end of both first-kernel bodies: once every warp has written its
 /// maximum, sum and weighted values (`sm_m`, `sm_l`, `sm_o`), the block's
 /// threads combine the warps for each head and feature and write the
@@ -341,8 +433,10 @@ const BLOCK_MERGE: &str = r#"    __syncthreads();
 /// (`INFER_ATTN_SPLITS`), block `s` of the grid's `splits` walks chunks
 /// `⌊s·chunks/splits⌋ .. ⌊(s+1)·chunks/splits⌋` of [`CHUNK`] positions in
 /// turn ([`splits_for`] sizes the grid: at most one block a chunk),
-/// keeping its running softmax across them.
-fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
+/// keeping its running softmax across them. With `fold`
+/// (`INFER_ATTN_FOLD`), [`FOLDED_SCORES`] instead of one position at a
+/// time.
+fn part_source(ty: &str, shape: AttnShape, looped: bool, fold: bool) -> String {
     let AttnShape {
         heads,
         kv_heads,
@@ -398,8 +492,11 @@ fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
         for (int e = 0; e < E; ++e) qv[g][e] = SCALE_LOG2 * static_cast<float>(r.v[e]);
     }
 "#;
-    let scores = format!(
-        r#"#pragma unroll
+    let scores = if fold {
+        FOLDED_SCORES.to_string()
+    } else {
+        format!(
+            r#"#pragma unroll
     for (int u = 0; u < U; ++u) {{
         if (first + WARPS * u < len) {{
             float sc[G];
@@ -417,7 +514,8 @@ fn part_source(ty: &str, shape: AttnShape, looped: bool) -> String {
 {ONLINE_UPDATE}        }}
     }}
 "#
-    );
+        )
+    };
     let body = if looped {
         format!(
             r#"{query}{STATE_INIT}    // This block's share of the chunks (the grid has at most one block a
@@ -548,7 +646,7 @@ mod tests {
 
     #[test]
     fn sources_bake_in_the_shape() {
-        let s = part_source("__nv_bfloat16", shape(32, 8, 128), false);
+        let s = part_source("__nv_bfloat16", shape(32, 8, 128), false, false);
         for want in [
             "using T = __nv_bfloat16;",
             "constexpr int D = 128;",
@@ -580,7 +678,7 @@ mod tests {
     /// the chunks with the running softmax set up once before them.
     #[test]
     fn looped_source_walks_its_chunks() {
-        let s = part_source("__nv_bfloat16", shape(32, 8, 128), true);
+        let s = part_source("__nv_bfloat16", shape(32, 8, 128), true, false);
         let init = s.find("float m[G];").unwrap();
         let walk = s.find("for (int c = c_lo; c < c_end; ++c) {").unwrap();
         let first = s.find("const int first = c * CHUNK + warp;").unwrap();
@@ -588,7 +686,10 @@ mod tests {
         assert!(s.contains("static_cast<long long>(s + 1) * chunks / splits"));
         assert!(!s.contains("{{"), "format braces left in the text");
         assert_eq!(s.matches('{').count(), s.matches('}').count());
-        assert_ne!(s, part_source("__nv_bfloat16", shape(32, 8, 128), false));
+        assert_ne!(
+            s,
+            part_source("__nv_bfloat16", shape(32, 8, 128), false, false)
+        );
     }
 
     /// The host's grid and the looped kernel's share of each block cover
@@ -638,6 +739,28 @@ mod tests {
         assert_eq!(splits_for(8_192, Some(head_cap)), 33);
     }
 
+    /// `INFER_ATTN_FOLD` reads 0 and 1 only, the folded text serves only
+    /// the shapes its registers allow, and it leaves the measured texts
+    /// alone (it replaces their scores and softmax updates, nothing else).
+    #[test]
+    fn folded_text_is_opt_in() {
+        assert!(!attn_fold_from(None));
+        assert!(!attn_fold_from(Some("0")));
+        assert!(attn_fold_from(Some(" 1")));
+        for bad in ["2", "yes", ""] {
+            assert!(!attn_fold_from(Some(bad)), "{bad}");
+        }
+        assert!(fold_fits(4, 128) && fold_fits(2, 64) && fold_fits(1, 128));
+        assert!(!fold_fits(8, 128) && !fold_fits(4, 256));
+        for looped in [false, true] {
+            let plain = part_source("__nv_bfloat16", shape(32, 8, 128), looped, false);
+            let folded = part_source("__nv_bfloat16", shape(32, 8, 128), looped, true);
+            assert!(folded.contains("float sc[U][G];") && !plain.contains("float sc[U][G];"));
+            assert!(!folded.contains("{{"), "format braces left in the text");
+            assert_eq!(folded.matches('{').count(), folded.matches('}').count());
+        }
+    }
+
     /// Both first-kernel texts and the merge, run on the CPU by
     /// `tests/support/cuda_emu.cpp` (one thread a CUDA thread, `T =
     /// float`) against float64 softmax attention: one chunk a block, and
@@ -657,12 +780,12 @@ mod tests {
         let mut cxx_words = cxx.split_whitespace();
         let cxx_program = cxx_words.next().unwrap_or("c++").to_string();
         let cxx_args: Vec<String> = cxx_words.map(str::to_string).collect();
-        let build = |name: &str, sh: AttnShape, looped: bool| {
-            let part = dir.join(format!("{name}-{looped}-part.inc"));
+        let build = |name: &str, sh: AttnShape, looped: bool, fold: bool| {
+            let part = dir.join(format!("{name}-{looped}-{fold}-part.inc"));
             let merge = dir.join(format!("{name}-merge.inc"));
-            std::fs::write(&part, part_source("float", sh, looped)).unwrap();
+            std::fs::write(&part, part_source("float", sh, looped, fold)).unwrap();
             std::fs::write(&merge, merge_source("float", sh.heads, sh.head_dim)).unwrap();
-            let exe = dir.join(format!("emu-{name}-{looped}"));
+            let exe = dir.join(format!("emu-{name}-{looped}-{fold}"));
             let status = std::process::Command::new(&cxx_program)
                 .args(&cxx_args)
                 .args(["-std=c++20", "-O1", "-pthread"])
@@ -707,7 +830,10 @@ mod tests {
         };
         // Gemma's one key/value head of 256 features, four query heads.
         let gemma = shape(4, 1, 256);
-        let (plain, looped) = (build("g", gemma, false), build("g", gemma, true));
+        let (plain, looped) = (
+            build("g", gemma, false, false),
+            build("g", gemma, true, false),
+        );
         for (rows, len) in [(1, 1), (1, 65), (2, 300)] {
             let (ok, text) = run(&plain, gemma, rows, len, splits_for(len, None));
             assert!(ok, "one chunk a block: {text}");
@@ -730,9 +856,30 @@ mod tests {
         assert!(!ok, "the one-chunk text over too few blocks passed: {text}");
         // Qwen3's grouped heads: eight key/value heads of 128 features.
         let qwen = shape(16, 8, 128);
-        let looped = build("q", qwen, true);
+        let looped = build("q", qwen, true, false);
         let (ok, text) = run(&looped, qwen, 1, 200, splits_for(200, Some(2)));
         assert!(ok, "looped, grouped heads: {text}");
+        // `INFER_ATTN_FOLD=1`'s texts: Qwen3-4B's four query heads a
+        // key/value head, and heads of 64 features two a key/value head;
+        // lengths that leave a warp's last positions, or all of them,
+        // outside the context.
+        let qwen4 = shape(8, 2, 128);
+        let (plain, looped) = (
+            build("f", qwen4, false, true),
+            build("f", qwen4, true, true),
+        );
+        for (rows, len) in [(1, 1), (1, 5), (2, 130)] {
+            let (ok, text) = run(&plain, qwen4, rows, len, splits_for(len, None));
+            assert!(ok, "folded, one chunk a block, {len}: {text}");
+        }
+        for (rows, len, cap) in [(1, 300, 2), (2, 197, 1)] {
+            let (ok, text) = run(&looped, qwen4, rows, len, splits_for(len, Some(cap)));
+            assert!(ok, "folded, looped, cap {cap}: {text}");
+        }
+        let small = shape(4, 2, 64);
+        let looped = build("s", small, true, true);
+        let (ok, text) = run(&looped, small, 1, 141, splits_for(141, Some(2)));
+        assert!(ok, "folded, looped, 64 features: {text}");
     }
 
     /// The one-chunk text is the one measured on an H100 on 2026-12-07
@@ -749,7 +896,7 @@ mod tests {
             (false, 12_536_950_139_908_923_137_u64),
             (true, 10_884_105_396_823_020_666),
         ] {
-            let text = part_source("__nv_bfloat16", shape(32, 8, 128), looped);
+            let text = part_source("__nv_bfloat16", shape(32, 8, 128), looped, false);
             let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
                 (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
             });
