@@ -68,10 +68,20 @@ pub use session::IdSession;
 /// An on/off environment switch: `Some(true)` for `1`, `Some(false)` for
 /// `0`, `None` when unset or anything else (the caller's default then).
 pub(crate) fn env_switch(name: &str) -> Option<bool> {
-    match std::env::var(name).as_deref() {
-        Ok("1") => Some(true),
-        Ok("0") => Some(false),
-        _ => None,
+    switch_from(name, std::env::var(name).ok().as_deref())
+}
+
+/// [`env_switch`] of the value `setting` of the variable `name`: `1` or
+/// `0`, spaces around it ignored; anything else is warned of and read as
+/// unset.
+pub(crate) fn switch_from(name: &str, setting: Option<&str>) -> Option<bool> {
+    match setting.map(str::trim)? {
+        "1" => Some(true),
+        "0" => Some(false),
+        other => {
+            tracing::warn!("{name}={other:?} is neither 0 nor 1; read as unset");
+            None
+        }
     }
 }
 

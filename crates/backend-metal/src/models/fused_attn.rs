@@ -81,25 +81,13 @@ fn attn_splits_from(setting: Option<&str>) -> Option<i32> {
     }
 }
 
-/// `INFER_ATTN_FOLD=1` (`setting`): both first-kernel texts fold a
-/// warp's [`PER_WARP`] positions into the running softmax at once
+/// `INFER_ATTN_FOLD=1`: both first-kernel texts fold a warp's
+/// [`PER_WARP`] positions into the running softmax at once
 /// ([`FOLDED_SCORES`]) instead of one at a time; unset or `0`: one at a
-/// time (the measured text). Anything else is warned of and read as unset.
-fn attn_fold_from(setting: Option<&str>) -> bool {
-    match setting.map(str::trim) {
-        None | Some("0") => false,
-        Some("1") => true,
-        Some(s) => {
-            tracing::warn!("INFER_ATTN_FOLD={s:?} is neither 0 nor 1; read as unset");
-            false
-        }
-    }
-}
-
-/// [`attn_fold_from`] of the environment, read once.
+/// time (the measured text). Read once.
 fn attn_fold() -> bool {
     static FOLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FOLD.get_or_init(|| attn_fold_from(std::env::var("INFER_ATTN_FOLD").ok().as_deref()))
+    *FOLD.get_or_init(|| crate::env_switch("INFER_ATTN_FOLD").unwrap_or(false))
 }
 
 /// Whether the folded text serves heads of `head_dim` features with
@@ -744,11 +732,12 @@ mod tests {
     /// alone (it replaces their scores and softmax updates, nothing else).
     #[test]
     fn folded_text_is_opt_in() {
-        assert!(!attn_fold_from(None));
-        assert!(!attn_fold_from(Some("0")));
-        assert!(attn_fold_from(Some(" 1")));
+        let fold_from = |v| crate::switch_from("INFER_ATTN_FOLD", v).unwrap_or(false);
+        assert!(!fold_from(None));
+        assert!(!fold_from(Some("0")));
+        assert!(fold_from(Some(" 1")));
         for bad in ["2", "yes", ""] {
-            assert!(!attn_fold_from(Some(bad)), "{bad}");
+            assert!(!fold_from(Some(bad)), "{bad}");
         }
         assert!(fold_fits(4, 128) && fold_fits(2, 64) && fold_fits(1, 128));
         assert!(!fold_fits(8, 128) && !fold_fits(4, 256));
@@ -828,28 +817,42 @@ mod tests {
             );
             (out.status.success(), text)
         };
+        // Both texts of a shape (`fold`: `INFER_ATTN_FOLD=1`'s), one chunk a
+        // block over `(rows, len)` and looped over `(rows, len, cap)` with
+        // fewer blocks than chunks; the one-chunk text's binary back.
+        let texts_pass = |name: &str,
+                          sh: AttnShape,
+                          fold: bool,
+                          plain_cases: &[(i32, i32)],
+                          looped_cases: &[(i32, i32, i32)]| {
+            let (plain, looped) = (build(name, sh, false, fold), build(name, sh, true, fold));
+            for &(rows, len) in plain_cases {
+                let (ok, text) = run(&plain, sh, rows, len, splits_for(len, None));
+                assert!(ok, "one chunk a block, fold {fold}, {len}: {text}");
+            }
+            for &(rows, len, cap) in looped_cases {
+                let splits = splits_for(len, Some(cap));
+                assert!(splits < (len + CHUNK - 1) / CHUNK || len <= CHUNK);
+                let (ok, text) = run(&looped, sh, rows, len, splits);
+                assert!(ok, "looped, fold {fold}, cap {cap}: {text}");
+            }
+            plain
+        };
         // Gemma's one key/value head of 256 features, four query heads.
         let gemma = shape(4, 1, 256);
-        let (plain, looped) = (
-            build("g", gemma, false, false),
-            build("g", gemma, true, false),
+        let plain = texts_pass(
+            "g",
+            gemma,
+            false,
+            &[(1, 1), (1, 65), (2, 300)],
+            &[
+                (1, 65, 1),
+                (1, 300, 3),
+                (2, 300, 2),
+                (1, 700, 1),
+                (1, 130, 2),
+            ],
         );
-        for (rows, len) in [(1, 1), (1, 65), (2, 300)] {
-            let (ok, text) = run(&plain, gemma, rows, len, splits_for(len, None));
-            assert!(ok, "one chunk a block: {text}");
-        }
-        for (rows, len, cap) in [
-            (1, 65, 1),
-            (1, 300, 3),
-            (2, 300, 2),
-            (1, 700, 1),
-            (1, 130, 2),
-        ] {
-            let splits = splits_for(len, Some(cap));
-            assert!(splits < (len + CHUNK - 1) / CHUNK || len <= CHUNK);
-            let (ok, text) = run(&looped, gemma, rows, len, splits);
-            assert!(ok, "looped, cap {cap}: {text}");
-        }
         // The one-chunk text over too few blocks leaves positions out: the
         // comparison must see it (exit status 1, not a crash).
         let (ok, text) = run(&plain, gemma, 1, 300, 2);
@@ -863,19 +866,13 @@ mod tests {
         // key/value head, and heads of 64 features two a key/value head;
         // lengths that leave a warp's last positions, or all of them,
         // outside the context.
-        let qwen4 = shape(8, 2, 128);
-        let (plain, looped) = (
-            build("f", qwen4, false, true),
-            build("f", qwen4, true, true),
+        texts_pass(
+            "f",
+            shape(8, 2, 128),
+            true,
+            &[(1, 1), (1, 5), (2, 130)],
+            &[(1, 300, 2), (2, 197, 1)],
         );
-        for (rows, len) in [(1, 1), (1, 5), (2, 130)] {
-            let (ok, text) = run(&plain, qwen4, rows, len, splits_for(len, None));
-            assert!(ok, "folded, one chunk a block, {len}: {text}");
-        }
-        for (rows, len, cap) in [(1, 300, 2), (2, 197, 1)] {
-            let (ok, text) = run(&looped, qwen4, rows, len, splits_for(len, Some(cap)));
-            assert!(ok, "folded, looped, cap {cap}: {text}");
-        }
         let small = shape(4, 2, 64);
         let looped = build("s", small, true, true);
         let (ok, text) = run(&looped, small, 1, 141, splits_for(141, Some(2)));
